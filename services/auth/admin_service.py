@@ -1,0 +1,195 @@
+"""The administration handlers of AuthService (mixed into `service.AuthServicer`).
+
+The gateway's AdminService lets only admins through; the caller named in the gateway's metadata
+(or the operator certificate) is the actor of the audit row each call leaves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+import grpc
+
+from services.auth import convert
+from services.auth.admin import Administration
+from services.auth.audit import AuditQuery
+from services.auth.origin import Origin, origin_of
+from services.auth.paging import decode_token, encode_token, page_size
+from services.auth.validation import new_account, role_set, username_argument
+from streammesh.api.auth.v1 import auth_pb2
+from streammesh.mesh.errors import InvalidArgument
+
+__all__ = ["AdminHandlers"]
+
+_PREFIX = re.compile(r"[a-z0-9._-]{0,64}")
+_FILTER = re.compile(r"[\x20-\x7e]{0,128}")
+
+
+def _invalid_token() -> InvalidArgument:
+    return InvalidArgument(
+        "invalid page token", field_violations=[("page_token", "not from this query")]
+    )
+
+
+class AdminHandlers:
+    """ListUsers ... ListAuditEvents; see the proto for each call's contract."""
+
+    def __init__(self, *, admin: Administration, trust_domain: str) -> None:
+        self._admin = admin
+        self._trust_domain = trust_domain
+
+    def _origin(self, context: grpc.aio.ServicerContext) -> Origin:
+        return origin_of(context, trust_domain=self._trust_domain)
+
+    async def ListUsers(
+        self, request: auth_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListUsersResponse:
+        size = page_size(request.page_size)
+        prefix = request.username_prefix.lower()
+        if not _PREFIX.fullmatch(prefix):
+            raise InvalidArgument(
+                "invalid prefix",
+                field_violations=[("username_prefix", "at most 64 username characters")],
+            )
+        scope = {"prefix": prefix}
+        position = decode_token(request.page_token, scope) or {}
+        after = position.get("after", "")
+        if not isinstance(after, str):
+            raise _invalid_token()
+        views = await self._admin.list_users(
+            prefix=prefix, after=after, limit=size + 1, origin=self._origin(context)
+        )
+        now = dt.datetime.now(dt.UTC)
+        reply = auth_pb2.ListUsersResponse(
+            users=[convert.user_message(view, now=now) for view in views[:size]]
+        )
+        if len(views) > size:
+            reply.next_page_token = encode_token({"after": views[size - 1].user.username}, scope)
+        return reply
+
+    async def CreateUser(
+        self, request: auth_pb2.CreateUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CreateUserResponse:
+        username, password, roles = new_account(
+            request.username, request.password, roles=request.roles
+        )
+        view = await self._admin.create_user(username, password, roles, self._origin(context))
+        return auth_pb2.CreateUserResponse(user=convert.user_message(view))
+
+    async def SetUserDisabled(
+        self, request: auth_pb2.SetUserDisabledRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.SetUserDisabledResponse:
+        username = username_argument(request.username)
+        view = await self._admin.set_disabled(username, request.disabled, self._origin(context))
+        return auth_pb2.SetUserDisabledResponse(user=convert.user_message(view))
+
+    async def SetUserRoles(
+        self, request: auth_pb2.SetUserRolesRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.SetUserRolesResponse:
+        username = username_argument(request.username)
+        roles = role_set(request.roles)
+        view = await self._admin.set_roles(username, roles, self._origin(context))
+        return auth_pb2.SetUserRolesResponse(user=convert.user_message(view))
+
+    async def ResetMfa(
+        self, request: auth_pb2.ResetMfaRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ResetMfaResponse:
+        username = username_argument(request.username)
+        view = await self._admin.reset_mfa(username, self._origin(context))
+        return auth_pb2.ResetMfaResponse(user=convert.user_message(view))
+
+    async def UnlockUser(
+        self, request: auth_pb2.UnlockUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.UnlockUserResponse:
+        username = username_argument(request.username)
+        view = await self._admin.unlock(username, self._origin(context))
+        return auth_pb2.UnlockUserResponse(user=convert.user_message(view))
+
+    async def RevokeSessions(
+        self, request: auth_pb2.RevokeSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RevokeSessionsResponse:
+        username = username_argument(request.username)
+        revoked = await self._admin.revoke_sessions(username, self._origin(context))
+        return auth_pb2.RevokeSessionsResponse(revoked=revoked)
+
+    async def ListSigningKeys(
+        self, request: auth_pb2.ListSigningKeysRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListSigningKeysResponse:
+        keys = await self._admin.list_keys(self._origin(context))
+        return auth_pb2.ListSigningKeysResponse(keys=[convert.signing_key_message(k) for k in keys])
+
+    async def RotateSigningKey(
+        self, request: auth_pb2.RotateSigningKeyRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RotateSigningKeyResponse:
+        result = await self._admin.rotate_key(self._origin(context))
+        assert result.active is not None
+        return auth_pb2.RotateSigningKeyResponse(
+            active=convert.signing_key_message(result.active),
+            retired=[convert.signing_key_message(key) for key in result.retired],
+        )
+
+    async def RetireSigningKey(
+        self, request: auth_pb2.RetireSigningKeyRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RetireSigningKeyResponse:
+        if not 1 <= len(request.kid) <= 128:
+            raise InvalidArgument("invalid kid", field_violations=[("kid", "1 to 128 characters")])
+        key = await self._admin.retire_key(request.kid, self._origin(context))
+        return auth_pb2.RetireSigningKeyResponse(key=convert.signing_key_message(key))
+
+    async def ListAuditEvents(
+        self, request: auth_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListAuditEventsResponse:
+        size = page_size(request.page_size)
+        query = _audit_query(request)
+        scope: dict[str, Any] = {
+            "actor": query.actor,
+            "subject": query.subject,
+            "action": query.action,
+            "outcome": query.outcome,
+            "start": query.start.isoformat() if query.start else "",
+            "end": query.end.isoformat() if query.end else "",
+        }
+        position = decode_token(request.page_token, scope)
+        before = None
+        if position is not None:
+            try:
+                before = (dt.datetime.fromisoformat(position["t"]), int(position["i"]))
+            except (KeyError, TypeError, ValueError):
+                raise _invalid_token() from None
+            if before[0].tzinfo is None:
+                raise _invalid_token()
+        rows = await self._admin.list_audit_events(
+            query, limit=size + 1, before=before, origin=self._origin(context)
+        )
+        reply = auth_pb2.ListAuditEventsResponse(
+            events=[convert.audit_event_message(event) for event, _ in rows[:size]]
+        )
+        if len(rows) > size:
+            last, row_id = rows[size - 1]
+            assert last.time is not None
+            reply.next_page_token = encode_token({"t": last.time.isoformat(), "i": row_id}, scope)
+        return reply
+
+
+def _audit_query(request: auth_pb2.ListAuditEventsRequest) -> AuditQuery:
+    violations = [
+        (name, "at most 128 printable ASCII characters")
+        for name in ("actor", "subject", "action", "outcome")
+        if not _FILTER.fullmatch(getattr(request, name))
+    ]
+    start = request.start_time.ToDatetime(tzinfo=dt.UTC) if request.HasField("start_time") else None
+    end = request.end_time.ToDatetime(tzinfo=dt.UTC) if request.HasField("end_time") else None
+    if start is not None and end is not None and end < start:
+        violations.append(("end_time", "must not be before start_time"))
+    if violations:
+        raise InvalidArgument("invalid audit query", field_violations=violations)
+    return AuditQuery(
+        actor=request.actor,
+        subject=request.subject,
+        action=request.action,
+        outcome=request.outcome,
+        start=start,
+        end=end,
+    )

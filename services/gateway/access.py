@@ -1,0 +1,213 @@
+"""Who may call which gateway method: a declared table, default deny.
+
+Account calls are public (they are how a person gets a token); every other method names the
+roles that may call it; administration is for the admin role only. A method missing from the
+table is refused for everyone. Every refusal is reported to the audit trail.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from services.gateway.audit import ACCESS_DENIED, TOKEN_INVALID, AuditTrail, refusal
+from services.gateway.tokens import (
+    MAX_TOKEN_CHARS,
+    Principal,
+    Reason,
+    TokenRejected,
+    TokenVerifier,
+)
+from services.gateway.upstream import ANONYMOUS, client_address
+from streammesh.mesh.errors import PermissionDenied, StreamMeshError
+
+__all__ = [
+    "ADMIN",
+    "GATEWAY",
+    "METHOD_ACCESS",
+    "NOT_EXPOSED",
+    "ROLE_MISSING",
+    "Access",
+    "AccessGuard",
+    "current_principal",
+    "optional_principal",
+]
+
+GATEWAY = "streammesh.gateway.v1.GatewayService"
+ADMIN = "streammesh.gateway.v1.AdminService"
+ADMIN_ROLE = "admin"
+ROLE_MISSING = "role_missing"
+NOT_EXPOSED = "method_not_exposed"
+_AUTHORIZATION = "authorization"
+_MAX_AUTHORIZATION_CHARS = MAX_TOKEN_CHARS + 64
+"""The scheme, spaces and the longest token accepted."""
+
+
+@dataclass(frozen=True)
+class Access:
+    public: bool = False
+    roles: frozenset[str] = frozenset()
+
+
+PUBLIC = Access(public=True)
+ADMIN_ONLY = Access(roles=frozenset({ADMIN_ROLE}))
+
+
+def roles(*names: str) -> Access:
+    """Callable by a token carrying any of `names` (admins may call every role-guarded method)."""
+    return Access(roles=frozenset({*names, ADMIN_ROLE}))
+
+
+METHOD_ACCESS: Mapping[str, Access] = {
+    f"{GATEWAY}/Register": PUBLIC,
+    f"{GATEWAY}/BeginTotpEnrollment": PUBLIC,
+    f"{GATEWAY}/ConfirmTotpEnrollment": PUBLIC,
+    f"{GATEWAY}/StartLogin": PUBLIC,
+    f"{GATEWAY}/CompleteLogin": PUBLIC,
+    # The refresh token in the request is the credential; auth checks it.
+    f"{GATEWAY}/RefreshSession": PUBLIC,
+    f"{GATEWAY}/Logout": PUBLIC,
+    f"{GATEWAY}/Publish": roles("producer"),
+    f"{GATEWAY}/PublishBatch": roles("producer"),
+    f"{GATEWAY}/QueryEvents": roles("analyst"),
+    f"{GATEWAY}/CountEvents": roles("analyst"),
+    # Each admin method is named on its own: a new one stays refused until declared here.
+    f"{ADMIN}/ListUsers": ADMIN_ONLY,
+    f"{ADMIN}/CreateUser": ADMIN_ONLY,
+    f"{ADMIN}/SetUserDisabled": ADMIN_ONLY,
+    f"{ADMIN}/SetUserRoles": ADMIN_ONLY,
+    f"{ADMIN}/ResetMfa": ADMIN_ONLY,
+    f"{ADMIN}/UnlockUser": ADMIN_ONLY,
+    f"{ADMIN}/RevokeSessions": ADMIN_ONLY,
+    f"{ADMIN}/ListSigningKeys": ADMIN_ONLY,
+    f"{ADMIN}/RotateSigningKey": ADMIN_ONLY,
+    f"{ADMIN}/RetireSigningKey": ADMIN_ONLY,
+    f"{ADMIN}/ListAuditEvents": ADMIN_ONLY,
+    f"{ADMIN}/ListDeadLetters": ADMIN_ONLY,
+    f"{ADMIN}/GetDeadLetter": ADMIN_ONLY,
+    f"{ADMIN}/ReplayDeadLetter": ADMIN_ONLY,
+    "grpc.health.v1.Health/*": PUBLIC,
+    "grpc.reflection.v1alpha.ServerReflection/*": PUBLIC,
+    "grpc.reflection.v1.ServerReflection/*": PUBLIC,
+}
+
+_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "principal", default=None
+)
+
+
+def optional_principal() -> Principal | None:
+    """The verified caller of the current request, or None on a public method."""
+    return _principal.get()
+
+
+def current_principal() -> Principal:
+    """The verified caller of the current request (set by AccessGuard before the handler of
+    every role-guarded method)."""
+    principal = _principal.get()
+    if principal is None:
+        raise LookupError("no verified caller: the method is not role-guarded")
+    return principal
+
+
+def lookup(table: Mapping[str, Access], method: str) -> Access | None:
+    """The rule for `/pkg.Service/Method`: the exact entry, else the service's `*` entry."""
+    service, _, name = method.lstrip("/").partition("/")
+    return table.get(f"{service}/{name}") or table.get(f"{service}/*")
+
+
+def bearer_token(context: grpc.aio.ServicerContext) -> str:
+    """The token of the one `authorization: Bearer` header; its length is checked before any
+    other work so a huge header costs nothing more."""
+    values = [value for key, value in context.invocation_metadata() or () if key == _AUTHORIZATION]
+    if not values:
+        raise TokenRejected(Reason.MISSING_TOKEN)
+    if len(values) > 1:
+        raise TokenRejected(Reason.MALFORMED)
+    value = values[0]
+    if len(value) > _MAX_AUTHORIZATION_CHARS:
+        raise TokenRejected(Reason.OVERSIZE)
+    if not isinstance(value, str):
+        raise TokenRejected(Reason.MALFORMED)
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        raise TokenRejected(Reason.MALFORMED)
+    token = token.strip()
+    if not token:
+        raise TokenRejected(Reason.MISSING_TOKEN)
+    return token
+
+
+class AccessGuard:
+    """The gateway's guard: look the method up, verify the token, check the roles, audit any
+    refusal. Sets the principal (`current_principal()`) for the handler."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        audit: AuditTrail,
+        table: Mapping[str, Access] = METHOD_ACCESS,
+    ) -> None:
+        self._verifier = verifier
+        self._audit = audit
+        self._table = table
+
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        access = lookup(self._table, method)
+        if access is None:
+            raise self._refuse(
+                context,
+                method,
+                PermissionDenied(f"{method} is not exposed by the gateway"),
+                action=ACCESS_DENIED,
+                reason=NOT_EXPOSED,
+                actor=ANONYMOUS,
+            )
+        if access.public:
+            return
+        try:
+            principal = await self._verifier.verify(bearer_token(context))
+        except TokenRejected as rejected:
+            raise self._refuse(
+                context,
+                method,
+                rejected,
+                action=TOKEN_INVALID,
+                reason=rejected.reason,
+                actor=ANONYMOUS,
+            ) from None
+        if not principal.roles & access.roles:
+            needed = " or ".join(sorted(access.roles - {ADMIN_ROLE}) or [ADMIN_ROLE])
+            raise self._refuse(
+                context,
+                method,
+                PermissionDenied(f"{method} needs the role {needed}"),
+                action=ACCESS_DENIED,
+                reason=ROLE_MISSING,
+                actor=principal.actor,
+            )
+        _principal.set(principal)
+
+    def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,
+        error: StreamMeshError,
+        *,
+        action: str,
+        reason: str,
+        actor: str,
+    ) -> StreamMeshError:
+        self._audit.record(
+            refusal(
+                action=action,
+                reason=reason,
+                actor=actor,
+                source=client_address(context.peer()),
+                details={"method": method.lstrip("/")},
+            )
+        )
+        return error

@@ -1,0 +1,84 @@
+"""Gateway wiring: settings -> upstream channels -> audit trail -> token verifier -> the public
+TLS listener hosting GatewayService and AdminService."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.gateway.access import AccessGuard
+from services.gateway.admin import AdminServicer
+from services.gateway.audit import AuditTrail
+from services.gateway.service import GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.tokens import JwksCache, TokenVerifier
+from services.gateway.upstream import Upstreams
+from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.mesh import (
+    MeshServer,
+    ServiceBinding,
+    TlsMaterial,
+    configure_logging,
+    create_mesh_server,
+    run_until_signalled,
+)
+
+__all__ = ["create_audit_trail", "create_server", "main", "serve"]
+
+
+def create_audit_trail(settings: GatewaySettings, upstreams: Upstreams) -> AuditTrail:
+    """The queue of refused calls that a background task reports to auth."""
+    return AuditTrail(upstreams.record_audit_event, capacity=settings.audit_queue_size)
+
+
+def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditTrail) -> MeshServer:
+    """The public listener is TLS without client certificates: callers authenticate with
+    bearer tokens, which AccessGuard checks against the method table before any handler runs.
+    The caller owns `audit` and closes it after the server stopped."""
+    keys = JwksCache(
+        upstreams.fetch_jwks,
+        max_age=settings.jwks_max_age_seconds,
+        min_refetch=settings.jwks_min_refetch_seconds,
+    )
+    verifier = TokenVerifier(
+        keys,
+        issuer=settings.token_issuer,
+        audience=settings.token_audience,
+        leeway=settings.token_leeway_seconds,
+    )
+    return create_mesh_server(
+        settings,
+        identity="gateway",
+        bindings=[
+            ServiceBinding(
+                gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+                gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+                GatewayServicer(upstreams),
+            ),
+            ServiceBinding(
+                admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+                admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                AdminServicer(upstreams, audit),
+            ),
+        ],
+        guard=AccessGuard(verifier, audit),
+        require_client_cert=False,
+    )
+
+
+async def serve(settings: GatewaySettings) -> None:
+    upstreams = Upstreams(settings, TlsMaterial.load(settings.tls_dir, "gateway"))
+    audit = create_audit_trail(settings, upstreams)
+    mesh = create_server(settings, upstreams, audit)
+
+    async def stop() -> None:
+        # After the drain: the last refusals still reach auth before the channels close.
+        await audit.close(timeout=settings.grace_seconds)
+        await upstreams.close()
+
+    await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop)
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level, json_lines=settings.log_json)
+    asyncio.run(serve(settings))

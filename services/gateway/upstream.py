@@ -1,0 +1,163 @@
+"""The gateway's channels to the internal services, and how their failures reach clients.
+
+Every call to auth carries `x-streammesh-actor` (`user:<username>` of a verified token, else
+`anonymous`; `service:gateway` for the gateway's own JWKS fetches) and `x-streammesh-source` (the
+client's IP address as the gateway saw it, without the port). Auth trusts them only from the
+gateway's mTLS identity, and uses them to audit and to throttle per source.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import unquote
+
+import grpc
+
+from services.gateway.settings import GatewaySettings
+from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.mesh import TlsMaterial, create_channel, service_config
+from streammesh.mesh.channel import unary_methods
+from streammesh.mesh.errors import from_rpc_error
+
+__all__ = [
+    "ACTOR_HEADER",
+    "ANONYMOUS",
+    "GATEWAY_ACTOR",
+    "GATEWAY_SOURCE",
+    "SOURCE_HEADER",
+    "Metadata",
+    "Upstreams",
+    "caller_metadata",
+    "client_address",
+    "upstream_errors",
+]
+
+_DESCRIPTORS = {
+    d.full_name: d
+    for d in (
+        auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+        ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
+        storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
+    )
+}
+
+ACTOR_HEADER = "x-streammesh-actor"
+SOURCE_HEADER = "x-streammesh-source"
+ANONYMOUS = "anonymous"
+"""The actor of a call without a verified token."""
+GATEWAY_ACTOR = "service:gateway"
+GATEWAY_SOURCE = "gateway"
+"""Actor and source of calls the gateway makes for itself (JWKS), not for one client."""
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def client_address(peer: str | None) -> str:
+    """The client's IP address from grpc's peer string (`ipv4:1.2.3.4:5678`,
+    `ipv6:%5B::1%5D:5678`), without the port: every new connection has a new port, so a source
+    that kept it could never be throttled. Anything else (unix sockets) is kept as it is."""
+    if not peer:
+        return ""
+    scheme, _, rest = peer.partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return peer
+    host = unquote(rest).rpartition(":")[0].strip("[]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return peer
+
+
+def caller_metadata(actor: str, source: str) -> Metadata:
+    """The metadata auth reads to know on whose behalf, and from where, a call comes. Without a
+    known source the header is left out: auth then uses the gateway's own address, a bucket
+    every such caller shares (stricter, never looser)."""
+    if not source:
+        return ((ACTOR_HEADER, actor),)
+    return ((ACTOR_HEADER, actor), (SOURCE_HEADER, source))
+
+
+@contextmanager
+def upstream_errors(service: str) -> Iterator[None]:
+    """Give the client the upstream's status (client errors pass through; internal ones become
+    UNAVAILABLE without detail)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error, service=service) from error
+
+
+class Upstreams:
+    """One channel per internal service; each balances over that service's replicas."""
+
+    def __init__(self, settings: GatewaySettings, tls: TlsMaterial) -> None:
+        timeout = settings.upstream_timeout_seconds
+        self._audit_timeout = settings.audit_timeout_seconds
+
+        def channel(target: str, name: str, service: str, retry: Sequence[str]) -> grpc.aio.Channel:
+            descriptor = _DESCRIPTORS[service]
+            config = service_config(
+                service,
+                retry_methods=retry,
+                unary_methods=unary_methods(descriptor),
+                timeout_seconds=timeout,
+            )
+            return create_channel(
+                target,
+                tls,
+                server_name=name,
+                config=config,
+                max_message_bytes=settings.max_message_bytes,
+            )
+
+        # Only idempotent calls are retried: publishing is (event ids), reads and JWKS are;
+        # MarkDeadLetterReplayed is not (it counts replays).
+        self._channels = [
+            channel(
+                settings.auth_target,
+                "auth",
+                "streammesh.auth.v1.AuthService",
+                ["GetJwks", "ListUsers", "ListSigningKeys", "ListAuditEvents"],
+            ),
+            channel(
+                settings.ingest_target,
+                "ingest",
+                "streammesh.ingest.v1.IngestService",
+                ["PublishBatch"],
+            ),
+            channel(
+                settings.storage_target,
+                "storage",
+                "streammesh.storage.v1.StorageService",
+                ["QueryEvents", "CountEvents", "ListDeadLetters", "GetDeadLetter"],
+            ),
+        ]
+        self.auth = auth_pb2_grpc.AuthServiceStub(self._channels[0])
+        self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels[1])
+        self.storage = storage_pb2_grpc.StorageServiceStub(self._channels[2])
+
+    async def fetch_jwks(self) -> list[auth_pb2.JsonWebKey]:
+        """Auth's published keys. Fetched for every client at once, so on the gateway's own
+        behalf: one client's address would be the wrong one to throttle."""
+        with upstream_errors("auth"):
+            reply = await self.auth.GetJwks(
+                auth_pb2.GetJwksRequest(), metadata=caller_metadata(GATEWAY_ACTOR, GATEWAY_SOURCE)
+            )
+        return list(reply.keys)
+
+    async def record_audit_event(self, event: auth_pb2.AuditEvent) -> None:
+        """Store one edge audit event at auth; raises grpc.aio.AioRpcError when auth refuses
+        or cannot be reached (the audit trail counts it as dropped)."""
+        await self.auth.RecordAuditEvent(
+            auth_pb2.RecordAuditEventRequest(event=event),
+            timeout=self._audit_timeout,
+            metadata=caller_metadata(event.actor or ANONYMOUS, event.source),
+        )
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,122 @@
+"""Appending accepted batches to Redis Streams, and the durability this gives.
+
+Ingest acknowledges a batch after XADD returned, that is, after Redis accepted every entry of it
+into memory. What survives a failure then depends on Redis persistence:
+
+- AOF with `appendfsync everysec` (the recommended default, as in compose/). A process crash of
+  Redis loses nothing acknowledged, because the kernel still holds the writes. A power loss or
+  kernel crash can lose up to about one second of acknowledged events.
+- AOF with `appendfsync always`: nothing acknowledged is lost, even on power loss. Each write
+  waits for an fsync, so it is slower.
+- No AOF (RDB snapshots only, or no persistence, as on a developer machine): a Redis restart loses
+  everything since the last snapshot. Fine for development, not for production.
+
+Downstream, the processor acknowledges an entry only after storage committed it, with
+PostgreSQL's `synchronous_commit = on` (its default), so a stored event survives any crash. The
+idempotent insert keyed by event id turns re-delivery into exactly-once storage.
+
+`IngestSettings.require_aof` makes ingest refuse to start unless AOF is on
+(`check_durability`). It is off by default so that a development Redis without persistence works.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis.exceptions import RedisError, ResponseError
+
+from services.ingest.pressure import BackPressure
+from streammesh.api.common.v1 import event_pb2
+from streammesh.mesh.errors import Unavailable
+from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+
+__all__ = ["DurabilityError", "StreamAppender", "check_durability"]
+
+log = logging.getLogger(__name__)
+
+
+class DurabilityError(RuntimeError):
+    """Redis does not persist what ingest would acknowledge, and the settings require it."""
+
+
+async def check_durability(client: aioredis.Redis, *, require_aof: bool) -> str:
+    """Report Redis persistence as text (for the log). If `require_aof` is set, raise
+    DurabilityError when AOF is off.
+
+    It reads INFO persistence (`aof_enabled`), which works even where CONFIG is disabled
+    (managed Redis), and reads `appendfsync` when CONFIG GET is allowed.
+    """
+    info = await client.info("persistence")
+    aof = bool(int(info.get("aof_enabled", 0)))
+    try:
+        fsync = (await client.config_get("appendfsync")).get("appendfsync", "unknown")
+    except ResponseError:
+        fsync = "unknown"
+    mode = f"AOF on (appendfsync {fsync})" if aof else "AOF off"
+    if require_aof and not aof:
+        raise DurabilityError(
+            "Redis has AOF off (appendonly no), so acknowledged events would be lost on a "
+            "Redis restart; turn it on (CONFIG SET appendonly yes, and appendonly yes in "
+            "redis.conf) or set STREAMMESH_INGEST_REQUIRE_AOF=false for development"
+        )
+    if aof and fsync == "no":
+        log.warning("Redis appendfsync is 'no': the OS decides when acknowledged events hit disk")
+    return mode
+
+
+class StreamAppender:
+    """Splits a batch by partition (keeping publish order inside each) and appends one entry per
+    partition, or several when a partition's slice is larger than `max_entry_bytes`, in one
+    pipelined round trip. Returns only after Redis accepted every entry.
+
+    With `pressure`, a batch is refused whole (ResourceExhausted) before anything is appended
+    if a partition it writes to is too far behind or Redis is too full."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        layout: StreamLayout,
+        pressure: BackPressure | None = None,
+        *,
+        max_entry_bytes: int = 1024 * 1024,
+    ) -> None:
+        self._client = client
+        self._layout = layout
+        self._pressure = pressure
+        self._max_entry_bytes = max_entry_bytes
+
+    async def append(self, events: Sequence[event_pb2.Event], *, producer: str) -> None:
+        ingest_time = Timestamp()
+        ingest_time.GetCurrentTime()
+        partitions = [self._layout.partition_for(event.key) for event in events]
+        if self._pressure is not None:
+            self._pressure.check(set(partitions))
+        # Entries in append order; per partition, events keep publish order across entries.
+        entries: list[event_pb2.QueuedBatch] = []
+        open_entry: dict[int, tuple[event_pb2.QueuedBatch, int]] = {}
+        overhead = len(producer) + 32  # ingest_time, producer and framing per queued event
+        for event, partition in zip(events, partitions, strict=True):
+            size = event.ByteSize() + overhead
+            batch, used = open_entry.get(partition, (None, 0))
+            if batch is None or (used + size > self._max_entry_bytes and batch.events):
+                batch, used = event_pb2.QueuedBatch(partition=partition), 0
+                entries.append(batch)
+            queued = batch.events.add(producer=producer)
+            queued.event.CopyFrom(event)
+            if not event.HasField("event_time"):
+                queued.event.event_time.CopyFrom(ingest_time)
+            queued.ingest_time.CopyFrom(ingest_time)
+            open_entry[partition] = (batch, used + size)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for batch in entries:
+                    pipe.xadd(
+                        self._layout.stream(batch.partition),
+                        {BATCH_FIELD: batch.SerializeToString(), COUNT_FIELD: len(batch.events)},
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as error:
+            raise Unavailable(f"the event queue is unavailable ({type(error).__name__})") from error

@@ -1,0 +1,121 @@
+"""Ingest wiring: settings -> Redis client (durability checked) -> back-pressure sampler ->
+servicer -> mesh server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from services.ingest.pressure import BackPressure, PressureLimits
+from services.ingest.queue import StreamAppender, check_durability
+from services.ingest.service import IngestServicer
+from services.ingest.settings import IngestSettings
+from services.ingest.validation import BatchLimits
+from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from streammesh.envelope import EnvelopeLimits
+from streammesh.mesh import (
+    MeshServer,
+    PeerPolicy,
+    ServiceBinding,
+    configure_logging,
+    create_mesh_server,
+    run_until_signalled,
+)
+from streammesh.mesh.redis_client import connect_redis
+from streammesh.streams import StreamLayout
+
+__all__ = [
+    "POLICY_RULES",
+    "IngestDeps",
+    "create_server",
+    "layout_from",
+    "main",
+    "pressure_limits",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+POLICY_RULES = {
+    "streammesh.ingest.v1.IngestService/Publish": ["service/gateway"],
+    "streammesh.ingest.v1.IngestService/PublishBatch": ["service/gateway"],
+}
+
+
+@dataclass(frozen=True)
+class IngestDeps:
+    redis: aioredis.Redis
+    layout: StreamLayout
+    pressure: BackPressure | None = None
+    """Back-pressure sampler (started by its owner); None accepts without limits."""
+
+
+def layout_from(settings: IngestSettings) -> StreamLayout:
+    return StreamLayout(
+        prefix=settings.stream_prefix, partitions=settings.partitions, group=settings.group
+    )
+
+
+def pressure_limits(settings: IngestSettings) -> PressureLimits:
+    return PressureLimits(
+        max_partition_lag=settings.max_partition_lag,
+        max_memory_bytes=settings.max_redis_memory_bytes,
+        memory_fraction=settings.redis_memory_fraction,
+        sample_interval_seconds=settings.pressure_sample_ms / 1000,
+        stale_after_seconds=max(5.0, 10 * settings.pressure_sample_ms / 1000),
+        retry_after_seconds=settings.retry_after_seconds,
+    )
+
+
+def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
+    limits = BatchLimits(
+        max_batch_events=settings.max_batch_events,
+        envelope=EnvelopeLimits(max_payload_bytes=settings.max_payload_bytes),
+    )
+    appender = StreamAppender(
+        deps.redis, deps.layout, deps.pressure, max_entry_bytes=settings.max_entry_bytes
+    )
+    servicer = IngestServicer(appender, limits)
+    return create_mesh_server(
+        settings,
+        identity="ingest",
+        bindings=[
+            ServiceBinding(
+                ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
+                ingest_pb2_grpc.add_IngestServiceServicer_to_server,
+                servicer,
+            )
+        ],
+        guard=PeerPolicy.build(settings.trust_domain, POLICY_RULES),
+    )
+
+
+async def serve(settings: IngestSettings) -> None:
+    client = connect_redis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds)
+    try:
+        mode = await check_durability(client, require_aof=settings.require_aof)
+    except BaseException:
+        await client.aclose()
+        raise
+    log.info("Redis persistence: %s", mode)
+    layout = layout_from(settings)
+    await layout.ensure_group(client)
+    pressure = BackPressure(client, layout, pressure_limits(settings))
+    await pressure.sample()
+    pressure.start()
+
+    async def stop() -> None:
+        await pressure.stop()
+        await client.aclose()
+
+    mesh = create_server(settings, IngestDeps(client, layout, pressure))
+    await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop)
+
+
+def main() -> None:
+    settings = IngestSettings()
+    configure_logging("ingest", settings.log_level, json_lines=settings.log_json)
+    asyncio.run(serve(settings))

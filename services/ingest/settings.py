@@ -1,0 +1,62 @@
+"""Ingest settings (env prefix STREAMMESH_INGEST_).
+
+Durability: a batch is acknowledged after XADD returned (Redis accepted it). What an
+acknowledgement survives depends on Redis persistence; see `services/ingest/queue.py`.
+`require_aof` refuses to start when Redis has AOF off.
+
+Back-pressure: batches are refused with RESOURCE_EXHAUSTED (and a RetryInfo delay) while a
+partition they write to has `max_partition_lag` unacknowledged entries, or while Redis memory
+is at its limit; see `services/ingest/pressure.py`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from streammesh.mesh.settings import ServiceSettings
+
+__all__ = ["IngestSettings"]
+
+
+class IngestSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMMESH_INGEST_", frozen=True, extra="ignore")
+
+    port: int = 50053
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the streams")
+    stream_prefix: str = Field("streammesh:events", description="streams are <prefix>:p<n>")
+    partitions: int = Field(8, ge=1, le=1024, description="number of stream partitions")
+    group: str = Field("processors", description="the processors' group, whose lag is measured")
+    max_batch_events: int = Field(10_000, ge=1, description="events per batch, at most")
+    redis_timeout_seconds: float = Field(5.0, gt=0, description="connect and command timeout")
+    max_payload_bytes: int = Field(1024 * 1024, ge=1, description="payload size, at most")
+    max_entry_bytes: int = Field(
+        1024 * 1024,
+        ge=64 * 1024,
+        description="a stream entry (one partition's slice of a batch) is cut at about this size, "
+        "so the processor's StoreEvents call stays far below the message limit",
+    )
+    require_aof: bool = Field(
+        False, description="refuse to start unless Redis has AOF on (set it in production)"
+    )
+    max_partition_lag: int = Field(
+        10_000,
+        ge=0,
+        description="unacknowledged stream entries (one entry = one batch's events of that "
+        "partition) at which batches for a partition are refused; 0 = no limit",
+    )
+    max_redis_memory_bytes: int = Field(
+        0,
+        ge=0,
+        description="Redis used_memory at which every batch is refused; 0 = "
+        "redis_memory_fraction of Redis maxmemory, or no limit when maxmemory is 0",
+    )
+    redis_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="share of Redis maxmemory used when the above is 0"
+    )
+    pressure_sample_ms: int = Field(
+        200, ge=10, le=10_000, description="how often lag and memory are sampled"
+    )
+    retry_after_seconds: float = Field(
+        1.0, gt=0, description="retry delay suggested with RESOURCE_EXHAUSTED"
+    )

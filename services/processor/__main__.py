@@ -1,0 +1,3 @@
+from services.processor.server import main
+
+main()

@@ -1,0 +1,350 @@
+"""Partition ownership: each partition is worked on by one processor at a time.
+
+A consumer group alone hands the entries of a partition to whichever consumer reads first, so two
+processors could store events of one key at the same time and per-key order would break on
+scale-out and failover. With this protocol a processor reads, stores, acknowledges, reclaims and
+trims only the partitions it holds a lease on. Keys (see `streammesh.streams`):
+
+- `<prefix>:members`: sorted set, consumer name -> expiry (Redis clock, ms);
+- `<prefix>:lease:p<n>`: string, the owner's consumer name, with a PX expiry of `lease_ttl`.
+
+Membership. Every `heartbeat` a processor runs HEARTBEAT: ZADD itself with expiry now + lease_ttl,
+drop the members whose expiry has passed, and read the rest. A processor that stops heartbeating
+drops out after one lease TTL. Time comes from Redis (TIME), so host clocks do not matter.
+
+Assignment. `assign(partitions, members)` is a pure function of the member set. Processors that
+see the same members therefore compute the same owner for every partition. Loads differ by at
+most one, and each partition prefers its rendezvous-hash winner, so few partitions move when a
+member joins or leaves.
+
+Leases. Four Lua scripts run against `<prefix>:lease:p<n>`:
+- ACQUIRE sets the lease if it is absent, or extends it if it already names us. A live lease is
+  never taken from its owner: a partition moves only after the owner releases it or the lease expires;
+- RENEW runs on every heartbeat for every lease we hold. It extends the lease only if it still names
+  us (compare-and-set). If it answers 0, the partition is dropped at once;
+- RELEASE deletes the lease only if it names us. The worker releases a partition at a round
+  boundary, when nothing of that partition is in flight, after the assignment has moved it
+  elsewhere. On a graceful stop it releases every lease;
+- ACK runs XACK only while the lease names us (fencing), and forgets the entry's failed-attempt
+  count (`dead_letters.py`) in the same step.
+
+A crashed processor never releases its leases. They expire after lease_ttl, and then the
+processors that the assignment names acquire them.
+
+Local deadline. A successful acquire or renew sent at local time t is trusted until
+t + lease_ttl * (1 - SAFETY). The Redis key lives at least until t + lease_ttl, so the local view
+ends first. The margin (SAFETY of the TTL) covers clock-rate drift and the gap between a check and
+the call it guards. The worker checks `holds(n)` before it reads n and before each store.
+
+Handover (done by the worker). A processor that acquires n first claims (XCLAIM) every entry of n
+that is pending under another consumer. It then processes all pending entries of n in ID order,
+and only then reads new entries. After each read of new entries it checks XPENDING. If another
+consumer holds entries of n (for example, a blocking read of the previous owner that returned
+late), it claims them and works through the pending entries first again.
+
+Invariants:
+1. At most one consumer name is in lease n at any instant. The lease is SET only when absent,
+   and every other write is a compare-and-set.
+2. A processor starts work on n only before its local deadline, and that deadline comes before
+   lease n can expire in Redis. So no other processor can hold n at the same time.
+3. Only the current lease holder acknowledges an entry of n.
+4. n is stored in ID order. The owner finishes all pending entries of n in ID order before new
+   ones. The previous owner cannot acknowledge an unfinished entry (3), so that entry stays
+   pending, and the new owner stores it again before anything newer. The idempotent store turns
+   the repeat into a no-op.
+
+Limits. A store call that is already in flight when the lease is lost still completes, because no
+fencing token reaches storage. By (4) this can only repeat an entry that the new owner also
+stores, in order. A process paused between `holds()` and the store it guards for longer than the
+margin could start one stale store. A fencing token checked by storage would close that gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.processor.dead_letters import attempts_key
+from streammesh.streams import StreamLayout
+
+__all__ = ["SAFETY", "PartitionOwnership", "assign", "raise_if_cancelled", "wait_event"]
+
+log = logging.getLogger(__name__)
+
+SAFETY = 0.2
+"""Share of the lease TTL by which the local deadline precedes the lease's expiry in Redis."""
+
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_ACK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
+end
+local acked = redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return acked
+"""
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set or `seconds` pass; True if set. asyncio.timeout rather than
+    wait_for: 3.11's wait_for can lose a cancellation that coincides with its timeout
+    (CPython gh-86296)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that was requested but swallowed: redis-py can lose a
+    CancelledError that lands in a blocking read (redis/redis-py#2028), and the loop would then
+    run on. Called at the top of every background loop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _rank(member: str, partition: int) -> bytes:
+    return hashlib.blake2b(f"{partition}\x00{member}".encode(), digest_size=8).digest()
+
+
+def assign(partitions: int, members: Iterable[str]) -> dict[int, str]:
+    """The owner of each partition for this member set, the same for every caller.
+
+    Each member gets floor(P/M) or ceil(P/M) partitions (the first P mod M members by name get
+    the extra one). Partitions in turn go to the highest-ranked member (rendezvous hash of
+    partition and member) that still has room.
+    """
+    ordered = sorted(set(members))
+    if not ordered:
+        return {}
+    base, extra = divmod(partitions, len(ordered))
+    room = {member: base + (index < extra) for index, member in enumerate(ordered)}
+    owners: dict[int, str] = {}
+    for partition in range(partitions):
+        for member in sorted(ordered, key=lambda m: _rank(m, partition), reverse=True):
+            if room[member] > 0:
+                room[member] -= 1
+                owners[partition] = member
+                break
+    return owners
+
+
+class PartitionOwnership:
+    """This processor's view of membership and of the leases it holds (see the module doc).
+
+    `run()` heartbeats in the background (membership, renewals, the desired set); the worker calls
+    `acquire`, `release` and `ack` between and during its rounds, and `leave` on a graceful stop.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        layout: StreamLayout,
+        consumer: str,
+        *,
+        lease_ttl_ms: int = 10_000,
+        heartbeat_ms: int = 2_000,
+    ) -> None:
+        if not 0 < heartbeat_ms * 2 <= lease_ttl_ms:
+            raise ValueError("heartbeat_ms must be positive and at most half of lease_ttl_ms")
+        self._client = client
+        self._layout = layout
+        self._consumer = consumer
+        self._ttl_ms = lease_ttl_ms
+        self._heartbeat_s = heartbeat_ms / 1000
+        self._trusted_s = lease_ttl_ms / 1000 * (1 - SAFETY)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._ack = client.register_script(_ACK)
+        # partition -> (local deadline, generation); the generation tells a renewal's answer
+        # apart from a release + re-acquire that happened while it was on the wire.
+        self._leases: dict[int, tuple[float, int]] = {}
+        self._generation = 0
+        self._members: tuple[str, ...] = ()
+        self._desired: frozenset[int] = frozenset()
+        self._beaten = asyncio.Event()
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Live processors as of the last heartbeat, sorted."""
+        return self._members
+
+    @property
+    def desired(self) -> frozenset[int]:
+        """The partitions the assignment gives us for the members seen at the last heartbeat."""
+        return self._desired
+
+    def held(self) -> frozenset[int]:
+        """Partitions whose lease we hold and still trust locally."""
+        now = time.monotonic()
+        return frozenset(p for p, (deadline, _) in self._leases.items() if deadline > now)
+
+    def holds(self, partition: int) -> bool:
+        """Whether we may start work on `partition` now (checked before each read and store)."""
+        lease = self._leases.get(partition)
+        return lease is not None and lease[0] > time.monotonic()
+
+    def drop(self, partition: int, reason: str) -> None:
+        """Stop trusting a lease at once (renewal refused, fenced ack refused)."""
+        if self._leases.pop(partition, None) is not None:
+            log.warning("lost partition %d: %s", partition, reason)
+
+    async def wait_first_heartbeat(self, timeout: float) -> None:
+        await wait_event(self._beaten, timeout)
+
+    async def heartbeat(self) -> None:
+        """Register as alive, renew every held lease, and recompute the desired partitions."""
+        renewing = sorted(self._leases.items())
+        started = time.monotonic()
+        async with self._client.pipeline(transaction=False) as pipe:
+            await self._heartbeat(
+                keys=[self._layout.members_key], args=[self._consumer, self._ttl_ms], client=pipe
+            )
+            for partition, _ in renewing:
+                await self._renew(
+                    keys=[self._layout.lease_key(partition)],
+                    args=[self._consumer, self._ttl_ms],
+                    client=pipe,
+                )
+            replies: list[Any] = await pipe.execute()
+        for (partition, (_, generation)), renewed in zip(renewing, replies[1:], strict=True):
+            current = self._leases.get(partition)
+            if current is None or current[1] != generation:
+                continue  # released (and maybe re-acquired) while the renewal was on the wire
+            if renewed:
+                self._leases[partition] = (started + self._trusted_s, generation)
+            else:
+                self.drop(partition, "the lease expired or names another processor")
+        members = tuple(sorted(m.decode() if isinstance(m, bytes) else m for m in replies[0]))
+        if members != self._members:
+            log.info("processors alive: %s", ", ".join(members))
+            self._members = members
+            owners = assign(self._layout.partitions, members)
+            self._desired = frozenset(p for p, m in owners.items() if m == self._consumer)
+        self._beaten.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeat every interval until `stop` is set; a failed heartbeat is retried on the
+        next tick (meanwhile the local deadlines run out on their own)."""
+        while not stop.is_set():
+            raise_if_cancelled()
+            try:
+                await self.heartbeat()
+            except (RedisError, OSError) as error:
+                log.warning("heartbeat failed: %s", error)
+            await wait_event(stop, self._heartbeat_s)
+
+    async def acquire(self, partitions: Iterable[int]) -> list[int]:
+        """Try to take free (absent or expired) leases; returns the partitions now held."""
+        wanted = sorted(partitions)
+        if not wanted:
+            return []
+        started = time.monotonic()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for partition in wanted:
+                await self._acquire(
+                    keys=[self._layout.lease_key(partition)],
+                    args=[self._consumer, self._ttl_ms],
+                    client=pipe,
+                )
+            replies: list[Any] = await pipe.execute()
+        acquired = [p for p, ok in zip(wanted, replies, strict=True) if ok]
+        for partition in acquired:
+            self._generation += 1
+            self._leases[partition] = (started + self._trusted_s, self._generation)
+        if acquired:
+            log.info("acquired partitions %s", acquired)
+        return acquired
+
+    async def release(self, partitions: Iterable[int]) -> None:
+        """Give leases back (only those still naming us); call with nothing of them in flight."""
+        freed = sorted(partitions)
+        if not freed:
+            return
+        for partition in freed:
+            self._leases.pop(partition, None)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for partition in freed:
+                await self._release(
+                    keys=[self._layout.lease_key(partition)], args=[self._consumer], client=pipe
+                )
+            await pipe.execute()
+        log.info("released partitions %s", freed)
+
+    async def ack(self, partition: int, entry_id: bytes) -> bool:
+        """XACK only while the lease names us; False (and the partition dropped) otherwise."""
+        acked = await self._ack(
+            keys=[
+                self._layout.lease_key(partition),
+                self._layout.stream(partition),
+                attempts_key(self._layout, partition),
+            ],
+            args=[self._consumer, self._layout.group, entry_id],
+        )
+        if acked == -1:
+            self.drop(partition, "the lease names another processor at acknowledgement")
+            return False
+        return True
+
+    async def leave(self) -> None:
+        """Graceful stop: release every lease and leave the member set, so the others take
+        over at their next heartbeat instead of after a lease TTL."""
+        await self.release(list(self._leases))
+        await self._client.zrem(self._layout.members_key, self._consumer)
+        self._members = ()
+        self._desired = frozenset()
+
+    def describe(self) -> dict[str, Sequence[object]]:
+        """For logs and tests: members, desired and held partitions."""
+        return {
+            "members": self._members,
+            "desired": sorted(self._desired),
+            "held": sorted(self.held()),
+        }

@@ -1,0 +1,118 @@
+"""Processor wiring: Redis + storage channel -> worker task + status server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from services.processor.service import ProcessorServicer
+from services.processor.settings import ProcessorSettings
+from services.processor.storage_client import StorageWriter
+from services.processor.worker import StreamWorker, WorkerConfig
+from streammesh.api.processor.v1 import processor_pb2, processor_pb2_grpc
+from streammesh.mesh import (
+    MeshServer,
+    PeerPolicy,
+    ServiceBinding,
+    TlsMaterial,
+    configure_logging,
+    create_mesh_server,
+    run_until_signalled,
+)
+from streammesh.mesh.redis_client import connect_redis
+from streammesh.streams import StreamLayout
+
+__all__ = ["POLICY_RULES", "ProcessorDeps", "build_worker", "create_server", "main", "serve"]
+
+log = logging.getLogger(__name__)
+
+# Status is for operators only (they are allowed wherever a rule exists).
+POLICY_RULES: dict[str, list[str]] = {"streammesh.processor.v1.ProcessorService/GetStatus": []}
+
+
+@dataclass(frozen=True)
+class ProcessorDeps:
+    worker: StreamWorker
+
+
+def worker_config(settings: ProcessorSettings) -> WorkerConfig:
+    """Every WorkerConfig field is a processor setting of the same name (a test keeps it so)."""
+    return WorkerConfig(
+        **{field.name: getattr(settings, field.name) for field in dataclasses.fields(WorkerConfig)}
+    )
+
+
+def build_worker(
+    settings: ProcessorSettings, client: aioredis.Redis, writer: StorageWriter
+) -> StreamWorker:
+    layout = StreamLayout(
+        prefix=settings.stream_prefix, partitions=settings.partitions, group=settings.group
+    )
+    return StreamWorker(
+        client,
+        layout,
+        consumer=settings.consumer,
+        store=writer.store,
+        dead_letters=writer.record_dead_letter,
+        config=worker_config(settings),
+    )
+
+
+def create_server(settings: ProcessorSettings, deps: ProcessorDeps) -> MeshServer:
+    return create_mesh_server(
+        settings,
+        identity="processor",
+        bindings=[
+            ServiceBinding(
+                processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"],
+                processor_pb2_grpc.add_ProcessorServiceServicer_to_server,
+                ProcessorServicer(deps.worker, settings.group),
+            )
+        ],
+        guard=PeerPolicy.build(settings.trust_domain, POLICY_RULES),
+    )
+
+
+def _exit_if_worker_died(task: asyncio.Task[None]) -> None:
+    """A processor whose worker died must not keep reporting SERVING: drain and exit so the
+    supervisor restarts it (its pending entries are re-read by the next life or reclaimed)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    log.critical("stream worker died", exc_info=task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def serve(settings: ProcessorSettings) -> None:
+    tls = TlsMaterial.load(settings.tls_dir, "processor")
+    client = connect_redis(settings.redis_url, longest_block_ms=settings.block_ms)
+    writer = StorageWriter(
+        settings.storage_target, tls, timeout_seconds=settings.store_timeout_seconds
+    )
+    worker = build_worker(settings, client, writer)
+    task = asyncio.create_task(worker.run(), name="stream-worker")
+    task.add_done_callback(_exit_if_worker_died)
+
+    async def stop_worker() -> None:
+        # Finish the batch in hand (it is acknowledged only if stored), release the leases so
+        # the other processors take over at once, then close connections.
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=settings.store_timeout_seconds + 2)
+        await writer.close()
+        await client.aclose()
+
+    mesh = create_server(settings, ProcessorDeps(worker))
+    await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop_worker)
+
+
+def main() -> None:
+    settings = ProcessorSettings()
+    configure_logging("processor", settings.log_level, json_lines=settings.log_json)
+    asyncio.run(serve(settings))

@@ -1,0 +1,70 @@
+"""Processor settings (env prefix STREAMMESH_PROCESSOR_)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from streammesh.mesh.settings import ServiceSettings
+
+__all__ = ["ProcessorSettings"]
+
+
+class ProcessorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMMESH_PROCESSOR_", frozen=True, extra="ignore"
+    )
+
+    port: int = 50054
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the streams")
+    stream_prefix: str = Field("streammesh:events", description="streams are <prefix>:p<n>")
+    partitions: int = Field(8, ge=1, le=1024, description="must match ingest")
+    group: str = Field("processors", description="consumer group shared by all processors")
+    consumer: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="this worker's consumer name; unique per replica",
+    )
+    storage_target: str = Field("127.0.0.1:50055", description="storage replicas (host:port,...)")
+    read_count: int = Field(32, ge=1, description="entries per partition per read")
+    block_ms: int = Field(1000, ge=1, description="how long a read waits for new entries")
+    claim_idle_ms: int = Field(
+        30_000, ge=100, description="reclaim entries of owned partitions idle this long"
+    )
+    store_timeout_seconds: float = Field(10.0, gt=0, description="per StoreEvents call")
+    retry_backoff_seconds: float = Field(0.5, gt=0, description="pause after a failed store")
+    lease_ttl_ms: int = Field(
+        10_000,
+        ge=200,
+        description="partition lease and membership lifetime: how long a crashed processor's "
+        "partitions wait before others take them over",
+    )
+    heartbeat_ms: int = Field(
+        2_000, ge=20, description="membership heartbeat and lease renewal; <= lease_ttl_ms / 2"
+    )
+    trim_interval_seconds: float = Field(
+        5.0, ge=0, description="how often owned partitions are trimmed (XTRIM MINID); 0 = never"
+    )
+    trim_retention_seconds: float = Field(
+        0.0, ge=0, description="keep acknowledged entries at least this long (replay, debugging)"
+    )
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="failed stores (outages excluded) after which an entry becomes a dead letter",
+    )
+    dead_letter_maxlen: int = Field(
+        10_000, ge=1, description="the dead-letter stream is capped near this many entries"
+    )
+    failpoint: str = Field(
+        "",
+        description="test-only fault injection: crash-before-store[:N] or crash-after-store[:N]",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_lease(self) -> ProcessorSettings:
+        if self.heartbeat_ms * 2 > self.lease_ttl_ms:
+            raise ValueError("heartbeat_ms must be at most half of lease_ttl_ms")
+        return self

@@ -1,0 +1,90 @@
+"""The processor's view of storage: StoreEvents and StoreDeadLetter (both idempotent, so retried
+by the service config), with failures sorted for the worker: outages (`StoreUnavailable`, wait),
+permanent refusals (`PermanentStoreError`, dead-letter now), and the rest (counted retries)."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.processor.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
+from services.processor.worker import PermanentStoreError, StoreResult
+from streammesh.api.common.v1 import event_pb2
+from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.mesh import TlsMaterial, create_channel, service_config
+
+__all__ = ["StorageWriter", "classify", "dead_letter_request"]
+
+STORAGE_SERVICE = "streammesh.storage.v1.StorageService"
+
+# A batch storage refuses for these reasons will be refused again: dead-letter it.
+_PERMANENT = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+def classify(error: grpc.aio.AioRpcError) -> Exception | None:
+    """The exception the worker acts on for a failed StoreEvents call; None when the error
+    itself is it (INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN, ...: it counts toward the limit)."""
+    text = f"{error.code().name}: {error.details()}"
+    if is_outage(error):
+        return StoreUnavailable(text)
+    if error.code() in _PERMANENT:
+        return PermanentStoreError(text)
+    return None
+
+
+def dead_letter_request(record: DeadLetterRecord) -> storage_pb2.StoreDeadLetterRequest:
+    request = storage_pb2.StoreDeadLetterRequest(
+        stream=record.stream,
+        partition=record.partition,
+        entry_id=record.entry_id,
+        batch=record.batch or b"",
+        raw_fields=[storage_pb2.RawField(name=n, value=v) for n, v in record.raw_fields],
+        event_ids=record.event_ids,
+        error=record.error,
+        delivery_count=record.delivery_count,
+    )
+    request.first_failed_at.FromDatetime(record.first_failed_at)
+    request.last_failed_at.FromDatetime(record.last_failed_at)
+    return request
+
+
+class StorageWriter:
+    def __init__(self, target: str, tls: TlsMaterial, *, timeout_seconds: float) -> None:
+        self._channel = create_channel(
+            target,
+            tls,
+            server_name="storage",
+            config=service_config(
+                STORAGE_SERVICE,
+                retry_methods=["StoreEvents", "StoreDeadLetter"],
+                timeout_seconds=timeout_seconds,
+            ),
+        )
+        self._stub = storage_pb2_grpc.StorageServiceStub(self._channel)
+
+    async def store(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+        try:
+            reply = await self._stub.StoreEvents(storage_pb2.StoreEventsRequest(batch=batch))
+        except grpc.aio.AioRpcError as error:
+            classified = classify(error)
+            if classified is None:
+                raise
+            raise classified from error
+        return StoreResult(inserted=reply.inserted, duplicates=reply.duplicates)
+
+    async def record_dead_letter(self, record: DeadLetterRecord) -> int:
+        """Store the record (idempotent); returns its dead-letter id. Outages raise
+        StoreUnavailable; any other refusal raises the AioRpcError."""
+        try:
+            reply = await self._stub.StoreDeadLetter(dead_letter_request(record))
+        except grpc.aio.AioRpcError as error:
+            if is_outage(error):
+                raise StoreUnavailable(f"{error.code().name}: {error.details()}") from error
+            raise
+        return int(reply.dead_letter.id)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,100 @@
+"""Wiring of the storage service: policy, dependencies, server, and the process entry point."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.storage.dead_letter_store import DeadLetterStore
+from services.storage.service import Limits, StorageServicer
+from services.storage.settings import StorageSettings
+from services.storage.store import EventStore
+from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.mesh import (
+    MeshServer,
+    PeerPolicy,
+    ServiceBinding,
+    configure_logging,
+    create_mesh_server,
+    run_until_signalled,
+)
+from streammesh.mesh.postgres import create_engine, load_migrations, migrate
+
+__all__ = ["POLICY", "SERVICE", "StorageDeps", "create_server", "main", "serve"]
+
+SERVICE = "streammesh.storage.v1.StorageService"
+
+POLICY: dict[str, tuple[str, ...]] = {
+    # Only the processor writes: it acknowledges the queue once storage confirmed the batch.
+    f"{SERVICE}/StoreEvents": ("service/processor",),
+    # Reads reach storage through the gateway, which has already checked the user's token.
+    f"{SERVICE}/QueryEvents": ("service/gateway",),
+    f"{SERVICE}/CountEvents": ("service/gateway",),
+    # The processor records a dead letter before it acknowledges the entry; admins read and
+    # replay dead letters through the gateway (which checked the admin role).
+    f"{SERVICE}/StoreDeadLetter": ("service/processor",),
+    f"{SERVICE}/ListDeadLetters": ("service/gateway",),
+    f"{SERVICE}/GetDeadLetter": ("service/gateway",),
+    f"{SERVICE}/MarkDeadLetterReplayed": ("service/gateway",),
+}
+"""Who may call which method; anything else is denied (operators are added by PeerPolicy)."""
+
+
+@dataclass(frozen=True)
+class StorageDeps:
+    """What the server needs from outside: an engine bound to the storage schema (migrated)."""
+
+    engine: AsyncEngine
+
+
+def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
+    """Build, not start, the storage server; `settings.port` 0 binds a free port."""
+    limits = Limits(
+        max_batch_events=settings.max_batch_events,
+        max_text_chars=settings.max_text_chars,
+        max_filter_keys=settings.max_filter_keys,
+        # Leave room for the response envelope and the next_page_token.
+        max_response_bytes=settings.max_message_bytes * 9 // 10,
+    )
+    binding = ServiceBinding(
+        storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
+        storage_pb2_grpc.add_StorageServiceServicer_to_server,
+        StorageServicer(EventStore(deps.engine), limits, DeadLetterStore(deps.engine)),
+    )
+    return create_mesh_server(
+        settings,
+        identity="storage",
+        bindings=[binding],
+        guard=PeerPolicy.build(settings.trust_domain, POLICY),
+    )
+
+
+async def serve(settings: StorageSettings) -> None:
+    """Migrate the schema, then serve until SIGTERM/SIGINT; the pool closes after the drain."""
+    engine = create_engine(
+        settings.database_url,
+        schema=settings.db_schema,
+        application_name="streammesh-storage",
+        pool_size=settings.pool_size,
+    )
+    try:
+        await migrate(
+            engine,
+            schema=settings.db_schema,
+            migrations=load_migrations("services.storage.migrations"),
+        )
+        mesh = create_server(settings, StorageDeps(engine=engine))
+        await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=engine.dispose)
+    except BaseException:
+        # Startup failed (database down, port taken): close the pool before the error ends us.
+        await engine.dispose()
+        raise
+
+
+def main() -> None:
+    """Entry point of `python -m services.storage`."""
+    settings = StorageSettings()
+    configure_logging("storage", settings.log_level, json_lines=settings.log_json)
+    asyncio.run(serve(settings))

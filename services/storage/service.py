@@ -1,0 +1,325 @@
+"""The StorageService handlers: validate requests, translate protobuf <-> store rows, page.
+
+Anything the database would refuse (NUL characters, out-of-range timestamps or partitions,
+oversized strings) is refused here as INVALID_ARGUMENT with field violations, so bad input never
+surfaces as INTERNAL. The processor dead-letters a batch refused this way and retries on
+UNAVAILABLE, which the store raises for database outages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from services.storage import dead_letters
+from services.storage.dead_letter_store import DeadLetterStore
+from services.storage.paging import (
+    dead_letter_scope,
+    decode_page_token,
+    decode_position,
+    encode_page_token,
+    encode_position,
+)
+from services.storage.store import EventQuery, EventStore, NewEvent, StoredRow
+from streammesh.api.common.v1 import event_pb2
+from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.envelope import EnvelopeLimits, event_violations, timestamp_in_range
+from streammesh.mesh.errors import InvalidArgument, NotFound
+
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
+
+DEFAULT_PAGE_SIZE = 100
+"""Page size when the request leaves it 0."""
+MAX_PAGE_SIZE = 1000
+"""Largest page a client may ask for."""
+DEFAULT_CONTENT_TYPE = "application/json"
+
+_MAX_VIOLATIONS_REPORTED = 20
+_MAX_PARTITION = 2**31 - 1  # the column is a Postgres integer
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# Framing of one repeated element (tag + length varint), counted against the response budget.
+_ELEMENT_OVERHEAD = 8
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits, taken from StorageSettings in `create_server`."""
+
+    max_batch_events: int = 10_000
+    """Events per StoreEvents batch."""
+    max_text_chars: int = 256
+    """Length of key, type, content_type, producer and filter strings."""
+    max_filter_keys: int = 100
+    """Keys in one EventFilter."""
+    envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
+    """The event rules ingest applies too (streammesh.envelope)."""
+    max_response_bytes: int = 15 * 1024 * 1024
+    """A QueryEvents page stops early (with a token) rather than outgrow the message limit."""
+
+
+def _text_problem(value: str, max_chars: int) -> str | None:
+    if len(value) > max_chars:
+        return f"longer than {max_chars} characters"
+    if "\x00" in value:
+        return "contains a NUL character"
+    return None
+
+
+class _Violations:
+    """Collects (field, reason) pairs; raises one InvalidArgument naming the first few."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, reason: str) -> None:
+        self.items.append((field, reason))
+
+    def text(self, field: str, value: str, max_chars: int) -> None:
+        reason = _text_problem(value, max_chars)
+        if reason is not None:
+            self.add(field, reason)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        shown = self.items[:_MAX_VIOLATIONS_REPORTED]
+        field, reason = shown[0]
+        raise InvalidArgument(
+            f"{len(self.items)} invalid field(s); first: {field}: {reason}",
+            field_violations=shown,
+        )
+
+
+def _timestamp(value: timestamp_pb2.Timestamp, field: str, problems: _Violations) -> dt.datetime:
+    """Convert in range, else record a violation (and return the epoch as a placeholder).
+    Postgres keeps microseconds, so nanoseconds are truncated."""
+    if not timestamp_in_range(value.seconds, value.nanos):
+        problems.add(field, "outside 0001-01-01..9999-12-31 or nanos outside 0..999999999")
+        return _EPOCH
+    return _to_datetime(value)
+
+
+def _to_datetime(value: timestamp_pb2.Timestamp) -> dt.datetime:
+    return _datetime(value.seconds, value.nanos // 1000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _datetime(seconds: int, micros: int) -> dt.datetime:
+    # Every event of a queued batch shares one ingest time (and, unless the producer set one,
+    # the same event time): a small cache turns 2 conversions per event into ~2 per batch.
+    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=micros)
+
+
+def _new_event(
+    queued: event_pb2.QueuedEvent, index: int, limits: Limits, problems: _Violations
+) -> NewEvent:
+    # Runs for every event of batches of up to 10k: field paths are only built for violations.
+    event = queued.event
+    for name, reason in event_violations(event, limits.envelope, require_id=True):
+        problems.add(f"batch.events[{index}].event.{name}", reason)
+    problems.text(f"batch.events[{index}].producer", queued.producer, limits.max_text_chars)
+    attributes = dict(event.attributes) if event.attributes else {}
+    if queued.HasField("ingest_time"):
+        ingest_time = _timestamp(queued.ingest_time, f"batch.events[{index}].ingest_time", problems)
+    else:
+        problems.add(
+            f"batch.events[{index}].ingest_time",
+            "required: set by ingest when it accepts the event",
+        )
+        ingest_time = _EPOCH
+    if not event.HasField("event_time"):
+        event_time = ingest_time
+    elif timestamp_in_range(event.event_time.seconds, event.event_time.nanos):
+        event_time = _to_datetime(event.event_time)
+    else:
+        event_time = _EPOCH  # already reported by event_violations
+
+    return NewEvent(
+        id=event.id,
+        key=event.key,
+        type=event.type,
+        event_time=event_time,
+        payload=event.payload,
+        content_type=event.content_type or DEFAULT_CONTENT_TYPE,
+        attributes=attributes,
+        ingest_time=ingest_time,
+        producer=queued.producer,
+    )
+
+
+def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
+    problems = _Violations()
+    if len(event_filter.keys) > limits.max_filter_keys:
+        problems.add("filter.keys", f"more than {limits.max_filter_keys} keys")
+    else:
+        for index, key in enumerate(event_filter.keys):
+            problems.text(f"filter.keys[{index}]", key, limits.max_text_chars)
+    problems.text("filter.type", event_filter.type, limits.max_text_chars)
+    start = end = None
+    if event_filter.HasField("start_time"):
+        start = _timestamp(event_filter.start_time, "filter.start_time", problems)
+    if event_filter.HasField("end_time"):
+        end = _timestamp(event_filter.end_time, "filter.end_time", problems)
+    if start is not None and end is not None and end < start:
+        problems.add("filter.end_time", "before start_time")
+    problems.raise_if_any()
+    return EventQuery(
+        keys=tuple(sorted(set(event_filter.keys))),
+        type=event_filter.type,
+        start_time=start,
+        end_time=end,
+    )
+
+
+def _set_time(target: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
+    micros = (value - _EPOCH) // dt.timedelta(microseconds=1)
+    target.seconds, remainder = divmod(micros, 1_000_000)
+    target.nanos = remainder * 1000
+
+
+def _stored_event(row: StoredRow) -> event_pb2.StoredEvent:
+    stored = event_pb2.StoredEvent(
+        event=event_pb2.Event(
+            id=row.id,
+            key=row.key,
+            type=row.type,
+            payload=row.payload,
+            content_type=row.content_type,
+            attributes=row.attributes,
+        ),
+        sequence=row.seq,
+        partition=row.partition,
+        producer=row.producer,
+    )
+    _set_time(stored.event.event_time, row.event_time)
+    _set_time(stored.ingest_time, row.ingest_time)
+    _set_time(stored.store_time, row.store_time)
+    return stored
+
+
+class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
+    """Handlers of streammesh.storage.v1.StorageService over an EventStore."""
+
+    def __init__(self, store: EventStore, limits: Limits, dead: DeadLetterStore) -> None:
+        self._store = store
+        self._limits = limits
+        self._dead = dead
+
+    async def StoreEvents(
+        self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.StoreEventsResponse:
+        """Store the batch in one transaction; ids already stored count as duplicates."""
+        batch = request.batch
+        limits = self._limits
+        if len(batch.events) > limits.max_batch_events:
+            raise InvalidArgument(
+                f"a batch holds at most {limits.max_batch_events} events, got {len(batch.events)}",
+                field_violations=[("batch.events", f"more than {limits.max_batch_events}")],
+            )
+        problems = _Violations()
+        if batch.partition > _MAX_PARTITION:
+            problems.add("batch.partition", f"larger than {_MAX_PARTITION}")
+        rows = [
+            _new_event(queued, index, limits, problems) for index, queued in enumerate(batch.events)
+        ]
+        problems.raise_if_any()
+        inserted = await self._store.insert_batch(rows, partition=batch.partition)
+        return storage_pb2.StoreEventsResponse(inserted=inserted, duplicates=len(rows) - inserted)
+
+    async def QueryEvents(
+        self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.QueryEventsResponse:
+        """One page of matching events in seq order, and the token for the next page."""
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})",
+                field_violations=[("page_size", f"{request.page_size} is out of range")],
+            )
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        query = _query(request.filter, self._limits)
+        after_seq = 0
+        if request.page_token:
+            try:
+                after_seq = decode_page_token(request.page_token, query)
+            except ValueError as error:
+                raise InvalidArgument(
+                    f"invalid page_token: {error}", field_violations=[("page_token", str(error))]
+                ) from error
+        # One row beyond the page tells whether another page exists without a second query.
+        rows = await self._store.query(query, after_seq=after_seq, limit=page_size + 1)
+        response = storage_pb2.QueryEventsResponse()
+        budget = self._limits.max_response_bytes
+        for row in rows[:page_size]:
+            stored = _stored_event(row)
+            budget -= stored.ByteSize() + _ELEMENT_OVERHEAD
+            if budget < 0 and response.events:
+                break
+            response.events.append(stored)
+        if len(rows) > len(response.events):
+            response.next_page_token = encode_page_token(response.events[-1].sequence, query)
+        return response
+
+    async def CountEvents(
+        self, request: storage_pb2.CountEventsRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.CountEventsResponse:
+        """How many stored events match the filter."""
+        query = _query(request.filter, self._limits)
+        return storage_pb2.CountEventsResponse(count=await self._store.count(query))
+
+    async def StoreDeadLetter(
+        self, request: storage_pb2.StoreDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.StoreDeadLetterResponse:
+        """Record an entry the processor gave up on; a repeat returns the first record."""
+        row, created = await self._dead.insert(dead_letters.new_dead_letter(request))
+        return storage_pb2.StoreDeadLetterResponse(
+            dead_letter=dead_letters.dead_letter_message(row), created=created
+        )
+
+    async def ListDeadLetters(
+        self, request: storage_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.ListDeadLettersResponse:
+        """One page of dead letters, newest first, and the token for the next page."""
+        query, page_size = dead_letters.list_query(request)
+        scope = dead_letter_scope(query.partition, query.replayed)
+        before_id = None
+        if request.page_token:
+            try:
+                before_id = decode_position(request.page_token, scope)
+            except ValueError as error:
+                raise InvalidArgument(
+                    f"invalid page_token: {error}", field_violations=[("page_token", str(error))]
+                ) from error
+        rows = await self._dead.page(query, before_id=before_id, limit=page_size + 1)
+        response = storage_pb2.ListDeadLettersResponse(
+            dead_letters=[dead_letters.dead_letter_message(row) for row in rows[:page_size]]
+        )
+        if len(rows) > page_size:
+            response.next_page_token = encode_position(rows[page_size - 1].id, scope)
+        return response
+
+    async def GetDeadLetter(
+        self, request: storage_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.GetDeadLetterResponse:
+        """One dead letter with its events (or the raw fields of an undecodable entry)."""
+        found = await self._dead.get(request.id)
+        if found is None:
+            raise NotFound(f"no dead letter {request.id}")
+        return dead_letters.get_response(*found)
+
+    async def MarkDeadLetterReplayed(
+        self,
+        request: storage_pb2.MarkDeadLetterReplayedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> storage_pb2.MarkDeadLetterReplayedResponse:
+        """Count a replay of the dead letter, by whom and when."""
+        by = dead_letters.replayed_by(request)
+        row = await self._dead.mark_replayed(request.id, by=by)
+        if row is None:
+            raise NotFound(f"no dead letter {request.id}")
+        return storage_pb2.MarkDeadLetterReplayedResponse(
+            dead_letter=dead_letters.dead_letter_message(row)
+        )

@@ -1,0 +1,36 @@
+"""Storage settings (env prefix STREAMMESH_STORAGE_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from streammesh.mesh.settings import ServiceSettings
+
+__all__ = ["StorageSettings"]
+
+
+class StorageSettings(ServiceSettings):
+    """Listener, database and request limits of the storage service."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMMESH_STORAGE_", frozen=True, extra="ignore")
+
+    port: int = Field(50055, ge=0, le=65535, description="port; 0 picks a free one")
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/streammesh",
+        description="the PostgreSQL database holding the storage schema",
+    )
+    # The schema name is interpolated into DDL by the migration runner, so only plain identifiers.
+    db_schema: str = Field(
+        "storage", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="schema owned by storage"
+    )
+    pool_size: int = Field(
+        10, ge=1, le=1000, description="pooled connections (and as many overflow)"
+    )
+    max_batch_events: int = Field(10_000, ge=1, description="events per StoreEvents batch, at most")
+    # Ingest accepts keys up to 256 and types up to 128 characters; storage must accept whatever
+    # ingest accepted, and stays well under btree's ~2.7 kB entry limit for the (key, seq) index.
+    max_text_chars: int = Field(
+        256, ge=1, le=600, description="key, type, content_type, producer and filter strings"
+    )
+    max_filter_keys: int = Field(100, ge=1, description="keys in an EventFilter, at most")

@@ -1,0 +1,1 @@
+"""StreamMesh: a real-time event pipeline on a mutual-TLS gRPC service mesh."""

@@ -1,0 +1,1 @@
+"""The `streammesh` command line."""

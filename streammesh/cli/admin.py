@@ -1,0 +1,233 @@
+"""`streammesh admin ...`: account, key, audit and dead-letter administration through the
+gateway's AdminService, with the saved session (which must carry the admin role). Replies print as JSON.
+
+The first admin cannot log in to create themselves, so `admin bootstrap` is the break-glass path:
+it calls the auth service directly over mTLS with the operator (`admin`) certificate, which only
+someone holding the PKI folder has.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from streammesh.api.gateway.v1 import admin_pb2
+from streammesh.cli.accounts import read_password
+from streammesh.cli.session import logged_in_client
+from streammesh.cli.stack import StackConfig
+from streammesh.mesh import TlsMaterial, create_channel
+
+__all__ = ["add_admin_commands"]
+
+
+@dataclass(frozen=True)
+class AdminCommand:
+    """One subcommand: the AdminService method it calls and how its request is built."""
+
+    method: str
+    help: str
+    build: Callable[[argparse.Namespace], Message]
+    arguments: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()
+
+
+USERNAME: tuple[tuple[str, ...], dict[str, Any]] = (("username",), {})
+
+
+def _audit_request(args: argparse.Namespace) -> Message:
+    return admin_pb2.ListAuditEventsRequest(
+        actor=args.actor or "",
+        subject=args.subject or "",
+        action=args.action or "",
+        outcome=args.outcome or "",
+        page_size=args.limit,
+    )
+
+
+def _dead_letters_request(args: argparse.Namespace) -> Message:
+    request = admin_pb2.ListDeadLettersRequest(page_size=args.limit, page_token=args.page_token)
+    if args.partition is not None:
+        request.partition = args.partition
+    if args.pending:
+        request.replayed = False
+    return request
+
+
+DEAD_LETTER_ID: tuple[tuple[str, ...], dict[str, Any]] = (
+    ("id",),
+    {"type": int, "help": "the dead letter's id (from `admin dead-letters`)"},
+)
+
+COMMANDS: dict[str, AdminCommand] = {
+    "users": AdminCommand(
+        "ListUsers",
+        "list accounts",
+        lambda a: admin_pb2.ListUsersRequest(username_prefix=a.prefix or "", page_size=a.limit),
+        ((("--prefix",), {}), (("--limit",), {"type": int, "default": 100})),
+    ),
+    "disable": AdminCommand(
+        "SetUserDisabled",
+        "disable an account and end its sessions",
+        lambda a: admin_pb2.SetUserDisabledRequest(username=a.username, disabled=True),
+        (USERNAME,),
+    ),
+    "enable": AdminCommand(
+        "SetUserDisabled",
+        "re-enable an account",
+        lambda a: admin_pb2.SetUserDisabledRequest(username=a.username, disabled=False),
+        (USERNAME,),
+    ),
+    "roles": AdminCommand(
+        "SetUserRoles",
+        "replace an account's roles (admin, producer, analyst)",
+        lambda a: admin_pb2.SetUserRolesRequest(username=a.username, roles=a.roles),
+        (USERNAME, (("roles",), {"nargs": "*"})),
+    ),
+    "reset-mfa": AdminCommand(
+        "ResetMfa",
+        "remove TOTP and recovery codes",
+        lambda a: admin_pb2.ResetMfaRequest(username=a.username),
+        (USERNAME,),
+    ),
+    "unlock": AdminCommand(
+        "UnlockUser",
+        "lift a lockout",
+        lambda a: admin_pb2.UnlockUserRequest(username=a.username),
+        (USERNAME,),
+    ),
+    "revoke-sessions": AdminCommand(
+        "RevokeSessions",
+        "end every session of an account",
+        lambda a: admin_pb2.RevokeSessionsRequest(username=a.username),
+        (USERNAME,),
+    ),
+    "keys": AdminCommand(
+        "ListSigningKeys", "list token-signing keys", lambda a: admin_pb2.ListSigningKeysRequest()
+    ),
+    "rotate-key": AdminCommand(
+        "RotateSigningKey",
+        "make a new signing key active",
+        lambda a: admin_pb2.RotateSigningKeyRequest(),
+    ),
+    "retire-key": AdminCommand(
+        "RetireSigningKey",
+        "stop publishing a key (its tokens stop working)",
+        lambda a: admin_pb2.RetireSigningKeyRequest(kid=a.kid),
+        ((("kid",), {}),),
+    ),
+    "audit": AdminCommand(
+        "ListAuditEvents",
+        "read the audit log, newest first",
+        _audit_request,
+        (
+            (("--actor",), {}),
+            (("--subject",), {}),
+            (("--action",), {}),
+            (("--outcome",), {"choices": ["success", "failure", "denied"]}),
+            (("--limit",), {"type": int, "default": 50}),
+        ),
+    ),
+    "dead-letters": AdminCommand(
+        "ListDeadLetters",
+        "list dead letters (entries the pipeline set aside), newest first",
+        _dead_letters_request,
+        (
+            (("--partition",), {"type": int, "help": "only this partition"}),
+            (("--pending",), {"action": "store_true", "help": "only those not yet replayed"}),
+            (("--limit",), {"type": int, "default": 50}),
+            (("--page-token",), {"default": "", "help": "next_page_token of the previous page"}),
+        ),
+    ),
+    "dead-letter": AdminCommand(
+        "GetDeadLetter",
+        "show one dead letter with its events",
+        lambda a: admin_pb2.GetDeadLetterRequest(id=a.id),
+        (DEAD_LETTER_ID,),
+    ),
+    "replay": AdminCommand(
+        "ReplayDeadLetter",
+        "publish a dead letter's events again (same ids: nothing is stored twice)",
+        lambda a: admin_pb2.ReplayDeadLetterRequest(id=a.id),
+        (DEAD_LETTER_ID,),
+    ),
+}
+
+
+def _print(message: Message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
+
+
+async def run_admin_command(config: StackConfig, args: argparse.Namespace) -> int:
+    command = COMMANDS[args.admin_cmd]
+    async with logged_in_client(config) as client:
+        method = getattr(client.admin, command.method)
+        reply = await method(command.build(args), metadata=client.bearer(), timeout=30)
+    _print(reply)
+    return 0
+
+
+async def cmd_create_user(config: StackConfig, args: argparse.Namespace) -> int:
+    password = read_password(args, confirm=True)
+    request = admin_pb2.CreateUserRequest(
+        username=args.username, password=password, roles=args.role
+    )
+    async with logged_in_client(config) as client:
+        reply = await client.admin.CreateUser(request, metadata=client.bearer(), timeout=30)
+    _print(reply)
+    return 0
+
+
+async def create_user_as_operator(
+    config: StackConfig, username: str, password: str, roles: list[str]
+) -> auth_pb2.User:
+    """Create an account by calling auth directly with the operator certificate."""
+    channel = create_channel(
+        config.address("auth"),
+        TlsMaterial.load(config.pki_dir, "admin"),
+        server_name="auth",
+        config={"methodConfig": []},
+    )
+    async with channel:
+        reply: auth_pb2.CreateUserResponse = await auth_pb2_grpc.AuthServiceStub(
+            channel
+        ).CreateUser(
+            auth_pb2.CreateUserRequest(username=username, password=password, roles=roles),
+            timeout=30,
+        )
+    return reply.user
+
+
+async def cmd_bootstrap(config: StackConfig, args: argparse.Namespace) -> int:
+    password = read_password(args, confirm=True)
+    user = await create_user_as_operator(config, args.username, password, ["admin"])
+    print(f"created admin {user.username}; next: streammesh mfa enroll {args.username}")
+    return 0
+
+
+def add_admin_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    admin = commands.add_parser("admin", help="administration (needs an admin session)")
+    sub = admin.add_subparsers(dest="admin_cmd", required=True)
+
+    bootstrap = sub.add_parser(
+        "bootstrap", help="create the first admin with the operator certificate"
+    )
+    bootstrap.add_argument("username")
+    bootstrap.add_argument("--password-stdin", action="store_true")
+    bootstrap.set_defaults(handler=cmd_bootstrap)
+
+    create = sub.add_parser("create-user", help="create an account with roles")
+    create.add_argument("username")
+    create.add_argument("--role", action="append", default=[], help="repeat for several roles")
+    create.add_argument("--password-stdin", action="store_true")
+    create.set_defaults(handler=cmd_create_user)
+
+    for name, command in COMMANDS.items():
+        parser = sub.add_parser(name, help=command.help)
+        for flags, options in command.arguments:
+            parser.add_argument(*flags, **options)
+        parser.set_defaults(handler=run_admin_command)

@@ -1,0 +1,532 @@
+"""Load through the gateway for `streammesh bench`, and what it is measured with: pre-built
+batches, the open-loop scheduler, the closed-loop driver, queue-drain detection, CPU sampling
+(/proc for processes, INFO for Redis) and the machine facts.
+
+Batches are serialized once, as templates split around the slot that holds the batch number in
+every event id. Sending batch n is then one C-level `bytes.join` (plus a varint for the sequence),
+so each event still gets a unique id (`<run><phase>-<batch:010d>-<index:04d>`) for a few
+nanoseconds of client CPU, and the load generator leaves the two shared cores to the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from sqlalchemy.engine import make_url
+
+from streammesh.api.common.v1 import event_pb2
+from streammesh.api.gateway.v1 import gateway_pb2
+from streammesh.streams import StreamLayout
+
+__all__ = [
+    "BatchTemplate",
+    "BenchError",
+    "ClosedLoopResult",
+    "CpuSample",
+    "OpenLoopResult",
+    "PublishCall",
+    "batch_number",
+    "closed_loop",
+    "connect_postgres",
+    "cpu_per_event",
+    "machine_facts",
+    "make_events",
+    "open_loop",
+    "percentiles",
+    "publish_call",
+    "request_templates",
+    "sample_cpu",
+    "together",
+    "wait_drained",
+]
+
+T = TypeVar("T")
+
+NUMBER_WIDTH = 10
+"""Digits of the batch number inside an event id."""
+_MARKER = b"@" * NUMBER_WIDTH
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PUBLISH_METHOD = "/{}/Publish".format(
+    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+)
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not complete a phase; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class BatchTemplate:
+    """A serialized message with the batch-number slot of every event id cut out."""
+
+    parts: tuple[bytes, ...]
+    events: int
+
+    @classmethod
+    def split(cls, serialized: bytes, events: int) -> BatchTemplate:
+        parts = tuple(serialized.split(_MARKER))
+        if len(parts) != events + 1:
+            raise ValueError(f"expected {events} id slots in the template, found {len(parts) - 1}")
+        return cls(parts, events)
+
+    def stamp(self, number: int) -> bytes:
+        """The message with `number` written into every event id."""
+        return (b"%010d" % number).join(self.parts)
+
+
+def make_events(
+    *, id_prefix: str, event_type: str, count: int, payload_bytes: int, keys: int, offset: int
+) -> list[event_pb2.Event]:
+    """`count` events with ids `<id_prefix>-@@@@@@@@@@-<index>` (the slot the stamp fills),
+    keys spread over `keys` values and JSON payloads of exactly `payload_bytes` bytes."""
+    events = []
+    for index in range(count):
+        n = offset + index
+        body = f'{{"n":{n},"reading":{20 + (n % 97) / 10:.1f},"site":"site-{n % 7}","pad":"'
+        pad = max(0, payload_bytes - len(body) - 2)
+        events.append(
+            event_pb2.Event(
+                id=f"{id_prefix}-{_MARKER.decode()}-{index:04d}",
+                key=f"key-{n % keys}",
+                type=event_type,
+                payload=(body + "x" * pad + '"}').encode(),
+                content_type="application/json",
+            )
+        )
+    return events
+
+
+def batch_number(event_id: str, id_prefix: str) -> int:
+    """The batch number stamped into an id made from `make_events(id_prefix=...)`."""
+    start = len(id_prefix) + 1
+    return int(event_id[start : start + NUMBER_WIDTH])
+
+
+def request_templates(batches: Sequence[Sequence[event_pb2.Event]]) -> list[BatchTemplate]:
+    """PublishRequest bodies without the sequence field (prepended per send)."""
+    return [
+        BatchTemplate.split(
+            gateway_pb2.PublishRequest(events=events).SerializeToString(), len(events)
+        )
+        for events in batches
+    ]
+
+
+def _sequence_field(sequence: int) -> bytes:
+    """PublishRequest.sequence (field 1, varint) on the wire; fields may come in any order."""
+    out = bytearray(b"\x08")
+    while sequence > 0x7F:
+        out.append((sequence & 0x7F) | 0x80)
+        sequence >>= 7
+    out.append(sequence)
+    return bytes(out)
+
+
+PublishCall = Callable[..., Any]
+"""The gateway's Publish as a stream-stream callable taking pre-serialized request bytes."""
+
+
+def publish_call(channel: grpc.aio.Channel) -> PublishCall:
+    # No request serializer: the bytes go out as they are.
+    call: PublishCall = channel.stream_stream(
+        PUBLISH_METHOD, response_deserializer=gateway_pb2.PublishResponse.FromString
+    )
+    return call
+
+
+def percentiles(values: Sequence[float], *qs: float) -> list[float]:
+    """Nearest-rank percentiles (q in 0..100) of `values`; NaN when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return [math.nan for _ in qs]
+    # round(): 99.9 / 100 * 1000 is 999.0000000000001 in binary floating point.
+    return [ordered[max(0, math.ceil(round(q * len(ordered) / 100, 9)) - 1)] for q in qs]
+
+
+async def together(*coroutines: Coroutine[Any, Any, T]) -> list[T]:
+    """Run the coroutines concurrently; the first to fail cancels the others and its exception
+    is raised as it is (not wrapped in an ExceptionGroup)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+@dataclass
+class OpenLoopResult:
+    batches: int
+    events: int
+    batch_size: int
+    started: float
+    """Loop time of batch 0's intended send."""
+    started_wall: float
+    intended: list[float]
+    send_lag: list[float]
+    ack_time: list[float]
+    ack_wall: list[float]
+    acked: int = 0
+
+    @property
+    def acked_batches(self) -> int:
+        return sum(1 for t in self.ack_time if not math.isnan(t))
+
+    def latencies_ms(self) -> list[float]:
+        """Publish-ack latency per acknowledged batch, from its INTENDED send time."""
+        return [
+            (ack - due) * 1000
+            for ack, due in zip(self.ack_time, self.intended, strict=True)
+            if not math.isnan(ack)
+        ]
+
+    @property
+    def last_ack(self) -> float:
+        acked = [t for t in self.ack_time if not math.isnan(t)]
+        return max(acked) if acked else self.started
+
+
+async def open_loop(
+    publish: PublishCall,
+    metadata: tuple[tuple[str, str], ...],
+    templates: Sequence[BatchTemplate],
+    *,
+    rate: float,
+    duration: float,
+    drain_timeout: float,
+) -> OpenLoopResult:
+    """Send batch k at t0 + k*batch/rate on one Publish stream, never waiting for acks (they are
+    read by a second task), so a slow ack cannot delay the schedule, and every latency counts
+    from the intended send time: a stall is charged to each batch that should have gone out."""
+    loop = asyncio.get_running_loop()
+    batch_size = templates[0].events
+    batches = max(1, round(rate * duration / batch_size))
+    interval = batch_size / rate
+    t0 = loop.time() + 0.1
+    nan = math.nan
+    result = OpenLoopResult(
+        batches=batches,
+        events=batches * batch_size,
+        batch_size=batch_size,
+        started=t0,
+        started_wall=time.time() + (t0 - loop.time()),
+        intended=[t0 + k * interval for k in range(batches)],
+        send_lag=[nan] * batches,
+        ack_time=[nan] * batches,
+        ack_wall=[nan] * batches,
+    )
+    call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
+
+    async def write() -> None:
+        for k in range(batches):
+            delay = result.intended[k] - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            result.send_lag[k] = loop.time() - result.intended[k]
+            await call.write(_sequence_field(k + 1) + templates[k % len(templates)].stamp(k))
+        await call.done_writing()
+
+    async def read() -> None:
+        while (reply := await call.read()) is not grpc.aio.EOF:
+            k = reply.sequence - 1
+            result.ack_time[k] = loop.time()
+            result.ack_wall[k] = time.time()
+            result.acked += reply.accepted
+
+    await _run_stream(call, [write(), read()], deadline=t0 + duration + drain_timeout)
+    return result
+
+
+async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> None:
+    """Run a stream's writer and reader until both end or `deadline` (loop time) passes; then
+    cancel the call. A failed stream raises BenchError with its status."""
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    failure: BaseException | None = None
+    detail = ""
+    try:
+        done, _ = await asyncio.wait(
+            tasks, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_EXCEPTION
+        )
+        failure = next((t.exception() for t in done if t.exception() is not None), None)
+        if isinstance(failure, grpc.aio.AioRpcError):
+            detail = f"{failure.code().name}: {failure.details()}"
+        elif failure is not None:  # a write after the call ended: ask the call why it ended
+            async with asyncio.timeout(5):
+                detail = f"{(await call.code()).name}: {await call.details()}"
+    finally:
+        call.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if failure is not None:
+        raise BenchError(f"Publish stream failed: {detail}") from failure
+
+
+@dataclass
+class ClosedLoopResult:
+    streams: int
+    window: int
+    batch_size: int
+    duration: float
+    started: float
+    sent_batches: int = 0
+    acked_batches: int = 0
+    acked: int = 0
+    last_ack: float = 0.0
+    ack_latencies_ms: list[float] = field(default_factory=list)
+    """Send-to-ack per batch (closed loop: queueing in the window is not included)."""
+
+
+async def closed_loop(
+    publish: PublishCall,
+    metadata: tuple[tuple[str, str], ...],
+    templates: Sequence[BatchTemplate],
+    *,
+    streams: int,
+    window: int,
+    duration: float,
+    drain_timeout: float,
+    max_events: int = 50_000_000,
+) -> ClosedLoopResult:
+    """`streams` Publish streams, each keeping `window` batches in flight, for `duration`
+    seconds: a new batch goes out as soon as an ack frees a slot."""
+    loop = asyncio.get_running_loop()
+    batch_size = templates[0].events
+    numbers = itertools.count()
+    max_batches = max(1, max_events // batch_size)
+    result = ClosedLoopResult(streams, window, batch_size, duration, started=loop.time())
+    stop_at = result.started + duration
+
+    async def one_stream() -> None:
+        call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
+        slots = asyncio.Semaphore(window)
+        sent_at: dict[int, float] = {}
+
+        async def write() -> None:
+            sequence = 0
+            while loop.time() < stop_at and result.sent_batches < max_batches:
+                await slots.acquire()
+                if loop.time() >= stop_at:
+                    break
+                n = next(numbers)
+                sequence += 1
+                result.sent_batches += 1
+                sent_at[sequence] = loop.time()
+                await call.write(_sequence_field(sequence) + templates[n % len(templates)].stamp(n))
+            await call.done_writing()
+
+        async def read() -> None:
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                now = loop.time()
+                result.ack_latencies_ms.append((now - sent_at.pop(reply.sequence)) * 1000)
+                result.acked += reply.accepted
+                result.acked_batches += 1
+                result.last_ack = max(result.last_ack, now)
+                slots.release()
+
+        await _run_stream(call, [write(), read()], deadline=stop_at + drain_timeout)
+
+    await together(*(one_stream() for _ in range(streams)))
+    return result
+
+
+async def _queue_drained(client: aioredis.Redis, layout: StreamLayout) -> bool:
+    """Every entry of every partition delivered to the group and acknowledged (the processor
+    acknowledges only after storage committed, so this means: all stored)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for stream in layout.streams():
+            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(stream)
+        replies = await pipe.execute()
+    for index in range(0, len(replies), 2):
+        info, groups = replies[index], replies[index + 1]
+        group = next(
+            (g for g in groups if g["name"] in (layout.group, layout.group.encode())), None
+        )
+        if group is None:
+            return False
+        if group["pending"] or group["last-delivered-id"] != info["last-generated-id"]:
+            return False
+    return True
+
+
+async def wait_drained(
+    client: aioredis.Redis, layout: StreamLayout, *, timeout: float, interval: float = 0.05
+) -> float | None:
+    """Poll the queue until drained; the loop time it was seen drained, or None on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if await _queue_drained(client, layout):
+            return loop.time()
+        if loop.time() > deadline:
+            return None
+        await asyncio.sleep(interval)
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: [state, ppid, ..., utime, stime, cutime, cstime]."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, in seconds."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds of every process named `postgres`, plus what the postmaster collected from
+    backends that already exited (cutime + cstime), so a connection closed during a phase still
+    counts. Other databases' backends on the same server are included."""
+    stats = {}
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() != "postgres":
+                continue
+        except OSError:
+            continue
+        fields = _stat_fields(comm.parent.name)
+        if fields is not None:
+            stats[comm.parent.name] = fields
+    total = 0
+    for fields in stats.values():
+        total += int(fields[11]) + int(fields[12])
+        if fields[1] not in stats:  # the postmaster: its parent is not a postgres process
+            total += int(fields[13]) + int(fields[14])
+    return total / _CLOCK_TICKS
+
+
+def _machine_busy() -> float:
+    """Non-idle CPU seconds of the whole machine, all cores (/proc/stat)."""
+    with contextlib.suppress(OSError):
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        guest = sum(values[8:10])  # already inside user and nice
+        return (sum(values) - guest - idle) / _CLOCK_TICKS
+    return math.nan
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    services: Mapping[str, float | None]
+    loadgen: float
+    redis: float | None
+    postgres: float
+    machine: float
+
+
+async def sample_cpu(pids: Mapping[str, int | None], client: aioredis.Redis) -> CpuSample:
+    """CPU seconds used so far by each service, this process, Redis and PostgreSQL."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    redis_seconds: float | None
+    try:
+        info = await client.info("cpu")
+        redis_seconds = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    except Exception:  # INFO may be renamed or refused on a managed Redis: report it unknown
+        redis_seconds = None
+    return CpuSample(
+        services={name: (_proc_cpu_seconds(pid) if pid else None) for name, pid in pids.items()},
+        loadgen=usage.ru_utime + usage.ru_stime,
+        redis=redis_seconds,
+        postgres=_postgres_cpu(),
+        machine=_machine_busy(),
+    )
+
+
+def cpu_per_event(before: CpuSample, after: CpuSample, events: int) -> dict[str, float | None]:
+    """CPU microseconds per event between two samples, per process (None when unknown)."""
+
+    def per_event(seconds: float | None) -> float | None:
+        return None if seconds is None or events <= 0 else seconds * 1e6 / events
+
+    out: dict[str, float | None] = {}
+    for name, start in before.services.items():
+        end = after.services.get(name)
+        out[name] = per_event(None if start is None or end is None else end - start)
+    out["loadgen"] = per_event(after.loadgen - before.loadgen)
+    redis_delta = (
+        None if before.redis is None or after.redis is None else after.redis - before.redis
+    )
+    out["redis"] = per_event(redis_delta)
+    out["postgres"] = per_event(after.postgres - before.postgres)
+    known = [value for value in out.values() if value is not None]
+    out["total"] = sum(known) if known else None
+    # Everything the machine did, and the part of it none of the above did (other tenants of a
+    # shared machine, the kernel's softirq work for loopback traffic, ...).
+    machine, total = per_event(after.machine - before.machine), out["total"]
+    out["machine"] = machine
+    out["other"] = None if machine is None or total is None else machine - total
+    return out
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+async def machine_facts(database_url: str, redis: aioredis.Redis) -> dict[str, Any]:
+    """Cores, versions, and the durability settings as the servers report them."""
+    facts: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+    }
+    info = await redis.info("server")
+    persistence = await redis.info("persistence")
+    facts["redis"] = {
+        "version": info.get("redis_version"),
+        # INFO works where CONFIG is disabled (managed Redis); appendfsync needs CONFIG.
+        "appendonly": "yes" if int(persistence.get("aof_enabled", 0)) else "no",
+        "appendfsync": "unknown",
+    }
+    with contextlib.suppress(aioredis.ResponseError):
+        facts["redis"] |= await redis.config_get("appendfsync")
+    conn = await connect_postgres(database_url)
+    try:
+        facts["postgres"] = {
+            name: await conn.fetchval(f"SHOW {name}")
+            for name in ("server_version", "fsync", "synchronous_commit")
+        }
+    finally:
+        await conn.close()
+    return facts
+
+
+def connect_postgres(database_url: str, **kwargs: Any) -> Any:
+    """asyncpg.connect (or create_pool with `pool=True`) for a SQLAlchemy-style URL."""
+    url = make_url(database_url)
+    params = {
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 5432,
+        "user": url.username or "postgres",
+        "password": url.password,
+        "database": url.database,
+    }
+    if kwargs.pop("pool", False):
+        return asyncpg.create_pool(**params, **kwargs)
+    return asyncpg.connect(**params, **kwargs)

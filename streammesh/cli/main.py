@@ -1,0 +1,166 @@
+"""`streammesh`: the operator's command line.
+
+streammesh pki init [--force]   make the dev CA and certificates
+streammesh up                   start the stack as local processes, wait for SERVING
+streammesh status               what runs, with health
+streammesh down                 drain and stop what `up` started
+streammesh demo                 push one real session through the stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import sys
+from functools import partial
+
+import grpc
+
+from streammesh.cli.accounts import add_account_commands
+from streammesh.cli.admin import add_admin_commands, create_user_as_operator
+from streammesh.cli.bench import add_bench_command
+from streammesh.cli.demo import run_demo
+from streammesh.cli.session import NotLoggedIn
+from streammesh.cli.stack import (
+    ServiceState,
+    StackConfig,
+    StartError,
+    bring_up,
+    prepare_state,
+    shut_down,
+    stack_status,
+    write_stack_file,
+)
+from streammesh.client import GatewayClient
+
+__all__ = ["main"]
+
+
+def _print_states(config: StackConfig, states: list[ServiceState]) -> None:
+    print(f"{'service':<10} {'pid':>8}  {'health':<12} endpoint")
+    for state in states:
+        print(f"{state.name:<10} {state.pid or '-':>8}  {state.health:<12} {state.address}")
+    print(f"state folder: {config.state_dir}  (logs in {config.state_dir / 'logs'})")
+
+
+def cmd_pki_init(config: StackConfig, args: argparse.Namespace) -> int:
+    written = prepare_state(config, force_pki=args.force)
+    if written:
+        print(f"wrote {', '.join(written)} in {config.state_dir}")
+    else:
+        print(f"PKI already present in {config.pki_dir} (use --force to replace it)")
+    return 0
+
+
+def cmd_up(config: StackConfig, args: argparse.Namespace) -> int:
+    try:
+        states = asyncio.run(bring_up(config, timeout=args.timeout))
+    except StartError as error:
+        print(f"streammesh up failed: {error}", file=sys.stderr)
+        return 1
+    write_stack_file(config)
+    _print_states(config, states)
+    print(f"public endpoint: {config.address('gateway')} (TLS, CA {config.pki_dir / 'ca.pem'})")
+    return 0
+
+
+def cmd_status(config: StackConfig, args: argparse.Namespace) -> int:
+    states = asyncio.run(stack_status(config))
+    _print_states(config, states)
+    return 0 if all(s.health == "SERVING" for s in states) else 1
+
+
+def cmd_down(config: StackConfig, args: argparse.Namespace) -> int:
+    for name, outcome in shut_down(config, grace=args.grace).items():
+        print(f"{name:<10} {outcome}")
+    return 0
+
+
+async def _demo(config: StackConfig, args: argparse.Namespace) -> int:
+    states = await stack_status(config)
+    started_here = not all(s.health == "SERVING" for s in states)
+    if started_here:
+        print("no running stack found; bringing one up for the demo")
+        await bring_up(config)
+    try:
+        async with GatewayClient(config.address("gateway"), config.pki_dir / "ca.pem") as client:
+            report = await run_demo(
+                client,
+                create_user=partial(create_user_as_operator, config),
+                events=args.events,
+                batch_size=args.batch_size,
+            )
+    except grpc.aio.AioRpcError as error:
+        print(f"demo failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    finally:
+        if started_here and not args.keep_up:
+            print("stopping the stack the demo started (use --keep-up to keep it)")
+            shut_down(config)
+    print("\n".join(report.lines()))
+    return 0 if report.order_kept else 1
+
+
+def cmd_demo(config: StackConfig, args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_demo(config, args))
+    except (StartError, RuntimeError) as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streammesh", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pki = commands.add_parser("pki", help="dev PKI").add_subparsers(
+        dest="pki_command", required=True
+    )
+    init = pki.add_parser("init", help="create the CA, service and admin certificates")
+    init.add_argument("--force", action="store_true", help="replace an existing PKI")
+    init.set_defaults(handler=cmd_pki_init)
+
+    up = commands.add_parser("up", help="start the stack as local processes")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for SERVING")
+    up.set_defaults(handler=cmd_up)
+
+    commands.add_parser("status", help="show processes and health").set_defaults(handler=cmd_status)
+
+    down = commands.add_parser("down", help="drain and stop the stack")
+    down.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL")
+    down.set_defaults(handler=cmd_down)
+
+    demo = commands.add_parser("demo", help="push one real session through the stack")
+    demo.add_argument("--events", type=int, default=5000)
+    demo.add_argument("--batch-size", type=int, default=500)
+    demo.add_argument(
+        "--keep-up", action="store_true", help="leave a stack the demo started running"
+    )
+    demo.set_defaults(handler=cmd_demo)
+
+    add_account_commands(commands)
+    add_admin_commands(commands)
+    add_bench_command(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = StackConfig()
+    try:
+        if inspect.iscoroutinefunction(args.handler):
+            code: int = asyncio.run(args.handler(config, args))
+        else:
+            code = args.handler(config, args)
+    except grpc.aio.AioRpcError as error:
+        print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except NotLoggedIn as error:
+        print(error, file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

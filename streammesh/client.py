@@ -1,0 +1,177 @@
+"""A small async client for the gateway's public API (the seed of the StreamMesh SDK).
+
+async with GatewayClient("127.0.0.1:50051", ca_file) as client:
+    await client.login("ada", password, code)
+    async for ack in client.publish(batches):
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from streammesh.api.common.v1 import event_pb2
+from streammesh.api.gateway.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+
+__all__ = ["GatewayClient"]
+
+
+class GatewayClient:
+    """TLS to the gateway (verified against `ca_file`), bearer token after login()."""
+
+    def __init__(self, target: str, ca_file: Path, *, server_name: str = "gateway") -> None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
+        self._channel = grpc.aio.secure_channel(
+            target,
+            credentials,
+            options=[("grpc.ssl_target_name_override", server_name)],
+        )
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        """AdminService stub; pass `metadata=client.bearer()` with an admin's token."""
+        self.access_token = ""
+        self.refresh_token = ""
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._channel.close()
+
+    def bearer(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the access token (empty before login)."""
+        return self._auth()
+
+    def _auth(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.access_token}"),) if self.access_token else ()
+
+    async def register(self, username: str, password: str) -> str:
+        reply = await self._stub.Register(
+            gateway_pb2.RegisterRequest(username=username, password=password), timeout=30
+        )
+        return str(reply.user_id)
+
+    async def begin_totp(
+        self, username: str, password: str
+    ) -> gateway_pb2.BeginTotpEnrollmentResponse:
+        reply: gateway_pb2.BeginTotpEnrollmentResponse = await self._stub.BeginTotpEnrollment(
+            gateway_pb2.BeginTotpEnrollmentRequest(username=username, password=password), timeout=30
+        )
+        return reply
+
+    async def confirm_totp(self, username: str, password: str, code: str) -> list[str]:
+        """Activate TOTP; returns the one-time recovery codes (shown once)."""
+        reply = await self._stub.ConfirmTotpEnrollment(
+            gateway_pb2.ConfirmTotpEnrollmentRequest(
+                username=username, password=password, code=code
+            ),
+            timeout=30,
+        )
+        return list(reply.recovery_codes)
+
+    async def start_login(self, username: str, password: str) -> str:
+        """Password step: returns the MFA challenge to answer with complete_login()."""
+        reply = await self._stub.StartLogin(
+            gateway_pb2.StartLoginRequest(username=username, password=password), timeout=30
+        )
+        return str(reply.challenge)
+
+    async def complete_login(
+        self, challenge: str, *, totp_code: str = "", recovery_code: str = ""
+    ) -> gateway_pb2.SessionTokens:
+        """Second factor: a TOTP code or a recovery code. Keeps the tokens for later calls."""
+        request = gateway_pb2.CompleteLoginRequest(challenge=challenge)
+        if recovery_code:
+            request.recovery_code = recovery_code
+        else:
+            request.totp_code = totp_code
+        reply: gateway_pb2.CompleteLoginResponse = await self._stub.CompleteLogin(
+            request, timeout=30
+        )
+        self._keep(reply.tokens)
+        return reply.tokens
+
+    async def login(self, username: str, password: str, code: str) -> gateway_pb2.SessionTokens:
+        """Both login steps with a TOTP code."""
+        return await self.complete_login(await self.start_login(username, password), totp_code=code)
+
+    async def refresh(self) -> gateway_pb2.SessionTokens:
+        """Spend the refresh token for new tokens (the old refresh token stops working)."""
+        reply: gateway_pb2.RefreshSessionResponse = await self._stub.RefreshSession(
+            gateway_pb2.RefreshSessionRequest(refresh_token=self.refresh_token), timeout=30
+        )
+        self._keep(reply.tokens)
+        return reply.tokens
+
+    async def logout(self) -> None:
+        await self._stub.Logout(
+            gateway_pb2.LogoutRequest(refresh_token=self.refresh_token), timeout=30
+        )
+        self.access_token = self.refresh_token = ""
+
+    def _keep(self, tokens: gateway_pb2.SessionTokens) -> None:
+        self.access_token = tokens.access_token
+        self.refresh_token = tokens.refresh_token
+
+    async def publish(
+        self, batches: AsyncIterable[Sequence[event_pb2.Event]], *, timeout: float | None = None
+    ) -> AsyncIterator[gateway_pb2.PublishResponse]:
+        """Stream batches; yields one acknowledgement per batch, in order."""
+
+        async def requests() -> AsyncIterator[gateway_pb2.PublishRequest]:
+            sequence = 0
+            async for batch in batches:
+                sequence += 1
+                yield gateway_pb2.PublishRequest(sequence=sequence, events=batch)
+
+        call = self._stub.Publish(requests(), metadata=self._auth(), timeout=timeout)
+        async for ack in call:
+            yield ack
+
+    async def publish_batch(
+        self, events: Sequence[event_pb2.Event]
+    ) -> gateway_pb2.PublishBatchResponse:
+        reply: gateway_pb2.PublishBatchResponse = await self._stub.PublishBatch(
+            gateway_pb2.PublishBatchRequest(events=events), metadata=self._auth(), timeout=30
+        )
+        return reply
+
+    async def count(self, event_filter: event_pb2.EventFilter) -> int:
+        reply = await self._stub.CountEvents(
+            gateway_pb2.CountEventsRequest(filter=event_filter), metadata=self._auth(), timeout=30
+        )
+        return int(reply.count)
+
+    async def query(
+        self, event_filter: event_pb2.EventFilter, *, page_size: int = 100, page_token: str = ""
+    ) -> gateway_pb2.QueryEventsResponse:
+        reply: gateway_pb2.QueryEventsResponse = await self._stub.QueryEvents(
+            gateway_pb2.QueryEventsRequest(
+                filter=event_filter, page_size=page_size, page_token=page_token
+            ),
+            metadata=self._auth(),
+            timeout=30,
+        )
+        return reply
+
+    async def query_all(
+        self, event_filter: event_pb2.EventFilter, *, page_size: int = 1000
+    ) -> AsyncIterator[event_pb2.StoredEvent]:
+        """Every stored event matching the filter, page after page, in store order."""
+        token = ""
+        while True:
+            page = await self.query(event_filter, page_size=page_size, page_token=token)
+            for event in page.events:
+                yield event
+            token = page.next_page_token
+            if not token:
+                return

@@ -1,0 +1,88 @@
+"""The event envelope rules, one copy for every service that checks an event.
+
+Ingest refuses a batch that breaks them before acknowledging it; storage checks the same rules
+again before writing. Because both use this module, an event ingest acknowledged is never refused
+by storage for its shape, which would otherwise strand acknowledged data in dead letters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streammesh.api.common.v1 import event_pb2
+
+__all__ = ["EnvelopeLimits", "event_violations", "timestamp_in_range"]
+
+# google.protobuf.Timestamp's documented range, 0001-01-01 to 9999-12-31 (fits Postgres too).
+MIN_SECONDS = -62_135_596_800
+MAX_SECONDS = 253_402_300_799
+
+
+@dataclass(frozen=True)
+class EnvelopeLimits:
+    """Sizes an event may have. Defaults are the contract documented in common/v1/event.proto."""
+
+    max_id_chars: int = 128
+    max_key_chars: int = 256
+    max_type_chars: int = 128
+    max_content_type_chars: int = 128
+    max_payload_bytes: int = 1024 * 1024
+    max_attributes: int = 64
+    max_attribute_chars: int = 1024
+
+
+def timestamp_in_range(seconds: int, nanos: int) -> bool:
+    return MIN_SECONDS <= seconds <= MAX_SECONDS and 0 <= nanos < 1_000_000_000
+
+
+def _text_problem(value: str, max_chars: int) -> str | None:
+    if len(value) > max_chars:
+        return f"longer than {max_chars} characters"
+    if "\x00" in value:
+        return "contains a NUL character, which the store cannot hold"
+    return None
+
+
+def event_violations(
+    event: event_pb2.Event, limits: EnvelopeLimits, *, require_id: bool
+) -> list[tuple[str, str]]:
+    """Every (field, reason) the event breaks; field names are relative to the event.
+
+    `require_id` is False at ingest, which assigns missing ids, and True after it.
+    """
+    problems: list[tuple[str, str]] = []
+    if not event.id and require_id:
+        problems.append(("id", "required: the idempotency key"))
+    if not event.key:
+        problems.append(("key", "required: the partition key that orders events"))
+    if not event.type:
+        problems.append(("type", "required, for example order.created"))
+    for name, value, max_chars in (
+        ("id", event.id, limits.max_id_chars),
+        ("key", event.key, limits.max_key_chars),
+        ("type", event.type, limits.max_type_chars),
+        ("content_type", event.content_type, limits.max_content_type_chars),
+    ):
+        reason = _text_problem(value, max_chars)
+        if reason is not None:
+            problems.append((name, reason))
+    if len(event.payload) > limits.max_payload_bytes:
+        problems.append(("payload", f"larger than {limits.max_payload_bytes} bytes"))
+    if event.attributes:
+        problems += _attribute_violations(event, limits)
+    if event.HasField("event_time") and not timestamp_in_range(
+        event.event_time.seconds, event.event_time.nanos
+    ):
+        problems.append(("event_time", "outside 0001-01-01..9999-12-31 or nanos out of range"))
+    return problems
+
+
+def _attribute_violations(event: event_pb2.Event, limits: EnvelopeLimits) -> list[tuple[str, str]]:
+    if len(event.attributes) > limits.max_attributes:
+        return [("attributes", f"more than {limits.max_attributes} entries")]
+    for key, value in event.attributes.items():
+        if len(key) + len(value) > limits.max_attribute_chars:
+            return [("attributes", f"an entry exceeds {limits.max_attribute_chars} characters")]
+        if "\x00" in key or "\x00" in value:
+            return [("attributes", "contains a NUL character, which the store cannot hold")]
+    return []

@@ -1,0 +1,130 @@
+"""The server factory every service uses: grpc.aio, TLS (mutual on internal listeners), health,
+reflection, limits, the guard interceptor, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from streammesh.mesh.interceptors import Guard, GuardInterceptor
+from streammesh.mesh.pki import TlsMaterial
+from streammesh.mesh.settings import ServiceSettings
+
+__all__ = ["MeshServer", "ServiceBinding", "create_mesh_server", "run_until_signalled"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to host: its descriptor, the generated `add_*_to_server`, the servicer."""
+
+    descriptor: ServiceDescriptor
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: object
+
+
+@dataclass
+class MeshServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def start(self) -> None:
+        """Start serving and report SERVING for each hosted service and overall ("")."""
+        await self.server.start()
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING first so balancers move away, then let in-flight calls finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Recycle long-lived connections so round_robin clients spread over new replicas.
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+        # Two processes must never share a port silently (gRPC enables SO_REUSEPORT by default).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def create_mesh_server(
+    settings: ServiceSettings,
+    *,
+    identity: str,
+    bindings: Sequence[ServiceBinding],
+    guard: Guard | None,
+    require_client_cert: bool = True,
+    tls: TlsMaterial | None = None,
+) -> MeshServer:
+    """Build (not start) a server for `identity` (the certificate's file name, e.g. "storage").
+
+    Internal services pass `require_client_cert=True` and a PeerPolicy guard; only the public
+    gateway listener accepts clients without a certificate, and it guards with tokens instead.
+    """
+    material = tls or TlsMaterial.load(settings.tls_dir, identity)
+    server = grpc.aio.server(
+        interceptors=[GuardInterceptor(guard)], options=server_options(settings)
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(binding.descriptor.full_name for binding in bindings)
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(material.private_key, material.certificate_chain)],
+        root_certificates=material.ca,
+        require_client_auth=require_client_cert,
+    )
+    port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
+    return MeshServer(server=server, port=port, health=health_servicer, service_names=names)
+
+
+async def run_until_signalled(
+    mesh: MeshServer,
+    *,
+    grace: float,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING, in-flight calls finish
+    within `grace`, then `on_stop` (background workers, pools) runs."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await mesh.start()
+    log.info("serving %s on port %d", ", ".join(mesh.service_names), mesh.port)
+    await stop.wait()
+    log.info("draining (grace %.1fs)", grace)
+    await mesh.stop(grace)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")

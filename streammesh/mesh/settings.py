@@ -1,0 +1,66 @@
+"""Typed settings shared by every service. Each service subclasses `ServiceSettings` with its own
+env prefix (`STREAMMESH_<SERVICE>_`), builds it once in `main()` and passes it down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streammesh.mesh.identity import DEFAULT_TRUST_DOMAIN
+
+__all__ = ["ServiceSettings", "default_state_dir", "read_secret_file", "write_secret_file"]
+
+
+def default_state_dir() -> Path:
+    """Where the CLI keeps PKI, secrets, logs and pid files: $STREAMMESH_STATE_DIR, else XDG."""
+    explicit = os.environ.get("STREAMMESH_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "streammesh"
+
+
+def read_secret_file(path: Path) -> bytes:
+    """Read a secret from a file, refusing files that other users can read."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise PermissionError(f"{path} is readable by other users; chmod 600 it")
+    data = path.read_bytes().strip()
+    if not data:
+        raise ValueError(f"{path} is empty")
+    return data
+
+
+class ServiceSettings(BaseSettings):
+    """Listener, identity and runtime limits common to all services."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(0, ge=0, le=65535, description="port; 0 picks a free one")
+    tls_dir: Path = Field(
+        default_factory=lambda: default_state_dir() / "pki",
+        description="folder with ca.pem, <service>.pem and <service>-key.pem",
+    )
+    trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain")
+    grace_seconds: float = Field(5.0, ge=0, description="drain time on SIGTERM")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="per message, both ways")
+    log_level: str = Field("INFO", description="root log level")
+    log_json: bool = Field(True, description="one JSON object per log line")
+
+
+def write_secret_file(path: Path, *, nbytes: int = 32) -> bool:
+    """Create a random url-safe secret at `path` (mode 0600) unless one exists; True if created."""
+    import base64
+    import secrets
+
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(base64.urlsafe_b64encode(secrets.token_bytes(nbytes)) + b"\n")
+    return True

@@ -1,0 +1,178 @@
+"""Fixtures and helpers for the processor tests: a private stream layout, a recording store, a
+publisher that appends through ingest's own appender, and bounded waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
+from streammesh.api.common.v1 import event_pb2
+from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+
+FAST = WorkerConfig(
+    read_count=8,
+    block_ms=50,
+    claim_idle_ms=60_000,
+    retry_backoff_seconds=0.05,
+    lease_ttl_ms=400,
+    heartbeat_ms=50,
+    trim_interval_seconds=0,
+)
+"""Small timings for tests; reclaiming is off in practice (60 s) unless a test lowers it."""
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def make_layout(client: aioredis.Redis, prefix: str, partitions: int) -> StreamLayout:
+    layout = StreamLayout(prefix=f"{prefix}events", partitions=partitions)
+    await layout.ensure_group(client)
+    return layout
+
+
+async def append(
+    client: aioredis.Redis, layout: StreamLayout, partition: int, ids: list[str], key: str = "k"
+) -> bytes:
+    batch = event_pb2.QueuedBatch(partition=partition)
+    for event_id in ids:
+        batch.events.add().event.CopyFrom(event_pb2.Event(id=event_id, key=key, type="t"))
+    entry_id = await client.xadd(
+        layout.stream(partition), {BATCH_FIELD: batch.SerializeToString(), COUNT_FIELD: len(ids)}
+    )
+    assert isinstance(entry_id, bytes)  # the client does not decode responses
+    return entry_id
+
+
+@dataclass
+class StoreCall:
+    consumer: str
+    partition: int
+    events: list[tuple[str, str]]
+    """(key, id) in batch order."""
+
+
+@dataclass
+class RecordingStore:
+    """Stores into a list; fails while `failures_left` > 0; `delay` makes each call take time
+    (so a crash can land mid-store); `gate`, if set for an event id, holds that call."""
+
+    consumer: str = ""
+    failures_left: int = 0
+    delay: float = 0.0
+    calls: list[StoreCall] = field(default_factory=list)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    entered: set[str] = field(default_factory=set)
+
+    @property
+    def stored(self) -> list[str]:
+        return [event_id for call in self.calls for _, event_id in call.events]
+
+    def for_consumer(
+        self, consumer: str
+    ) -> Callable[[event_pb2.QueuedBatch], Awaitable[StoreResult]]:
+        async def store(batch: event_pb2.QueuedBatch) -> StoreResult:
+            return await self._store(consumer, batch)
+
+        return store
+
+    async def __call__(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+        return await self._store(self.consumer, batch)
+
+    async def _store(self, consumer: str, batch: event_pb2.QueuedBatch) -> StoreResult:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise ConnectionError("storage down")
+        first = batch.events[0].event.id
+        self.entered.add(first)
+        gate = self.gates.get(first)
+        if gate is not None:
+            await gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.calls.append(
+            StoreCall(consumer, batch.partition, [(q.event.key, q.event.id) for q in batch.events])
+        )
+        return StoreResult(inserted=len(batch.events), duplicates=0)
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool] | bool], *, limit: float = 10, what: str = ""
+) -> None:
+    """Poll `condition` every 10 ms for at most `limit` seconds."""
+    async with asyncio.timeout(limit):
+        while True:
+            result = condition()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def pending(client: aioredis.Redis, layout: StreamLayout) -> int:
+    total = 0
+    for stream in layout.streams():
+        total += int((await client.xpending(stream, layout.group))["pending"])
+    return total
+
+
+async def undelivered(client: aioredis.Redis, layout: StreamLayout) -> int:
+    total = 0
+    for stream in layout.streams():
+        for group in await client.xinfo_groups(stream):
+            total += int(group["lag"] or 0)
+    return total
+
+
+class Running:
+    """Workers started as tasks; `stop` is graceful, `crash` cancels (no release)."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.workers: dict[str, StreamWorker] = {}
+
+    def start(self, worker: StreamWorker) -> StreamWorker:
+        self.workers[worker.consumer] = worker
+        self.tasks[worker.consumer] = asyncio.create_task(worker.run())
+        return worker
+
+    async def stop(self, name: str) -> None:
+        self.workers[name].stop()
+        await asyncio.wait_for(self.tasks.pop(name), 5)
+        del self.workers[name]
+
+    async def crash(self, name: str) -> None:
+        task = self.tasks.pop(name)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        del self.workers[name]
+
+    async def stop_all(self) -> None:
+        for name in list(self.tasks):
+            await self.stop(name)
+
+
+@pytest.fixture
+async def running(redis_client: aioredis.Redis) -> AsyncIterator[Running]:
+    """Workers of one test; whatever is still running at the end is cancelled before the Redis
+    client closes."""
+    workers = Running()
+    try:
+        yield workers
+    finally:
+        for task in workers.tasks.values():
+            task.cancel()
+        for task in workers.tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)

@@ -1,0 +1,115 @@
+"""The ownership building blocks: a fair, stable, deterministic assignment; leases that only
+one processor can hold, renew, release or acknowledge under; membership that forgets the dead."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.processor.ownership import PartitionOwnership, assign
+from tests.processor.conftest import append, make_layout
+
+
+@pytest.mark.parametrize("partitions", [1, 4, 8, 16, 64])
+@pytest.mark.parametrize("members", [1, 2, 3, 5])
+def test_assignment_is_fair_and_deterministic(partitions: int, members: int) -> None:
+    names = [f"proc-{i}" for i in range(members)]
+    owners = assign(partitions, names)
+    assert sorted(owners) == list(range(partitions))
+    loads = Counter(owners.values())
+    assert max(loads.values()) - min(loads.get(n, 0) for n in names) <= 1
+    assert assign(partitions, list(reversed(names))) == owners
+
+
+@pytest.mark.parametrize("partitions", [4, 8, 16, 64])
+@pytest.mark.parametrize("members", [1, 2, 3, 5])
+def test_a_joining_member_moves_few_partitions(partitions: int, members: int) -> None:
+    before = assign(partitions, [f"proc-{i}" for i in range(members)])
+    after = assign(partitions, [f"proc-{i}" for i in range(members + 1)])
+    moved = sum(before[p] != after[p] for p in range(partitions))
+    # The newcomer's share has to move; sorted round-robin would move most partitions.
+    assert moved <= 2 * math.ceil(partitions / (members + 1))
+
+
+def test_no_members_no_owners() -> None:
+    assert assign(4, []) == {}
+
+
+async def test_a_lease_has_one_holder_until_released(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 4)
+    a = PartitionOwnership(redis_client, layout, "a", lease_ttl_ms=5_000, heartbeat_ms=100)
+    b = PartitionOwnership(redis_client, layout, "b", lease_ttl_ms=5_000, heartbeat_ms=100)
+    assert await a.acquire([0, 1]) == [0, 1]
+    assert await b.acquire([0, 1, 2]) == [2]
+    assert await a.acquire([0]) == [0], "the holder may re-acquire (extend) its own lease"
+    await b.release([0])  # not b's: the compare-and-delete leaves it alone
+    assert await redis_client.get(layout.lease_key(0)) == b"a"
+    await a.release([0])
+    assert not a.holds(0)
+    assert await b.acquire([0]) == [0]
+    assert a.held() == {1} and b.held() == {0, 2}
+
+
+async def test_renewal_and_ack_are_refused_after_the_lease_changed_hands(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    entry = await append(redis_client, layout, 0, ["x"])
+    await redis_client.xreadgroup(layout.group, "a", {layout.stream(0): ">"})
+    a = PartitionOwnership(redis_client, layout, "a", lease_ttl_ms=5_000, heartbeat_ms=100)
+    assert await a.acquire([0]) == [0]
+    # The lease expired (simulated) and another processor took it.
+    await redis_client.set(layout.lease_key(0), "b", px=5_000)
+    assert a.holds(0), "locally still trusted until a renewal or an ack says otherwise"
+    assert not await a.ack(0, entry)
+    assert not a.holds(0)
+    assert int((await redis_client.xpending(layout.stream(0), layout.group))["pending"]) == 1
+
+    assert await a.acquire([0]) == []
+    await redis_client.delete(layout.lease_key(0))
+    assert await a.acquire([0]) == [0]
+    await redis_client.set(layout.lease_key(0), "b", px=5_000)
+    await a.heartbeat()
+    assert not a.holds(0), "a refused renewal drops the partition at once"
+
+
+async def test_lease_expires_in_redis_after_the_local_deadline(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    a = PartitionOwnership(redis_client, layout, "a", lease_ttl_ms=300, heartbeat_ms=100)
+    assert await a.acquire([0]) == [0]
+    async with asyncio.timeout(2):
+        while a.holds(0):
+            await asyncio.sleep(0.01)
+    # Locally given up first; Redis still names "a" for the rest of the margin.
+    assert await redis_client.get(layout.lease_key(0)) == b"a"
+    async with asyncio.timeout(2):
+        while await redis_client.exists(layout.lease_key(0)):
+            await asyncio.sleep(0.01)
+
+
+async def test_membership_forgets_silent_members_and_reassigns(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 4)
+    a = PartitionOwnership(redis_client, layout, "a", lease_ttl_ms=300, heartbeat_ms=100)
+    b = PartitionOwnership(redis_client, layout, "b", lease_ttl_ms=300, heartbeat_ms=100)
+    await a.heartbeat()
+    await b.heartbeat()
+    await a.heartbeat()
+    members = a.members  # a local, or mypy keeps `a.members` narrowed past the next heartbeat
+    assert members == ("a", "b")
+    assert len(a.desired) == 2 and a.desired.isdisjoint(b.desired)
+    await asyncio.sleep(0.35)  # b stops heartbeating
+    await a.heartbeat()
+    assert a.members == ("a",)
+    assert a.desired == {0, 1, 2, 3}
+    await a.leave()
+    assert await redis_client.zrange(layout.members_key, 0, -1) == []

@@ -1,0 +1,110 @@
+"""Schema migrations (idempotent, safe when replicas start together) and database outages
+answered as UNAVAILABLE so the processor retries instead of acknowledging."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+from sqlalchemy import text
+
+from services.storage.settings import StorageSettings
+from streammesh.api.storage.v1 import storage_pb2
+from streammesh.mesh.postgres import create_engine, load_migrations, migrate
+from tests.storage.conftest import Connect, StartServer, queued
+from tests.storage.test_storage import store_request
+
+MIGRATIONS = load_migrations("services.storage.migrations")
+
+
+async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
+    engine = create_engine(database_url, schema=pg_schema, application_name="storage-tests")
+    try:
+        assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == [1, 2]
+        assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == []
+        async with engine.connect() as conn:
+            indexes = set(
+                (
+                    await conn.execute(
+                        text("SELECT indexname FROM pg_indexes WHERE schemaname = :s"),
+                        {"s": pg_schema},
+                    )
+                ).scalars()
+            )
+        assert {"events_key_seq_idx", "events_type_seq_idx", "events_seq_idx"} <= indexes
+        assert {"dead_letters_partition_id_idx", "dead_letters_pending_id_idx"} <= indexes
+    finally:
+        await engine.dispose()
+
+
+async def test_concurrent_migrations_on_a_fresh_schema(database_url: str, pg_schema: str) -> None:
+    engines = [
+        create_engine(database_url, schema=pg_schema, application_name=f"replica-{n}")
+        for n in range(2)
+    ]
+    try:
+        results = await asyncio.gather(
+            *(migrate(e, schema=pg_schema, migrations=MIGRATIONS) for e in engines)
+        )
+        assert sorted(results) == [[], [1, 2]]
+        async with engines[0].connect() as conn:
+            applied = (await conn.execute(text("SELECT version FROM schema_migrations"))).all()
+        assert [row[0] for row in applied] == [1, 2]
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_database_outage_is_unavailable(start_server: StartServer, connect: Connect) -> None:
+    engine = create_engine(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/streammesh",
+        schema="storage",
+        application_name="storage-tests",
+    )
+    try:
+        mesh = await start_server(engine)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await connect(mesh.port, "processor").StoreEvents(store_request([queued()]), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retry" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await connect(mesh.port, "gateway").QueryEvents(
+                storage_pb2.QueryEventsRequest(), timeout=5
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await engine.dispose()
+
+
+def test_settings_refuse_a_schema_name_unsafe_for_ddl() -> None:
+    with pytest.raises(ValueError, match="db_schema"):
+        StorageSettings(db_schema='storage"; DROP TABLE x; --')
+    defaults = StorageSettings()
+    assert (defaults.port, defaults.db_schema, defaults.max_batch_events) == (
+        50055,
+        "storage",
+        10_000,
+    )
+
+
+async def test_connections_commit_synchronously(database_url: str, pg_schema: str) -> None:
+    from sqlalchemy import text
+
+    from streammesh.mesh.postgres import create_engine
+
+    engine = create_engine(database_url, schema=pg_schema, application_name="t")
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SHOW synchronous_commit"))).scalar() == "on"
+    finally:
+        await engine.dispose()
