@@ -7,6 +7,7 @@ that are deleted afterwards, and servers bound to port 0.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from streammesh.mesh.pki import init_pki
 from streammesh.mesh.postgres import ensure_database
+from tests.watchdog import TaskDumpTimer
 
 TRUST_DOMAIN = "test.streammesh"
 
@@ -32,6 +34,15 @@ and None.)"""
 async def xrange_entries(client: aioredis.Redis, stream: str) -> StreamEntries:
     """Every entry of `stream`, oldest first (XRANGE - +)."""
     return cast(StreamEntries, await client.xrange(stream))
+
+
+@pytest.fixture(autouse=True)
+async def _dump_tasks_before_timeout(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """If this test is about to be failed by pytest-timeout, first print where its tasks wait."""
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0] if marker and marker.args else request.config.getini("timeout"))
+    with TaskDumpTimer(asyncio.get_running_loop(), timeout, request.node.nodeid):
+        yield
 
 
 @pytest.fixture(scope="session")

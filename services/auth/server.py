@@ -4,7 +4,6 @@ task, and `main()`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from streammesh.mesh import (
 )
 from streammesh.mesh.postgres import create_engine
 from streammesh.mesh.redis_client import connect_redis
+from streammesh.mesh.tasks import raise_if_cancelled, stop_task
 
 __all__ = [
     "POLICY_RULES",
@@ -213,6 +213,7 @@ async def run_maintenance(settings: AuthSettings, deps: AuthDependencies) -> Non
     """
     last_sweep: float | None = None
     while True:
+        raise_if_cancelled()
         try:
             await deps.admin.maintain_keys(settings.key_rotation_days)
             if last_sweep is None or time.monotonic() - last_sweep >= SESSION_SWEEP_SECONDS:
@@ -235,9 +236,7 @@ async def serve(settings: AuthSettings) -> None:
         mesh = create_server(settings, deps)
         await run_until_signalled(mesh, grace=settings.grace_seconds)
     finally:
-        maintenance.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await maintenance
+        await stop_task(maintenance)
         await deps.close()
 
 

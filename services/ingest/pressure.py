@@ -23,7 +23,6 @@ through, and the XADD then fails with UNAVAILABLE if Redis is really down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from streammesh.mesh.errors import ResourceExhausted
+from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
 from streammesh.streams import StreamLayout
 
 __all__ = ["BackPressure", "PressureLimits"]
@@ -148,18 +148,12 @@ class BackPressure:
     async def run(self) -> None:
         """Sample until stop(); failures are logged and retried on the next tick."""
         while not self._stop.is_set():
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can swallow a cancellation that lands in a read (redis-py#2028).
-                raise asyncio.CancelledError
+            raise_if_cancelled()
             try:
                 await self.sample()
             except (RedisError, OSError) as error:
                 log.warning("back-pressure sample failed: %s", error)
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._limits.sample_interval_seconds):
-                    await self._stop.wait()
+            await wait_event(self._stop, self._limits.sample_interval_seconds)
 
     def start(self) -> None:
         self._stop.clear()
@@ -168,5 +162,5 @@ class BackPressure:
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
-            await self._task
+            await stop_task(self._task)
             self._task = None

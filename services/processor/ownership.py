@@ -62,7 +62,6 @@ margin could start one stale store. A fencing token checked by storage would clo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -73,9 +72,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.processor.dead_letters import attempts_key
+from streammesh.mesh.tasks import raise_if_cancelled, wait_event
 from streammesh.streams import StreamLayout
 
-__all__ = ["SAFETY", "PartitionOwnership", "assign", "raise_if_cancelled", "wait_event"]
+__all__ = ["SAFETY", "PartitionOwnership", "assign"]
 
 log = logging.getLogger(__name__)
 
@@ -127,25 +127,6 @@ local acked = redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
 redis.call('HDEL', KEYS[3], ARGV[3])
 return acked
 """
-
-
-async def wait_event(event: asyncio.Event, seconds: float) -> bool:
-    """Wait until `event` is set or `seconds` pass; True if set. asyncio.timeout rather than
-    wait_for: 3.11's wait_for can lose a cancellation that coincides with its timeout
-    (CPython gh-86296)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    return event.is_set()
-
-
-def raise_if_cancelled() -> None:
-    """Re-raise a cancellation that was requested but swallowed: redis-py can lose a
-    CancelledError that lands in a blocking read (redis/redis-py#2028), and the loop would then
-    run on. Called at the top of every background loop."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def _rank(member: str, partition: int) -> bytes:

@@ -36,10 +36,11 @@ from services.processor.dead_letters import (
     is_outage,
 )
 from services.processor.failpoints import Failpoint
-from services.processor.ownership import PartitionOwnership, raise_if_cancelled, wait_event
+from services.processor.ownership import PartitionOwnership
 from services.processor.trimming import trim_partition
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.processor.v1 import processor_pb2
+from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
 from streammesh.streams import BATCH_FIELD, StreamLayout
 
 __all__ = [
@@ -190,8 +191,7 @@ class StreamWorker:
             await self._consume()
         finally:
             self._leaving.set()
-            heartbeats.cancel()
-            await asyncio.gather(heartbeats, return_exceptions=True)
+            await stop_task(heartbeats)
         try:
             await self.ownership.leave()
         except (RedisError, OSError) as error:

@@ -4,7 +4,6 @@ rotation that one replica performs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 import jwt
@@ -13,6 +12,7 @@ from sqlalchemy import text
 
 from services.auth.server import AuthDependencies, run_maintenance
 from streammesh.api.auth.v1 import auth_pb2
+from streammesh.mesh.tasks import stop_task
 from tests.auth.conftest import AuthFactory, audit_rows
 from tests.auth.flows import FakeClock, Stub, as_user, enrol, failure, login, register, unique_name
 
@@ -220,6 +220,4 @@ async def test_the_background_task_rotates_when_due(auth_factory: AuthFactory) -
             await asyncio.sleep(0.05)
         assert current.kid not in old
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        assert await stop_task(task), "the maintenance loop did not stop"

@@ -8,7 +8,6 @@ is stored at most once; nothing is stored that was not sent; and for every key t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
 from streammesh.cli.stack import StackConfig
+from streammesh.mesh.tasks import raise_if_cancelled, stop_task
 from streammesh.streams import StreamLayout
 from tests.faults.load import LoadReport
 
@@ -227,6 +227,7 @@ class QueueWatcher:
 
     async def _run(self) -> None:
         while True:
+            raise_if_cancelled()
             try:
                 self.samples.append(await self.sample())
             except (RedisError, OSError):
@@ -238,7 +239,5 @@ class QueueWatcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            assert await stop_task(self._task), "the queue watcher did not stop"
             self._task = None

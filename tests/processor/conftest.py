@@ -4,7 +4,6 @@ publisher that appends through ingest's own appender, and bounded waiting."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ import redis.asyncio as aioredis
 
 from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
+from streammesh.mesh.tasks import stop_task
 from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
 
 FAST = WorkerConfig(
@@ -152,10 +152,7 @@ class Running:
         del self.workers[name]
 
     async def crash(self, name: str) -> None:
-        task = self.tasks.pop(name)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 5)
+        assert await stop_task(self.tasks.pop(name)), f"worker {name} did not stop"
         del self.workers[name]
 
     async def stop_all(self) -> None:
@@ -174,5 +171,4 @@ async def running(redis_client: aioredis.Redis) -> AsyncIterator[Running]:
         for task in workers.tasks.values():
             task.cancel()
         for task in workers.tasks.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, 5)
+            await stop_task(task)
