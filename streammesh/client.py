@@ -16,6 +16,7 @@ import grpc
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.refusals import raise_if_refused
 
 __all__ = ["GatewayClient"]
 
@@ -125,7 +126,9 @@ class GatewayClient:
     async def publish(
         self, batches: AsyncIterable[Sequence[event_pb2.Event]], *, timeout: float | None = None
     ) -> AsyncIterator[gateway_pb2.PublishResponse]:
-        """Stream batches; yields one acknowledgement per batch, in order."""
+        """Stream batches; yields one acknowledgement per batch, in order. A refused batch
+        raises grpc.aio.AioRpcError with the refusal's status (code, message, details) and
+        ends the stream: nothing from that batch on was accepted."""
 
         async def requests() -> AsyncIterator[gateway_pb2.PublishRequest]:
             sequence = 0
@@ -134,8 +137,12 @@ class GatewayClient:
                 yield gateway_pb2.PublishRequest(sequence=sequence, events=batch)
 
         call = self._stub.Publish(requests(), metadata=self._auth(), timeout=timeout)
-        async for ack in call:
-            yield ack
+        try:
+            async for ack in call:
+                raise_if_refused(ack)
+                yield ack
+        finally:
+            call.cancel()  # a no-op once the stream ended; after a refusal it stops our writes
 
     async def publish_batch(
         self, events: Sequence[event_pb2.Event]

@@ -19,6 +19,7 @@ from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from streammesh.api.ingest.v1 import ingest_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh.errors import from_status
+from streammesh.refusals import REFUSAL_LINGER_SECONDS, publish_refusal, refusal_error
 
 __all__ = ["GatewayServicer"]
 
@@ -169,27 +170,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[gateway_pb2.PublishResponse]:
         # One ingest stream per client stream: batches flow on without waiting for each ack, and
         # acks come back in order. If ingest fails mid-stream the client sees its status and
-        # re-sends what was not acknowledged (event ids make that safe).
+        # re-sends what was not acknowledged (event ids make that safe). A refusal is passed on
+        # as a message first, then the stream ends once the client half-closed (see
+        # streammesh.refusals).
         producer = current_principal().subject
         call = self._up.ingest.Publish(timeout=call_timeout(context))
+        ending = asyncio.Event()
 
         async def forward_requests() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                async for request in request_iterator:
-                    if call.done():
-                        # Ingest ended the stream (a refusal): writing on would race grpc's
-                        # status delivery (grpc/grpc#36066) and mask it as INTERNAL.
-                        return
-                    internal = convert(request, ingest_pb2.PublishRequest)
-                    internal.producer = producer
-                    assign_missing_ids(internal.events)
+            forwarding = True
+            # Read the client to its half-close even after forwarding stopped: that is what
+            # the refusal's linger waits for.
+            async for request in request_iterator:
+                if not forwarding or ending.is_set() or call.done():
+                    forwarding = False
+                    continue
+                internal = convert(request, ingest_pb2.PublishRequest)
+                internal.producer = producer
+                assign_missing_ids(internal.events)
+                try:
                     await call.write(internal)
-                await call.done_writing()
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    forwarding = False  # the ingest call ended; the reader reports why
+            if forwarding:
+                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    await call.done_writing()
 
         forwarder = asyncio.create_task(forward_requests())
         try:
             with upstream_errors("ingest"):
                 while (reply := await call.read()) is not grpc.aio.EOF:
+                    if reply.HasField("refusal"):
+                        ending.set()
+                        call.cancel()  # nothing more goes to ingest; the refusal is in hand
+                        error = refusal_error(reply.refusal, service="ingest")
+                        yield gateway_pb2.PublishResponse(
+                            refusal=publish_refusal(reply.refusal.sequence, error)
+                        )
+                        await asyncio.wait({forwarder}, timeout=REFUSAL_LINGER_SECONDS)
+                        raise error
                     yield convert(reply, gateway_pb2.PublishResponse)
             code = await call.code()
             if code != grpc.StatusCode.OK:

@@ -9,6 +9,12 @@ import grpc
 from services.ingest.queue import StreamAppender
 from services.ingest.validation import BatchLimits, validate_batch
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from streammesh.mesh.errors import StreamMeshError
+from streammesh.refusals import (
+    REFUSAL_LINGER_SECONDS,
+    drain_until_half_close,
+    publish_refusal,
+)
 
 __all__ = ["IngestServicer"]
 
@@ -31,11 +37,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ingest_pb2.PublishResponse]:
         # Batches are appended and acknowledged strictly in arrival order, so per-key order holds
-        # across batches of one stream. A refused batch ends the stream with its status; every
-        # batch acknowledged before it stays queued.
+        # across batches of one stream. A refused batch is answered with its status in the
+        # message (`refusal`), then the stream ends with that status; every batch acknowledged
+        # before it stays queued.
         async for request in request_iterator:
-            ids = validate_batch(request.events, self._limits)
-            await self._appender.append(request.events, producer=request.producer)
+            try:
+                ids = validate_batch(request.events, self._limits)
+                await self._appender.append(request.events, producer=request.producer)
+            except StreamMeshError as refusal:
+                yield ingest_pb2.PublishResponse(refusal=publish_refusal(request.sequence, refusal))
+                await drain_until_half_close(request_iterator, REFUSAL_LINGER_SECONDS)
+                raise
             yield ingest_pb2.PublishResponse(
                 sequence=request.sequence, accepted=len(ids), event_ids=ids
             )

@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
+from streammesh.refusals import raise_if_refused
 from streammesh.streams import StreamLayout
 
 __all__ = [
@@ -242,6 +243,7 @@ async def open_loop(
 
     async def read() -> None:
         while (reply := await call.read()) is not grpc.aio.EOF:
+            raise_if_refused(reply)
             k = reply.sequence - 1
             result.ack_time[k] = loop.time()
             result.ack_wall[k] = time.time()
@@ -332,6 +334,7 @@ async def closed_loop(
 
         async def read() -> None:
             while (reply := await call.read()) is not grpc.aio.EOF:
+                raise_if_refused(reply)
                 now = loop.time()
                 result.ack_latencies_ms.append((now - sent_at.pop(reply.sequence)) * 1000)
                 result.acked += reply.accepted

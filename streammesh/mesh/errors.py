@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 __all__ = [
+    "STATUS_DETAILS_KEY",
     "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -27,7 +28,10 @@ __all__ = [
     "Unavailable",
     "from_rpc_error",
     "from_status",
+    "from_status_proto",
+    "grpc_code",
     "rich_status_trailers",
+    "status_proto",
 ]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -115,8 +119,8 @@ _BY_CODE: dict[grpc.StatusCode, type[StreamMeshError]] = {
 }
 
 
-def rich_status_trailers(error: StreamMeshError) -> tuple[tuple[str, bytes], ...]:
-    """Encode the error as a google.rpc.Status trailer (what grpcio-status clients decode)."""
+def status_proto(error: StreamMeshError) -> status_pb2.Status:
+    """The error as a google.rpc.Status: code, message, BadRequest and RetryInfo details."""
     status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
     if error.field_violations:
         bad_request = error_details_pb2.BadRequest(
@@ -130,6 +134,12 @@ def rich_status_trailers(error: StreamMeshError) -> tuple[tuple[str, bytes], ...
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+def rich_status_trailers(error: StreamMeshError) -> tuple[tuple[str, bytes], ...]:
+    """Encode the error as a google.rpc.Status trailer (what grpcio-status clients decode)."""
+    status = status_proto(error)
     if not status.details:
         return ()
     return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
@@ -139,6 +149,29 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, service: str) -> StreamMeshEr
     """Re-raise a downstream failure at the edge; see from_status."""
     return from_status(
         error.code(), error.details(), service=service, trailers=error.trailing_metadata()
+    )
+
+
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def grpc_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Code number (UNKNOWN for numbers gRPC lacks)."""
+    return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def from_status_proto(serialized: bytes, *, service: str) -> StreamMeshError:
+    """Re-raise a status that `service` sent serialized (google.rpc.Status) in a message, such
+    as a PublishRefusal; see from_status."""
+    try:
+        status = status_pb2.Status.FromString(serialized)
+    except DecodeError:
+        return Unavailable(f"{service} failed; try again later")
+    return from_status(
+        grpc_code(status.code),
+        status.message,
+        service=service,
+        trailers=((STATUS_DETAILS_KEY, serialized),),
     )
 
 

@@ -28,6 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from streammesh.refusals import raise_if_refused
 from streammesh.streams import StreamLayout
 
 __all__ = ["LoadGenerator", "LoadReport", "keys_over_partitions", "retry_delay"]
@@ -341,6 +342,7 @@ class LoadGenerator:
                     reply = await call.read()
                 if reply is grpc.aio.EOF:
                     break
+                raise_if_refused(reply)
                 batch = unacked.popleft()
                 expected = sent.popleft()
                 if reply.sequence != expected or list(reply.event_ids) != [e.id for e in batch]:

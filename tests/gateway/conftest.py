@@ -97,6 +97,7 @@ class Stack:
     operator: AuthStub
     """AuthService over mTLS with the `admin` operator certificate (the break-glass path)."""
     storage_port: int
+    gateway_port: int
     redis: aioredis.Redis
     layout: StreamLayout
     """The streams ingest appends to (no processor runs unless a test starts one)."""
@@ -285,6 +286,7 @@ async def stack(
             admin=cast(AdminStub, admin_pb2_grpc.AdminServiceStub(channel)),
             operator=cast(AuthStub, auth_pb2_grpc.AuthServiceStub(operator_channel)),
             storage_port=storage.port,
+            gateway_port=gateway.port,
             redis=redis_client,
             layout=layout,
         )

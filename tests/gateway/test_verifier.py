@@ -122,7 +122,10 @@ ATTACKS: dict[str, tuple[Callable[[], str], Reason]] = {
     "four segments": (lambda: _valid() + ".x", Reason.MALFORMED),
     "not base64": (lambda: "@@@.###.$$$", Reason.MALFORMED),
     "header not json": (lambda: f"{b64url(b'nope')}.{b64url(b'{}')}.", Reason.MALFORMED),
-    "truncated signature": (lambda: _valid()[:-20], Reason.MALFORMED),
+    # An Ed25519 signature is 86 base64url characters. Cut to 64 they still decode (48 bytes):
+    # a wrong signature. Cut to 66 they decode only when the 4 spare bits happen to be zero.
+    "truncated signature": (lambda: _valid()[:-22], Reason.BAD_SIGNATURE),
+    "signature with spare bits set": (lambda: _spare_bits_set(_valid()), Reason.MALFORMED),
     "truncated payload": (lambda: _valid()[:60], Reason.MALFORMED),
     "signature stripped": (lambda: _valid().rsplit(".", 1)[0] + ".", Reason.BAD_SIGNATURE),
     "payload swapped": (
@@ -231,6 +234,13 @@ ATTACKS: dict[str, tuple[Callable[[], str], Reason]] = {
         Reason.NOT_YET_VALID,
     ),
 }
+
+
+def _spare_bits_set(token: str) -> str:
+    """The token with its signature cut to 66 characters whose last one has non-zero spare
+    bits: not canonical base64url."""
+    head, signature = token.rsplit(".", 1)
+    return f"{head}.{signature[:65]}B"
 
 
 def jwt_encode_with_headers(headers: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from typing import cast
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 
 from services.ingest.pressure import BackPressure, PressureLimits
@@ -170,13 +170,27 @@ async def test_a_publish_stream_ends_at_the_first_refused_batch(
         ingest_pb2.PublishRequest(sequence=2, events=_batch(hot, 0).events),
     ]
     channel, stub = _stub(ingest.mesh.port, pki_dir)
-    acks = []
+    replies = []
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for ack in stub.Publish(iter(requests), timeout=5):
-                acks.append(ack.sequence)
-    assert acks == [1]
+            async for reply in stub.Publish(iter(requests), timeout=5):
+                replies.append(reply)
+    # Batch 1 acknowledged; batch 2 refused in a message first (its status, RetryInfo
+    # included), then the stream ends with the same status once the client half-closed.
+    assert [(r.sequence, r.accepted, r.HasField("refusal")) for r in replies] == [
+        (1, 1, False),
+        (0, 0, True),
+    ]
+    refusal = replies[1].refusal
+    assert (refusal.sequence, refusal.code) == (2, code_pb2.RESOURCE_EXHAUSTED)
+    assert "partition 3" in refusal.message
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.details() == refusal.message
+    final = rpc_status.from_call(caught.value)
+    assert final is not None and final.SerializeToString() == refusal.status_details
+    retry = error_details_pb2.RetryInfo()
+    assert final.details[0].Unpack(retry) and retry.retry_delay.ToNanoseconds() == 500_000_000
+    assert await redis_client.xlen(layout.stream(3)) == 3
 
 
 async def test_redis_memory_limit_refuses_every_batch(

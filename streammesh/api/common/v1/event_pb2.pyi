@@ -229,3 +229,44 @@ class EventFilter(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventFilter: _TypeAlias = EventFilter  # noqa: Y015
+
+@_typing.final
+class PublishRefusal(_message.Message):
+    """The last message of a Publish stream that refused a batch. Nothing of that batch, or of any
+    batch sent after it on the stream, was accepted; batches acknowledged before it stay accepted.
+    The stream then ends with the same status once the client half-closes or cancels (or after a
+    short linger), so a client that ignores this field still sees the error. Reading it here keeps
+    the status exact for a client that is still writing, where grpcio's asyncio client can report
+    INTERNAL instead of the server's status (grpc/grpc#36066).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STATUS_DETAILS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The sequence of the refused batch."""
+    code: _builtins.int
+    """The status code (google.rpc.Code) the stream ends with, for example 8 (RESOURCE_EXHAUSTED)."""
+    message: _builtins.str
+    status_details: _builtins.bytes
+    """The same status as a serialized google.rpc.Status, with its details (BadRequest field
+    violations, RetryInfo): what the grpc-status-details-bin trailer carries.
+    """
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        status_details: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "sequence", b"sequence", "status_details", b"status_details"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishRefusal: _TypeAlias = PublishRefusal  # noqa: Y015

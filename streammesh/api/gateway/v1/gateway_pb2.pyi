@@ -390,20 +390,28 @@ class PublishResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
     EVENT_IDS_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     accepted: _builtins.int
     @_builtins.property
     def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def refusal(self) -> _event_pb2.PublishRefusal:
+        """Set instead of an acknowledgement (sequence, accepted and event_ids are then unset) when a
+        batch is refused; always check it. See PublishRefusal.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         accepted: _builtins.int = ...,
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
+        refusal: _event_pb2.PublishRefusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refusal", b"refusal", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
