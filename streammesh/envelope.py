@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from streammesh.api.common.v1 import event_pb2
 
-__all__ = ["EnvelopeLimits", "event_violations", "timestamp_in_range"]
+__all__ = ["EnvelopeLimits", "event_violations", "text_problem", "timestamp_in_range"]
 
 # google.protobuf.Timestamp's documented range, 0001-01-01 to 9999-12-31 (fits Postgres too).
 MIN_SECONDS = -62_135_596_800
@@ -35,7 +35,7 @@ def timestamp_in_range(seconds: int, nanos: int) -> bool:
     return MIN_SECONDS <= seconds <= MAX_SECONDS and 0 <= nanos < 1_000_000_000
 
 
-def _text_problem(value: str, max_chars: int) -> str | None:
+def text_problem(value: str, max_chars: int) -> str | None:
     if len(value) > max_chars:
         return f"longer than {max_chars} characters"
     if "\x00" in value:
@@ -63,7 +63,7 @@ def event_violations(
         ("type", event.type, limits.max_type_chars),
         ("content_type", event.content_type, limits.max_content_type_chars),
     ):
-        reason = _text_problem(value, max_chars)
+        reason = text_problem(value, max_chars)
         if reason is not None:
             problems.append((name, reason))
     if len(event.payload) > limits.max_payload_bytes:

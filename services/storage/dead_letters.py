@@ -16,6 +16,7 @@ import re
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
+from services.storage.batch import MAX_PARTITION
 from services.storage.dead_letter_store import (
     DeadLetterBody,
     DeadLetterQuery,
@@ -43,7 +44,7 @@ MAX_DEAD_LETTER_PAGE = 500
 MAX_ERROR_CHARS = 4000
 """Longer error texts are cut (the processor cuts its own at 2000)."""
 _MAX_NAME_CHARS = 256
-_MAX_PARTITION = 2**31 - 1
+
 _MAX_COUNT = 2**31 - 1
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -82,8 +83,8 @@ def new_dead_letter(request: storage_pb2.StoreDeadLetterRequest) -> NewDeadLette
             problems.append((name, reason))
     if request.entry_id and not _ENTRY_ID.fullmatch(request.entry_id):
         problems.append(("entry_id", "not a stream entry id (<milliseconds>-<sequence>)"))
-    if request.partition > _MAX_PARTITION:
-        problems.append(("partition", f"larger than {_MAX_PARTITION}"))
+    if request.partition > MAX_PARTITION:
+        problems.append(("partition", f"larger than {MAX_PARTITION}"))
     if request.batch:
         try:
             event_pb2.QueuedBatch.FromString(request.batch)
@@ -125,10 +126,10 @@ def list_query(request: storage_pb2.ListDeadLettersRequest) -> tuple[DeadLetterQ
             field_violations=[("page_size", f"{request.page_size} is out of range")],
         )
     partition = request.partition if request.HasField("partition") else None
-    if partition is not None and partition > _MAX_PARTITION:
+    if partition is not None and partition > MAX_PARTITION:
         raise InvalidArgument(
             "partition is out of range",
-            field_violations=[("partition", f"larger than {_MAX_PARTITION}")],
+            field_violations=[("partition", f"larger than {MAX_PARTITION}")],
         )
     replayed = request.replayed if request.HasField("replayed") else None
     query = DeadLetterQuery(partition=partition, replayed=replayed)

@@ -9,13 +9,12 @@ UNAVAILABLE, which the store raises for database outages.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from services.storage import dead_letters
+from services.storage.batch import EPOCH, Limits, Violations, batch_columns, to_datetime
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.paging import (
     dead_letter_scope,
@@ -24,10 +23,10 @@ from services.storage.paging import (
     encode_page_token,
     encode_position,
 )
-from services.storage.store import EventQuery, EventStore, NewEvent, StoredRow
+from services.storage.store import EventQuery, EventStore, StoredRow
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
-from streammesh.envelope import EnvelopeLimits, event_violations, timestamp_in_range
+from streammesh.envelope import timestamp_in_range
 from streammesh.mesh.errors import InvalidArgument, NotFound
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
@@ -36,123 +35,20 @@ DEFAULT_PAGE_SIZE = 100
 """Page size when the request leaves it 0."""
 MAX_PAGE_SIZE = 1000
 """Largest page a client may ask for."""
-DEFAULT_CONTENT_TYPE = "application/json"
-
-_MAX_VIOLATIONS_REPORTED = 20
-_MAX_PARTITION = 2**31 - 1  # the column is a Postgres integer
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # Framing of one repeated element (tag + length varint), counted against the response budget.
 _ELEMENT_OVERHEAD = 8
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Request limits, taken from StorageSettings in `create_server`."""
-
-    max_batch_events: int = 10_000
-    """Events per StoreEvents batch."""
-    max_text_chars: int = 256
-    """Length of key, type, content_type, producer and filter strings."""
-    max_filter_keys: int = 100
-    """Keys in one EventFilter."""
-    envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
-    """The event rules ingest applies too (streammesh.envelope)."""
-    max_response_bytes: int = 15 * 1024 * 1024
-    """A QueryEvents page stops early (with a token) rather than outgrow the message limit."""
-
-
-def _text_problem(value: str, max_chars: int) -> str | None:
-    if len(value) > max_chars:
-        return f"longer than {max_chars} characters"
-    if "\x00" in value:
-        return "contains a NUL character"
-    return None
-
-
-class _Violations:
-    """Collects (field, reason) pairs; raises one InvalidArgument naming the first few."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, str]] = []
-
-    def add(self, field: str, reason: str) -> None:
-        self.items.append((field, reason))
-
-    def text(self, field: str, value: str, max_chars: int) -> None:
-        reason = _text_problem(value, max_chars)
-        if reason is not None:
-            self.add(field, reason)
-
-    def raise_if_any(self) -> None:
-        if not self.items:
-            return
-        shown = self.items[:_MAX_VIOLATIONS_REPORTED]
-        field, reason = shown[0]
-        raise InvalidArgument(
-            f"{len(self.items)} invalid field(s); first: {field}: {reason}",
-            field_violations=shown,
-        )
-
-
-def _timestamp(value: timestamp_pb2.Timestamp, field: str, problems: _Violations) -> dt.datetime:
-    """Convert in range, else record a violation (and return the epoch as a placeholder).
-    Postgres keeps microseconds, so nanoseconds are truncated."""
+def _timestamp(value: timestamp_pb2.Timestamp, field: str, problems: Violations) -> dt.datetime:
+    """Convert in range, else record a violation (and return the epoch as a placeholder)."""
     if not timestamp_in_range(value.seconds, value.nanos):
         problems.add(field, "outside 0001-01-01..9999-12-31 or nanos outside 0..999999999")
-        return _EPOCH
-    return _to_datetime(value)
-
-
-def _to_datetime(value: timestamp_pb2.Timestamp) -> dt.datetime:
-    return _datetime(value.seconds, value.nanos // 1000)
-
-
-@functools.lru_cache(maxsize=4096)
-def _datetime(seconds: int, micros: int) -> dt.datetime:
-    # Every event of a queued batch shares one ingest time (and, unless the producer set one,
-    # the same event time): a small cache turns 2 conversions per event into ~2 per batch.
-    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=micros)
-
-
-def _new_event(
-    queued: event_pb2.QueuedEvent, index: int, limits: Limits, problems: _Violations
-) -> NewEvent:
-    # Runs for every event of batches of up to 10k: field paths are only built for violations.
-    event = queued.event
-    for name, reason in event_violations(event, limits.envelope, require_id=True):
-        problems.add(f"batch.events[{index}].event.{name}", reason)
-    problems.text(f"batch.events[{index}].producer", queued.producer, limits.max_text_chars)
-    attributes = dict(event.attributes) if event.attributes else {}
-    if queued.HasField("ingest_time"):
-        ingest_time = _timestamp(queued.ingest_time, f"batch.events[{index}].ingest_time", problems)
-    else:
-        problems.add(
-            f"batch.events[{index}].ingest_time",
-            "required: set by ingest when it accepts the event",
-        )
-        ingest_time = _EPOCH
-    if not event.HasField("event_time"):
-        event_time = ingest_time
-    elif timestamp_in_range(event.event_time.seconds, event.event_time.nanos):
-        event_time = _to_datetime(event.event_time)
-    else:
-        event_time = _EPOCH  # already reported by event_violations
-
-    return NewEvent(
-        id=event.id,
-        key=event.key,
-        type=event.type,
-        event_time=event_time,
-        payload=event.payload,
-        content_type=event.content_type or DEFAULT_CONTENT_TYPE,
-        attributes=attributes,
-        ingest_time=ingest_time,
-        producer=queued.producer,
-    )
+        return EPOCH
+    return to_datetime(value)
 
 
 def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
-    problems = _Violations()
+    problems = Violations()
     if len(event_filter.keys) > limits.max_filter_keys:
         problems.add("filter.keys", f"more than {limits.max_filter_keys} keys")
     else:
@@ -176,7 +72,7 @@ def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
 
 
 def _set_time(target: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
-    micros = (value - _EPOCH) // dt.timedelta(microseconds=1)
+    micros = (value - EPOCH) // dt.timedelta(microseconds=1)
     target.seconds, remainder = divmod(micros, 1_000_000)
     target.nanos = remainder * 1000
 
@@ -214,21 +110,11 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> storage_pb2.StoreEventsResponse:
         """Store the batch in one transaction; ids already stored count as duplicates."""
         batch = request.batch
-        limits = self._limits
-        if len(batch.events) > limits.max_batch_events:
-            raise InvalidArgument(
-                f"a batch holds at most {limits.max_batch_events} events, got {len(batch.events)}",
-                field_violations=[("batch.events", f"more than {limits.max_batch_events}")],
-            )
-        problems = _Violations()
-        if batch.partition > _MAX_PARTITION:
-            problems.add("batch.partition", f"larger than {_MAX_PARTITION}")
-        rows = [
-            _new_event(queued, index, limits, problems) for index, queued in enumerate(batch.events)
-        ]
-        problems.raise_if_any()
-        inserted = await self._store.insert_batch(rows, partition=batch.partition)
-        return storage_pb2.StoreEventsResponse(inserted=inserted, duplicates=len(rows) - inserted)
+        columns = batch_columns(batch, self._limits)
+        inserted = await self._store.insert_batch(columns, partition=batch.partition)
+        return storage_pb2.StoreEventsResponse(
+            inserted=inserted, duplicates=len(columns) - inserted
+        )
 
     async def QueryEvents(
         self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext

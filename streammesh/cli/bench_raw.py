@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from services.storage.store import INSERT_BATCH
 from streammesh.api.common.v1 import event_pb2
 from streammesh.cli.bench_load import BatchTemplate, BenchError, connect_postgres, together
 from streammesh.mesh.postgres import checked_identifier, load_migrations
@@ -38,19 +39,6 @@ MAX_LEAD_EVENTS = 50_000
 """How far the producer may run ahead of the store (keeps Redis memory small)."""
 POOL_SIZE = 10
 """Postgres connections, as storage's default pool."""
-
-_INSERT = """
-INSERT INTO events (id, key, type, event_time, payload, content_type, attributes, partition,
-                    ingest_time, producer)
-SELECT b.id, b.key, b.type, b.event_time, b.payload, b.content_type, b.attributes::jsonb, $10,
-       b.ingest_time, b.producer
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[], $6::text[],
-            $7::text[], $8::timestamptz[], $9::text[])
-     WITH ORDINALITY AS b(id, key, type, event_time, payload, content_type, attributes,
-                          ingest_time, producer, ordinality)
-ORDER BY b.ordinality
-ON CONFLICT (id) DO NOTHING
-"""
 
 
 class RedisWire:
@@ -192,7 +180,7 @@ class _Store:
             events = [item.event for item in items]
             async with self._pool.acquire() as conn:
                 status = await conn.execute(
-                    _INSERT,
+                    INSERT_BATCH,
                     [e.id for e in events],
                     [e.key for e in events],
                     [e.type for e in events],
