@@ -55,7 +55,7 @@ from streammesh.cli.stack import (
     shut_down,
 )
 from streammesh.client import GatewayClient
-from streammesh.mesh.postgres import checked_identifier
+from streammesh.mesh.postgres import checked_identifier, ensure_database
 from streammesh.streams import StreamLayout
 
 __all__ = ["TARGETS", "add_bench_command", "bench_stack_config", "cmd_bench"]
@@ -103,7 +103,9 @@ def bench_schemas(bench: StackConfig) -> list[str]:
 
 
 async def drop_bench_data(bench: StackConfig) -> None:
-    """Drop the bench schemas and delete every stream and auth key under the bench prefixes."""
+    """Drop the bench schemas and delete every stream and auth key under the bench prefixes.
+    Creates the database first when it does not exist yet (a fresh machine)."""
+    await ensure_database(bench.database_url)
     conn = await connect_postgres(bench.database_url)
     try:
         for schema in bench_schemas(bench):

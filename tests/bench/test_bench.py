@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
-from streammesh.cli.bench import add_bench_command, cmd_bench
+from streammesh.cli.bench import add_bench_command, bench_stack_config, cmd_bench, drop_bench_data
 from streammesh.cli.bench_load import (
     BenchError,
     _sequence_field,
@@ -267,3 +267,31 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
         assert [k async for k in client.scan_iter(match=f"smtest:{run}:*")] == []
     finally:
         await client.aclose()
+
+
+async def test_bench_cleanup_creates_a_missing_database_first(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    # A fresh machine has no `streammesh` database yet: the bench's first step (dropping what a
+    # killed run left) must not fail on it.
+    name = f"t_fresh_{uuid.uuid4().hex[:10]}"
+    url = make_url(database_url)
+    fresh = url.set(database=name).render_as_string(hide_password=False)
+    run = uuid.uuid4().hex[:10]
+    config = StackConfig(
+        state_dir=tmp_path / "state",
+        database_url=fresh,
+        db_schema_prefix=f"t_{run}_",
+        redis_url=redis_url,
+        stream_prefix=f"smtest:{run}:events",
+    )
+    try:
+        await drop_bench_data(bench_stack_config(config))
+    finally:
+        conn = await asyncpg.connect(
+            host=url.host, port=url.port, user=url.username, database=url.database
+        )
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await conn.close()
