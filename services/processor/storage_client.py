@@ -8,11 +8,11 @@ import grpc
 
 from services.processor.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
 from services.processor.worker import PermanentStoreError, StoreResult
-from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import TlsMaterial, create_channel, service_config
+from streammesh.wire import length_delimited_field
 
-__all__ = ["StorageWriter", "classify", "dead_letter_request"]
+__all__ = ["StorageWriter", "classify", "dead_letter_request", "store_events_request"]
 
 STORAGE_SERVICE = "streammesh.storage.v1.StorageService"
 
@@ -33,6 +33,12 @@ def classify(error: grpc.aio.AioRpcError) -> Exception | None:
     if error.code() in _PERMANENT:
         return PermanentStoreError(text)
     return None
+
+
+def store_events_request(batch: bytes) -> bytes:
+    """A serialized StoreEventsRequest around a serialized QueuedBatch: its only field, `batch`
+    (field 1), framed around the bytes as they are."""
+    return length_delimited_field(1, batch)
 
 
 def dead_letter_request(record: DeadLetterRecord) -> storage_pb2.StoreDeadLetterRequest:
@@ -64,10 +70,17 @@ class StorageWriter:
             ),
         )
         self._stub = storage_pb2_grpc.StorageServiceStub(self._channel)
+        # StoreEvents taking the request already serialized: see store_events_request.
+        self._store_events = self._channel.unary_unary(
+            f"/{STORAGE_SERVICE}/StoreEvents",
+            request_serializer=None,
+            response_deserializer=storage_pb2.StoreEventsResponse.FromString,
+        )
 
-    async def store(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+    async def store(self, batch: bytes) -> StoreResult:
+        """Store a serialized QueuedBatch (passed on without decoding it)."""
         try:
-            reply = await self._stub.StoreEvents(storage_pb2.StoreEventsRequest(batch=batch))
+            reply = await self._store_events(store_events_request(batch))
         except grpc.aio.AioRpcError as error:
             classified = classify(error)
             if classified is None:

@@ -32,6 +32,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.refusals import raise_if_refused
 from streammesh.streams import StreamLayout
+from streammesh.wire import varint_field
 
 __all__ = [
     "BatchTemplate",
@@ -128,13 +129,8 @@ def request_templates(batches: Sequence[Sequence[event_pb2.Event]]) -> list[Batc
 
 
 def _sequence_field(sequence: int) -> bytes:
-    """PublishRequest.sequence (field 1, varint) on the wire; fields may come in any order."""
-    out = bytearray(b"\x08")
-    while sequence > 0x7F:
-        out.append((sequence & 0x7F) | 0x80)
-        sequence >>= 7
-    out.append(sequence)
-    return bytes(out)
+    """PublishRequest.sequence (field 1) on the wire; fields may come in any order."""
+    return varint_field(1, sequence)
 
 
 PublishCall = Callable[..., Any]

@@ -7,7 +7,6 @@ an admin gets in."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import TlsMaterial, create_channel, service_config
+from streammesh.mesh.tasks import stop_task
 from tests.gateway.conftest import Stack
 from tests.processor.conftest import wait_for
 
@@ -62,7 +62,8 @@ async def pipeline(stack: Stack) -> AsyncIterator[Pipeline]:
     poisoned: set[str] = set()
     attempts: dict[str, int] = {}
 
-    async def store(batch: event_pb2.QueuedBatch) -> StoreResult:
+    async def store(raw: bytes) -> StoreResult:
+        batch = event_pb2.QueuedBatch.FromString(raw)
         hit = poisoned.intersection(q.event.id for q in batch.events)
         for event_id in hit:
             attempts[event_id] = attempts.get(event_id, 0) + 1
@@ -73,7 +74,7 @@ async def pipeline(stack: Stack) -> AsyncIterator[Pipeline]:
                 grpc.aio.Metadata(),
                 details="storage bug",
             )
-        return await writer.store(batch)
+        return await writer.store(raw)
 
     worker = StreamWorker(
         stack.redis,
@@ -88,8 +89,8 @@ async def pipeline(stack: Stack) -> AsyncIterator[Pipeline]:
         yield Pipeline(worker, poisoned, attempts)
     finally:
         worker.stop()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 5)
+        await asyncio.wait({task}, timeout=5)  # a graceful stop releases the leases
+        await stop_task(task)
         await writer.close()
 
 

@@ -77,16 +77,15 @@ class RecordingStore:
     def stored(self) -> list[str]:
         return [event_id for call in self.calls for _, event_id in call.events]
 
-    def for_consumer(
-        self, consumer: str
-    ) -> Callable[[event_pb2.QueuedBatch], Awaitable[StoreResult]]:
-        async def store(batch: event_pb2.QueuedBatch) -> StoreResult:
-            return await self._store(consumer, batch)
+    def for_consumer(self, consumer: str) -> Callable[[bytes], Awaitable[StoreResult]]:
+        async def store(raw: bytes) -> StoreResult:
+            return await self._store(consumer, event_pb2.QueuedBatch.FromString(raw))
 
         return store
 
-    async def __call__(self, batch: event_pb2.QueuedBatch) -> StoreResult:
-        return await self._store(self.consumer, batch)
+    async def __call__(self, raw: bytes) -> StoreResult:
+        """What the worker calls: the entry's serialized batch, as storage gets it."""
+        return await self._store(self.consumer, event_pb2.QueuedBatch.FromString(raw))
 
     async def _store(self, consumer: str, batch: event_pb2.QueuedBatch) -> StoreResult:
         if self.failures_left > 0:

@@ -18,9 +18,10 @@ from services.processor.dead_letters import (
     attempts_key,
     is_outage,
 )
-from services.processor.storage_client import classify
+from services.processor.storage_client import classify, store_events_request
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
 from streammesh.api.common.v1 import event_pb2
+from streammesh.api.storage.v1 import storage_pb2
 from streammesh.streams import BATCH_FIELD, StreamLayout
 from tests.conftest import xrange_entries
 from tests.processor.conftest import (
@@ -48,12 +49,13 @@ class PoisonStore(RecordingStore):
         self.error = error
         self.attempts: dict[str, int] = {}
 
-    async def __call__(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+    async def __call__(self, raw: bytes) -> StoreResult:
+        batch = event_pb2.QueuedBatch.FromString(raw)
         first = batch.events[0].event.id
         if first in self.poison:
             self.attempts[first] = self.attempts.get(first, 0) + 1
             raise self.error
-        return await super().__call__(batch)
+        return await super().__call__(raw)
 
 
 class Recorder:
@@ -151,12 +153,12 @@ async def test_outages_never_count_and_nothing_is_lost(
     down = 20
 
     class DownStore(RecordingStore):
-        async def __call__(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+        async def __call__(self, raw: bytes) -> StoreResult:
             nonlocal down
             if down > 0:
                 down -= 1
                 raise next(outages)
-            return await super().__call__(batch)
+            return await super().__call__(raw)
 
     store, recorder = DownStore(), Recorder()
     config = dataclasses.replace(FAST, max_deliveries=2, retry_backoff_seconds=0.01)
@@ -293,10 +295,11 @@ async def test_the_count_survives_a_crash_and_a_new_owner(
     attempts = 0
 
     class Store(RecordingStore):
-        async def __call__(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+        async def __call__(self, raw: bytes) -> StoreResult:
+            batch = event_pb2.QueuedBatch.FromString(raw)
             nonlocal attempts
             if batch.events[0].event.id != "poison":
-                return await super().__call__(batch)
+                return await super().__call__(raw)
             attempts += 1
             if attempts == 3:
                 await hang.wait()  # c1 dies here, in the middle of its third attempt
@@ -350,3 +353,19 @@ async def test_max_deliveries_must_be_positive(redis_client: aioredis.Redis) -> 
             store=RecordingStore(),
             config=dataclasses.replace(FAST, max_deliveries=0),
         )
+
+
+@pytest.mark.parametrize("events", [0, 1, 3, 400])
+def test_the_store_request_frames_the_entry_bytes_as_they_are(events: int) -> None:
+    # The processor sends an entry's batch to storage without decoding it: the framed bytes
+    # must be exactly the StoreEventsRequest that holds the decoded batch (lengths of 1, 2
+    # and 3 varint bytes).
+    batch = event_pb2.QueuedBatch(partition=3)
+    for n in range(events):
+        batch.events.add(producer="p").event.CopyFrom(
+            event_pb2.Event(id=f"id-{n}", key="k", type="t", payload=b"x" * 100)
+        )
+    raw = batch.SerializeToString()
+    expected = storage_pb2.StoreEventsRequest(batch=batch).SerializeToString()
+    assert store_events_request(raw) == expected
+    assert storage_pb2.StoreEventsRequest.FromString(store_events_request(raw)).batch == batch

@@ -105,10 +105,11 @@ async def test_undecodable_and_refused_batches_go_to_dead_letters(
     await append(redis_client, layout, 1, ["fine"])
 
     class RefusingStore(RecordingStore):
-        async def __call__(self, batch: event_pb2.QueuedBatch) -> StoreResult:
+        async def __call__(self, raw: bytes) -> StoreResult:
+            batch = event_pb2.QueuedBatch.FromString(raw)
             if batch.events[0].event.id == "refused":
                 raise PermanentStoreError("INVALID_ARGUMENT: bad")
-            return await super().__call__(batch)
+            return await super().__call__(raw)
 
     store = RefusingStore()
     worker = running.start(
