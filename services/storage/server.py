@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.storage.dead_letter_store import DeadLetterStore
@@ -20,7 +21,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
-from streammesh.mesh.postgres import create_engine, load_migrations, migrate
+from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 
 __all__ = ["POLICY", "SERVICE", "StorageDeps", "create_server", "main", "serve"]
 
@@ -44,9 +45,11 @@ POLICY: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class StorageDeps:
-    """What the server needs from outside: an engine bound to the storage schema (migrated)."""
+    """What the server needs from outside, bound to the storage schema (migrated): an engine
+    for queries and dead letters, and a plain asyncpg pool for the batch inserts."""
 
     engine: AsyncEngine
+    pool: asyncpg.Pool
 
 
 def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
@@ -61,7 +64,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
-        StorageServicer(EventStore(deps.engine), limits, DeadLetterStore(deps.engine)),
+        StorageServicer(EventStore(deps.engine, deps.pool), limits, DeadLetterStore(deps.engine)),
     )
     return create_mesh_server(
         settings,
@@ -79,17 +82,30 @@ async def serve(settings: StorageSettings) -> None:
         application_name="streammesh-storage",
         pool_size=settings.pool_size,
     )
+    pool: asyncpg.Pool | None = None
+
+    async def close() -> None:
+        await engine.dispose()
+        if pool is not None:
+            await pool.close()
+
     try:
         await migrate(
             engine,
             schema=settings.db_schema,
             migrations=load_migrations("services.storage.migrations"),
         )
-        mesh = create_server(settings, StorageDeps(engine=engine))
-        await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=engine.dispose)
+        pool = await create_pool(
+            settings.database_url,
+            schema=settings.db_schema,
+            application_name="streammesh-storage",
+            size=settings.pool_size,
+        )
+        mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
+        await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=close)
     except BaseException:
-        # Startup failed (database down, port taken): close the pool before the error ends us.
-        await engine.dispose()
+        # Startup failed (database down, port taken): close the pools before the error ends us.
+        await close()
         raise
 
 

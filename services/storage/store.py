@@ -207,37 +207,38 @@ def _conditions(query: EventQuery) -> list[ColumnElement[bool]]:
 
 
 class EventStore:
-    """The `events` table of one schema (the engine's search_path)."""
+    """The `events` table of one schema (the search_path of the engine and of the pool, which
+    takes the batch inserts)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0
+    ) -> None:
         self._engine = engine
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
 
     async def insert_batch(self, batch: BatchColumns, *, partition: int) -> int:
         """Store the batch atomically; return how many were new (the rest were already stored
         under the same id, including repeats inside the batch)."""
         if not batch:
             return 0
-        async with outage_is_unavailable("insert"), self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: asyncpg.Connection = raw.driver_connection
-            try:
-                status = await driver.execute(
-                    INSERT_BATCH,
-                    batch.ids,
-                    batch.keys,
-                    batch.types,
-                    batch.event_times,
-                    batch.payloads,
-                    batch.content_types,
-                    batch.attributes,
-                    batch.ingest_times,
-                    batch.producers,
-                    partition,
-                )
-            except BaseException:
-                # Not through SQLAlchemy, so its pool cannot tell a broken connection: drop it.
-                await conn.invalidate()
-                raise
+        async with (
+            outage_is_unavailable("insert"),
+            self._pool.acquire(timeout=self._acquire_timeout) as conn,
+        ):
+            status = await conn.execute(
+                INSERT_BATCH,
+                batch.ids,
+                batch.keys,
+                batch.types,
+                batch.event_times,
+                batch.payloads,
+                batch.content_types,
+                batch.attributes,
+                batch.ingest_times,
+                batch.producers,
+                partition,
+            )
         return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 
     async def query(self, query: EventQuery, *, after_seq: int, limit: int) -> list[StoredRow]:

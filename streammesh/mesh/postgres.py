@@ -17,7 +17,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-__all__ = ["Migration", "create_engine", "ensure_database", "load_migrations", "migrate"]
+__all__ = [
+    "Migration",
+    "create_engine",
+    "create_pool",
+    "ensure_database",
+    "load_migrations",
+    "migrate",
+]
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -60,7 +67,6 @@ def create_engine(
     connect_timeout_seconds: float = 5.0,
 ) -> AsyncEngine:
     """An asyncpg-backed engine whose connections resolve unqualified names in `schema`."""
-    checked_identifier(schema)
     sa_url = make_url(url).set(drivername="postgresql+asyncpg")
     return create_async_engine(
         sa_url,
@@ -71,15 +77,43 @@ def create_engine(
         hide_parameters=True,
         # A host that drops packets must not hold a call for asyncpg's default 60 s.
         connect_args={
-            "server_settings": {
-                "search_path": schema,
-                "application_name": application_name,
-                # A commit returns only once it is on disk: the processor acknowledges Redis
-                # entries on that basis, whatever the server's default says.
-                "synchronous_commit": "on",
-            },
+            "server_settings": _session_settings(schema, application_name),
             "timeout": connect_timeout_seconds,
         },
+    )
+
+
+def _session_settings(schema: str, application_name: str) -> dict[str, str]:
+    return {
+        "search_path": checked_identifier(schema),
+        "application_name": application_name,
+        # A commit returns only once it is on disk: the processor acknowledges Redis entries
+        # on that basis, whatever the server's default says.
+        "synchronous_commit": "on",
+    }
+
+
+async def create_pool(
+    url: str,
+    *,
+    schema: str,
+    application_name: str,
+    size: int = 10,
+    connect_timeout_seconds: float = 5.0,
+) -> asyncpg.Pool:
+    """A plain asyncpg pool with the same session settings as `create_engine`, for a hot path
+    that skips SQLAlchemy (its checkout, pre-ping and bind processing per call)."""
+    sa_url = make_url(url)
+    return await asyncpg.create_pool(
+        host=sa_url.host or "127.0.0.1",
+        port=sa_url.port or 5432,
+        user=sa_url.username or "postgres",
+        password=sa_url.password,
+        database=sa_url.database,
+        min_size=0,  # connect on demand: a database that is down must not stop the start
+        max_size=size,
+        server_settings=_session_settings(schema, application_name),
+        timeout=connect_timeout_seconds,
     )
 
 

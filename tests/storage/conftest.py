@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import asyncpg
 import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,7 +19,7 @@ from services.storage.settings import StorageSettings
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
-from streammesh.mesh.postgres import create_engine, load_migrations, migrate
+from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 from tests.conftest import TRUST_DOMAIN
 
 if TYPE_CHECKING:
@@ -76,12 +77,20 @@ async def engine(database_url: str, pg_schema: str) -> AsyncIterator[AsyncEngine
 
 @pytest.fixture
 async def start_server(pki_dir: Path, pg_schema: str) -> AsyncIterator[StartServer]:
-    """Start storage servers over a given engine (settings overridable); stopped afterwards."""
+    """Start storage servers over a given engine, with an insert pool on the engine's database
+    (settings overridable); stopped afterwards."""
     started: list[MeshServer] = []
+    pools: list[asyncpg.Pool] = []
 
     async def start(engine: AsyncEngine, **overrides: Any) -> MeshServer:
         settings = storage_settings(pki_dir, db_schema=pg_schema, **overrides)
-        mesh = create_server(settings, StorageDeps(engine=engine))
+        pool = await create_pool(
+            engine.url.render_as_string(hide_password=False),
+            schema=settings.db_schema,
+            application_name="storage-tests",
+        )
+        pools.append(pool)
+        mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
         await mesh.start()
         started.append(mesh)
         return mesh
@@ -89,6 +98,8 @@ async def start_server(pki_dir: Path, pg_schema: str) -> AsyncIterator[StartServ
     yield start
     for mesh in started:
         await mesh.stop(0)
+    for pool in pools:
+        await pool.close()
 
 
 @pytest.fixture

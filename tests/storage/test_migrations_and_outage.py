@@ -100,11 +100,16 @@ def test_settings_refuse_a_schema_name_unsafe_for_ddl() -> None:
 async def test_connections_commit_synchronously(database_url: str, pg_schema: str) -> None:
     from sqlalchemy import text
 
-    from streammesh.mesh.postgres import create_engine
+    from streammesh.mesh.postgres import create_engine, create_pool
 
     engine = create_engine(database_url, schema=pg_schema, application_name="t")
+    pool = await create_pool(database_url, schema=pg_schema, application_name="t")
     try:
         async with engine.connect() as conn:
             assert (await conn.execute(text("SHOW synchronous_commit"))).scalar() == "on"
+        async with pool.acquire() as raw:
+            assert await raw.fetchval("SHOW synchronous_commit") == "on"
+            assert await raw.fetchval("SHOW search_path") == pg_schema
     finally:
         await engine.dispose()
+        await pool.close()
