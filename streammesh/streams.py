@@ -22,6 +22,7 @@ Members and leases belong to the processor's ownership protocol
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -47,6 +48,12 @@ def jump_hash(key: bytes, buckets: int) -> int:
         state = (state * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
         candidate = int((bucket + 1) * ((1 << 31) / ((state >> 33) + 1)))
     return bucket
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _partition(key: str, partitions: int) -> int:
+    # Ingest hashes every event's key; keys repeat, and the hash is Python arithmetic (~1 us).
+    return jump_hash(key.encode(), partitions)
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class StreamLayout:
 
     def partition_for(self, key: str) -> int:
         """Events with the same key always land in the same partition, keeping their order."""
-        return jump_hash(key.encode(), self.partitions)
+        return _partition(key, self.partitions)
 
     async def ensure_group(self, client: aioredis.Redis) -> None:
         """Create every stream and the consumer group from the first entry ("0"), so events

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -220,3 +221,38 @@ async def test_large_slices_are_cut_into_entries_in_order(
         assert ids == [f"e{i}" for i in range(30)]
     finally:
         await mesh.stop(0)
+
+
+async def test_queued_events_carry_the_event_as_sent_plus_ingest_time_and_producer(
+    ingest: tuple[MeshServer, StreamLayout], pki_dir: Path, redis_client: aioredis.Redis
+) -> None:
+    # Ingest frames each queued event as bytes: it must decode to exactly the event the client
+    # sent (every field), with the batch's ingest time, the producer, and the ingest time as
+    # event time when the client set none.
+    mesh, layout = ingest
+    sent = [
+        event_pb2.Event(
+            id="full",
+            key="k-full",
+            type="order.created",
+            payload=b'{"a":1}',
+            content_type="application/cbor",
+            attributes={"tenant": "t1", "ü": "ß"},
+            event_time=Timestamp(seconds=1_700_000_000, nanos=123_000),
+        ),
+        event_pb2.Event(id="bare", key="k-bare", type="t"),
+    ]
+    channel, stub = _stub(mesh.port, pki_dir)
+    async with channel:
+        await stub.PublishBatch(
+            ingest_pb2.PublishBatchRequest(events=sent, producer="user-9"), timeout=5
+        )
+    queued = {q.event.id: q for qs in (await _queued(redis_client, layout)).values() for q in qs}
+    full, bare = queued["full"], queued["bare"]
+    assert full.event == sent[0]
+    assert (full.producer, bare.producer) == ("user-9", "user-9")
+    assert full.ingest_time == bare.ingest_time and full.ingest_time.seconds > 1_700_000_000
+    expected_bare = event_pb2.Event()
+    expected_bare.CopyFrom(sent[1])
+    expected_bare.event_time.CopyFrom(bare.ingest_time)
+    assert bare.event == expected_bare
