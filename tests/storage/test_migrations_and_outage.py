@@ -17,12 +17,15 @@ from tests.storage.conftest import Connect, StartServer, queued
 from tests.storage.test_storage import store_request
 
 MIGRATIONS = load_migrations("services.storage.migrations")
+VERSIONS = [m.version for m in MIGRATIONS]
 
 
 async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
     engine = create_engine(database_url, schema=pg_schema, application_name="storage-tests")
     try:
-        assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == [1, 2]
+        assert (
+            await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == VERSIONS == [1, 2, 3]
+        )
         assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == []
         async with engine.connect() as conn:
             indexes = set(
@@ -33,6 +36,20 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
                     )
                 ).scalars()
             )
+            collations: dict[str, str] = {
+                row[0]: row[1]
+                for row in (
+                    await conn.execute(
+                        text(
+                            "SELECT column_name, collation_name FROM information_schema.columns"
+                            " WHERE table_schema = :s AND table_name = 'events'"
+                            " AND column_name IN ('id', 'key', 'type')"
+                        ),
+                        {"s": pg_schema},
+                    )
+                ).all()
+            }
+        assert collations == {"id": "C", "key": "C", "type": "C"}
         assert {"events_key_seq_idx", "events_type_seq_idx", "events_seq_idx"} <= indexes
         assert {"dead_letters_partition_id_idx", "dead_letters_pending_id_idx"} <= indexes
     finally:
@@ -48,10 +65,10 @@ async def test_concurrent_migrations_on_a_fresh_schema(database_url: str, pg_sch
         results = await asyncio.gather(
             *(migrate(e, schema=pg_schema, migrations=MIGRATIONS) for e in engines)
         )
-        assert sorted(results) == [[], [1, 2]]
+        assert sorted(results) == [[], VERSIONS]
         async with engines[0].connect() as conn:
             applied = (await conn.execute(text("SELECT version FROM schema_migrations"))).all()
-        assert [row[0] for row in applied] == [1, 2]
+        assert [row[0] for row in applied] == VERSIONS
     finally:
         for engine in engines:
             await engine.dispose()
