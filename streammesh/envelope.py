@@ -7,11 +7,20 @@ by storage for its shape, which would otherwise strand acknowledged data in dead
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from streammesh.api.common.v1 import event_pb2
 
-__all__ = ["EnvelopeLimits", "event_violations", "text_problem", "timestamp_in_range"]
+__all__ = [
+    "EnvelopeColumns",
+    "EnvelopeLimits",
+    "envelope_columns",
+    "event_violations",
+    "text_problem",
+    "timestamp_in_range",
+]
 
 # google.protobuf.Timestamp's documented range, 0001-01-01 to 9999-12-31 (fits Postgres too).
 MIN_SECONDS = -62_135_596_800
@@ -86,3 +95,50 @@ def _attribute_violations(event: event_pb2.Event, limits: EnvelopeLimits) -> lis
         if "\x00" in key or "\x00" in value:
             return [("attributes", "contains a NUL character, which the store cannot hold")]
     return []
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeColumns:
+    """The text and payload fields of a batch's events, a list per field, in batch order."""
+
+    ids: list[str]
+    keys: list[str]
+    types: list[str]
+    content_types: list[str]
+    payloads: list[bytes]
+
+
+def _longest(values: Iterable[str | bytes]) -> int:
+    return max(map(len, values), default=0)
+
+
+def envelope_columns(
+    events: Sequence[event_pb2.Event], limits: EnvelopeLimits, *, require_id: bool
+) -> EnvelopeColumns | None:
+    """The events' fields as columns when no event breaks a rule, checked a column at a time
+    with builtins (about a tenth of the cost of `event_violations` per event); None when some
+    event might, and `event_violations` per event must name what. The two agree on every batch
+    (tests/test_envelope.py)."""
+    ids = [e.id for e in events]
+    keys = [e.key for e in events]
+    types = [e.type for e in events]
+    content_types = [e.content_type for e in events]
+    payloads = [e.payload for e in events]
+    if (require_id and not all(ids)) or not (all(keys) and all(types)):
+        return None
+    if (
+        _longest(ids) > limits.max_id_chars
+        or _longest(keys) > limits.max_key_chars
+        or _longest(types) > limits.max_type_chars
+        or _longest(content_types) > limits.max_content_type_chars
+        or _longest(payloads) > limits.max_payload_bytes
+        or "\x00" in "".join(itertools.chain(ids, keys, types, content_types))
+    ):
+        return None
+    for event in events:
+        # Rare fields: only events that carry them pay for the exact check.
+        if (event.attributes or event.HasField("event_time")) and event_violations(
+            event, limits, require_id=require_id
+        ):
+            return None
+    return EnvelopeColumns(ids, keys, types, content_types, payloads)

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.ingest.validation import BatchLimits, validate_batch
 from services.storage.batch import Limits, batch_columns
 from streammesh.api.common.v1 import event_pb2
+from streammesh.envelope import EnvelopeLimits, envelope_columns, event_violations
 from streammesh.mesh.errors import InvalidArgument
 
 EDGE_CASES = {
@@ -54,3 +55,42 @@ def test_boundary_events_pass_both(name: str) -> None:
     event.CopyFrom(EDGE_CASES[name])
     validate_batch([event], BatchLimits())
     assert _storage_accepts(event)
+
+
+MORE_CASES = {
+    "valid": event_pb2.Event(id="a", key="k", type="t", payload=b"{}"),
+    "no id": event_pb2.Event(key="k", type="t"),
+    "no key": event_pb2.Event(id="a", type="t"),
+    "no type": event_pb2.Event(id="a", key="k"),
+    "id too long": event_pb2.Event(id="i" * 129, key="k", type="t"),
+    "key too long": event_pb2.Event(id="a", key="k" * 257, type="t"),
+    "payload too large": event_pb2.Event(id="a", key="k", type="t", payload=b"p" * (1 << 20 + 1)),
+    "NUL in the id": event_pb2.Event(id="a\x00", key="k", type="t"),
+    "NUL in the content type": event_pb2.Event(id="a", key="k", type="t", content_type="\x00"),
+    "65 attributes": event_pb2.Event(
+        id="a", key="k", type="t", attributes={f"a{i}": "v" for i in range(65)}
+    ),
+    "a valid event time": event_pb2.Event(
+        id="a", key="k", type="t", event_time=Timestamp(seconds=1_700_000_000)
+    ),
+}
+
+
+@pytest.mark.parametrize("require_id", [False, True], ids=["ingest", "storage"])
+@pytest.mark.parametrize("name", [*EDGE_CASES, *MORE_CASES])
+def test_the_column_check_agrees_with_the_event_check(name: str, require_id: bool) -> None:
+    # envelope_columns is the fast path of both services: it may only accept a batch in which
+    # event_violations finds nothing, and must accept every such batch.
+    bad = EDGE_CASES.get(name) or MORE_CASES[name]
+    good = event_pb2.Event(id="g", key="k", type="t")
+    batch = [good, bad, good]
+    exact = [
+        v
+        for event in batch
+        for v in event_violations(event, EnvelopeLimits(), require_id=require_id)
+    ]
+    columns = envelope_columns(batch, EnvelopeLimits(), require_id=require_id)
+    assert (columns is not None) == (not exact), f"{name}: fast path disagrees with {exact}"
+    if columns is not None:
+        assert columns.ids == [e.id for e in batch]
+        assert columns.payloads == [e.payload for e in batch]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from streammesh.api.common.v1 import event_pb2
-from streammesh.envelope import EnvelopeLimits, event_violations
+from streammesh.envelope import EnvelopeLimits, envelope_columns, event_violations
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = ["BatchLimits", "validate_batch"]
@@ -39,11 +39,13 @@ def validate_batch(events: Sequence[event_pb2.Event], limits: BatchLimits) -> li
             field_violations=[("events", f"more than {limits.max_batch_events}")],
         )
     violations: list[tuple[str, str]] = []
-    for index, event in enumerate(events):
-        violations += [
-            (f"events[{index}].{name}", reason)
-            for name, reason in event_violations(event, limits.envelope, require_id=False)
-        ]
+    if envelope_columns(events, limits.envelope, require_id=False) is None:
+        # Some event breaks a rule: name every violation, event by event.
+        for index, event in enumerate(events):
+            violations += [
+                (f"events[{index}].{name}", reason)
+                for name, reason in event_violations(event, limits.envelope, require_id=False)
+            ]
     if violations:
         shown = violations[:_MAX_VIOLATIONS_REPORTED]
         first_field, first_reason = shown[0]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import itertools
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
@@ -24,6 +22,7 @@ from streammesh.envelope import (
     MAX_SECONDS,
     MIN_SECONDS,
     EnvelopeLimits,
+    envelope_columns,
     event_violations,
     text_problem,
     timestamp_in_range,
@@ -107,57 +106,36 @@ def batch_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns:
     return columns
 
 
-def _longest(values: Iterable[str | bytes]) -> int:
-    return max(map(len, values), default=0)
-
-
 def _fast_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns | None:
     """The columns, or None when some event might break a rule (the exact check decides)."""
     queued = batch.events
     events = [q.event for q in queued]
-    ids = [e.id for e in events]
-    keys = [e.key for e in events]
-    types = [e.type for e in events]
-    content_types = [e.content_type for e in events]
+    envelope = envelope_columns(events, limits.envelope, require_id=True)
+    if envelope is None:
+        return None
     producers = [q.producer for q in queued]
-    payloads = [e.payload for e in events]
-    envelope = limits.envelope
-    if not (all(ids) and all(keys) and all(types)):
-        return None
-    if (
-        _longest(ids) > envelope.max_id_chars
-        or _longest(keys) > envelope.max_key_chars
-        or _longest(types) > envelope.max_type_chars
-        or _longest(content_types) > envelope.max_content_type_chars
-        or _longest(producers) > limits.max_text_chars
-        or _longest(payloads) > envelope.max_payload_bytes
-    ):
-        return None
-    if "\x00" in "".join(itertools.chain(ids, keys, types, content_types, producers)):
-        return None
-    if any(event_violations(e, envelope, require_id=True) for e in events if e.attributes):
+    if max(map(len, producers), default=0) > limits.max_text_chars or "\x00" in "".join(producers):
         return None
     if not all(q.HasField("ingest_time") for q in queued):
         return None
     ingest_stamps = [q.ingest_time for q in queued]
-    event_stamps = [e.event_time if e.HasField("event_time") else None for e in events]
-    stamps = ingest_stamps + [s for s in event_stamps if s is not None]
-    seconds = [s.seconds for s in stamps]
+    seconds = [s.seconds for s in ingest_stamps]
     if min(seconds, default=0) < MIN_SECONDS or max(seconds, default=0) > MAX_SECONDS:
         return None
-    if not all(0 <= s.nanos < 1_000_000_000 for s in stamps):
+    if not all(0 <= s.nanos < 1_000_000_000 for s in ingest_stamps):
         return None
     ingest_times = [to_datetime(s) for s in ingest_stamps]
     return BatchColumns(
-        ids=ids,
-        keys=keys,
-        types=types,
+        ids=envelope.ids,
+        keys=envelope.keys,
+        types=envelope.types,
+        # Event times in range: envelope_columns checked every event that has one.
         event_times=[
-            ingest if stamp is None else to_datetime(stamp)
-            for stamp, ingest in zip(event_stamps, ingest_times, strict=True)
+            to_datetime(e.event_time) if e.HasField("event_time") else ingest
+            for e, ingest in zip(events, ingest_times, strict=True)
         ],
-        payloads=payloads,
-        content_types=[c or DEFAULT_CONTENT_TYPE for c in content_types],
+        payloads=envelope.payloads,
+        content_types=[c or DEFAULT_CONTENT_TYPE for c in envelope.content_types],
         attributes=[_json(dict(e.attributes)) if e.attributes else "{}" for e in events],
         ingest_times=ingest_times,
         producers=producers,
