@@ -52,7 +52,7 @@ proto: install ## Regenerate streammesh/api from proto/
 up: install backends ## Start the five services as local processes
 	$(BIN)/streammesh up
 
-bench: install backends ## Benchmark a stack of its own (open loop, closed loop, raw baseline; ~3 min)
+bench: install backends ## Benchmark a stack of its own (open loop, closed loop, raw baseline; ~5 min)
 	$(BIN)/streammesh bench
 
 demo: install backends ## Start the stack and run the end-to-end demo

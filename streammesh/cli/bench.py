@@ -648,8 +648,8 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
                        help="open loop: events per batch (default 100)")  # fmt: skip
     bench.add_argument("--warmup", type=_positive(float, 0, 600), default=5.0,
                        help="unmeasured load at --rate before the open loop, seconds (default 5)")  # fmt: skip
-    bench.add_argument("--closed-duration", type=_positive(float, 0.1, 3600), default=20.0,
-                       help="closed loop: seconds (default 20)")  # fmt: skip
+    bench.add_argument("--closed-duration", type=_positive(float, 0.1, 3600), default=60.0,
+                       help="closed loop: seconds (default 60: the sustained rate the target names)")  # fmt: skip
     bench.add_argument("--streams", type=_positive(int, 1, 64), default=4,
                        help="closed loop: concurrent Publish streams (default 4)")  # fmt: skip
     bench.add_argument("--window", type=_positive(int, 1, 256), default=4,
