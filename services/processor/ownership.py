@@ -123,8 +123,9 @@ _ACK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
 end
-local acked = redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HDEL', KEYS[3], ARGV[3])
+local ids = {unpack(ARGV, 3)}
+local acked = redis.call('XACK', KEYS[2], ARGV[2], unpack(ids))
+redis.call('HDEL', KEYS[3], unpack(ids))
 return acked
 """
 
@@ -299,15 +300,18 @@ class PartitionOwnership:
             await pipe.execute()
         log.info("released partitions %s", freed)
 
-    async def ack(self, partition: int, entry_id: bytes) -> bool:
-        """XACK only while the lease names us; False (and the partition dropped) otherwise."""
+    async def ack(self, partition: int, *entry_ids: bytes) -> bool:
+        """XACK the entries (and forget their failure counts) only while the lease names us,
+        all in one script; False (and the partition dropped) otherwise."""
+        if not entry_ids:
+            return True
         acked = await self._ack(
             keys=[
                 self._layout.lease_key(partition),
                 self._layout.stream(partition),
                 attempts_key(self._layout, partition),
             ],
-            args=[self._consumer, self._layout.group, entry_id],
+            args=[self._consumer, self._layout.group, *entry_ids],
         )
         if acked == -1:
             self.drop(partition, "the lease names another processor at acknowledgement")

@@ -29,6 +29,15 @@ class ProcessorSettings(ServiceSettings):
     )
     storage_target: str = Field("127.0.0.1:50055", description="storage replicas (host:port,...)")
     read_count: int = Field(32, ge=1, description="entries per partition per read")
+    store_max_events: int = Field(
+        2000, ge=1, le=10_000, description="events per StoreEvents call (consecutive entries)"
+    )
+    store_max_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=12 * 1024 * 1024,
+        description="bytes per StoreEvents call (under the 16 MiB message limit)",
+    )
     block_ms: int = Field(1000, ge=1, description="how long a read waits for new entries")
     claim_idle_ms: int = Field(
         30_000, ge=100, description="reclaim entries of owned partitions idle this long"

@@ -41,7 +41,7 @@ from services.processor.trimming import trim_partition
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.processor.v1 import processor_pb2
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
 
 __all__ = [
     "PermanentStoreError",
@@ -81,6 +81,10 @@ class WorkerConfig:
 
     read_count: int = 32
     """Entries per partition per read."""
+    store_max_events: int = 2000
+    """Consecutive entries of a partition go to storage in one call up to this many events..."""
+    store_max_bytes: int = 4 * 1024 * 1024
+    """...and this many bytes (an entry larger than either still goes alone)."""
     block_ms: int = 1000
     """How long a read of new entries waits when there are none."""
     claim_idle_ms: int = 30_000
@@ -297,53 +301,110 @@ class StreamWorker:
         await wait_event(self._stopping, self._config.retry_backoff_seconds)
 
     async def _drain(self, partition: int, entries: list[Entry]) -> _Outcome:
-        """Store and acknowledge entries in order while we hold the partition."""
-        for entry_id, fields in entries:
+        """Store and acknowledge entries in order while we hold the partition. Consecutive
+        entries go to storage in one call (their batches concatenated, which protobuf reads as
+        one batch in the same order); if that call fails for a reason other than an outage,
+        they are stored one by one, so that only the entry at fault is counted against."""
+        start = 0
+        while start < len(entries):
+            group = self._group(entries, start)
+            outcome = await self._store_together(partition, group) if len(group) > 1 else None
+            if outcome is None:
+                for entry_id, fields in group:
+                    outcome = await self._store_one(partition, entry_id, fields)
+                    if outcome is not _Outcome.DONE:
+                        return outcome
+            elif outcome is not _Outcome.DONE:
+                return outcome
+            start += len(group)
+        return _Outcome.DONE
+
+    def _group(self, entries: list[Entry], start: int) -> list[Entry]:
+        """Entries from `start` on that fit one StoreEvents call (at least one)."""
+        events = size = 0
+        end = start
+        while end < len(entries):
+            fields = entries[end][1] or {}
+            events += _event_count(fields)
+            size += len(fields.get(BATCH_FIELD, b""))
+            if end > start and (
+                events > self._config.store_max_events or size > self._config.store_max_bytes
+            ):
+                break
+            end += 1
+        return entries[start:end]
+
+    async def _store_together(self, partition: int, group: list[Entry]) -> _Outcome | None:
+        """One store and one acknowledgement for the group; None when it must be retried entry
+        by entry (a failure other than an outage)."""
+        if not self.ownership.holds(partition):
+            return _Outcome.LOST
+        try:
+            batch = b"".join(_batch_bytes(fields) for _, fields in group)
+            self._failpoint.reached("before-store")
+            result = await self._store(batch)
+            self._failpoint.reached("after-store")
+        except Exception as error:  # an outage waits; anything else is sorted out per entry
+            self.stats.store_failures += 1
+            self.stats.last_error = describe(error)
+            return _Outcome.RETRY if is_outage(error) else None
+        self.stats.batches_stored += len(group)
+        self.stats.events_stored += result.inserted
+        self.stats.events_duplicate += result.duplicates
+        if not await self.ownership.ack(partition, *(entry_id for entry_id, _ in group)):
+            return _Outcome.LOST
+        return _Outcome.DONE
+
+    async def _store_one(
+        self, partition: int, entry_id: bytes, fields: dict[bytes, bytes] | None
+    ) -> _Outcome:
+        """Store and acknowledge one entry, or count its failure (dead-lettering it past the
+        limit)."""
+        if not self.ownership.holds(partition):
+            return _Outcome.LOST
+        batch: event_pb2.QueuedBatch | None = None
+        try:
+            # The entry's bytes go to storage as they are: storage parses them anyway, and
+            # decoding here too cost the processor more than all its Redis work.
+            raw = _batch_bytes(fields)
+            self._failpoint.reached("before-store")
+            result = await self._store(raw)
+            self._failpoint.reached("after-store")
+        except Exception as failure:  # classified below: nothing is dropped unrecorded
+            error: Exception = failure
+            self.stats.store_failures += 1
+            self.stats.last_error = describe(error)
+            if is_outage(error):
+                return _Outcome.RETRY  # storage is down: wait, never count
+            # Decode only now, for the dead letter's event ids; an entry that does not
+            # decode is refused for good whatever storage said.
+            batch, error = _decoded(fields, error)
+            self.stats.counted_failures += 1
+            now_ms = int(time.time() * 1000)
+            attempts = await self._failures.fail(partition, entry_id, now_ms)
+            permanent = isinstance(error, DecodeError | PermanentStoreError)
+            if not permanent and attempts.count < self._config.max_deliveries:
+                return _Outcome.RETRY
             if not self.ownership.holds(partition):
                 return _Outcome.LOST
-            batch: event_pb2.QueuedBatch | None = None
-            try:
-                # The entry's bytes go to storage as they are: storage parses them anyway, and
-                # decoding here too cost the processor more than all its Redis work.
-                raw = _batch_bytes(fields)
-                self._failpoint.reached("before-store")
-                result = await self._store(raw)
-                self._failpoint.reached("after-store")
-            except Exception as failure:  # classified below: nothing is dropped unrecorded
-                error: Exception = failure
-                self.stats.store_failures += 1
-                self.stats.last_error = describe(error)
-                if is_outage(error):
-                    return _Outcome.RETRY  # storage is down: wait, never count
-                # Decode only now, for the dead letter's event ids; an entry that does not
-                # decode is refused for good whatever storage said.
-                batch, error = _decoded(fields, error)
-                self.stats.counted_failures += 1
-                now_ms = int(time.time() * 1000)
-                attempts = await self._failures.fail(partition, entry_id, now_ms)
-                permanent = isinstance(error, DecodeError | PermanentStoreError)
-                if not permanent and attempts.count < self._config.max_deliveries:
-                    return _Outcome.RETRY
-                if not self.ownership.holds(partition):
-                    return _Outcome.LOST
-                record = DeadLetterRecord.build(
-                    stream=self._layout.stream(partition),
-                    partition=partition,
-                    entry_id=entry_id,
-                    fields=fields,
-                    batch=batch,
-                    error=describe(error),
-                    attempts=attempts,
-                    now_ms=now_ms,
-                )
-                if not await self._dead_letter(record):
-                    return _Outcome.RETRY
-            else:
-                self.stats.batches_stored += 1
-                self.stats.events_stored += result.inserted
-                self.stats.events_duplicate += result.duplicates
-            if not await self.ownership.ack(partition, entry_id):
-                return _Outcome.LOST
+            record = DeadLetterRecord.build(
+                stream=self._layout.stream(partition),
+                partition=partition,
+                entry_id=entry_id,
+                fields=fields,
+                batch=batch,
+                error=describe(error),
+                attempts=attempts,
+                now_ms=now_ms,
+            )
+            if not await self._dead_letter(record):
+                return _Outcome.RETRY
+        else:
+            self.stats.batches_stored += 1
+            self.stats.events_stored += result.inserted
+            self.stats.events_duplicate += result.duplicates
+        if not await self.ownership.ack(partition, entry_id):
+            return _Outcome.LOST
         return _Outcome.DONE
 
     async def _dead_letter(self, record: DeadLetterRecord) -> bool:
@@ -472,3 +533,10 @@ def _decoded(
         return event_pb2.QueuedBatch.FromString(_batch_bytes(fields)), error
     except DecodeError as undecodable:
         return None, undecodable
+
+
+def _event_count(fields: dict[bytes, bytes]) -> int:
+    """The entry's event count as ingest wrote it; 1 when absent or garbled (a poison entry
+    must not break the grouping, only its own store)."""
+    count = fields.get(COUNT_FIELD, b"")
+    return int(count) if count.isdigit() else 1

@@ -23,8 +23,11 @@ FAST = WorkerConfig(
     lease_ttl_ms=400,
     heartbeat_ms=50,
     trim_interval_seconds=0,
+    store_max_events=1,
 )
-"""Small timings for tests; reclaiming is off in practice (60 s) unless a test lowers it."""
+"""Small timings for tests; reclaiming is off in practice (60 s) unless a test lowers it. One
+entry per store call, so that tests can gate, fail and count single entries; grouping has its
+own tests (test_worker.py)."""
 
 
 @pytest.fixture

@@ -188,3 +188,55 @@ def test_every_worker_setting_reaches_the_worker() -> None:
         9,
         "crash-after-store:2",
     )
+
+
+async def test_consecutive_entries_go_to_storage_in_one_call_within_the_limits(
+    redis_client: aioredis.Redis, redis_prefix: str, running: Running
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    for n in range(5):
+        await append(redis_client, layout, 0, [f"a{n}", f"b{n}"])  # 2 events per entry
+    store = RecordingStore()
+    config = dataclasses.replace(FAST, store_max_events=6)
+    running.start(StreamWorker(redis_client, layout, consumer="c1", store=store, config=config))
+
+    async def settled() -> bool:
+        return len(store.stored) == 10 and await pending(redis_client, layout) == 0
+
+    await wait_for(settled)
+    await running.stop("c1")
+    # Entries of 2 events, at most 6 events per call: 3 entries, then the 2 left.
+    assert [len(call.events) for call in store.calls] == [6, 4]
+    assert store.stored == [f"{p}{n}" for n in range(5) for p in "ab"]
+
+
+async def test_a_failing_group_is_stored_entry_by_entry_and_only_the_bad_entry_counts(
+    redis_client: aioredis.Redis, redis_prefix: str, running: Running
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    for event_id in ["g1", "bad", "g2"]:
+        await append(redis_client, layout, 0, [event_id])
+
+    class Refusing(RecordingStore):
+        async def __call__(self, raw: bytes) -> StoreResult:
+            ids = [q.event.id for q in event_pb2.QueuedBatch.FromString(raw).events]
+            if "bad" in ids:
+                raise PermanentStoreError("INVALID_ARGUMENT: bad")
+            return await super().__call__(raw)
+
+    store = Refusing()
+    config = dataclasses.replace(FAST, store_max_events=100)
+    worker = running.start(
+        StreamWorker(redis_client, layout, consumer="c1", store=store, config=config)
+    )
+
+    async def settled() -> bool:
+        return store.stored == ["g1", "g2"] and await pending(redis_client, layout) == 0
+
+    await wait_for(settled)
+    await running.stop("c1")
+    dead = await xrange_entries(redis_client, worker.dead_letter_stream)
+    assert len(dead) == 1
+    batch = event_pb2.QueuedBatch.FromString(dead[0][1][BATCH_FIELD])
+    assert [q.event.id for q in batch.events] == ["bad"]
+    assert worker.stats.dead_lettered == 1 and worker.stats.counted_failures == 1
