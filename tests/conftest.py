@@ -71,15 +71,21 @@ async def database_url() -> str:
     return url
 
 
-async def _drop_schema(database_url: str, schema: str) -> None:
+async def run_sql(database_url: str, statement: str) -> None:
+    """Run one statement on its own connection to `database_url` (clean-up outside the code
+    under test)."""
     sa_url = make_url(database_url)
     conn = await asyncpg.connect(
         host=sa_url.host, port=sa_url.port, user=sa_url.username, database=sa_url.database
     )
     try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def _drop_schema(database_url: str, schema: str) -> None:
+    await run_sql(database_url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture

@@ -9,16 +9,15 @@ import contextlib
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task
 
 
-async def _swallowing_loop(rounds: list[int], swallow: int) -> None:
-    """Loops forever; the first `swallow` cancellations are caught and dropped."""
+async def _swallowing_loop(swallowed: list[int], swallow: int) -> None:
+    """Loops forever; the first `swallow` cancellations are caught, dropped and recorded."""
     while True:
-        rounds.append(1)
         try:
             await asyncio.sleep(0.01)
         except asyncio.CancelledError:
-            if swallow == 0:
+            if len(swallowed) == swallow:
                 raise
-            swallow -= 1
+            swallowed.append(1)
 
 
 async def test_a_swallowed_cancellation_is_raised_at_the_next_round() -> None:
@@ -34,16 +33,20 @@ async def test_a_swallowed_cancellation_is_raised_at_the_next_round() -> None:
     task = asyncio.create_task(loop_with_check())
     await asyncio.sleep(0.03)
     task.cancel()
+    rounds_at_cancel = len(rounds)
     await asyncio.wait({task}, timeout=2)
     assert task.cancelled()
+    # The sleep swallowed the cancel; the check at the top of the next round ended the loop.
+    assert rounds_at_cancel > 0 and len(rounds) == rounds_at_cancel
 
 
 async def test_stop_task_cancels_again_until_the_task_ends() -> None:
-    rounds: list[int] = []
-    task = asyncio.create_task(_swallowing_loop(rounds, swallow=3))
+    swallowed: list[int] = []
+    task = asyncio.create_task(_swallowing_loop(swallowed, swallow=3))
     await asyncio.sleep(0.02)
     assert await stop_task(task, timeout=5)
     assert task.cancelled()
+    assert len(swallowed) == 3, "stop_task cancelled again after each swallowed cancel"
 
 
 async def test_stop_task_gives_up_after_its_bound() -> None:

@@ -348,9 +348,7 @@ class StreamWorker:
             self.stats.store_failures += 1
             self.stats.last_error = describe(error)
             return _Outcome.RETRY if is_outage(error) else None
-        self.stats.batches_stored += len(group)
-        self.stats.events_stored += result.inserted
-        self.stats.events_duplicate += result.duplicates
+        self._count_stored(len(group), result)
         if not await self.ownership.ack(partition, *(entry_id for entry_id, _ in group)):
             return _Outcome.LOST
         return _Outcome.DONE
@@ -400,12 +398,15 @@ class StreamWorker:
             if not await self._dead_letter(record):
                 return _Outcome.RETRY
         else:
-            self.stats.batches_stored += 1
-            self.stats.events_stored += result.inserted
-            self.stats.events_duplicate += result.duplicates
+            self._count_stored(1, result)
         if not await self.ownership.ack(partition, entry_id):
             return _Outcome.LOST
         return _Outcome.DONE
+
+    def _count_stored(self, entries: int, result: StoreResult) -> None:
+        self.stats.batches_stored += entries
+        self.stats.events_stored += result.inserted
+        self.stats.events_duplicate += result.duplicates
 
     async def _dead_letter(self, record: DeadLetterRecord) -> bool:
         """Record the entry (storage, then the stream); False leaves it pending for a retry:

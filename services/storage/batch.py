@@ -3,7 +3,7 @@
 This is storage's hot path (every event passes here), so the common case is checked a column at
 a time with builtins (`max(map(len, ...))`, one NUL search over the joined strings) instead of
 event by event in Python. Those checks are conservative: any column that might break a rule
-sends the whole batch through the exact per-event check (`event_rows`), which names every
+sends the whole batch through the exact per-event check (`_checked_columns`), which names every
 violation. Either way the same rules as ingest's apply (streammesh.envelope).
 """
 
@@ -29,7 +29,14 @@ from streammesh.envelope import (
 )
 from streammesh.mesh.errors import InvalidArgument
 
-__all__ = ["DEFAULT_CONTENT_TYPE", "Limits", "Violations", "batch_columns", "to_datetime"]
+__all__ = [
+    "DEFAULT_CONTENT_TYPE",
+    "Limits",
+    "Violations",
+    "batch_columns",
+    "checked_datetime",
+    "to_datetime",
+]
 
 DEFAULT_CONTENT_TYPE = "application/json"
 MAX_PARTITION = 2**31 - 1  # the column is a Postgres integer
@@ -90,6 +97,16 @@ def _datetime(seconds: int, micros: int) -> dt.datetime:
 def to_datetime(value: timestamp_pb2.Timestamp) -> dt.datetime:
     """Postgres keeps microseconds, so nanoseconds are truncated. The value must be in range."""
     return _datetime(value.seconds, value.nanos // 1000)
+
+
+def checked_datetime(
+    value: timestamp_pb2.Timestamp, field: str, problems: Violations
+) -> dt.datetime:
+    """Convert in range, else record a violation (and return the epoch as a placeholder)."""
+    if not timestamp_in_range(value.seconds, value.nanos):
+        problems.add(field, "outside 0001-01-01..9999-12-31 or nanos outside 0..999999999")
+        return EPOCH
+    return to_datetime(value)
 
 
 def batch_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns:
@@ -166,17 +183,14 @@ def _check_event(
         problems.add(f"batch.events[{index}].event.{name}", reason)
     problems.text(f"batch.events[{index}].producer", queued.producer, limits.max_text_chars)
     ingest_time = EPOCH
-    if not queued.HasField("ingest_time"):
-        problems.add(
-            f"batch.events[{index}].ingest_time",
-            "required: set by ingest when it accepts the event",
+    if queued.HasField("ingest_time"):
+        ingest_time = checked_datetime(
+            queued.ingest_time, f"batch.events[{index}].ingest_time", problems
         )
-    elif timestamp_in_range(queued.ingest_time.seconds, queued.ingest_time.nanos):
-        ingest_time = to_datetime(queued.ingest_time)
     else:
         problems.add(
             f"batch.events[{index}].ingest_time",
-            "outside 0001-01-01..9999-12-31 or nanos outside 0..999999999",
+            "required: set by ingest when it accepts the event",
         )
     event_time = ingest_time
     if event.HasField("event_time") and timestamp_in_range(

@@ -16,7 +16,7 @@ import re
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
-from services.storage.batch import MAX_PARTITION
+from services.storage.batch import EPOCH, MAX_PARTITION
 from services.storage.dead_letter_store import (
     DeadLetterBody,
     DeadLetterQuery,
@@ -44,10 +44,8 @@ MAX_DEAD_LETTER_PAGE = 500
 MAX_ERROR_CHARS = 4000
 """Longer error texts are cut (the processor cuts its own at 2000)."""
 _MAX_NAME_CHARS = 256
-
 _MAX_COUNT = 2**31 - 1
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _clean(text: str) -> str:
@@ -71,7 +69,7 @@ def _time(
         return now, None
     if not timestamp_in_range(value.seconds, value.nanos):
         return now, (field, "outside 0001-01-01..9999-12-31 or nanos out of range")
-    return _EPOCH + dt.timedelta(seconds=value.seconds, microseconds=value.nanos // 1000), None
+    return EPOCH + dt.timedelta(seconds=value.seconds, microseconds=value.nanos // 1000), None
 
 
 def new_dead_letter(request: storage_pb2.StoreDeadLetterRequest) -> NewDeadLetter:
@@ -145,7 +143,7 @@ def replayed_by(request: storage_pb2.MarkDeadLetterReplayedRequest) -> str:
 
 
 def _set_time(target: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
-    micros = (value - _EPOCH) // dt.timedelta(microseconds=1)
+    micros = (value - EPOCH) // dt.timedelta(microseconds=1)
     target.seconds, remainder = divmod(micros, 1_000_000)
     target.nanos = remainder * 1000
 

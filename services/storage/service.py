@@ -14,7 +14,13 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from services.storage import dead_letters
-from services.storage.batch import EPOCH, Limits, Violations, batch_columns, to_datetime
+from services.storage.batch import (
+    EPOCH,
+    Limits,
+    Violations,
+    batch_columns,
+    checked_datetime,
+)
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.paging import (
     dead_letter_scope,
@@ -26,7 +32,6 @@ from services.storage.paging import (
 from services.storage.store import EventQuery, EventStore, StoredRow
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
-from streammesh.envelope import timestamp_in_range
 from streammesh.mesh.errors import InvalidArgument, NotFound
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
@@ -39,14 +44,6 @@ MAX_PAGE_SIZE = 1000
 _ELEMENT_OVERHEAD = 8
 
 
-def _timestamp(value: timestamp_pb2.Timestamp, field: str, problems: Violations) -> dt.datetime:
-    """Convert in range, else record a violation (and return the epoch as a placeholder)."""
-    if not timestamp_in_range(value.seconds, value.nanos):
-        problems.add(field, "outside 0001-01-01..9999-12-31 or nanos outside 0..999999999")
-        return EPOCH
-    return to_datetime(value)
-
-
 def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
     problems = Violations()
     if len(event_filter.keys) > limits.max_filter_keys:
@@ -57,9 +54,9 @@ def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
     problems.text("filter.type", event_filter.type, limits.max_text_chars)
     start = end = None
     if event_filter.HasField("start_time"):
-        start = _timestamp(event_filter.start_time, "filter.start_time", problems)
+        start = checked_datetime(event_filter.start_time, "filter.start_time", problems)
     if event_filter.HasField("end_time"):
-        end = _timestamp(event_filter.end_time, "filter.end_time", problems)
+        end = checked_datetime(event_filter.end_time, "filter.end_time", problems)
     if start is not None and end is not None and end < start:
         problems.add("filter.end_time", "before start_time")
     problems.raise_if_any()

@@ -33,6 +33,7 @@ from streammesh.cli.bench_load import (
 from streammesh.cli.bench_raw import partition_templates
 from streammesh.cli.stack import StackConfig, process_alive
 from streammesh.streams import StreamLayout
+from tests.conftest import run_sql
 
 LATENCIES = ["open_loop.publish_ack_ms", "open_loop.ack_to_stored_ms"]
 FIGURES = [
@@ -199,12 +200,9 @@ async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:
         )
 
 
-@pytest.mark.slow
-async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
-    tmp_path: Path, database_url: str, redis_url: str
-) -> None:
-    run = uuid.uuid4().hex[:10]
-    config = StackConfig(
+def _stack_config(tmp_path: Path, database_url: str, redis_url: str, run: str) -> StackConfig:
+    """A stack of this test's own: its state folder, schema prefix and stream prefix."""
+    return StackConfig(
         state_dir=tmp_path / "state",
         database_url=database_url,
         db_schema_prefix=f"t_{run}_",
@@ -213,6 +211,14 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
         partitions=4,
         log_level="WARNING",
     )
+
+
+@pytest.mark.slow
+async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    run = uuid.uuid4().hex[:10]
+    config = _stack_config(tmp_path, database_url, redis_url, run)
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())
     out = tmp_path / "bench.json"
@@ -275,23 +281,9 @@ async def test_bench_cleanup_creates_a_missing_database_first(
     # A fresh machine has no `streammesh` database yet: the bench's first step (dropping what a
     # killed run left) must not fail on it.
     name = f"t_fresh_{uuid.uuid4().hex[:10]}"
-    url = make_url(database_url)
-    fresh = url.set(database=name).render_as_string(hide_password=False)
-    run = uuid.uuid4().hex[:10]
-    config = StackConfig(
-        state_dir=tmp_path / "state",
-        database_url=fresh,
-        db_schema_prefix=f"t_{run}_",
-        redis_url=redis_url,
-        stream_prefix=f"smtest:{run}:events",
-    )
+    fresh = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    config = _stack_config(tmp_path, fresh, redis_url, uuid.uuid4().hex[:10])
     try:
         await drop_bench_data(bench_stack_config(config))
     finally:
-        conn = await asyncpg.connect(
-            host=url.host, port=url.port, user=url.username, database=url.database
-        )
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        finally:
-            await conn.close()
+        await run_sql(database_url, f'DROP DATABASE IF EXISTS "{name}"')
