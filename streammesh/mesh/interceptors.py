@@ -82,7 +82,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = self._wrap(method, handler)
-        # Keyed by the methods the server hosts (unknown ones returned None above): bounded.
+        # Keyed by method: as many entries as the server hosts methods (unknown ones are None).
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 

@@ -198,6 +198,15 @@ def _wrong(outcome: Outcome) -> bool:
     return not outcome.decodable and outcome.code not in UNDECODABLE_ANSWERS
 
 
+def _summary(outcomes: Sequence[Outcome]) -> str:
+    """One line per target, method and status: how many, and the first case."""
+    groups: dict[tuple[str, str, str], list[Outcome]] = {}
+    for outcome in outcomes:
+        key = (outcome.target, outcome.method.full_name, outcome.code.name)
+        groups.setdefault(key, []).append(outcome)
+    return "\n".join(f"{len(group):4} x {group[0]}" for group in groups.values())
+
+
 def _log_problems(stack: StackConfig, name: str) -> tuple[list[str], int]:
     """Lines of the service's log at ERROR or above, with a traceback, or not JSON at all;
     and how many lines reported an undecodable request."""
@@ -240,10 +249,8 @@ async def test_fuzzed_requests_never_break_a_service(stack: StackConfig) -> None
             await channel.close()
     elapsed = time.monotonic() - started
 
-    wrong = [str(o) for o in outcomes if _wrong(o)]
-    assert not wrong, f"{len(wrong)} of {len(outcomes)} calls answered wrongly:\n" + "\n".join(
-        wrong[:30]
-    )
+    wrong = [o for o in outcomes if _wrong(o)]
+    assert not wrong, f"{len(wrong)} of {len(outcomes)} calls answered wrongly:\n" + _summary(wrong)
     # Reflection named every service each process hosts, health and reflection included.
     for name in START_ORDER:
         assert {GRPC_SERVICE[name], "grpc.health.v1.Health"} <= set(hosted[name]), hosted[name]
