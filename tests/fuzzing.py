@@ -35,6 +35,10 @@ _INVALID_UTF8 = (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\
 """A stray byte, a broken pair, a surrogate, beyond U+10FFFF, an overlong encoding."""
 
 
+_DEEP_GROUPS = b"\xbb\x3e" * 2000 + b"\xbc\x3e" * 2000
+"""Unknown field 999 as a group nested 2000 deep: a parser without a depth limit recurses."""
+
+
 @dataclass(frozen=True)
 class FuzzCase:
     """One input: what was done to it, and the bytes."""
@@ -241,13 +245,13 @@ def fuzz_cases(
     mutation_count: int,
     edge_count: int,
 ) -> list[FuzzCase]:
-    """The valid sample and the empty message, `random_count` random byte strings,
+    """The valid sample, the empty message, deeply nested groups, `random_count` random bytes,
     `mutation_count` byte-level mutations of the sample, `edge_count` valid variants with edge
     values, and the sample with invalid UTF-8 in each string field in turn (same length, so the
     message still frames and only the text is wrong)."""
     sample = sample_request(descriptor)
     valid = sample.SerializeToString()
-    cases = [FuzzCase("valid", valid), FuzzCase("empty", b"")]
+    cases = [FuzzCase("valid", valid), FuzzCase("empty", b""), FuzzCase("deep", _DEEP_GROUPS)]
     cases += [FuzzCase("random", rng.randbytes(rng.randint(1, 96))) for _ in range(random_count)]
     for _ in range(mutation_count):
         kind, data = _mutate(rng, valid)
