@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from services.auth import convert
 from services.auth.admin import Administration
@@ -25,6 +26,8 @@ __all__ = ["AdminHandlers"]
 
 _PREFIX = re.compile(r"[a-z0-9._-]{0,64}")
 _FILTER = re.compile(r"[\x20-\x7e]{0,128}")
+_KID = re.compile(r"[\x21-\x7e]{1,128}")
+"""What a kid can be; anything else (a NUL, which PostgreSQL text cannot hold) names no key."""
 
 
 def _invalid_token() -> InvalidArgument:
@@ -133,8 +136,10 @@ class AdminHandlers:
     async def RetireSigningKey(
         self, request: auth_pb2.RetireSigningKeyRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.RetireSigningKeyResponse:
-        if not 1 <= len(request.kid) <= 128:
-            raise InvalidArgument("invalid kid", field_violations=[("kid", "1 to 128 characters")])
+        if not _KID.fullmatch(request.kid):
+            raise InvalidArgument(
+                "invalid kid", field_violations=[("kid", "1 to 128 printable ASCII characters")]
+            )
         key = await self._admin.retire_key(request.kid, self._origin(context))
         return auth_pb2.RetireSigningKeyResponse(key=convert.signing_key_message(key))
 
@@ -179,8 +184,10 @@ def _audit_query(request: auth_pb2.ListAuditEventsRequest) -> AuditQuery:
         for name in ("actor", "subject", "action", "outcome")
         if not _FILTER.fullmatch(getattr(request, name))
     ]
-    start = request.start_time.ToDatetime(tzinfo=dt.UTC) if request.HasField("start_time") else None
-    end = request.end_time.ToDatetime(tzinfo=dt.UTC) if request.HasField("end_time") else None
+    start = _time(
+        request.start_time if request.HasField("start_time") else None, "start_time", violations
+    )
+    end = _time(request.end_time if request.HasField("end_time") else None, "end_time", violations)
     if start is not None and end is not None and end < start:
         violations.append(("end_time", "must not be before start_time"))
     if violations:
@@ -193,3 +200,18 @@ def _audit_query(request: auth_pb2.ListAuditEventsRequest) -> AuditQuery:
         start=start,
         end=end,
     )
+
+
+def _time(
+    value: timestamp_pb2.Timestamp | None, field: str, violations: list[tuple[str, str]]
+) -> dt.datetime | None:
+    """`value` as a datetime; None when unset, or when invalid (then `field` is named)."""
+    if value is None:
+        return None
+    try:
+        return value.ToDatetime(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
+        violations.append(
+            (field, "a valid timestamp: 0001-01-01 to 9999-12-31, nanos 0 to 999999999")
+        )
+        return None

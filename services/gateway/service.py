@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable
 
@@ -18,10 +19,12 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from streammesh.api.ingest.v1 import ingest_pb2
 from streammesh.api.storage.v1 import storage_pb2
-from streammesh.mesh.errors import from_status
+from streammesh.mesh.errors import StreamMeshError, from_status
 from streammesh.refusals import REFUSAL_LINGER_SECONDS, publish_refusal, refusal_error
 
 __all__ = ["GatewayServicer"]
+
+log = logging.getLogger(__name__)
 
 
 def assign_missing_ids(events: Iterable[event_pb2.Event]) -> None:
@@ -30,6 +33,17 @@ def assign_missing_ids(events: Iterable[event_pb2.Event]) -> None:
     for event in events:
         if not event.id:
             event.id = str(uuid.uuid4())
+
+
+def _collect_forwarder(task: asyncio.Task[None]) -> None:
+    """Take a request forwarder's outcome, so asyncio never reports it as lost. A domain error
+    (a request that did not decode) already ended the call through the interceptor; anything
+    else is a bug, logged here because nobody awaits the task."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, StreamMeshError):
+        log.error("the Publish request forwarder failed", exc_info=error)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -197,6 +211,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     await call.done_writing()
 
         forwarder = asyncio.create_task(forward_requests())
+        forwarder.add_done_callback(_collect_forwarder)
         try:
             with upstream_errors("ingest"):
                 while (reply := await call.read()) is not grpc.aio.EOF:

@@ -400,3 +400,28 @@ async def test_record_audit_event_validates(stub: Stub) -> None:
     assert violated_fields(
         await failure(stub.RecordAuditEvent(auth_pb2.RecordAuditEventRequest(), timeout=10))
     ) == {"event"}
+
+
+@pytest.mark.parametrize(
+    "bad_time",
+    [
+        timestamp_pb2.Timestamp(seconds=1, nanos=-1),
+        timestamp_pb2.Timestamp(seconds=1, nanos=2**31 - 1),
+        timestamp_pb2.Timestamp(seconds=2**62),
+        timestamp_pb2.Timestamp(seconds=-(2**62)),
+    ],
+    ids=["negative-nanos", "nanos-past-a-second", "after-9999", "before-0001"],
+)
+async def test_audit_query_with_an_invalid_timestamp_names_the_field(
+    stub: Stub, bad_time: timestamp_pb2.Timestamp
+) -> None:
+    for field in ("start_time", "end_time"):
+        query = auth_pb2.ListAuditEventsRequest()
+        getattr(query, field).CopyFrom(bad_time)
+        assert violated_fields(await failure(stub.ListAuditEvents(query))) == {field}
+
+
+@pytest.mark.parametrize("kid", ["\x00", "a\x00b", "a b", "\u00e9", "x" * 129, ""])
+async def test_retire_with_a_kid_no_key_can_have_is_invalid(stub: Stub, kid: str) -> None:
+    request = auth_pb2.RetireSigningKeyRequest(kid=kid)
+    assert violated_fields(await failure(stub.RetireSigningKey(request, timeout=10))) == {"kid"}
