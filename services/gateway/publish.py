@@ -265,8 +265,9 @@ class PublishRelay:
                 retry_after_seconds=self._limits.retry_after_seconds,
             )
         # The first attempt goes at once (after a GOAWAY the channel is already connecting);
-        # later ones back off so a restarting replica is not hammered.
-        delay = min(0.05 * 2 ** (self._failures - 2), 1.0) if self._failures > 1 else 0.0
+        # later ones back off (0.25 s doubling to 2 s: eight attempts span about the default
+        # ten seconds), so that a replica restarting has time to come back.
+        delay = min(0.25 * 2 ** (self._failures - 2), 2.0) if self._failures > 1 else 0.0
         log.info(
             "ingest stream ended (%s: %s); resuming (attempt %d) with %d batches to resend",
             ended.code.name,

@@ -102,6 +102,8 @@ class Stack:
     layout: StreamLayout
     """The streams ingest appends to (no processor runs unless a test starts one)."""
     people: dict[str, Person] = field(default_factory=dict)
+    ingest_server: MeshServer | None = None
+    """The in-process ingest, for tests that stop it."""
 
     @property
     def admin_person(self) -> Person:
@@ -297,6 +299,7 @@ async def stack(
             gateway_port=gateway.port,
             redis=redis_client,
             layout=layout,
+            ingest_server=ingest,
         )
         logins = [
             enrol_and_login(built, f"gw-{name.replace('+', '-')}-{run[:6]}", roles)
