@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
-from streammesh.client import GatewayClient
+from streammesh.client import GatewayClient, _PublishBooks
 from streammesh.refusals import STREAM_RECYCLED
 from streammesh.streams import BATCH_FIELD
 from tests.conftest import xrange_entries
@@ -128,3 +128,40 @@ async def test_a_recycled_stream_ends_with_the_documented_status(stack: Stack) -
         elif detail.Unpack(retry):
             delays.append(retry.retry_delay.ToNanoseconds())
     assert reasons == [("streammesh", STREAM_RECYCLED)] and delays == [0]
+
+
+async def test_the_sdk_raises_what_the_callers_batches_raise(stack: Stack) -> None:
+    """The SDK reads the caller's iterator in a task of its own; its failure must reach the
+    caller as it is, not as a cancelled call."""
+    run = f"age-{uuid.uuid4().hex[:8]}"
+
+    async def batches() -> AsyncIterator[list[event_pb2.Event]]:
+        for number in range(1, 4):
+            yield _events(run, number)
+        raise ValueError("the producer broke")
+
+    acked = []
+    async with GatewayClient(f"127.0.0.1:{stack.gateway_port}", stack.pki_dir / "ca.pem") as client:
+        client.access_token = stack.people["producer"].access_token
+        with pytest.raises(ValueError, match="the producer broke"):
+            async for ack in client.publish(batches(), timeout=10):
+                acked.append(ack.sequence)
+    assert acked == [1, 2, 3][: len(acked)]
+
+
+async def test_the_sdk_gives_id_less_events_an_id_before_the_first_send() -> None:
+    """A resent batch must carry the ids of its first send; the gateway would otherwise give
+    each send new ones, and a batch in flight at a recycle could be stored twice."""
+    events = [event_pb2.Event(key="age-k", type="age.test") for _ in range(3)]
+
+    async def batches() -> AsyncIterator[list[event_pb2.Event]]:
+        yield events
+
+    books = _PublishBooks(batches(), window=4)
+    request = await books._next_request()
+    assert request is not None and request.sequence == 1
+    assert len({event.id for event in request.events}) == 3 and all(
+        event.id for event in request.events
+    )
+    assert all(not event.id for event in events), "the caller's messages are left as they are"
+    assert await books._next_request() is None
