@@ -8,6 +8,11 @@ async with GatewayClient("127.0.0.1:50051", ca_file) as client:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -16,7 +21,7 @@ import grpc
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from streammesh.refusals import raise_if_refused
+from streammesh.refusals import is_recycled, raise_if_refused
 
 __all__ = ["GatewayClient"]
 
@@ -36,6 +41,8 @@ class GatewayClient:
         """AdminService stub; pass `metadata=client.bearer()` with an admin's token."""
         self.access_token = ""
         self.refresh_token = ""
+        self.recycled_streams = 0
+        """Publish streams the gateway recycled and publish() re-opened (for monitoring)."""
 
     async def __aenter__(self) -> GatewayClient:
         return self
@@ -124,25 +131,35 @@ class GatewayClient:
         self.refresh_token = tokens.refresh_token
 
     async def publish(
-        self, batches: AsyncIterable[Sequence[event_pb2.Event]], *, timeout: float | None = None
+        self,
+        batches: AsyncIterable[Sequence[event_pb2.Event]],
+        *,
+        timeout: float | None = None,
+        window: int = 64,
     ) -> AsyncIterator[gateway_pb2.PublishResponse]:
-        """Stream batches; yields one acknowledgement per batch, in order. A refused batch
-        raises grpc.aio.AioRpcError with the refusal's status (code, message, details) and
-        ends the stream: nothing from that batch on was accepted."""
+        """Stream batches; yields one acknowledgement per batch, in order, with sequences 1, 2,
+        ... At most `window` batches are in flight. A refused batch raises
+        grpc.aio.AioRpcError with the refusal's status (code, message, details) and ends the
+        stream: nothing from that batch on was accepted.
 
-        async def requests() -> AsyncIterator[gateway_pb2.PublishRequest]:
-            sequence = 0
-            async for batch in batches:
-                sequence += 1
-                yield gateway_pb2.PublishRequest(sequence=sequence, events=batch)
-
-        call = self._stub.Publish(requests(), metadata=self._auth(), timeout=timeout)
+        Events without an id get one here, before the first attempt, so that a resend cannot
+        store them twice. When the gateway recycles the stream (UNAVAILABLE with ErrorInfo
+        reason STREAM_RECYCLED; see the README's Durability section), a new stream is opened
+        at once and the batches not acknowledged are resent with the same sequences and ids:
+        the caller sees neither. `timeout` bounds the whole publication."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        books = _PublishBooks(batches, window)
         try:
-            async for ack in call:
-                raise_if_refused(ack)
-                yield ack
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                call = self._stub.Publish(metadata=self._auth(), timeout=remaining)
+                async for ack in books.stream(call):
+                    yield ack
+                if books.finished:
+                    return
+                self.recycled_streams += 1
         finally:
-            call.cancel()  # a no-op once the stream ended; after a refusal it stops our writes
+            books.close()
 
     async def publish_batch(
         self, events: Sequence[event_pb2.Event]
@@ -182,3 +199,100 @@ class GatewayClient:
             token = page.next_page_token
             if not token:
                 return
+
+
+class _PublishBooks:
+    """What one publish() call sent and what is not acknowledged yet, across the streams it
+    takes. The caller's iterator is read through one pending `anext` that outlives a stream,
+    so a stream ending while a batch is being produced never loses or repeats it."""
+
+    def __init__(self, batches: AsyncIterable[Sequence[event_pb2.Event]], window: int) -> None:
+        self._source = aiter(batches)
+        self._window = max(1, window)
+        self._unacked: deque[gateway_pb2.PublishRequest] = deque()
+        self._room = asyncio.Event()
+        self._pull: asyncio.Future[Sequence[event_pb2.Event] | None] | None = None
+        self._sequence = 0
+        self._exhausted = False
+        self.finished = False
+
+    def close(self) -> None:
+        """Stop a pending read of the caller's iterator (the caller stopped consuming)."""
+        if self._pull is not None:
+            self._pull.cancel()
+
+    async def _next(self) -> Sequence[event_pb2.Event] | None:
+        try:
+            return await anext(self._source)
+        except StopAsyncIteration:
+            return None
+
+    async def _next_request(self) -> gateway_pb2.PublishRequest | None:
+        if self._exhausted:
+            return None
+        if self._pull is None:
+            self._pull = asyncio.ensure_future(self._next())
+        # Shielded: cancelling this stream's writer must not cancel the caller's generator.
+        batch = await asyncio.shield(self._pull)
+        self._pull = None
+        if batch is None:
+            self._exhausted = True
+            return None
+        self._sequence += 1
+        request = gateway_pb2.PublishRequest(sequence=self._sequence, events=batch)
+        for event in request.events:
+            if not event.id:
+                event.id = str(uuid.uuid4())
+        return request
+
+    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
+        # A write that fails means the stream ended: the reader gets its status. Anything else
+        # (the caller's iterator raised) fails the task, and the done callback ends the call.
+        with contextlib.suppress(
+            grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
+        ):
+            for request in list(self._unacked):
+                await call.write(request)
+            while True:
+                while len(self._unacked) >= self._window:
+                    self._room.clear()
+                    await self._room.wait()
+                pulled = await self._next_request()
+                if pulled is None:
+                    await call.done_writing()
+                    return
+                self._unacked.append(pulled)
+                await call.write(pulled)
+
+    async def stream(
+        self, call: grpc.aio.StreamStreamCall
+    ) -> AsyncIterator[gateway_pb2.PublishResponse]:
+        """Resend what is unacknowledged on `call`, then go on with new batches; yields the
+        acknowledgements. Sets `finished` when everything was sent and acknowledged; returns
+        without it when the gateway recycled the stream."""
+        writer = asyncio.ensure_future(self._write(call))
+
+        def end_call_if_failed(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                call.cancel()
+
+        writer.add_done_callback(end_call_if_failed)
+        try:
+            while (ack := await call.read()) is not grpc.aio.EOF:
+                if ack.HasField("refusal") and is_recycled(ack.refusal):
+                    return
+                raise_if_refused(ack)
+                self._unacked.popleft()
+                self._room.set()
+                yield ack
+            self.finished = True
+        except grpc.aio.AioRpcError:
+            failure = writer.exception() if writer.done() and not writer.cancelled() else None
+            if failure is not None:
+                raise failure from None  # the caller's iterator failed, not the stream
+            raise
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            call.cancel()  # a no-op once the stream ended; else it stops our writes

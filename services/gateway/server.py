@@ -8,6 +8,7 @@ import asyncio
 from services.gateway.access import AccessGuard
 from services.gateway.admin import AdminServicer
 from services.gateway.audit import AuditTrail
+from services.gateway.publish import RelayLimits
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import JwksCache, TokenVerifier
@@ -22,7 +23,18 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 
-__all__ = ["create_audit_trail", "create_server", "main", "serve"]
+__all__ = ["create_audit_trail", "create_server", "main", "relay_limits", "serve"]
+
+
+def relay_limits(settings: GatewaySettings) -> RelayLimits:
+    """The Publish relay's window, resume bounds and stream age, from the settings."""
+    return RelayLimits(
+        window_batches=settings.publish_window_batches,
+        window_bytes=settings.publish_window_bytes,
+        resume_attempts=settings.publish_resume_attempts,
+        resume_seconds=settings.publish_resume_seconds,
+        stream_max_age=settings.publish_stream_max_age_seconds,
+    )
 
 
 def create_audit_trail(settings: GatewaySettings, upstreams: Upstreams) -> AuditTrail:
@@ -52,7 +64,7 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
             ServiceBinding(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(upstreams),
+                GatewayServicer(upstreams, relay_limits(settings)),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],

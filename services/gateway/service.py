@@ -3,54 +3,28 @@ internal service that owns the call, and attach the caller as producer where it 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 
 from services.gateway.access import current_principal
+from services.gateway.publish import PublishRelay, RelayLimits, assign_missing_ids
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
-from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from streammesh.api.ingest.v1 import ingest_pb2
 from streammesh.api.storage.v1 import storage_pb2
-from streammesh.mesh.errors import StreamMeshError, from_status
-from streammesh.refusals import REFUSAL_LINGER_SECONDS, publish_refusal, refusal_error
 
 __all__ = ["GatewayServicer"]
-
-log = logging.getLogger(__name__)
-
-
-def assign_missing_ids(events: Iterable[event_pb2.Event]) -> None:
-    """Give id-less events an id here, before the first attempt, so the automatic retry of
-    PublishBatch (and a client's re-send of an unacknowledged batch) cannot store them twice."""
-    for event in events:
-        if not event.id:
-            event.id = str(uuid.uuid4())
-
-
-def _collect_forwarder(task: asyncio.Task[None]) -> None:
-    """Take a request forwarder's outcome, so asyncio never reports it as lost. A domain error
-    (a request that did not decode) already ended the call through the interceptor; anything
-    else is a bug, logged here because nobody awaits the task."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None and not isinstance(error, StreamMeshError):
-        log.error("the Publish request forwarder failed", exc_info=error)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API: account calls go to auth, publishing to ingest, reads to storage."""
 
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Upstreams, limits: RelayLimits) -> None:
         self._up = upstreams
+        self._limits = limits
 
     async def Register(
         self, request: gateway_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -182,52 +156,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         request_iterator: AsyncIterator[gateway_pb2.PublishRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[gateway_pb2.PublishResponse]:
-        # One ingest stream per client stream: batches flow on without waiting for each ack, and
-        # acks come back in order. If ingest fails mid-stream the client sees its status and
-        # re-sends what was not acknowledged (event ids make that safe). A refusal is passed on
-        # as a message first, then the stream ends once the client half-closed (see
-        # streammesh.refusals).
-        producer = current_principal().subject
-        call = self._up.ingest.Publish(timeout=call_timeout(context))
-        ending = asyncio.Event()
-
-        async def forward_requests() -> None:
-            forwarding = True
-            # Read the client to its half-close even after forwarding stopped: that is what
-            # the refusal's linger waits for.
-            async for request in request_iterator:
-                if not forwarding or ending.is_set() or call.done():
-                    forwarding = False
-                    continue
-                internal = convert(request, ingest_pb2.PublishRequest)
-                internal.producer = producer
-                assign_missing_ids(internal.events)
-                try:
-                    await call.write(internal)
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError):
-                    forwarding = False  # the ingest call ended; the reader reports why
-            if forwarding:
-                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                    await call.done_writing()
-
-        forwarder = asyncio.create_task(forward_requests())
-        forwarder.add_done_callback(_collect_forwarder)
-        try:
-            with upstream_errors("ingest"):
-                while (reply := await call.read()) is not grpc.aio.EOF:
-                    if reply.HasField("refusal"):
-                        ending.set()
-                        call.cancel()  # nothing more goes to ingest; the refusal is in hand
-                        error = refusal_error(reply.refusal, service="ingest")
-                        yield gateway_pb2.PublishResponse(
-                            refusal=publish_refusal(reply.refusal.sequence, error)
-                        )
-                        await asyncio.wait({forwarder}, timeout=REFUSAL_LINGER_SECONDS)
-                        raise error
-                    yield convert(reply, gateway_pb2.PublishResponse)
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                raise from_status(code, await call.details(), service="ingest")
-        finally:
-            forwarder.cancel()
-            call.cancel()
+        # Batches flow on without waiting for each ack, and acks come back in order. The
+        # relay carries the stream over new ingest streams when one ends (max connection age,
+        # a replica restarting), and recycles the client's stream at its maximum age; a
+        # refusal is passed on as a message first (see services.gateway.publish).
+        relay = PublishRelay(
+            lambda: self._up.ingest.Publish(timeout=call_timeout(context)),
+            self._limits,
+            producer=current_principal().subject,
+        )
+        with upstream_errors("ingest"):
+            async for reply in relay.relay(request_iterator):
+                yield reply

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from streammesh.mesh.settings import ServiceSettings
 
-__all__ = ["GatewaySettings"]
+__all__ = ["RECYCLE_MARGIN_SECONDS", "GatewaySettings"]
+
+RECYCLE_MARGIN_SECONDS = 10.0
+"""The listener's grace must outlast a Publish stream's maximum age by this much: the recycle
+waits up to 5 s for ingest's acknowledgements and 2 s for the client's half-close."""
 
 
 class GatewaySettings(ServiceSettings):
@@ -43,3 +49,54 @@ class GatewaySettings(ServiceSettings):
         description="refused calls waiting to be recorded at auth; more are dropped and counted",
     )
     audit_timeout_seconds: float = Field(2, gt=0, description="per RecordAuditEvent call to auth")
+    max_connection_age_grace_seconds: float = Field(
+        330,
+        ge=1,
+        description="calls still open on a connection that got its max-age GOAWAY are cut "
+        "this long after it. On the gateway it must exceed publish_stream_max_age_seconds by "
+        f"{RECYCLE_MARGIN_SECONDS:.0f} s, so a Publish stream is recycled before it is cut",
+    )
+    publish_stream_max_age_seconds: float = Field(
+        300,
+        ge=1,
+        description="a client's Publish stream is ended at this age with UNAVAILABLE, ErrorInfo "
+        "reason STREAM_RECYCLED and RetryInfo 0, once ingest acknowledged what was in flight; "
+        "the client re-opens it (on a new connection once its own got GOAWAY) and resends what "
+        "was not acknowledged",
+    )
+    publish_window_batches: int = Field(
+        256,
+        ge=1,
+        description="per Publish stream: forwarded batches ingest has not acknowledged yet, kept "
+        "for resending when an ingest stream ends; the client is not read while it is full",
+    )
+    publish_window_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="per Publish stream: their size, at most (one batch always fits)",
+    )
+    publish_resume_attempts: int = Field(
+        8,
+        ge=0,
+        description="ingest streams ended with UNAVAILABLE (max connection age, a replica "
+        "restarting) are re-opened and the unacknowledged batches resent; after this many "
+        "attempts in a row without an acknowledgement the client's stream ends with UNAVAILABLE",
+    )
+    publish_resume_seconds: float = Field(
+        10,
+        gt=0,
+        description="... or after this many seconds of such attempts",
+    )
+
+    @model_validator(mode="after")
+    def _recycled_before_cut(self) -> Self:
+        if (
+            self.max_connection_age_grace_seconds
+            < self.publish_stream_max_age_seconds + RECYCLE_MARGIN_SECONDS
+        ):
+            raise ValueError(
+                "max_connection_age_grace_seconds must be at least publish_stream_max_age_seconds "
+                f"+ {RECYCLE_MARGIN_SECONDS:.0f}, or Publish streams are cut before they are "
+                "recycled"
+            )
+        return self

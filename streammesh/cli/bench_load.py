@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from sqlalchemy.engine import make_url
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
-from streammesh.refusals import raise_if_refused
+from streammesh.refusals import is_recycled, raise_if_refused
 from streammesh.streams import StreamLayout
 from streammesh.wire import varint_field
 
@@ -178,6 +179,8 @@ class OpenLoopResult:
     ack_time: list[float]
     ack_wall: list[float]
     acked: int = 0
+    recycled: int = 0
+    """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
 
     @property
     def acked_batches(self) -> int:
@@ -208,7 +211,8 @@ async def open_loop(
 ) -> OpenLoopResult:
     """Send batch k at t0 + k*batch/rate on one Publish stream, never waiting for acks (they are
     read by a second task), so a slow ack cannot delay the schedule, and every latency counts
-    from the intended send time: a stall is charged to each batch that should have gone out."""
+    from the intended send time: a stall is charged to each batch that should have gone out.
+    A stream the gateway recycles is re-opened and its unacknowledged batches resent."""
     loop = asyncio.get_running_loop()
     batch_size = templates[0].events
     batches = max(1, round(rate * duration / batch_size))
@@ -226,27 +230,52 @@ async def open_loop(
         ack_time=[nan] * batches,
         ack_wall=[nan] * batches,
     )
-    call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
+    in_flight: deque[int] = deque()  # batches written and not acknowledged, in order
+    written = [0]  # batches written at least once (a writer may be cancelled while waiting)
 
-    async def write() -> None:
-        for k in range(batches):
+    def message(k: int) -> bytes:
+        return _sequence_field(k + 1) + templates[k % len(templates)].stamp(k)
+
+    async def write(call: Any) -> None:
+        for k in list(in_flight):  # after a recycled stream: resend, in order
+            await call.write(message(k))
+        while (k := written[0]) < batches:
             delay = result.intended[k] - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             result.send_lag[k] = loop.time() - result.intended[k]
-            await call.write(_sequence_field(k + 1) + templates[k % len(templates)].stamp(k))
+            in_flight.append(k)
+            written[0] += 1
+            await call.write(message(k))
         await call.done_writing()
 
-    async def read() -> None:
+    async def read(call: Any) -> None:
         while (reply := await call.read()) is not grpc.aio.EOF:
-            raise_if_refused(reply)
+            _raise_if_ended(reply)
             k = reply.sequence - 1
+            in_flight.popleft()
             result.ack_time[k] = loop.time()
             result.ack_wall[k] = time.time()
             result.acked += reply.accepted
 
-    await _run_stream(call, [write(), read()], deadline=t0 + duration + drain_timeout)
-    return result
+    deadline = t0 + duration + drain_timeout
+    while True:
+        call = publish(metadata=metadata, timeout=max(1.0, deadline - loop.time() + 30))
+        try:
+            await _run_stream(call, [write(call), read(call)], deadline=deadline)
+            return result
+        except _Recycled:
+            result.recycled += 1
+
+
+class _Recycled(Exception):
+    """The gateway recycled the stream (STREAM_RECYCLED): re-open it and resend."""
+
+
+def _raise_if_ended(reply: gateway_pb2.PublishResponse) -> None:
+    if reply.HasField("refusal") and is_recycled(reply.refusal):
+        raise _Recycled
+    raise_if_refused(reply)
 
 
 async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> None:
@@ -261,6 +290,8 @@ async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> N
             tasks, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_EXCEPTION
         )
         failure = next((t.exception() for t in done if t.exception() is not None), None)
+        if isinstance(failure, _Recycled):
+            raise failure
         if isinstance(failure, grpc.aio.AioRpcError):
             detail = f"{failure.code().name}: {failure.details()}"
         elif failure is not None:  # a write after the call ended: ask the call why it ended
@@ -288,6 +319,8 @@ class ClosedLoopResult:
     last_ack: float = 0.0
     ack_latencies_ms: list[float] = field(default_factory=list)
     """Send-to-ack per batch (closed loop: queueing in the window is not included)."""
+    recycled: int = 0
+    """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
 
 
 async def closed_loop(
@@ -302,7 +335,8 @@ async def closed_loop(
     max_events: int = 50_000_000,
 ) -> ClosedLoopResult:
     """`streams` Publish streams, each keeping `window` batches in flight, for `duration`
-    seconds: a new batch goes out as soon as an ack frees a slot."""
+    seconds: a new batch goes out as soon as an ack frees a slot. A stream the gateway recycles
+    is re-opened and its unacknowledged batches resent."""
     loop = asyncio.get_running_loop()
     batch_size = templates[0].events
     numbers = itertools.count()
@@ -311,26 +345,32 @@ async def closed_loop(
     stop_at = result.started + duration
 
     async def one_stream() -> None:
-        call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
         slots = asyncio.Semaphore(window)
         sent_at: dict[int, float] = {}
+        in_flight: deque[tuple[int, int]] = deque()  # (sequence, batch number), in order
+        sequences = itertools.count(1)
 
-        async def write() -> None:
-            sequence = 0
+        def message(sequence: int, n: int) -> bytes:
+            return _sequence_field(sequence) + templates[n % len(templates)].stamp(n)
+
+        async def write(call: Any) -> None:
+            for sequence, n in list(in_flight):  # after a recycled stream: resend, in order
+                await call.write(message(sequence, n))
             while loop.time() < stop_at and result.sent_batches < max_batches:
                 await slots.acquire()
                 if loop.time() >= stop_at:
                     break
-                n = next(numbers)
-                sequence += 1
+                n, sequence = next(numbers), next(sequences)
                 result.sent_batches += 1
                 sent_at[sequence] = loop.time()
-                await call.write(_sequence_field(sequence) + templates[n % len(templates)].stamp(n))
+                in_flight.append((sequence, n))
+                await call.write(message(sequence, n))
             await call.done_writing()
 
-        async def read() -> None:
+        async def read(call: Any) -> None:
             while (reply := await call.read()) is not grpc.aio.EOF:
-                raise_if_refused(reply)
+                _raise_if_ended(reply)
+                in_flight.popleft()
                 now = loop.time()
                 result.ack_latencies_ms.append((now - sent_at.pop(reply.sequence)) * 1000)
                 result.acked += reply.accepted
@@ -338,7 +378,13 @@ async def closed_loop(
                 result.last_ack = max(result.last_ack, now)
                 slots.release()
 
-        await _run_stream(call, [write(), read()], deadline=stop_at + drain_timeout)
+        while True:
+            call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
+            try:
+                await _run_stream(call, [write(call), read(call)], deadline=stop_at + drain_timeout)
+                return
+            except _Recycled:
+                result.recycled += 1
 
     await together(*(one_stream() for _ in range(streams)))
     return result

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 __all__ = [
+    "ERROR_DOMAIN",
     "STATUS_DETAILS_KEY",
     "AlreadyExists",
     "DeadlineExceeded",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+ERROR_DOMAIN = "streammesh"
+"""The google.rpc.ErrorInfo domain of the reasons StreamMesh documents."""
 
 
 class StreamMeshError(Exception):
@@ -48,11 +51,15 @@ class StreamMeshError(Exception):
         *,
         field_violations: Sequence[tuple[str, str]] = (),
         retry_after_seconds: float | None = None,
+        error_reason: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
         self.field_violations = tuple(field_violations)
         self.retry_after_seconds = retry_after_seconds
+        self.error_reason = error_reason
+        """A documented google.rpc.ErrorInfo reason (UPPER_SNAKE_CASE) clients may act on;
+        sent to the client, unlike the audit reasons some subclasses keep."""
 
 
 class InvalidArgument(StreamMeshError):
@@ -120,8 +127,13 @@ _BY_CODE: dict[grpc.StatusCode, type[StreamMeshError]] = {
 
 
 def status_proto(error: StreamMeshError) -> status_pb2.Status:
-    """The error as a google.rpc.Status: code, message, BadRequest and RetryInfo details."""
+    """The error as a google.rpc.Status: code, message, ErrorInfo, BadRequest and RetryInfo
+    details."""
     status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
+    if error.error_reason:
+        status.details.add().Pack(
+            error_details_pb2.ErrorInfo(reason=error.error_reason, domain=ERROR_DOMAIN)
+        )
     if error.field_violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[

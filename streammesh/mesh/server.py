@@ -61,8 +61,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         # Recycle long-lived connections so round_robin clients spread over new replicas.
-        ("grpc.max_connection_age_ms", 300_000),
-        ("grpc.max_connection_age_grace_ms", 30_000),
+        ("grpc.max_connection_age_ms", round(settings.max_connection_age_seconds * 1000)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            round(settings.max_connection_age_grace_seconds * 1000),
+        ),
         # Two processes must never share a port silently (gRPC enables SO_REUSEPORT by default).
         ("grpc.so_reuseport", 0),
     ]

@@ -48,6 +48,18 @@ class ServiceSettings(BaseSettings):
     trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain")
     grace_seconds: float = Field(5.0, ge=0, description="drain time on SIGTERM")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="per message, both ways")
+    max_connection_age_seconds: float = Field(
+        300,
+        ge=1,
+        description="the listener sends GOAWAY to a connection this old (grpc adds +-10% jitter), "
+        "so that round_robin clients spread over new replicas; new calls go to a new connection",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        30,
+        ge=1,
+        description="calls still open on a connection that got its max-age GOAWAY are cut "
+        "(UNAVAILABLE) this long after it",
+    )
     log_level: str = Field("INFO", description="root log level")
     log_json: bool = Field(True, description="one JSON object per log line")
 

@@ -25,6 +25,7 @@ from streammesh.cli.bench_load import (
     BenchError,
     _sequence_field,
     batch_number,
+    closed_loop,
     make_events,
     open_loop,
     percentiles,
@@ -32,6 +33,7 @@ from streammesh.cli.bench_load import (
 )
 from streammesh.cli.bench_raw import partition_templates
 from streammesh.cli.stack import StackConfig, process_alive
+from streammesh.refusals import publish_refusal, recycled
 from streammesh.streams import StreamLayout
 from tests.conftest import run_sql
 
@@ -118,9 +120,17 @@ class _FakeIngest:
     each, `stall` more at sequence `stall_at`; or failing with `fail` at the first batch."""
 
     def __init__(
-        self, work: float, stall_at: int = 0, stall: float = 0.0, fail: Exception | None = None
+        self,
+        work: float,
+        stall_at: int = 0,
+        stall: float = 0.0,
+        fail: Exception | None = None,
+        recycle_after: int = 0,
     ) -> None:
         self.work, self.stall_at, self.stall, self.fail = work, stall_at, stall, fail
+        self.recycle_after = recycle_after
+        """Acknowledge this many batches per stream, then end it as the gateway recycles one."""
+        self.acked: list[int] = []
 
     def __call__(self, *, metadata: Any, timeout: float) -> _FakeCall:
         return _FakeCall(self)
@@ -131,6 +141,7 @@ class _FakeCall:
         self._spec = spec
         self._requests: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
+        self._served = 0
         self._worker = asyncio.ensure_future(self._serve())
 
     async def _serve(self) -> None:
@@ -145,6 +156,13 @@ class _FakeCall:
                 sequence=request.sequence, accepted=len(request.events)
             )
             await self._replies.put(reply)
+            self._spec.acked.append(request.sequence)
+            self._served += 1
+            if self._served == self._spec.recycle_after:
+                await self._replies.put(
+                    gateway_pb2.PublishResponse(refusal=publish_refusal(0, recycled()))
+                )
+                return
         await self._replies.put(grpc.aio.EOF)
 
     async def write(self, data: bytes) -> None:
@@ -180,6 +198,22 @@ async def test_open_loop_charges_a_stall_to_every_batch_scheduled_behind_it() ->
     assert percentiles(latencies, 50)[0] < 100
     assert max(latencies) >= 300
     assert sum(1 for latency in latencies if latency > 100) >= 8
+
+
+async def test_open_and_closed_loops_follow_a_recycled_stream() -> None:
+    # The gateway ends a stream after every 7 acknowledgements: the loops re-open it and resend
+    # what was in flight, so each batch is acknowledged exactly once and no error is raised.
+    templates = request_templates([_events(10)])
+    ingest = _FakeIngest(work=0.001, recycle_after=7)
+    opened = await open_loop(ingest, (), templates, rate=2000, duration=0.25, drain_timeout=5)
+    assert opened.acked_batches == opened.batches == 50 and opened.recycled == 7
+    assert sorted(ingest.acked) == list(range(1, 51))
+    ingest = _FakeIngest(work=0.001, recycle_after=7)
+    closed = await closed_loop(
+        ingest, (), templates, streams=2, window=3, duration=0.3, drain_timeout=5
+    )
+    assert closed.recycled >= 2 and closed.acked_batches == closed.sent_batches
+    assert closed.acked == 10 * closed.sent_batches
 
 
 async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:

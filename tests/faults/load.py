@@ -9,7 +9,8 @@ the order in which batches were first sent. Two kinds of producer:
 - unary: one PublishBatch call at a time; the next batch only after this one is acknowledged or
   given up;
 - streaming: a Publish stream with up to `window` batches in flight, acknowledged in order. When
-  the stream fails, a new one re-sends every unacknowledged batch, in order, before new ones.
+  the stream fails, or the gateway recycles it (STREAM_RECYCLED, not counted as a failure), a new
+  one re-sends every unacknowledged batch, in order, before new ones.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from streammesh.refusals import raise_if_refused
+from streammesh.refusals import is_recycled, raise_if_refused
 from streammesh.streams import StreamLayout
 
 __all__ = ["LoadGenerator", "LoadReport", "keys_over_partitions", "retry_delay"]
@@ -84,6 +85,8 @@ class LoadReport:
     """RetryInfo delays received with RESOURCE_EXHAUSTED."""
     exhausted_without_retry_info: int = 0
     streams_opened: int = 0
+    streams_recycled: int = 0
+    """Publish streams the gateway ended with STREAM_RECYCLED (re-opened at once)."""
     seconds: float = 0.0
 
     @property
@@ -98,6 +101,7 @@ class LoadReport:
             "batches_acked": self.batches_acked,
             "attempts": self.attempts,
             "streams": self.streams_opened,
+            "recycled": self.streams_recycled,
             "errors": dict(self.errors),
             "seconds": round(self.seconds, 2),
         }
@@ -288,6 +292,11 @@ class LoadGenerator:
                 await self._stream_once(stub, unacked, producing, new_batch, hard_end)
                 return
             except grpc.aio.AioRpcError as error:
+                if is_recycled(error):
+                    # The gateway's documented end of a long stream: not a failure; re-open
+                    # at once and resend what was not acknowledged.
+                    report.streams_recycled += 1
+                    continue
                 failures = 0 if report.batches_acked > acked_before else failures + 1
                 delay = self._failed(error, failures, "Publish")
             except TimeoutError:

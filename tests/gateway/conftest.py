@@ -102,6 +102,8 @@ class Stack:
     layout: StreamLayout
     """The streams ingest appends to (no processor runs unless a test starts one)."""
     people: dict[str, Person] = field(default_factory=dict)
+    ingest_server: MeshServer | None = None
+    """The in-process ingest, for tests that stop it."""
 
     @property
     def admin_person(self) -> Person:
@@ -193,8 +195,8 @@ async def stack(
     redis_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
-    """The stack of this module; a module may set GATEWAY_SETTINGS (a dict) to override the
-    gateway's settings."""
+    """The stack of this module; a module may set GATEWAY_SETTINGS and INGEST_SETTINGS (dicts)
+    to override the gateway's and ingest's settings."""
     run = uuid.uuid4().hex[:12]
     auth_schema, storage_schema = f"t_{run}_auth", f"t_{run}_storage"
     redis_prefix = f"smtest:{run}:"
@@ -228,7 +230,13 @@ async def stack(
         await layout.ensure_group(redis_client)
         ingest = await _started(
             create_ingest_server(
-                IngestSettings(port=0, tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, partitions=2),
+                IngestSettings(
+                    port=0,
+                    tls_dir=pki_dir,
+                    trust_domain=TRUST_DOMAIN,
+                    partitions=2,
+                    **getattr(request.module, "INGEST_SETTINGS", {}),
+                ),
                 IngestDeps(redis_client, layout),
             ),
             exit_stack,
@@ -291,6 +299,7 @@ async def stack(
             gateway_port=gateway.port,
             redis=redis_client,
             layout=layout,
+            ingest_server=ingest,
         )
         logins = [
             enrol_and_login(built, f"gw-{name.replace('+', '-')}-{run[:6]}", roles)

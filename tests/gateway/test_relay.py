@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from services.gateway.publish import assign_missing_ids
 from services.gateway.relay import convert
-from services.gateway.service import assign_missing_ids
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.ingest.v1 import ingest_pb2

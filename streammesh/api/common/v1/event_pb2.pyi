@@ -234,6 +234,9 @@ Global___EventFilter: _TypeAlias = EventFilter  # noqa: Y015
 class PublishRefusal(_message.Message):
     """The last message of a Publish stream that refused a batch. Nothing of that batch, or of any
     batch sent after it on the stream, was accepted; batches acknowledged before it stay accepted.
+    A stream the gateway recycles or cannot carry on (code UNAVAILABLE) ends the same way: then the
+    batches not acknowledged may or may not have been accepted, and are resent with the same ids
+    (see GatewayService.Publish; sequence is 0 for a recycled stream).
     The stream then ends with the same status once the client half-closes or cancels (or after a
     short linger), so a client that ignores this field still sees the error. Reading it here keeps
     the status exact for a client that is still writing, where grpcio's asyncio client can report

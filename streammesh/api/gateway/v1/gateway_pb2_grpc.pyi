@@ -56,6 +56,18 @@ class GatewayServiceStub:
     Publish: _grpc.StreamStreamMultiCallable[_gateway_pb2.PublishRequest, _gateway_pb2.PublishResponse]
     """Publish streams batches of events; each batch is acknowledged in order once durably queued.
     Role: producer.
+
+    A long stream is recycled: at the gateway's publish stream maximum age (300 s by default) the
+    gateway stops taking new batches, acknowledges every batch in flight, and sends a last message
+    whose `refusal` has code 14 (UNAVAILABLE), sequence 0, and in `status_details` a
+    google.rpc.ErrorInfo with domain "streammesh" and reason "STREAM_RECYCLED" plus a RetryInfo
+    of 0 s; the stream then ends with that status. Re-open the stream at once and resend every
+    batch not acknowledged before that message, with the same event ids: ids make a resend
+    idempotent, so nothing is stored twice. (The gateway's connection to the client is about to
+    reach its maximum age; the new stream goes over a new connection.) Any other UNAVAILABLE
+    ending, for example ingest unreachable after the gateway's own bounded retries, carries a
+    RetryInfo: resend the unacknowledged batches after that delay. Ingest's connection recycling
+    and restarts are handled by the gateway and never end the client's stream.
     """
     PublishBatch: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.PublishBatchRequest, _gateway_pb2.PublishBatchResponse]
     """PublishBatch publishes one batch. Role: producer."""
@@ -92,6 +104,18 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     Publish: _aio.StreamStreamMultiCallable[_gateway_pb2.PublishRequest, _gateway_pb2.PublishResponse]  # type: ignore[assignment]
     """Publish streams batches of events; each batch is acknowledged in order once durably queued.
     Role: producer.
+
+    A long stream is recycled: at the gateway's publish stream maximum age (300 s by default) the
+    gateway stops taking new batches, acknowledges every batch in flight, and sends a last message
+    whose `refusal` has code 14 (UNAVAILABLE), sequence 0, and in `status_details` a
+    google.rpc.ErrorInfo with domain "streammesh" and reason "STREAM_RECYCLED" plus a RetryInfo
+    of 0 s; the stream then ends with that status. Re-open the stream at once and resend every
+    batch not acknowledged before that message, with the same event ids: ids make a resend
+    idempotent, so nothing is stored twice. (The gateway's connection to the client is about to
+    reach its maximum age; the new stream goes over a new connection.) Any other UNAVAILABLE
+    ending, for example ingest unreachable after the gateway's own bounded retries, carries a
+    RetryInfo: resend the unacknowledged batches after that delay. Ingest's connection recycling
+    and restarts are handled by the gateway and never end the client's stream.
     """
     PublishBatch: _aio.UnaryUnaryMultiCallable[_gateway_pb2.PublishBatchRequest, _gateway_pb2.PublishBatchResponse]  # type: ignore[assignment]
     """PublishBatch publishes one batch. Role: producer."""
@@ -173,6 +197,18 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.PublishResponse], _abc.AsyncIterator[_gateway_pb2.PublishResponse]]:
         """Publish streams batches of events; each batch is acknowledged in order once durably queued.
         Role: producer.
+
+        A long stream is recycled: at the gateway's publish stream maximum age (300 s by default) the
+        gateway stops taking new batches, acknowledges every batch in flight, and sends a last message
+        whose `refusal` has code 14 (UNAVAILABLE), sequence 0, and in `status_details` a
+        google.rpc.ErrorInfo with domain "streammesh" and reason "STREAM_RECYCLED" plus a RetryInfo
+        of 0 s; the stream then ends with that status. Re-open the stream at once and resend every
+        batch not acknowledged before that message, with the same event ids: ids make a resend
+        idempotent, so nothing is stored twice. (The gateway's connection to the client is about to
+        reach its maximum age; the new stream goes over a new connection.) Any other UNAVAILABLE
+        ending, for example ingest unreachable after the gateway's own bounded retries, carries a
+        RetryInfo: resend the unacknowledged batches after that delay. Ingest's connection recycling
+        and restarts are handled by the gateway and never end the client's stream.
         """
 
     @_abc_1.abstractmethod
