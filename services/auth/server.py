@@ -4,6 +4,7 @@ task, and `main()`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -129,7 +130,9 @@ async def build_dependencies(
         await redis.ping()
         # Building the hasher computes the dummy hash: one argon2 run, kept off the loop; the
         # deny-list is loaded now rather than by the first registration.
-        passwords = await asyncio.to_thread(Passwords)
+        passwords = await asyncio.to_thread(
+            functools.partial(Passwords, max_concurrent=settings.hash_concurrency)
+        )
         await asyncio.to_thread(is_common_password, "")
     except BaseException:
         await redis.aclose()
