@@ -1,6 +1,6 @@
 """Every start-up failure an operator can cause ends a service with one line saying what is
-wrong and a non-zero exit status (78 for a wrong setting or file, 69 for an unreachable
-dependency), never a traceback. Each case starts the service as a real process."""
+wrong and a non-zero exit status (78 for a wrong setting, file or credential, 69 for an
+unreachable dependency), never a traceback. Each case starts the service as a real process."""
 
 from __future__ import annotations
 
@@ -10,10 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
 
 from streammesh.cli.stack import free_ports
+from streammesh.mesh.postgres import create_engine, migrate
 from streammesh.mesh.settings import write_secret_file
-from streammesh.mesh.startup import EXIT_CONFIG, EXIT_UNAVAILABLE
+from streammesh.mesh.startup import (
+    EXIT_CONFIG,
+    EXIT_UNAVAILABLE,
+    StartupError,
+    reaching,
+    redact_url,
+)
 from tests.conftest import TRUST_DOMAIN
 from tests.service_process import run_until_exit
 
@@ -140,3 +150,41 @@ async def test_invalid_settings_are_one_line_on_stderr(
     assert line.startswith(f"{service}: invalid settings: {variable}: "), line
     assert problem in line
     assert value not in line.removeprefix(f"{service}: invalid settings: {variable}")
+
+
+async def test_a_refused_login_to_postgres_is_a_setting_problem(database_url: str) -> None:
+    url = make_url(database_url).set(database=f"absent_{uuid.uuid4().hex[:8]}")
+    engine = create_engine(url.render_as_string(), schema="s", application_name="t")
+    try:
+        with (
+            pytest.raises(StartupError, match="does not exist") as caught,
+            reaching("Postgres", url.render_as_string()),
+        ):
+            await migrate(engine, schema="s", migrations=[])
+    finally:
+        await engine.dispose()
+    assert caught.value.exit_code == EXIT_CONFIG
+    assert str(caught.value).startswith(f"Postgres at {url.render_as_string()} refused us: ")
+
+
+async def test_other_database_errors_keep_their_type(database_url: str, pg_schema: str) -> None:
+    """Only connection failures are the operator's: an SQL error is a bug, with a traceback."""
+    engine = create_engine(database_url, schema=pg_schema, application_name="t")
+    try:
+        with pytest.raises(ProgrammingError), reaching("Postgres", database_url):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT no_such_column FROM no_such_table"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://ada:s3cret@db:5432/x", "postgresql://ada:***@db:5432/x"),
+        ("redis://:s3cret@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -106,7 +106,8 @@ class AuthSettings(ServiceSettings):
         default=10,
         ge=0,
         le=1000,
-        description="failures per source address before its exponential delay starts",
+        description="failures (and registrations) per source address before its exponential "
+        "delay starts",
     )
     backoff_base_seconds: float = Field(
         default=1.0, ge=0, le=60, description="first delay; each further failure doubles it"

@@ -77,7 +77,7 @@ class ThrottlePolicy:
     backoff_free_failures: int = 3
     """Failures of one account before delays start."""
     source_free_failures: int = 10
-    """Failures from one source before delays start."""
+    """Failures (and registrations) from one source before delays start."""
     backoff_base_seconds: float = 1.0
     """The first delay; it doubles with each further failure."""
     backoff_max_seconds: float = 300

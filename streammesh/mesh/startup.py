@@ -7,9 +7,9 @@ line, and the supervisor needs a non-zero exit status, not a traceback. The star
 `run_service` prints its message as one log line and exits with its status. Anything else is a
 bug and keeps its traceback.
 
-Exit statuses (sysexits.h): 78 (EX_CONFIG) when a setting, file or key is wrong, so a restart
-alone will not help; 69 (EX_UNAVAILABLE) when a dependency is unreachable, which a restart may
-outlive.
+Exit statuses (sysexits.h): 78 (EX_CONFIG) when a setting, file, key or credential is wrong, so
+a restart alone will not help; 69 (EX_UNAVAILABLE) when a dependency is unreachable, which a
+restart may outlive.
 """
 
 from __future__ import annotations
@@ -64,6 +64,14 @@ _POSTGRES_REFUSALS = (
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
 )
+# Refusals that mean the URL's credentials, database or rights are wrong: restarting won't help.
+_WRONG_CREDENTIALS = (
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InsufficientPrivilegeError,
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.NoPermissionError,
+)
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 _REDIS_REFUSALS = (
     redis.exceptions.ConnectionError,  # also AuthenticationError
@@ -111,7 +119,8 @@ def _refusal(error: BaseException) -> BaseException | None:
 @contextmanager
 def reaching(what: str, url: str) -> Iterator[None]:
     """Within: a failure to connect to `what` (for example "Postgres") at `url` becomes a
-    StartupError (EX_UNAVAILABLE) naming it; every other error passes unchanged."""
+    StartupError naming it (EX_UNAVAILABLE; EX_CONFIG when the server refused the URL's
+    credentials, database or rights); every other error passes unchanged."""
     try:
         yield
     except (OSError, DBAPIError, *_POSTGRES_REFUSALS, *_REDIS_REFUSALS) as error:
@@ -119,6 +128,12 @@ def reaching(what: str, url: str) -> Iterator[None]:
         if cause is None:
             raise
         reason = " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
+        if isinstance(cause, _WRONG_CREDENTIALS):
+            raise StartupError(
+                f"{what} at {redact_url(url)} refused us: {reason}; check the user, password "
+                "and database in the URL setting, and the rights of that user",
+                exit_code=EXIT_CONFIG,
+            ) from error
         raise StartupError(
             f"cannot reach {what} at {redact_url(url)}: {reason}; check that it is running and "
             "that the URL setting points at it",
