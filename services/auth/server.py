@@ -114,7 +114,8 @@ async def build_dependencies(
 
     The secret key file is read first, so that a missing or group/world-readable file stops the
     service before it touches the database. What an operator can cause (that file, Postgres or
-    Redis out of reach, a key file that did not seal this database) raises StartupError. `clock` is the time TOTP codes are checked against.
+    Redis out of reach, a key file that did not seal this database) raises StartupError.
+    `clock` is the time TOTP codes are checked against.
     """
     box = load_secret_box(settings.secret_key_file)
     engine = create_engine(
