@@ -9,7 +9,8 @@ the real reason.
 
 Login: StartLogin checks the password and hands out a challenge (see `challenges`); CompleteLogin
 takes the challenge and a TOTP or recovery code and opens a session. No token exists before both
-factors passed. Every failed attempt at either step counts toward the throttle and the lockout.
+factors passed. Every failed attempt at either step counts toward the throttle and the lockout,
+and the throttle's delays hold at both steps. Every registration counts against its source.
 """
 
 from __future__ import annotations
@@ -152,7 +153,17 @@ class Accounts:
         return user
 
     async def register(self, username: str, password: str, origin: Origin) -> uuid.UUID:
-        """Self-service registration with the default roles."""
+        """Self-service registration with the default roles.
+
+        Every registration spends the source's allowance of failures, whatever its outcome: the
+        answer tells whether a username is taken (it must: the name is the registrant's own
+        choice, and there is no other channel to tell them), so without a cost it would list
+        the users; and each one costs an argon2 hash.
+        """
+        admission = await self._throttle.spend_source(origin.source)
+        if admission.verdict is Verdict.WAIT:
+            await self._record(origin, "register", Outcome.FAILURE, username, "throttled")
+            raise ResourceExhausted(TOO_MANY_ATTEMPTS, retry_after_seconds=admission.retry_after)
         try:
             user = await self.create(username, password, None)
         except AlreadyExists:
@@ -254,14 +265,25 @@ class Accounts:
         totp_code: str | None = None,
         recovery_code: str | None = None,
     ) -> SessionTokens:
-        """Second step: the challenge (taken, so never usable again) and one factor."""
+        """Second step: the challenge (taken, so never usable again) and one factor.
+
+        The throttle's delays apply here as at the password step, so guesses spread over many
+        challenges wait like any others. The challenge is looked at before and taken only after
+        admission: a caller told to wait keeps it and retries with it after the delay.
+        """
         action = "login"
-        taken = await self._challenges.take(challenge)
-        if taken is None:
+        issued = await self._challenges.peek(challenge)
+        if issued is None:
             await self._record(origin, action, Outcome.FAILURE, "", "bad_challenge")
             raise Unauthenticated(INVALID_CREDENTIALS)
-        attempt = await self._admit(taken.username, origin, action, check_wait=False)
+        attempt = await self._admit(issued.username, origin, action)
         try:
+            taken = await self._challenges.take(challenge)
+            if taken is None:  # taken by a concurrent call (or expired) since the look
+                await self._record(
+                    origin, action, Outcome.FAILURE, issued.username, "bad_challenge"
+                )
+                raise Unauthenticated(INVALID_CREDENTIALS)
             user = await self._store.get_user_by_id(taken.user_id)
             reason = _refusal(user)
             if user is None or reason is not None:
@@ -336,10 +358,9 @@ class Accounts:
         origin: Origin,
         action: str,
         *,
-        check_wait: bool = True,
         password: str | None = None,
     ) -> _Attempt:
-        admission = await self._throttle.admit(account, origin.source, check_wait=check_wait)
+        admission = await self._throttle.admit(account, origin.source)
         if admission.verdict is Verdict.LOCKED:
             if password is not None:
                 # As slow as a wrong password: timing must not tell a locked account apart.

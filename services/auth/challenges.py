@@ -3,8 +3,9 @@
 A challenge is `smc_` + 32 random bytes (url-safe base64). Redis holds only its SHA-256, under
 `<prefix>challenge:<hex>`, with the user it was issued for and an expiry (PX), so every replica
 can complete it and none keeps it in memory. It is single-use: CompleteLogin takes it with GETDEL
-whatever the outcome, so a wrong code costs the caller a new password step, and two calls with the
-same challenge cannot both see it.
+once the throttle admitted the attempt, whatever the outcome, so a wrong code costs the caller a
+new password step, and two calls with the same challenge cannot both see it. (A call the throttle
+refuses only looks at it, so the caller can retry with it after the delay.)
 """
 
 from __future__ import annotations
@@ -52,16 +53,26 @@ class Challenges:
         await self._redis.set(self._key(challenge), value, px=self._ttl_ms)
         return challenge
 
+    async def peek(self, challenge: str) -> Challenge | None:
+        """The challenge's user if it is still open (issued, not expired, not taken); it stays
+        open."""
+        if not _FORMAT.fullmatch(challenge):
+            return None
+        return _decode(await self._redis.get(self._key(challenge)))
+
     async def take(self, challenge: str) -> Challenge | None:
         """The challenge's user if it was issued, has not expired and was not taken before;
         it can never be taken again."""
         if not _FORMAT.fullmatch(challenge):
             return None
-        raw = await self._redis.getdel(self._key(challenge))
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return Challenge(user_id=uuid.UUID(data["user_id"]), username=str(data["username"]))
+        return _decode(await self._redis.getdel(self._key(challenge)))
 
     def _key(self, challenge: str) -> str:
         return self._prefix + hashlib.sha256(challenge.encode()).hexdigest()
+
+
+def _decode(raw: bytes | str | None) -> Challenge | None:
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return Challenge(user_id=uuid.UUID(data["user_id"]), username=str(data["username"]))

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from streammesh.mesh.settings import read_secret_file
 
-__all__ = ["DecryptionError", "MacPurpose", "Purpose", "SecretBox"]
+__all__ = ["DecryptionError", "MacPurpose", "Purpose", "SecretBox", "WrongKeyError"]
 
 _VERSION = 1
 _KEY_ID_BYTES = 8
@@ -58,6 +58,18 @@ class MacPurpose(StrEnum):
 
 class DecryptionError(Exception):
     """A sealed value could not be opened: wrong secret key file, or tampered/moved ciphertext."""
+
+
+class WrongKeyError(DecryptionError):
+    """The value was sealed under another secret key than the file's (`sealed_under`, `holds`:
+    key ids)."""
+
+    def __init__(self, sealed_under: str, holds: str) -> None:
+        super().__init__(
+            f"sealed under key {sealed_under}, but the secret key file holds key {holds}"
+        )
+        self.sealed_under = sealed_under
+        self.holds = holds
 
 
 def _derive(master: bytes, info: bytes, length: int) -> bytes:
@@ -126,10 +138,7 @@ class SecretBox:
             raise DecryptionError("not a sealed value of a known version")
         header = envelope[:_HEADER_BYTES]
         if header[1:] != self._key_id:
-            raise DecryptionError(
-                f"sealed under key {header[1:].hex()}, but the secret key file holds "
-                f"key {self.key_id}"
-            )
+            raise WrongKeyError(header[1:].hex(), self.key_id)
         nonce = envelope[_HEADER_BYTES : _HEADER_BYTES + _NONCE_BYTES]
         try:
             return self._aead.decrypt(

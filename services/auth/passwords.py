@@ -1,7 +1,10 @@
 """Password policy and argon2id hashing.
 
 Hashing costs ~19 MiB and tens of milliseconds of CPU by design, so every hash and verify runs in a
-worker thread (`asyncio.to_thread`) and never blocks the event loop.
+worker thread (`asyncio.to_thread`) and never blocks the event loop. A semaphore bounds how many run
+at once (by default one per core the process may use): more cannot finish sooner, and a burst of
+logins would otherwise take 19 MiB per thread of the default executor (up to 32). Calls beyond
+the bound wait their turn on the loop, where waiting costs almost nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import asyncio
 import functools
 import secrets
 import unicodedata
+from collections.abc import Callable
+from typing import TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import VerificationError
@@ -30,6 +35,8 @@ MAX_PASSWORD_CHARS = 1024
 # NFKC can merge a base character with its combining marks, so the input may be somewhat longer
 # than the normalized password; four times is far beyond any real composition.
 _MAX_INPUT_CHARS = 4 * MAX_PASSWORD_CHARS
+
+_T = TypeVar("_T")
 
 
 def new_hasher() -> PasswordHasher:
@@ -88,22 +95,30 @@ class Passwords:
     """Hashes and verifies passwords off the event loop; `verify_dummy` spends the same time as a
     real verification so that an unknown user cannot be told apart from a wrong password."""
 
-    def __init__(self, hasher: PasswordHasher | None = None) -> None:
+    def __init__(self, hasher: PasswordHasher | None = None, *, max_concurrent: int = 1) -> None:
+        """`max_concurrent`: how many hashes and verifications may run at the same time."""
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
         self._hasher = hasher or new_hasher()
+        self._slots = asyncio.Semaphore(max_concurrent)
         # Same parameters as real hashes, so verifying against it costs the same.
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(24))
 
     async def hash(self, password: str) -> str:
         """A PHC-format `$argon2id$...` hash of the normalized password."""
-        return await asyncio.to_thread(self._hasher.hash, password)
+        return await self._run(self._hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:
         """True when `password` matches; a malformed stored hash raises (it is a server bug)."""
-        return await asyncio.to_thread(self._verify, password_hash, password)
+        return await self._run(self._verify, password_hash, password)
 
     async def verify_dummy(self, password: str) -> None:
         """Burn the time of one verification; the result is meaningless and discarded."""
-        await asyncio.to_thread(self._verify, self._dummy_hash, password)
+        await self._run(self._verify, self._dummy_hash, password)
+
+    async def _run(self, work: Callable[..., _T], *args: str) -> _T:
+        async with self._slots:
+            return await asyncio.to_thread(work, *args)
 
     def needs_rehash(self, password_hash: str) -> bool:
         """True when the hash was made with other parameters than the current ones."""

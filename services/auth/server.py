@@ -4,6 +4,7 @@ task, and `main()`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -16,13 +17,13 @@ from services.auth.accounts import Accounts
 from services.auth.admin import Administration
 from services.auth.audit import AuditLog
 from services.auth.challenges import Challenges
-from services.auth.crypto import SecretBox
 from services.auth.keystore import KeyStore
 from services.auth.passwords import Passwords, is_common_password
 from services.auth.service import AuthServicer
 from services.auth.session_store import SessionStore
 from services.auth.sessions import Sessions
 from services.auth.settings import AuthSettings
+from services.auth.startup import load_secret_box, sealed_with_this_key
 from services.auth.store import AuthStore
 from services.auth.throttle import Throttle, ThrottlePolicy
 from services.auth.tokens import KeyRing, TokenIssuer
@@ -31,12 +32,12 @@ from streammesh.mesh import (
     MeshServer,
     PeerPolicy,
     ServiceBinding,
-    configure_logging,
     create_mesh_server,
     run_until_signalled,
 )
 from streammesh.mesh.postgres import create_engine
 from streammesh.mesh.redis_client import connect_redis
+from streammesh.mesh.startup import reaching, run_service
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task
 
 __all__ = [
@@ -112,24 +113,30 @@ async def build_dependencies(
     """Load the secret key, migrate the schema, make sure a signing key exists.
 
     The secret key file is read first, so that a missing or group/world-readable file stops the
-    service before it touches the database. `clock` is the time TOTP codes are checked against.
+    service before it touches the database. What an operator can cause (that file, Postgres or
+    Redis out of reach, a key file that did not seal this database) raises StartupError.
+    `clock` is the time TOTP codes are checked against.
     """
-    box = SecretBox.from_file(settings.secret_key_file)
+    box = load_secret_box(settings.secret_key_file)
     engine = create_engine(
         settings.database_url, schema=settings.db_schema, application_name="streammesh-auth"
     )
     redis = connect_redis(settings.redis_url)
     try:
         store = AuthStore(engine, schema=settings.db_schema)
-        await store.migrate()
         keys = KeyRing(
             KeyStore(engine, schema=settings.db_schema), box, overlap_seconds=settings.key_overlap
         )
-        signing_key = await keys.bootstrap()
-        await redis.ping()
+        with reaching("Postgres", settings.database_url), sealed_with_this_key(settings):
+            await store.migrate()
+            signing_key = await keys.bootstrap()
+        with reaching("Redis", settings.redis_url):
+            await redis.ping()
         # Building the hasher computes the dummy hash: one argon2 run, kept off the loop; the
         # deny-list is loaded now rather than by the first registration.
-        passwords = await asyncio.to_thread(Passwords)
+        passwords = await asyncio.to_thread(
+            functools.partial(Passwords, max_concurrent=settings.hash_concurrency)
+        )
         await asyncio.to_thread(is_common_password, "")
     except BaseException:
         await redis.aclose()
@@ -242,6 +249,4 @@ async def serve(settings: AuthSettings) -> None:
 
 def main() -> None:
     """Entry point of `python -m services.auth`."""
-    settings = AuthSettings()
-    configure_logging("auth", settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("auth", AuthSettings, serve)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -10,9 +11,18 @@ from pydantic_settings import SettingsConfigDict
 from services.auth.roles import ROLES
 from streammesh.mesh.settings import ServiceSettings, default_state_dir
 
-__all__ = ["AuthSettings"]
+__all__ = ["AuthSettings", "available_cpus"]
 
 _DAY = 24 * 3600
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset`
+    narrow), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 class AuthSettings(ServiceSettings):
@@ -96,13 +106,21 @@ class AuthSettings(ServiceSettings):
         default=10,
         ge=0,
         le=1000,
-        description="failures per source address before its exponential delay starts",
+        description="failures (and registrations) per source address before its exponential "
+        "delay starts",
     )
     backoff_base_seconds: float = Field(
         default=1.0, ge=0, le=60, description="first delay; each further failure doubles it"
     )
     backoff_max_seconds: float = Field(
         default=300, ge=0, le=_DAY, description="the delay never grows beyond this"
+    )
+    hash_concurrency: int = Field(
+        default_factory=available_cpus,
+        ge=1,
+        le=1024,
+        description="argon2 hashes and verifications run at once (19 MiB each); default: the "
+        "cores this process may use",
     )
     key_rotation_days: int = Field(
         default=30, ge=0, le=3650, description="rotate the signing key this often; 0 = never"

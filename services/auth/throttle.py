@@ -3,12 +3,16 @@
 Two counters are kept: one per account (the canonical username, whether or not such a user
 exists, so the answers cannot tell unknown users apart) and one per source (the client address
 the gateway reports; IPv6 by /64 so one host cannot rotate through its own prefix). Wrong
-passwords and wrong second factors both count.
+passwords and wrong second factors (TOTP or recovery codes) both count, and so does every
+registration (`spend_source`: only the source counter; registering reveals whether a username is
+taken, so it is an enumeration oracle that must cost the source as a failure does).
 
 * Delay: after more than the free number of failures, each failure makes the account (or the
   source) wait `base * 2^(failures - free - 1)` seconds, capped, before its next attempt. An attempt
   that comes sooner is refused at once with RESOURCE_EXHAUSTED and RetryInfo (refused, not slept:
   a sleeping handler would hold a connection and a task per attempt, which an attacker controls).
+  Both login steps check the delays: whoever knows the password can collect many challenges, and
+  each second-factor guess must still wait as long as the previous failures demand.
 * Lock: `lockout_threshold` consecutive failures of one account lock it for `lockout_seconds`;
   the counter starts again from zero afterwards. A successful login (both factors) resets the
   account's counter; the source counter only expires (logging in to one's own account must not
@@ -73,7 +77,7 @@ class ThrottlePolicy:
     backoff_free_failures: int = 3
     """Failures of one account before delays start."""
     source_free_failures: int = 10
-    """Failures from one source before delays start."""
+    """Failures (and registrations) from one source before delays start."""
     backoff_base_seconds: float = 1.0
     """The first delay; it doubles with each further failure."""
     backoff_max_seconds: float = 300
@@ -99,32 +103,36 @@ def source_key(source: str) -> str:
 
 
 # KEYS: account count, account wait, account lock, source count, source wait
-# ARGV: check waits (0/1), threshold, window ms
+# ARGV: threshold, window ms
 _ADMIT = """
 local lock = redis.call('PTTL', KEYS[3])
 if lock > 0 then return {1, lock} end
-if ARGV[1] == '1' then
-  local wait = math.max(redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[5]))
-  if wait > 0 then return {2, wait} end
-end
+local wait = math.max(redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[5]))
+if wait > 0 then return {2, wait} end
 local n = redis.call('INCR', KEYS[1])
-if n > tonumber(ARGV[2]) then
+if n > tonumber(ARGV[1]) then
   redis.call('DECR', KEYS[1])
   return {2, 1000}
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('INCR', KEYS[4])
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
 return {0, 0}
+"""
+
+# The delay (ms) after `failures` failures of which `free` cost nothing.
+_DELAY = """
+local function delay(failures, free, base, cap)
+  if failures <= free then return 0 end
+  return math.floor(math.min(tonumber(base) * 2 ^ (failures - free - 1), tonumber(cap)))
+end
 """
 
 # KEYS: as for _ADMIT
 # ARGV: threshold, lock ms, window ms, account free, source free, base ms, max ms
-_FAIL = """
-local function delay(failures, free)
-  if failures <= free then return 0 end
-  return math.floor(math.min(tonumber(ARGV[6]) * 2 ^ (failures - free - 1), tonumber(ARGV[7])))
-end
+_FAIL = (
+    _DELAY
+    + """
 local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 local locked = 0
 if n >= tonumber(ARGV[1]) then
@@ -133,14 +141,31 @@ if n >= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[2])
   locked = 1
 else
-  local wait = delay(n, tonumber(ARGV[4]))
+  local wait = delay(n, tonumber(ARGV[4]), ARGV[6], ARGV[7])
   if wait > 0 then redis.call('SET', KEYS[2], '1', 'PX', wait) end
 end
 local m = tonumber(redis.call('GET', KEYS[4]) or '0')
-local source_wait = delay(m, tonumber(ARGV[5]))
+local source_wait = delay(m, tonumber(ARGV[5]), ARGV[6], ARGV[7])
 if source_wait > 0 then redis.call('SET', KEYS[5], '1', 'PX', source_wait) end
 return {n, locked}
 """
+)
+
+# Count one attempt that costs the source as a failure, or refuse it while the source waits.
+# Admission and the new delay in one step, so a concurrent burst cannot slip past the delay.
+# KEYS: source count, source wait. ARGV: window ms, source free, base ms, max ms
+_SPEND_SOURCE = (
+    _DELAY
+    + """
+local wait = redis.call('PTTL', KEYS[2])
+if wait > 0 then return {2, wait} end
+local m = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local source_wait = delay(m, tonumber(ARGV[2]), ARGV[3], ARGV[4])
+if source_wait > 0 then redis.call('SET', KEYS[2], '1', 'PX', source_wait) end
+return {0, 0}
+"""
+)
 
 # Take back what `admit` counted. KEYS: account count, source count. ARGV: reset account (0/1)
 _RELEASE = """
@@ -164,28 +189,40 @@ class Throttle:
         self._admit = redis.register_script(_ADMIT)
         self._fail = redis.register_script(_FAIL)
         self._release = redis.register_script(_RELEASE)
+        self._spend_source = redis.register_script(_SPEND_SOURCE)
 
     def _keys(self, account: str, source: str) -> list[str]:
         acct = f"{self._prefix}acct:{account}:"
+        return [acct + "n", acct + "wait", acct + "lock", *self._source_keys(source)]
+
+    def _source_keys(self, source: str) -> list[str]:
         src = f"{self._prefix}src:{source_key(source)}:"
-        return [acct + "n", acct + "wait", acct + "lock", src + "n", src + "wait"]
+        return [src + "n", src + "wait"]
 
-    async def admit(self, account: str, source: str, *, check_wait: bool = True) -> Admission:
-        """Count an attempt on `account` from `source`, or refuse it (locked, or too soon).
-
-        `check_wait=False` skips the delays (not the lock): for the second step of a login whose
-        first step was admitted moments ago.
-        """
+    async def admit(self, account: str, source: str) -> Admission:
+        """Count an attempt on `account` from `source`, or refuse it (locked, or too soon)."""
         verdict, millis = await self._call(
             self._admit,
             self._keys(account, source),
-            [int(check_wait), self._policy.lockout_threshold, self._ms(self._window)],
+            [self._policy.lockout_threshold, self._ms(self._window)],
         )
-        if verdict == 1:
-            return Admission(Verdict.LOCKED)
-        if verdict == 2:
-            return Admission(Verdict.WAIT, retry_after=millis / 1000)
-        return Admission(Verdict.ALLOWED)
+        return _admission(verdict, millis)
+
+    async def spend_source(self, source: str) -> Admission:
+        """Count an attempt from `source` as one of its failures, whatever its outcome (a
+        registration), or refuse it while the source has to wait. Never LOCKED."""
+        policy = self._policy
+        verdict, millis = await self._call(
+            self._spend_source,
+            self._source_keys(source),
+            [
+                self._ms(self._window),
+                policy.source_free_failures,
+                round(policy.backoff_base_seconds * 1000),
+                round(policy.backoff_max_seconds * 1000),
+            ],
+        )
+        return _admission(verdict, millis)
 
     async def failed(self, account: str, source: str) -> FailureResult:
         """The admitted attempt failed: set the delays, and lock the account at the threshold."""
@@ -242,3 +279,11 @@ class Throttle:
     async def _call(script: Any, keys: list[str], args: list[int]) -> tuple[int, int]:
         first, second = await script(keys=keys, args=args)
         return int(first), int(second)
+
+
+def _admission(verdict: int, millis: int) -> Admission:
+    if verdict == 1:
+        return Admission(Verdict.LOCKED)
+    if verdict == 2:
+        return Admission(Verdict.WAIT, retry_after=millis / 1000)
+    return Admission(Verdict.ALLOWED)

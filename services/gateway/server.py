@@ -3,8 +3,6 @@ TLS listener hosting GatewayService and AdminService."""
 
 from __future__ import annotations
 
-import asyncio
-
 from services.gateway.access import AccessGuard
 from services.gateway.admin import AdminServicer
 from services.gateway.audit import AuditTrail
@@ -17,11 +15,10 @@ from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, ga
 from streammesh.mesh import (
     MeshServer,
     ServiceBinding,
-    TlsMaterial,
-    configure_logging,
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.startup import load_tls, run_service
 
 __all__ = ["create_audit_trail", "create_server", "main", "relay_limits", "serve"]
 
@@ -78,7 +75,7 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
 
 
 async def serve(settings: GatewaySettings) -> None:
-    upstreams = Upstreams(settings, TlsMaterial.load(settings.tls_dir, "gateway"))
+    upstreams = Upstreams(settings, load_tls(settings.tls_dir, "gateway"))
     audit = create_audit_trail(settings, upstreams)
     mesh = create_server(settings, upstreams, audit)
 
@@ -91,6 +88,4 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    settings = GatewaySettings()
-    configure_logging("gateway", settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("gateway", GatewaySettings, serve)

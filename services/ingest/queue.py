@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
 from streammesh.mesh.errors import Unavailable
+from streammesh.mesh.startup import StartupError
 from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
 from streammesh.wire import length_delimited_field, varint_field
 
@@ -39,7 +40,7 @@ __all__ = ["DurabilityError", "StreamAppender", "check_durability"]
 log = logging.getLogger(__name__)
 
 
-class DurabilityError(RuntimeError):
+class DurabilityError(StartupError):
     """Redis does not persist what ingest would acknowledge, and the settings require it."""
 
 

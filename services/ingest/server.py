@@ -3,7 +3,6 @@ servicer -> mesh server."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -20,11 +19,11 @@ from streammesh.mesh import (
     MeshServer,
     PeerPolicy,
     ServiceBinding,
-    configure_logging,
     create_mesh_server,
     run_until_signalled,
 )
 from streammesh.mesh.redis_client import connect_redis
+from streammesh.mesh.startup import reaching, run_service
 from streammesh.streams import StreamLayout
 
 __all__ = [
@@ -95,14 +94,15 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
 
 async def serve(settings: IngestSettings) -> None:
     client = connect_redis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds)
+    layout = layout_from(settings)
     try:
-        mode = await check_durability(client, require_aof=settings.require_aof)
+        with reaching("Redis", settings.redis_url):
+            mode = await check_durability(client, require_aof=settings.require_aof)
+            await layout.ensure_group(client)
     except BaseException:
         await client.aclose()
         raise
     log.info("Redis persistence: %s", mode)
-    layout = layout_from(settings)
-    await layout.ensure_group(client)
     pressure = BackPressure(client, layout, pressure_limits(settings))
     await pressure.sample()
     pressure.start()
@@ -116,6 +116,4 @@ async def serve(settings: IngestSettings) -> None:
 
 
 def main() -> None:
-    settings = IngestSettings()
-    configure_logging("ingest", settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("ingest", IngestSettings, serve)

@@ -21,12 +21,11 @@ from streammesh.mesh import (
     MeshServer,
     PeerPolicy,
     ServiceBinding,
-    TlsMaterial,
-    configure_logging,
     create_mesh_server,
     run_until_signalled,
 )
 from streammesh.mesh.redis_client import connect_redis
+from streammesh.mesh.startup import load_tls, run_service
 from streammesh.streams import StreamLayout
 
 __all__ = ["POLICY_RULES", "ProcessorDeps", "build_worker", "create_server", "main", "serve"]
@@ -90,7 +89,7 @@ def _exit_if_worker_died(task: asyncio.Task[None]) -> None:
 
 
 async def serve(settings: ProcessorSettings) -> None:
-    tls = TlsMaterial.load(settings.tls_dir, "processor")
+    tls = load_tls(settings.tls_dir, "processor")
     client = connect_redis(settings.redis_url, longest_block_ms=settings.block_ms)
     writer = StorageWriter(
         settings.storage_target, tls, timeout_seconds=settings.store_timeout_seconds
@@ -113,6 +112,4 @@ async def serve(settings: ProcessorSettings) -> None:
 
 
 def main() -> None:
-    settings = ProcessorSettings()
-    configure_logging("processor", settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("processor", ProcessorSettings, serve)

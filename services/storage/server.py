@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import asyncpg
@@ -17,11 +16,11 @@ from streammesh.mesh import (
     MeshServer,
     PeerPolicy,
     ServiceBinding,
-    configure_logging,
     create_mesh_server,
     run_until_signalled,
 )
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
+from streammesh.mesh.startup import reaching, run_service
 
 __all__ = ["POLICY", "SERVICE", "StorageDeps", "create_server", "main", "serve"]
 
@@ -90,17 +89,18 @@ async def serve(settings: StorageSettings) -> None:
             await pool.close()
 
     try:
-        await migrate(
-            engine,
-            schema=settings.db_schema,
-            migrations=load_migrations("services.storage.migrations"),
-        )
-        pool = await create_pool(
-            settings.database_url,
-            schema=settings.db_schema,
-            application_name="streammesh-storage",
-            size=settings.pool_size,
-        )
+        with reaching("Postgres", settings.database_url):
+            await migrate(
+                engine,
+                schema=settings.db_schema,
+                migrations=load_migrations("services.storage.migrations"),
+            )
+            pool = await create_pool(
+                settings.database_url,
+                schema=settings.db_schema,
+                application_name="streammesh-storage",
+                size=settings.pool_size,
+            )
         mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
         await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=close)
     except BaseException:
@@ -111,6 +111,4 @@ async def serve(settings: StorageSettings) -> None:
 
 def main() -> None:
     """Entry point of `python -m services.storage`."""
-    settings = StorageSettings()
-    configure_logging("storage", settings.log_level, json_lines=settings.log_json)
-    asyncio.run(serve(settings))
+    run_service("storage", StorageSettings, serve)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from streammesh.mesh.interceptors import Guard, GuardInterceptor
 from streammesh.mesh.pki import TlsMaterial
 from streammesh.mesh.settings import ServiceSettings
+from streammesh.mesh.startup import StartupError, listen_problem, load_tls
 
 __all__ = ["MeshServer", "ServiceBinding", "create_mesh_server", "run_until_signalled"]
 
@@ -85,7 +86,7 @@ def create_mesh_server(
     Internal services pass `require_client_cert=True` and a PeerPolicy guard; only the public
     gateway listener accepts clients without a certificate, and it guards with tokens instead.
     """
-    material = tls or TlsMaterial.load(settings.tls_dir, identity)
+    material = tls or load_tls(settings.tls_dir, identity)
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(guard)], options=server_options(settings)
     )
@@ -107,7 +108,12 @@ def create_mesh_server(
         root_certificates=material.ca,
         require_client_auth=require_client_cert,
     )
-    port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
+    try:
+        port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
+    except RuntimeError as error:
+        problem = listen_problem(settings.host, settings.port, settings.tls_dir)
+        env = settings.model_config.get("env_prefix", "STREAMMESH_")
+        raise StartupError(f"{problem} (settings {env}HOST, {env}PORT)") from error
     return MeshServer(server=server, port=port, health=health_servicer, service_names=names)
 
 

@@ -12,10 +12,27 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from services.auth.crypto import DecryptionError
+from services.auth.crypto import SecretBox
 from services.auth.server import build_dependencies, serve
 from services.auth.settings import AuthSettings
 from streammesh.mesh.settings import write_secret_file
+from streammesh.mesh.startup import EXIT_CONFIG, StartupError
+from tests.service_process import run_until_exit
+
+
+def process_env(settings: AuthSettings) -> dict[str, str]:
+    """The environment that makes `python -m services.auth` use `settings`."""
+    fields = (
+        "port",
+        "tls_dir",
+        "trust_domain",
+        "database_url",
+        "db_schema",
+        "secret_key_file",
+        "redis_url",
+        "redis_prefix",
+    )
+    return {f"STREAMMESH_AUTH_{name.upper()}": str(getattr(settings, name)) for name in fields}
 
 
 async def _schema_exists(database_url: str, schema: str) -> bool:
@@ -56,7 +73,7 @@ async def test_group_readable_secret_key_file_is_refused(
     auth_settings: AuthSettings, database_url: str, pg_schema: str
 ) -> None:
     os.chmod(auth_settings.secret_key_file, 0o644)
-    with pytest.raises(PermissionError, match="chmod 600"):
+    with pytest.raises(StartupError, match="chmod 600"):
         await serve(auth_settings)
     # Refused before touching the database.
     assert not await _schema_exists(database_url, pg_schema)
@@ -66,7 +83,7 @@ async def test_missing_secret_key_file_is_refused(
     auth_settings: AuthSettings, tmp_path: Path
 ) -> None:
     settings = auth_settings.model_copy(update={"secret_key_file": tmp_path / "absent"})
-    with pytest.raises(FileNotFoundError, match="secret key file"):
+    with pytest.raises(StartupError, match="secret key file"):
         await build_dependencies(settings)
 
 
@@ -77,7 +94,7 @@ async def test_another_secret_key_cannot_open_the_stored_keys(
     other_key = tmp_path / "other-key"
     write_secret_file(other_key)
     settings = auth_settings.model_copy(update={"secret_key_file": other_key})
-    with pytest.raises(DecryptionError, match="secret key file holds key"):
+    with pytest.raises(StartupError, match="were sealed under secret key"):
         await build_dependencies(settings)
 
 
@@ -125,3 +142,25 @@ def test_security_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unsafe_settings_are_refused(override: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         AuthSettings(**override)  # type: ignore[arg-type]
+
+
+async def test_a_process_with_another_secret_key_exits_with_one_line(
+    auth_settings: AuthSettings, tmp_path: Path
+) -> None:
+    """The operator changed the state folder (so the key file) but kept the database."""
+    await (await build_dependencies(auth_settings)).close()
+    sealed_with = SecretBox.from_file(auth_settings.secret_key_file).key_id
+    other_key = tmp_path / "new-state" / "secrets" / "auth-secret-key"
+    write_secret_file(other_key)
+    settings = auth_settings.model_copy(update={"secret_key_file": other_key})
+    exited = await run_until_exit("auth", process_env(settings))
+    assert exited.status == EXIT_CONFIG, exited.output
+    assert "Traceback" not in exited.output
+    [line] = exited.critical_lines()
+    schema = auth_settings.db_schema
+    assert line.startswith(
+        f"the secrets in Postgres schema '{schema}' were sealed under secret key {sealed_with}, "
+        f"but {other_key} holds key {SecretBox.from_file(other_key).key_id}: restore the secret "
+        "key file that was used with this database (back it up with the database)"
+    )
+    assert "STREAMMESH_AUTH_SECRET_KEY_FILE" in line and "fresh schema" in line

@@ -5,8 +5,11 @@ temporary lock that admins can lift."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -209,3 +212,122 @@ async def test_admission_is_atomic(auth: Auth) -> None:
     for _ in allowed:
         await throttle.release("someone", "192.0.2.9")
     assert (await throttle.admit("someone", "192.0.2.9")).verdict is Verdict.ALLOWED
+
+
+async def refused_after_waiting(call: Callable[[], Awaitable[Any]]) -> tuple[int, str]:
+    """Retry `call` while it is told to wait (sleeping the RetryInfo delay); returns how many
+    times it was told to wait, and the details of the refusal it ends with."""
+    for waits in range(50):
+        error = await failure(call())
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert_refused(error)
+            return waits, str(error.details())
+        await asyncio.sleep(retry_delay(error))
+    pytest.fail("still told to wait after 50 tries")
+
+
+async def test_second_factor_guesses_through_many_challenges_wait_then_lock(
+    auth_factory: AuthFactory, clock: FakeClock
+) -> None:
+    """Whoever knows the password collects challenges first, then spends them on guesses: each
+    guess still waits out the delay the earlier failures set, whichever challenge it uses, and
+    the account locks at the threshold."""
+    auth = await auth_factory(
+        lockout_threshold=4, backoff_free_failures=1, backoff_base_seconds=0.2
+    )
+    stub = auth.stub()
+    username, secret = await enrolled_user(stub, clock)
+    challenges = [await start(stub, username) for _ in range(5)]
+    bad = wrong_code(secret, clock())
+    assert_refused(await failure(complete(stub, challenges[0], totp_code=bad)))  # free
+    assert_refused(await failure(complete(stub, challenges[1], totp_code=bad)))  # sets 0.2 s
+    # Recovery codes count the same. A caller told to wait keeps its challenge for the retry.
+    waits, _ = await refused_after_waiting(
+        lambda: complete(stub, challenges[2], recovery_code="AAAAA-AAAAA")
+    )
+    assert waits >= 1
+    waits, _ = await refused_after_waiting(lambda: complete(stub, challenges[3], totp_code=bad))
+    assert waits >= 1
+    # Four failures: locked. The right code on the last challenge, and the right password, get
+    # the generic answer.
+    assert_refused(
+        await failure(complete(stub, challenges[4], totp_code=fresh_code(secret, clock)))
+    )
+    assert_refused(await failure(start(stub, username)))
+    reasons = [
+        r["reason"]
+        for r in await audit_rows(auth.deps, subject=username)
+        if r["outcome"] != "success"
+    ]
+    assert [r for r in reasons if r != "throttled"] == [
+        "bad_code",
+        "bad_code",
+        "bad_recovery_code",
+        "bad_code",
+        "too_many_failures",
+        "locked",
+        "locked",
+    ]
+    assert reasons.count("throttled") >= 2
+
+
+async def test_early_second_factor_is_refused_with_retry_info_and_keeps_the_challenge(
+    auth_factory: AuthFactory, clock: FakeClock
+) -> None:
+    auth = await auth_factory(backoff_free_failures=1, backoff_base_seconds=30)
+    stub = auth.stub()
+    username, secret = await enrolled_user(stub, clock)
+    first, second, third = [await start(stub, username) for _ in range(3)]
+    bad = wrong_code(secret, clock())
+    assert_refused(await failure(complete(stub, first, totp_code=bad)))  # free
+    assert_refused(await failure(complete(stub, second, recovery_code="AAAAA-AAAAA")))  # 30 s
+    # Even the right code waits: the delay is the account's, whichever challenge is used.
+    delay = retry_delay(await failure(complete(stub, third, totp_code=fresh_code(secret, clock))))
+    assert 25 < delay <= 30
+    for early in (complete(stub, third, recovery_code="BBBBB-BBBBB"), start(stub, username)):
+        delay = retry_delay(await failure(early))
+        assert 25 < delay <= 30
+    # An admin lifts the delay; the challenge that was refused for waiting still works.
+    await auth.deps.throttle.unlock(username)
+    await complete(stub, third, totp_code=fresh_code(secret, clock))
+
+
+async def test_registration_is_throttled_per_source(
+    auth_factory: AuthFactory, clock: FakeClock
+) -> None:
+    auth = await auth_factory(source_free_failures=2, backoff_base_seconds=60)
+    stub = auth.stub()
+    probing = as_user(source="203.0.113.80")
+    taken = unique_name()
+    await register(stub, taken, metadata=as_user(source="192.0.2.44"))
+    # Probing for usernames: taken or free, every attempt counts for the source.
+    error = await failure(register(stub, taken, metadata=probing))  # free
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    await register(stub, unique_name(), metadata=probing)  # free
+    await register(stub, unique_name(), metadata=probing)  # sets 60 s
+    for name in (taken, unique_name()):
+        delay = retry_delay(await failure(register(stub, name, metadata=probing)))
+        assert 55 < delay <= 60
+    # The same source cannot turn to guessing passwords instead (IPv4 with a port is the same).
+    retry_delay(await failure(start(stub, taken, metadata=as_user(source="203.0.113.80:4431"))))
+    # Other sources are not held up.
+    await register(stub, unique_name(), metadata=as_user(source="198.51.100.23"))
+    throttled = await audit_rows(auth.deps, action="register", reason="throttled")
+    assert [(r["source"], r["outcome"]) for r in throttled] == [("203.0.113.80", "failure")] * 2
+
+
+async def test_concurrent_registrations_cannot_pass_the_source_delay(
+    auth_factory: AuthFactory,
+) -> None:
+    auth = await auth_factory(source_free_failures=3, backoff_base_seconds=60)
+    stub = auth.stub()
+    burst = as_user(source="203.0.113.81")
+    results = await asyncio.gather(
+        *(register(stub, unique_name(), metadata=burst) for _ in range(10)),
+        return_exceptions=True,
+    )
+    created = [r for r in results if isinstance(r, str)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    # The free three and the one that set the delay; the rest were told to wait.
+    assert (len(created), len(refused)) == (4, 6)
+    assert all(retry_delay(r) > 55 for r in refused)
