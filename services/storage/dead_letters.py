@@ -16,13 +16,14 @@ import re
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
-from services.storage.batch import EPOCH, MAX_PARTITION
+from services.storage.batch import MAX_PARTITION
 from services.storage.dead_letter_store import (
     DeadLetterBody,
     DeadLetterQuery,
     DeadLetterRow,
     NewDeadLetter,
 )
+from services.storage.times import MAX_TIMESTAMP, MIN_TIMESTAMP
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.envelope import timestamp_in_range
@@ -38,6 +39,8 @@ __all__ = [
     "new_dead_letter",
     "replayed_by",
 ]
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 DEFAULT_DEAD_LETTER_PAGE = 100
 MAX_DEAD_LETTER_PAGE = 500
@@ -143,6 +146,11 @@ def replayed_by(request: storage_pb2.MarkDeadLetterReplayedRequest) -> str:
 
 
 def _set_time(target: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
+    if value.tzinfo is None:
+        # asyncpg's datetime codec returns +-infinity (and writes the range's first and last
+        # microsecond that way) as naive datetime.min/max: render the range's edge, not a crash.
+        target.CopyFrom(MAX_TIMESTAMP if value.year == dt.MAXYEAR else MIN_TIMESTAMP)
+        return
     micros = (value - EPOCH) // dt.timedelta(microseconds=1)
     target.seconds, remainder = divmod(micros, 1_000_000)
     target.nanos = remainder * 1000

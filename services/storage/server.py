@@ -12,6 +12,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.store import EventStore
+from services.storage.times import use_integer_timestamps
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import (
     MeshServer,
@@ -46,7 +47,8 @@ POLICY: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class StorageDeps:
     """What the server needs from outside, bound to the storage schema (migrated): an engine
-    for queries and dead letters, and a plain asyncpg pool for the batch inserts."""
+    for dead letters, and a plain asyncpg pool for the events, made with
+    `init=use_integer_timestamps` (see `create_pool`)."""
 
     engine: AsyncEngine
     pool: asyncpg.Pool
@@ -64,7 +66,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
-        StorageServicer(EventStore(deps.engine, deps.pool), limits, DeadLetterStore(deps.engine)),
+        StorageServicer(EventStore(deps.pool), limits, DeadLetterStore(deps.engine)),
     )
     return create_mesh_server(
         settings,
@@ -100,6 +102,7 @@ async def serve(settings: StorageSettings) -> None:
             schema=settings.db_schema,
             application_name="streammesh-storage",
             size=settings.pool_size,
+            init=use_integer_timestamps,
         )
         mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
         await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=close)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.storage.server import SERVICE, StorageDeps, create_server
 from services.storage.settings import StorageSettings
+from services.storage.times import use_integer_timestamps
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
@@ -88,6 +89,7 @@ async def start_server(pki_dir: Path, pg_schema: str) -> AsyncIterator[StartServ
             engine.url.render_as_string(hide_password=False),
             schema=settings.db_schema,
             application_name="storage-tests",
+            init=use_integer_timestamps,
         )
         pools.append(pool)
         mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
