@@ -28,7 +28,7 @@ PROTO = ROOT / "proto"
 
 
 def _well_known_include() -> Path:
-    import grpc_tools
+    import grpc_tools  # type: ignore[import-untyped]
 
     return Path(grpc_tools.__file__).parent / "_proto"
 
