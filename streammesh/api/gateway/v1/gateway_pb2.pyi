@@ -368,7 +368,11 @@ class PublishRequest(_message.Message):
     sequence: _builtins.int
     """Caller-chosen number echoed in the acknowledgement."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
+        """1 to 10,000 events (see Event for each event's limits). Every message on the stream, like
+        every request and reply of this service, is at most 16 MiB (16,777,216 bytes).
+        """
+
     def __init__(
         self,
         *,
@@ -423,7 +427,9 @@ class PublishBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
+        """1 to 10,000 events (see Event for each event's limits); the request is at most 16 MiB."""
+
     def __init__(
         self,
         *,
@@ -468,7 +474,9 @@ class QueryEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """0 to 1000 events a page; 100 when 0."""
     page_token: _builtins.str
+    """next_page_token of the previous page, with the same filter; empty for the first page."""
     @_builtins.property
     def filter(self) -> _event_pb2.EventFilter: ...
     def __init__(
@@ -493,8 +501,13 @@ class QueryEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
+        """In store order. A page ends early, with a next_page_token, rather than pass the 16 MiB
+        message limit.
+        """
+
     def __init__(
         self,
         *,
