@@ -24,7 +24,15 @@ from streammesh.mesh import (
 )
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 
-__all__ = ["POLICY", "SERVICE", "StorageDeps", "create_server", "main", "serve"]
+__all__ = [
+    "POLICY",
+    "SERVICE",
+    "StorageDeps",
+    "create_event_pool",
+    "create_server",
+    "main",
+    "serve",
+]
 
 SERVICE = "streammesh.storage.v1.StorageService"
 
@@ -47,11 +55,23 @@ POLICY: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class StorageDeps:
     """What the server needs from outside, bound to the storage schema (migrated): an engine
-    for dead letters, and a plain asyncpg pool for the events, made with
-    `init=use_integer_timestamps` (see `create_pool`)."""
+    for dead letters, and the asyncpg pool for the events (`create_event_pool`)."""
 
     engine: AsyncEngine
     pool: asyncpg.Pool
+
+
+async def create_event_pool(
+    database_url: str, *, schema: str, application_name: str, size: int = 10
+) -> asyncpg.Pool:
+    """The pool EventStore needs: storage's session settings, timestamps as integers."""
+    return await create_pool(
+        database_url,
+        schema=schema,
+        application_name=application_name,
+        size=size,
+        init=use_integer_timestamps,
+    )
 
 
 def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
@@ -97,12 +117,11 @@ async def serve(settings: StorageSettings) -> None:
             schema=settings.db_schema,
             migrations=load_migrations("services.storage.migrations"),
         )
-        pool = await create_pool(
+        pool = await create_event_pool(
             settings.database_url,
             schema=settings.db_schema,
             application_name="streammesh-storage",
             size=settings.pool_size,
-            init=use_integer_timestamps,
         )
         mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
         await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=close)

@@ -37,13 +37,13 @@ from services.gateway.upstream import Upstreams
 from services.ingest.server import IngestDeps
 from services.ingest.server import create_server as create_ingest_server
 from services.ingest.settings import IngestSettings
-from services.storage.server import StorageDeps
+from services.storage.server import StorageDeps, create_event_pool
 from services.storage.server import create_server as create_storage_server
 from services.storage.settings import StorageSettings
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
-from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
+from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 from streammesh.mesh.settings import write_secret_file
 from streammesh.streams import StreamLayout
 from tests.conftest import TRUST_DOMAIN
@@ -241,7 +241,9 @@ async def stack(
             schema=storage_schema,
             migrations=load_migrations("services.storage.migrations"),
         )
-        pool = await create_pool(database_url, schema=storage_schema, application_name="gw-tests")
+        pool = await create_event_pool(
+            database_url, schema=storage_schema, application_name="gw-tests"
+        )
         exit_stack.push_async_callback(pool.close)
         storage = await _started(
             create_storage_server(
