@@ -52,7 +52,7 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
             ServiceBinding(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(upstreams),
+                GatewayServicer(upstreams, keys),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],

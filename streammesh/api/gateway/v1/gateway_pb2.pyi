@@ -560,3 +560,90 @@ class CountEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountEventsResponse: _TypeAlias = CountEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetJwksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJwksRequest: _TypeAlias = GetJwksRequest  # noqa: Y015
+
+@_typing.final
+class GetJwksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    MAX_AGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___JsonWebKey]:
+        """The keys the gateway itself accepts (RFC 7517; Ed25519: kty "OKP", crv "Ed25519", alg
+        "EdDSA", use "sig"). Printed as JSON (grpcurl), the reply is a JWK Set: {"keys": [...]}.
+        Verify tokens with alg EdDSA only, the key whose kid the token's header names, iss
+        "streammesh-auth" and aud "streammesh" (the defaults), and typ "at+jwt".
+        """
+
+    @_builtins.property
+    def max_age(self) -> _duration_pb2.Duration:
+        """How long to cache the keys: until the gateway itself next refreshes them from auth. A
+        retired key drops out of this list within about that long; a token with a kid not in
+        the list may be signed by a new key: fetch again, but not more than every few seconds.
+        """
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___JsonWebKey] | None = ...,
+        max_age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_age", b"max_age"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "max_age", b"max_age"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
+
+@_typing.final
+class JsonWebKey(_message.Message):
+    """JsonWebKey is a public key in RFC 7517 form."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KTY_FIELD_NUMBER: _builtins.int
+    KID_FIELD_NUMBER: _builtins.int
+    ALG_FIELD_NUMBER: _builtins.int
+    USE_FIELD_NUMBER: _builtins.int
+    CRV_FIELD_NUMBER: _builtins.int
+    X_FIELD_NUMBER: _builtins.int
+    kty: _builtins.str
+    kid: _builtins.str
+    alg: _builtins.str
+    use: _builtins.str
+    crv: _builtins.str
+    x: _builtins.str
+    """The public key, base64url (RFC 8037)."""
+    def __init__(
+        self,
+        *,
+        kty: _builtins.str = ...,
+        kid: _builtins.str = ...,
+        alg: _builtins.str = ...,
+        use: _builtins.str = ...,
+        crv: _builtins.str = ...,
+        x: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alg", b"alg", "crv", b"crv", "kid", b"kid", "kty", b"kty", "use", b"use", "x", b"x"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JsonWebKey: _TypeAlias = JsonWebKey  # noqa: Y015
