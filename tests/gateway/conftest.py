@@ -102,6 +102,8 @@ class Stack:
     layout: StreamLayout
     """The streams ingest appends to (no processor runs unless a test starts one)."""
     people: dict[str, Person] = field(default_factory=dict)
+    jwks_http_port: int | None = None
+    """The HTTPS JWKS listener's port, when the module's GATEWAY_SETTINGS turn it on."""
 
     @property
     def admin_person(self) -> Person:
@@ -268,7 +270,8 @@ async def stack(
         exit_stack.push_async_callback(upstreams.close)
         audit = create_audit_trail(settings, upstreams)
         exit_stack.push_async_callback(audit.close, 5)
-        gateway = await _started(create_gateway_server(settings, upstreams, audit), exit_stack)
+        gateway = create_gateway_server(settings, upstreams, audit)
+        await _started(gateway, exit_stack)
 
         channel = gateway_channel(gateway.port, pki_dir)
         exit_stack.push_async_callback(channel.close)
@@ -293,6 +296,7 @@ async def stack(
             gateway_port=gateway.port,
             redis=redis_client,
             layout=layout,
+            jwks_http_port=gateway.jwks_http.port if gateway.jwks_http else None,
         )
         logins = [
             enrol_and_login(built, f"gw-{name.replace('+', '-')}-{run[:6]}", roles)

@@ -47,6 +47,7 @@ async def test_anyone_with_the_ca_gets_the_keys_with_a_cache_lifetime(stack: Sta
     max_age = reply.max_age.seconds
     assert 0 < max_age <= stack.gateway_settings.jwks_max_age_seconds
     assert headers["cache-control"] == f"max-age={max_age}"
+    assert stack.jwks_http_port is None  # the HTTPS listener is off unless configured
     claims = _verify(person.access_token, MessageToDict(reply))
     assert claims["preferred_username"] == person.username
     assert sorted(claims["roles"]) == ["producer"]  # type: ignore[call-overload]
