@@ -23,7 +23,6 @@ from services.storage.dead_letter_store import (
     DeadLetterRow,
     NewDeadLetter,
 )
-from services.storage.times import MAX_TIMESTAMP, MIN_TIMESTAMP
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.envelope import timestamp_in_range
@@ -147,10 +146,10 @@ def replayed_by(request: storage_pb2.MarkDeadLetterReplayedRequest) -> str:
 
 def _set_time(target: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
     if value.tzinfo is None:
-        # asyncpg's datetime codec returns +-infinity (and writes the range's first and last
-        # microsecond that way) as naive datetime.min/max: render the range's edge, not a crash.
-        target.CopyFrom(MAX_TIMESTAMP if value.year == dt.MAXYEAR else MIN_TIMESTAMP)
-        return
+        # asyncpg's datetime codec writes the first and last microsecond of the range as
+        # -infinity/infinity and reads those back as naive datetime.min/max: the same instants,
+        # in UTC (not a crash of every page that holds one).
+        value = value.replace(tzinfo=dt.UTC)
     micros = (value - EPOCH) // dt.timedelta(microseconds=1)
     target.seconds, remainder = divmod(micros, 1_000_000)
     target.nanos = remainder * 1000
