@@ -111,7 +111,10 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         for row in rows[:page_size]:
             try:
                 stored, problems = stored_event(row)
-            except (ValueError, TypeError) as error:  # nothing a row storage wrote can cause
+            except (
+                ValueError,
+                TypeError,
+            ) as error:  # a last resort: no row the schema holds is known to get here
                 odd.append(f"{row.id!r} (seq {row.seq}): left out: {error}")
                 last_seq = row.seq
                 continue
