@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import ValidationError
 
+from services.ingest.settings import IngestSettings
 from services.ingest.validation import BatchLimits, validate_batch
 from services.storage.batch import Limits, batch_columns
 from streammesh.api.common.v1 import event_pb2
@@ -115,3 +117,13 @@ def test_ingest_names_an_event_time_outside_the_range(when: Timestamp, reason: s
     [(field, message)] = caught.value.field_violations
     assert field == "events[3].event_time"
     assert message.startswith(reason)
+
+
+def test_ingest_cannot_be_set_to_accept_a_payload_storage_refuses() -> None:
+    # Storage applies the contract's payload limit whatever ingest was told: a larger ingest
+    # limit would acknowledge events that storage dead-letters.
+    limit = EnvelopeLimits().max_payload_bytes
+    assert IngestSettings().max_payload_bytes == limit
+    assert IngestSettings(max_payload_bytes=1024).max_payload_bytes == 1024
+    with pytest.raises(ValidationError):
+        IngestSettings(max_payload_bytes=limit + 1)
