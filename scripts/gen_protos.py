@@ -57,7 +57,12 @@ def _rewrite(text: str, *, is_stub: bool) -> str:
 
 
 def generate(dest: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    # Only our own packages: proto/google/rpc is shipped for clients in other languages, and
+    # Python takes google.rpc from googleapis-common-protos (a second copy of those modules
+    # would register the same descriptors twice).
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / PROTO_PACKAGE_ROOT).rglob("*.proto")
+    )
     with tempfile.TemporaryDirectory() as raw_dir:
         cmd = [
             sys.executable,

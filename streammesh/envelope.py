@@ -11,6 +11,8 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from streammesh.api.common.v1 import event_pb2
 
 __all__ = [
@@ -20,9 +22,12 @@ __all__ = [
     "event_violations",
     "text_problem",
     "timestamp_in_range",
+    "timestamp_problem",
 ]
 
-# google.protobuf.Timestamp's documented range, 0001-01-01 to 9999-12-31 (fits Postgres too).
+# google.protobuf.Timestamp's documented range, 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z: what every protobuf runtime accepts, and what the store keeps
+# exactly, to the nanosecond (services/storage/times.py).
 MIN_SECONDS = -62_135_596_800
 MAX_SECONDS = 253_402_300_799
 
@@ -41,7 +46,17 @@ class EnvelopeLimits:
 
 
 def timestamp_in_range(seconds: int, nanos: int) -> bool:
+    """Whether (seconds, nanos) is a valid google.protobuf.Timestamp."""
     return MIN_SECONDS <= seconds <= MAX_SECONDS and 0 <= nanos < 1_000_000_000
+
+
+def timestamp_problem(value: Timestamp) -> str | None:
+    """Why `value` is not a valid google.protobuf.Timestamp, or None."""
+    if not 0 <= value.nanos < 1_000_000_000:
+        return f"nanos must be 0..999999999, got {value.nanos}"
+    if not MIN_SECONDS <= value.seconds <= MAX_SECONDS:
+        return "outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59.999999999Z"
+    return None
 
 
 def text_problem(value: str, max_chars: int) -> str | None:
@@ -79,10 +94,10 @@ def event_violations(
         problems.append(("payload", f"larger than {limits.max_payload_bytes} bytes"))
     if event.attributes:
         problems += _attribute_violations(event, limits)
-    if event.HasField("event_time") and not timestamp_in_range(
-        event.event_time.seconds, event.event_time.nanos
-    ):
-        problems.append(("event_time", "outside 0001-01-01..9999-12-31 or nanos out of range"))
+    if event.HasField("event_time"):
+        reason = timestamp_problem(event.event_time)
+        if reason is not None:
+            problems.append(("event_time", reason))
     return problems
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import ValidationError
 
+from services.ingest.settings import IngestSettings
 from services.ingest.validation import BatchLimits, validate_batch
 from services.storage.batch import Limits, batch_columns
 from streammesh.api.common.v1 import event_pb2
@@ -94,3 +96,34 @@ def test_the_column_check_agrees_with_the_event_check(name: str, require_id: boo
     if columns is not None:
         assert columns.ids == [e.id for e in batch]
         assert columns.payloads == [e.payload for e in batch]
+
+
+@pytest.mark.parametrize(
+    ("when", "reason"),
+    [
+        (
+            Timestamp(seconds=253_402_300_800),
+            "outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59.999999999Z",
+        ),
+        (Timestamp(seconds=-62_135_596_801, nanos=999_999_999), "outside 0001-01-01T00:00:00Z"),
+        (Timestamp(seconds=0, nanos=-1), "nanos must be 0..999999999, got -1"),
+    ],
+)
+def test_ingest_names_an_event_time_outside_the_range(when: Timestamp, reason: str) -> None:
+    events = [event_pb2.Event(key="k", type="t") for _ in range(5)]
+    events[3].event_time.CopyFrom(when)
+    with pytest.raises(InvalidArgument) as caught:
+        validate_batch(events, BatchLimits())
+    [(field, message)] = caught.value.field_violations
+    assert field == "events[3].event_time"
+    assert message.startswith(reason)
+
+
+def test_ingest_cannot_be_set_to_accept_a_payload_storage_refuses() -> None:
+    # Storage applies the contract's payload limit whatever ingest was told: a larger ingest
+    # limit would acknowledge events that storage dead-letters.
+    limit = EnvelopeLimits().max_payload_bytes
+    assert IngestSettings().max_payload_bytes == limit
+    assert IngestSettings(max_payload_bytes=1024).max_payload_bytes == 1024
+    with pytest.raises(ValidationError):
+        IngestSettings(max_payload_bytes=limit + 1)

@@ -74,6 +74,9 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{GATEWAY}/PublishBatch": roles("producer"),
     f"{GATEWAY}/QueryEvents": roles("analyst"),
     f"{GATEWAY}/CountEvents": roles("analyst"),
+    # Public keys, for resource servers outside the mesh; served from the gateway's key cache,
+    # so anonymous callers cannot make it fetch from auth more often than it does anyway.
+    f"{GATEWAY}/GetJwks": PUBLIC,
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": ADMIN_ONLY,
     f"{ADMIN}/CreateUser": ADMIN_ONLY,

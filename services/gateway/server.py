@@ -3,9 +3,12 @@ TLS listener hosting GatewayService and AdminService."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from services.gateway.access import AccessGuard
 from services.gateway.admin import AdminServicer
 from services.gateway.audit import AuditTrail
+from services.gateway.jwks_http import JwksHttpListener
 from services.gateway.publish import RelayLimits
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -20,7 +23,31 @@ from streammesh.mesh import (
 )
 from streammesh.mesh.startup import load_tls, run_service
 
-__all__ = ["create_audit_trail", "create_server", "main", "relay_limits", "serve"]
+__all__ = [
+    "GatewayServer",
+    "create_audit_trail",
+    "create_server",
+    "main",
+    "relay_limits",
+    "serve",
+]
+
+
+@dataclasses.dataclass
+class GatewayServer(MeshServer):
+    """The gateway's gRPC listener, plus the HTTPS JWKS listener when one is configured."""
+
+    jwks_http: JwksHttpListener | None = None
+
+    async def start(self) -> None:
+        if self.jwks_http is not None:
+            await self.jwks_http.start()
+        await super().start()
+
+    async def stop(self, grace: float) -> None:
+        await super().stop(grace)
+        if self.jwks_http is not None:
+            await self.jwks_http.stop()
 
 
 def relay_limits(settings: GatewaySettings) -> RelayLimits:
@@ -39,7 +66,9 @@ def create_audit_trail(settings: GatewaySettings, upstreams: Upstreams) -> Audit
     return AuditTrail(upstreams.record_audit_event, capacity=settings.audit_queue_size)
 
 
-def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditTrail) -> MeshServer:
+def create_server(
+    settings: GatewaySettings, upstreams: Upstreams, audit: AuditTrail
+) -> GatewayServer:
     """The public listener is TLS without client certificates: callers authenticate with
     bearer tokens, which AccessGuard checks against the method table before any handler runs.
     The caller owns `audit` and closes it after the server stopped."""
@@ -54,14 +83,14 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
         audience=settings.token_audience,
         leeway=settings.token_leeway_seconds,
     )
-    return create_mesh_server(
+    mesh = create_mesh_server(
         settings,
         identity="gateway",
         bindings=[
             ServiceBinding(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(upstreams, relay_limits(settings)),
+                GatewayServicer(upstreams, keys, relay_limits(settings)),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
@@ -72,6 +101,13 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
         guard=AccessGuard(verifier, audit),
         require_client_cert=False,
     )
+    jwks_http = None
+    if settings.jwks_http_port is not None:
+        jwks_http = JwksHttpListener(
+            keys, host=settings.host, port=settings.jwks_http_port, tls_dir=settings.tls_dir
+        )
+    fields = {f.name: getattr(mesh, f.name) for f in dataclasses.fields(mesh)}
+    return GatewayServer(**fields, jwks_http=jwks_http)
 
 
 async def serve(settings: GatewaySettings) -> None:

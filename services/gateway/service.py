@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from services.gateway.access import current_principal
 from services.gateway.publish import PublishRelay, RelayLimits, assign_missing_ids
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
+from services.gateway.tokens import ALGORITHM, JwksCache
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -20,11 +22,31 @@ __all__ = ["GatewayServicer"]
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """The public API: account calls go to auth, publishing to ingest, reads to storage."""
+    """The public API: account calls go to auth, publishing to ingest, reads to storage; the
+    token keys come from the gateway's own cache of auth's JWKS."""
 
-    def __init__(self, upstreams: Upstreams, limits: RelayLimits) -> None:
+    def __init__(self, upstreams: Upstreams, keys: JwksCache, limits: RelayLimits) -> None:
         self._up = upstreams
+        self._keys = keys
         self._limits = limits
+
+    async def GetJwks(
+        self, request: gateway_pb2.GetJwksRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetJwksResponse:
+        keys, fresh_for = await self._keys.published()
+        seconds = int(fresh_for)
+        # The HTTP caching convention, for clients (and proxies) that read headers only.
+        await context.send_initial_metadata((("cache-control", f"max-age={seconds}"),))
+        return gateway_pb2.GetJwksResponse(
+            keys=[
+                # The gateway binds every key to EdDSA for signatures: say so to every verifier.
+                gateway_pb2.JsonWebKey(
+                    kty=key.kty, kid=key.kid, alg=ALGORITHM, use="sig", crv=key.crv, x=key.x
+                )
+                for key in keys
+            ],
+            max_age=Duration(seconds=seconds),
+        )
 
     async def Register(
         self, request: gateway_pb2.RegisterRequest, context: grpc.aio.ServicerContext

@@ -42,6 +42,15 @@ class GatewaySettings(ServiceSettings):
     jwks_min_refetch_seconds: float = Field(
         10, gt=0, description="unknown kid: refetch the JWKS at most this often"
     )
+    jwks_http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "serve the token keys at https://<host>:<port>/.well-known/jwks.json (the gateway's "
+            "certificate) for JWT libraries that take a JWKS URL; off when unset, 0 picks a port"
+        ),
+    )
     upstream_timeout_seconds: float = Field(10, gt=0, description="default per upstream call")
     audit_queue_size: int = Field(
         10_000,

@@ -127,6 +127,8 @@ class JwksCache:
         self._min_refetch = min_refetch
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._published: tuple[auth_pb2.JsonWebKey, ...] = ()
+        """The JWKS entries behind `_keys`, as auth sent them."""
         self._fetched = False
         self._due = 0.0
         """When the keys are refetched whatever the kid."""
@@ -153,6 +155,19 @@ class JwksCache:
         except KeyError:
             raise TokenRejected(Reason.UNKNOWN_KID) from None
 
+    async def published(self) -> tuple[tuple[auth_pb2.JsonWebKey, ...], float]:
+        """The keys this cache verifies with, as auth published them, and for how many more
+        seconds they are current (until the next scheduled refetch). Never refetches before
+        that, whoever asks: publishing the keys costs auth nothing more than verifying does."""
+        now = self._clock()
+        if not self._fetched and now < self._due:
+            raise Unavailable("auth is unavailable: no token keys fetched yet")
+        if not self._fetched or now >= self._due:
+            await self._refresh(self._attempts, unknown_kid=False)
+        if not self._fetched:
+            raise Unavailable("auth is unavailable: no token keys fetched yet")
+        return self._published, max(0.0, self._due - self._clock())
+
     async def _refresh(self, seen: int, *, unknown_kid: bool) -> None:
         async with self._lock:
             if self._attempts != seen:  # fetched while this caller waited: use that result
@@ -170,7 +185,9 @@ class JwksCache:
                 log.warning("JWKS refresh failed; using cached keys", exc_info=True)
                 self._due = now + self._min_refetch
                 return
-            self._keys = {kid: key for kid, key in map(_verification_key, keys) if key}
+            usable = [(jwk, key) for jwk in keys if (key := _verification_key(jwk)[1])]
+            self._keys = {jwk.kid: key for jwk, key in usable}
+            self._published = tuple(jwk for jwk, _ in usable)
             self._fetched = True
             self._due = now + self._max_age
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from streammesh.envelope import EnvelopeLimits
 from streammesh.mesh.settings import ServiceSettings
 
 __all__ = ["IngestSettings"]
+
+MAX_PAYLOAD_BYTES = EnvelopeLimits().max_payload_bytes
 
 
 class IngestSettings(ServiceSettings):
@@ -29,7 +32,14 @@ class IngestSettings(ServiceSettings):
     group: str = Field("processors", description="the processors' group, whose lag is measured")
     max_batch_events: int = Field(10_000, ge=1, description="events per batch, at most")
     redis_timeout_seconds: float = Field(5.0, gt=0, description="connect and command timeout")
-    max_payload_bytes: int = Field(1024 * 1024, ge=1, description="payload size, at most")
+    # Storage checks every event against the contract's 1 MiB again: a larger limit here would
+    # acknowledge events that storage then refuses (and dead-letters).
+    max_payload_bytes: int = Field(
+        MAX_PAYLOAD_BYTES,
+        ge=1,
+        le=MAX_PAYLOAD_BYTES,
+        description="payload size, at most (1 MiB, the contract; it can only be lowered)",
+    )
     max_entry_bytes: int = Field(
         1024 * 1024,
         ge=64 * 1024,

@@ -9,14 +9,13 @@ violation. Either way the same rules as ingest's apply (streammesh.envelope).
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import json
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
 from services.storage.store import BatchColumns
+from services.storage.times import TimeBound, pg_micros, time_bound
 from streammesh.api.common.v1 import event_pb2
 from streammesh.envelope import (
     MAX_SECONDS,
@@ -25,7 +24,7 @@ from streammesh.envelope import (
     envelope_columns,
     event_violations,
     text_problem,
-    timestamp_in_range,
+    timestamp_problem,
 )
 from streammesh.mesh.errors import InvalidArgument
 
@@ -34,13 +33,11 @@ __all__ = [
     "Limits",
     "Violations",
     "batch_columns",
-    "checked_datetime",
-    "to_datetime",
+    "checked_time",
 ]
 
 DEFAULT_CONTENT_TYPE = "application/json"
 MAX_PARTITION = 2**31 - 1  # the column is a Postgres integer
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MAX_VIOLATIONS_REPORTED = 20
 # One encoder for all rows: json.dumps with options builds a new encoder per call.
 _json = json.JSONEncoder(separators=(",", ":")).encode
@@ -87,26 +84,14 @@ class Violations:
         )
 
 
-@functools.lru_cache(maxsize=4096)
-def _datetime(seconds: int, micros: int) -> dt.datetime:
-    # Every event of a queued batch shares one ingest time (and, unless the producer set one,
-    # the same event time): a small cache turns 2 conversions per event into ~2 per batch.
-    return EPOCH + dt.timedelta(seconds=seconds, microseconds=micros)
-
-
-def to_datetime(value: timestamp_pb2.Timestamp) -> dt.datetime:
-    """Postgres keeps microseconds, so nanoseconds are truncated. The value must be in range."""
-    return _datetime(value.seconds, value.nanos // 1000)
-
-
-def checked_datetime(
-    value: timestamp_pb2.Timestamp, field: str, problems: Violations
-) -> dt.datetime:
-    """Convert in range, else record a violation (and return the epoch as a placeholder)."""
-    if not timestamp_in_range(value.seconds, value.nanos):
-        problems.add(field, "outside 0001-01-01..9999-12-31 or nanos outside 0..999999999")
-        return EPOCH
-    return to_datetime(value)
+def checked_time(value: timestamp_pb2.Timestamp, field: str, problems: Violations) -> TimeBound:
+    """The instant as the store compares it, else record a violation (and return the Unix
+    epoch as a placeholder)."""
+    reason = timestamp_problem(value)
+    if reason is not None:
+        problems.add(field, reason)
+        return pg_micros(timestamp_pb2.Timestamp()), 0
+    return time_bound(value)
 
 
 def batch_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns:
@@ -141,16 +126,22 @@ def _fast_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns 
         return None
     if not all(0 <= s.nanos < 1_000_000_000 for s in ingest_stamps):
         return None
-    ingest_times = [to_datetime(s) for s in ingest_stamps]
+    # Ingest time to the microsecond (the StoredEvent contract); event time to the nanosecond.
+    ingest_times = [pg_micros(s) for s in ingest_stamps]
+    event_times = ingest_times.copy()
+    event_time_nanos = [0] * len(events)
+    for index, event in enumerate(events):
+        # In range: envelope_columns checked every event that has one.
+        if event.HasField("event_time"):
+            stamp = event.event_time
+            event_times[index] = pg_micros(stamp)
+            event_time_nanos[index] = stamp.nanos % 1000
     return BatchColumns(
         ids=envelope.ids,
         keys=envelope.keys,
         types=envelope.types,
-        # Event times in range: envelope_columns checked every event that has one.
-        event_times=[
-            to_datetime(e.event_time) if e.HasField("event_time") else ingest
-            for e, ingest in zip(events, ingest_times, strict=True)
-        ],
+        event_times=event_times,
+        event_time_nanos=event_time_nanos,
         payloads=envelope.payloads,
         content_types=[c or DEFAULT_CONTENT_TYPE for c in envelope.content_types],
         attributes=[_json(dict(e.attributes)) if e.attributes else "{}" for e in events],
@@ -182,9 +173,9 @@ def _check_event(
     for name, reason in event_violations(event, limits.envelope, require_id=True):
         problems.add(f"batch.events[{index}].event.{name}", reason)
     problems.text(f"batch.events[{index}].producer", queued.producer, limits.max_text_chars)
-    ingest_time = EPOCH
+    ingest_time: TimeBound = (0, 0)
     if queued.HasField("ingest_time"):
-        ingest_time = checked_datetime(
+        ingest_time = checked_time(
             queued.ingest_time, f"batch.events[{index}].ingest_time", problems
         )
     else:
@@ -192,11 +183,9 @@ def _check_event(
             f"batch.events[{index}].ingest_time",
             "required: set by ingest when it accepts the event",
         )
-    event_time = ingest_time
-    if event.HasField("event_time") and timestamp_in_range(
-        event.event_time.seconds, event.event_time.nanos
-    ):
-        event_time = to_datetime(event.event_time)  # out of range: reported by event_violations
+    event_time = (ingest_time[0], 0)
+    if event.HasField("event_time") and timestamp_problem(event.event_time) is None:
+        event_time = time_bound(event.event_time)  # out of range: reported by event_violations
     columns.append(
         id=event.id,
         key=event.key,
@@ -205,6 +194,6 @@ def _check_event(
         payload=event.payload,
         content_type=event.content_type or DEFAULT_CONTENT_TYPE,
         attributes=_json(dict(event.attributes)) if event.attributes else "{}",
-        ingest_time=ingest_time,
+        ingest_time=ingest_time[0],
         producer=queued.producer,
     )

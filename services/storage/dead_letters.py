@@ -16,7 +16,7 @@ import re
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
-from services.storage.batch import EPOCH, MAX_PARTITION
+from services.storage.batch import MAX_PARTITION
 from services.storage.dead_letter_store import (
     DeadLetterBody,
     DeadLetterQuery,
@@ -38,6 +38,8 @@ __all__ = [
     "new_dead_letter",
     "replayed_by",
 ]
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 DEFAULT_DEAD_LETTER_PAGE = 100
 MAX_DEAD_LETTER_PAGE = 500
@@ -143,6 +145,11 @@ def replayed_by(request: storage_pb2.MarkDeadLetterReplayedRequest) -> str:
 
 
 def _set_time(target: timestamp_pb2.Timestamp, value: dt.datetime) -> None:
+    if value.tzinfo is None:
+        # asyncpg's datetime codec writes the first and last microsecond of the range as
+        # -infinity/infinity and reads those back as naive datetime.min/max: the same instants,
+        # in UTC (not a crash of every page that holds one).
+        value = value.replace(tzinfo=dt.UTC)
     micros = (value - EPOCH) // dt.timedelta(microseconds=1)
     target.seconds, remainder = divmod(micros, 1_000_000)
     target.nanos = remainder * 1000

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import hashlib
 import json
 
 from services.storage.store import EventQuery
+from services.storage.times import TimeBound, unix_micros
 
 __all__ = [
     "MAX_TOKEN_CHARS",
@@ -34,18 +34,22 @@ MAX_TOKEN_CHARS = 256
 """Longer tokens are refused before decoding; real ones are about 50 characters."""
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MAX_SEQ = 2**63 - 1
 
 
-def _micros(value: dt.datetime | None) -> int | None:
-    return None if value is None else (value - _EPOCH) // dt.timedelta(microseconds=1)
+def _instant(value: TimeBound | None) -> int | list[int] | None:
+    # Unix microseconds, as tokens issued before nanosecond bounds existed; [micros, nanos]
+    # only when a bound has nanoseconds below its microsecond.
+    if value is None:
+        return None
+    micros, nanos = value
+    return [unix_micros(micros), nanos] if nanos else unix_micros(micros)
 
 
 def filter_hash(query: EventQuery) -> str:
-    """A short, stable fingerprint of the filter (keys as a set, times in microseconds)."""
+    """A short, stable fingerprint of the filter (keys as a set, times to the nanosecond)."""
     canonical = json.dumps(
-        [sorted(set(query.keys)), query.type, _micros(query.start_time), _micros(query.end_time)],
+        [sorted(set(query.keys)), query.type, _instant(query.start_time), _instant(query.end_time)],
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.store import EventStore
+from services.storage.times import use_integer_timestamps
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import (
     MeshServer,
@@ -22,7 +23,15 @@ from streammesh.mesh import (
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 from streammesh.mesh.startup import reaching, run_service
 
-__all__ = ["POLICY", "SERVICE", "StorageDeps", "create_server", "main", "serve"]
+__all__ = [
+    "POLICY",
+    "SERVICE",
+    "StorageDeps",
+    "create_event_pool",
+    "create_server",
+    "main",
+    "serve",
+]
 
 SERVICE = "streammesh.storage.v1.StorageService"
 
@@ -45,10 +54,23 @@ POLICY: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class StorageDeps:
     """What the server needs from outside, bound to the storage schema (migrated): an engine
-    for queries and dead letters, and a plain asyncpg pool for the batch inserts."""
+    for dead letters, and the asyncpg pool for the events (`create_event_pool`)."""
 
     engine: AsyncEngine
     pool: asyncpg.Pool
+
+
+async def create_event_pool(
+    database_url: str, *, schema: str, application_name: str, size: int = 10
+) -> asyncpg.Pool:
+    """The pool EventStore needs: storage's session settings, timestamps as integers."""
+    return await create_pool(
+        database_url,
+        schema=schema,
+        application_name=application_name,
+        size=size,
+        init=use_integer_timestamps,
+    )
 
 
 def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
@@ -63,7 +85,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
-        StorageServicer(EventStore(deps.engine, deps.pool), limits, DeadLetterStore(deps.engine)),
+        StorageServicer(EventStore(deps.pool), limits, DeadLetterStore(deps.engine)),
     )
     return create_mesh_server(
         settings,
@@ -95,7 +117,7 @@ async def serve(settings: StorageSettings) -> None:
                 schema=settings.db_schema,
                 migrations=load_migrations("services.storage.migrations"),
             )
-            pool = await create_pool(
+            pool = await create_event_pool(
                 settings.database_url,
                 schema=settings.db_schema,
                 application_name="streammesh-storage",

@@ -1,6 +1,7 @@
-"""All SQL of the storage service: the `events` table, the one-statement batch insert, and the
-filtered keyset queries. SQLAlchemy Core over asyncpg (the insert straight on asyncpg); plain
-dataclasses in and out.
+"""All SQL of the event store: the `events` table, the one-statement batch insert, and the
+filtered keyset queries, straight on asyncpg (every event of a batch or a page passes through
+here; SQLAlchemy's bind and result processing alone cost about 1 us per event). Plain dataclasses
+in and out; timestamps travel as Postgres microsecond counts (services.storage.times).
 
 A database outage raises `Unavailable` (a retryable status), so the processor keeps the batch
 pending and retries instead of acknowledging or dead-lettering it.
@@ -8,33 +9,15 @@ pending and retries instead of acknowledging or dead-lettering it.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    ColumnElement,
-    DateTime,
-    Identity,
-    Integer,
-    LargeBinary,
-    MetaData,
-    Table,
-    Text,
-    any_,
-    bindparam,
-    func,
-    select,
-)
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.storage.times import TimeBound
 from streammesh.mesh.errors import Unavailable
 
 __all__ = [
@@ -43,31 +26,10 @@ __all__ = [
     "EventQuery",
     "EventStore",
     "StoredRow",
-    "events",
     "outage_is_unavailable",
 ]
 
 log = logging.getLogger(__name__)
-
-_metadata = MetaData()
-
-# Mirrors migrations/0001_events.sql. No schema: connections resolve names via their search_path.
-events = Table(
-    "events",
-    _metadata,
-    Column("seq", BigInteger, Identity(always=True), nullable=False),
-    Column("id", Text, primary_key=True),
-    Column("key", Text, nullable=False),
-    Column("type", Text, nullable=False),
-    Column("event_time", DateTime(timezone=True), nullable=False),
-    Column("payload", LargeBinary, nullable=False),
-    Column("content_type", Text, nullable=False),
-    Column("attributes", JSONB, nullable=False),
-    Column("partition", Integer, nullable=False),
-    Column("ingest_time", DateTime(timezone=True), nullable=False),
-    Column("store_time", DateTime(timezone=True), nullable=False),
-    Column("producer", Text, nullable=False),
-)
 
 
 @dataclass(slots=True)
@@ -77,17 +39,21 @@ class BatchColumns:
     ids: list[str]
     keys: list[str]
     types: list[str]
-    event_times: list[dt.datetime]
+    event_times: list[int]
+    """Postgres microsecond counts (services.storage.times)."""
+    event_time_nanos: list[int]
+    """The nanoseconds below each event time's microsecond, 0..999."""
     payloads: list[bytes]
     content_types: list[str]
     attributes: list[str]
     """JSON objects, as text."""
-    ingest_times: list[dt.datetime]
+    ingest_times: list[int]
+    """Postgres microsecond counts."""
     producers: list[str]
 
     @classmethod
     def empty(cls) -> BatchColumns:
-        return cls([], [], [], [], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [], [], [], [])
 
     def append(
         self,
@@ -95,17 +61,18 @@ class BatchColumns:
         id: str,
         key: str,
         type: str,
-        event_time: dt.datetime,
+        event_time: TimeBound,
         payload: bytes,
         content_type: str,
         attributes: str,
-        ingest_time: dt.datetime,
+        ingest_time: int,
         producer: str,
     ) -> None:
         self.ids.append(id)
         self.keys.append(key)
         self.types.append(type)
-        self.event_times.append(event_time)
+        self.event_times.append(event_time[0])
+        self.event_time_nanos.append(event_time[1])
         self.payloads.append(payload)
         self.content_types.append(content_type)
         self.attributes.append(attributes)
@@ -118,51 +85,58 @@ class BatchColumns:
 
 @dataclass(frozen=True, slots=True)
 class StoredRow:
-    """One row of `events` as a query returns it."""
+    """One row of `events` as a query returns it; times as Postgres microsecond counts, which
+    may lie outside the Timestamp range in a row written by hand (infinity is +-2**63)."""
 
     seq: int
     id: str
     key: str
     type: str
-    event_time: dt.datetime
+    event_time: int
+    event_time_nanos: int
     payload: bytes
     content_type: str
-    attributes: dict[str, str]
+    attributes: str
+    """The JSON text of the jsonb column."""
     partition: int
-    ingest_time: dt.datetime
-    store_time: dt.datetime
+    ingest_time: int
+    store_time: int
     producer: str
 
 
 @dataclass(frozen=True, slots=True)
 class EventQuery:
     """A validated filter: any of `keys` (all when empty), `type` exactly (all when empty),
-    `start_time <= event_time < end_time` (open when None)."""
+    `start_time <= event_time < end_time` to the nanosecond (open when None)."""
 
     keys: tuple[str, ...] = ()
     type: str = ""
-    start_time: dt.datetime | None = None
-    end_time: dt.datetime | None = None
+    start_time: TimeBound | None = None
+    end_time: TimeBound | None = None
 
 
 # One statement and one round trip per batch, with no BEGIN/COMMIT around it (a single statement
 # is its own transaction): identity values are handed out in batch order (ORDER BY ordinality),
 # so seq keeps per-key publish order, and re-deliveries are skipped. attributes travel as text[]
-# and are cast per row: asyncpg has no jsonb[] encoder for Python values. Plain asyncpg rather
-# than SQLAlchemy here, because this statement carries every event (SQLAlchemy's bind
-# processing alone cost ~1 us per event).
+# and are cast per row: asyncpg has no jsonb[] encoder for Python values. Timestamps are bound
+# as microsecond counts, so the pool needs `use_integer_timestamps`.
 INSERT_BATCH = """
-INSERT INTO events (id, key, type, event_time, payload, content_type, attributes, partition,
-                    ingest_time, producer)
-SELECT b.id, b.key, b.type, b.event_time, b.payload, b.content_type, b.attributes::jsonb, $10,
-       b.ingest_time, b.producer
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[], $6::text[],
-            $7::text[], $8::timestamptz[], $9::text[])
-     WITH ORDINALITY AS b(id, key, type, event_time, payload, content_type, attributes,
-                          ingest_time, producer, ordinality)
+INSERT INTO events (id, key, type, event_time, event_time_nanos, payload, content_type,
+                    attributes, partition, ingest_time, producer)
+SELECT b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload, b.content_type,
+       b.attributes::jsonb, $11, b.ingest_time, b.producer
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int2[], $6::bytea[],
+            $7::text[], $8::text[], $9::timestamptz[], $10::text[])
+     WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
+                          attributes, ingest_time, producer, ordinality)
 ORDER BY b.ordinality
 ON CONFLICT (id) DO NOTHING
 """
+
+_COLUMNS = (
+    "seq, id, key, type, event_time, event_time_nanos, payload, content_type, attributes::text,"
+    " partition, ingest_time, store_time, producer"
+)
 
 # Outages, not bad requests: connection (08), auth (28), missing database (3D), resources (53),
 # operator intervention such as shutdown (57), and serialization/deadlock aborts (40).
@@ -192,28 +166,40 @@ async def outage_is_unavailable(operation: str) -> AsyncIterator[None]:
         raise Unavailable("the event store database is unavailable; retry later") from error
 
 
-def _conditions(query: EventQuery) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
+def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
+    """The WHERE terms of a filter and their arguments ($1, $2, ... in order)."""
+    where: list[str] = []
+    args: list[object] = []
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
     if query.keys:
-        # One array parameter, not an expanding IN list: one statement text for any key count.
-        where.append(events.c.key == any_(bindparam("keys", list(query.keys), ARRAY(Text))))
+        # One array parameter, not an IN list: one statement text for any key count.
+        where.append(f"key = ANY({arg(list(query.keys))}::text[])")
     if query.type:
-        where.append(events.c.type == query.type)
+        where.append(f"type = {arg(query.type)}")
+    # Row comparisons order by the microsecond, then the nanoseconds below it; the planner still
+    # uses the event_time index on their first column.
     if query.start_time is not None:
-        where.append(events.c.event_time >= query.start_time)
+        micros, nanos = query.start_time
+        where.append(
+            f"(event_time, event_time_nanos) >= ({arg(micros)}::timestamptz, {arg(nanos)}::int2)"
+        )
     if query.end_time is not None:
-        where.append(events.c.event_time < query.end_time)
-    return where
+        micros, nanos = query.end_time
+        where.append(
+            f"(event_time, event_time_nanos) < ({arg(micros)}::timestamptz, {arg(nanos)}::int2)"
+        )
+    return where, args
 
 
 class EventStore:
-    """The `events` table of one schema (the search_path of the engine and of the pool, which
-    takes the batch inserts)."""
+    """The `events` table of one schema: the search_path of the pool, whose connections
+    exchange timestamps as integers (`use_integer_timestamps` as its init)."""
 
-    def __init__(
-        self, engine: AsyncEngine, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0
-    ) -> None:
-        self._engine = engine
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
 
@@ -232,6 +218,7 @@ class EventStore:
                 batch.keys,
                 batch.types,
                 batch.event_times,
+                batch.event_time_nanos,
                 batch.payloads,
                 batch.content_types,
                 batch.attributes,
@@ -243,18 +230,28 @@ class EventStore:
 
     async def query(self, query: EventQuery, *, after_seq: int, limit: int) -> list[StoredRow]:
         """Up to `limit` matching rows with seq > `after_seq`, in seq order."""
+        where, args = _conditions(query)
+        args += [after_seq, limit]
+        where.append(f"seq > ${len(args) - 1}")
         statement = (
-            select(events)
-            .where(*_conditions(query), events.c.seq > after_seq)
-            .order_by(events.c.seq)
-            .limit(limit)
+            f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)}"  # noqa: S608 (fixed terms)
+            f" ORDER BY seq LIMIT ${len(args)}"
         )
-        async with outage_is_unavailable("query"), self._engine.connect() as conn:
-            result = await conn.execute(statement)
-            return [StoredRow(**row._mapping) for row in result]
+        async with (
+            outage_is_unavailable("query"),
+            self._pool.acquire(timeout=self._acquire_timeout) as conn,
+        ):
+            records = await conn.fetch(statement, *args)
+        return [StoredRow(*record) for record in records]
 
     async def count(self, query: EventQuery) -> int:
         """How many rows match."""
-        statement = select(func.count()).select_from(events).where(*_conditions(query))
-        async with outage_is_unavailable("count"), self._engine.connect() as conn:
-            return int((await conn.execute(statement)).scalar_one())
+        where, args = _conditions(query)
+        statement = "SELECT count(*) FROM events"
+        if where:
+            statement += f" WHERE {' AND '.join(where)}"
+        async with (
+            outage_is_unavailable("count"),
+            self._pool.acquire(timeout=self._acquire_timeout) as conn,
+        ):
+            return int(await conn.fetchval(statement, *args))

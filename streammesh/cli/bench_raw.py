@@ -10,7 +10,6 @@ parsed by hiredis.Reader (redis-py costs ~27 us of client CPU per pipelined XADD
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import resource
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from services.storage.store import INSERT_BATCH
+from services.storage.times import pg_micros, use_integer_timestamps
 from streammesh.api.common.v1 import event_pb2
 from streammesh.cli.bench_load import BatchTemplate, BenchError, connect_postgres, together
 from streammesh.mesh.postgres import checked_identifier, load_migrations
@@ -157,18 +157,8 @@ class _Store:
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
-        self._times: dict[tuple[int, int], dt.datetime] = {}
         self._json = json.JSONEncoder(separators=(",", ":")).encode
         self.stored = 0
-
-    def _time(self, stamp: Any) -> dt.datetime:
-        key = (stamp.seconds, stamp.nanos)
-        value = self._times.get(key)
-        if value is None:
-            if len(self._times) > 10_000:
-                self._times.clear()
-            value = self._times[key] = stamp.ToDatetime(tzinfo=dt.UTC)
-        return value
 
     async def partition(self, stream: bytes, entries: list[Any]) -> list[bytes]:
         """Store a partition's entries in order; returns their ids, to acknowledge."""
@@ -184,11 +174,12 @@ class _Store:
                     [e.id for e in events],
                     [e.key for e in events],
                     [e.type for e in events],
-                    [self._time(e.event_time) for e in events],
+                    [pg_micros(e.event_time) for e in events],
+                    [e.event_time.nanos % 1000 for e in events],
                     [e.payload for e in events],
                     [e.content_type for e in events],
                     [self._json(dict(e.attributes)) if e.attributes else "{}" for e in events],
-                    [self._time(item.ingest_time) for item in items],
+                    [pg_micros(item.ingest_time) for item in items],
                     [item.producer for item in items],
                     batch.partition,
                 )
@@ -223,6 +214,7 @@ async def run_raw(
         min_size=POOL_SIZE,
         max_size=POOL_SIZE,
         server_settings={"search_path": schema, "application_name": "streammesh-bench-raw"},
+        init=use_integer_timestamps,
     )
     store = _Store(pool)
     loop = asyncio.get_running_loop()

@@ -9,6 +9,7 @@ lock so that several replicas starting at once apply each one exactly once.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -100,9 +101,11 @@ async def create_pool(
     application_name: str,
     size: int = 10,
     connect_timeout_seconds: float = 5.0,
+    init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> asyncpg.Pool:
     """A plain asyncpg pool with the same session settings as `create_engine`, for a hot path
-    that skips SQLAlchemy (its checkout, pre-ping and bind processing per call)."""
+    that skips SQLAlchemy (its checkout, pre-ping and bind processing per call). `init` runs on
+    every new connection (codecs, for example)."""
     sa_url = make_url(url)
     return await asyncpg.create_pool(
         host=sa_url.host or "127.0.0.1",
@@ -114,6 +117,7 @@ async def create_pool(
         max_size=size,
         server_settings=_session_settings(schema, application_name),
         timeout=connect_timeout_seconds,
+        init=init,
     )
 
 

@@ -37,13 +37,13 @@ from services.gateway.upstream import Upstreams
 from services.ingest.server import IngestDeps
 from services.ingest.server import create_server as create_ingest_server
 from services.ingest.settings import IngestSettings
-from services.storage.server import StorageDeps
+from services.storage.server import StorageDeps, create_event_pool
 from services.storage.server import create_server as create_storage_server
 from services.storage.settings import StorageSettings
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
-from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
+from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 from streammesh.mesh.settings import write_secret_file
 from streammesh.streams import StreamLayout
 from tests.conftest import TRUST_DOMAIN
@@ -104,6 +104,8 @@ class Stack:
     people: dict[str, Person] = field(default_factory=dict)
     ingest_server: MeshServer | None = None
     """The in-process ingest, for tests that stop it."""
+    jwks_http_port: int | None = None
+    """The HTTPS JWKS listener's port, when the module's GATEWAY_SETTINGS turn it on."""
 
     @property
     def admin_person(self) -> Person:
@@ -249,7 +251,9 @@ async def stack(
             schema=storage_schema,
             migrations=load_migrations("services.storage.migrations"),
         )
-        pool = await create_pool(database_url, schema=storage_schema, application_name="gw-tests")
+        pool = await create_event_pool(
+            database_url, schema=storage_schema, application_name="gw-tests"
+        )
         exit_stack.push_async_callback(pool.close)
         storage = await _started(
             create_storage_server(
@@ -274,7 +278,8 @@ async def stack(
         exit_stack.push_async_callback(upstreams.close)
         audit = create_audit_trail(settings, upstreams)
         exit_stack.push_async_callback(audit.close, 5)
-        gateway = await _started(create_gateway_server(settings, upstreams, audit), exit_stack)
+        gateway = create_gateway_server(settings, upstreams, audit)
+        await _started(gateway, exit_stack)
 
         channel = gateway_channel(gateway.port, pki_dir)
         exit_stack.push_async_callback(channel.close)
@@ -300,6 +305,7 @@ async def stack(
             redis=redis_client,
             layout=layout,
             ingest_server=ingest,
+            jwks_http_port=gateway.jwks_http.port if gateway.jwks_http else None,
         )
         logins = [
             enrol_and_login(built, f"gw-{name.replace('+', '-')}-{run[:6]}", roles)

@@ -36,6 +36,7 @@ PUBLIC = {
     "CompleteLogin",
     "RefreshSession",
     "Logout",
+    "GetJwks",
 }
 NEEDS = {
     "Publish": {"producer", "admin"},

@@ -481,3 +481,41 @@ async def test_auth_down_before_the_first_fetch_is_not_hammered(
     auth.down = False
     assert (await verifier.verify(token)).subject
     assert auth.fetches == 2
+
+
+async def test_published_keys_come_from_the_cache_and_never_add_fetches(
+    auth: FakeAuth, clock: Clock
+) -> None:
+    auth.keys = [
+        *_jwks((KID, KEY)),
+        auth_pb2.JsonWebKey(kid="ec", kty="EC", crv="P-256", x="eA", y="eQ"),
+    ]
+    cache = JwksCache(auth, max_age=60, min_refetch=10, clock=clock)
+    for _ in range(50):
+        keys, fresh_for = await cache.published()
+    # Only the keys the gateway verifies with: the P-256 key is not one.
+    assert [k.kid for k in keys] == [KID]
+    assert (auth.fetches, fresh_for) == (1, 60)
+    clock.now += 45
+    assert (await cache.published())[1] == 15
+    # An unknown kid at verification refetches; publishing does not, until the keys are due.
+    clock.now += 16
+    await cache.published()
+    assert auth.fetches == 2
+
+
+async def test_published_keys_during_an_auth_outage(auth: FakeAuth, clock: Clock) -> None:
+    auth.down = True
+    cache = JwksCache(auth, max_age=60, min_refetch=10, clock=clock)
+    with pytest.raises(Unavailable):
+        await cache.published()
+    with pytest.raises(Unavailable):  # backed off: auth is not asked again at once
+        await cache.published()
+    assert auth.fetches == 1
+    auth.down = False
+    clock.now += 2
+    await cache.published()
+    auth.down = True
+    clock.now += 61
+    keys, fresh_for = await cache.published()  # the last keys stay, for min_refetch
+    assert [k.kid for k in keys] == [KID] and fresh_for == 10

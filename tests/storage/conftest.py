@@ -14,12 +14,12 @@ import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.storage.server import SERVICE, StorageDeps, create_server
+from services.storage.server import SERVICE, StorageDeps, create_event_pool, create_server
 from services.storage.settings import StorageSettings
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
-from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
+from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 from tests.conftest import TRUST_DOMAIN
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ async def start_server(pki_dir: Path, pg_schema: str) -> AsyncIterator[StartServ
 
     async def start(engine: AsyncEngine, **overrides: Any) -> MeshServer:
         settings = storage_settings(pki_dir, db_schema=pg_schema, **overrides)
-        pool = await create_pool(
+        pool = await create_event_pool(
             engine.url.render_as_string(hide_password=False),
             schema=settings.db_schema,
             application_name="storage-tests",

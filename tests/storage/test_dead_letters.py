@@ -236,3 +236,21 @@ async def test_database_outage_is_unavailable(start_server: StartServer, connect
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await engine.dispose()
+
+
+async def test_failure_times_at_the_edges_of_the_range_read_back(
+    processor: Stub, gateway: Stub
+) -> None:
+    # The first and last microsecond of the Timestamp range (asyncpg stores them as -infinity
+    # and infinity): listing and reading the dead letter must not fail, and gives them back.
+    request = dead_letter("1-1")
+    request.first_failed_at.FromNanoseconds(-62_135_596_800 * 10**9)
+    request.last_failed_at.seconds, request.last_failed_at.nanos = 253_402_300_799, 999_999_000
+    stored = (await processor.StoreDeadLetter(request, timeout=5)).dead_letter
+    page = await gateway.ListDeadLetters(storage_pb2.ListDeadLettersRequest(), timeout=5)
+    [listed] = page.dead_letters
+    for got in (stored, listed):
+        assert got.first_failed_at == request.first_failed_at
+        assert got.last_failed_at == request.last_failed_at
+    found = await gateway.GetDeadLetter(storage_pb2.GetDeadLetterRequest(id=listed.id), timeout=5)
+    assert found.dead_letter.last_failed_at == request.last_failed_at

@@ -24,7 +24,9 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
     engine = create_engine(database_url, schema=pg_schema, application_name="storage-tests")
     try:
         assert (
-            await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == VERSIONS == [1, 2, 3]
+            await migrate(engine, schema=pg_schema, migrations=MIGRATIONS)
+            == VERSIONS
+            == [1, 2, 3, 4]
         )
         assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == []
         async with engine.connect() as conn:

@@ -22,7 +22,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 @_typing.final
 class Event(_message.Message):
     """Event is one fact reported by a producer. Its id is the idempotency key end to end:
-    publishing the same id twice stores it once.
+    publishing the same id twice stores it once. Limits, enforced by ingest (and again by storage)
+    with INVALID_ARGUMENT naming the field, for example "events[3].event_time": strings hold no
+    NUL character; lengths are in characters.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -59,20 +61,28 @@ class Event(_message.Message):
     Ingest assigns a UUID when it is empty, which makes a retry of that batch unsafe.
     """
     key: _builtins.str
-    """Partition key: events with the same key are stored in publish order."""
+    """Partition key: events with the same key are stored in publish order. Required; at most 256
+    characters.
+    """
     type: _builtins.str
-    """Event type, for example "order.created"."""
+    """Event type, for example "order.created". Required; at most 128 characters."""
     payload: _builtins.bytes
-    """The body, JSON by convention (see content_type)."""
+    """The body, JSON by convention (see content_type). At most 1 MiB (1,048,576 bytes)."""
     content_type: _builtins.str
-    """MIME type of payload; "application/json" when empty."""
+    """MIME type of payload; "application/json" when empty. At most 128 characters."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the event happened at its source; ingest time when unset."""
+        """When the event happened at its source; ingest time when unset. Any instant of the
+        Timestamp range, 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, is stored and
+        returned exactly, nanoseconds included; outside it (or nanos outside 0..999999999) the
+        batch is refused.
+        """
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form string attributes (trace context, tenant, ...)."""
+        """Free-form string attributes (trace context, tenant, ...). At most 64 entries, each key and
+        value together at most 1024 characters.
+        """
 
     def __init__(
         self,
@@ -169,9 +179,13 @@ class StoredEvent(_message.Message):
     @_builtins.property
     def event(self) -> Global___Event: ...
     @_builtins.property
-    def ingest_time(self) -> _timestamp_pb2.Timestamp: ...
+    def ingest_time(self) -> _timestamp_pb2.Timestamp:
+        """When ingest accepted the event, to the microsecond (nanoseconds below it are cut)."""
+
     @_builtins.property
-    def store_time(self) -> _timestamp_pb2.Timestamp: ...
+    def store_time(self) -> _timestamp_pb2.Timestamp:
+        """When storage wrote it (the database's clock), to the microsecond."""
+
     def __init__(
         self,
         *,
@@ -201,18 +215,20 @@ class EventFilter(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     type: _builtins.str
-    """Match this event type exactly."""
+    """Match this event type exactly; at most 256 characters."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Match any of these keys."""
+        """Match any of these keys; at most 100, each at most 256 characters."""
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Inclusive lower bound on event_time."""
+        """Inclusive lower bound on event_time, to the nanosecond; within the Timestamp range."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Exclusive upper bound on event_time."""
+        """Exclusive upper bound on event_time, to the nanosecond; within the Timestamp range and not
+        before start_time.
+        """
 
     def __init__(
         self,

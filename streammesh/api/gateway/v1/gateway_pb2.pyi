@@ -368,7 +368,11 @@ class PublishRequest(_message.Message):
     sequence: _builtins.int
     """Caller-chosen number echoed in the acknowledgement."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
+        """1 to 10,000 events (see Event for each event's limits). Every message on the stream, like
+        every request and reply of this service, is at most 16 MiB (16,777,216 bytes).
+        """
+
     def __init__(
         self,
         *,
@@ -423,7 +427,9 @@ class PublishBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
+        """1 to 10,000 events (see Event for each event's limits); the request is at most 16 MiB."""
+
     def __init__(
         self,
         *,
@@ -468,7 +474,9 @@ class QueryEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """0 to 1000 events a page; 100 when 0."""
     page_token: _builtins.str
+    """next_page_token of the previous page, with the same filter; empty for the first page."""
     @_builtins.property
     def filter(self) -> _event_pb2.EventFilter: ...
     def __init__(
@@ -493,8 +501,13 @@ class QueryEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
+        """In store order. A page ends early, with a next_page_token, rather than pass the 16 MiB
+        message limit.
+        """
+
     def __init__(
         self,
         *,
@@ -547,3 +560,90 @@ class CountEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountEventsResponse: _TypeAlias = CountEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetJwksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJwksRequest: _TypeAlias = GetJwksRequest  # noqa: Y015
+
+@_typing.final
+class GetJwksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    MAX_AGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___JsonWebKey]:
+        """The keys the gateway itself accepts (RFC 7517; Ed25519: kty "OKP", crv "Ed25519", alg
+        "EdDSA", use "sig"). Printed as JSON (grpcurl), the reply is a JWK Set: {"keys": [...]}.
+        Verify tokens with alg EdDSA only, the key whose kid the token's header names, iss
+        "streammesh-auth" and aud "streammesh" (the defaults), and typ "at+jwt".
+        """
+
+    @_builtins.property
+    def max_age(self) -> _duration_pb2.Duration:
+        """How long to cache the keys: until the gateway itself next refreshes them from auth. A
+        retired key drops out of this list within about that long; a token with a kid not in
+        the list may be signed by a new key: fetch again, but not more than every few seconds.
+        """
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___JsonWebKey] | None = ...,
+        max_age: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_age", b"max_age"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "max_age", b"max_age"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
+
+@_typing.final
+class JsonWebKey(_message.Message):
+    """JsonWebKey is a public key in RFC 7517 form."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KTY_FIELD_NUMBER: _builtins.int
+    KID_FIELD_NUMBER: _builtins.int
+    ALG_FIELD_NUMBER: _builtins.int
+    USE_FIELD_NUMBER: _builtins.int
+    CRV_FIELD_NUMBER: _builtins.int
+    X_FIELD_NUMBER: _builtins.int
+    kty: _builtins.str
+    kid: _builtins.str
+    alg: _builtins.str
+    use: _builtins.str
+    crv: _builtins.str
+    x: _builtins.str
+    """The public key, base64url (RFC 8037)."""
+    def __init__(
+        self,
+        *,
+        kty: _builtins.str = ...,
+        kid: _builtins.str = ...,
+        alg: _builtins.str = ...,
+        use: _builtins.str = ...,
+        crv: _builtins.str = ...,
+        x: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alg", b"alg", "crv", b"crv", "kid", b"kid", "kty", b"kty", "use", b"use", "x", b"x"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JsonWebKey: _TypeAlias = JsonWebKey  # noqa: Y015

@@ -91,6 +91,11 @@ class GatewayServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsResponse.FromString,
                 _registered_method=True)
+        self.GetJwks = channel.unary_unary(
+                '/streammesh.gateway.v1.GatewayService/GetJwks',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -190,6 +195,16 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJwks(self, request, context):
+        """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
+        outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
+        calling it never adds load on auth; the reply's initial metadata carries the same lifetime
+        as max_age, as "cache-control: max-age=<seconds>".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +262,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.CountEvents,
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsResponse.SerializeToString,
+            ),
+            'GetJwks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJwks,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -548,6 +568,33 @@ class GatewayService:
             '/streammesh.gateway.v1.GatewayService/CountEvents',
             streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJwks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.GatewayService/GetJwks',
+            streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,12 @@ class GatewayServiceStub:
     """QueryEvents pages through stored events. Role: analyst."""
     CountEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]
     """CountEvents counts stored events matching a filter. Role: analyst."""
+    GetJwks: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetJwksRequest, _gateway_pb2.GetJwksResponse]
+    """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
+    outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
+    calling it never adds load on auth; the reply's initial metadata carries the same lifetime
+    as max_age, as "cache-control: max-age=<seconds>".
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -123,6 +129,12 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """QueryEvents pages through stored events. Role: analyst."""
     CountEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]  # type: ignore[assignment]
     """CountEvents counts stored events matching a filter. Role: analyst."""
+    GetJwks: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetJwksRequest, _gateway_pb2.GetJwksResponse]  # type: ignore[assignment]
+    """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
+    outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
+    calling it never adds load on auth; the reply's initial metadata carries the same lifetime
+    as max_age, as "cache-control: max-age=<seconds>".
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
@@ -234,5 +246,17 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.CountEventsResponse, _abc.Awaitable[_gateway_pb2.CountEventsResponse]]:
         """CountEvents counts stored events matching a filter. Role: analyst."""
+
+    @_abc_1.abstractmethod
+    def GetJwks(
+        self,
+        request: _gateway_pb2.GetJwksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GetJwksResponse, _abc.Awaitable[_gateway_pb2.GetJwksResponse]]:
+        """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
+        outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
+        calling it never adds load on auth; the reply's initial metadata carries the same lifetime
+        as max_age, as "cache-control: max-age=<seconds>".
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

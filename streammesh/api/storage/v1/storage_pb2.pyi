@@ -72,7 +72,7 @@ class QueryEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1 to 1000; 100 when 0."""
+    """0 to 1000; 100 when 0."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first page."""
     @_builtins.property
