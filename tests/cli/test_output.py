@@ -1,0 +1,94 @@
+"""Replies as people and scripts see them: tables, and JSON with every field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from streammesh.api.gateway.v1 import admin_pb2
+from streammesh.cli.output import print_reply, reply_to_dict
+
+
+def _at(seconds: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+ADA = admin_pb2.User(
+    user_id="u-1", username="ada", roles=["analyst", "producer"], created_at=_at(1_780_000_000)
+)
+PAGED = {"next_page_token": ""}
+LIST_REPLIES: list[tuple[Message, dict[str, object], str]] = [
+    (admin_pb2.ListUsersResponse(), {"users": [], **PAGED}, "(no users)"),
+    (admin_pb2.ListSigningKeysResponse(), {"keys": []}, "(no keys)"),
+    (admin_pb2.ListAuditEventsResponse(), {"events": [], **PAGED}, "(no events)"),
+    (admin_pb2.ListDeadLettersResponse(), {"dead_letters": [], **PAGED}, "(no dead letters)"),
+]
+
+
+def test_json_keeps_false_zero_and_empty_fields_and_nulls_unset_ones() -> None:
+    data = reply_to_dict(admin_pb2.ListUsersResponse(users=[ADA]))
+    assert data["next_page_token"] == ""
+    (user,) = data["users"]
+    assert user["disabled"] is False and user["mfa_enabled"] is False
+    assert user["locked_until"] is None
+    assert user["created_at"] == "2026-05-28T20:26:40Z"
+    assert set(user) == {f.name for f in admin_pb2.User.DESCRIPTOR.fields}
+
+
+@pytest.mark.parametrize(("reply", "as_json", "empty"), LIST_REPLIES)
+def test_empty_lists_are_lists_in_json_and_said_in_tables(
+    reply: Message, as_json: dict[str, object], empty: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    print_reply(reply, as_json=True)
+    assert json.loads(capsys.readouterr().out) == as_json
+    print_reply(reply, as_json=False)
+    assert capsys.readouterr().out.splitlines() == [empty]
+
+
+def test_users_table_and_the_next_page_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    locked = admin_pb2.User(
+        user_id="u-2", username="bob", disabled=True, mfa_enabled=True, locked_until=_at(0)
+    )
+    print_reply(
+        admin_pb2.ListUsersResponse(users=[ADA, locked], next_page_token="tok"), as_json=False
+    )
+    captured = capsys.readouterr()
+    header, rule, *rows = captured.out.splitlines()
+    assert header.split() == [
+        "username",
+        "roles",
+        "disabled",
+        "mfa",
+        "locked",
+        "until",
+        "created",
+        "id",
+    ]
+    assert set(rule) <= {"-", " "}
+    assert rows[0].split() == [
+        "ada",
+        "analyst,producer",
+        "no",
+        "no",
+        "-",
+        "2026-05-28",
+        "20:26:40Z",
+        "u-1",
+    ]
+    assert rows[1].split()[:5] == ["bob", "-", "yes", "yes", "1970-01-01"]
+    assert captured.err == "more: repeat with --page-token tok\n"
+
+
+def test_single_records_print_as_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    print_reply(admin_pb2.SetUserDisabledResponse(user=ADA), as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "user:"
+    assert "  username: ada" in lines and "  disabled: no" in lines
+    assert "  locked until: -" in lines
+    print_reply(admin_pb2.RevokeSessionsResponse(revoked=0), as_json=False)
+    assert capsys.readouterr().out == "revoked: 0\n"
+    print_reply(admin_pb2.RevokeSessionsResponse(revoked=0), as_json=True)
+    assert json.loads(capsys.readouterr().out) == {"revoked": 0}
