@@ -105,8 +105,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
 
 
 def reply_to_dict(message: Message) -> dict[str, Any]:
-    """Every field of `message` as JSON-ready values, proto field names, nulls for unset
-    optional fields (json_format drops those even with the no-presence option)."""
+    """Every field of `message` as JSON-ready values, proto field names in proto order, nulls
+    for unset optional fields (json_format drops those even with the no-presence option)."""
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -127,6 +127,11 @@ def _add_nulls(message: Message, data: dict[str, Any]) -> None:
             data[field.name] = None
         elif field.type == FieldDescriptor.TYPE_MESSAGE and not _is_well_known(field):
             _add_nulls(value, data[field.name])
+    # json_format writes set fields first and defaults after; keep the proto's order instead,
+    # so every record of a type reads the same.
+    ordered = {f.name: data[f.name] for f in message.DESCRIPTOR.fields if f.name in data}
+    data.clear()
+    data.update(ordered)
 
 
 def _is_repeated(field: Field) -> bool:
@@ -155,6 +160,10 @@ def print_reply(message: Message, *, as_json: bool) -> None:
 
 def _human_lines(message: Message, indent: str = "") -> list[str]:
     lines: list[str] = []
+    # A reply that is just a list (and its page token) prints as a bare table; a table among
+    # other fields gets its name above it.
+    fields = [f for f in message.DESCRIPTOR.fields if f.name != "next_page_token"]
+    bare_table = len(fields) == 1
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
         name = field.name.replace("_", " ")
@@ -164,7 +173,10 @@ def _human_lines(message: Message, indent: str = "") -> list[str]:
             continue
         columns = _columns(field.message_type)
         if _is_repeated(field) and columns is not None and not _is_map(field):
-            lines += _table(value, columns, name, indent)
+            if bare_table or not value:
+                lines += _table(value, columns, name, indent)
+            else:
+                lines += [f"{indent}{name}:", *_table(value, columns, name, indent + "  ")]
         elif _is_map(field):
             lines.append(f"{indent}{name}:")
             lines += [f"{indent}  {key}: {value[key]}" for key in sorted(value)]
@@ -187,7 +199,7 @@ def _columns(descriptor: Any) -> tuple[Column, ...] | None:
 
 def _table(records: Any, columns: tuple[Column, ...], name: str, indent: str) -> list[str]:
     if not records:
-        return [f"{indent}(no {name})"]
+        return [f"{indent}{name}: none"]
     rows = [[column.cell(record) for column in columns] for record in records]
     table = tabulate(rows, headers=[column.header for column in columns], tablefmt="simple")
     return [f"{indent}{line}" for line in table.splitlines()]

@@ -21,10 +21,10 @@ ADA = admin_pb2.User(
 )
 PAGED = {"next_page_token": ""}
 LIST_REPLIES: list[tuple[Message, dict[str, object], str]] = [
-    (admin_pb2.ListUsersResponse(), {"users": [], **PAGED}, "(no users)"),
-    (admin_pb2.ListSigningKeysResponse(), {"keys": []}, "(no keys)"),
-    (admin_pb2.ListAuditEventsResponse(), {"events": [], **PAGED}, "(no events)"),
-    (admin_pb2.ListDeadLettersResponse(), {"dead_letters": [], **PAGED}, "(no dead letters)"),
+    (admin_pb2.ListUsersResponse(), {"users": [], **PAGED}, "users: none"),
+    (admin_pb2.ListSigningKeysResponse(), {"keys": []}, "keys: none"),
+    (admin_pb2.ListAuditEventsResponse(), {"events": [], **PAGED}, "events: none"),
+    (admin_pb2.ListDeadLettersResponse(), {"dead_letters": [], **PAGED}, "dead letters: none"),
 ]
 
 
@@ -35,7 +35,7 @@ def test_json_keeps_false_zero_and_empty_fields_and_nulls_unset_ones() -> None:
     assert user["disabled"] is False and user["mfa_enabled"] is False
     assert user["locked_until"] is None
     assert user["created_at"] == "2026-05-28T20:26:40Z"
-    assert set(user) == {f.name for f in admin_pb2.User.DESCRIPTOR.fields}
+    assert list(user) == [f.name for f in admin_pb2.User.DESCRIPTOR.fields]
 
 
 @pytest.mark.parametrize(("reply", "as_json", "empty"), LIST_REPLIES)
@@ -92,3 +92,19 @@ def test_single_records_print_as_lines(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out == "revoked: 0\n"
     print_reply(admin_pb2.RevokeSessionsResponse(revoked=0), as_json=True)
     assert json.loads(capsys.readouterr().out) == {"revoked": 0}
+
+
+def test_a_table_among_other_fields_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    key = admin_pb2.SigningKey(kid="k1", alg="EdDSA", created_at=_at(0))
+    print_reply(admin_pb2.RotateSigningKeyResponse(active=key, retired=[key]), as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["active:", "  kid: k1"]
+    assert lines[lines.index("retired:") + 1].split() == [
+        "kid",
+        "alg",
+        "active",
+        "created",
+        "retired",
+    ]
+    print_reply(admin_pb2.RotateSigningKeyResponse(active=key), as_json=False)
+    assert capsys.readouterr().out.splitlines()[-1] == "retired: none"

@@ -118,13 +118,13 @@ async def test_users_as_a_table_and_as_json_with_every_field(admin_env: dict[str
 async def test_empty_lists(admin_env: dict[str, str]) -> None:
     nobody = f"nobody-{uuid.uuid4().hex[:6]}"
     code, out, _ = await run_cli(admin_env, "admin", "users", "--prefix", nobody)
-    assert (code, out) == (0, "(no users)\n")
+    assert (code, out) == (0, "users: none\n")
     code, out, _ = await run_cli(admin_env, "admin", "users", "--prefix", nobody, "--json")
     assert json.loads(out) == {"users": [], "next_page_token": ""}
     code, out, _ = await run_cli(admin_env, "admin", "dead-letters", "--json")
     assert json.loads(out) == {"dead_letters": [], "next_page_token": ""}
     code, out, _ = await run_cli(admin_env, "admin", "dead-letters")
-    assert (code, out) == (0, "(no dead letters)\n")
+    assert (code, out) == (0, "dead letters: none\n")
 
 
 async def test_users_and_audit_page_with_page_token(

@@ -296,7 +296,7 @@ async def test_cli_account_flow(stack: StackConfig, tmp_path: Path) -> None:
     session_file = state / "session.json"
     assert session_file.stat().st_mode & 0o777 == 0o600
 
-    code, out, err = await run_cli(env, "admin", "users", "--prefix", name)
+    code, out, err = await run_cli(env, "admin", "users", "--prefix", name, "--json")
     assert code == 0, err
     assert json.loads(out)["users"][0]["username"] == name
 
