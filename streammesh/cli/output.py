@@ -225,4 +225,6 @@ def _scalar_text(message: Message, field: Field) -> str:
         return _yes(value)
     if isinstance(value, bytes):
         return f"{len(value)} bytes"
+    if value == "":
+        return "-"
     return _text(value, 200)

@@ -108,3 +108,38 @@ def test_a_table_among_other_fields_is_named(capsys: pytest.CaptureFixture[str])
     ]
     print_reply(admin_pb2.RotateSigningKeyResponse(active=key), as_json=False)
     assert capsys.readouterr().out.splitlines()[-1] == "retired: none"
+
+
+def test_a_dead_letter_with_its_events(capsys: pytest.CaptureFixture[str]) -> None:
+    from streammesh.api.common.v1 import event_pb2
+
+    event = event_pb2.QueuedEvent(
+        event=event_pb2.Event(id="e1", key="k", type="t", payload=b"abc"), producer="p"
+    )
+    reply = admin_pb2.GetDeadLetterResponse(
+        dead_letter=admin_pb2.DeadLetter(id=7, partition=2, event_ids=["e1"], error="refused"),
+        events=[event],
+        raw_fields=[admin_pb2.RawField(name=b"n", value=b"v")],
+    )
+    print_reply(reply, as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["dead letter:", "  id: 7", "  stream: -"]
+    assert "  replayed at: -" in lines
+    header = lines.index("events:") + 1
+    assert lines[header].split() == [
+        "id",
+        "key",
+        "type",
+        "payload",
+        "bytes",
+        "producer",
+        "ingested",
+    ]
+    assert lines[header + 2].split() == ["e1", "k", "t", "3", "p", "-"]
+    assert lines[-1] == "raw fields: 1 item(s) (see --json)"
+    print_reply(reply, as_json=True)
+    data = json.loads(capsys.readouterr().out)
+    assert data["dead_letter"]["replayed_at"] is None and data["dead_letter"]["replay_count"] == 0
+    assert data["events"][0]["event"]["payload"] == "YWJj"
+    assert data["events"][0]["event"]["event_time"] is None
+    assert data["raw_fields"] == [{"name": "bg==", "value": "dg=="}]
