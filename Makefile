@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.streammesh-installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv install backends test check proto up demo bench down clean distclean
+.PHONY: help venv install backends test check proto docs up demo bench down clean distclean
 
 help: ## Show this list
 	@echo "usage: make <target>   (variables: PYTEST_ARGS='-k name -x', PYTHON=python3.11)"
@@ -48,6 +48,9 @@ check: install ## Lint, format check, type check, buf lint/breaking, generated-c
 
 proto: install ## Regenerate streammesh/api from proto/
 	$(BIN)/python scripts/gen_protos.py
+
+docs: install ## Regenerate docs/configuration.md from the settings classes
+	$(BIN)/python scripts/gen_config_reference.py
 
 up: install backends ## Start the five services as local processes
 	$(BIN)/streammesh up

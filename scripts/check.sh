@@ -55,6 +55,7 @@ else
 fi
 
 run "generated code" "$BIN/python" scripts/gen_protos.py --check
+run "configuration reference" "$BIN/python" scripts/gen_config_reference.py --check
 
 if command -v shellcheck >/dev/null; then
     run shellcheck shellcheck scripts/*.sh .ci/run

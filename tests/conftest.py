@@ -1,6 +1,7 @@
 """Shared fixtures: a throw-away PKI, a private Postgres schema and a private Redis key space.
 
-Tests never touch a running stack's data: they use the `streammesh_test` database (created on
+Tests ignore the caller's exported STREAMMESH_* settings (see tests/environment.py) and never
+touch a running stack's data: they use the `streammesh_test` database (created on
 demand), schemas named `t_<random>` that are dropped afterwards, Redis keys under a random prefix
 that are deleted afterwards, and servers bound to port 0.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from streammesh.mesh.pki import init_pki
 from streammesh.mesh.postgres import ensure_database
+from tests.environment import foreign_settings
 from tests.watchdog import TaskDumpTimer
 
 TRUST_DOMAIN = "test.streammesh"
@@ -34,6 +36,17 @@ and None.)"""
 async def xrange_entries(client: aioredis.Redis, stream: str) -> StreamEntries:
     """Every entry of `stream`, oldest first (XRANGE - +)."""
     return cast(StreamEntries, await client.xrange(stream))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_exported_settings() -> Iterator[None]:
+    """Tests set their own environment: drop every STREAMMESH_* setting the caller exported
+    (a developer's stack ports, prefixes, state folder...) for the whole session, before any
+    other fixture builds settings. STREAMMESH_TEST_* (the tests' database and Redis) stay."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in foreign_settings():
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.environment import clean_environ
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
@@ -32,7 +34,7 @@ def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=100,
-        env=None if env is None else {**os.environ, **env},
+        env={**clean_environ(), **(env or {})},
     )
 
 

@@ -52,7 +52,8 @@ class AuthSettings(ServiceSettings):
     )
     secret_key_file: Path = Field(
         default_factory=lambda: default_state_dir() / "secrets" / "auth-secret-key",
-        description="mode-0600 file with the url-safe base64 key that encrypts secrets at rest",
+        description="mode-0600 file with the url-safe base64 key that encrypts secrets at rest; "
+        "default $STREAMMESH_STATE_DIR/secrets/auth-secret-key",
     )
     issuer: str = Field(default="streammesh-auth", min_length=1, description="`iss` of tokens")
     audience: str = Field(default="streammesh", min_length=1, description="`aud` of tokens")

@@ -47,7 +47,7 @@ class GatewaySettings(ServiceSettings):
         ge=0,
         le=65535,
         description=(
-            "serve the token keys at https://<host>:<port>/.well-known/jwks.json (the gateway's "
+            "serve the token keys at `https://<host>:<port>/.well-known/jwks.json` (the gateway's "
             "certificate) for JWT libraries that take a JWKS URL; off when unset, 0 picks a port"
         ),
     )

@@ -25,7 +25,7 @@ class ProcessorSettings(ServiceSettings):
     group: str = Field("processors", description="consumer group shared by all processors")
     consumer: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="this worker's consumer name; unique per replica",
+        description="this worker's consumer name; unique per replica; default <hostname>-<pid>",
     )
     storage_target: str = Field("127.0.0.1:50055", description="storage replicas (host:port,...)")
     read_count: int = Field(32, ge=1, description="entries per partition per read")

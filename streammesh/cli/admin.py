@@ -1,5 +1,6 @@
 """`streammesh admin ...`: account, key, audit and dead-letter administration through the
-gateway's AdminService, with the saved session (which must carry the admin role). Replies print as JSON.
+gateway's AdminService, with the saved session (which must carry the admin role). Replies print as
+tables for people, or with `--json` as the whole reply, every field included, for scripts.
 
 The first admin cannot log in to create themselves, so `admin bootstrap` is the break-glass path:
 it calls the auth service directly over mTLS with the operator (`admin`) certificate, which only
@@ -13,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2
 from streammesh.cli.accounts import read_password
+from streammesh.cli.output import print_reply
 from streammesh.cli.session import logged_in_client
 from streammesh.cli.stack import StackConfig
 from streammesh.mesh import TlsMaterial, create_channel
@@ -37,6 +38,10 @@ class AdminCommand:
 
 
 USERNAME: tuple[tuple[str, ...], dict[str, Any]] = (("username",), {})
+PAGE_TOKEN: tuple[tuple[str, ...], dict[str, Any]] = (
+    ("--page-token",),
+    {"default": "", "help": "next_page_token of the previous page (printed after its table)"},
+)
 
 
 def _audit_request(args: argparse.Namespace) -> Message:
@@ -46,6 +51,7 @@ def _audit_request(args: argparse.Namespace) -> Message:
         action=args.action or "",
         outcome=args.outcome or "",
         page_size=args.limit,
+        page_token=args.page_token,
     )
 
 
@@ -67,8 +73,10 @@ COMMANDS: dict[str, AdminCommand] = {
     "users": AdminCommand(
         "ListUsers",
         "list accounts",
-        lambda a: admin_pb2.ListUsersRequest(username_prefix=a.prefix or "", page_size=a.limit),
-        ((("--prefix",), {}), (("--limit",), {"type": int, "default": 100})),
+        lambda a: admin_pb2.ListUsersRequest(
+            username_prefix=a.prefix or "", page_size=a.limit, page_token=a.page_token
+        ),
+        ((("--prefix",), {}), (("--limit",), {"type": int, "default": 100}), PAGE_TOKEN),
     ),
     "disable": AdminCommand(
         "SetUserDisabled",
@@ -130,6 +138,7 @@ COMMANDS: dict[str, AdminCommand] = {
             (("--action",), {}),
             (("--outcome",), {"choices": ["success", "failure", "denied"]}),
             (("--limit",), {"type": int, "default": 50}),
+            PAGE_TOKEN,
         ),
     ),
     "dead-letters": AdminCommand(
@@ -140,7 +149,7 @@ COMMANDS: dict[str, AdminCommand] = {
             (("--partition",), {"type": int, "help": "only this partition"}),
             (("--pending",), {"action": "store_true", "help": "only those not yet replayed"}),
             (("--limit",), {"type": int, "default": 50}),
-            (("--page-token",), {"default": "", "help": "next_page_token of the previous page"}),
+            PAGE_TOKEN,
         ),
     ),
     "dead-letter": AdminCommand(
@@ -158,16 +167,12 @@ COMMANDS: dict[str, AdminCommand] = {
 }
 
 
-def _print(message: Message) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2))
-
-
 async def run_admin_command(config: StackConfig, args: argparse.Namespace) -> int:
     command = COMMANDS[args.admin_cmd]
     async with logged_in_client(config) as client:
         method = getattr(client.admin, command.method)
         reply = await method(command.build(args), metadata=client.bearer(), timeout=30)
-    _print(reply)
+    print_reply(reply, as_json=args.json)
     return 0
 
 
@@ -178,7 +183,7 @@ async def cmd_create_user(config: StackConfig, args: argparse.Namespace) -> int:
     )
     async with logged_in_client(config) as client:
         reply = await client.admin.CreateUser(request, metadata=client.bearer(), timeout=30)
-    _print(reply)
+    print_reply(reply, as_json=args.json)
     return 0
 
 
@@ -224,10 +229,20 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     create.add_argument("username")
     create.add_argument("--role", action="append", default=[], help="repeat for several roles")
     create.add_argument("--password-stdin", action="store_true")
+    _json_option(create)
     create.set_defaults(handler=cmd_create_user)
 
     for name, command in COMMANDS.items():
         parser = sub.add_parser(name, help=command.help)
         for flags, options in command.arguments:
             parser.add_argument(*flags, **options)
+        _json_option(parser)
         parser.set_defaults(handler=run_admin_command)
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole reply as JSON, every field included (for scripts)",
+    )

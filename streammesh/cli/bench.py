@@ -44,6 +44,7 @@ from streammesh.cli import bench_load as load
 from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.bench_load import connect_postgres
 from streammesh.cli.bench_raw import partition_templates, run_raw
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import (
     START_ORDER,
     StackConfig,
@@ -543,7 +544,7 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
             results = await _phases(bench, args, run)
         except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,
                 asyncpg.PostgresError) as error:  # fmt: skip
-            detail = error.details() if isinstance(error, grpc.aio.AioRpcError) else error
+            detail = describe_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
             failure = f"bench failed: {type(error).__name__}: {detail}"
         except asyncio.CancelledError:
             # Ctrl-C (asyncio.run cancels this task) or SIGTERM: tear down, then exit 130.

@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.refusals import is_recycled, raise_if_refused
 from streammesh.streams import StreamLayout
 from streammesh.wire import varint_field
@@ -293,7 +294,7 @@ async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> N
         if isinstance(failure, _Recycled):
             raise failure
         if isinstance(failure, grpc.aio.AioRpcError):
-            detail = f"{failure.code().name}: {failure.details()}"
+            detail = describe_rpc_error(failure)
         elif failure is not None:  # a write after the call ended: ask the call why it ended
             async with asyncio.timeout(5):
                 detail = f"{(await call.code()).name}: {await call.details()}"

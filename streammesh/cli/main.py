@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import os
 import sys
 from functools import partial
 
@@ -21,6 +22,7 @@ from streammesh.cli.accounts import add_account_commands
 from streammesh.cli.admin import add_admin_commands, create_user_as_operator
 from streammesh.cli.bench import add_bench_command
 from streammesh.cli.demo import run_demo
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.session import NotLoggedIn
 from streammesh.cli.stack import (
     ServiceState,
@@ -92,7 +94,7 @@ async def _demo(config: StackConfig, args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
             )
     except grpc.aio.AioRpcError as error:
-        print(f"demo failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(f"demo failed: {describe_rpc_error(error)}", file=sys.stderr)
         return 1
     finally:
         if started_here and not args.keep_up:
@@ -145,7 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 128 + 13
+"""What a shell reports for a writer that SIGPIPE ended (`cat big | head -1`): the reader left
+before all was written. Standard tools end that way; a script under `set -o pipefail` sees the
+same status from us as from them, and no status pretends the whole listing was written."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; refusals print their status with every detail, exit status 1."""
+    try:
+        try:
+            code = _run(argv)
+        finally:
+            # Flush here, inside the try: a pipe closed by the reader (`| head -1`) fails at
+            # the flush, which would otherwise happen at interpreter exit, with a traceback.
+            # In `finally` so that argparse's output before its SystemExit (--help) is covered.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The recipe of the Python docs (signal module, "Note on SIGPIPE"): point stdout at
+        # /dev/null so the interpreter's own final flush cannot fail again, and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     config = StackConfig()
     try:
@@ -153,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             code: int = asyncio.run(args.handler(config, args))
         else:
             code = args.handler(config, args)
-    except grpc.aio.AioRpcError as error:
-        print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+    except grpc.RpcError as error:
+        print(describe_rpc_error(error), file=sys.stderr)
         return 1
     except NotLoggedIn as error:
         print(error, file=sys.stderr)

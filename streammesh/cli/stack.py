@@ -61,29 +61,51 @@ GRPC_SERVICE = {
 
 
 class StackConfig(BaseSettings):
-    """What `streammesh up` starts (env prefix STREAMMESH_)."""
+    """What the CLI starts, stops and calls: `streammesh up`, `status`, `down` and every
+    command that talks to the stack (env prefix STREAMMESH_)."""
 
     model_config = SettingsConfigDict(env_prefix="STREAMMESH_", frozen=True, extra="ignore")
 
-    state_dir: Path = Field(default_factory=default_state_dir)
-    host: str = "127.0.0.1"
-    gateway_port: int = 50051
-    auth_port: int = 50052
-    ingest_port: int = 50053
-    processor_port: int = 50054
-    storage_port: int = 50055
-    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/streammesh"
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="the CLI's folder: pki/, secrets/, logs/, run/, stack.json, session.json; "
+        "default $XDG_STATE_HOME/streammesh, else ~/.local/state/streammesh",
+    )
+    host: str = Field(
+        "127.0.0.1", description="the address every service listens on and the CLI calls"
+    )
+    gateway_port: int = Field(50051, description="the gateway's port (the public endpoint)")
+    auth_port: int = Field(50052, description="auth's port")
+    ingest_port: int = Field(50053, description="ingest's port")
+    processor_port: int = Field(50054, description="the processor's port")
+    storage_port: int = Field(50055, description="storage's port")
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/streammesh",
+        description="the PostgreSQL database of storage and auth (created if missing)",
+    )
     db_schema_prefix: str = Field(
-        "", description="storage and auth use <prefix>storage, <prefix>auth"
+        "",
+        description="storage and auth use the schemas <prefix>storage and <prefix>auth, so "
+        "several stacks can share one database",
     )
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    trust_domain: str = DEFAULT_TRUST_DOMAIN
-    stream_prefix: str = "streammesh:events"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="the Redis of ingest, processor and auth"
+    )
+    trust_domain: str = Field(
+        DEFAULT_TRUST_DOMAIN, description="the SPIFFE trust domain of the certificates"
+    )
+    stream_prefix: str = Field(
+        "streammesh:events",
+        description="Redis keys of the event streams: <prefix>:p<n>, one per partition",
+    )
     auth_redis_prefix: str = Field(
-        "streammesh:auth:", description="auth's throttle and challenge keys"
+        "streammesh:auth:",
+        description="the start of every Redis key auth writes (throttle, challenges)",
     )
-    partitions: int = 8
-    log_level: str = "INFO"
+    partitions: int = Field(
+        8, description="stream partitions; ingest and processor must agree, so set it here"
+    )
+    log_level: str = Field("INFO", description="every service's log level")
 
     @property
     def pki_dir(self) -> Path:

@@ -43,7 +43,8 @@ class ServiceSettings(BaseSettings):
     port: int = Field(0, ge=0, le=65535, description="port; 0 picks a free one")
     tls_dir: Path = Field(
         default_factory=lambda: default_state_dir() / "pki",
-        description="folder with ca.pem, <service>.pem and <service>-key.pem",
+        description="folder with ca.pem, <service>.pem and <service>-key.pem; default "
+        "$STREAMMESH_STATE_DIR/pki",
     )
     trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain")
     grace_seconds: float = Field(5.0, ge=0, description="drain time on SIGTERM")

@@ -1,5 +1,4 @@
-"""The whole stack as real processes (started by the CLI's own code), on free loopback ports, with
-its own state folder, database schemas and stream prefix, so it runs beside a user's stack.
+"""The whole stack as real processes (the `stack` fixture of tests/e2e/conftest.py).
 
 Covers the foundation's promises: an event published through the gateway is stored exactly once
 and queryable; internal services refuse plaintext and foreign-CA clients; the gateway refuses
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -33,90 +32,17 @@ from streammesh.cli.stack import (
     GRPC_SERVICE,
     START_ORDER,
     StackConfig,
-    bring_up,
     check_health,
     free_ports,
     process_alive,
     recorded_pid,
-    shut_down,
 )
 from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel, service_config
+from tests.e2e.cli import Conversation, drop_test_data, run_cli, stack_env
+from tests.environment import clean_environ
 
 pytestmark = pytest.mark.slow
-
-
-def _stack_env(config: StackConfig) -> dict[str, str]:
-    """Environment that points the `streammesh` CLI at this test's stack."""
-    env = {"STREAMMESH_STATE_DIR": str(config.state_dir)}
-    for name in START_ORDER:
-        env[f"STREAMMESH_{name.upper()}_PORT"] = str(config.port(name))
-    env |= {
-        "STREAMMESH_DATABASE_URL": config.database_url,
-        "STREAMMESH_DB_SCHEMA_PREFIX": config.db_schema_prefix,
-        "STREAMMESH_REDIS_URL": config.redis_url,
-        "STREAMMESH_STREAM_PREFIX": config.stream_prefix,
-        "STREAMMESH_AUTH_REDIS_PREFIX": config.auth_redis_prefix,
-        "STREAMMESH_TRUST_DOMAIN": config.trust_domain,
-    }
-    return env
-
-
-@pytest.fixture(scope="module")
-def stack_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
-    run = uuid.uuid4().hex[:10]
-    ports = dict(zip(START_ORDER, free_ports("127.0.0.1", len(START_ORDER)), strict=True))
-    config = StackConfig(
-        state_dir=tmp_path_factory.mktemp("stack"),
-        database_url=os.environ.get(
-            "STREAMMESH_TEST_DATABASE_URL",
-            "postgresql+asyncpg://postgres@127.0.0.1:5432/streammesh_test",
-        ),
-        db_schema_prefix=f"t_{run}_",
-        redis_url=os.environ.get("STREAMMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        stream_prefix=f"smtest:{run}:events",
-        auth_redis_prefix=f"smtest:{run}:auth:",
-        partitions=4,
-        log_level="WARNING",
-        storage_port=ports["storage"],
-        auth_port=ports["auth"],
-        ingest_port=ports["ingest"],
-        processor_port=ports["processor"],
-        gateway_port=ports["gateway"],
-    )
-    yield config
-
-
-@pytest.fixture(scope="module")
-async def stack(stack_config: StackConfig) -> AsyncIterator[StackConfig]:
-    await bring_up(stack_config, timeout=90)
-    yield stack_config
-    shut_down(stack_config)
-    await _drop_test_data(stack_config)
-
-
-async def _drop_test_data(config: StackConfig) -> None:
-    import asyncpg
-    import redis.asyncio as aioredis
-    from sqlalchemy.engine import make_url
-
-    url = make_url(config.database_url)
-    conn = await asyncpg.connect(
-        host=url.host, port=url.port, user=url.username, database=url.database
-    )
-    try:
-        for name in ("storage", "auth"):
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{config.db_schema_prefix}{name}" CASCADE')
-    finally:
-        await conn.close()
-    client = aioredis.Redis.from_url(config.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{config.stream_prefix}*")]
-        keys += [k async for k in client.scan_iter(match=f"{config.auth_redis_prefix}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 async def _login(client: GatewayClient, stack: StackConfig) -> None:
@@ -238,7 +164,12 @@ def test_every_service_answers_health_and_reflection_via_grpcurl(
 ) -> None:
     base = _grpcurl_args(stack, name)
     listed = subprocess.run(
-        [*base, stack.address(name), "list"], capture_output=True, text=True, timeout=30, check=True
+        [*base, stack.address(name), "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=clean_environ(),
     )
     assert GRPC_SERVICE[name] in listed.stdout.split()
     assert "grpc.health.v1.Health" in listed.stdout.split()
@@ -254,12 +185,13 @@ def test_every_service_answers_health_and_reflection_via_grpcurl(
         text=True,
         timeout=30,
         check=True,
+        env=clean_environ(),
     )
     assert json.loads(health.stdout)["status"] == "SERVING"
 
 
 def test_demo_command_runs_against_the_stack(stack: StackConfig) -> None:
-    env = {**os.environ, **_stack_env(stack)}
+    env = stack_env(stack)
     result = subprocess.run(
         [
             sys.executable,
@@ -281,20 +213,6 @@ def test_demo_command_runs_against_the_stack(stack: StackConfig) -> None:
     assert "per-key order   kept" in result.stdout
 
 
-async def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streammesh.cli.main",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    return process.returncode or 0, out.decode(), err.decode()
-
-
 async def test_up_then_down_leaves_no_process(stack_config: StackConfig, tmp_path: Path) -> None:
     # A second, separate stack started and stopped through the real CLI entry point.
     run = uuid.uuid4().hex[:10]
@@ -308,18 +226,18 @@ async def test_up_then_down_leaves_no_process(stack_config: StackConfig, tmp_pat
             **{f"{n}_port": p for n, p in zip(START_ORDER, ports, strict=True)},
         }
     )
-    env = {**os.environ, **_stack_env(config)}
+    env = stack_env(config)
     pids: list[int | None] = []
     try:
-        code, _, err = await _cli(env, "up")
+        code, _, err = await run_cli(env, "up")
         assert code == 0, err
         pids = [recorded_pid(config, name) for name in START_ORDER]
         assert all(pids)
-        code, out, _ = await _cli(env, "status")
+        code, out, _ = await run_cli(env, "status")
         assert code == 0 and out.count("SERVING") == 5
     finally:
-        down_code, _, down_err = await _cli(env, "down")
-        await _drop_test_data(config)
+        down_code, _, down_err = await run_cli(env, "down")
+        await drop_test_data(config)
     assert down_code == 0, down_err
     for pid in pids:
         assert pid is not None and not process_alive(pid), (
@@ -340,54 +258,12 @@ def _processes_mentioning(marker: str) -> list[int]:
     return [pid for pid in found if pid != os.getpid()]
 
 
-class Conversation:
-    """A CLI process driven through its prompts, as a person at a terminal would."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.output = ""
-
-    @classmethod
-    async def start(cls, env: dict[str, str], *args: str) -> Conversation:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "streammesh.cli.main",
-            *args,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        return cls(process)
-
-    async def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"{line}\n".encode())
-        await self.process.stdin.drain()
-
-    async def read_until(self, marker: str) -> str:
-        assert self.process.stdout is not None
-        async with asyncio.timeout(30):
-            while marker not in self.output:
-                chunk = await self.process.stdout.read(4096)
-                if not chunk:
-                    break
-                self.output += chunk.decode()
-        return self.output
-
-    async def finish(self) -> tuple[int, str]:
-        out, _ = await asyncio.wait_for(self.process.communicate(), 60)
-        self.output += out.decode()
-        return self.process.returncode or 0, self.output
-
-
 async def test_cli_account_flow(stack: StackConfig, tmp_path: Path) -> None:
     """admin bootstrap -> mfa enroll (QR, PNG, first code) -> login -> admin users -> logout."""
     state = tmp_path / "cli-state"
     state.mkdir()
     (state / "pki").symlink_to(stack.pki_dir)
-    env = {**os.environ, **_stack_env(stack), "STREAMMESH_STATE_DIR": str(state)}
+    env = stack_env(stack) | {"STREAMMESH_STATE_DIR": str(state)}
     name, password = f"root-{uuid.uuid4().hex[:6]}", "a long admin passphrase"
 
     bootstrap = await Conversation.start(env, "admin", "bootstrap", name, "--password-stdin")
@@ -420,13 +296,13 @@ async def test_cli_account_flow(stack: StackConfig, tmp_path: Path) -> None:
     session_file = state / "session.json"
     assert session_file.stat().st_mode & 0o777 == 0o600
 
-    code, out, err = await _cli(env, "admin", "users", "--prefix", name)
+    code, out, err = await run_cli(env, "admin", "users", "--prefix", name, "--json")
     assert code == 0, err
     assert json.loads(out)["users"][0]["username"] == name
 
-    code, out, err = await _cli(env, "logout")
+    code, out, err = await run_cli(env, "logout")
     assert code == 0 and not session_file.exists(), err
-    code, out, err = await _cli(env, "admin", "users")
+    code, out, err = await run_cli(env, "admin", "users")
     assert code == 1 and "not logged in" in err
 
 

@@ -1,0 +1,198 @@
+"""The `streammesh` command against a real stack, as people and scripts use it: refusals with
+every detail, tables, `--json` with every field, paging, and `| head -1`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from streammesh.cli.admin import create_user_as_operator
+from streammesh.cli.main import EXIT_BROKEN_PIPE
+from streammesh.cli.stack import StackConfig
+from tests.cli.test_broken_pipe import run_into_closed_pipe
+from tests.e2e.cli import run_cli, stack_env
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "a long admin passphrase"
+
+
+@pytest.fixture(scope="module")
+async def admin_env(
+    stack: StackConfig, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, str]]:
+    """The CLI's environment with a logged-in admin session in a state folder of its own."""
+    state = tmp_path_factory.mktemp("cli-admin")
+    (state / "pki").symlink_to(stack.pki_dir)
+    env = stack_env(stack) | {"STREAMMESH_STATE_DIR": str(state)}
+    name = f"root-{uuid.uuid4().hex[:6]}"
+    code, _, err = await run_cli(
+        env, "admin", "bootstrap", name, "--password-stdin", stdin=PASSWORD
+    )
+    assert code == 0, err
+    # The enrolment's QR code and secret come first; the code is asked for after them.
+    enroll = await asyncio.create_subprocess_exec(
+        *_cli_argv("mfa", "enroll", name, "--password-stdin"),
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert enroll.stdin is not None and enroll.stdout is not None
+    enroll.stdin.write(f"{PASSWORD}\n".encode())
+    shown = b""
+    async with asyncio.timeout(30):
+        while b"first code" not in shown:
+            shown += await enroll.stdout.read(4096)
+    totp = pyotp.TOTP(shown.decode().split("secret: ", 1)[1].split()[0])
+    out, _ = await asyncio.wait_for(enroll.communicate(f"{totp.now()}\n".encode()), 60)
+    assert enroll.returncode == 0, out
+    # The confirming code is spent; the next step's code is within the one step of drift.
+    code, _, err = await run_cli(
+        env, "login", name, "--password-stdin", "--code", totp.at(time.time() + 30), stdin=PASSWORD
+    )
+    assert code == 0, err
+    env["TEST_ADMIN"] = name
+    yield env
+
+
+def _cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streammesh.cli.main", *args]
+
+
+async def test_bootstrap_with_a_weak_password_names_the_problem(stack: StackConfig) -> None:
+    env = stack_env(stack)
+    name = f"weak-{uuid.uuid4().hex[:6]}"
+    code, out, err = await run_cli(
+        env, "admin", "bootstrap", name, "--password-stdin", stdin="password"
+    )
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        "INVALID_ARGUMENT: invalid account",
+        "  password: is a commonly used password; choose a longer or less common one",
+    ]
+
+
+async def test_throttled_login_says_when_to_retry(stack: StackConfig) -> None:
+    env = stack_env(stack)
+    name = f"thr-{uuid.uuid4().hex[:6]}"
+    await create_user_as_operator(stack, name, "correct horse battery staple", ["analyst"])
+    seen = []
+    for _ in range(12):  # a few free failures, then the delay answers
+        code, _, err = await run_cli(
+            env, "login", name, "--password-stdin", "--code", "000000", stdin="wrong password"
+        )
+        assert code == 1
+        seen.append(err)
+        if err.startswith("RESOURCE_EXHAUSTED"):
+            break
+    lines = seen[-1].splitlines()
+    assert lines[0] == "RESOURCE_EXHAUSTED: too many failed attempts; retry later", seen
+    assert len(lines) == 2 and lines[1].startswith("  retry after ") and lines[1].endswith(" s")
+    assert float(lines[1].split()[2]) > 0
+
+
+async def test_users_as_a_table_and_as_json_with_every_field(admin_env: dict[str, str]) -> None:
+    admin = admin_env["TEST_ADMIN"]
+    code, out, err = await run_cli(admin_env, "admin", "users", "--prefix", admin)
+    assert code == 0, err
+    header, _, row = out.splitlines()
+    assert header.split()[:4] == ["username", "roles", "disabled", "mfa"]
+    assert row.split()[:4] == [admin, "admin", "no", "yes"]
+    code, out, err = await run_cli(admin_env, "admin", "users", "--prefix", admin, "--json")
+    assert code == 0, err
+    (user,) = json.loads(out)["users"]
+    assert user["disabled"] is False and user["mfa_enabled"] is True
+    assert user["locked_until"] is None and user["roles"] == ["admin"]
+
+
+async def test_empty_lists(admin_env: dict[str, str]) -> None:
+    nobody = f"nobody-{uuid.uuid4().hex[:6]}"
+    code, out, _ = await run_cli(admin_env, "admin", "users", "--prefix", nobody)
+    assert (code, out) == (0, "users: none\n")
+    code, out, _ = await run_cli(admin_env, "admin", "users", "--prefix", nobody, "--json")
+    assert json.loads(out) == {"users": [], "next_page_token": ""}
+    code, out, _ = await run_cli(admin_env, "admin", "dead-letters", "--json")
+    assert json.loads(out) == {"dead_letters": [], "next_page_token": ""}
+    code, out, _ = await run_cli(admin_env, "admin", "dead-letters")
+    assert (code, out) == (0, "dead letters: none\n")
+
+
+async def test_users_and_audit_page_with_page_token(
+    admin_env: dict[str, str], stack: StackConfig
+) -> None:
+    prefix = f"page-{uuid.uuid4().hex[:6]}-"
+    names = [f"{prefix}{n}" for n in "ab"]
+    for name in names:
+        await create_user_as_operator(stack, name, "correct horse battery staple", [])
+    seen: list[str] = []
+    token = ""
+    for _ in range(3):
+        args = ["admin", "users", "--prefix", prefix, "--limit", "1", "--json"]
+        code, out, err = await run_cli(admin_env, *args, "--page-token", token)
+        assert code == 0, err
+        page = json.loads(out)
+        seen += [user["username"] for user in page["users"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert seen == names
+    code, out, err = await run_cli(admin_env, "admin", "users", "--prefix", prefix, "--limit", "1")
+    assert out.splitlines()[-1].split()[0] == names[0]
+    assert err.startswith("more: repeat with --page-token ")
+
+    code, out, err = await run_cli(admin_env, "admin", "audit", "--limit", "1", "--json")
+    first = json.loads(out)
+    assert first["next_page_token"], "the audit log holds more than one event by now"
+    code, out, err = await run_cli(
+        admin_env,
+        "admin",
+        "audit",
+        "--limit",
+        "1",
+        "--json",
+        "--page-token",
+        first["next_page_token"],
+    )
+    assert code == 0, err
+    second = json.loads(out)["events"]
+    assert len(second) == 1 and second[0]["event_id"] != first["events"][0]["event_id"]
+
+
+async def test_keys_table_and_json(admin_env: dict[str, str]) -> None:
+    code, out, err = await run_cli(admin_env, "admin", "keys")
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["kid", "alg", "active", "created", "retired"]
+    code, out, _ = await run_cli(admin_env, "admin", "keys", "--json")
+    keys = json.loads(out)["keys"]
+    assert [k["active"] for k in keys].count(True) == 1
+    assert all(set(k) == {"kid", "alg", "active", "created_at", "retired_at"} for k in keys)
+
+
+def test_admin_users_into_a_closed_pipe_exits_quietly(admin_env: dict[str, str]) -> None:
+    result = run_into_closed_pipe(["admin", "users"], admin_env)
+    assert (result.returncode, result.stderr) == (EXIT_BROKEN_PIPE, "")
+
+
+def test_admin_users_piped_to_head(admin_env: dict[str, str], tmp_path: Path) -> None:
+    script = tmp_path / "head.sh"
+    script.write_text('"$@" admin users | head -1\n')
+    result = subprocess.run(
+        ["sh", str(script), *_cli_argv()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=admin_env,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.split()[:2] == ["username", "roles"]
