@@ -187,7 +187,13 @@ _PLACEHOLDER = re.compile(r"(?<![`\w])([\w$./~-]*<[a-z_-]+>[\w$./~<>:-]*)")
 def _cell(text: str) -> str:
     """One table cell: one line, pipes escaped, and words with <placeholders> in backticks
     (Markdown would take `<prefix>` for an HTML tag and hide it)."""
-    return _PLACEHOLDER.sub(r"`\1`", " ".join(text.split()).replace("|", "\\|"))
+    flat = " ".join(text.split()).replace("|", "\\|")
+    # Odd-numbered pieces are already code spans: leave them as they are.
+    pieces = flat.split("`")
+    return "`".join(
+        piece if index % 2 else _PLACEHOLDER.sub(r"`\1`", piece)
+        for index, piece in enumerate(pieces)
+    )
 
 
 def _service_env_variables() -> dict[str, list[str]]:
