@@ -4,10 +4,12 @@ TLS listener hosting GatewayService and AdminService."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from services.gateway.access import AccessGuard
 from services.gateway.admin import AdminServicer
 from services.gateway.audit import AuditTrail
+from services.gateway.revocations import RevocationFollower, RevocationList
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import JwksCache, TokenVerifier
@@ -22,7 +24,15 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 
-__all__ = ["create_audit_trail", "create_server", "main", "serve"]
+__all__ = [
+    "create_audit_trail",
+    "create_revocation_follower",
+    "create_server",
+    "main",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
 
 
 def create_audit_trail(settings: GatewaySettings, upstreams: Upstreams) -> AuditTrail:
@@ -30,10 +40,28 @@ def create_audit_trail(settings: GatewaySettings, upstreams: Upstreams) -> Audit
     return AuditTrail(upstreams.record_audit_event, capacity=settings.audit_queue_size)
 
 
-def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditTrail) -> MeshServer:
+def create_revocation_follower(
+    settings: GatewaySettings, upstreams: Upstreams
+) -> tuple[RevocationList, RevocationFollower]:
+    """The revocation list the verifier consults and the task that keeps it current (not
+    started yet: the caller starts it and closes it after the server stopped)."""
+    revocations = RevocationList(
+        max_staleness=settings.revocation_max_staleness_seconds,
+        fail_mode=settings.revocation_fail_mode,
+    )
+    return revocations, RevocationFollower(upstreams.watch_revocations, revocations)
+
+
+def create_server(
+    settings: GatewaySettings,
+    upstreams: Upstreams,
+    audit: AuditTrail,
+    revocations: RevocationList,
+) -> MeshServer:
     """The public listener is TLS without client certificates: callers authenticate with
-    bearer tokens, which AccessGuard checks against the method table before any handler runs.
-    The caller owns `audit` and closes it after the server stopped."""
+    bearer tokens, which AccessGuard checks against the method table and `revocations` before
+    any handler runs. The caller owns `audit` and the follower of `revocations`, and closes
+    them after the server stopped."""
     keys = JwksCache(
         upstreams.fetch_jwks,
         max_age=settings.jwks_max_age_seconds,
@@ -44,6 +72,7 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
         issuer=settings.token_issuer,
         audience=settings.token_audience,
         leeway=settings.token_leeway_seconds,
+        revocations=revocations,
     )
     return create_mesh_server(
         settings,
@@ -68,10 +97,21 @@ def create_server(settings: GatewaySettings, upstreams: Upstreams, audit: AuditT
 async def serve(settings: GatewaySettings) -> None:
     upstreams = Upstreams(settings, TlsMaterial.load(settings.tls_dir, "gateway"))
     audit = create_audit_trail(settings, upstreams)
-    mesh = create_server(settings, upstreams, audit)
+    revocations, follower = create_revocation_follower(settings, upstreams)
+    follower.start()
+    # Serving before the first snapshot would refuse (fail-closed) or trust blindly (fail-open)
+    # every authenticated call; auth usually answers within milliseconds.
+    if not await follower.wait_live(settings.revocation_startup_wait_seconds):
+        log.warning(
+            "no revocation snapshot from auth after %.0fs; serving, %s until one arrives",
+            settings.revocation_startup_wait_seconds,
+            f"fail-{settings.revocation_fail_mode.value}",
+        )
+    mesh = create_server(settings, upstreams, audit, revocations)
 
     async def stop() -> None:
         # After the drain: the last refusals still reach auth before the channels close.
+        await follower.close()
         await audit.close(timeout=settings.grace_seconds)
         await upstreams.close()
 

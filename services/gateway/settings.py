@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.gateway.revocations import FailMode
 from streammesh.mesh.settings import ServiceSettings
 
 __all__ = ["GatewaySettings"]
@@ -43,3 +44,26 @@ class GatewaySettings(ServiceSettings):
         description="refused calls waiting to be recorded at auth; more are dropped and counted",
     )
     audit_timeout_seconds: float = Field(2, gt=0, description="per RecordAuditEvent call to auth")
+    revocation_max_staleness_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description=(
+            "auth's revocation feed must have confirmed the gateway's revocation list within "
+            "this many seconds (auth sends a heartbeat every 0.5 s); past that, and before the "
+            "first confirmation after start-up, revocation_fail_mode applies"
+        ),
+    )
+    revocation_fail_mode: FailMode = Field(
+        FailMode.CLOSED,
+        description=(
+            "closed: refuse authenticated calls with UNAVAILABLE while the list is stale; "
+            "open: accept them (bounded by the access-token lifetime) with a warning"
+        ),
+    )
+    revocation_startup_wait_seconds: float = Field(
+        10,
+        ge=0,
+        le=300,
+        description="at start-up, wait this long for the first revocation snapshot before serving",
+    )

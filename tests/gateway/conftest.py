@@ -30,7 +30,7 @@ from services.auth.server import AuthDependencies, build_dependencies
 from services.auth.server import create_server as create_auth_server
 from services.auth.settings import AuthSettings
 from services.gateway.audit import AuditTrail
-from services.gateway.server import create_audit_trail
+from services.gateway.server import create_audit_trail, create_revocation_follower
 from services.gateway.server import create_server as create_gateway_server
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import Upstreams
@@ -266,7 +266,13 @@ async def stack(
         exit_stack.push_async_callback(upstreams.close)
         audit = create_audit_trail(settings, upstreams)
         exit_stack.push_async_callback(audit.close, 5)
-        gateway = await _started(create_gateway_server(settings, upstreams, audit), exit_stack)
+        revocations, follower = create_revocation_follower(settings, upstreams)
+        follower.start()
+        exit_stack.push_async_callback(follower.close)
+        assert await follower.wait_live(10), "no revocation snapshot from auth"
+        gateway = await _started(
+            create_gateway_server(settings, upstreams, audit, revocations), exit_stack
+        )
 
         channel = gateway_channel(gateway.port, pki_dir)
         exit_stack.push_async_callback(channel.close)
