@@ -130,15 +130,20 @@ class RevocationList:
         from the last confirmation)."""
         log.debug("revocation feed interrupted; cursor %s", self.cursor)
 
-    def check(self, subject: str, session_id: str, generation: int) -> None:
-        """Raise Revoked for a revoked token; when the list is stale, raise Unavailable
-        (fail-closed) or count and warn (fail-open)."""
+    def revoked(self, subject: str, session_id: str, generation: int) -> bool:
+        """Whether a token of user `subject`, session `session_id` and token generation
+        `generation` is revoked, as far as the list knows (staleness aside)."""
         now = self._wall()
         expires = self._sessions.get(session_id)
         if expires is not None and expires >= now:
-            raise Revoked
+            return True
         entry = self._users.get(subject)
-        if entry is not None and generation < entry.generation and entry.expires >= now:
+        return entry is not None and generation < entry.generation and entry.expires >= now
+
+    def check(self, subject: str, session_id: str, generation: int) -> None:
+        """Raise Revoked for a revoked token; when the list is stale, raise Unavailable
+        (fail-closed) or count and warn (fail-open)."""
+        if self.revoked(subject, session_id, generation):
             raise Revoked
         staleness = self.staleness()
         if staleness is None or staleness <= self._max_staleness:

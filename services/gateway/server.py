@@ -81,7 +81,7 @@ def create_server(
             ServiceBinding(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(upstreams),
+                GatewayServicer(upstreams, revocations),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],

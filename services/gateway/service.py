@@ -12,6 +12,8 @@ import grpc
 
 from services.gateway.access import current_principal
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
+from services.gateway.revocations import RevocationList
+from services.gateway.tokens import Reason, TokenRejected
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.api.common.v1 import event_pb2
@@ -35,8 +37,9 @@ def assign_missing_ids(events: Iterable[event_pb2.Event]) -> None:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API: account calls go to auth, publishing to ingest, reads to storage."""
 
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Upstreams, revocations: RevocationList) -> None:
         self._up = upstreams
+        self._revocations = revocations
 
     async def Register(
         self, request: gateway_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -173,15 +176,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # re-sends what was not acknowledged (event ids make that safe). A refusal is passed on
         # as a message first, then the stream ends once the client half-closed (see
         # streammesh.refusals).
-        producer = current_principal().subject
+        principal = current_principal()
+        producer = principal.subject
         call = self._up.ingest.Publish(timeout=call_timeout(context))
         ending = asyncio.Event()
+        revoked = asyncio.Event()
 
         async def forward_requests() -> None:
             forwarding = True
             # Read the client to its half-close even after forwarding stopped: that is what
             # the refusal's linger waits for.
             async for request in request_iterator:
+                if forwarding and self._revocations.revoked(
+                    principal.subject, principal.session_id, principal.generation
+                ):
+                    # Revoked while the stream is open: the batches forwarded so far are still
+                    # acknowledged, nothing more reaches ingest, and the stream then ends as
+                    # a new call with that token would.
+                    forwarding = False
+                    revoked.set()
+                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                        await call.done_writing()
                 if not forwarding or ending.is_set() or call.done():
                     forwarding = False
                     continue
@@ -213,6 +228,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             code = await call.code()
             if code != grpc.StatusCode.OK:
                 raise from_status(code, await call.details(), service="ingest")
+            if revoked.is_set():
+                raise TokenRejected(Reason.REVOKED)
         finally:
             forwarder.cancel()
             call.cancel()

@@ -333,3 +333,38 @@ async def test_a_gateway_started_later_learns_earlier_revocations(pair: Pair) ->
         late = await _gateway(pair.stack, pair.stack.gateway_settings, "gateway-3", exit_stack)
         assert late.revocations.snapshots == 1
         assert await _status(late, target.access_token) is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_open_publish_stream_ends_when_its_session_is_revoked(pair: Pair) -> None:
+    """A producer's stream outlives any single token check: the gateway forwards nothing more
+    once the session is revoked, acknowledges what it forwarded, and ends the stream
+    UNAUTHENTICATED, on the gateway that did not see the logout as well."""
+    target = await _person(pair, "stream")
+    run = uuid.uuid4().hex[:8]
+    since: list[float] = []
+
+    async def requests() -> AsyncIterator[gateway_pb2.PublishRequest]:
+        for sequence in range(1, 1000):
+            event = event_pb2.Event(id=f"{run}-{sequence}", key="k", type="t", payload=b"{}")
+            yield gateway_pb2.PublishRequest(sequence=sequence, events=[event])
+            if sequence == 3:
+                await pair.stack.gateway.Logout(
+                    gateway_pb2.LogoutRequest(refresh_token=target.refresh_token), timeout=10
+                )
+                since.append(time.monotonic())
+            await asyncio.sleep(POLL_SECONDS)
+
+    acked: list[int] = []
+    call = pair.gateways[1].stub.Publish(
+        requests(), metadata=_bearer(target.access_token), timeout=30
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async for reply in call:
+            assert not reply.HasField("refusal")
+            acked.append(reply.sequence)
+    delay = time.monotonic() - since[0]
+    DELAYS.setdefault("logout (open stream)", []).append(delay)
+    assert ended.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert ended.value.details() == INVALID_TOKEN
+    assert acked[:3] == [1, 2, 3] and acked == list(range(1, len(acked) + 1))
+    assert delay < BOUND_SECONDS
