@@ -117,6 +117,11 @@ class RevocationStore:
         statement = select(revocations).where(revocations.c.id > last_id)
         return await self._rows(statement.order_by(revocations.c.id).limit(limit))
 
+    async def newest(self) -> RevocationRow | None:
+        """The revocation committed last, however old."""
+        rows = await self._rows(select(revocations).order_by(revocations.c.id.desc()).limit(1))
+        return rows[0] if rows else None
+
     async def exists(self, row_id: int, created_at: dt.datetime) -> bool:
         """Whether the row a cursor names is still stored (so nothing after it was trimmed)."""
         statement = select(revocations.c.id).where(
@@ -175,6 +180,9 @@ class RevocationFeed:
             rows, snapshot, last_id = await self._store.after(resume[0]), False, resume[0]
         else:
             rows, snapshot, last_id, cursor = await self._store.recent(self._retention), True, 0, ""
+            newest = None if rows else await self._store.newest()
+            if newest is not None:  # nothing recent: resume after the newest row all the same
+                cursor, last_id = newest.cursor, newest.id
         while True:
             for start in range(0, max(len(rows), 1), MAX_BATCH):
                 chunk = rows[start : start + MAX_BATCH]

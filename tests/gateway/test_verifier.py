@@ -235,6 +235,10 @@ ATTACKS: dict[str, tuple[Callable[[], str], Reason]] = {
         Reason.BAD_CLAIM,
     ),
     "sid empty": (lambda: sign(claims(sid=""), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen a string": (lambda: sign(claims(gen="1"), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen a boolean": (lambda: sign(claims(gen=True), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen negative": (lambda: sign(claims(gen=-1), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen fractional": (lambda: sign(claims(gen=1.5), KEY, kid=KID), Reason.BAD_CLAIM),
     "sub not a string": (lambda: sign(claims(sub=7), KEY, kid=KID), Reason.BAD_CLAIM),
     "expired beyond leeway": (
         lambda: sign(claims(exp=int(time.time()) - LEEWAY - 5, iat=0, nbf=0), KEY, kid=KID),
