@@ -33,7 +33,7 @@ async def first(stub: Stub, cursor: str = "") -> auth_pb2.WatchRevocationsRespon
     """The first response of a new stream."""
     call = stub.WatchRevocations(auth_pb2.WatchRevocationsRequest(cursor=cursor), timeout=10)
     try:
-        response: auth_pb2.WatchRevocationsResponse = await call.read()  # type: ignore[assignment]
+        response: auth_pb2.WatchRevocationsResponse = await call.read()
     finally:
         call.cancel()
     return response
@@ -163,8 +163,8 @@ async def test_heartbeats_confirm_a_quiet_feed(auth_factory: AuthFactory) -> Non
         responses = [await call.read() for _ in range(4)]
     finally:
         call.cancel()
-    assert [r.snapshot for r in responses] == [True, False, False, False]  # type: ignore[union-attr]
-    assert all(not r.revocations for r in responses[1:])  # type: ignore[union-attr]
+    assert [r.snapshot for r in responses] == [True, False, False, False]
+    assert all(not r.revocations for r in responses[1:])
 
 
 @pytest.mark.parametrize(
