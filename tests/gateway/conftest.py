@@ -194,7 +194,7 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
     """The stack of this module; a module may set GATEWAY_SETTINGS (a dict) to override the
-    gateway's settings."""
+    gateway's settings (the revocation staleness bound is 30 s here unless it does)."""
     run = uuid.uuid4().hex[:12]
     auth_schema, storage_schema = f"t_{run}_auth", f"t_{run}_storage"
     redis_prefix = f"smtest:{run}:"
@@ -260,7 +260,13 @@ async def stack(
             auth_target=f"127.0.0.1:{auth.port}",
             ingest_target=f"127.0.0.1:{ingest.port}",
             storage_target=f"127.0.0.1:{storage.port}",
-            **getattr(request.module, "GATEWAY_SETTINGS", {}),
+            **{
+                # Every server of the stack shares this test process's event loop: on a loaded
+                # machine a heartbeat can be late by more than the default 2 s, which would fail
+                # unrelated tests closed. test_revocations asks for the default.
+                "revocation_max_staleness_seconds": 30.0,
+                **getattr(request.module, "GATEWAY_SETTINGS", {}),
+            },
         )
         upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
         exit_stack.push_async_callback(upstreams.close)
