@@ -26,10 +26,12 @@ from typing import Any
 
 from sqlalchemy import Interval, Select, delete, func, literal, select, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.auth.tables import revocations
 from streammesh.api.auth.v1 import auth_pb2
+from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.tasks import raise_if_cancelled
 
 __all__ = ["MAX_BATCH", "Kind", "RevocationFeed", "RevocationRow", "RevocationStore", "record"]
@@ -173,7 +175,17 @@ class RevocationFeed:
 
     async def watch(self, cursor: str) -> AsyncIterator[auth_pb2.WatchRevocationsResponse]:
         """The responses of one stream: catch-up or snapshot at once, then new revocations
-        within a poll interval, and a heartbeat whenever `heartbeat_seconds` passed without."""
+        within a poll interval, and a heartbeat whenever `heartbeat_seconds` passed without.
+        Ends with Unavailable when the database cannot be read (no heartbeat is sent then: a
+        heartbeat promises that nothing committed is missing)."""
+        try:
+            async for response in self._watch(cursor):
+                yield response
+        except (SQLAlchemyError, OSError) as error:
+            log.warning("revocation feed: the database cannot be read (%s)", type(error).__name__)
+            raise Unavailable("the revocation store is unavailable") from None
+
+    async def _watch(self, cursor: str) -> AsyncIterator[auth_pb2.WatchRevocationsResponse]:
         loop = asyncio.get_running_loop()
         resume = parse_cursor(cursor)
         if resume is not None and await self._store.exists(*resume):

@@ -8,11 +8,17 @@ concerns has expired anyway, so memory is bounded by what is revoked within one 
 
 Every response confirms that the feed is live (auth sends a heartbeat while nothing happens).
 When nothing confirmed it for longer than `max_staleness`, and before the first response after
-start-up, the gateway cannot know what was revoked meanwhile. Then `FailMode.CLOSED` (the
-default) refuses authenticated calls with UNAVAILABLE and a RetryInfo (the token may be fine,
-so not UNAUTHENTICATED); `FailMode.OPEN` accepts them, bounded by the token lifetime, logs a
-warning and counts each such call in `accepted_while_stale`. Revocations already known are
-refused in both modes.
+start-up, the gateway cannot know what was revoked meanwhile. Then `FailMode.OPEN` (the
+default) accepts authenticated calls, logs a warning and counts each such call in
+`accepted_while_stale`: a revocation made meanwhile applies as soon as the feed is back (the
+cursor resumes), at the latest when the token expires. `FailMode.CLOSED` refuses them with
+UNAVAILABLE and a RetryInfo (the token may be fine, so not UNAUTHENTICATED). Revocations already
+known are refused in both modes.
+
+Open is the default because the feed needs auth and its Postgres, and so does every
+revocation: when the feed is down, revocations mostly cannot be made either, while closed would
+turn an auth or Postgres outage into an outage of publishing, which otherwise needs only ingest
+and Redis.
 """
 
 from __future__ import annotations
@@ -216,14 +222,24 @@ class RevocationFollower:
 
     async def _run(self) -> None:
         backoff = self._backoff_initial
+        failing = False
         while True:
             raise_if_cancelled()
             self.connects += 1
             try:
                 async for _ in self._follow():
                     backoff = self._backoff_initial  # a response arrived: the feed works
+                    if failing:
+                        failing = False
+                        log.info("revocation feed is back")
             except (grpc.aio.AioRpcError, StreamMeshError, TimeoutError) as error:
-                log.warning("revocation feed interrupted (%s); reconnecting", _describe(error))
+                # One warning per outage, not one per reconnection attempt.
+                log.log(
+                    logging.DEBUG if failing else logging.WARNING,
+                    "revocation feed interrupted (%s); reconnecting",
+                    _describe(error),
+                )
+                failing = True
             else:
                 log.info("revocation feed ended by auth; reconnecting")
             self._list.mark_stale()

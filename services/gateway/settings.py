@@ -55,10 +55,11 @@ class GatewaySettings(ServiceSettings):
         ),
     )
     revocation_fail_mode: FailMode = Field(
-        FailMode.CLOSED,
+        FailMode.OPEN,
         description=(
-            "closed: refuse authenticated calls with UNAVAILABLE while the list is stale; "
-            "open: accept them (bounded by the access-token lifetime) with a warning"
+            "open: accept authenticated calls while the list is stale, with a warning, so a "
+            "revocation made meanwhile applies when the feed is back or when the token expires; "
+            "closed: refuse them with UNAVAILABLE and a RetryInfo"
         ),
     )
     revocation_startup_wait_seconds: float = Field(

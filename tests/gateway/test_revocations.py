@@ -5,8 +5,8 @@ For disable, revoke-sessions, logout and a role change: the token works on both 
 action is taken through one of them, and then both refuse the token (UNAUTHENTICATED, audited as
 `revoked`) within 2 s, measured from the moment the action's call returned. Other sessions and
 other users keep working. Then the feed outlives an auth restart (the gateway resumes from its
-cursor), the staleness bound fails closed with UNAVAILABLE + RetryInfo, and a gateway that
-joins late still learns revocations made before it started (the snapshot).
+cursor), the staleness bound behaves as documented in each fail mode, and a gateway that joins
+late still learns revocations made before it started (the snapshot).
 
 Delays measured here are printed at the end of the module (`pytest -s`).
 """
@@ -29,7 +29,7 @@ from grpc_status import rpc_status
 
 from services.auth.server import build_dependencies
 from services.auth.server import create_server as create_auth_server
-from services.gateway.revocations import RevocationFollower, RevocationList
+from services.gateway.revocations import FailMode, RevocationFollower, RevocationList
 from services.gateway.server import create_audit_trail, create_revocation_follower
 from services.gateway.server import create_server as create_gateway_server
 from services.gateway.settings import GatewaySettings
@@ -75,7 +75,8 @@ class Gateway:
 
 @dataclass
 class Pair:
-    """Two gateways, the first on the module stack's auth, the second on a second auth replica."""
+    """Three gateways: the first on the module stack's auth, the others on a second auth
+    replica, the second of them failing closed (the others have the default, open)."""
 
     stack: Stack
     gateways: list[Gateway]
@@ -126,14 +127,18 @@ async def pair(stack: Stack) -> AsyncIterator[Pair]:
             await servers[-1].stop(0)
 
         exit_stack.push_async_callback(stop_last)
-        first = await _gateway(stack, stack.gateway_settings, "gateway-1", exit_stack)
-        second = await _gateway(
-            stack,
-            stack.gateway_settings.model_copy(update={"auth_target": f"127.0.0.1:{port}"}),
-            "gateway-2",
-            exit_stack,
-        )
-        yield Pair(stack, [first, second], servers[0], restart_auth2, stop_auth2)
+        on_auth2 = stack.gateway_settings.model_copy(update={"auth_target": f"127.0.0.1:{port}"})
+        gateways = [
+            await _gateway(stack, stack.gateway_settings, "gateway-1", exit_stack),
+            await _gateway(
+                stack,
+                on_auth2.model_copy(update={"revocation_fail_mode": FailMode.CLOSED}),
+                "gateway-2 (fail-closed)",
+                exit_stack,
+            ),
+            await _gateway(stack, on_auth2, "gateway-3", exit_stack),
+        ]
+        yield Pair(stack, gateways, servers[0], restart_auth2, stop_auth2)
     if DELAYS:
         every = [delay for delays in DELAYS.values() for delay in delays]
         print(
@@ -293,15 +298,27 @@ async def test_role_change_reaches_both_gateways_and_refresh_carries_new_roles(
         )
 
 
-async def test_feed_resumes_after_auth_restart_and_fails_closed_when_stale(pair: Pair) -> None:
-    """Auth replica 2 goes away: gateway 2 keeps refusing what it knows, then, past the
-    staleness bound, refuses every authenticated call with UNAVAILABLE + RetryInfo (never
-    UNAUTHENTICATED: the token may be fine). A revocation made meanwhile through replica 1
-    reaches gateway 2 as soon as replica 2 is back: the feed resumes from its cursor."""
-    gateway2 = pair.gateways[1]
+async def test_feed_resumes_after_auth_restart_and_the_stale_bound_in_both_modes(
+    pair: Pair,
+) -> None:
+    """Auth replica 2 goes away. Past the staleness bound gateway 2 (fail-closed) refuses
+    every authenticated call with UNAVAILABLE + RetryInfo (never UNAUTHENTICATED: the token may
+    be fine), while gateway 3 (fail-open, the default) accepts and counts them, and both keep
+    refusing what they know. A logout made meanwhile through replica 1 reaches gateway 1 at
+    once, gateway 3 only when replica 2 is back (the documented cost of fail-open), and then
+    both, resuming from their cursors without a snapshot."""
+    gateway1, gateway2, gateway3 = pair.gateways
     target, bystander = await _person(pair, "restart"), await _person(pair, "bystander")
+    known = await _person(pair, "known")
+    await pair.stack.gateway.Logout(
+        gateway_pb2.LogoutRequest(refresh_token=known.refresh_token), timeout=10
+    )
+    await _refused_within_bound(pair, "logout", known.access_token, time.monotonic())
     await _assert_works(pair, target.access_token, bystander.access_token)
-    connects, snapshots = gateway2.follower.connects, gateway2.revocations.snapshots
+    before = {
+        gateway.name: (gateway.follower.connects, gateway.revocations.snapshots)
+        for gateway in (gateway2, gateway3)
+    }
     await pair.stop_auth2()
     stopped = time.monotonic()
     deadline = stopped + 10 * BOUND_SECONDS
@@ -318,10 +335,21 @@ async def test_feed_resumes_after_auth_restart_and_fails_closed_when_stale(pair:
     assert status is not None and any(
         detail.type_url.endswith("google.rpc.RetryInfo") for detail in status.details
     )
-    # Revoked through gateway 1 (auth replica 1) while replica 2 is down.
+    accepted = gateway3.revocations.accepted_while_stale
+    assert await _status(gateway3, bystander.access_token) is grpc.StatusCode.OK
+    assert gateway3.revocations.accepted_while_stale == accepted + 1
+    for gateway in (gateway2, gateway3):  # known revocations stay refused, stale or not
+        assert await _status(gateway, known.access_token) is grpc.StatusCode.UNAUTHENTICATED
+
     await pair.stack.gateway.Logout(
         gateway_pb2.LogoutRequest(refresh_token=target.refresh_token), timeout=10
     )
+    since = time.monotonic()
+    while await _status(gateway1, target.access_token) is grpc.StatusCode.OK:
+        assert time.monotonic() < since + BOUND_SECONDS, "gateway 1 still accepts the token"
+        await asyncio.sleep(POLL_SECONDS)
+    assert await _status(gateway3, target.access_token) is grpc.StatusCode.OK  # fail-open
+
     await pair.restart_auth2()
     since = time.monotonic()
     deadline = since + 10 * BOUND_SECONDS
@@ -329,9 +357,14 @@ async def test_feed_resumes_after_auth_restart_and_fails_closed_when_stale(pair:
         assert time.monotonic() < deadline, "gateway 2 did not recover after auth came back"
         await asyncio.sleep(POLL_SECONDS)
     OUTAGE["serving again after auth restarted"] = time.monotonic() - since
-    assert await _status(gateway2, target.access_token) is grpc.StatusCode.UNAUTHENTICATED
-    assert gateway2.follower.connects > connects
-    assert gateway2.revocations.snapshots == snapshots, "resumed from the cursor, no snapshot"
+    for gateway in (gateway2, gateway3):
+        while (code := await _status(gateway, target.access_token)) is grpc.StatusCode.OK:
+            assert time.monotonic() < deadline, f"{gateway.name} did not catch up"
+            await asyncio.sleep(POLL_SECONDS)
+        assert code is grpc.StatusCode.UNAUTHENTICATED
+        connects, snapshots = before[gateway.name]
+        assert gateway.follower.connects > connects
+        assert gateway.revocations.snapshots == snapshots, "resumed from the cursor"
     await _assert_works(pair, bystander.access_token)
 
 
