@@ -19,8 +19,9 @@ from google.protobuf.message import Message
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2
 from streammesh.cli.accounts import read_password
-from streammesh.cli.session import logged_in_client
+from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
+from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel
 
 __all__ = ["add_admin_commands"]
@@ -164,10 +165,13 @@ def _print(message: Message) -> None:
 
 async def run_admin_command(config: StackConfig, args: argparse.Namespace) -> int:
     command = COMMANDS[args.admin_cmd]
-    async with logged_in_client(config) as client:
+
+    async def call(client: GatewayClient) -> Message:
         method = getattr(client.admin, command.method)
-        reply = await method(command.build(args), metadata=client.bearer(), timeout=30)
-    _print(reply)
+        reply: Message = await method(command.build(args), metadata=client.bearer(), timeout=30)
+        return reply
+
+    _print(await with_session(config, call))
     return 0
 
 
@@ -176,9 +180,14 @@ async def cmd_create_user(config: StackConfig, args: argparse.Namespace) -> int:
     request = admin_pb2.CreateUserRequest(
         username=args.username, password=password, roles=args.role
     )
-    async with logged_in_client(config) as client:
-        reply = await client.admin.CreateUser(request, metadata=client.bearer(), timeout=30)
-    _print(reply)
+
+    async def call(client: GatewayClient) -> Message:
+        reply: Message = await client.admin.CreateUser(
+            request, metadata=client.bearer(), timeout=30
+        )
+        return reply
+
+    _print(await with_session(config, call))
     return 0
 
 
