@@ -27,7 +27,7 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
-from services.auth.server import build_dependencies
+from services.auth.server import AuthDependencies, build_dependencies
 from services.auth.server import create_server as create_auth_server
 from services.gateway.revocations import FailMode, RevocationFollower, RevocationList
 from services.gateway.server import create_audit_trail, create_revocation_follower
@@ -80,7 +80,6 @@ class Pair:
 
     stack: Stack
     gateways: list[Gateway]
-    auth2: MeshServer
     restart_auth2: Callable[[], Awaitable[None]]
     stop_auth2: Callable[[], Awaitable[None]]
 
@@ -108,25 +107,38 @@ async def _gateway(
 @pytest.fixture(scope="module")
 async def pair(stack: Stack) -> AsyncIterator[Pair]:
     async with contextlib.AsyncExitStack() as exit_stack:
-        # A second auth replica on the same database schema and Redis prefix.
-        deps2 = await build_dependencies(stack.auth_settings)
-        exit_stack.push_async_callback(deps2.close)
-        servers: list[MeshServer] = [create_auth_server(stack.auth_settings, deps2)]
-        await servers[0].start()
-        port = servers[0].port
+        # A second auth replica on the same database schema and Redis prefix. Stopping it
+        # closes its pools too; the restart builds everything anew, as a new process would.
+        replicas: list[tuple[MeshServer, AuthDependencies]] = []
+
+        async def start_auth2(port: int) -> int:
+            settings = stack.auth_settings.model_copy(update={"port": port})
+            deps = await build_dependencies(settings)
+            server = create_auth_server(settings, deps)
+            await server.start()
+            replicas.append((server, deps))
+            return server.port
+
+        running: list[bool] = []
 
         async def stop_auth2() -> None:
-            await servers[-1].stop(0)
+            if running.pop():
+                server, deps = replicas[-1]
+                await server.stop(0)
+                await deps.close()
+            running.append(False)
+
+        port = await start_auth2(0)
+        running.append(True)
 
         async def restart_auth2() -> None:
-            settings = stack.auth_settings.model_copy(update={"port": port})
-            servers.append(create_auth_server(settings, deps2))
-            await servers[-1].start()
+            """Start replica 2 again on its port, unless it runs."""
+            if not running[-1]:
+                await start_auth2(port)
+                running[-1] = True
 
-        async def stop_last() -> None:
-            await servers[-1].stop(0)
+        exit_stack.push_async_callback(stop_auth2)
 
-        exit_stack.push_async_callback(stop_last)
         on_auth2 = stack.gateway_settings.model_copy(update={"auth_target": f"127.0.0.1:{port}"})
         gateways = [
             await _gateway(stack, stack.gateway_settings, "gateway-1", exit_stack),
@@ -138,7 +150,7 @@ async def pair(stack: Stack) -> AsyncIterator[Pair]:
             ),
             await _gateway(stack, on_auth2, "gateway-3", exit_stack),
         ]
-        yield Pair(stack, gateways, servers[0], restart_auth2, stop_auth2)
+        yield Pair(stack, gateways, restart_auth2, stop_auth2)
     if DELAYS:
         every = [delay for delays in DELAYS.values() for delay in delays]
         print(
@@ -307,7 +319,7 @@ async def test_feed_resumes_after_auth_restart_and_the_stale_bound_in_both_modes
     refusing what they know. A logout made meanwhile through replica 1 reaches gateway 1 at
     once, gateway 3 only when replica 2 is back (the documented cost of fail-open), and then
     both, resuming from their cursors without a snapshot."""
-    gateway1, gateway2, gateway3 = pair.gateways
+    _, gateway2, gateway3 = pair.gateways
     target, bystander = await _person(pair, "restart"), await _person(pair, "bystander")
     known = await _person(pair, "known")
     await pair.stack.gateway.Logout(
@@ -320,37 +332,10 @@ async def test_feed_resumes_after_auth_restart_and_the_stale_bound_in_both_modes
         for gateway in (gateway2, gateway3)
     }
     await pair.stop_auth2()
-    stopped = time.monotonic()
-    deadline = stopped + 10 * BOUND_SECONDS
-    while (code := await _status(gateway2, bystander.access_token)) is grpc.StatusCode.OK:
-        assert time.monotonic() < deadline, "gateway 2 never noticed the feed is gone"
-        await asyncio.sleep(POLL_SECONDS)
-    assert code is grpc.StatusCode.UNAVAILABLE
-    OUTAGE["fail-closed after auth stopped"] = time.monotonic() - stopped
-    with pytest.raises(grpc.aio.AioRpcError) as stale:
-        await gateway2.stub.CountEvents(
-            gateway_pb2.CountEventsRequest(), metadata=_bearer(bystander.access_token), timeout=10
-        )
-    status = rpc_status.from_call(stale.value)
-    assert status is not None and any(
-        detail.type_url.endswith("google.rpc.RetryInfo") for detail in status.details
-    )
-    accepted = gateway3.revocations.accepted_while_stale
-    assert await _status(gateway3, bystander.access_token) is grpc.StatusCode.OK
-    assert gateway3.revocations.accepted_while_stale == accepted + 1
-    for gateway in (gateway2, gateway3):  # known revocations stay refused, stale or not
-        assert await _status(gateway, known.access_token) is grpc.StatusCode.UNAUTHENTICATED
-
-    await pair.stack.gateway.Logout(
-        gateway_pb2.LogoutRequest(refresh_token=target.refresh_token), timeout=10
-    )
-    since = time.monotonic()
-    while await _status(gateway1, target.access_token) is grpc.StatusCode.OK:
-        assert time.monotonic() < since + BOUND_SECONDS, "gateway 1 still accepts the token"
-        await asyncio.sleep(POLL_SECONDS)
-    assert await _status(gateway3, target.access_token) is grpc.StatusCode.OK  # fail-open
-
-    await pair.restart_auth2()
+    try:
+        await _while_auth2_is_down(pair, target, bystander, known)
+    finally:
+        await pair.restart_auth2()  # for the tests after this one, should this one fail
     since = time.monotonic()
     deadline = since + 10 * BOUND_SECONDS
     while await _status(gateway2, bystander.access_token) is not grpc.StatusCode.OK:
@@ -368,6 +353,45 @@ async def test_feed_resumes_after_auth_restart_and_the_stale_bound_in_both_modes
     await _assert_works(pair, bystander.access_token)
 
 
+async def _while_auth2_is_down(
+    pair: Pair, target: Person, bystander: Person, known: Person
+) -> None:
+    gateway1, gateway2, gateway3 = pair.gateways
+    stopped = time.monotonic()
+    deadline = stopped + 10 * BOUND_SECONDS
+    while (code := await _status(gateway2, bystander.access_token)) is grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "gateway 2 never noticed the feed is gone"
+        await asyncio.sleep(POLL_SECONDS)
+    assert code is grpc.StatusCode.UNAVAILABLE
+    OUTAGE["fail-closed after auth stopped"] = time.monotonic() - stopped
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await gateway2.stub.CountEvents(
+            gateway_pb2.CountEventsRequest(), metadata=_bearer(bystander.access_token), timeout=10
+        )
+    status = rpc_status.from_call(stale.value)
+    assert status is not None and any(
+        detail.type_url.endswith("google.rpc.RetryInfo") for detail in status.details
+    )
+    # Gateway 3's last heartbeat may be up to one interval younger than gateway 2's.
+    while gateway3.revocations.staleness() is None:
+        assert time.monotonic() < deadline, "gateway 3 never noticed the feed is gone"
+        await asyncio.sleep(POLL_SECONDS)
+    accepted = gateway3.revocations.accepted_while_stale
+    assert await _status(gateway3, bystander.access_token) is grpc.StatusCode.OK
+    assert gateway3.revocations.accepted_while_stale == accepted + 1
+    for gateway in (gateway2, gateway3):  # known revocations stay refused, stale or not
+        assert await _status(gateway, known.access_token) is grpc.StatusCode.UNAUTHENTICATED
+
+    await pair.stack.gateway.Logout(
+        gateway_pb2.LogoutRequest(refresh_token=target.refresh_token), timeout=10
+    )
+    since = time.monotonic()
+    while await _status(gateway1, target.access_token) is grpc.StatusCode.OK:
+        assert time.monotonic() < since + BOUND_SECONDS, "gateway 1 still accepts the token"
+        await asyncio.sleep(POLL_SECONDS)
+    assert await _status(gateway3, target.access_token) is grpc.StatusCode.OK  # fail-open
+
+
 async def test_a_gateway_started_later_learns_earlier_revocations(pair: Pair) -> None:
     """A gateway with no cursor (a new replica, or one whose cursor was trimmed) gets a
     snapshot of every revocation whose tokens may still be valid."""
@@ -376,7 +400,7 @@ async def test_a_gateway_started_later_learns_earlier_revocations(pair: Pair) ->
         gateway_pb2.LogoutRequest(refresh_token=target.refresh_token), timeout=10
     )
     async with contextlib.AsyncExitStack() as exit_stack:
-        late = await _gateway(pair.stack, pair.stack.gateway_settings, "gateway-3", exit_stack)
+        late = await _gateway(pair.stack, pair.stack.gateway_settings, "gateway-late", exit_stack)
         assert late.revocations.snapshots == 1
         assert await _status(late, target.access_token) is grpc.StatusCode.UNAUTHENTICATED
 
