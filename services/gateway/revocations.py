@@ -131,11 +131,6 @@ class RevocationList:
         if self._confirmed >= self._next_prune:
             self._prune()
 
-    def mark_stale(self) -> None:
-        """The stream broke: nothing confirms the list from now on (the bound still applies
-        from the last confirmation)."""
-        log.debug("revocation feed interrupted; cursor %s", self.cursor)
-
     def revoked(self, subject: str, session_id: str, generation: int) -> bool:
         """Whether a token of user `subject`, session `session_id` and token generation
         `generation` is revoked, as far as the list knows (staleness aside)."""
@@ -242,7 +237,7 @@ class RevocationFollower:
                 failing = True
             else:
                 log.info("revocation feed ended by auth; reconnecting")
-            self._list.mark_stale()
+            # The list stays as it is: the staleness bound runs from its last confirmation.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._backoff_max)
 

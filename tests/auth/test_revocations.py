@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import cast
 
 import grpc
 import jwt
@@ -176,3 +177,28 @@ def test_cursor_round_trip(row_id: int, micros: int) -> None:
     created = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
     row = RevocationRow(row_id, Kind.SESSION, str(uuid.uuid4()), 0, created)
     assert parse_cursor(row.cursor) == (row_id, created)
+
+
+class _BrokenStore:
+    """A store whose database is gone (pure logic: how the feed ends then)."""
+
+    async def exists(self, row_id: int, created_at: dt.datetime) -> bool:
+        raise OSError("connection refused")
+
+    async def recent(self, retention_seconds: float) -> list[RevocationRow]:
+        raise OSError("connection refused")
+
+
+async def test_a_database_outage_ends_the_feed_with_unavailable_not_a_heartbeat() -> None:
+    from services.auth.revocations import RevocationFeed, RevocationStore
+    from streammesh.mesh.errors import Unavailable
+
+    feed = RevocationFeed(
+        cast(RevocationStore, _BrokenStore()),
+        retention_seconds=420,
+        poll_seconds=0.01,
+        heartbeat_seconds=0.01,
+    )
+    with pytest.raises(Unavailable, match="revocation store is unavailable"):
+        async for _ in feed.watch(""):
+            raise AssertionError("nothing may be sent while nothing can be read")
