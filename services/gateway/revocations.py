@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -40,6 +41,7 @@ from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
 __all__ = [
     "STALE_RETRY_SECONDS",
     "FailMode",
+    "RevocableStream",
     "RevocationFollower",
     "RevocationList",
     "Revoked",
@@ -176,6 +178,36 @@ class RevocationList:
         self._sessions = {sid: at for sid, at in self._sessions.items() if at >= now}
         self._users = {sub: entry for sub, entry in self._users.items() if entry.expires >= now}
         self._next_prune = self._clock() + _PRUNE_SECONDS
+
+
+T = TypeVar("T")
+
+
+class RevocableStream:
+    """The requests of one client stream, for as long as its token is not revoked.
+
+    A token is checked once, when the stream opens, and a producer's stream can outlive it. The
+    requests are passed through this, which checks the list before each one: once the token is
+    revoked the requests end as if the client had half-closed, so whatever was already
+    forwarded is still acknowledged and nothing more is; the handler then ends the stream with
+    the refusal a new call would get (`revoked` says so).
+    """
+
+    def __init__(
+        self, revocations: RevocationList, *, subject: str, session_id: str, generation: int
+    ) -> None:
+        self._list = revocations
+        self._token = (subject, session_id, generation)
+        self.revoked = False
+
+    async def requests(self, requests: AsyncIterator[T]) -> AsyncIterator[T]:
+        """`requests` until the token is revoked."""
+        async for request in requests:
+            if self._list.revoked(*self._token):
+                self.revoked = True
+                log.info("stream of session %s ended: its token was revoked", self._token[1])
+                return
+            yield request
 
 
 Watch = Callable[[str], AsyncIterator[auth_pb2.WatchRevocationsResponse]]

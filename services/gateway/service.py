@@ -12,7 +12,7 @@ import grpc
 
 from services.gateway.access import current_principal
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
-from services.gateway.revocations import RevocationList
+from services.gateway.revocations import RevocableStream, RevocationList
 from services.gateway.tokens import Reason, TokenRejected
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
@@ -178,25 +178,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # streammesh.refusals).
         principal = current_principal()
         producer = principal.subject
+        # A revoked token ends the stream at its next batch (see RevocableStream).
+        revocable = RevocableStream(
+            self._revocations,
+            subject=principal.subject,
+            session_id=principal.session_id,
+            generation=principal.generation,
+        )
+        request_iterator = revocable.requests(request_iterator)
         call = self._up.ingest.Publish(timeout=call_timeout(context))
         ending = asyncio.Event()
-        revoked = asyncio.Event()
 
         async def forward_requests() -> None:
             forwarding = True
             # Read the client to its half-close even after forwarding stopped: that is what
             # the refusal's linger waits for.
             async for request in request_iterator:
-                if forwarding and self._revocations.revoked(
-                    principal.subject, principal.session_id, principal.generation
-                ):
-                    # Revoked while the stream is open: the batches forwarded so far are still
-                    # acknowledged, nothing more reaches ingest, and the stream then ends as
-                    # a new call with that token would.
-                    forwarding = False
-                    revoked.set()
-                    with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                        await call.done_writing()
                 if not forwarding or ending.is_set() or call.done():
                     forwarding = False
                     continue
@@ -228,7 +225,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             code = await call.code()
             if code != grpc.StatusCode.OK:
                 raise from_status(code, await call.details(), service="ingest")
-            if revoked.is_set():
+            if revocable.revoked:
                 raise TokenRejected(Reason.REVOKED)
         finally:
             forwarder.cancel()

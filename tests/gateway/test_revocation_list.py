@@ -4,9 +4,17 @@ test_revocations."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
-from services.gateway.revocations import STALE_RETRY_SECONDS, FailMode, RevocationList, Revoked
+from services.gateway.revocations import (
+    STALE_RETRY_SECONDS,
+    FailMode,
+    RevocableStream,
+    RevocationList,
+    Revoked,
+)
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh.errors import Unavailable
 
@@ -112,3 +120,18 @@ def test_an_unknown_kind_is_ignored_not_applied(caplog: pytest.LogCaptureFixture
     revocations.apply(_response((99, "u1", 1), snapshot=True))
     revocations.check("u1", "s1", 0)
     assert len(revocations) == 0 and "unknown revocation kind" in caplog.text
+
+
+async def test_a_revocable_stream_ends_its_requests_at_the_revocation() -> None:
+    revocations, _, _ = _list(FailMode.CLOSED)
+    revocations.apply(_response(snapshot=True))
+    stream = RevocableStream(revocations, subject="u1", session_id="s1", generation=0)
+
+    async def requests() -> AsyncIterator[int]:
+        for number in range(1, 10):
+            if number == 4:  # the logout lands between the third and the fourth request
+                revocations.apply(_response((SESSION, "s1", 0)))
+            yield number
+
+    assert [number async for number in stream.requests(requests())] == [1, 2, 3]
+    assert stream.revoked
