@@ -63,7 +63,8 @@ POLICY_RULES: dict[str, tuple[str, ...]] = {
     f"{SERVICE.full_name}/*": ("service/gateway",),
 }
 GATEWAY_ONLY = (f"{SERVICE.full_name}/WatchRevocations",)
-"""Methods for the gateway's identity alone, operators included out: the feed is machinery."""
+"""Methods for the gateway's identity alone, not for operators: the feed is machinery between
+services, and nothing an operator needs."""
 
 SESSION_RETENTION_SECONDS = 7 * 86_400
 """Ended sessions (and their token hashes) are deleted this long after they ended."""
