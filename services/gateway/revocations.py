@@ -122,7 +122,9 @@ class RevocationList:
                 else:
                     entry.generation = max(entry.generation, revocation.generation)
                     entry.expires = max(entry.expires, expires)
-            else:  # a kind this gateway does not know could refuse anything: ask for an upgrade
+            else:
+                # From an auth newer than this gateway: it cannot be applied, so it is not
+                # enforced here (upgrade gateways first); logged loudly rather than guessed at.
                 log.error("unknown revocation kind %d from auth; ignored", revocation.kind)
         if response.snapshot:
             self.snapshots += 1
