@@ -95,7 +95,8 @@ class Administration:
         return await self._view(updated)
 
     async def set_roles(self, username: str, roles: Sequence[str], origin: Origin) -> UserView:
-        """Replace the roles (access tokens already issued keep theirs until they expire)."""
+        """Replace the roles. The user's access tokens are revoked (they carry the old roles);
+        the session stays, and its next refresh carries the new roles."""
         user = await self._find(username, "role_change", origin)
         updated = await self._store.set_roles(user.id, sorted(set(roles)))
         if updated is None:
@@ -105,7 +106,8 @@ class Administration:
         return await self._view(updated)
 
     async def reset_mfa(self, username: str, origin: Origin) -> UserView:
-        """Remove TOTP and every recovery code: the user enrols again after the password."""
+        """Remove TOTP and every recovery code (the user enrols again after the password) and
+        revoke the user's access tokens."""
         user = await self._find(username, "mfa_reset", origin)
         updated = await self._store.reset_mfa(user.id)
         if updated is None:

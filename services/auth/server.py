@@ -19,6 +19,7 @@ from services.auth.audit import AuditLog
 from services.auth.challenges import Challenges
 from services.auth.keystore import KeyStore
 from services.auth.passwords import Passwords, is_common_password
+from services.auth.revocations import RevocationFeed, RevocationStore
 from services.auth.service import AuthServicer
 from services.auth.session_store import SessionStore
 from services.auth.sessions import Sessions
@@ -35,6 +36,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.identity import service_id
 from streammesh.mesh.postgres import create_engine
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import reaching, run_service
@@ -61,6 +63,9 @@ POLICY_RULES: dict[str, tuple[str, ...]] = {
     # (Operators with the admin certificate may call everything too; see PeerPolicy.)
     f"{SERVICE.full_name}/*": ("service/gateway",),
 }
+GATEWAY_ONLY = (f"{SERVICE.full_name}/WatchRevocations",)
+"""Methods for the gateway's identity alone, not for operators: the feed is machinery between
+services, and nothing an operator needs."""
 
 SESSION_RETENTION_SECONDS = 7 * 86_400
 """Ended sessions (and their token hashes) are deleted this long after they ended."""
@@ -70,7 +75,9 @@ SESSION_SWEEP_SECONDS = 3600
 
 def build_policy(settings: AuthSettings) -> PeerPolicy:
     """Default-deny peer policy for this trust domain."""
-    return PeerPolicy.build(settings.trust_domain, POLICY_RULES)
+    policy = PeerPolicy.build(settings.trust_domain, POLICY_RULES)
+    gateway = frozenset({service_id(settings.trust_domain, "gateway")})
+    return PeerPolicy({**policy.rules, **dict.fromkeys(GATEWAY_ONLY, gateway)})
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class AuthDependencies:
     audit: AuditLog
     accounts: Accounts
     admin: Administration
+    revocations: RevocationStore
 
     async def close(self) -> None:
         """Close every pooled database and Redis connection."""
@@ -193,6 +201,7 @@ async def build_dependencies(
         audit=audit,
         accounts=accounts,
         admin=admin,
+        revocations=RevocationStore(engine),
     )
 
 
@@ -204,6 +213,12 @@ def create_server(settings: AuthSettings, deps: AuthDependencies) -> MeshServer:
         keys=deps.keys,
         admin=deps.admin,
         audit=deps.audit,
+        revocations=RevocationFeed(
+            deps.revocations,
+            retention_seconds=settings.revocation_retention,
+            poll_seconds=settings.revocation_poll_seconds,
+            heartbeat_seconds=settings.revocation_heartbeat_seconds,
+        ),
         trust_domain=settings.trust_domain,
     )
     binding = ServiceBinding(SERVICE, auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer)
@@ -213,7 +228,8 @@ def create_server(settings: AuthSettings, deps: AuthDependencies) -> MeshServer:
 
 
 async def run_maintenance(settings: AuthSettings, deps: AuthDependencies) -> None:
-    """Forever: scheduled key rotation and retirement, and forgetting long-ended sessions.
+    """Forever: scheduled key rotation and retirement, trimming revocations of expired tokens,
+    and forgetting long-ended sessions.
 
     Every replica runs it; the key work happens under an advisory lock with the "is it due"
     check inside, so a rotation happens once however many replicas find it due together.
@@ -223,6 +239,7 @@ async def run_maintenance(settings: AuthSettings, deps: AuthDependencies) -> Non
         raise_if_cancelled()
         try:
             await deps.admin.maintain_keys(settings.key_rotation_days)
+            await deps.revocations.trim(settings.revocation_retention)
             if last_sweep is None or time.monotonic() - last_sweep >= SESSION_SWEEP_SECONDS:
                 swept = await deps.sessions.sweep(SESSION_RETENTION_SECONDS)
                 last_sweep = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -17,6 +18,7 @@ from services.auth.accounts import Accounts
 from services.auth.admin import Administration
 from services.auth.admin_service import AdminHandlers
 from services.auth.audit import AuditLog, edge_event_problems
+from services.auth.revocations import RevocationFeed
 from services.auth.sessions import Sessions
 from services.auth.tokens import KeyRing
 from services.auth.validation import new_account
@@ -41,9 +43,11 @@ class AuthServicer(AdminHandlers, auth_pb2_grpc.AuthServiceServicer):
         keys: KeyRing,
         admin: Administration,
         audit: AuditLog,
+        revocations: RevocationFeed,
         trust_domain: str,
     ) -> None:
         super().__init__(admin=admin, trust_domain=trust_domain)
+        self._revocations = revocations
         self._accounts = accounts
         self._sessions = sessions
         self._keys = keys
@@ -120,6 +124,13 @@ class AuthServicer(AdminHandlers, auth_pb2_grpc.AuthServiceServicer):
         # at once, and the gateway caches the JWKS anyway.
         keys = await self._keys.published_jwks()
         return auth_pb2.GetJwksResponse(keys=[convert.jwk_message(jwk) for jwk in keys])
+
+    async def WatchRevocations(
+        self, request: auth_pb2.WatchRevocationsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[auth_pb2.WatchRevocationsResponse]:
+        # A cursor that is not ours is not an error: the stream starts with a snapshot.
+        async for response in self._revocations.watch(request.cursor):
+            yield response
 
     async def RecordAuditEvent(
         self, request: auth_pb2.RecordAuditEventRequest, context: grpc.aio.ServicerContext

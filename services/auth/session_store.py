@@ -19,6 +19,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.auth.revocations import Kind, record
 from services.auth.store import UserRecord
 from services.auth.tables import refresh_tokens, sessions, users
 
@@ -71,6 +72,7 @@ def _user_from(row: Row[*tuple[Any, ...]]) -> UserRecord:
         totp_secret=None,
         totp_last_step=None,
         disabled_at=row.disabled_at,
+        token_generation=row.token_generation,
     )
 
 
@@ -135,6 +137,7 @@ class SessionStore:
                 users.c.username,
                 users.c.roles,
                 users.c.disabled_at,
+                users.c.token_generation,
                 now.label("now"),
             )
             .join(sessions, sessions.c.id == refresh_tokens.c.session_id)
@@ -201,9 +204,10 @@ class SessionStore:
             .values(revoked_at=func.now(), revoked_reason=RefreshOutcome.REUSED.value)
             .returning(sessions.c.id)
         )
-        return RefreshResult(
-            RefreshOutcome.REUSED, session_id, user, revoked_now=revoked.first() is not None
-        )
+        revoked_now = revoked.first() is not None
+        if revoked_now:  # whoever holds the copied tokens loses the access tokens too
+            await record(conn, Kind.SESSION, str(session_id))
+        return RefreshResult(RefreshOutcome.REUSED, session_id, user, revoked_now=revoked_now)
 
     async def revoke_by_token(self, token_hash: bytes, reason: str) -> RefreshResult:
         """End the session of a refresh token (current or spent). ROTATED means the token was
@@ -216,6 +220,7 @@ class SessionStore:
                 users.c.username,
                 users.c.roles,
                 users.c.disabled_at,
+                users.c.token_generation,
             )
             .join(sessions, sessions.c.id == refresh_tokens.c.session_id)
             .join(users, users.c.id == sessions.c.user_id)
@@ -236,6 +241,8 @@ class SessionStore:
                 .returning(sessions.c.user_id)
             )
             revoked_now = revoked.first() is not None
+            if revoked_now:
+                await record(conn, Kind.SESSION, str(row.session_id))
         return RefreshResult(
             RefreshOutcome.REUSED if spent else RefreshOutcome.ROTATED,
             row.session_id,
@@ -244,7 +251,8 @@ class SessionStore:
         )
 
     async def revoke_user(self, user_id: uuid.UUID, reason: str) -> int:
-        """End every live session of a user; returns how many were live."""
+        """End every live session of a user and revoke all their access tokens (a new token
+        generation); returns how many sessions were live."""
         statement = (
             update(sessions)
             .where(sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None))
@@ -252,8 +260,18 @@ class SessionStore:
             .values(revoked_at=func.now(), revoked_reason=reason)
             .returning(sessions.c.id)
         )
+        bump = (
+            update(users)
+            .where(users.c.id == user_id)
+            .values(token_generation=users.c.token_generation + 1)
+            .returning(users.c.token_generation)
+        )
         async with self._engine.begin() as conn:
-            return len((await conn.execute(statement)).all())
+            ended = len((await conn.execute(statement)).all())
+            generation = (await conn.execute(bump)).scalar_one_or_none()
+            if generation is not None:
+                await record(conn, Kind.USER_TOKENS, str(user_id), generation=generation)
+        return ended
 
     async def sweep(self, retention_seconds: float) -> int:
         """Delete sessions (and their tokens) over for longer than `retention_seconds`."""

@@ -6,8 +6,9 @@ session (family). A spent token presented again means two parties hold the famil
 nobody can tell which is legitimate, so the whole session is revoked: the newest token stops
 working too (RFC 9700 4.14.2). Lifetimes: a refresh token lives `refresh_token_ttl_seconds`
 (30 days; an idle session ends then), and no session outlives `session_max_seconds` (90 days)
-however often it is refreshed. Access tokens carry the session id as `sid`; they cannot be
-revoked and simply run out (5 minutes by default).
+however often it is refreshed. Access tokens carry the session id as `sid` and the user's token
+generation as `gen`; ending a session or raising the generation revokes them at the gateways
+within seconds (see services.auth.revocations), and otherwise they run out (5 minutes).
 """
 
 from __future__ import annotations
@@ -153,4 +154,5 @@ class Sessions:
             username=user.username,
             roles=user.roles,
             session_id=str(session_id),
+            generation=user.token_generation,
         )

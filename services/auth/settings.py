@@ -138,6 +138,28 @@ class AuthSettings(ServiceSettings):
         description="how often the background task checks key rotation and expired sessions",
     )
 
+    revocation_poll_seconds: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="how often each WatchRevocations stream looks for new revocations",
+    )
+    revocation_heartbeat_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=10,
+        description="WatchRevocations sends a heartbeat this often while nothing is revoked",
+    )
+    revocation_retention_margin_seconds: float = Field(
+        default=120,
+        ge=0,
+        le=_DAY,
+        description=(
+            "revocations are kept for the access-token TTL plus this; it must cover the "
+            "gateway's token leeway and the clock skew between auth and the gateways"
+        ),
+    )
+
     @field_validator("default_roles")
     @classmethod
     def _known_roles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -145,6 +167,11 @@ class AuthSettings(ServiceSettings):
         if unknown:
             raise ValueError(f"unknown roles {unknown}; known: {sorted(ROLES)}")
         return value
+
+    @property
+    def revocation_retention(self) -> float:
+        """Seconds a revocation is served: past that, every token it concerns has expired."""
+        return self.access_token_ttl_seconds + self.revocation_retention_margin_seconds
 
     @property
     def key_overlap(self) -> int:

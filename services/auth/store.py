@@ -18,6 +18,7 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.auth.revocations import Kind, record
 from services.auth.tables import recovery_codes, users
 from streammesh.mesh.postgres import load_migrations, migrate
 
@@ -39,6 +40,8 @@ class UserRecord:
     totp_last_step: int | None
     created_at: dt.datetime | None = None
     disabled_at: dt.datetime | None = None
+    token_generation: int = 0
+    """The `gen` claim of the user's access tokens; raised to revoke the older ones."""
 
     @property
     def totp_enabled(self) -> bool:
@@ -62,6 +65,7 @@ def _user(row: Row[Any]) -> UserRecord:
         totp_last_step=row.totp_last_step,
         created_at=row.created_at,
         disabled_at=row.disabled_at,
+        token_generation=row.token_generation,
     )
 
 
@@ -200,7 +204,8 @@ class AuthStore:
             return int((await conn.execute(statement)).scalar_one())
 
     async def reset_mfa(self, user_id: uuid.UUID) -> UserRecord | None:
-        """Remove TOTP (active and pending) and every recovery code; None if no such user."""
+        """Remove TOTP (active and pending) and every recovery code, and revoke the user's access
+        tokens; None if no such user."""
         statement = (
             update(users)
             .where(users.c.id == user_id)
@@ -210,12 +215,15 @@ class AuthStore:
                 totp_enabled_at=None,
                 totp_last_step=None,
                 updated_at=func.now(),
+                token_generation=users.c.token_generation + 1,
             )
             .returning(*users.c)
         )
         async with self._engine.begin() as conn:
             row = (await conn.execute(statement)).first()
             await self._replace_recovery_codes(conn, user_id, ())
+            if row is not None:
+                await record(conn, Kind.USER_TOKENS, str(user_id), generation=row.token_generation)
         return None if row is None else _user(row)
 
     @staticmethod
@@ -232,19 +240,27 @@ class AuthStore:
     # Administration
 
     async def set_disabled(self, user_id: uuid.UUID, disabled: bool) -> UserRecord | None:
-        """Disable (keeping the first disabling time) or enable; None if no such user."""
-        value = func.coalesce(users.c.disabled_at, func.now()) if disabled else None
-        return await self._update_returning(user_id, disabled_at=value)
+        """Disable (keeping the first disabling time, revoking the user's access tokens) or
+        enable; None if no such user."""
+        if not disabled:
+            return await self._update_returning(user_id, disabled_at=None)
+        value = func.coalesce(users.c.disabled_at, func.now())
+        return await self._update_returning(user_id, revoke_tokens=True, disabled_at=value)
 
     async def set_roles(self, user_id: uuid.UUID, roles: Sequence[str]) -> UserRecord | None:
-        """Replace the user's roles; None if no such user."""
-        return await self._update_returning(user_id, roles=list(roles))
+        """Replace the user's roles and revoke their access tokens (which carry the old ones);
+        None if no such user. The session stays: the next refresh carries the new roles."""
+        return await self._update_returning(user_id, revoke_tokens=True, roles=list(roles))
 
     async def replace_password_hash(self, user_id: uuid.UUID, *, old: str, new: str) -> bool:
         """Swap in a re-hashed password; False when the hash changed meanwhile."""
         return await self._update_user(user_id, users.c.password_hash == old, password_hash=new)
 
-    async def _update_returning(self, user_id: uuid.UUID, **values: Any) -> UserRecord | None:
+    async def _update_returning(
+        self, user_id: uuid.UUID, *, revoke_tokens: bool = False, **values: Any
+    ) -> UserRecord | None:
+        if revoke_tokens:
+            values["token_generation"] = users.c.token_generation + 1
         statement = (
             update(users)
             .where(users.c.id == user_id)
@@ -253,6 +269,8 @@ class AuthStore:
         )
         async with self._engine.begin() as conn:
             row = (await conn.execute(statement)).first()
+            if row is not None and revoke_tokens:
+                await record(conn, Kind.USER_TOKENS, str(user_id), generation=row.token_generation)
         return None if row is None else _user(row)
 
     async def _update_user(self, user_id: uuid.UUID, *conditions: Any, **values: Any) -> bool:

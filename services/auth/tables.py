@@ -22,6 +22,7 @@ __all__ = [
     "audit_events",
     "recovery_codes",
     "refresh_tokens",
+    "revocations",
     "sessions",
     "signing_keys",
     "users",
@@ -48,6 +49,7 @@ users = Table(
     _time("created_at", nullable=False),
     _time("updated_at", nullable=False),
     _time("disabled_at"),
+    Column("token_generation", BigInteger, nullable=False),
 )
 
 recovery_codes = Table(
@@ -110,4 +112,14 @@ audit_events = Table(
     Column("reason", Text, nullable=False),
     Column("source", Text, nullable=False),
     Column("details", JSONB, nullable=False),
+)
+
+revocations = Table(
+    "revocations",
+    _metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    _time("created_at", nullable=False),
 )

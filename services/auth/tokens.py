@@ -198,9 +198,16 @@ class TokenIssuer:
         return self._ttl
 
     async def issue(
-        self, *, subject: str, username: str, roles: Sequence[str], session_id: str
+        self,
+        *,
+        subject: str,
+        username: str,
+        roles: Sequence[str],
+        session_id: str,
+        generation: int = 0,
     ) -> AccessToken:
-        """A token for user `subject` in session `session_id`, carrying username and roles."""
+        """A token for user `subject` in session `session_id`, carrying username, roles and the
+        user's token generation (`gen`: gateways refuse a token whose generation was revoked)."""
         key = await self._keys.current()
         now = int(self._clock())
         jti = secrets.token_urlsafe(16)
@@ -211,6 +218,7 @@ class TokenIssuer:
             "sid": session_id,
             "preferred_username": username,
             "roles": list(roles),
+            "gen": generation,
             "iat": now,
             "nbf": now,
             "exp": now + self._ttl,

@@ -4,12 +4,14 @@ TLS listener hosting GatewayService and AdminService."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from services.gateway.access import AccessGuard
 from services.gateway.admin import AdminServicer
 from services.gateway.audit import AuditTrail
 from services.gateway.jwks_http import JwksHttpListener
 from services.gateway.publish import RelayLimits
+from services.gateway.revocations import RevocationFollower, RevocationList
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import JwksCache, TokenVerifier
@@ -26,11 +28,14 @@ from streammesh.mesh.startup import load_tls, run_service
 __all__ = [
     "GatewayServer",
     "create_audit_trail",
+    "create_revocation_follower",
     "create_server",
     "main",
     "relay_limits",
     "serve",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -66,12 +71,28 @@ def create_audit_trail(settings: GatewaySettings, upstreams: Upstreams) -> Audit
     return AuditTrail(upstreams.record_audit_event, capacity=settings.audit_queue_size)
 
 
+def create_revocation_follower(
+    settings: GatewaySettings, upstreams: Upstreams
+) -> tuple[RevocationList, RevocationFollower]:
+    """The revocation list the verifier consults and the task that keeps it current (not
+    started yet: the caller starts it and closes it after the server stopped)."""
+    revocations = RevocationList(
+        max_staleness=settings.revocation_max_staleness_seconds,
+        fail_mode=settings.revocation_fail_mode,
+    )
+    return revocations, RevocationFollower(upstreams.watch_revocations, revocations)
+
+
 def create_server(
-    settings: GatewaySettings, upstreams: Upstreams, audit: AuditTrail
+    settings: GatewaySettings,
+    upstreams: Upstreams,
+    audit: AuditTrail,
+    revocations: RevocationList,
 ) -> GatewayServer:
     """The public listener is TLS without client certificates: callers authenticate with
-    bearer tokens, which AccessGuard checks against the method table before any handler runs.
-    The caller owns `audit` and closes it after the server stopped."""
+    bearer tokens, which AccessGuard checks against the method table and `revocations` before
+    any handler runs. The caller owns `audit` and the follower of `revocations`, and closes
+    them after the server stopped."""
     keys = JwksCache(
         upstreams.fetch_jwks,
         max_age=settings.jwks_max_age_seconds,
@@ -82,6 +103,7 @@ def create_server(
         issuer=settings.token_issuer,
         audience=settings.token_audience,
         leeway=settings.token_leeway_seconds,
+        revocations=revocations,
     )
     mesh = create_mesh_server(
         settings,
@@ -90,7 +112,7 @@ def create_server(
             ServiceBinding(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(upstreams, keys, relay_limits(settings)),
+                GatewayServicer(upstreams, keys, relay_limits(settings), revocations),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
@@ -113,10 +135,21 @@ def create_server(
 async def serve(settings: GatewaySettings) -> None:
     upstreams = Upstreams(settings, load_tls(settings.tls_dir, "gateway"))
     audit = create_audit_trail(settings, upstreams)
-    mesh = create_server(settings, upstreams, audit)
+    revocations, follower = create_revocation_follower(settings, upstreams)
+    follower.start()
+    # Serving before the first snapshot would refuse (fail-closed) or trust blindly (fail-open)
+    # every authenticated call; auth usually answers within milliseconds.
+    if not await follower.wait_live(settings.revocation_startup_wait_seconds):
+        log.warning(
+            "no revocation snapshot from auth after %.0fs; serving, %s until one arrives",
+            settings.revocation_startup_wait_seconds,
+            f"fail-{settings.revocation_fail_mode.value}",
+        )
+    mesh = create_server(settings, upstreams, audit, revocations)
 
     async def stop() -> None:
         # After the drain: the last refusals still reach auth before the channels close.
+        await follower.close()
         await audit.close(timeout=settings.grace_seconds)
         await upstreams.close()
 

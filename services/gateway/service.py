@@ -11,7 +11,8 @@ from google.protobuf.duration_pb2 import Duration
 from services.gateway.access import current_principal
 from services.gateway.publish import PublishRelay, RelayLimits, assign_missing_ids
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
-from services.gateway.tokens import ALGORITHM, JwksCache
+from services.gateway.revocations import RevocableStream, RevocationList
+from services.gateway.tokens import ALGORITHM, JwksCache, Reason, TokenRejected
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -25,10 +26,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API: account calls go to auth, publishing to ingest, reads to storage; the
     token keys come from the gateway's own cache of auth's JWKS."""
 
-    def __init__(self, upstreams: Upstreams, keys: JwksCache, limits: RelayLimits) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        keys: JwksCache,
+        limits: RelayLimits,
+        revocations: RevocationList,
+    ) -> None:
         self._up = upstreams
         self._keys = keys
         self._limits = limits
+        self._revocations = revocations
 
     async def GetJwks(
         self, request: gateway_pb2.GetJwksRequest, context: grpc.aio.ServicerContext
@@ -182,11 +190,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # relay carries the stream over new ingest streams when one ends (max connection age,
         # a replica restarting), and recycles the client's stream at its maximum age; a
         # refusal is passed on as a message first (see services.gateway.publish).
+        principal = current_principal()
+        # A revoked token ends the stream at its next batch, as if the client had half-closed:
+        # what was forwarded is still acknowledged, then the stream ends UNAUTHENTICATED.
+        revocable = RevocableStream(
+            self._revocations,
+            subject=principal.subject,
+            session_id=principal.session_id,
+            generation=principal.generation,
+        )
         relay = PublishRelay(
             lambda: self._up.ingest.Publish(timeout=call_timeout(context)),
             self._limits,
-            producer=current_principal().subject,
+            producer=principal.subject,
         )
         with upstream_errors("ingest"):
-            async for reply in relay.relay(request_iterator):
+            async for reply in relay.relay(revocable.requests(request_iterator)):
                 yield reply
+        if revocable.revoked:
+            raise TokenRejected(Reason.REVOKED)

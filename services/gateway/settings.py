@@ -7,6 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.gateway.revocations import FailMode
 from streammesh.mesh.settings import ServiceSettings
 
 __all__ = ["RECYCLE_MARGIN_SECONDS", "GatewaySettings"]
@@ -95,6 +96,31 @@ class GatewaySettings(ServiceSettings):
         10,
         gt=0,
         description="... or after this many seconds of such attempts",
+    )
+
+    revocation_max_staleness_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description=(
+            "auth's revocation feed must have confirmed the gateway's revocation list within "
+            "this many seconds (auth sends a heartbeat every 0.5 s); past that, and before the "
+            "first confirmation after start-up, revocation_fail_mode applies"
+        ),
+    )
+    revocation_fail_mode: FailMode = Field(
+        FailMode.OPEN,
+        description=(
+            "open: accept authenticated calls while the list is stale, with a warning, so a "
+            "revocation made meanwhile applies when the feed is back or when the token expires; "
+            "closed: refuse them with UNAVAILABLE and a RetryInfo"
+        ),
+    )
+    revocation_startup_wait_seconds: float = Field(
+        10,
+        ge=0,
+        le=300,
+        description="at start-up, wait this long for the first revocation snapshot before serving",
     )
 
     @model_validator(mode="after")

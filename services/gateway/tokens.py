@@ -6,6 +6,10 @@ as a lookup key into keys fetched from auth. Headers that point at other keys (j
 x5c) are never read: PyJWT only ever sees the key this module hands it. Headers that would change
 how the token is parsed (crit, b64) are refused.
 
+A token that passes all that is then checked against the revocations auth announced (see
+services.gateway.revocations): its session (`sid`) revoked, or its user's token generation
+(`gen`, 0 when absent) below the one auth revoked up to.
+
 Every rejection is a `TokenRejected`: the client sees UNAUTHENTICATED with the one message
 INVALID_TOKEN, while `reason` (a `Reason`) goes to the audit log only.
 """
@@ -23,6 +27,7 @@ from typing import Any
 
 import jwt
 
+from services.gateway.revocations import RevocationList, Revoked
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh.errors import StreamMeshError, Unauthenticated, Unavailable
 
@@ -71,6 +76,7 @@ class Reason(StrEnum):
     WRONG_ISSUER = "wrong_issuer"
     MISSING_CLAIM = "missing_claim"
     BAD_CLAIM = "bad_claim"
+    REVOKED = "revoked"
 
 
 class TokenRejected(Unauthenticated):
@@ -90,6 +96,8 @@ class Principal:
     roles: frozenset[str]
     token_id: str
     session_id: str
+    generation: int = 0
+    """The user's token generation when the token was issued (`gen`)."""
 
     @property
     def actor(self) -> str:
@@ -253,14 +261,24 @@ def _checked_header(token: str) -> dict[str, Any]:
 class TokenVerifier:
     """Checks access tokens against auth's keys and the issuer and audience configured."""
 
-    def __init__(self, keys: JwksCache, *, issuer: str, audience: str, leeway: float) -> None:
+    def __init__(
+        self,
+        keys: JwksCache,
+        *,
+        issuer: str,
+        audience: str,
+        leeway: float,
+        revocations: RevocationList,
+    ) -> None:
         self._keys = keys
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
+        self._revocations = revocations
 
     async def verify(self, token: str) -> Principal:
-        """The principal a valid token names; TokenRejected (with its reason) otherwise."""
+        """The principal a valid, unrevoked token names; TokenRejected (with its reason)
+        otherwise. Unavailable when the revocation list is stale and fails closed."""
         if not token:
             raise TokenRejected(Reason.MISSING_TOKEN)
         if len(token) > MAX_TOKEN_CHARS:
@@ -281,13 +299,19 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as error:
             raise TokenRejected(_decode_reason(error)) from None
-        return _principal(claims)
+        principal = _principal(claims)
+        try:
+            self._revocations.check(principal.subject, principal.session_id, principal.generation)
+        except Revoked:
+            raise TokenRejected(Reason.REVOKED) from None
+        return principal
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
     roles = claims.get("roles", [])
     username = claims["preferred_username"]
     session_id = claims["sid"]
+    generation = claims.get("gen", 0)
     if (
         not isinstance(roles, list)
         or not all(isinstance(role, str) for role in roles)
@@ -297,6 +321,10 @@ def _principal(claims: dict[str, Any]) -> Principal:
         or not (username.isascii() and username.isprintable())
         or not isinstance(session_id, str)
         or not session_id
+        # bool is an int in Python, but not a generation
+        or not isinstance(generation, int)
+        or isinstance(generation, bool)
+        or generation < 0
     ):
         raise TokenRejected(Reason.BAD_CLAIM)
     return Principal(
@@ -305,4 +333,5 @@ def _principal(claims: dict[str, Any]) -> Principal:
         roles=frozenset(roles),
         token_id=str(claims["jti"]),
         session_id=session_id,
+        generation=generation,
     )

@@ -9,7 +9,7 @@ gateway's mTLS identity, and uses them to audit and to throttle per source.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import unquote
 
@@ -148,6 +148,21 @@ class Upstreams:
                 auth_pb2.GetJwksRequest(), metadata=caller_metadata(GATEWAY_ACTOR, GATEWAY_SOURCE)
             )
         return list(reply.keys)
+
+    async def watch_revocations(
+        self, cursor: str
+    ) -> AsyncIterator[auth_pb2.WatchRevocationsResponse]:
+        """Auth's revocation feed from `cursor` on, until it breaks (a StreamMeshError)."""
+        call = self.auth.WatchRevocations(
+            auth_pb2.WatchRevocationsRequest(cursor=cursor),
+            metadata=caller_metadata(GATEWAY_ACTOR, GATEWAY_SOURCE),
+        )
+        try:
+            with upstream_errors("auth"):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
 
     async def record_audit_event(self, event: auth_pb2.AuditEvent) -> None:
         """Store one edge audit event at auth; raises grpc.aio.AioRpcError when auth refuses

@@ -20,8 +20,9 @@ from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2
 from streammesh.cli.accounts import read_password
 from streammesh.cli.output import print_reply
-from streammesh.cli.session import logged_in_client
+from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
+from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel
 
 __all__ = ["add_admin_commands"]
@@ -169,10 +170,13 @@ COMMANDS: dict[str, AdminCommand] = {
 
 async def run_admin_command(config: StackConfig, args: argparse.Namespace) -> int:
     command = COMMANDS[args.admin_cmd]
-    async with logged_in_client(config) as client:
+
+    async def call(client: GatewayClient) -> Message:
         method = getattr(client.admin, command.method)
-        reply = await method(command.build(args), metadata=client.bearer(), timeout=30)
-    print_reply(reply, as_json=args.json)
+        reply: Message = await method(command.build(args), metadata=client.bearer(), timeout=30)
+        return reply
+
+    print_reply(await with_session(config, call), as_json=args.json)
     return 0
 
 
@@ -181,9 +185,14 @@ async def cmd_create_user(config: StackConfig, args: argparse.Namespace) -> int:
     request = admin_pb2.CreateUserRequest(
         username=args.username, password=password, roles=args.role
     )
-    async with logged_in_client(config) as client:
-        reply = await client.admin.CreateUser(request, metadata=client.bearer(), timeout=30)
-    print_reply(reply, as_json=args.json)
+
+    async def call(client: GatewayClient) -> Message:
+        reply: Message = await client.admin.CreateUser(
+            request, metadata=client.bearer(), timeout=30
+        )
+        return reply
+
+    print_reply(await with_session(config, call), as_json=args.json)
     return 0
 
 

@@ -1,22 +1,28 @@
 """The CLI's login session: tokens kept in `<state>/session.json` (mode 0600), refreshed when the
-access token is about to expire. The refresh token is single use, so the file is rewritten after
-every refresh, atomically, before the new tokens are used."""
+access token is about to expire, or when the gateway refuses it (auth revoked it: a role change,
+for instance, ends the access tokens but not the session). The refresh token is single use, so
+the file is rewritten after every refresh, atomically, before the new tokens are used."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import grpc
 
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
 
-__all__ = ["NotLoggedIn", "Session", "gateway_client", "logged_in_client"]
+__all__ = ["NotLoggedIn", "Session", "gateway_client", "logged_in_client", "with_session"]
+
+T = TypeVar("T")
 
 REFRESH_MARGIN_SECONDS = 30
 
@@ -92,3 +98,20 @@ async def logged_in_client(config: StackConfig) -> AsyncIterator[GatewayClient]:
             tokens = await client.refresh()
             Session.from_tokens(session.username, tokens).save(config)
         yield client
+
+
+async def with_session(config: StackConfig, call: Callable[[GatewayClient], Awaitable[T]]) -> T:
+    """`call(client)` with the saved session. When the gateway refuses the access token, it was
+    revoked before it expired (a role change, say): refresh once, which brings the current
+    roles or fails if the session itself ended, and call again. The refused call never reached
+    the service behind the gateway, so calling again is safe."""
+    async with logged_in_client(config) as client:
+        try:
+            return await call(client)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+        username = Session.load(config).username
+        tokens = await client.refresh()
+        Session.from_tokens(username, tokens).save(config)
+        return await call(client)

@@ -4,9 +4,11 @@ a user's stack."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -14,12 +16,12 @@ from streammesh.cli.stack import START_ORDER, StackConfig, bring_up, free_ports,
 from tests.e2e.cli import drop_test_data
 
 
-@pytest.fixture(scope="session")
-def stack_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
+def new_stack_config(state_dir: Path) -> StackConfig:
+    """A stack of its own in `state_dir`: free ports, schemas `t_<run>_*`, keys `smtest:<run>:*`."""
     run = uuid.uuid4().hex[:10]
     ports = dict(zip(START_ORDER, free_ports("127.0.0.1", len(START_ORDER)), strict=True))
-    config = StackConfig(
-        state_dir=tmp_path_factory.mktemp("stack"),
+    return StackConfig(
+        state_dir=state_dir,
         host="127.0.0.1",
         database_url=os.environ.get(
             "STREAMMESH_TEST_DATABASE_URL",
@@ -37,12 +39,25 @@ def stack_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConf
         processor_port=ports["processor"],
         gateway_port=ports["gateway"],
     )
-    yield config
+
+
+@contextlib.asynccontextmanager
+async def running_stack(config: StackConfig) -> AsyncIterator[StackConfig]:
+    """The five services up for the block; afterwards stopped, their data dropped."""
+    await bring_up(config, timeout=90)
+    try:
+        yield config
+    finally:
+        shut_down(config)
+        await drop_test_data(config)
+
+
+@pytest.fixture(scope="session")
+def stack_config(tmp_path_factory: pytest.TempPathFactory) -> StackConfig:
+    return new_stack_config(tmp_path_factory.mktemp("stack"))
 
 
 @pytest.fixture(scope="session")
 async def stack(stack_config: StackConfig) -> AsyncIterator[StackConfig]:
-    await bring_up(stack_config, timeout=90)
-    yield stack_config
-    shut_down(stack_config)
-    await drop_test_data(stack_config)
+    async with running_stack(stack_config) as config:
+        yield config

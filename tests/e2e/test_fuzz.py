@@ -29,14 +29,23 @@ from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.stack import GRPC_SERVICE, START_ORDER, StackConfig, check_health
 from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel
-from tests.e2e import test_stack as stack_fixtures
+from tests.e2e.conftest import new_stack_config, running_stack
 from tests.fuzzing import FuzzCase, decodes, fuzz_cases, hosted_methods, load_descriptors
 
 pytestmark = pytest.mark.slow
 
+
 # This module's own stack (module-scoped fixtures), so its logs hold only what the fuzz caused.
-stack_config = stack_fixtures.stack_config
-stack = stack_fixtures.stack
+@pytest.fixture(scope="module")
+def stack_config(tmp_path_factory: pytest.TempPathFactory) -> StackConfig:
+    return new_stack_config(tmp_path_factory.mktemp("fuzz-stack"))
+
+
+@pytest.fixture(scope="module")
+async def stack(stack_config: StackConfig) -> AsyncIterator[StackConfig]:
+    async with running_stack(stack_config) as config:
+        yield config
+
 
 SEED = 20261201
 RANDOM_CASES = 6

@@ -259,7 +259,8 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 
 async def test_cli_account_flow(stack: StackConfig, tmp_path: Path) -> None:
-    """admin bootstrap -> mfa enroll (QR, PNG, first code) -> login -> admin users -> logout."""
+    """admin bootstrap -> mfa enroll (QR, PNG, first code) -> login -> admin users -> a role
+    change (refresh after the revocation) -> logout."""
     state = tmp_path / "cli-state"
     state.mkdir()
     (state / "pki").symlink_to(stack.pki_dir)
@@ -299,6 +300,21 @@ async def test_cli_account_flow(stack: StackConfig, tmp_path: Path) -> None:
     code, out, err = await run_cli(env, "admin", "users", "--prefix", name, "--json")
     assert code == 0, err
     assert json.loads(out)["users"][0]["username"] == name
+
+    # A role change revokes the admin's own access token at the gateway within 2 s, but not
+    # the session: the next command is refused once, refreshes, and goes on with the new roles.
+    before = json.loads(session_file.read_text())["access_token"]
+    code, out, err = await run_cli(env, "admin", "roles", name, "admin", "analyst")
+    assert code == 0, err
+    for _ in range(10):
+        code, out, err = await run_cli(env, "admin", "users", "--prefix", name)
+        assert code == 0, err
+        saved = json.loads(session_file.read_text())
+        if saved["access_token"] != before:
+            break
+        await asyncio.sleep(0.5)
+    assert saved["access_token"] != before, "the CLI never refreshed the revoked token"
+    assert sorted(saved["roles"]) == ["admin", "analyst"]
 
     code, out, err = await run_cli(env, "logout")
     assert code == 0 and not session_file.exists(), err

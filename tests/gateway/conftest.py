@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import asyncpg
 import grpc
@@ -30,7 +30,7 @@ from services.auth.server import AuthDependencies, build_dependencies
 from services.auth.server import create_server as create_auth_server
 from services.auth.settings import AuthSettings
 from services.gateway.audit import AuditTrail
-from services.gateway.server import create_audit_trail
+from services.gateway.server import create_audit_trail, create_revocation_follower
 from services.gateway.server import create_server as create_gateway_server
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import Upstreams
@@ -143,7 +143,10 @@ def gateway_channel(port: int, pki_dir: Path) -> grpc.aio.Channel:
     )
 
 
-async def _started(mesh: MeshServer, exit_stack: contextlib.AsyncExitStack) -> MeshServer:
+_Server = TypeVar("_Server", bound=MeshServer)
+
+
+async def _started(mesh: _Server, exit_stack: contextlib.AsyncExitStack) -> _Server:
     await mesh.start()
     exit_stack.push_async_callback(mesh.stop, 0)
     return mesh
@@ -198,7 +201,8 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
     """The stack of this module; a module may set GATEWAY_SETTINGS and INGEST_SETTINGS (dicts)
-    to override the gateway's and ingest's settings."""
+    to override the gateway's and ingest's settings (the revocation staleness bound is 30 s
+    here unless GATEWAY_SETTINGS sets it)."""
     run = uuid.uuid4().hex[:12]
     auth_schema, storage_schema = f"t_{run}_auth", f"t_{run}_storage"
     redis_prefix = f"smtest:{run}:"
@@ -272,14 +276,25 @@ async def stack(
             auth_target=f"127.0.0.1:{auth.port}",
             ingest_target=f"127.0.0.1:{ingest.port}",
             storage_target=f"127.0.0.1:{storage.port}",
-            **getattr(request.module, "GATEWAY_SETTINGS", {}),
+            **{
+                # Every server of the stack shares this test process's event loop: on a loaded
+                # machine a heartbeat can be late by more than the default 2 s, which would fail
+                # unrelated tests closed. test_revocations asks for the default.
+                "revocation_max_staleness_seconds": 30.0,
+                **getattr(request.module, "GATEWAY_SETTINGS", {}),
+            },
         )
         upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
         exit_stack.push_async_callback(upstreams.close)
         audit = create_audit_trail(settings, upstreams)
         exit_stack.push_async_callback(audit.close, 5)
-        gateway = create_gateway_server(settings, upstreams, audit)
-        await _started(gateway, exit_stack)
+        revocations, follower = create_revocation_follower(settings, upstreams)
+        follower.start()
+        exit_stack.push_async_callback(follower.close)
+        assert await follower.wait_live(10), "no revocation snapshot from auth"
+        gateway = await _started(
+            create_gateway_server(settings, upstreams, audit, revocations), exit_stack
+        )
 
         channel = gateway_channel(gateway.port, pki_dir)
         exit_stack.push_async_callback(channel.close)

@@ -14,15 +14,27 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from services.gateway.revocations import FailMode, RevocationList
+from streammesh.api.auth.v1 import auth_pb2
+
 __all__ = [
     "b64url",
     "claims",
     "forge",
     "hs256_with",
+    "live_revocations",
     "public_jwk",
     "sign",
     "sign_exact",
 ]
+
+
+def live_revocations() -> RevocationList:
+    """A revocation list that revokes nothing and is confirmed live (for verifier unit tests;
+    the feed itself is tested in test_revocations)."""
+    revocations = RevocationList(max_staleness=300, fail_mode=FailMode.CLOSED)
+    revocations.apply(auth_pb2.WatchRevocationsResponse(snapshot=True))
+    return revocations
 
 
 def b64url(data: bytes) -> str:

@@ -17,7 +17,7 @@ from services.gateway.audit import AuditTrail
 from services.gateway.tokens import INVALID_TOKEN, JwksCache, TokenRejected, TokenVerifier
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh.errors import PermissionDenied
-from tests.gateway.jwts import claims, public_jwk, sign
+from tests.gateway.jwts import claims, live_revocations, public_jwk, sign
 
 KEY = Ed25519PrivateKey.generate()
 KID = "k1"
@@ -59,6 +59,7 @@ def _guard(recorder: Recorder, table: dict[str, Access] | None = None) -> Access
         issuer="streammesh-auth",
         audience="streammesh",
         leeway=30,
+        revocations=live_revocations(),
     )
     return AccessGuard(verifier, recorder, METHOD_ACCESS if table is None else table)
 

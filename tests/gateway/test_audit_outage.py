@@ -13,7 +13,11 @@ import grpc
 import pytest
 
 from services.gateway.audit import AuditTrail
-from services.gateway.server import create_audit_trail, create_server
+from services.gateway.server import (
+    create_audit_trail,
+    create_revocation_follower,
+    create_server,
+)
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import INVALID_TOKEN
 from services.gateway.upstream import Upstreams
@@ -45,12 +49,15 @@ async def lonely_gateway(pki_dir: Path) -> AsyncIterator[tuple[grpc.aio.Channel,
     )
     upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
     audit = create_audit_trail(settings, upstreams)
-    mesh = create_server(settings, upstreams, audit)
+    revocations, follower = create_revocation_follower(settings, upstreams)
+    follower.start()
+    mesh = create_server(settings, upstreams, audit, revocations)
     await mesh.start()
     channel = gateway_channel(mesh.port, pki_dir)
     yield channel, audit
     await channel.close()
     await mesh.stop(0)
+    await follower.close()
     await audit.close(timeout=1)
     await upstreams.close()
 

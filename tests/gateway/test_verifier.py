@@ -27,7 +27,16 @@ from services.gateway.tokens import (
 from services.gateway.upstream import client_address
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh.errors import Unavailable
-from tests.gateway.jwts import b64url, claims, forge, hs256_with, public_jwk, sign, sign_exact
+from tests.gateway.jwts import (
+    b64url,
+    claims,
+    forge,
+    hs256_with,
+    live_revocations,
+    public_jwk,
+    sign,
+    sign_exact,
+)
 
 KEY = Ed25519PrivateKey.generate()
 KID = "test-key-1"
@@ -77,7 +86,13 @@ def clock() -> Clock:
 @pytest.fixture
 def verifier(auth: FakeAuth, clock: Clock) -> TokenVerifier:
     cache = JwksCache(auth, max_age=60, min_refetch=10, clock=clock)
-    return TokenVerifier(cache, issuer="streammesh-auth", audience="streammesh", leeway=LEEWAY)
+    return TokenVerifier(
+        cache,
+        issuer="streammesh-auth",
+        audience="streammesh",
+        leeway=LEEWAY,
+        revocations=live_revocations(),
+    )
 
 
 async def _reason(verifier: TokenVerifier, token: str) -> Reason:
@@ -220,6 +235,10 @@ ATTACKS: dict[str, tuple[Callable[[], str], Reason]] = {
         Reason.BAD_CLAIM,
     ),
     "sid empty": (lambda: sign(claims(sid=""), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen a string": (lambda: sign(claims(gen="1"), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen a boolean": (lambda: sign(claims(gen=True), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen negative": (lambda: sign(claims(gen=-1), KEY, kid=KID), Reason.BAD_CLAIM),
+    "gen fractional": (lambda: sign(claims(gen=1.5), KEY, kid=KID), Reason.BAD_CLAIM),
     "sub not a string": (lambda: sign(claims(sub=7), KEY, kid=KID), Reason.BAD_CLAIM),
     "expired beyond leeway": (
         lambda: sign(claims(exp=int(time.time()) - LEEWAY - 5, iat=0, nbf=0), KEY, kid=KID),
@@ -370,7 +389,13 @@ async def test_only_ed25519_signing_keys_are_used(auth: FakeAuth, clock: Clock) 
         *_jwks((KID, KEY)),
     ]
     cache = JwksCache(auth, max_age=60, min_refetch=10, clock=clock)
-    verifier = TokenVerifier(cache, issuer="streammesh-auth", audience="streammesh", leeway=0)
+    verifier = TokenVerifier(
+        cache,
+        issuer="streammesh-auth",
+        audience="streammesh",
+        leeway=0,
+        revocations=live_revocations(),
+    )
     await verifier.verify(_valid())
     for kid in ("ec", "enc", "broken"):
         assert await _reason(verifier, sign(claims(), KEY, kid=kid)) == Reason.UNKNOWN_KID

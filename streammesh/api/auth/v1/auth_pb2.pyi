@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,32 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RevocationKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RevocationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RevocationKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVOCATION_KIND_UNSPECIFIED: _RevocationKind.ValueType  # 0
+    REVOCATION_KIND_SESSION: _RevocationKind.ValueType  # 1
+    """Every access token whose `sid` claim is `subject` (logout, refresh-token reuse)."""
+    REVOCATION_KIND_USER_TOKENS: _RevocationKind.ValueType  # 2
+    """Every access token whose `sub` claim is `subject` and whose `gen` claim (absent = 0) is
+    below `generation` (disable, revoked sessions, role change, MFA reset).
+    """
+
+class RevocationKind(_RevocationKind, metaclass=_RevocationKindEnumTypeWrapper):
+    """RevocationKind says which access tokens a revocation refuses."""
+
+REVOCATION_KIND_UNSPECIFIED: RevocationKind.ValueType  # 0
+REVOCATION_KIND_SESSION: RevocationKind.ValueType  # 1
+"""Every access token whose `sid` claim is `subject` (logout, refresh-token reuse)."""
+REVOCATION_KIND_USER_TOKENS: RevocationKind.ValueType  # 2
+"""Every access token whose `sub` claim is `subject` and whose `gen` claim (absent = 0) is
+below `generation` (disable, revoked sessions, role change, MFA reset).
+"""
+Global___RevocationKind: _TypeAlias = RevocationKind  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
@@ -1116,3 +1143,101 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchRevocationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """The `cursor` of the last response received; empty for a full snapshot."""
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRevocationsRequest: _TypeAlias = WatchRevocationsRequest  # noqa: Y015
+
+@_typing.final
+class WatchRevocationsResponse(_message.Message):
+    """WatchRevocationsResponse carries revocations in commit order; one with none is a heartbeat:
+    every revocation committed before it was sent has been delivered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOCATIONS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bool
+    """True on the first response when the cursor was empty or could not be resumed (its entry
+    was trimmed, or it names another feed): `revocations` then holds every revocation whose
+    tokens may still be valid, and nothing before it matters.
+    """
+    cursor: _builtins.str
+    """Resume from here after a reconnect."""
+    @_builtins.property
+    def revocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Revocation]: ...
+    @_builtins.property
+    def heartbeat(self) -> _duration_pb2.Duration:
+        """How often the server sends a heartbeat when nothing happens."""
+
+    def __init__(
+        self,
+        *,
+        revocations: _abc.Iterable[Global___Revocation] | None = ...,
+        snapshot: _builtins.bool = ...,
+        cursor: _builtins.str = ...,
+        heartbeat: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "heartbeat", b"heartbeat", "revocations", b"revocations", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRevocationsResponse: _TypeAlias = WatchRevocationsResponse  # noqa: Y015
+
+@_typing.final
+class Revocation(_message.Message):
+    """Revocation refuses some access tokens until `expire_time`, when every token it concerns has
+    expired anyway.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___RevocationKind.ValueType
+    subject: _builtins.str
+    generation: _builtins.int
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___RevocationKind.ValueType = ...,
+        subject: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "generation", b"generation", "kind", b"kind", "revoke_time", b"revoke_time", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Revocation: _TypeAlias = Revocation  # noqa: Y015

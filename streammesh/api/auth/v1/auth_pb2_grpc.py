@@ -82,6 +82,11 @@ class AuthServiceStub:
                 request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.RecordAuditEventRequest.SerializeToString,
                 response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.RecordAuditEventResponse.FromString,
                 _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/streammesh.auth.v1.AuthService/WatchRevocations',
+                request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.WatchRevocationsResponse.FromString,
+                _registered_method=True)
         self.ListUsers = channel.unary_unary(
                 '/streammesh.auth.v1.AuthService/ListUsers',
                 request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
@@ -209,6 +214,16 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRevocations(self, request, context):
+        """WatchRevocations streams the revocations of access tokens that have not expired yet: first
+        what the cursor has not seen (or, when the cursor cannot be resumed, everything still
+        relevant, flagged `snapshot`), then each new one as it is committed, with a heartbeat every
+        `heartbeat` while there is nothing new. Only the gateway's identity may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListUsers(self, request, context):
         """The administration calls below are reached through the gateway's AdminService (role admin).
         """
@@ -323,6 +338,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.RecordAuditEvent,
                     request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.RecordAuditEventRequest.FromString,
                     response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.RecordAuditEventResponse.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.WatchRevocationsResponse.SerializeToString,
             ),
             'ListUsers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsers,
@@ -626,6 +646,33 @@ class AuthService:
             '/streammesh.auth.v1.AuthService/RecordAuditEvent',
             streammesh_dot_auth_dot_v1_dot_auth__pb2.RecordAuditEventRequest.SerializeToString,
             streammesh_dot_auth_dot_v1_dot_auth__pb2.RecordAuditEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.auth.v1.AuthService/WatchRevocations',
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.WatchRevocationsRequest.SerializeToString,
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.WatchRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

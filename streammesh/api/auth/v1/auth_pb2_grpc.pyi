@@ -56,6 +56,12 @@ class AuthServiceStub:
     """GetJwks returns the public keys that verify access tokens (current and not yet retired)."""
     RecordAuditEvent: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RecordAuditEventRequest, _auth_pb2.RecordAuditEventResponse]
     """RecordAuditEvent stores a security event observed at the edge (for example access denied)."""
+    WatchRevocations: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.WatchRevocationsResponse]
+    """WatchRevocations streams the revocations of access tokens that have not expired yet: first
+    what the cursor has not seen (or, when the cursor cannot be resumed, everything still
+    relevant, flagged `snapshot`), then each new one as it is committed, with a heartbeat every
+    `heartbeat` while there is nothing new. Only the gateway's identity may call it.
+    """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
     """The administration calls below are reached through the gateway's AdminService (role admin)."""
     CreateUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateUserRequest, _auth_pb2.CreateUserResponse]
@@ -97,6 +103,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """GetJwks returns the public keys that verify access tokens (current and not yet retired)."""
     RecordAuditEvent: _aio.UnaryUnaryMultiCallable[_auth_pb2.RecordAuditEventRequest, _auth_pb2.RecordAuditEventResponse]  # type: ignore[assignment]
     """RecordAuditEvent stores a security event observed at the edge (for example access denied)."""
+    WatchRevocations: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchRevocationsRequest, _auth_pb2.WatchRevocationsResponse]  # type: ignore[assignment]
+    """WatchRevocations streams the revocations of access tokens that have not expired yet: first
+    what the cursor has not seen (or, when the cursor cannot be resumed, everything still
+    relevant, flagged `snapshot`), then each new one as it is committed, with a heartbeat every
+    `heartbeat` while there is nothing new. Only the gateway's identity may call it.
+    """
     ListUsers: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]  # type: ignore[assignment]
     """The administration calls below are reached through the gateway's AdminService (role admin)."""
     CreateUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateUserRequest, _auth_pb2.CreateUserResponse]  # type: ignore[assignment]
@@ -189,6 +201,18 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RecordAuditEventResponse, _abc.Awaitable[_auth_pb2.RecordAuditEventResponse]]:
         """RecordAuditEvent stores a security event observed at the edge (for example access denied)."""
+
+    @_abc_1.abstractmethod
+    def WatchRevocations(
+        self,
+        request: _auth_pb2.WatchRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_auth_pb2.WatchRevocationsResponse], _abc.AsyncIterator[_auth_pb2.WatchRevocationsResponse]]:
+        """WatchRevocations streams the revocations of access tokens that have not expired yet: first
+        what the cursor has not seen (or, when the cursor cannot be resumed, everything still
+        relevant, flagged `snapshot`), then each new one as it is committed, with a heartbeat every
+        `heartbeat` while there is nothing new. Only the gateway's identity may call it.
+        """
 
     @_abc_1.abstractmethod
     def ListUsers(

@@ -128,14 +128,16 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetUserDisabled(self, request, context):
-        """SetUserDisabled disables (and logs out) or re-enables an account.
+        """SetUserDisabled disables (and logs out) or re-enables an account. Like SetUserRoles, ResetMfa
+        and RevokeSessions, disabling ends the account's access tokens at every gateway within 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetUserRoles(self, request, context):
-        """SetUserRoles replaces an account's roles.
+        """SetUserRoles replaces an account's roles. Its access tokens stop working; its sessions stay,
+        and the next RefreshSession returns a token with the new roles.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

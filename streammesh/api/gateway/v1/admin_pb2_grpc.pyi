@@ -40,9 +40,13 @@ class AdminServiceStub:
     CreateUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateUserRequest, _admin_pb2.CreateUserResponse]
     """CreateUser creates an account with a password and roles (MFA is enrolled by the user)."""
     SetUserDisabled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetUserDisabledRequest, _admin_pb2.SetUserDisabledResponse]
-    """SetUserDisabled disables (and logs out) or re-enables an account."""
+    """SetUserDisabled disables (and logs out) or re-enables an account. Like SetUserRoles, ResetMfa
+    and RevokeSessions, disabling ends the account's access tokens at every gateway within 2 s.
+    """
     SetUserRoles: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetUserRolesRequest, _admin_pb2.SetUserRolesResponse]
-    """SetUserRoles replaces an account's roles."""
+    """SetUserRoles replaces an account's roles. Its access tokens stop working; its sessions stay,
+    and the next RefreshSession returns a token with the new roles.
+    """
     ResetMfa: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetMfaRequest, _admin_pb2.ResetMfaResponse]
     """ResetMfa removes TOTP and recovery codes so the user enrols again."""
     UnlockUser: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnlockUserRequest, _admin_pb2.UnlockUserResponse]
@@ -80,9 +84,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateUserRequest, _admin_pb2.CreateUserResponse]  # type: ignore[assignment]
     """CreateUser creates an account with a password and roles (MFA is enrolled by the user)."""
     SetUserDisabled: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetUserDisabledRequest, _admin_pb2.SetUserDisabledResponse]  # type: ignore[assignment]
-    """SetUserDisabled disables (and logs out) or re-enables an account."""
+    """SetUserDisabled disables (and logs out) or re-enables an account. Like SetUserRoles, ResetMfa
+    and RevokeSessions, disabling ends the account's access tokens at every gateway within 2 s.
+    """
     SetUserRoles: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetUserRolesRequest, _admin_pb2.SetUserRolesResponse]  # type: ignore[assignment]
-    """SetUserRoles replaces an account's roles."""
+    """SetUserRoles replaces an account's roles. Its access tokens stop working; its sessions stay,
+    and the next RefreshSession returns a token with the new roles.
+    """
     ResetMfa: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetMfaRequest, _admin_pb2.ResetMfaResponse]  # type: ignore[assignment]
     """ResetMfa removes TOTP and recovery codes so the user enrols again."""
     UnlockUser: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnlockUserRequest, _admin_pb2.UnlockUserResponse]  # type: ignore[assignment]
@@ -135,7 +143,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetUserDisabledRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetUserDisabledResponse, _abc.Awaitable[_admin_pb2.SetUserDisabledResponse]]:
-        """SetUserDisabled disables (and logs out) or re-enables an account."""
+        """SetUserDisabled disables (and logs out) or re-enables an account. Like SetUserRoles, ResetMfa
+        and RevokeSessions, disabling ends the account's access tokens at every gateway within 2 s.
+        """
 
     @_abc_1.abstractmethod
     def SetUserRoles(
@@ -143,7 +153,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetUserRolesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetUserRolesResponse, _abc.Awaitable[_admin_pb2.SetUserRolesResponse]]:
-        """SetUserRoles replaces an account's roles."""
+        """SetUserRoles replaces an account's roles. Its access tokens stop working; its sessions stay,
+        and the next RefreshSession returns a token with the new roles.
+        """
 
     @_abc_1.abstractmethod
     def ResetMfa(
