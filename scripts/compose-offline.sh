@@ -20,7 +20,7 @@
 #   ~/.cache/streammesh) and keyed by pyproject.toml's dependencies and that Python version. The
 #   streammesh wheel itself is built fresh each time.
 # - the StreamMesh image $STREAMMESH_COMPOSE_IMAGE (streammesh:offline), built from ../Dockerfile
-#   with PYTHON_IMAGE set to the base image.
+#   with PYTHON_IMAGE set to the base image; the engine's build cache, trimmed to 1.5 GB.
 #
 # Environment: STREAMMESH_COMPOSE_{GATEWAY,AUTH,INGEST,PROCESSOR,STORAGE,POSTGRES,REDIS}_PORT
 # (25051-25055, 25432, 26379; checked free before `up`), COMPOSE_PROJECT_NAME (streammesh),
@@ -205,6 +205,9 @@ build() {
     if [[ -n $old && $old != $(docker image inspect --format '{{.Id}}' "$STREAMMESH_COMPOSE_IMAGE") ]]; then
         docker image rm "$old" >/dev/null 2>&1 || true
     fi
+    # Each build of a changed tree adds layers to the engine's build cache; keep it bounded.
+    docker builder prune --force --keep-storage 1500mb >/dev/null 2>&1 ||
+        say "warning: could not trim the build cache (docker builder prune)"
 }
 
 # --- up / down --------------------------------------------------------------------------------
