@@ -7,6 +7,7 @@ work from any venv location. Nothing here starts or stops a server.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from tests.environment import clean_environ
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
+OVERRIDE_FILE = ROOT / "compose" / "host-network.override.yml"
 SERVICES = ("gateway", "auth", "ingest", "processor", "storage")
 SCRIPTS = sorted([*ROOT.glob("scripts/*.sh"), ROOT / ".ci" / "run"])
 
@@ -133,6 +135,68 @@ def test_compose_ingest_and_processor_agree_on_streams() -> None:
     processor = services["processor"]["environment"]
     for field in ("REDIS_URL", "STREAM_PREFIX", "PARTITIONS"):
         assert ingest[f"STREAMMESH_INGEST_{field}"] == processor[f"STREAMMESH_PROCESSOR_{field}"]
+
+
+def offline_config(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    """The effective configuration of the offline run (both files), from Compose itself.
+
+    `docker compose config` needs no engine; DOCKER_HOST points nowhere to prove it. The
+    override uses Compose's `!reset` tag, which only Compose understands, so the schema check
+    runs on this merged result.
+    """
+    result = run(
+        tool("docker-compose"),
+        *("-f", COMPOSE_FILE, "-f", OVERRIDE_FILE, "config", "--format", "json"),
+        env={
+            "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock",
+            "STREAMMESH_COMPOSE_BASE_IMAGE": "base",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / "effective.json"
+    merged.write_text(result.stdout)
+    config: dict[str, Any] = json.loads(result.stdout)
+    return config, merged
+
+
+def test_compose_offline_config_follows_the_compose_spec(tmp_path: Path) -> None:
+    _, merged = offline_config(tmp_path)
+    result = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", merged)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_offline_run_stays_on_loopback(tmp_path: Path) -> None:
+    services = offline_config(tmp_path)[0]["services"]
+    for name, spec in services.items():
+        assert spec["network_mode"] == "host", name
+        assert not spec.get("ports"), f"{name} publishes ports on the host network"
+    for name in SERVICES:
+        environment = services[name]["environment"]
+        assert environment[f"STREAMMESH_{name.upper()}_HOST"] == "127.0.0.1", name
+        for key, value in environment.items():
+            for host in re.findall(r"(?:://(?:[^@/]*@)?|^)([a-z0-9.-]+):\d+", str(value)):
+                assert host == "127.0.0.1", f"{name}: {key}={value}"
+
+
+def test_compose_offline_run_works_on_engines_before_25(tmp_path: Path) -> None:
+    """healthcheck.start_interval needs engine 25; Debian's docker.io is 20.10."""
+    services = offline_config(tmp_path)[0]["services"]
+    base = load_compose()["services"]
+    for name, spec in services.items():
+        assert "start_interval" not in spec.get("healthcheck", {}), name
+        if "healthcheck" in base[name]:
+            assert spec["healthcheck"]["test"], name
+
+
+def test_compose_offline_ports_agree_with_the_script(tmp_path: Path) -> None:
+    script = (ROOT / "scripts" / "compose-offline.sh").read_text()
+    declared = dict(re.findall(r"\[([A-Z]+)\]=(\d+)", script))
+    override = OVERRIDE_FILE.read_text()
+    used = dict(re.findall(r"STREAMMESH_COMPOSE_([A-Z]+)_PORT:-(\d+)", override))
+    assert used == declared
+    assert set(declared) == {*(name.upper() for name in SERVICES), "POSTGRES", "REDIS"}
+    # Clear of the machine's own PostgreSQL and Redis and of a `streammesh up` stack.
+    assert not {int(port) for port in declared.values()} & {5432, 6379, *range(50051, 50056)}
 
 
 # --- protos ------------------------------------------------------------------------------------
