@@ -37,6 +37,7 @@ from streammesh.streams import StreamLayout
 from streammesh.wire import varint_field
 
 __all__ = [
+    "NUMBER_WIDTH",
     "BatchTemplate",
     "BenchError",
     "ClosedLoopResult",
@@ -50,7 +51,6 @@ __all__ = [
     "machine_facts",
     "make_events",
     "open_loop",
-    "percentiles",
     "publish_call",
     "request_templates",
     "sample_cpu",
@@ -145,15 +145,6 @@ def publish_call(channel: grpc.aio.Channel) -> PublishCall:
         PUBLISH_METHOD, response_deserializer=gateway_pb2.PublishResponse.FromString
     )
     return call
-
-
-def percentiles(values: Sequence[float], *qs: float) -> list[float]:
-    """Nearest-rank percentiles (q in 0..100) of `values`; NaN when there are none."""
-    ordered = sorted(values)
-    if not ordered:
-        return [math.nan for _ in qs]
-    # round(): 99.9 / 100 * 1000 is 999.0000000000001 in binary floating point.
-    return [ordered[max(0, math.ceil(round(q * len(ordered) / 100, 9)) - 1)] for q in qs]
 
 
 async def together(*coroutines: Coroutine[Any, Any, T]) -> list[T]:
