@@ -358,7 +358,6 @@ async def _raw_phase(s: _Session, events: int) -> dict[str, Any]:
         layout=layout,
         batches=made,
     )
-    del made
     try:
         before = await load.sample_cpu(s.pids, s.redis)
         raw = await raw_path.run(timeout=120 + batches * size / 2000)

@@ -16,8 +16,9 @@ Redis is spoken directly: commands packed by hiredis, replies parsed by hiredis.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -105,19 +106,18 @@ class RedisWire:
 
 def raw_batches(
     templates: Sequence[Sequence[event_pb2.Event]], batches: int, *, producer: str
-) -> list[list[RawEvent]]:
+) -> Iterator[list[RawEvent]]:
     """`batches` publish batches made from the templates round-robin (as the mesh's load is),
     batch n's number stamped into each id's slot; event and ingest time = now, as ingest sets
-    them for events that carry none."""
+    them for events that carry none. Made one by one: only the packed commands are kept."""
     now_ns = time.time_ns()
     micros, nanos = (now_ns // 1000) - PG_EPOCH_SECONDS * 1_000_000, now_ns % 1000
     slot = "@" * NUMBER_WIDTH
     split = [[e.id.split(slot) for e in events] for events in templates]
-    out = []
     for n in range(batches):
         number = f"{n:0{NUMBER_WIDTH}d}"
         events = templates[n % len(templates)]
-        out.append(
+        yield (
             [
                 RawEvent(
                     id=number.join(parts),
@@ -134,7 +134,6 @@ def raw_batches(
                 for e, parts in zip(events, split[n % len(templates)], strict=True)
             ]
         )
-    return out
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class RawPath:
         database_url: str,
         schema: str,
         layout: StreamLayout,
-        batches: Sequence[Sequence[RawEvent]],
+        batches: Iterable[Sequence[RawEvent]],
     ) -> RawPath:
         started = time.perf_counter()
         raw = cls(layout)
@@ -221,12 +220,13 @@ class RawPath:
         raw._prepare_seconds = time.perf_counter() - started
         return raw
 
-    def _encode(self, batches: Sequence[Sequence[RawEvent]]) -> list[int]:
+    def _encode(self, batches: Iterable[Sequence[RawEvent]]) -> list[int]:
         """Pack every XADD, PIPELINE_BATCHES batches per write; events expected per partition."""
         layout, expected = self._layout, [0] * self._layout.partitions
-        for first in range(0, len(batches), PIPELINE_BATCHES):
+        source = iter(batches)
+        while chunk := list(itertools.islice(source, PIPELINE_BATCHES)):
             commands, events = [], 0
-            for batch in batches[first : first + PIPELINE_BATCHES]:
+            for batch in chunk:
                 parts: dict[int, list[RawEvent]] = {}
                 for event in batch:
                     parts.setdefault(layout.partition_for(event.key), []).append(event)

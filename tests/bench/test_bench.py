@@ -204,7 +204,7 @@ async def test_raw_path_stores_exactly_the_events_it_generated(
                     keys=37, offset=t * 250)
         for t in range(3)
     ]  # fmt: skip
-    batches = raw_batches(templates, 13, producer="prod-1")
+    batches = list(raw_batches(templates, 13, producer="prod-1"))
     layout = StreamLayout(f"{redis_prefix}raw", 4)
     raw = await RawPath.prepare(redis_url=redis_url, database_url=database_url, schema=pg_schema,
                                 layout=layout, batches=batches)  # fmt: skip
