@@ -383,6 +383,11 @@ async def _raw_phase(s: _Session, events: int) -> dict[str, Any]:
             "table; integer timestamps; XACK + XTRIM; every command packed before the window"
         ),
         "cpu_us_per_event": load.cpu_per_event(before, after, raw.stored),
+        "own_backends_cpu_us_per_event": (
+            None
+            if raw.backend_cpu_seconds is None
+            else raw.backend_cpu_seconds * 1e6 / max(raw.stored, 1)
+        ),
     }
 
 
@@ -549,6 +554,11 @@ def render(report: dict[str, Any]) -> list[str]:
                 f"{met['closed_machine_cpu_us_max']}"
             )
         lines.append(f"    {labels.get(row, row):<13}{cells}{target}")
+    lines.append(
+        f"  raw path's own Postgres backends: "
+        f"{_num(raw['own_backends_cpu_us_per_event'], '.1f')} us/event (the postgres row counts "
+        "every process of the server, other tenants' too)"
+    )
     lines.append(
         "(bench process: the load generator in the open and closed loops, the whole bare "
         "pipeline on the raw path;\n postgres: every postgres process of the server; "

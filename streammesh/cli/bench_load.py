@@ -51,6 +51,7 @@ __all__ = [
     "machine_facts",
     "make_events",
     "open_loop",
+    "proc_cpu_seconds",
     "publish_call",
     "request_templates",
     "sample_cpu",
@@ -424,7 +425,7 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
+def proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process, in seconds."""
     fields = _stat_fields(pid)
     return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
@@ -481,7 +482,7 @@ async def sample_cpu(pids: Mapping[str, int | None], client: aioredis.Redis) -> 
     except Exception:  # INFO may be renamed or refused on a managed Redis: report it unknown
         redis_seconds = None
     return CpuSample(
-        services={name: (_proc_cpu_seconds(pid) if pid else None) for name, pid in pids.items()},
+        services={name: (proc_cpu_seconds(pid) if pid else None) for name, pid in pids.items()},
         loadgen=usage.ru_utime + usage.ru_stime,
         redis=redis_seconds,
         postgres=_postgres_cpu(),

@@ -33,7 +33,13 @@ from services.storage.sql import (
 )
 from streammesh.api.common.v1 import event_pb2
 from streammesh.cli.bench_columns import RawEvent, decode_group, encode_entry, entry_events
-from streammesh.cli.bench_load import NUMBER_WIDTH, BenchError, connect_postgres, together
+from streammesh.cli.bench_load import (
+    NUMBER_WIDTH,
+    BenchError,
+    connect_postgres,
+    proc_cpu_seconds,
+    together,
+)
 from streammesh.mesh.postgres import checked_identifier
 from streammesh.streams import StreamLayout
 
@@ -151,6 +157,10 @@ class RawResult:
     """From the first XADD until every partition's last event was stored and acknowledged."""
     prepare_seconds: float
     """Encoding and packing every command, before the window (not measured)."""
+    backend_cpu_seconds: float | None
+    """CPU of the raw path's own Postgres backends during the window (None when /proc does not
+    show them, e.g. a server on another host): unlike the bench's `postgres` figure, which counts
+    every process of the server, this leaves other tenants out (and the WAL writer too)."""
 
     @property
     def stored_eps(self) -> float:
@@ -166,6 +176,7 @@ class _Partition:
     expected: int
     redis: RedisWire
     postgres: Any
+    backend_pid: int = 0
     stored: int = 0
     inserts: int = 0
     read: bytes = field(default=b"", repr=False)
@@ -213,6 +224,7 @@ class RawPath:
                 )
                 part.read = _pack(("XREADGROUP", "GROUP", layout.group, f"raw-{index}", "COUNT",
                                    READ_COUNT, "BLOCK", 100, "STREAMS", stream, ">"))  # fmt: skip
+                part.backend_pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
                 raw._partitions.append(part)
         except BaseException:
             await raw.aclose()
@@ -247,6 +259,7 @@ class RawPath:
         loop = asyncio.get_running_loop()
         progress = asyncio.Event()
         stored = [0]
+        backends_before = self._backend_cpu()
         started = loop.time()
 
         async def produce() -> None:
@@ -291,6 +304,7 @@ class RawPath:
                 f"raw path: only {stored[0]} of {self._events} events stored after {timeout:.0f}s"
             ) from error
         seconds = loop.time() - started
+        backends_after = self._backend_cpu()
         counted = int(
             await self._partitions[0].postgres.fetchval("SELECT count(DISTINCT id) FROM events")
         )
@@ -303,7 +317,17 @@ class RawPath:
             counted=counted,
             seconds=seconds,
             prepare_seconds=self._prepare_seconds,
+            backend_cpu_seconds=(
+                None
+                if backends_before is None or backends_after is None
+                else backends_after - backends_before
+            ),
         )
+
+    def _backend_cpu(self) -> float | None:
+        """CPU seconds so far of the consumers' Postgres backends, when this host runs them."""
+        seconds = [proc_cpu_seconds(part.backend_pid) for part in self._partitions]
+        return None if None in seconds else sum(s for s in seconds if s is not None)
 
     async def aclose(self) -> None:
         for part in self._partitions:

@@ -56,6 +56,7 @@ FIGURES = [
     "raw.inserts",
     "raw.events_per_insert",
     "raw.prepare_s",
+    "raw.own_backends_cpu_us_per_event",
     "mesh_over_raw",
     "mesh_over_raw_cpu",
     "loadgen.stamp_us_per_event",
@@ -217,6 +218,7 @@ async def test_raw_path_stores_exactly_the_events_it_generated(
     assert result.events == result.stored == result.counted == 13 * 250
     assert result.entries == sum(len({layout.partition_for(e.key) for e in b}) for b in batches)
     assert result.inserts < result.entries  # entries were grouped
+    assert result.backend_cpu_seconds is not None and result.backend_cpu_seconds > 0
     url = make_url(database_url)
     conn = await asyncpg.connect(
         host=url.host, port=url.port, user=url.username, database=url.database,
