@@ -55,7 +55,7 @@ docs: install ## Regenerate docs/configuration.md from the settings classes
 up: install backends ## Start the five services as local processes
 	$(BIN)/streammesh up
 
-bench: install backends ## Benchmark a stack of its own (open loop, closed loop, raw baseline; ~5 min)
+bench: install backends ## Benchmark a stack of its own (open loop, closed loop, raw baseline; ~8 min)
 	$(BIN)/streammesh bench
 
 demo: install backends ## Start the stack and run the end-to-end demo

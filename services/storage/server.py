@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
+from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
-from services.storage.times import use_integer_timestamps
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import (
     MeshServer,
@@ -115,7 +115,7 @@ async def serve(settings: StorageSettings) -> None:
             await migrate(
                 engine,
                 schema=settings.db_schema,
-                migrations=load_migrations("services.storage.migrations"),
+                migrations=load_migrations(MIGRATIONS_PACKAGE),
             )
             pool = await create_event_pool(
                 settings.database_url,

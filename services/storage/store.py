@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
+from services.storage.sql import INSERT_BATCH
 from services.storage.times import TimeBound
 from streammesh.mesh.errors import Unavailable
 
 __all__ = [
-    "INSERT_BATCH",
     "BatchColumns",
     "EventQuery",
     "EventStore",
@@ -114,24 +114,6 @@ class EventQuery:
     start_time: TimeBound | None = None
     end_time: TimeBound | None = None
 
-
-# One statement and one round trip per batch, with no BEGIN/COMMIT around it (a single statement
-# is its own transaction): identity values are handed out in batch order (ORDER BY ordinality),
-# so seq keeps per-key publish order, and re-deliveries are skipped. attributes travel as text[]
-# and are cast per row: asyncpg has no jsonb[] encoder for Python values. Timestamps are bound
-# as microsecond counts, so the pool needs `use_integer_timestamps`.
-INSERT_BATCH = """
-INSERT INTO events (id, key, type, event_time, event_time_nanos, payload, content_type,
-                    attributes, partition, ingest_time, producer)
-SELECT b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload, b.content_type,
-       b.attributes::jsonb, $11, b.ingest_time, b.producer
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::int2[], $6::bytea[],
-            $7::text[], $8::text[], $9::timestamptz[], $10::text[])
-     WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer, ordinality)
-ORDER BY b.ordinality
-ON CONFLICT (id) DO NOTHING
-"""
 
 _COLUMNS = (
     "seq, id, key, type, event_time, event_time_nanos, payload, content_type, attributes::text,"

@@ -1,12 +1,13 @@
 """`streammesh bench`: how fast the whole mesh is, on its own stack, against a bare baseline.
 
-1. open loop: batches sent on a fixed schedule (--rate) over the gateway's Publish stream;
+1. open loop, at each rate of --rate: batches sent on a fixed schedule over the gateway's Publish stream;
    publish-ack latency from each batch's INTENDED send time (no coordinated omission), and
    ack-to-stored latency from the client's ack time to the stored event's store_time;
 2. closed loop: --streams Publish streams, each with --window batches in flight, as fast as acks
    come, then until storage caught up;
-3. raw path: the same number of events through XADD -> XREADGROUP -> the same INSERT, by one bare
-   asyncio task (bench_raw), for the ratio mesh/raw;
+3. raw path: the same durable work done the best bare way we know (bench_raw: column-wise
+   entries, a consumer per partition, grouped INSERTs into storage's own table), every command
+   packed before its window, for the ratio mesh/raw;
 and CPU microseconds per event for each service, Redis, PostgreSQL and the load generator.
 
 The bench starts its own stack (state `<state>/bench`, free loopback ports, schemas `bench_*`,
@@ -43,7 +44,8 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.cli import bench_load as load
 from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.bench_load import connect_postgres
-from streammesh.cli.bench_raw import partition_templates, run_raw
+from streammesh.cli.bench_raw import MAX_GROUP_EVENTS, RawPath, raw_batches
+from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import (
     START_ORDER,
@@ -63,11 +65,17 @@ __all__ = ["TARGETS", "add_bench_command", "bench_stack_config", "cmd_bench"]
 
 TARGETS = {
     "closed_stored_eps_min": 30_000,
-    "open_publish_ack_p99_ms_max": 25,
-    "open_ack_to_stored_p99_ms_max": 250,
-    "mesh_over_raw_min": 0.5,
+    "closed_machine_cpu_us_max": 35,
+    "open_publish_ack_p99_ms_max": 10,
+    "open_ack_to_stored_p99_ms_max": 50,
+    "mesh_over_raw_min": 0.6,
 }
-"""What the issue asks for; printed beside the figures, never turned into an exit code."""
+"""What issue 8 asks for (the open-loop ones at TARGET_RATE offered); printed beside the figures,
+never turned into an exit code."""
+TARGET_RATE = 5000.0
+"""The offered rate the open-loop latency targets are stated for."""
+RAW_MAX_EVENTS = 2_000_000
+"""The raw path's default size cap: it packs every command before its window (~300 B/event)."""
 MEASURED = ("gateway", "ingest", "processor", "storage")
 BENCH_ROLES = ["producer", "analyst"]
 """Publish, and CountEvents/QueryEvents to check what was stored."""
@@ -137,8 +145,7 @@ def _exclusive(path: Path) -> Iterator[bool]:
 
 
 def _ms(values: list[float]) -> dict[str, float]:
-    p50, p99, p999, top = load.percentiles(values, 50, 99, 99.9, 100)
-    return {"p50": p50, "p99": p99, "p99_9": p999, "max": top}
+    return latency_summary(values)
 
 
 async def _login(client: GatewayClient, bench: StackConfig, run: str) -> str:
@@ -226,11 +233,12 @@ class _Session:
     def layout(self) -> StreamLayout:
         return StreamLayout(self.bench.stream_prefix, self.bench.partitions)
 
-    def events(self, phase: str, size: int) -> list[list[event_pb2.Event]]:
-        """TEMPLATES batches of `size` events for `phase`, type `bench.<run>.<phase>`."""
+    def events(self, phase: str, tag: str, size: int) -> list[list[event_pb2.Event]]:
+        """TEMPLATES batches of `size` events for `phase`, type `bench.<run>.<phase>`, ids
+        `<run><tag>-<batch>-<index>`."""
         return [
             load.make_events(
-                id_prefix=f"{self.run}{phase[0]}",
+                id_prefix=f"{self.run}{tag}",
                 event_type=f"bench.{self.run}.{phase}",
                 count=size,
                 payload_bytes=self.args.payload_bytes,
@@ -256,31 +264,33 @@ class _Session:
 async def _warm_up(s: _Session) -> None:
     """The open loop's load for --warmup seconds, not measured: pools grow, caches fill, the
     processor takes its partitions, so the figures describe the steady state, not start-up."""
-    print(f"warm-up: {s.args.warmup:g}s at the open loop's rate", flush=True)
-    templates = load.request_templates(s.events("warmup", s.args.batch_size))
+    rate = s.args.rate[0]
+    print(f"warm-up: {s.args.warmup:g}s at {rate:,.0f} events/s", flush=True)
+    templates = load.request_templates(s.events("warmup", "w", s.args.batch_size))
     await load.open_loop(
-        s.publish, s.metadata, templates, rate=s.args.rate, duration=s.args.warmup,
+        s.publish, s.metadata, templates, rate=rate, duration=s.args.warmup,
         drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
     await load.wait_drained(s.redis, s.layout, timeout=CATCH_UP_TIMEOUT)
 
 
-async def _open_phase(s: _Session) -> dict[str, Any]:
+async def _open_phase(s: _Session, rate: float, index: int) -> dict[str, Any]:
     args = s.args
-    print(f"open loop: {args.rate:,.0f} events/s for {args.duration:g}s, batches of "
+    phase, tag = f"open{index}", f"o{index}"
+    print(f"open loop: {rate:,.0f} events/s for {args.duration:g}s, batches of "
           f"{args.batch_size}", flush=True)  # fmt: skip
-    templates = load.request_templates(s.events("open", args.batch_size))
+    templates = load.request_templates(s.events(phase, tag, args.batch_size))
     before = await load.sample_cpu(s.pids, s.redis)
     ol = await load.open_loop(
-        s.publish, s.metadata, templates, rate=args.rate, duration=args.duration,
+        s.publish, s.metadata, templates, rate=rate, duration=args.duration,
         drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
-    drained, stored, after = await s.caught_up("open")
+    drained, stored, after = await s.caught_up(phase)
     print(f"  {ol.acked:,} acknowledged, {stored:,} stored; reading store times back", flush=True)
     started = time.perf_counter()
-    back = await _ack_to_stored(s.client, ol, f"bench.{s.run}.open", f"{s.run}o")
+    back = await _ack_to_stored(s.client, ol, f"bench.{s.run}.{phase}", f"{s.run}{tag}")
     return {
-        "offered_eps": args.rate,
+        "offered_eps": rate,
         "events": ol.events,
         "batches": ol.batches,
         "acked": ol.acked,
@@ -296,8 +306,6 @@ async def _open_phase(s: _Session) -> dict[str, Any]:
         "caught_up_after_last_ack_s": None if drained is None else drained - ol.last_ack,
         "dead_letters": await s.dead_letters(),
         "ack_to_stored_ms": _ms(back.latencies_ms),
-        # store_time is when the storing transaction began: it can precede the ack's arrival.
-        "ack_to_stored_negative": sum(1 for v in back.latencies_ms if v < 0),
         "query_back_s": time.perf_counter() - started,
         "cpu_us_per_event": load.cpu_per_event(before, after, ol.acked),
         "timeline": _timeline(ol, back),
@@ -308,7 +316,7 @@ async def _closed_phase(s: _Session) -> dict[str, Any]:
     args = s.args
     print(f"closed loop: {args.streams} streams x {args.window} batches of "
           f"{args.closed_batch_size} in flight, {args.closed_duration:g}s", flush=True)  # fmt: skip
-    templates = load.request_templates(s.events("closed", args.closed_batch_size))
+    templates = load.request_templates(s.events("closed", "c", args.closed_batch_size))
     before = await load.sample_cpu(s.pids, s.redis)
     cl = await load.closed_loop(
         s.publish, s.metadata, templates, streams=args.streams, window=args.window,
@@ -340,31 +348,46 @@ async def _closed_phase(s: _Session) -> dict[str, Any]:
 async def _raw_phase(s: _Session, events: int) -> dict[str, Any]:
     size = s.args.closed_batch_size
     batches = math.ceil(max(events, size) / size)
-    print(f"raw path: {batches * size:,} events, XADD -> XREADGROUP -> INSERT", flush=True)
     layout = StreamLayout(f"{s.bench.stream_prefix}:raw", s.bench.partitions)
-    templates = partition_templates(s.events("raw", size), layout, producer=str(uuid.uuid4()))
-    before = await load.sample_cpu(s.pids, s.redis)
-    raw = await run_raw(
+    print(f"raw path: {batches * size:,} events, packing every command first", flush=True)
+    made = raw_batches(s.events("raw", "r", size), batches, producer=str(uuid.uuid4()))
+    raw_path = await RawPath.prepare(
         redis_url=s.bench.redis_url,
         database_url=s.bench.database_url,
         schema=f"{s.bench.db_schema_prefix}raw",
         layout=layout,
-        templates=templates,
-        batches=batches,
-        timeout=120 + batches * size / 2000,
+        batches=made,
     )
-    after = await load.sample_cpu(s.pids, s.redis)
+    try:
+        before = await load.sample_cpu(s.pids, s.redis)
+        raw = await raw_path.run(timeout=120 + batches * size / 2000)
+        after = await load.sample_cpu(s.pids, s.redis)
+    finally:
+        await raw_path.aclose()
     return {
         "events": raw.events,
         "batches": raw.batches,
         "entries": raw.entries,
+        "inserts": raw.inserts,
+        "events_per_insert": raw.stored / max(raw.inserts, 1),
         "batch_size": size,
         "stored": raw.stored,
         "counted": raw.counted,
         "seconds": raw.seconds,
+        "prepare_s": raw.prepare_seconds,
         "stored_eps": raw.stored_eps,
-        "insert": "storage's unnest INSERT ... ON CONFLICT (id) DO NOTHING, storage's table",
+        "method": (
+            "one XADD per (batch, partition), column-wise entry; one consumer task and "
+            "connection per partition; consecutive entries grouped up to "
+            f"{MAX_GROUP_EVENTS} events per INSERT; storage's INSERT_BATCH into storage's "
+            "table; integer timestamps; XACK + XTRIM; every command packed before the window"
+        ),
         "cpu_us_per_event": load.cpu_per_event(before, after, raw.stored),
+        "own_backends_cpu_us_per_event": (
+            None
+            if raw.backend_cpu_seconds is None
+            else raw.backend_cpu_seconds * 1e6 / max(raw.stored, 1)
+        ),
     }
 
 
@@ -396,18 +419,22 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
         )
         if args.warmup > 0:
             await _warm_up(session)
-        opened = await _open_phase(session)
+        opened = [await _open_phase(session, rate, n) for n, rate in enumerate(args.rate)]
         closed = await _closed_phase(session)
-        raw = await _raw_phase(session, args.raw_events or closed["acked"])
+        raw = await _raw_phase(session, args.raw_events or min(closed["acked"], RAW_MAX_EVENTS))
         machine["loadavg_at_end"] = list(os.getloadavg())
+    mesh_cpu = closed["cpu_us_per_event"]["machine"]
+    raw_cpu = raw["cpu_us_per_event"]["machine"]
     return {
         "machine": machine,
         "user": user,
-        "open_loop": opened,
+        "open_loops": opened,
         "closed_loop": closed,
         "loadgen": {"stamp_us_per_event": closed.pop("stamp_us_per_event")},
         "raw": raw,
         "mesh_over_raw": closed["stored_eps"] / raw["stored_eps"],
+        # Whole-machine CPU per event, closed loop over raw path: what the mesh costs over it.
+        "mesh_over_raw_cpu": None if not mesh_cpu or not raw_cpu else mesh_cpu / raw_cpu,
     }
 
 
@@ -417,13 +444,19 @@ def _num(value: Any, spec: str = ",.0f", unit: str = "") -> str:
     return f"{value:{spec}}{unit}"
 
 
+def _at_target_rate(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The open loop run at TARGET_RATE offered, if any."""
+    return next((ol for ol in report["open_loops"] if ol["offered_eps"] == TARGET_RATE), None)
+
+
 def targets_met(report: dict[str, Any]) -> dict[str, bool | None]:
     """Each target of TARGETS: met, missed, or None when its figure is missing."""
-    ol, cl = report["open_loop"], report["closed_loop"]
+    ol, cl = _at_target_rate(report), report["closed_loop"]
     figures = {
         "closed_stored_eps_min": cl["stored_eps"],
-        "open_publish_ack_p99_ms_max": ol["publish_ack_ms"]["p99"],
-        "open_ack_to_stored_p99_ms_max": ol["ack_to_stored_ms"]["p99"],
+        "closed_machine_cpu_us_max": cl["cpu_us_per_event"]["machine"],
+        "open_publish_ack_p99_ms_max": None if ol is None else ol["publish_ack_ms"]["p99"],
+        "open_ack_to_stored_p99_ms_max": None if ol is None else ol["ack_to_stored_ms"]["p99"],
         "mesh_over_raw_min": report["mesh_over_raw"],
     }
     met: dict[str, bool | None] = {}
@@ -431,49 +464,74 @@ def targets_met(report: dict[str, Any]) -> dict[str, bool | None]:
         if value is None or math.isnan(value):
             met[name] = None
         else:
-            met[name] = value >= TARGETS[name] if name.endswith("_min") else value < TARGETS[name]
+            met[name] = value >= TARGETS[name] if name.endswith("_min") else value <= TARGETS[name]
     return met
 
 
+def _latency_row(label: str, figures: dict[str, float], target: str = "") -> str:
+    cells = "".join(f"{_num(figures[q], '.1f'):>8}" for q in ("p50", "p90", "p99", "p99_9", "max"))
+    return f"  {label:<30}{cells}  {target}".rstrip()
+
+
 def render(report: dict[str, Any]) -> list[str]:
-    """The human summary: figures, targets beside them, CPU per event per process."""
+    """The human summary: rates side by side, latencies, CPU per event per process, targets."""
     m, p = report["machine"], report["parameters"]
-    ol, cl, raw = report["open_loop"], report["closed_loop"], report["raw"]
+    opened, cl, raw = report["open_loops"], report["closed_loop"], report["raw"]
     t = report["targets"]
     met = {
         name: "" if ok is None else "(met)" if ok else "(MISSED)"
         for name, ok in targets_met(report).items()
     }
-    lat = "p50 {p50:.1f}  p99 {p99:.1f}  p99.9 {p99_9:.1f}  max {max:.1f} ms"
     lines = [
         f"streammesh bench {report['run_id']}  {m['cores']} cores ({m['cpu_model']}), "
         f"load {m['loadavg_at_start'][0]:.2f}",
         f"redis {m['redis']['version']} appendonly={m['redis']['appendonly']} "
         f"appendfsync={m['redis']['appendfsync']}; postgres {m['postgres']['server_version']} "
         f"fsync={m['postgres']['fsync']} synchronous_commit={m['postgres']['synchronous_commit']}",
+        f"open loops {p['duration']:g}s each, batches of {p['batch_size']}; closed loop "
+        f"{cl['streams']} streams x {cl['window']} in flight, batches of {cl['batch_size']}, "
+        f"{cl['duration_s']:g}s; {p['partitions']} partitions",
         "",
-        f"open loop    {p['rate']:,.0f} events/s offered for {p['duration']:g}s, batches of "
-        f"{p['batch_size']} ({ol['events']:,} events)",
-        f"  publish-ack    {lat.format(**ol['publish_ack_ms'])}   target p99 < "
-        f"{t['open_publish_ack_p99_ms_max']} ms {met['open_publish_ack_p99_ms_max']}",
-        f"  acknowledged   {_num(ol['acked_eps'])} events/s ({ol['acked']:,} events)",
-        f"  stored         {_num(ol['stored_eps'])} events/s ({ol['stored_distinct']:,} distinct "
-        f"of {ol['acked']:,} acknowledged; caught up "
-        f"{_num(ol['caught_up_after_last_ack_s'], '.2f', 's')} after the last ack)",
-        f"  ack-to-stored  {lat.format(**ol['ack_to_stored_ms'])}   target p99 < "
-        f"{t['open_ack_to_stored_p99_ms_max']} ms {met['open_ack_to_stored_p99_ms_max']}",
-        f"closed loop  {cl['streams']} streams x {cl['window']} in flight, batches of "
-        f"{cl['batch_size']}, {cl['duration_s']:g}s",
-        f"  acknowledged   {_num(cl['acked_eps'])} events/s ({cl['acked']:,} events)",
-        f"  stored         {_num(cl['stored_eps'])} events/s end to end ({cl['stored']:,} stored, "
-        f"caught up {_num(cl['caught_up_after_last_ack_s'], '.2f', 's')} after the last ack)   "
-        f"target >= {t['closed_stored_eps_min']:,} {met['closed_stored_eps_min']}",
-        f"raw path     1 asyncio task, {raw['events']:,} events in {raw['entries']:,} entries",
-        f"  stored         {_num(raw['stored_eps'])} events/s end to end",
-        f"mesh/raw     {report['mesh_over_raw']:.2f}   target >= {t['mesh_over_raw_min']} "
-        f"{met['mesh_over_raw_min']}",
+        f"  {'events/s':<22}{'offered':>9}{'acknowledged':>14}{'stored':>10}{'events':>12}"
+        "  caught up after the last ack",
+    ]
+    for ol in opened:
+        lines.append(
+            f"  {'open ' + _num(ol['offered_eps']):<22}{_num(ol['offered_eps']):>9}"
+            f"{_num(ol['acked_eps']):>14}{_num(ol['stored_eps']):>10}{ol['acked']:>12,}"
+            f"  {_num(ol['caught_up_after_last_ack_s'], '.2f', 's')}"
+        )
+    lines += [
+        f"  {'closed':<22}{'-':>9}{_num(cl['acked_eps']):>14}{_num(cl['stored_eps']):>10}"
+        f"{cl['acked']:>12,}  {_num(cl['caught_up_after_last_ack_s'], '.2f', 's')}",
+        f"  {'raw path (strict)':<22}{'-':>9}{'-':>14}{_num(raw['stored_eps']):>10}"
+        f"{raw['stored']:>12,}  ({raw['entries']:,} entries, {raw['inserts']:,} INSERTs of "
+        f"{raw['events_per_insert']:,.0f} events)",
+        f"  closed stored {_num(cl['stored_eps'])}/s   target >= "
+        f"{t['closed_stored_eps_min']:,} {met['closed_stored_eps_min']}",
+        f"  mesh/raw {report['mesh_over_raw']:.2f} (stored rate, closed loop over raw path)   "
+        f"target >= {t['mesh_over_raw_min']} {met['mesh_over_raw_min']}; whole-machine CPU "
+        f"per event {_num(report['mesh_over_raw_cpu'], '.2f')}x the raw path's",
         "",
-        f"CPU us/event   {'open':>8} {'closed':>8} {'raw':>8}",
+        f"  {'latency ms':<30}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>8}",
+    ]
+    for ol in opened:
+        at_target = ol["offered_eps"] == TARGET_RATE
+        name = f"open {_num(ol['offered_eps'])}/s"
+        lines += [
+            _latency_row(f"{name} publish-ack", ol["publish_ack_ms"],
+                         f"target p99 <= {t['open_publish_ack_p99_ms_max']} "
+                         f"{met['open_publish_ack_p99_ms_max']}" if at_target else ""),
+            _latency_row(f"{name} ack-to-stored", ol["ack_to_stored_ms"],
+                         f"target p99 <= {t['open_ack_to_stored_p99_ms_max']} "
+                         f"{met['open_ack_to_stored_p99_ms_max']}" if at_target else ""),
+        ]  # fmt: skip
+    lines += [
+        _latency_row("closed send-to-ack", cl["send_to_ack_ms"]),
+        "",
+        f"  {'CPU us/event':<15}"
+        + "".join(f"{'open ' + _num(ol['offered_eps']):>13}" for ol in opened)
+        + f"{'closed':>9}{'raw':>9}",
     ]
     rows = [*MEASURED, "loadgen", "redis", "postgres", "total", "other", "machine"]
     labels = {
@@ -482,13 +540,31 @@ def render(report: dict[str, Any]) -> list[str]:
         "other": "unattributed",
         "machine": "whole machine",
     }
+    phases = [*opened, cl, raw]
+    widths = [13] * len(opened) + [9, 9]
     for row in rows:
-        cells = [_num(phase["cpu_us_per_event"].get(row), ".1f") for phase in (ol, cl, raw)]
-        lines.append(f"  {labels.get(row, row):<13}{cells[0]:>8} {cells[1]:>8} {cells[2]:>8}")
+        cells = "".join(
+            f"{_num(phase['cpu_us_per_event'].get(row), '.1f'):>{width}}"
+            for phase, width in zip(phases, widths, strict=True)
+        )
+        target = ""
+        if row == "machine":
+            target = (
+                f"  target closed <= {t['closed_machine_cpu_us_max']} "
+                f"{met['closed_machine_cpu_us_max']}"
+            )
+        lines.append(f"    {labels.get(row, row):<13}{cells}{target}")
     lines.append(
-        "(postgres: every postgres process of the server; unattributed: the machine's busy time "
-        "minus the rows above,\n other tenants and kernel work; id stamping costs the load "
-        f"generator {report['loadgen']['stamp_us_per_event']:.3f} us/event)"
+        f"  raw path's own Postgres backends: "
+        f"{_num(raw['own_backends_cpu_us_per_event'], '.1f')} us/event (the postgres row counts "
+        "every process of the server, other tenants' too)"
+    )
+    lines.append(
+        "(bench process: the load generator in the open and closed loops, the whole bare "
+        "pipeline on the raw path;\n postgres: every postgres process of the server; "
+        "unattributed: the machine's busy time minus the rows above,\n other tenants and kernel "
+        f"work; id stamping costs the load generator {report['loadgen']['stamp_us_per_event']:.3f}"
+        " us/event)"
     )
     return lines
 
@@ -605,14 +681,15 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
 
 def _correctness(report: dict[str, Any]) -> int:
     """1 when an acknowledged event was not stored exactly once (speed never fails the run)."""
-    ol, cl, raw = report["open_loop"], report["closed_loop"], report["raw"]
+    cl, raw = report["closed_loop"], report["raw"]
     problems = []
     late = f" (storage had not caught up after {CATCH_UP_TIMEOUT:.0f}s)"
-    if not ol["acked"] == ol["stored"] == ol["stored_distinct"]:
-        problems.append(
-            f"open loop: {ol['acked']} acknowledged, {ol['stored']} stored"
-            + ("" if ol["caught_up"] else late)
-        )
+    for ol in report["open_loops"]:
+        if not ol["acked"] == ol["stored"] == ol["stored_distinct"]:
+            problems.append(
+                f"open loop at {ol['offered_eps']:,.0f}/s: {ol['acked']} acknowledged, "
+                f"{ol['stored']} stored" + ("" if ol["caught_up"] else late)
+            )
     if cl["acked"] != cl["stored"]:
         problems.append(
             f"closed loop: {cl['acked']} acknowledged, {cl['stored']} stored"
@@ -635,20 +712,33 @@ def _positive(kind: type[int] | type[float], low: float, high: float) -> Any:
     return parse
 
 
+def _rates(text: str) -> list[float]:
+    """`--rate`: one or more offered rates, comma-separated, each 1..1e6 events/s."""
+    parse = _positive(float, 1, 1e6)
+    try:
+        rates = [float(parse(part.strip())) for part in text.split(",")]
+    except ValueError as error:  # float('x') or an ArgumentTypeError, said the same way
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: a rate is given twice")
+    return rates
+
+
 def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = commands.add_parser(
         "bench",
         help="benchmark the mesh on its own stack (open loop, closed loop, raw baseline)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    bench.add_argument("--rate", type=_positive(float, 1, 1e6), default=5000.0,
-                       help="open loop: events/s offered (default 5000)")  # fmt: skip
+    bench.add_argument("--rate", type=_rates, default=[5000.0, 20000.0],
+                       help="open loops: events/s offered, comma-separated, one open loop each "
+                       "in this order (default 5000,20000)")  # fmt: skip
     bench.add_argument("--duration", type=_positive(float, 0.1, 3600), default=60.0,
                        help="open loop: seconds (default 60)")  # fmt: skip
     bench.add_argument("--batch-size", type=_positive(int, 1, 10_000), default=100,
                        help="open loop: events per batch (default 100)")  # fmt: skip
     bench.add_argument("--warmup", type=_positive(float, 0, 600), default=5.0,
-                       help="unmeasured load at --rate before the open loop, seconds (default 5)")  # fmt: skip
+                       help="unmeasured load at the first --rate before the open loops, seconds (default 5)")  # fmt: skip
     bench.add_argument("--closed-duration", type=_positive(float, 0.1, 3600), default=60.0,
                        help="closed loop: seconds (default 60: the sustained rate the target names)")  # fmt: skip
     bench.add_argument("--streams", type=_positive(int, 1, 64), default=4,
@@ -662,7 +752,8 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     bench.add_argument("--keys", type=_positive(int, 1, 1_000_000), default=1024,
                        help="distinct partition keys (default 1024)")  # fmt: skip
     bench.add_argument("--raw-events", type=_positive(int, 0, 100_000_000), default=0,
-                       help="raw path events (default 0: as many as the closed loop acknowledged)")  # fmt: skip
+                       help="raw path events (default 0: as many as the closed loop acknowledged, "
+                       f"at most {RAW_MAX_EVENTS:,}; ~300 bytes of memory each)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
     bench.set_defaults(handler=cmd_bench)

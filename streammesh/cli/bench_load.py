@@ -37,6 +37,7 @@ from streammesh.streams import StreamLayout
 from streammesh.wire import varint_field
 
 __all__ = [
+    "NUMBER_WIDTH",
     "BatchTemplate",
     "BenchError",
     "ClosedLoopResult",
@@ -50,7 +51,7 @@ __all__ = [
     "machine_facts",
     "make_events",
     "open_loop",
-    "percentiles",
+    "proc_cpu_seconds",
     "publish_call",
     "request_templates",
     "sample_cpu",
@@ -145,15 +146,6 @@ def publish_call(channel: grpc.aio.Channel) -> PublishCall:
         PUBLISH_METHOD, response_deserializer=gateway_pb2.PublishResponse.FromString
     )
     return call
-
-
-def percentiles(values: Sequence[float], *qs: float) -> list[float]:
-    """Nearest-rank percentiles (q in 0..100) of `values`; NaN when there are none."""
-    ordered = sorted(values)
-    if not ordered:
-        return [math.nan for _ in qs]
-    # round(): 99.9 / 100 * 1000 is 999.0000000000001 in binary floating point.
-    return [ordered[max(0, math.ceil(round(q * len(ordered) / 100, 9)) - 1)] for q in qs]
 
 
 async def together(*coroutines: Coroutine[Any, Any, T]) -> list[T]:
@@ -433,7 +425,7 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
+def proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process, in seconds."""
     fields = _stat_fields(pid)
     return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
@@ -490,7 +482,7 @@ async def sample_cpu(pids: Mapping[str, int | None], client: aioredis.Redis) -> 
     except Exception:  # INFO may be renamed or refused on a managed Redis: report it unknown
         redis_seconds = None
     return CpuSample(
-        services={name: (_proc_cpu_seconds(pid) if pid else None) for name, pid in pids.items()},
+        services={name: (proc_cpu_seconds(pid) if pid else None) for name, pid in pids.items()},
         loadgen=usage.ru_utime + usage.ru_stime,
         redis=redis_seconds,
         postgres=_postgres_cpu(),

@@ -1,44 +1,61 @@
-"""The raw path of `streammesh bench`: the pipeline's job done by one bare asyncio task, no gRPC.
+"""The raw path of `streammesh bench`: the pipeline's durable work done the best bare way we
+know, as the baseline the mesh is measured against (mesh/raw).
 
-Same queue format as the real path (one Redis Stream entry per batch per partition, holding a
-serialized QueuedBatch; see streammesh/streams.py), same table (the storage migrations run in a
-bench-owned schema) and the same idempotent unnest INSERT ... ON CONFLICT as storage. Redis is
-spoken directly: commands packed by hiredis and written on a plain asyncio connection, replies
-parsed by hiredis.Reader (redis-py costs ~27 us of client CPU per pipelined XADD, this ~3 us).
+One XADD per (publish batch, partition) with a column-wise entry (bench_columns); one consumer
+task with its own Redis and Postgres connections per partition, XREADGROUP, consecutive entries
+grouped up to MAX_GROUP_EVENTS events, one INSERT_BATCH (storage's own statement, from its public
+`services.storage.sql`) per group into a table made by storage's own migrations, timestamps bound
+as integers, then XACK and XTRIM (the processor trims acknowledged entries too) sent with the next
+read. Every command is packed before the measured window (`RawPath.prepare`), so during it the
+bench process does only what a bare pipeline must: write the XADDs, read, decode, bind, insert,
+acknowledge. When the mesh learns a trick, this path must have it too.
+
+Redis is spoken directly: commands packed by hiredis, replies parsed by hiredis.Reader.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import resource
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 
-from services.storage.store import INSERT_BATCH
-from services.storage.times import pg_micros, use_integer_timestamps
+from services.storage.sql import (
+    INSERT_BATCH,
+    PG_EPOCH_SECONDS,
+    event_store_ddl,
+    use_integer_timestamps,
+)
 from streammesh.api.common.v1 import event_pb2
-from streammesh.cli.bench_load import BatchTemplate, BenchError, connect_postgres, together
-from streammesh.mesh.postgres import checked_identifier, load_migrations
-from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+from streammesh.cli.bench_columns import RawEvent, decode_group, encode_entry, entry_events
+from streammesh.cli.bench_load import (
+    NUMBER_WIDTH,
+    BenchError,
+    connect_postgres,
+    proc_cpu_seconds,
+    together,
+)
+from streammesh.mesh.postgres import checked_identifier
+from streammesh.streams import StreamLayout
 
-__all__ = ["RawResult", "partition_templates", "run_raw"]
+__all__ = ["MAX_GROUP_EVENTS", "RawPath", "RawResult", "RedisWire", "raw_batches"]
 
 _pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
 """hiredis.pack_command (its stub types the argument as a 1-tuple)."""
 
-READ_COUNT = 32
-"""Entries per partition per XREADGROUP, as the processor reads."""
+READ_COUNT = 64
+"""Entries per XREADGROUP (about 8,000 events at 1,000-event batches over 8 partitions)."""
+MAX_GROUP_EVENTS = 2000
+"""Events per INSERT at most: consecutive entries are grouped up to this."""
 PIPELINE_BATCHES = 16
 """Publish batches per XADD round trip."""
 MAX_LEAD_EVENTS = 50_000
 """How far the producer may run ahead of the store (keeps Redis memory small)."""
-POOL_SIZE = 10
-"""Postgres connections, as storage's default pool."""
 
 
 class RedisWire:
@@ -66,8 +83,7 @@ class RedisWire:
                 else ("AUTH", unquote(parts.password))
             )
             await wire.call(auth)
-        database = parts.path.lstrip("/") or "0"
-        await wire.call(("SELECT", database))
+        await wire.call(("SELECT", parts.path.lstrip("/") or "0"))
         return wire
 
     async def call(self, command: Sequence[str | bytes | int]) -> Any:
@@ -94,44 +110,36 @@ class RedisWire:
         await self._writer.wait_closed()
 
 
-def partition_templates(
-    batches: Sequence[Sequence[event_pb2.Event]], layout: StreamLayout, *, producer: str
-) -> list[list[tuple[int, BatchTemplate]]]:
-    """Per publish batch, one QueuedBatch template per partition its keys fall in, built as
-    ingest builds them (publish order kept, ingest_time = event_time = build time)."""
-    now = event_pb2.QueuedEvent().ingest_time
-    now.GetCurrentTime()
-    out = []
-    for events in batches:
-        queued: dict[int, event_pb2.QueuedBatch] = {}
-        for event in events:
-            partition = layout.partition_for(event.key)
-            batch = queued.setdefault(partition, event_pb2.QueuedBatch(partition=partition))
-            item = batch.events.add(producer=producer)
-            item.event.CopyFrom(event)
-            item.event.event_time.CopyFrom(now)
-            item.ingest_time.CopyFrom(now)
-        out.append(
+def raw_batches(
+    templates: Sequence[Sequence[event_pb2.Event]], batches: int, *, producer: str
+) -> Iterator[list[RawEvent]]:
+    """`batches` publish batches made from the templates round-robin (as the mesh's load is),
+    batch n's number stamped into each id's slot; event and ingest time = now, as ingest sets
+    them for events that carry none. Made one by one: only the packed commands are kept."""
+    now_ns = time.time_ns()
+    micros, nanos = (now_ns // 1000) - PG_EPOCH_SECONDS * 1_000_000, now_ns % 1000
+    slot = "@" * NUMBER_WIDTH
+    split = [[e.id.split(slot) for e in events] for events in templates]
+    for n in range(batches):
+        number = f"{n:0{NUMBER_WIDTH}d}"
+        events = templates[n % len(templates)]
+        yield (
             [
-                (p, BatchTemplate.split(b.SerializeToString(), len(b.events)))
-                for p, b in sorted(queued.items())
+                RawEvent(
+                    id=number.join(parts),
+                    key=e.key,
+                    type=e.type,
+                    event_time=micros,
+                    event_time_nanos=nanos,
+                    payload=e.payload,
+                    content_type=e.content_type,
+                    attributes="{}",
+                    ingest_time=micros,
+                    producer=producer,
+                )
+                for e, parts in zip(events, split[n % len(templates)], strict=True)
             ]
         )
-    return out
-
-
-async def _create_table(database_url: str, schema: str) -> None:
-    """A fresh schema holding storage's own `events` table (its migrations, indexes included)."""
-    checked_identifier(schema)
-    conn = await connect_postgres(database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-        await conn.execute(f'SET search_path TO "{schema}"')
-        for migration in load_migrations("services.storage.migrations"):
-            await conn.execute(migration.sql)
-    finally:
-        await conn.close()
 
 
 @dataclass(frozen=True)
@@ -139,166 +147,218 @@ class RawResult:
     events: int
     batches: int
     entries: int
+    inserts: int
+    """INSERT statements (groups of consecutive entries)."""
     stored: int
     """Rows the INSERTs reported new."""
     counted: int
-    """Rows in the table afterwards (count(*))."""
+    """Distinct ids in the table afterwards."""
     seconds: float
-    cpu_seconds: float
-    """This process's CPU while the raw path ran (producer, consumer and the asyncpg client)."""
+    """From the first XADD until every partition's last event was stored and acknowledged."""
+    prepare_seconds: float
+    """Encoding and packing every command, before the window (not measured)."""
+    backend_cpu_seconds: float | None
+    """CPU of the raw path's own Postgres backends during the window (None when /proc does not
+    show them, e.g. a server on another host): unlike the bench's `postgres` figure, which counts
+    every process of the server, this leaves other tenants out (and the WAL writer too)."""
 
     @property
     def stored_eps(self) -> float:
         return self.stored / self.seconds if self.seconds > 0 else 0.0
 
 
-class _Store:
-    """Decode and insert, as storage does: the consumer half of the raw path."""
+@dataclass
+class _Partition:
+    """One consumer's own connections and what it must store."""
 
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self._json = json.JSONEncoder(separators=(",", ":")).encode
-        self.stored = 0
+    stream: str
+    index: int
+    expected: int
+    redis: RedisWire
+    postgres: Any
+    backend_pid: int = 0
+    stored: int = 0
+    inserts: int = 0
+    read: bytes = field(default=b"", repr=False)
 
-    async def partition(self, stream: bytes, entries: list[Any]) -> list[bytes]:
-        """Store a partition's entries in order; returns their ids, to acknowledge."""
-        ids = []
-        for entry_id, fields in entries:
-            data = dict(zip(fields[::2], fields[1::2], strict=True))
-            batch = event_pb2.QueuedBatch.FromString(data[BATCH_FIELD])
-            items = list(batch.events)
-            events = [item.event for item in items]
-            async with self._pool.acquire() as conn:
-                status = await conn.execute(
-                    INSERT_BATCH,
-                    [e.id for e in events],
-                    [e.key for e in events],
-                    [e.type for e in events],
-                    [pg_micros(e.event_time) for e in events],
-                    [e.event_time.nanos % 1000 for e in events],
-                    [e.payload for e in events],
-                    [e.content_type for e in events],
-                    [self._json(dict(e.attributes)) if e.attributes else "{}" for e in events],
-                    [pg_micros(item.ingest_time) for item in items],
-                    [item.producer for item in items],
-                    batch.partition,
+
+class RawPath:
+    """A prepared raw run: table created, streams and group made, connections open, every XADD
+    packed. `run()` is the measured window; `aclose()` drops nothing (the bench drops the schema)."""
+
+    def __init__(self, layout: StreamLayout) -> None:
+        self._layout = layout
+        self._admin: RedisWire | None = None
+        self._partitions: list[_Partition] = []
+        self._chunks: list[tuple[bytes, int, int]] = []  # (packed XADDs, commands, events)
+        self._events = self._batches = self._entries = 0
+        self._prepare_seconds = 0.0
+
+    @classmethod
+    async def prepare(
+        cls,
+        *,
+        redis_url: str,
+        database_url: str,
+        schema: str,
+        layout: StreamLayout,
+        batches: Iterable[Sequence[RawEvent]],
+    ) -> RawPath:
+        started = time.perf_counter()
+        raw = cls(layout)
+        try:
+            await _create_table(database_url, checked_identifier(schema))
+            raw._admin = await RedisWire.connect(redis_url)
+            for stream in layout.streams():
+                await raw._admin.call(("DEL", stream))
+                await raw._admin.call(("XGROUP", "CREATE", stream, layout.group, "0", "MKSTREAM"))
+            expected = raw._encode(batches)
+            for index, stream in enumerate(layout.streams()):
+                conn = await connect_postgres(
+                    database_url,
+                    server_settings={"search_path": schema, "application_name": "bench-raw"},
                 )
-            self.stored += int(status.rsplit(" ", 1)[1])
-            ids.append(entry_id)
-        return ids
+                await use_integer_timestamps(conn)
+                part = _Partition(
+                    stream, index, expected[index], await RedisWire.connect(redis_url), conn
+                )
+                part.read = _pack(("XREADGROUP", "GROUP", layout.group, f"raw-{index}", "COUNT",
+                                   READ_COUNT, "BLOCK", 100, "STREAMS", stream, ">"))  # fmt: skip
+                part.backend_pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
+                raw._partitions.append(part)
+        except BaseException:
+            await raw.aclose()
+            raise
+        raw._prepare_seconds = time.perf_counter() - started
+        return raw
 
-
-async def run_raw(
-    *,
-    redis_url: str,
-    database_url: str,
-    schema: str,
-    layout: StreamLayout,
-    templates: Sequence[Sequence[tuple[int, BatchTemplate]]],
-    batches: int,
-    timeout: float,
-) -> RawResult:
-    """XADD `batches` publish batches (one entry per partition each) while one consumer reads
-    them with XREADGROUP, inserts each entry with storage's statement and XACKs; timed from the
-    first XADD until every event is stored."""
-    await _create_table(database_url, schema)
-    admin = await RedisWire.connect(redis_url)
-    for stream in layout.streams():
-        await admin.call(("DEL", stream))
-        await admin.call(("XGROUP", "CREATE", stream, layout.group, "0", "MKSTREAM"))
-    events = sum(t.events for n in range(batches) for _, t in templates[n % len(templates)])
-    consumer = await RedisWire.connect(redis_url)
-    pool = await connect_postgres(
-        database_url,
-        pool=True,
-        min_size=POOL_SIZE,
-        max_size=POOL_SIZE,
-        server_settings={"search_path": schema, "application_name": "streammesh-bench-raw"},
-        init=use_integer_timestamps,
-    )
-    store = _Store(pool)
-    loop = asyncio.get_running_loop()
-    progress = asyncio.Event()
-    cpu_start = _own_cpu()
-    started = loop.time()
-    deadline = started + timeout
-
-    async def produce() -> None:
-        produced = 0
-        for first in range(0, batches, PIPELINE_BATCHES):
-            while produced - store.stored > MAX_LEAD_EVENTS and loop.time() < deadline:
-                progress.clear()
-                await asyncio.wait_for(progress.wait(), timeout=max(0.01, deadline - loop.time()))
-            commands = []
-            for n in range(first, min(batches, first + PIPELINE_BATCHES)):
-                for partition, template in templates[n % len(templates)]:
+    def _encode(self, batches: Iterable[Sequence[RawEvent]]) -> list[int]:
+        """Pack every XADD, PIPELINE_BATCHES batches per write; events expected per partition."""
+        layout, expected = self._layout, [0] * self._layout.partitions
+        source = iter(batches)
+        while chunk := list(itertools.islice(source, PIPELINE_BATCHES)):
+            commands, events = [], 0
+            for batch in chunk:
+                parts: dict[int, list[RawEvent]] = {}
+                for event in batch:
+                    parts.setdefault(layout.partition_for(event.key), []).append(event)
+                for partition, items in sorted(parts.items()):
                     commands.append(
-                        _pack(
-                            (
-                                "XADD",
-                                layout.stream(partition),
-                                "*",
-                                BATCH_FIELD,
-                                template.stamp(n),
-                                COUNT_FIELD,
-                                template.events,
-                            )
-                        )
+                        _pack(("XADD", layout.stream(partition), "*", *encode_entry(items)))
                     )
-                    produced += template.events
-            await admin.call_packed(b"".join(commands), len(commands))
+                    expected[partition] += len(items)
+                    events += len(items)
+                self._batches += 1
+            self._chunks.append((b"".join(commands), len(commands), events))
+            self._entries += len(commands)
+            self._events += events
+        return expected
 
-    async def consume() -> None:
-        streams = layout.streams()
-        read = _pack(
-            (
-                "XREADGROUP",
-                "GROUP",
-                layout.group,
-                "raw",
-                "COUNT",
-                READ_COUNT,
-                "BLOCK",
-                100,
-                "STREAMS",
-                *streams,
-                *([">"] * len(streams)),
-            )
-        )
-        while store.stored < events and loop.time() < deadline:
-            (reply,) = await consumer.call_packed(read, 1)
-            if not reply:
-                continue
-            # Partitions concurrently, each in order: as the processor does.
-            acked = await together(*(store.partition(s, entries) for s, entries in reply))
-            acks = [
-                _pack(("XACK", stream, layout.group, *ids))
-                for (stream, _), ids in zip(reply, acked, strict=True)
-            ]
-            await consumer.call_packed(b"".join(acks), len(acks))
-            progress.set()
+    async def run(self, timeout: float) -> RawResult:
+        """The measured window: produce and consume until every event is stored (bounded)."""
+        loop = asyncio.get_running_loop()
+        progress = asyncio.Event()
+        stored = [0]
+        backends_before = self._backend_cpu()
+        started = loop.time()
 
-    try:
+        async def produce() -> None:
+            assert self._admin is not None
+            produced = 0
+            for packed, commands, events in self._chunks:
+                while produced - stored[0] > MAX_LEAD_EVENTS:
+                    progress.clear()
+                    await progress.wait()
+                await self._admin.call_packed(packed, commands)
+                produced += events
+
+        async def consume(part: _Partition) -> None:
+            acks: list[bytes] = []
+            while part.stored < part.expected:
+                replies = await part.redis.call_packed(b"".join([*acks, part.read]), len(acks) + 1)
+                acks = []
+                if not replies[-1]:
+                    continue
+                ((_, entries),) = replies[-1]
+                for group in _groups(entries):
+                    columns = decode_group([fields for _, fields in group])
+                    status = await part.postgres.execute(INSERT_BATCH, *columns, part.index)
+                    new = int(status.rsplit(" ", 1)[1])
+                    part.stored += new
+                    part.inserts += 1
+                    stored[0] += new
+                ids = [entry_id for entry_id, _ in entries]
+                acks = [
+                    _pack(("XACK", part.stream, self._layout.group, *ids)),
+                    _pack(("XTRIM", part.stream, "MINID", "~", ids[-1])),
+                ]
+                progress.set()
+            if acks:
+                await part.redis.call_packed(b"".join(acks), len(acks))
+
         try:
             async with asyncio.timeout(timeout):
-                await together(produce(), consume())
+                await together(produce(), *(consume(p) for p in self._partitions))
         except TimeoutError as error:
             raise BenchError(
-                f"raw path: only {store.stored} of {events} events stored after {timeout:.0f}s"
+                f"raw path: only {stored[0]} of {self._events} events stored after {timeout:.0f}s"
             ) from error
         seconds = loop.time() - started
-        cpu = _own_cpu() - cpu_start
-        counted = int(await pool.fetchval("SELECT count(*) FROM events"))
+        backends_after = self._backend_cpu()
+        counted = int(
+            await self._partitions[0].postgres.fetchval("SELECT count(DISTINCT id) FROM events")
+        )
+        return RawResult(
+            events=self._events,
+            batches=self._batches,
+            entries=self._entries,
+            inserts=sum(p.inserts for p in self._partitions),
+            stored=stored[0],
+            counted=counted,
+            seconds=seconds,
+            prepare_seconds=self._prepare_seconds,
+            backend_cpu_seconds=(
+                None
+                if backends_before is None or backends_after is None
+                else backends_after - backends_before
+            ),
+        )
+
+    def _backend_cpu(self) -> float | None:
+        """CPU seconds so far of the consumers' Postgres backends, when this host runs them."""
+        seconds = [proc_cpu_seconds(part.backend_pid) for part in self._partitions]
+        return None if None in seconds else sum(s for s in seconds if s is not None)
+
+    async def aclose(self) -> None:
+        for part in self._partitions:
+            await part.postgres.close()
+            await part.redis.aclose()
+        if self._admin is not None:
+            await self._admin.aclose()
+
+
+def _groups(entries: Sequence[Any]) -> list[list[Any]]:
+    """Consecutive entries, cut before the one that would take a group past MAX_GROUP_EVENTS."""
+    groups: list[list[Any]] = []
+    size = MAX_GROUP_EVENTS
+    for entry in entries:
+        events = entry_events(entry[1])
+        if size + events > MAX_GROUP_EVENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += events
+    return groups
+
+
+async def _create_table(database_url: str, schema: str) -> None:
+    """A fresh schema holding storage's own `events` table (its migrations, indexes included)."""
+    conn = await connect_postgres(database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(f'SET search_path TO "{schema}"')
+        for statement in event_store_ddl():
+            await conn.execute(statement)
     finally:
-        await pool.close()
-        await consumer.aclose()
-        await admin.aclose()
-    if store.stored < events:
-        raise BenchError(f"raw path: only {store.stored} of {events} events stored")
-    entries = sum(len(templates[n % len(templates)]) for n in range(batches))
-    return RawResult(events, batches, entries, store.stored, counted, seconds, cpu)
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+        await conn.close()

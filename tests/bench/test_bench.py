@@ -5,9 +5,11 @@ its own stack with this test's database, schema prefix and stream prefix (slow).
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import math
+import random
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.engine import make_url
 
+from services.storage.sql import PG_EPOCH_SECONDS
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
+from streammesh.cli import bench_raw
 from streammesh.cli.bench import add_bench_command, bench_stack_config, cmd_bench, drop_bench_data
+from streammesh.cli.bench_columns import RawEvent, decode_group, encode_entry
 from streammesh.cli.bench_load import (
     BenchError,
     _sequence_field,
@@ -28,30 +33,38 @@ from streammesh.cli.bench_load import (
     closed_loop,
     make_events,
     open_loop,
-    percentiles,
     request_templates,
 )
-from streammesh.cli.bench_raw import partition_templates
+from streammesh.cli.bench_raw import RawPath, raw_batches
+from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import StackConfig, process_alive
 from streammesh.refusals import publish_refusal, recycled
 from streammesh.streams import StreamLayout
 from tests.conftest import run_sql
 
-LATENCIES = ["open_loop.publish_ack_ms", "open_loop.ack_to_stored_ms"]
+OPEN = ("open_loops.0", "open_loops.1")
+LATENCIES = [
+    *(f"{ol}.{name}" for ol in OPEN for name in ("publish_ack_ms", "ack_to_stored_ms")),
+    "closed_loop.send_to_ack_ms",
+]
 FIGURES = [
-    "open_loop.acked_eps",
-    "open_loop.stored_eps",
+    *(f"{ol}.{name}" for ol in OPEN for name in ("offered_eps", "acked_eps", "stored_eps")),
     "closed_loop.acked_eps",
     "closed_loop.stored_eps",
     "closed_loop.caught_up_after_last_ack_s",
     "raw.stored_eps",
+    "raw.inserts",
+    "raw.events_per_insert",
+    "raw.prepare_s",
+    "raw.own_backends_cpu_us_per_event",
     "mesh_over_raw",
+    "mesh_over_raw_cpu",
     "loadgen.stamp_us_per_event",
     "machine.cores",
-    *(f"{lat}.{q}" for lat in LATENCIES for q in ("p50", "p99", "p99_9", "max")),
+    *(f"{lat}.{q}" for lat in LATENCIES for q in ("p50", "p90", "p99", "p99_9", "max", "count")),
     *(
         f"{phase}.cpu_us_per_event.{process}"
-        for phase in ("open_loop", "closed_loop", "raw")
+        for phase in (*OPEN, "closed_loop", "raw")
         for process in (
             "gateway",
             "ingest",
@@ -61,6 +74,7 @@ FIGURES = [
             "redis",
             "postgres",
             "total",
+            "machine",
         )
     ),
 ]
@@ -75,7 +89,7 @@ FACTS = [
 def _dig(report: dict[str, Any], path: str) -> Any:
     value: Any = report
     for part in path.split("."):
-        value = value[part]
+        value = value[int(part)] if isinstance(value, list) else value[part]
     return value
 
 
@@ -97,22 +111,150 @@ def test_stamped_requests_parse_with_unique_ids_and_sizes() -> None:
     assert later.events[7].key == first.events[7].key and later.events[7].type == "bench.t"
 
 
-def test_raw_templates_split_a_batch_by_partition_in_publish_order() -> None:
-    layout = StreamLayout("x", 4)
-    (parts,) = partition_templates([_events(200)], layout, producer="p")
-    batches = [event_pb2.QueuedBatch.FromString(t.stamp(7)) for _, t in parts]
-    assert sum(len(b.events) for b in batches) == 200
-    for partition, batch in zip((p for p, _ in parts), batches, strict=True):
-        assert batch.partition == partition
-        assert {layout.partition_for(q.event.key) for q in batch.events} == {partition}
-        indexes = [int(q.event.id.rsplit("-", 1)[1]) for q in batch.events]
-        assert indexes == sorted(indexes)
+def _raw_event(n: int, payload: bytes) -> RawEvent:
+    return RawEvent(
+        id=f"id-{n}", key=f"k\u00e9y-{n % 3}", type="t", event_time=n * 1_000_003 - 10**15,
+        event_time_nanos=n % 1000, payload=payload, content_type="application/json",
+        attributes='{"a":"\\u0000"}' if n % 2 else "{}", ingest_time=n, producer="p",
+    )  # fmt: skip
 
 
-def test_percentiles_are_nearest_rank() -> None:
-    values = [float(v) for v in range(1, 1001)]
-    assert percentiles(values, 50, 99, 99.9, 100) == [500.0, 990.0, 999.0, 1000.0]
-    assert all(math.isnan(v) for v in percentiles([], 50))
+def test_column_entries_decode_to_the_insert_columns_across_a_group() -> None:
+    # Payloads are any bytes (NUL, empty, the separator itself); text is any text Postgres holds.
+    payloads = [b"", b"\0\0", b"x" * 70_000, b"\xff\x00a", b"{}"]
+    events = [_raw_event(n, payloads[n % len(payloads)]) for n in range(23)]
+    entries = [encode_entry(events[:1]), encode_entry(events[1:9]), encode_entry(events[9:])]
+    # As XREADGROUP returns them: [name, value, name, value, ...].
+    columns = decode_group(entries)
+    assert columns == (
+        [e.id for e in events], [e.key for e in events], [e.type for e in events],
+        [e.event_time for e in events], [e.event_time_nanos for e in events],
+        [e.payload for e in events], [e.content_type for e in events],
+        [e.attributes for e in events], [e.ingest_time for e in events],
+        [e.producer for e in events],
+    )  # fmt: skip
+    broken = list(entries[1])
+    broken[1] = b"9"  # says 9 events, holds 8
+    with pytest.raises(ValueError, match="columns of other lengths"):
+        decode_group([broken])
+
+
+def test_raw_path_groups_consecutive_entries_up_to_the_limit() -> None:
+    entries = [(b"%d" % n, encode_entry([_raw_event(0, b"")] * size)) for n, size in
+               enumerate([700, 700, 600, 1, 2000, 5, 1999])]  # fmt: skip
+    groups = bench_raw._groups(entries)
+    sizes = [[len(fields[3].split(b"\0")) for _, fields in group] for group in groups]
+    assert sizes == [[700, 700, 600], [1], [2000], [5], [1999]]
+    assert [e for group in groups for e in group] == entries
+
+
+def test_bench_takes_sql_only_from_storages_public_module() -> None:
+    # ARCHITECTURE.md: the bench imports no service's internals; storage's SQL comes from
+    # services.storage.sql, which storage itself uses.
+    cli = Path(bench_raw.__file__).parent
+    imported = set()
+    for path in cli.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    assert {m for m in imported if m.split(".")[0] == "services"} <= {"services.storage.sql"}
+    store = (Path(bench_raw.__file__).parents[2] / "services/storage/store.py").read_text()
+    assert "from services.storage.sql import INSERT_BATCH" in store
+
+
+def test_latency_percentiles_match_known_distributions() -> None:
+    uniform = latency_summary([n / 10 for n in range(1, 10_001)])  # 0.1 .. 1000.0 ms
+    exact = {"p50": 500.0, "p90": 900.0, "p99": 990.0, "p99_9": 999.0, "max": 1000.0}
+    for name, value in exact.items():
+        assert uniform[name] == pytest.approx(value, rel=1e-3), name
+    assert uniform["count"] == 10_000 and uniform["below_zero"] == 0
+    # Exponential, mean 5 ms (a long tail): each percentile is within the histogram's 0.1% of
+    # the samples' exact nearest-rank value, and near the distribution's -5 ln(1 - q).
+    rng = random.Random(8)
+    samples = [rng.expovariate(1 / 5) for _ in range(200_000)]
+    ordered = sorted(samples)
+    exponential = latency_summary(samples)
+    for name, q in {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99_9": 0.999}.items():
+        nearest_rank = ordered[math.ceil(q * len(ordered)) - 1]
+        assert exponential[name] == pytest.approx(nearest_rank, rel=1.5e-3), name
+        assert exponential[name] == pytest.approx(-5 * math.log(1 - q), rel=0.05), name
+    assert exponential["max"] == pytest.approx(max(samples), rel=1e-3)
+    with_negatives = latency_summary([-3.0, -0.5, 2.0, 4.0])
+    assert with_negatives["below_zero"] == 2 and with_negatives["p50"] == 0.0
+    assert with_negatives["max"] == pytest.approx(4.0, rel=1e-3)
+    assert all(math.isnan(latency_summary([])[q]) for q in exact)
+
+
+def test_rate_takes_a_list_and_defaults_to_both_target_rates() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers())
+    assert parser.parse_args(["bench"]).rate == [5000.0, 20000.0]
+    assert parser.parse_args(["bench", "--rate", "2000, 7500"]).rate == [2000.0, 7500.0]
+    for bad in ("5000,x", "0", "5000,5000", "5000,"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--rate", bad])
+
+
+async def test_raw_path_stores_exactly_the_events_it_generated(
+    database_url: str, redis_url: str, redis_prefix: str, pg_schema: str
+) -> None:
+    templates = [
+        make_events(id_prefix="rawtr", event_type="bench.t.raw", count=250, payload_bytes=64,
+                    keys=37, offset=t * 250)
+        for t in range(3)
+    ]  # fmt: skip
+    batches = list(raw_batches(templates, 13, producer="prod-1"))
+    layout = StreamLayout(f"{redis_prefix}raw", 4)
+    raw = await RawPath.prepare(redis_url=redis_url, database_url=database_url, schema=pg_schema,
+                                layout=layout, batches=batches)  # fmt: skip
+    try:
+        result = await raw.run(timeout=60)
+    finally:
+        await raw.aclose()
+    generated = {e.id: e for batch in batches for e in batch}
+    assert len(generated) == 13 * 250
+    assert result.events == result.stored == result.counted == 13 * 250
+    assert result.entries == sum(len({layout.partition_for(e.key) for e in b}) for b in batches)
+    assert result.inserts < result.entries  # entries were grouped
+    assert result.backend_cpu_seconds is not None and result.backend_cpu_seconds > 0
+    url = make_url(database_url)
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database=url.database,
+        server_settings={"search_path": pg_schema},
+    )  # fmt: skip
+    try:
+        assert await conn.fetchval("SELECT count(DISTINCT id) FROM events") == 13 * 250
+        rows = await conn.fetch(
+            "SELECT id, key, type, payload, content_type, partition, producer, event_time_nanos,"
+            " (extract(epoch FROM event_time) * 1000000)::bigint AS micros FROM events"
+        )
+        # Per key, store order (seq) is batch order.
+        ordered = await conn.fetch("SELECT id, key FROM events ORDER BY seq")
+    finally:
+        await conn.close()
+    assert {row["id"] for row in rows} == set(generated)
+    for row in rows:
+        event = generated[row["id"]]
+        assert (row["key"], row["type"], row["payload"], row["content_type"], row["producer"]) == (
+            event.key, event.type, event.payload, event.content_type, "prod-1"
+        )  # fmt: skip
+        assert row["partition"] == layout.partition_for(event.key)
+        assert row["micros"] - PG_EPOCH_SECONDS * 1_000_000 == event.event_time
+        assert row["event_time_nanos"] == event.event_time_nanos
+    position = {e.id: n for n, e in enumerate(e for b in batches for e in b)}
+    by_key: dict[str, list[int]] = {}
+    for row in ordered:
+        by_key.setdefault(row["key"], []).append(position[row["id"]])
+    assert all(order == sorted(order) for order in by_key.values())
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for stream in layout.streams():
+            (group,) = await client.xinfo_groups(stream)
+            assert group["pending"] == 0  # every entry acknowledged
+    finally:
+        await client.aclose()
 
 
 class _FakeIngest:
@@ -195,7 +337,7 @@ async def test_open_loop_charges_a_stall_to_every_batch_scheduled_behind_it() ->
     )
     latencies = result.latencies_ms()
     assert result.acked == 5000 and len(latencies) == 50
-    assert percentiles(latencies, 50)[0] < 100
+    assert latency_summary(latencies)["p50"] < 100
     assert max(latencies) >= 300
     assert sum(1 for latency in latencies if latency > 100) >= 8
 
@@ -258,7 +400,7 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
     out = tmp_path / "bench.json"
     args = parser.parse_args(
         [
-            *("bench", "--rate", "500", "--warmup", "1", "--duration", "2"),
+            *("bench", "--rate", "500,1000", "--warmup", "1", "--duration", "2"),
             *("--closed-duration", "2"),
             *("--closed-batch-size", "500", "--raw-events", "3000", "--json", str(out)),
         ]
@@ -273,15 +415,20 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
         assert isinstance(value, int | float) and math.isfinite(value), path
     for path in FACTS:
         assert _dig(report, path), path
-    assert report["parameters"]["rate"] == 500
+    assert report["parameters"]["rate"] == [500, 1000]
     for path in LATENCIES:
         figures = _dig(report, path)
-        assert 0 < figures["p50"] <= figures["p99"] <= figures["p99_9"] <= figures["max"], path
+        assert 0 <= figures["p50"] <= figures["p90"] <= figures["p99"] <= figures["p99_9"], path
+        assert figures["max"] > 0 and figures["p99_9"] <= figures["max"], path
+    assert "method" in report["raw"] and report["raw"]["inserts"] > 0
 
     # Every acknowledged event stored exactly once (ids are unique per event and the table's key).
-    opened, closed, raw = report["open_loop"], report["closed_loop"], report["raw"]
-    assert opened["acked"] == opened["events"] == 1000
-    assert opened["acked"] == opened["stored"] == opened["stored_distinct"]
+    closed, raw = report["closed_loop"], report["raw"]
+    for opened, offered in zip(report["open_loops"], (500, 1000), strict=True):
+        assert opened["offered_eps"] == offered
+        assert opened["acked"] == opened["events"] == offered * 2
+        assert opened["acked"] == opened["stored"] == opened["stored_distinct"]
+        assert opened["publish_ack_ms"]["count"] == opened["acked_batches"]
     assert closed["acked"] > 0 and closed["acked"] == closed["stored"]
     assert raw["events"] == raw["stored"] == raw["counted"] == 3000
 
