@@ -30,8 +30,16 @@ def read_password(args: argparse.Namespace, *, confirm: bool = False) -> str:
     return password
 
 
-def _read_code(prompt: str) -> str:
-    return input(prompt).strip().replace(" ", "")
+def _read_code(prompt: str, instead: str) -> str:
+    """One code from the prompt: the terminal, or the next line of stdin after the password.
+
+    A stdin that has ended (`--password-stdin` fed one line) leaves nothing to read: say so
+    and what to pass `instead`, rather than end in an EOFError traceback.
+    """
+    try:
+        return input(prompt).strip().replace(" ", "")
+    except EOFError:
+        raise SystemExit(f"\nno code to read: stdin ended; pass {instead}") from None
 
 
 def terminal_qr(uri: str) -> str:
@@ -60,7 +68,7 @@ async def cmd_mfa_enroll(config: StackConfig, args: argparse.Namespace) -> int:
             segno.make(enrolment.otpauth_uri, error="m").save(str(args.png), scale=8)
             args.png.chmod(0o600)
             print(f"QR code saved to {args.png} (it holds the secret: delete it after scanning)")
-        code = args.code or _read_code("first code from the app: ")
+        code = args.code or _read_code("first code from the app: ", "--code CODE")
         recovery_codes = await client.confirm_totp(args.username, password, code)
     print("\nTOTP is on. Recovery codes (each works once; store them somewhere safe):")
     for recovery_code in recovery_codes:
@@ -75,7 +83,9 @@ async def cmd_login(config: StackConfig, args: argparse.Namespace) -> int:
         if args.recovery_code:
             tokens = await client.complete_login(challenge, recovery_code=args.recovery_code)
         else:
-            code = args.code or _read_code("code from your authenticator: ")
+            code = args.code or _read_code(
+                "code from your authenticator: ", "--code CODE or --recovery-code CODE"
+            )
             tokens = await client.complete_login(challenge, totp_code=code)
     Session.from_tokens(args.username, tokens).save(config)
     print(f"logged in as {args.username} (roles: {', '.join(tokens.roles) or 'none'})")
