@@ -122,7 +122,9 @@ def add_account_commands(commands: argparse._SubParsersAction) -> None:  # type:
     user = commands.add_parser("user", help="accounts").add_subparsers(
         dest="user_cmd", required=True
     )
-    create = user.add_parser("create", help="sign up a new user (no roles until an admin grants them)")
+    create = user.add_parser(
+        "create", help="sign up a new user (no roles until an admin grants them)"
+    )
     create.add_argument("username")
     password_option(create)
     create.set_defaults(handler=cmd_user_create)
