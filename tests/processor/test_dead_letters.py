@@ -26,6 +26,7 @@ from streammesh.streams import BATCH_FIELD, StreamLayout
 from tests.conftest import xrange_entries
 from tests.processor.conftest import (
     FAST,
+    ONE_OWNER,
     RecordingStore,
     Running,
     append,
@@ -99,7 +100,7 @@ async def test_poison_is_set_aside_after_max_deliveries_and_the_rest_flows(
     await append(redis_client, layout, 1, ["b0"])
     store = PoisonStore({"p1"}, error)
     recorder = Recorder()
-    config = dataclasses.replace(FAST, max_deliveries=3)
+    config = dataclasses.replace(ONE_OWNER, max_deliveries=3)
     worker = running.start(
         StreamWorker(
             redis_client,
@@ -265,7 +266,12 @@ async def test_undecodable_and_refused_entries_are_set_aside_at_once(
     recorder = Recorder()
     running.start(
         StreamWorker(
-            redis_client, layout, consumer="c1", store=store, config=FAST, dead_letters=recorder
+            redis_client,
+            layout,
+            consumer="c1",
+            store=store,
+            config=ONE_OWNER,
+            dead_letters=recorder,
         )
     )
 
@@ -314,9 +320,16 @@ async def test_the_count_survives_a_crash_and_a_new_owner(
     )
     await wait_for(lambda: attempts == 3)
     await running.crash("c1")
+    # c2 takes over once c1's 400 ms lease has run out, and then keeps the partition.
+    c2_config = dataclasses.replace(ONE_OWNER, max_deliveries=3)
     running.start(
         StreamWorker(
-            redis_client, layout, consumer="c2", store=store, config=config, dead_letters=recorder
+            redis_client,
+            layout,
+            consumer="c2",
+            store=store,
+            config=c2_config,
+            dead_letters=recorder,
         )
     )
 

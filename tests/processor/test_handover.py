@@ -20,6 +20,7 @@ from tests.processor.conftest import (
     RecordingStore,
     Running,
     append,
+    drained,
     make_layout,
     pending,
     undelivered,
@@ -106,11 +107,7 @@ def _check_order(store: RecordingStore, publisher: Publisher, *, duplicates: boo
 async def _all_done(
     client: aioredis.Redis, layout: StreamLayout, store: RecordingStore, n: int
 ) -> bool:
-    return (
-        len(set(store.stored)) == n
-        and await pending(client, layout) == 0
-        and await undelivered(client, layout) == 0
-    )
+    return len(set(store.stored)) == n and await drained(client, layout)
 
 
 def _worker(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 
@@ -16,6 +17,7 @@ from streammesh.streams import BATCH_FIELD
 from tests.conftest import xrange_entries
 from tests.processor.conftest import (
     FAST,
+    ONE_OWNER,
     RecordingStore,
     Running,
     append,
@@ -225,7 +227,7 @@ async def test_a_failing_group_is_stored_entry_by_entry_and_only_the_bad_entry_c
             return await super().__call__(raw)
 
     store = Refusing()
-    config = dataclasses.replace(FAST, store_max_events=100)
+    config = dataclasses.replace(ONE_OWNER, store_max_events=100)
     worker = running.start(
         StreamWorker(redis_client, layout, consumer="c1", store=store, config=config)
     )
@@ -240,3 +242,52 @@ async def test_a_failing_group_is_stored_entry_by_entry_and_only_the_bad_entry_c
     batch = event_pb2.QueuedBatch.FromString(dead[0][1][BATCH_FIELD])
     assert [q.event.id for q in batch.events] == ["bad"]
     assert worker.stats.dead_lettered == 1 and worker.stats.counted_failures == 1
+
+
+async def test_a_retried_poison_read_with_the_entries_behind_it_counts_only_its_own_stores(
+    redis_client: aioredis.Redis, redis_prefix: str, running: Running
+) -> None:
+    """The poison and the entries behind it are read together (as under load, when several
+    entries land between two reads): each round first tries them as one group, whose failure
+    is not the poison's to count, then the poison alone, which counts. So storage sees the
+    poison twice per round, and the dead letter says max_deliveries: the contract counts
+    failures of the entry, not calls to storage."""
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    for event_id in ["poison", "after-1", "after-2"]:
+        await append(redis_client, layout, 0, [event_id])
+    grouped = alone = 0
+
+    class Failing(RecordingStore):
+        async def __call__(self, raw: bytes) -> StoreResult:
+            nonlocal grouped, alone
+            ids = [q.event.id for q in event_pb2.QueuedBatch.FromString(raw).events]
+            if "poison" in ids:
+                if ids == ["poison"]:
+                    alone += 1
+                else:
+                    grouped += 1
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.INTERNAL,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="storage bug",
+                )
+            return await super().__call__(raw)
+
+    store = Failing()
+    config = dataclasses.replace(ONE_OWNER, store_max_events=100, max_deliveries=2)
+    worker = running.start(
+        StreamWorker(redis_client, layout, consumer="c1", store=store, config=config)
+    )
+
+    async def settled() -> bool:
+        return store.stored == ["after-1", "after-2"] and await pending(redis_client, layout) == 0
+
+    await wait_for(settled)
+    await running.stop("c1")
+    [(_, notice)] = await xrange_entries(redis_client, worker.dead_letter_stream)
+    assert notice[b"deliveries"] == b"2"
+    assert (worker.stats.counted_failures, worker.stats.dead_lettered) == (2, 1)
+    assert (alone, grouped) == (2, 2)  # 4 calls at storage, 2 counted failures
+    # The rest of the failed group goes on entry by entry, in order, in the same round.
+    assert [len(call.events) for call in store.calls] == [1, 1]
