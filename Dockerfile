@@ -36,7 +36,8 @@ FROM ${PYTHON_IMAGE}
 # mounted on them start with that owner (Docker copies a path's ownership into an empty volume).
 RUN useradd --system --uid 10001 --user-group --home-dir /state --no-create-home streammesh \
     && install -d -o streammesh -g streammesh -m 0700 \
-        /state /state/pki /state/pki-ca /state/secrets /state/pg
+        /state /state/pki /state/pki-ca /state/secrets /state/pg /state/tls \
+        /state/tls/gateway /state/tls/auth /state/tls/ingest /state/tls/processor /state/tls/storage
 COPY --from=build /opt/streammesh /opt/streammesh
 ENV PATH=/opt/streammesh/bin:$PATH \
     PYTHONUNBUFFERED=1 \

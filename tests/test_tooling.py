@@ -188,6 +188,45 @@ def test_compose_offline_run_works_on_engines_before_25(tmp_path: Path) -> None:
             assert spec["healthcheck"]["test"], name
 
 
+def base_config(tmp_path: Path) -> dict[str, Any]:
+    """The effective configuration of docker-compose.yml alone, from Compose itself."""
+    result = run(
+        tool("docker-compose"),
+        *("-f", COMPOSE_FILE, "config", "--format", "json"),
+        env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"},
+    )
+    assert result.returncode == 0, result.stderr
+    config: dict[str, Any] = json.loads(result.stdout)
+    return config
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["registry", "offline"])
+def test_compose_containers_hold_only_their_own_key(tmp_path: Path, offline: bool) -> None:
+    """The operator key (CreateUser on auth) and other services' keys stay out of a service.
+
+    Only the one-shot `pki` job mounts the PKI it makes (`pki`, with the operator key) and the
+    CA key (`pki-ca`); each service mounts one TLS volume, its own, read-only, and finds its
+    certificate there. Checked on the merged configuration, as the containers would get it.
+    """
+    config = offline_config(tmp_path)[0] if offline else base_config(tmp_path)
+    services = config["services"]
+    for name, spec in services.items():
+        if name == "pki":
+            continue
+        sources = {mount["source"] for mount in spec.get("volumes", [])}
+        assert not sources & {"pki", "pki-ca"}, f"{name} mounts the operator or CA key"
+        tls = sorted(source for source in sources if source.startswith("tls-"))
+        if name not in SERVICES:
+            assert not tls, f"{name} mounts {tls}"
+            continue
+        assert tls == [f"tls-{name}"], f"{name} mounts {tls}"
+        (mount,) = (m for m in spec["volumes"] if m["source"] == f"tls-{name}")
+        assert mount["read_only"] is True, name
+        assert spec["environment"][f"STREAMMESH_{name.upper()}_TLS_DIR"] == mount["target"]
+    job = {mount["source"] for mount in services["pki"]["volumes"]}
+    assert {"pki", "pki-ca", *(f"tls-{name}" for name in SERVICES)} <= job
+
+
 def test_compose_offline_ports_agree_with_the_script(tmp_path: Path) -> None:
     script = (ROOT / "scripts" / "compose-offline.sh").read_text()
     declared = dict(re.findall(r"\[([A-Z]+)\]=(\d+)", script))

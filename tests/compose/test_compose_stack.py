@@ -4,7 +4,9 @@ What runs: scripts/ensure-docker.sh (an engine, started here if none answers), t
 scripts/compose-offline.sh build (the debootstrap base image, the wheelhouse, the StreamMesh image;
 the first two are cached) and compose with compose/host-network.override.yml, on free loopback
 ports and under a project name of its own, so it runs beside a user's stack or `streammesh up`.
-From the host, through the gateway's port and with the PKI the compose `pki` job made, it runs the
+It checks that each service container holds only the CA certificate and its own key, creates an
+admin from a `compose run` of the `pki` job (the one container with the operator key). From the
+host, through the gateway's port and with the PKI the compose `pki` job made, it runs the
 demo flow, checks the stored counts in the containers' PostgreSQL, SIGKILLs the processor under
 load and checks that every acknowledged event is stored exactly once, then removes the
 containers, volumes and the image it built, and stops the engine if it started it.
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENSURE_DOCKER = ROOT / "scripts" / "ensure-docker.sh"
 COMPOSE_OFFLINE = ROOT / "scripts" / "compose-offline.sh"
 PORTS = ("GATEWAY", "AUTH", "INGEST", "PROCESSOR", "STORAGE", "POSTGRES", "REDIS")
+SERVICES = ("gateway", "auth", "ingest", "processor", "storage")
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -173,6 +176,33 @@ async def test_demo_flow_through_the_published_gateway(stack: ComposeStack) -> N
     assert report.keys == 16
     event_type = "demo." + report.username.removeprefix("demo-")
     assert _stored(stack, event_type) == (3000, 3000)
+
+
+def test_service_containers_hold_only_their_own_key(stack: ComposeStack) -> None:
+    """A compromised service must not act as the operator (whose certificate may CreateUser on
+    auth) nor as another service: its container holds the CA certificate and its own key only."""
+    for name in SERVICES:
+        found = stack.compose("exec", "-T", name, "find", "/state", "-name", "*.pem").split()
+        own = {f"/state/tls/{name}/{file}" for file in ("ca.pem", f"{name}.pem", f"{name}-key.pem")}
+        assert set(found) == own, name
+    # The operator's copy (the fixture's `compose cp`) has the CA and operator certificates.
+    assert {"ca.pem", "admin.pem", "admin-key.pem"} <= {
+        path.name for path in (stack.state_dir / "pki").iterdir()
+    }
+
+
+def test_operator_bootstraps_from_a_run_of_the_pki_job(stack: ComposeStack) -> None:
+    """The README's break-glass path where auth is not published: `compose run` of the `pki`
+    service, the only one with the operator key (host networking here, so the port is set)."""
+    username = f"root-{uuid.uuid4().hex[:8]}"
+    out = stack.compose(
+        *("run", "--rm", "-T", "-e", f"STREAMMESH_AUTH_PORT={stack.ports['AUTH']}", "pki"),
+        *("streammesh", "admin", "bootstrap", username, "--password-stdin"),
+        stdin=uuid.uuid4().hex + "\n",
+    )
+    assert f"created admin {username}" in out
+    roles = stack.sql("SELECT roles FROM auth.users WHERE username = :'name'", name=username)
+    assert roles == ["{admin}"]
 
 
 async def _producer(config: StackConfig, client: GatewayClient) -> None:
