@@ -4,7 +4,8 @@
 #   scripts/ensure-docker.sh start    an engine answers -> nothing to do; else install Debian's
 #                                     docker.io if dockerd is missing, start dockerd in the background
 #                                     and wait until it answers
-#   scripts/ensure-docker.sh stop     stop the dockerd that `start` started (by its PID), nothing else
+#   scripts/ensure-docker.sh stop     stop the dockerd that `start` started (by its PID), nothing else,
+#                                     and only once it runs no containers (another run may use it)
 #   scripts/ensure-docker.sh check    exit 0 if an engine answers, 1 if one could be started here
 #                                     (root or passwordless sudo), 2 if none can run; says why
 #
@@ -101,6 +102,11 @@ stop() {
     local pid
     if ! pid=$(our_pid); then
         say "no dockerd started by this script is running"
+        return 0
+    fi
+    # Another run (or the user) may have started containers on the engine since: leave it.
+    if [[ -n "$(docker ps -q 2>/dev/null)" ]]; then
+        say "dockerd (PID $pid) still runs containers that are not ours; leaving it running"
         return 0
     fi
     say "stopping dockerd (PID $pid)"
