@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import grpc
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.envelope import assign_missing_ids
 from streammesh.refusals import is_recycled, raise_if_refused
 
 __all__ = ["GatewayClient"]
@@ -240,9 +240,7 @@ class _PublishBooks:
             return None
         self._sequence += 1
         request = gateway_pb2.PublishRequest(sequence=self._sequence, events=batch)
-        for event in request.events:
-            if not event.id:
-                event.id = str(uuid.uuid4())
+        assign_missing_ids(request.events)
         return request
 
     async def _write(self, call: grpc.aio.StreamStreamCall) -> None:

@@ -8,6 +8,7 @@ by storage for its shape, which would otherwise strand acknowledged data in dead
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from streammesh.api.common.v1 import event_pb2
 __all__ = [
     "EnvelopeColumns",
     "EnvelopeLimits",
+    "assign_missing_ids",
     "envelope_columns",
     "event_violations",
     "text_problem",
@@ -30,6 +32,14 @@ __all__ = [
 # exactly, to the nanosecond (services/storage/times.py).
 MIN_SECONDS = -62_135_596_800
 MAX_SECONDS = 253_402_300_799
+
+
+def assign_missing_ids(events: Iterable[event_pb2.Event]) -> None:
+    """Give id-less events an id before their first attempt, so that no retry or resend (the
+    client's, the gateway's, PublishBatch's automatic retry) can store them twice."""
+    for event in events:
+        if not event.id:
+            event.id = str(uuid.uuid4())
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from streammesh.mesh import (
     create_channel,
     create_mesh_server,
 )
-from streammesh.mesh.decoding import LogThrottle
+from streammesh.mesh.logs import LogThrottle
 from tests.conftest import TRUST_DOMAIN
 
 SERVICE = "test.v1.Arity"

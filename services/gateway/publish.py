@@ -26,18 +26,17 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from services.gateway.relay import convert
-from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.ingest.v1 import ingest_pb2
+from streammesh.envelope import assign_missing_ids
 from streammesh.mesh.errors import StreamMeshError, Unavailable, from_status
 from streammesh.refusals import (
     REFUSAL_LINGER_SECONDS,
@@ -46,7 +45,7 @@ from streammesh.refusals import (
     refusal_error,
 )
 
-__all__ = ["PublishRelay", "RelayLimits", "assign_missing_ids"]
+__all__ = ["PublishRelay", "RelayLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,6 @@ def _collect_forwarder(task: asyncio.Task[None]) -> None:
     error = task.exception()
     if error is not None and not isinstance(error, StreamMeshError):
         log.error("the Publish request forwarder failed", exc_info=error)
-
-
-def assign_missing_ids(events: Iterable[event_pb2.Event]) -> None:
-    """Give id-less events an id here, before the first attempt, so the automatic retry of
-    PublishBatch, a resend after an ingest stream ended (and a client's re-send of an
-    unacknowledged batch) cannot store them twice."""
-    for event in events:
-        if not event.id:
-            event.id = str(uuid.uuid4())
 
 
 @dataclass(frozen=True)
@@ -149,8 +139,6 @@ class PublishRelay:
         self._failures = 0
         self._failing_since: float | None = None
         self._opened_at = 0.0
-        self.resumes = 0
-        """Ingest streams opened after the first (for the log and the tests)."""
 
     async def relay(
         self, requests: AsyncIterator[gateway_pb2.PublishRequest]
@@ -289,7 +277,6 @@ class PublishRelay:
         )
         if delay:
             await asyncio.sleep(delay)
-        self.resumes += 1
         async with self._lock:
             self._switch_upstream()
             for pending in list(self._window):

@@ -36,6 +36,7 @@ import grpc
 
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh.errors import StreamMeshError, Unavailable
+from streammesh.mesh.logs import LogThrottle
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
 
 __all__ = [
@@ -93,7 +94,7 @@ class RevocationList:
         self._users: dict[str, _Entry] = {}
         self._confirmed: float | None = None
         self._next_prune = 0.0
-        self._next_warning = 0.0
+        self._stale_warning = LogThrottle(log, interval=_WARN_SECONDS, clock=clock)
         self.live = asyncio.Event()
         """Set once the first response arrived (start-up waits for it)."""
         self.cursor = ""
@@ -151,7 +152,7 @@ class RevocationList:
         if self.revoked(subject, session_id, generation):
             raise Revoked
         staleness = self.staleness()
-        if staleness is None or staleness <= self._max_staleness:
+        if staleness is None:
             return
         if self._fail_mode is FailMode.CLOSED:
             raise Unavailable(
@@ -159,13 +160,11 @@ class RevocationList:
                 retry_after_seconds=STALE_RETRY_SECONDS,
             )
         self.accepted_while_stale += 1
-        if self._clock() >= self._next_warning:
-            self._next_warning = self._clock() + _WARN_SECONDS
-            log.warning(
-                "revocation feed stale (%s); accepting tokens (fail-open), %d calls so far",
-                "never received" if staleness == float("inf") else f"{staleness:.1f}s",
-                self.accepted_while_stale,
-            )
+        self._stale_warning.warning(
+            "revocation feed stale (%s); accepting tokens (fail-open), %d calls so far",
+            "never received" if staleness == float("inf") else f"{staleness:.1f}s",
+            self.accepted_while_stale,
+        )
 
     def staleness(self) -> float | None:
         """Seconds since the feed last confirmed the list (inf before the first response);

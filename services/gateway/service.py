@@ -9,7 +9,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from services.gateway.access import current_principal
-from services.gateway.publish import PublishRelay, RelayLimits, assign_missing_ids
+from services.gateway.publish import PublishRelay, RelayLimits
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
 from services.gateway.revocations import RevocableStream, RevocationList
 from services.gateway.tokens import ALGORITHM, JwksCache, Reason, TokenRejected
@@ -18,6 +18,7 @@ from streammesh.api.auth.v1 import auth_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from streammesh.api.ingest.v1 import ingest_pb2
 from streammesh.api.storage.v1 import storage_pb2
+from streammesh.envelope import assign_missing_ids
 
 __all__ = ["GatewayServicer"]
 

@@ -14,7 +14,6 @@ from services.storage.times import PG_EPOCH_SECONDS, use_integer_timestamps
 from streammesh.mesh.postgres import load_migrations
 
 __all__ = [
-    "EVENTS_TABLE",
     "INSERT_BATCH",
     "MIGRATIONS_PACKAGE",
     "PG_EPOCH_SECONDS",
@@ -22,8 +21,6 @@ __all__ = [
     "use_integer_timestamps",
 ]
 
-EVENTS_TABLE = "events"
-"""The table INSERT_BATCH writes, in the schema on the connection's search_path."""
 MIGRATIONS_PACKAGE = "services.storage.migrations"
 """The package holding storage's versioned SQL (streammesh.mesh.postgres.migrate applies it)."""
 

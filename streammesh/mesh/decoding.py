@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,40 +21,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from streammesh.mesh.errors import InvalidArgument, rich_status_trailers
+from streammesh.mesh.logs import LogThrottle
 
-__all__ = ["DecodedRequests", "Deserializer", "LogThrottle", "RequestDecoder"]
+__all__ = ["DecodedRequests", "Deserializer", "RequestDecoder"]
 
 Deserializer = Callable[[bytes], Any]
-
-
-class LogThrottle:
-    """At most one line per `interval` seconds; the lines in between are counted, not written,
-    and the next line written says how many were left out."""
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._next = float("-inf")
-        self._skipped = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        """Log `message % args` at WARNING unless a line was written less than `interval` ago."""
-        now = self._clock()
-        if now < self._next:
-            self._skipped += 1
-            return
-        self._next = now + self._interval
-        skipped, self._skipped = self._skipped, 0
-        if skipped:
-            self._log.warning(message + " (%d more warnings not logged)", *args, skipped)
-        else:
-            self._log.warning(message, *args)
 
 
 class RequestDecoder:

@@ -18,8 +18,9 @@ from typing import Any
 
 import grpc
 
-from streammesh.mesh.decoding import DecodedRequests, LogThrottle, RequestDecoder
+from streammesh.mesh.decoding import DecodedRequests, RequestDecoder
 from streammesh.mesh.errors import StreamMeshError, rich_status_trailers
+from streammesh.mesh.logs import LogThrottle
 
 __all__ = ["Guard", "GuardInterceptor", "abort_with"]
 

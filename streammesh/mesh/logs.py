@@ -6,10 +6,41 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
-__all__ = ["configure_logging"]
+__all__ = ["LogThrottle", "configure_logging"]
 
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class LogThrottle:
+    """At most one line per `interval` seconds; the lines in between are counted, not written,
+    and the next line written says how many were left out."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._skipped = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log `message % args` at WARNING unless a line was written less than `interval` ago."""
+        now = self._clock()
+        if now < self._next:
+            self._skipped += 1
+            return
+        self._next = now + self._interval
+        skipped, self._skipped = self._skipped, 0
+        if skipped:
+            self._log.warning(message + " (%d more warnings not logged)", *args, skipped)
+        else:
+            self._log.warning(message, *args)
 
 
 class JsonFormatter(logging.Formatter):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from services.gateway.publish import assign_missing_ids
 from services.gateway.relay import convert
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.ingest.v1 import ingest_pb2
+from streammesh.envelope import assign_missing_ids
 
 
 def test_a_client_cannot_smuggle_internal_fields() -> None:
