@@ -20,6 +20,7 @@ from services.auth.origin import Origin, origin_of
 from services.auth.paging import decode_token, encode_token, page_size
 from services.auth.validation import new_account, role_set, username_argument
 from streammesh.api.auth.v1 import auth_pb2
+from streammesh.envelope import timestamp_problem
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = ["AdminHandlers"]
@@ -208,10 +209,8 @@ def _time(
     """`value` as a datetime; None when unset, or when invalid (then `field` is named)."""
     if value is None:
         return None
-    try:
-        return value.ToDatetime(tzinfo=dt.UTC)
-    except (ValueError, OverflowError):
-        violations.append(
-            (field, "a valid timestamp: 0001-01-01 to 9999-12-31, nanos 0 to 999999999")
-        )
+    problem = timestamp_problem(value)
+    if problem is not None:
+        violations.append((field, problem))
         return None
+    return value.ToDatetime(tzinfo=dt.UTC)

@@ -204,7 +204,7 @@ class TokenIssuer:
         username: str,
         roles: Sequence[str],
         session_id: str,
-        generation: int = 0,
+        generation: int,
     ) -> AccessToken:
         """A token for user `subject` in session `session_id`, carrying username, roles and the
         user's token generation (`gen`: gateways refuse a token whose generation was revoked)."""

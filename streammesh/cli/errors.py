@@ -15,7 +15,6 @@ import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from streammesh.mesh.errors import STATUS_DETAILS_KEY
 
@@ -42,15 +41,8 @@ def describe_rpc_error(error: _FailedCall) -> str:
 
 
 def _rich_status(error: _FailedCall) -> status_pb2.Status | None:
-    try:
-        status: status_pb2.Status | None = rpc_status.from_call(error)
-        return status
-    except DecodeError:
-        return None
-    except ValueError:
-        # from_call refuses a trailer whose code or message differs from the call's; the
-        # details are still the server's own, so show them rather than drop them.
-        pass
+    # Read the trailer directly: grpc_status's from_call refuses one whose code or message
+    # differs from the call's, and the details are still the server's own.
     for key, value in _pairs(error.trailing_metadata()):
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             try:

@@ -89,10 +89,13 @@ class ComposeStack:
         )
 
 
-def _run(*args: str | Path, timeout: float) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str | Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(arg) for arg in args],
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -136,7 +139,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
         stack.compose("cp", "pki:/state/pki", str(stack.state_dir / "pki"))
         yield stack
     except BaseException:
-        logs = _run(COMPOSE_OFFLINE, "compose", "logs", "--no-color", "--tail", "40", timeout=60)
+        # This run's project and ports (env), not the default project's.
+        logs = _run(
+            COMPOSE_OFFLINE, "compose", "logs", "--no-color", "--tail", "40", timeout=60, env=env
+        )
         print(logs.stdout, logs.stderr)
         raise
     finally:
