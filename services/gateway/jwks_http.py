@@ -17,7 +17,9 @@ import logging
 import ssl
 from pathlib import Path
 
-from services.gateway.tokens import ALGORITHM, JwksCache
+from google.protobuf.json_format import MessageToDict
+
+from services.gateway.tokens import JwksCache, public_keys
 from streammesh.mesh.errors import Unavailable
 
 __all__ = ["JWKS_PATH", "JwksHttpListener"]
@@ -95,15 +97,7 @@ class JwksHttpListener:
         body = json.dumps(
             {
                 "keys": [
-                    {
-                        "kty": k.kty,
-                        "kid": k.kid,
-                        "alg": ALGORITHM,
-                        "use": "sig",
-                        "crv": k.crv,
-                        "x": k.x,
-                    }
-                    for k in keys
+                    MessageToDict(k, preserving_proto_field_name=True) for k in public_keys(keys)
                 ]
             },
             separators=(",", ":"),

@@ -12,7 +12,7 @@ from services.gateway.access import current_principal
 from services.gateway.publish import PublishRelay, RelayLimits
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
 from services.gateway.revocations import RevocableStream, RevocationList
-from services.gateway.tokens import ALGORITHM, JwksCache, Reason, TokenRejected
+from services.gateway.tokens import JwksCache, Reason, TokenRejected, public_keys
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -47,13 +47,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # The HTTP caching convention, for clients (and proxies) that read headers only.
         await context.send_initial_metadata((("cache-control", f"max-age={seconds}"),))
         return gateway_pb2.GetJwksResponse(
-            keys=[
-                # The gateway binds every key to EdDSA for signatures: say so to every verifier.
-                gateway_pb2.JsonWebKey(
-                    kty=key.kty, kid=key.kid, alg=ALGORITHM, use="sig", crv=key.crv, x=key.x
-                )
-                for key in keys
-            ],
+            keys=public_keys(keys),
             max_age=Duration(seconds=seconds),
         )
 

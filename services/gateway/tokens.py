@@ -29,6 +29,7 @@ import jwt
 
 from services.gateway.revocations import RevocationList, Revoked
 from streammesh.api.auth.v1 import auth_pb2
+from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.mesh.errors import StreamMeshError, Unauthenticated, Unavailable
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Reason",
     "TokenRejected",
     "TokenVerifier",
+    "public_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,17 @@ INVALID_TOKEN = "missing or invalid access token"  # noqa: S105 - a message, not
 MAX_TOKEN_CHARS = 4096
 """Auth's tokens are well under 1 kB; anything longer is refused before it is parsed."""
 ALGORITHM = "EdDSA"
+
+
+def public_keys(keys: Sequence[auth_pb2.JsonWebKey]) -> list[gateway_pb2.JsonWebKey]:
+    """The keys as the gateway publishes them (GetJwks, /.well-known/jwks.json): bound to EdDSA
+    signatures, which is all the gateway accepts, so every verifier is told so."""
+    return [
+        gateway_pb2.JsonWebKey(kty=k.kty, kid=k.kid, alg=ALGORITHM, use="sig", crv=k.crv, x=k.x)
+        for k in keys
+    ]
+
+
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - RFC 9068 token type
 _TOKEN_TYPES = frozenset({TOKEN_TYPE, f"application/{TOKEN_TYPE}"})
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "exp", "nbf", "iat", "jti", "sid", "preferred_username"]
