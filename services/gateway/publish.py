@@ -242,6 +242,11 @@ class PublishRelay:
     async def _resume_or_raise(self, ended: _Ended) -> None:
         """Open a new ingest stream and resend the window, or raise the client's status."""
         if not _resumable(ended):
+            # Not a connection cut: passed on. Logged, because the client sees only a generic
+            # UNAVAILABLE for codes it must not learn the details of (INTERNAL, CANCELLED...).
+            log.warning(
+                "ingest stream ended (%s: %s); not resumable", ended.code.name, ended.details
+            )
             raise from_status(ended.code, ended.details, service="ingest", trailers=ended.trailers)
         now = time.monotonic()
         if self._failing_since is None or now - self._opened_at > self._limits.resume_seconds:
