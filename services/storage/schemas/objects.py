@@ -94,6 +94,18 @@ def check_objects(
         if subschema is False:
             continue
         for reader_schema, reader_pointer in _reader_schemas_for(reader, rp, name):
+            if reader_schema is False:
+                found.append(
+                    checker.violation(
+                        "additional-properties-closed",
+                        f"the writer may write property {name!r}, which the reader does not "
+                        "declare while its additionalProperties is false",
+                        pointer_join(ip, name),
+                        pointer_join(f"{wp}/properties", name),
+                        reader_pointer,
+                    )
+                )
+                continue
             found.extend(
                 checker.check(
                     subschema,
@@ -265,6 +277,18 @@ def check_arrays(
             target, target_pointer = reader_prefix[index], f"{rp}/prefixItems/{index}"
         else:
             target, target_pointer = reader_items, f"{rp}/items"
+        if target is False and item is not False:
+            found.append(
+                checker.violation(
+                    "tuple-closed",
+                    f"the writer may write an item at position {index}, the reader's array "
+                    "allows none there (items: false)",
+                    pointer_join(ip, index),
+                    item_pointer,
+                    target_pointer,
+                )
+            )
+            break
         found.extend(
             checker.check(item, item_pointer, target, target_pointer, pointer_join(ip, index))
         )

@@ -104,9 +104,11 @@ def _merge(first: Schema, second: Schema) -> Schema | None:
     """
     if first is False or second is False:
         return False
-    if first is True:
+    # Keeping the very object where one side adds nothing lets the walk recognise a recursive
+    # `$ref` it has already entered (it compares schema objects by identity).
+    if first is True or not _has_assertions(first):
         return second
-    if second is True:
+    if second is True or not _has_assertions(second):
         return first
     merged = dict(first)
     for key, value in second.items():
