@@ -20,6 +20,8 @@ from services.storage.schemas import DRAFT_2020_12, SchemaProblem, schema_proble
         {"$defs": {"n": {"type": "integer"}}, "properties": {"n": {"$ref": "#/$defs/n"}}},
         {"prefixItems": [{"type": "string"}], "items": False},
         {"patternProperties": {"^x_[a-z]+$": {"type": "number"}}},
+        # ECMA 262 (and ingest's engine) reads \p{L}; Python's re would not.
+        {"properties": {"name": {"type": "string", "pattern": "^\\p{L}+$"}}},
         # A "$ref" key inside data (enum values, defaults) is not a reference.
         {"enum": [{"$ref": "#/nowhere"}], "default": {"$ref": "#/nowhere"}},
     ],
@@ -35,6 +37,7 @@ def test_valid_documents_pass(schema: Any) -> None:
         ({"properties": {"a": {"minLength": -1}}}, "/properties/a/minLength", "minimum"),
         ({"required": "a"}, "/required", "not of type 'array'"),
         ({"properties": {"s": {"pattern": "("}}}, "/properties/s/pattern", "regex"),
+        ({"patternProperties": {"(": {}}}, "/patternProperties/(", "regex"),
         ({"$schema": "http://json-schema.org/draft-07/schema#"}, "/$schema", "Draft 2020-12"),
         ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "/properties/a/$ref", "nothing"),
         ({"items": {"$ref": "https://example.com/x.json"}}, "/items/$ref", "same document"),

@@ -1,8 +1,9 @@
 """Is a submitted document a valid Draft 2020-12 schema the registry can keep?
 
-Checked: the Draft 2020-12 meta-schema (with `format: regex` asserted, so a pattern that does not
-compile is refused), `$schema` naming Draft 2020-12 when present, and every `$ref` resolving
-inside the document (the registry stores self-contained schemas and never fetches one).
+Checked: the Draft 2020-12 meta-schema, `$schema` naming Draft 2020-12 when present, every `$ref` resolving
+inside the document (the registry stores self-contained schemas and never fetches one), and the
+document compiling with jsonschema-rs, the validator ingest runs: a `pattern` is an ECMA 262
+regex, and that engine (not Python's `re`, which refuses `\\p{L}`) decides whether it compiles.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator, FormatChecker
+import jsonschema_rs
+from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from services.storage.schemas.documents import SchemaDocument, UnresolvableRef
@@ -24,9 +26,7 @@ _MAX_MESSAGE = 300
 # Keywords whose values are data, not subschemas: a "$ref" key inside them is not a reference.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 
-_META_VALIDATOR = Draft202012Validator(
-    Draft202012Validator.META_SCHEMA, format_checker=FormatChecker(formats=("regex",))
-)
+_META_VALIDATOR = Draft202012Validator(Draft202012Validator.META_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -99,4 +99,15 @@ def schema_problems(schema: Any) -> list[SchemaProblem]:
             document.resolve(ref)
         except UnresolvableRef as error:
             problems.append(SchemaProblem(pointer, str(error)))
+    if not problems:
+        try:
+            compilable = dict(schema) if isinstance(schema, Mapping) else schema
+            jsonschema_rs.Draft202012Validator(compilable, validate_formats=True)
+        except jsonschema_rs.ValidationError as error:
+            problems.append(SchemaProblem(_pointer(error.instance_path), error.message))
+        except (ValueError, jsonschema_rs.ReferencingError) as error:
+            first_line = str(error).split("\n", 1)[0]
+            problems.append(
+                SchemaProblem("", f"ingest's validator cannot compile it: {first_line}")
+            )
     return problems
