@@ -74,23 +74,18 @@ def _candidates() -> list[tuple[str, str, Case, Case]]:
 
     found: list[tuple[str, str, Case, Case]] = [
         (
-            "jsonschema + json.loads",
+            f"{validator_name} + {parse.__module__}.loads",
             "2020-12",
-            lambda p: reference.is_valid(json.loads(p)),
-            lambda p: list(reference.iter_errors(json.loads(p))),
-        ),
-        (
-            "jsonschema-rs + json.loads",
-            "2020-12",
-            lambda p: rust.is_valid(json.loads(p)),
-            lambda p: list(rust.iter_errors(json.loads(p))),
-        ),
-        (
-            "jsonschema-rs + orjson",
-            "2020-12",
-            lambda p: rust.is_valid(orjson.loads(p)),
-            lambda p: list(rust.iter_errors(orjson.loads(p))),
-        ),
+            lambda p, v=validator, parse=parse: v.is_valid(parse(p)),
+            lambda p, v=validator, parse=parse: list(v.iter_errors(parse(p))),
+        )
+        for validator_name, validator, parsers in (
+            ("jsonschema", reference, (json.loads,)),
+            ("jsonschema-rs", rust, (json.loads, orjson.loads)),
+        )
+        for parse in parsers
+    ]
+    found += [
         (
             "ingest PayloadValidator (jsonschema-rs + orjson)",
             "2020-12",

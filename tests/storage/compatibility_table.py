@@ -242,6 +242,14 @@ CHANGES: list[Change] = [
         "the string branch takes every old value; old readers refuse null",
     ),
     Change(
+        "made nullable with a oneOf of distinct types",
+        obj({"n": S}),
+        obj({"n": {"oneOf": [S, {"type": "null"}]}}),
+        COMPATIBLE,
+        Breaks({"n": None}, "value-refused"),
+        "branches of distinct types never both match, so each string matches exactly one",
+    ),
+    Change(
         "type removed from a union",
         obj({"n": {"type": ["string", "integer"]}}),
         obj({"n": S}),
