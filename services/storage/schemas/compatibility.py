@@ -36,6 +36,11 @@ and Confluent's own rules for closed models still come out as they do there. An 
 that declares nothing about objects (`{}` or `true`) still lets writers write anything.
 Where a model's `additionalProperties` is a schema (e.g. `{"type": "string"}`), writers are
 taken at their word and may write any undeclared name with such a value.
+The assumption is about producers, and ingest validates payloads against the schema as written,
+so a producer may still send an undeclared property to an open model and have it stored; the
+verdict then holds for producers that keep to their schema. Validating at ingest against the
+closed form (every open model made `additionalProperties: false`) would turn it into a guarantee;
+that is a policy choice left to the ingest wiring.
 
 Other choices, each from the JSON Schema specification:
 - `default` is an annotation: a validator does not fill it in, so adding a required property
