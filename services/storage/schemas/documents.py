@@ -1,0 +1,134 @@
+"""A schema document as the compatibility check walks it: local `$ref` resolution and the
+keyword vocabulary the check understands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+from urllib.parse import unquote
+
+from jsonschema import Draft202012Validator
+
+__all__ = [
+    "ANALYSED_KEYWORDS",
+    "ANNOTATION_KEYWORDS",
+    "WRITER_IGNORABLE_KEYWORDS",
+    "SchemaDocument",
+    "UnresolvableRef",
+]
+
+# Keywords that never change which instances are valid (annotations, identifiers, containers of
+# definitions): both sides may carry any of them, they play no part in the verdict. `default` is
+# one: a Draft 2020-12 validator does not fill defaults in, so a default never makes a missing
+# property present.
+ANNOTATION_KEYWORDS = frozenset(
+    {
+        "$schema",
+        "$id",
+        "$anchor",
+        "$dynamicAnchor",
+        "$vocabulary",
+        "$comment",
+        "$defs",
+        "definitions",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "contentEncoding",
+        "contentMediaType",
+        "contentSchema",
+    }
+)
+
+# Keywords the check reasons about exactly (or soundly, where it says so).
+ANALYSED_KEYWORDS = frozenset(
+    {
+        "type",
+        "enum",
+        "const",
+        "$ref",
+        "allOf",
+        "anyOf",
+        "oneOf",
+        # numbers
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        # strings
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        # objects
+        "properties",
+        "required",
+        "additionalProperties",
+        "patternProperties",
+        "minProperties",
+        "maxProperties",
+        # arrays
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "uniqueItems",
+    }
+)
+
+# Assertions that only ever remove instances and never declare a property a writer may produce:
+# on the writer's side, ignoring one makes the writer's set of instances larger, so a verdict of
+# "compatible" stays true. On the reader's side they are not analysed (reported as unsupported).
+WRITER_IGNORABLE_KEYWORDS = frozenset(
+    {"not", "dependentRequired", "propertyNames", "contains", "minContains", "maxContains"}
+)
+
+
+class UnresolvableRef(Exception):
+    """A `$ref` that is not a JSON Pointer into the same document, or points at nothing."""
+
+
+class SchemaDocument:
+    """One schema document (a registered version or the candidate) and its local references."""
+
+    def __init__(self, root: Mapping[str, Any] | bool, *, name: str) -> None:
+        self.root = root
+        self.name = name
+        """"old", "new" or "version N": how messages name this document."""
+
+    @cached_property
+    def validator(self) -> Draft202012Validator:
+        """A validator of the whole document; `.evolve(schema=part)` validates against one of
+        its subschemas with references still resolved against the document."""
+        return Draft202012Validator(self.root)
+
+    def resolve(self, ref: str) -> tuple[Any, str]:
+        """The schema a local `$ref` ("#" or "#/json/pointer") names, and its pointer.
+
+        Remote references and `$anchor` names are not followed: the registry stores
+        self-contained documents, and a schema that needs more is reported, not guessed at.
+        """
+        if not ref.startswith("#") or (len(ref) > 1 and ref[1] != "/"):
+            raise UnresolvableRef(
+                f"$ref {ref!r} is not a JSON Pointer into the same document (only '#/...' is supported)"
+            )
+        pointer = unquote(ref[1:])
+        node: Any = self.root
+        for raw in pointer.split("/")[1:]:
+            token = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, Mapping) and token in node:
+                node = node[token]
+            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                node = node[int(token)]
+            else:
+                raise UnresolvableRef(f"$ref {ref!r} points at nothing in the {self.name} schema")
+        if not isinstance(node, Mapping | bool):
+            raise UnresolvableRef(f"$ref {ref!r} does not point at a schema")
+        return node, pointer
