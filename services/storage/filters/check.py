@@ -245,8 +245,10 @@ def _number(value: Value) -> Decimal | None:
         number = Decimal(value.text)
     except InvalidOperation:
         return None
-    # Far beyond any JSON number Postgres keeps (numeric: 131072 digits before the point).
-    return number if number.is_finite() and abs(number.adjusted()) < 100_000 else None
+    # Postgres numeric keeps 16383 digits after the point: stay well inside that.
+    digits = len(number.as_tuple().digits)
+    fits = number.is_finite() and abs(number.adjusted()) <= 15_000 and digits <= 1000
+    return number if fits else None
 
 
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)", re.ASCII)

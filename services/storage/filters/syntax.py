@@ -23,7 +23,7 @@ tighter than AND; so `a AND b c OR d` is `a AND (b AND (c OR d))`):
 
 Literals: STRING is "..." or '...' with the escapes \\ \" \' \n \r \t \uXXXX; NUMBER is a decimal
 (-12, 3.5, 1e3); TEXT is a bare word (eu-west-1, true, false). Keywords are upper case; `and`
-is a word. AIP-160's functions (`f(x)`) and bare global values (`"gold"` alone) are not part of
+is a word; a word is letters, digits, _ and - (not first: a digit or -). AIP-160's functions (`f(x)`) and bare global values (`"gold"` alone) are not part of
 the subset: the checks refuse a restriction without a comparator.
 """
 
@@ -173,9 +173,9 @@ _RPAREN: ")"
 _DOT: "."
 ASTERISK: "*"
 COMPARATOR: "<=" | ">=" | "!=" | "<" | ">" | "=" | ":"
-NUMBER.2: /-?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(?![^\s"'().:=<>!*])/
+NUMBER.2: /-?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(?![\w\-])/
 STRING: /"(\\.|[^"\\])*"/ | /'(\\.|[^'\\])*'/
-TEXT: /[^\s"'().:=<>!*\-0-9][^\s"'().:=<>!*]*/
+TEXT: /(?!\d)\w[\w\-]*/
 %ignore /\s+/
 """
 
@@ -216,7 +216,22 @@ def _decode_string(token: Token) -> str:
             token=token.value,
         )
 
-    return _ESCAPE.sub(replace, token.value[1:-1])
+    decoded = _ESCAPE.sub(replace, token.value[1:-1])
+    try:
+        # Joins a surrogate pair written as two escapes (as JSON encoders write U+1F600);
+        # a lone surrogate is no character at all.
+        decoded = decoded.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        raise FilterError(
+            f"string {token.value} holds a lone UTF-16 surrogate escape",
+            column=_column(token),
+            token=token.value,
+        ) from None
+    if "\0" in decoded:  # Postgres text cannot hold NUL
+        raise FilterError(
+            f"string {token.value} holds U+0000", column=_column(token), token=token.value
+        )
+    return decoded
 
 
 def _depth(nodes: list[Node]) -> int:
