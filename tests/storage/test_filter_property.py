@@ -149,7 +149,7 @@ def _compiled(text: str, open_scope: bool) -> CompiledFilter | None:
         return None
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(text=_ANY_TEXT, open_scope=st.booleans())
 def test_any_text_compiles_or_is_refused_as_invalid_argument(text: str, open_scope: bool) -> None:
     compiled = _compiled(text, open_scope)

@@ -29,6 +29,7 @@ the subset: the checks refuse a restriction without a comparator.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -338,10 +339,12 @@ def _syntax_error(text: str, error: UnexpectedInput) -> FilterError:
     )
 
 
+@functools.lru_cache(maxsize=512)
 def parse_filter(text: str) -> Node | None:
     """The tree of an AIP-160 filter, None for an empty (all-whitespace) one; FilterError when
     the text does not parse, is longer than MAX_FILTER_CHARS or nests deeper than
-    MAX_FILTER_DEPTH."""
+    MAX_FILTER_DEPTH. Cached (the tree is immutable): each page of a query sends its filter
+    again."""
     if len(text) > MAX_FILTER_CHARS:
         raise FilterError(
             f"longer than {MAX_FILTER_CHARS} characters",
