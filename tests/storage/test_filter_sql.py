@@ -292,6 +292,8 @@ def _plan(rows: list[Any]) -> str:
         ("attributes:channel", "events_attributes_idx"),
         ('type:"order.*"', "events_type_seq_idx"),
         ('key = "k1"', "events_key_seq_idx"),
+        ('key > "k3"', "events_key_seq_idx"),
+        ('id >= "e13"', "events_pkey"),
         ('event_time >= "2026-01-02T00:00:00Z"', "events_event_time_idx"),
     ],
 )

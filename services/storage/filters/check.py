@@ -170,7 +170,7 @@ def _unknown_payload_field(member: Member, index: int, scope: FieldScope) -> Fil
     )
 
 
-def _payload_kind(member: Member, scope: FieldScope, value: Value | None) -> JsonType | None:
+def _payload_kind(member: Member, scope: FieldScope) -> JsonType | None:
     """The type the scope gives payload.<path>; None for an undeclared field typed by its
     literal (allow_undeclared)."""
     path = ".".join(member.names[1:])
@@ -221,7 +221,7 @@ def _scalar(label: str, kind: JsonType, value: Value) -> Scalar:
         number = _number(value)
         if number is None:
             raise _fail(
-                f"{label} is a {kind}; {value.source} is not a number (write 10, -2.5, 1e3 "
+                f"{label} is {_a(kind)}; {value.source} is not a number (write 10, -2.5, 1e3 "
                 "without quotes)",
                 value.column,
                 value.source,
@@ -235,7 +235,11 @@ def _scalar(label: str, kind: JsonType, value: Value) -> Scalar:
                 f"{label} is a boolean; write true or false (unquoted)", value.column, value.source
             )
         return value.text == "true"
-    raise _fail(f"{label} is an {kind} and has no value to compare", value.column, value.source)
+    raise _fail(f"{label} is {_a(kind)} and has no value to compare", value.column, value.source)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _number(value: Value) -> Decimal | None:
@@ -361,7 +365,7 @@ def _payload(
         if value.kind == "any":
             return Present(Payload((), "object"))
         return _has_field(member, value, scope)
-    declared = _payload_kind(member, scope, value)
+    declared = _payload_kind(member, scope)
     kind: JsonType = declared or _literal_kind(value)
     target = Payload(path, kind)
     if op == ":" and value.kind == "any":
@@ -379,13 +383,13 @@ def _payload(
             raise _fail(
                 f"{label} is an array; test an element with {label}:<value>", member.column, label
             )
-        items = scope.declarations(".".join(path) + ITEMS_SUFFIX)
-        item_kind = next(iter(items.values())) if len(items) == 1 else _literal_kind(value)
+        items = set(scope.declarations(".".join(path) + ITEMS_SUFFIX).values())
+        item_kind = items.pop() if len(items) == 1 else _literal_kind(value)
         return Contains(target, _scalar(f"an element of {label}", item_kind, value))
     if kind == "string":
         return _string_restriction(target, label, op, value)
     if op == ":":
-        raise _fail(f"{label} is a {kind}; `:` takes only * here (use = to compare)", at_op, ":")
+        raise _fail(f"{label} is {_a(kind)}; `:` takes only * here (use = to compare)", at_op, ":")
     if kind == "boolean" and op not in ("=", "!="):
         raise _fail(f"{label} is a boolean; compare it with = or !=", at_op, op)
     return Compare(target, op, _scalar(label, kind, value))

@@ -199,8 +199,10 @@ class _Renderer:
                 f"CASE WHEN jsonb_typeof({element}) = '{jsonb_type}' THEN {typed} {op} {bound} END"
             )
         text, guard = self._text(target)
-        # Code point order, as the C-collated id, key and type columns compare.
-        collated = f'{text} COLLATE "C"' if op not in ("=", "<>") else text
+        # Code point order, as the C-collated id, key and type columns compare already (and
+        # their btree indexes are in that order, so they keep their own collation).
+        ordering = op not in ("=", "<>") and not isinstance(target, Column)
+        collated = f'{text} COLLATE "C"' if ordering else text
         test = f"{collated} {op} {self.bind(value, 'text')}"
         return f"CASE WHEN {guard} THEN {test} END" if guard else test
 
