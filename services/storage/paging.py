@@ -5,6 +5,10 @@ The hash ties a token to the filter it was issued for, so a client cannot carry 
 one filter into another and silently skip or repeat events. Tokens are not secret: forging one
 only moves the caller's own cursor over data it may read anyway.
 
+Superseded: the query API of issue 9 pages with streammesh.mesh.paging.PageTokens (HMAC, bound
+to the principal too) over `event_page_scope`; the unkeyed tokens below stay until QueryEvents
+and ListDeadLetters are wired to it, then go.
+
 Caveat: seq is drawn when a row is inserted, not when its transaction commits, so a reader paging
 while writers commit may pass a seq whose row becomes visible later. Paging history is exact;
 tailing live data this way can skip rows (live delivery belongs to the subscription path).
@@ -16,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Iterable
 
 from services.storage.store import EventQuery
 from services.storage.times import TimeBound, unix_micros
@@ -27,6 +32,7 @@ __all__ = [
     "decode_position",
     "encode_page_token",
     "encode_position",
+    "event_page_scope",
     "filter_hash",
 ]
 
@@ -53,6 +59,30 @@ def filter_hash(query: EventQuery) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def event_page_scope(
+    *,
+    tenant: str,
+    filter: str,
+    keys: Iterable[str] = (),
+    types: Iterable[str] = (),
+    start_time: TimeBound | None = None,
+    end_time: TimeBound | None = None,
+) -> dict[str, object]:
+    """What a page token of an events query is bound to (streammesh.mesh.paging): every field
+    that decides which events the query returns, keys and types as sets, times to the
+    nanosecond, the filter as written (another spelling of the same filter is another query:
+    the client repeats the request it made). page_size is left out: AIP-158 lets it change."""
+    return {
+        "what": "events",
+        "tenant": tenant,
+        "filter": filter,
+        "keys": sorted(set(keys)),
+        "types": sorted(set(types)),
+        "start": list(start_time) if start_time is not None else None,
+        "end": list(end_time) if end_time is not None else None,
+    }
 
 
 def dead_letter_scope(partition: int | None, replayed: bool | None) -> str:
