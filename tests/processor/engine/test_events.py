@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import pytest
+
+from services.processor.engine.events import (
+    MISSING,
+    EngineEvent,
+    FieldPathError,
+    compile_field_path,
+)
+
+EVENT = EngineEvent(
+    id="e1",
+    key="k",
+    type="order.created",
+    event_time_nanos=5,
+    partition=3,
+    payload={"amount": 12.5, "customer": {"tier": "gold"}, "nothing": None},
+    attributes={"region": "eu"},
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("id", "e1"),
+        ("key", "k"),
+        ("type", "order.created"),
+        ("event_time", 5),
+        ("partition", 3),
+        ("payload.amount", 12.5),
+        ("payload.customer.tier", "gold"),
+        ("payload.nothing", None),
+        ("attributes.region", "eu"),
+        ("payload.absent", MISSING),
+        ("payload.customer.absent", MISSING),
+        ("payload.amount.deeper", MISSING),
+        ("attributes.absent", MISSING),
+    ],
+)
+def test_paths_read_what_the_event_has(path: str, value: object) -> None:
+    assert (
+        compile_field_path(path)(EVENT) == value
+        if value is not MISSING
+        else (compile_field_path(path)(EVENT) is MISSING)
+    )
+
+
+@pytest.mark.parametrize(
+    "path", ["", "payload", "payload.", "payload..x", "body.x", "attributes.a.b"]
+)
+def test_bad_paths_are_refused_naming_the_path(path: str) -> None:
+    with pytest.raises(FieldPathError, match="field path"):
+        compile_field_path(path)
