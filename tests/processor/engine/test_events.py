@@ -39,11 +39,11 @@ EVENT = EngineEvent(
     ],
 )
 def test_paths_read_what_the_event_has(path: str, value: object) -> None:
-    assert (
-        compile_field_path(path)(EVENT) == value
-        if value is not MISSING
-        else (compile_field_path(path)(EVENT) is MISSING)
-    )
+    read = compile_field_path(path)(EVENT)
+    if value is MISSING:
+        assert read is MISSING
+    else:
+        assert read == value
 
 
 @pytest.mark.parametrize(
