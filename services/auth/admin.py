@@ -381,10 +381,10 @@ class Administration:
         reason: str = "",
         tenant: str | None = None,
     ) -> None:
-        """Audit a call in `tenant` (default: the actor's), naming the actor's tenant when it
-        is another one."""
+        """Audit a call in `tenant` (default: the actor's; "" for a platform event), naming
+        the actor's tenant when the row belongs to another one."""
         details = dict(details or {})
-        if tenant is not None and origin.tenant is not None and tenant != origin.tenant:
+        if tenant and origin.tenant is not None and tenant != origin.tenant:
             details["actor_tenant"] = origin.tenant
         await self._audit.record(
             origin.event(
