@@ -69,27 +69,35 @@ class GatewayClient:
         return str(reply.user_id)
 
     async def begin_totp(
-        self, username: str, password: str
+        self, username: str, password: str, *, tenant: str = ""
     ) -> gateway_pb2.BeginTotpEnrollmentResponse:
+        """Start TOTP enrolment of `username` in `tenant` (empty: "default")."""
         reply: gateway_pb2.BeginTotpEnrollmentResponse = await self._stub.BeginTotpEnrollment(
-            gateway_pb2.BeginTotpEnrollmentRequest(username=username, password=password), timeout=30
+            gateway_pb2.BeginTotpEnrollmentRequest(
+                username=username, password=password, tenant=tenant
+            ),
+            timeout=30,
         )
         return reply
 
-    async def confirm_totp(self, username: str, password: str, code: str) -> list[str]:
+    async def confirm_totp(
+        self, username: str, password: str, code: str, *, tenant: str = ""
+    ) -> list[str]:
         """Activate TOTP; returns the one-time recovery codes (shown once)."""
         reply = await self._stub.ConfirmTotpEnrollment(
             gateway_pb2.ConfirmTotpEnrollmentRequest(
-                username=username, password=password, code=code
+                username=username, password=password, code=code, tenant=tenant
             ),
             timeout=30,
         )
         return list(reply.recovery_codes)
 
-    async def start_login(self, username: str, password: str) -> str:
-        """Password step: returns the MFA challenge to answer with complete_login()."""
+    async def start_login(self, username: str, password: str, *, tenant: str = "") -> str:
+        """Password step (in `tenant`; empty: "default"): returns the MFA challenge to answer
+        with complete_login()."""
         reply = await self._stub.StartLogin(
-            gateway_pb2.StartLoginRequest(username=username, password=password), timeout=30
+            gateway_pb2.StartLoginRequest(username=username, password=password, tenant=tenant),
+            timeout=30,
         )
         return str(reply.challenge)
 
@@ -108,9 +116,12 @@ class GatewayClient:
         self._keep(reply.tokens)
         return reply.tokens
 
-    async def login(self, username: str, password: str, code: str) -> gateway_pb2.SessionTokens:
+    async def login(
+        self, username: str, password: str, code: str, *, tenant: str = ""
+    ) -> gateway_pb2.SessionTokens:
         """Both login steps with a TOTP code."""
-        return await self.complete_login(await self.start_login(username, password), totp_code=code)
+        challenge = await self.start_login(username, password, tenant=tenant)
+        return await self.complete_login(challenge, totp_code=code)
 
     async def refresh(self) -> gateway_pb2.SessionTokens:
         """Spend the refresh token for new tokens (the old refresh token stops working)."""

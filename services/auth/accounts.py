@@ -11,6 +11,13 @@ Login: StartLogin checks the password and hands out a challenge (see `challenges
 takes the challenge and a TOTP or recovery code and opens a session. No token exists before both
 factors passed. Every failed attempt at either step counts toward the throttle and the lockout,
 and the throttle's delays hold at both steps. Every registration counts against its source.
+
+Tenants: usernames are unique per tenant, so the flows that name a user take its tenant too
+(empty means "default"). An unknown tenant is answered like an unknown user, and a disabled one
+like a disabled user: the generic UNAUTHENTICATED, so the answer does not tell whether a tenant
+exists. Registration always creates the account in "default": a tenant's accounts are made by
+its administrators, so no stranger can plant accounts in a tenant, and no anonymous call tells
+whether one exists.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from services.auth.crypto import Purpose, SecretBox
 from services.auth.origin import Origin
 from services.auth.passwords import MAX_PASSWORD_CHARS, Passwords, normalize_password
 from services.auth.sessions import Sessions, SessionTokens
-from services.auth.store import AuthStore, UserRecord
+from services.auth.store import AuthStore, UserRecord, account_name
 from services.auth.throttle import Throttle, Verdict
 from streammesh.mesh.errors import (
     AlreadyExists,
@@ -38,6 +45,7 @@ from streammesh.mesh.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from streammesh.mesh.tenancy import DEFAULT_TENANT, canonical_tenant
 
 __all__ = [
     "INVALID_CREDENTIALS",
@@ -135,9 +143,16 @@ class Accounts:
         # The clock TOTP time steps are taken from (tests move it to check drift).
         self._clock = clock
 
-    async def create(self, username: str, password: str, roles: Sequence[str] | None) -> UserRecord:
-        """Create a user; `username` canonical, `password` normalized and within the policy
-        (the service validates both first); None roles means the default ones."""
+    async def create(
+        self,
+        username: str,
+        password: str,
+        roles: Sequence[str] | None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> UserRecord:
+        """Create a user in the existing `tenant`; `username` canonical, `password` normalized
+        and within the policy (the service validates both first); None roles means the default
+        ones."""
         password_hash = await self._passwords.hash(password)
         user_id = uuid.uuid4()
         created = await self._store.create_user(
@@ -145,10 +160,11 @@ class Accounts:
             username=username,
             password_hash=password_hash,
             roles=self._default_roles if roles is None else tuple(roles),
+            tenant=tenant,
         )
-        user = await self._store.get_user(username) if created else None
+        user = await self._store.get_user(username, tenant=tenant) if created else None
         if user is None:
-            raise AlreadyExists("that username is taken")
+            raise AlreadyExists("that username is taken in this tenant")
         log.info("created user %s", user_id)
         return user
 
@@ -160,6 +176,7 @@ class Accounts:
         choice, and there is no other channel to tell them), so without a cost it would list
         the users; and each one costs an argon2 hash.
         """
+        origin = origin.within(DEFAULT_TENANT)
         admission = await self._throttle.spend_source(origin.source)
         if admission.verdict is Verdict.WAIT:
             await self._record(origin, "register", Outcome.FAILURE, username, "throttled")
@@ -173,10 +190,11 @@ class Accounts:
         return user.id
 
     async def begin_totp_enrollment(
-        self, username: str, password: str, origin: Origin
+        self, username: str, password: str, origin: Origin, *, tenant: str = ""
     ) -> Enrollment:
         """Store a fresh pending secret (sealed) and return it in the clear, once."""
         action = "totp_enroll_begin"
+        origin = await self._in_tenant(origin, tenant, action)
         user, _, attempt = await self._check_password(username, password, origin, action)
         try:
             if user.totp_enabled:
@@ -201,11 +219,12 @@ class Accounts:
         )
 
     async def confirm_totp_enrollment(
-        self, username: str, password: str, code: str, origin: Origin
+        self, username: str, password: str, code: str, origin: Origin, *, tenant: str = ""
     ) -> list[str]:
         """Activate the pending secret once a code from it proves the app has it; returns the
         new recovery codes (their hashes replace any earlier ones)."""
         action = "totp_enroll_confirm"
+        origin = await self._in_tenant(origin, tenant, action)
         user, _, attempt = await self._check_password(username, password, origin, action)
         try:
             if user.totp_enabled:
@@ -240,9 +259,12 @@ class Accounts:
         log.info("TOTP enabled for user %s", user.id)
         return codes
 
-    async def start_login(self, username: str, password: str, origin: Origin) -> IssuedChallenge:
+    async def start_login(
+        self, username: str, password: str, origin: Origin, *, tenant: str = ""
+    ) -> IssuedChallenge:
         """First step: the password. Returns a challenge for the second factor."""
         action = "login_password"
+        origin = await self._in_tenant(origin, tenant, action)
         user, normalized, attempt = await self._check_password(username, password, origin, action)
         try:
             if not user.totp_enabled:
@@ -251,7 +273,7 @@ class Accounts:
                 )
                 raise FailedPrecondition(TOTP_REQUIRED)
             await self._rehash_if_needed(user, normalized)
-            challenge = await self._challenges.issue(user.id, user.username)
+            challenge = await self._challenges.issue(user.id, user.username, user.tenant)
             await self._record(origin, action, Outcome.SUCCESS, user.username)
         finally:
             await attempt.release()
@@ -276,6 +298,7 @@ class Accounts:
         if issued is None:
             await self._record(origin, action, Outcome.FAILURE, "", "bad_challenge")
             raise Unauthenticated(INVALID_CREDENTIALS)
+        origin = origin.within(issued.tenant)
         attempt = await self._admit(issued.username, origin, action)
         try:
             taken = await self._challenges.take(challenge)
@@ -338,37 +361,49 @@ class Accounts:
             raise Unauthenticated(INVALID_CREDENTIALS)
         attempt = await self._admit(canonical, origin, action, password=normalized)
         try:
-            user = await self._store.get_user(canonical)
+            user = await self._store.get_user(canonical, tenant=origin.tenant or DEFAULT_TENANT)
             if user is None:
                 await self._passwords.verify_dummy(normalized)
                 await self._fail(attempt, origin, action, canonical, "unknown_user")
             if not await self._passwords.verify(user.password_hash, normalized):
                 await self._fail(attempt, origin, action, canonical, "bad_credentials")
-            if user.disabled:
-                await self._record(origin, action, Outcome.FAILURE, canonical, "user_disabled")
+            reason = _disabled(user)
+            if reason is not None:
+                await self._record(origin, action, Outcome.FAILURE, canonical, reason)
                 raise Unauthenticated(INVALID_CREDENTIALS)
         except BaseException:
             await attempt.release()
             raise
         return user, normalized, attempt
 
+    async def _in_tenant(self, origin: Origin, tenant: str, action: str) -> Origin:
+        """`origin` within the tenant a flow names (empty: "default"); a malformed one can
+        match no account and gets the generic answer at once."""
+        canonical = canonical_tenant(tenant) if tenant else DEFAULT_TENANT
+        if canonical is None:
+            await self._record(origin, action, Outcome.FAILURE, "", "malformed")
+            raise Unauthenticated(INVALID_CREDENTIALS)
+        return origin.within(canonical)
+
     async def _admit(
         self,
-        account: str,
+        username: str,
         origin: Origin,
         action: str,
         *,
         password: str | None = None,
     ) -> _Attempt:
+        """Admit an attempt on `username` of the origin's tenant (or refuse it)."""
+        account = account_name(origin.tenant or DEFAULT_TENANT, username)
         admission = await self._throttle.admit(account, origin.source)
         if admission.verdict is Verdict.LOCKED:
             if password is not None:
                 # As slow as a wrong password: timing must not tell a locked account apart.
                 await self._passwords.verify_dummy(password)
-            await self._record(origin, action, Outcome.FAILURE, account, "locked")
+            await self._record(origin, action, Outcome.FAILURE, username, "locked")
             raise Unauthenticated(INVALID_CREDENTIALS)
         if admission.verdict is Verdict.WAIT:
-            await self._record(origin, action, Outcome.FAILURE, account, "throttled")
+            await self._record(origin, action, Outcome.FAILURE, username, "throttled")
             raise ResourceExhausted(TOO_MANY_ATTEMPTS, retry_after_seconds=admission.retry_after)
         return _Attempt(self._throttle, account, origin.source)
 
@@ -407,12 +442,23 @@ class Accounts:
             log.info("password of user %s re-hashed with current parameters", user.id)
 
 
-def _refusal(user: UserRecord | None) -> str | None:
-    """Why a challenge of `user` cannot complete any more (deleted, disabled, MFA reset)."""
-    if user is None:
-        return "unknown_user"
+def _disabled(user: UserRecord) -> str | None:
+    """Why `user` may not sign in whatever the credentials: it, or its tenant, is disabled."""
     if user.disabled:
         return "user_disabled"
+    if user.tenant_disabled:
+        return "tenant_disabled"
+    return None
+
+
+def _refusal(user: UserRecord | None) -> str | None:
+    """Why a challenge of `user` cannot complete any more (deleted, disabled, tenant disabled,
+    MFA reset)."""
+    if user is None:
+        return "unknown_user"
+    disabled = _disabled(user)
+    if disabled is not None:
+        return disabled
     if not user.totp_enabled:
         return "mfa_not_enrolled"
     return None

@@ -18,7 +18,13 @@ from services.auth.admin import Administration
 from services.auth.audit import AuditQuery
 from services.auth.origin import Origin, origin_of
 from services.auth.paging import decode_token, encode_token, page_size
-from services.auth.validation import new_account, role_set, username_argument
+from services.auth.validation import (
+    display_name_argument,
+    new_account,
+    role_set,
+    tenant_argument,
+    username_argument,
+)
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.envelope import timestamp_problem
 from streammesh.mesh.errors import InvalidArgument
@@ -38,7 +44,8 @@ def _invalid_token() -> InvalidArgument:
 
 
 class AdminHandlers:
-    """ListUsers ... ListAuditEvents; see the proto for each call's contract."""
+    """ListUsers ... ListAuditEvents and the tenant calls; see the proto for each call's
+    contract."""
 
     def __init__(self, *, admin: Administration, trust_domain: str) -> None:
         self._admin = admin
@@ -57,13 +64,14 @@ class AdminHandlers:
                 "invalid prefix",
                 field_violations=[("username_prefix", "at most 64 username characters")],
             )
-        scope = {"prefix": prefix}
+        tenant = tenant_argument(request.tenant)
+        scope = {"prefix": prefix, "tenant": tenant}
         position = decode_token(request.page_token, scope) or {}
         after = position.get("after", "")
         if not isinstance(after, str):
             raise _invalid_token()
         views = await self._admin.list_users(
-            prefix=prefix, after=after, limit=size + 1, origin=self._origin(context)
+            prefix=prefix, after=after, limit=size + 1, origin=self._origin(context), tenant=tenant
         )
         now = dt.datetime.now(dt.UTC)
         reply = auth_pb2.ListUsersResponse(
@@ -79,14 +87,19 @@ class AdminHandlers:
         username, password, roles = new_account(
             request.username, request.password, roles=request.roles
         )
-        view = await self._admin.create_user(username, password, roles, self._origin(context))
+        tenant = tenant_argument(request.tenant)
+        view = await self._admin.create_user(
+            username, password, roles, self._origin(context), tenant
+        )
         return auth_pb2.CreateUserResponse(user=convert.user_message(view))
 
     async def SetUserDisabled(
         self, request: auth_pb2.SetUserDisabledRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.SetUserDisabledResponse:
         username = username_argument(request.username)
-        view = await self._admin.set_disabled(username, request.disabled, self._origin(context))
+        view = await self._admin.set_disabled(
+            username, request.disabled, self._origin(context), tenant_argument(request.tenant)
+        )
         return auth_pb2.SetUserDisabledResponse(user=convert.user_message(view))
 
     async def SetUserRoles(
@@ -94,28 +107,36 @@ class AdminHandlers:
     ) -> auth_pb2.SetUserRolesResponse:
         username = username_argument(request.username)
         roles = role_set(request.roles)
-        view = await self._admin.set_roles(username, roles, self._origin(context))
+        view = await self._admin.set_roles(
+            username, roles, self._origin(context), tenant_argument(request.tenant)
+        )
         return auth_pb2.SetUserRolesResponse(user=convert.user_message(view))
 
     async def ResetMfa(
         self, request: auth_pb2.ResetMfaRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ResetMfaResponse:
         username = username_argument(request.username)
-        view = await self._admin.reset_mfa(username, self._origin(context))
+        view = await self._admin.reset_mfa(
+            username, self._origin(context), tenant_argument(request.tenant)
+        )
         return auth_pb2.ResetMfaResponse(user=convert.user_message(view))
 
     async def UnlockUser(
         self, request: auth_pb2.UnlockUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.UnlockUserResponse:
         username = username_argument(request.username)
-        view = await self._admin.unlock(username, self._origin(context))
+        view = await self._admin.unlock(
+            username, self._origin(context), tenant_argument(request.tenant)
+        )
         return auth_pb2.UnlockUserResponse(user=convert.user_message(view))
 
     async def RevokeSessions(
         self, request: auth_pb2.RevokeSessionsRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.RevokeSessionsResponse:
         username = username_argument(request.username)
-        revoked = await self._admin.revoke_sessions(username, self._origin(context))
+        revoked = await self._admin.revoke_sessions(
+            username, self._origin(context), tenant_argument(request.tenant)
+        )
         return auth_pb2.RevokeSessionsResponse(revoked=revoked)
 
     async def ListSigningKeys(
@@ -150,6 +171,7 @@ class AdminHandlers:
         size = page_size(request.page_size)
         query = _audit_query(request)
         scope: dict[str, Any] = {
+            "tenant": query.tenant,
             "actor": query.actor,
             "subject": query.subject,
             "action": query.action,
@@ -178,6 +200,50 @@ class AdminHandlers:
             reply.next_page_token = encode_token({"t": last.time.isoformat(), "i": row_id}, scope)
         return reply
 
+    async def CreateTenant(
+        self, request: auth_pb2.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CreateTenantResponse:
+        tenant_id = tenant_argument(request.tenant_id, "tenant_id", required=True)
+        name = display_name_argument(request.display_name, tenant_id)
+        tenant = await self._admin.create_tenant(tenant_id, name, self._origin(context))
+        return auth_pb2.CreateTenantResponse(tenant=convert.tenant_message(tenant))
+
+    async def ListTenants(
+        self, request: auth_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListTenantsResponse:
+        size = page_size(request.page_size)
+        position = decode_token(request.page_token, {"list": "tenants"}) or {}
+        after = position.get("after", "")
+        if not isinstance(after, str):
+            raise _invalid_token()
+        tenants = await self._admin.list_tenants(
+            after=after, limit=size + 1, origin=self._origin(context)
+        )
+        reply = auth_pb2.ListTenantsResponse(
+            tenants=[convert.tenant_message(tenant) for tenant in tenants[:size]]
+        )
+        if len(tenants) > size:
+            reply.next_page_token = encode_token(
+                {"after": tenants[size - 1].id}, {"list": "tenants"}
+            )
+        return reply
+
+    async def GetTenant(
+        self, request: auth_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.GetTenantResponse:
+        tenant_id = tenant_argument(request.tenant_id, "tenant_id", required=True)
+        tenant = await self._admin.get_tenant(tenant_id, self._origin(context))
+        return auth_pb2.GetTenantResponse(tenant=convert.tenant_message(tenant))
+
+    async def SetTenantDisabled(
+        self, request: auth_pb2.SetTenantDisabledRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.SetTenantDisabledResponse:
+        tenant_id = tenant_argument(request.tenant_id, "tenant_id", required=True)
+        tenant = await self._admin.set_tenant_disabled(
+            tenant_id, request.disabled, self._origin(context)
+        )
+        return auth_pb2.SetTenantDisabledResponse(tenant=convert.tenant_message(tenant))
+
 
 def _audit_query(request: auth_pb2.ListAuditEventsRequest) -> AuditQuery:
     violations = [
@@ -193,7 +259,9 @@ def _audit_query(request: auth_pb2.ListAuditEventsRequest) -> AuditQuery:
         violations.append(("end_time", "must not be before start_time"))
     if violations:
         raise InvalidArgument("invalid audit query", field_violations=violations)
+    tenant = tenant_argument(request.tenant)
     return AuditQuery(
+        tenant=tenant,
         actor=request.actor,
         subject=request.subject,
         action=request.action,

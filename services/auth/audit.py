@@ -1,7 +1,9 @@
 """The audit log: one row per security event, in Postgres, read newest first.
 
 An event says who acted (actor), on which account (subject), what happened (action), how it ended
-(outcome), why it failed (reason), from where (source) and a few details. It never holds a
+(outcome), why it failed (reason), from where (source), a few details, and which tenant it belongs
+to (the account's, else the actor's; empty for platform events): a tenant admin reads only its
+tenant's events. It never holds a
 password, code, token, challenge, recovery code or secret: the flows build events from names and
 ids only, and events reported by the edge are checked for token-shaped values.
 """
@@ -21,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.auth.tables import audit_events
+from streammesh.mesh.tenancy import TENANT_RULE, canonical_tenant
 
 __all__ = [
     "ACTOR_PATTERN",
@@ -70,6 +73,11 @@ AUTH_ACTIONS = frozenset(
         "list_users",
         "list_signing_keys",
         "list_audit_events",
+        "tenant_created",
+        "tenant_disabled",
+        "tenant_enabled",
+        "list_tenants",
+        "get_tenant",
     }
 )
 
@@ -101,12 +109,14 @@ class AuditEvent:
     details: Mapping[str, str] = field(default_factory=dict)
     event_id: uuid.UUID | None = None
     time: dt.datetime | None = None
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
 class AuditQuery:
     """Exact-match filters (empty = any) and a time range [start, end)."""
 
+    tenant: str = ""
     actor: str = ""
     subject: str = ""
     action: str = ""
@@ -136,6 +146,8 @@ def edge_event_problems(event: AuditEvent) -> list[tuple[str, str]]:
         problems.append(("event.outcome", "success, failure or denied"))
     check("reason", event.reason, _REASON, "at most 64 of a-z, 0-9, '_'")
     check("subject", event.subject, _SUBJECT, "empty or a username")
+    if event.tenant and canonical_tenant(event.tenant) != event.tenant:
+        problems.append(("event.tenant", f"empty or {TENANT_RULE}"))
     if len(event.source) > _MAX_SOURCE or not _PRINTABLE.fullmatch(event.source):
         problems.append(("event.source", f"at most {_MAX_SOURCE} printable ASCII characters"))
     if len(event.details) > _MAX_DETAILS:
@@ -164,6 +176,7 @@ def _event(row: Row[Any]) -> tuple[AuditEvent, int]:
         details=dict(row.details),
         event_id=row.event_id,
         time=row.occurred_at,
+        tenant=row.tenant,
     )
     return event, int(row.id)
 
@@ -185,6 +198,7 @@ class AuditLog:
             "reason": event.reason,
             "source": event.source,
             "details": dict(event.details),
+            "tenant": event.tenant,
         }
         if event.time is not None:
             values["occurred_at"] = event.time
@@ -192,12 +206,13 @@ class AuditLog:
         async with self._engine.begin() as conn:
             await conn.execute(statement)
         log.info(
-            "audit %s %s%s subject=%s actor=%s",
+            "audit %s %s%s subject=%s actor=%s tenant=%s",
             event.action,
             event.outcome,
             f" ({event.reason})" if event.reason else "",
             event.subject or "-",
             event.actor,
+            event.tenant or "-",
         )
 
     async def query(
@@ -208,6 +223,7 @@ class AuditLog:
         table = audit_events
         statement = select(table).order_by(table.c.occurred_at.desc(), table.c.id.desc())
         for column, value in (
+            (table.c.tenant, query.tenant),
             (table.c.actor, query.actor),
             (table.c.subject, query.subject),
             (table.c.action, query.action),

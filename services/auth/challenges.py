@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from streammesh.mesh.tenancy import DEFAULT_TENANT
+
 __all__ = ["CHALLENGE_PREFIX", "Challenge", "Challenges"]
 
 CHALLENGE_PREFIX = "smc_"
@@ -31,6 +33,7 @@ class Challenge:
 
     user_id: uuid.UUID
     username: str
+    tenant: str = DEFAULT_TENANT
 
 
 class Challenges:
@@ -46,10 +49,10 @@ class Challenges:
         """How long an issued challenge can be answered."""
         return self._ttl_ms / 1000
 
-    async def issue(self, user_id: uuid.UUID, username: str) -> str:
+    async def issue(self, user_id: uuid.UUID, username: str, tenant: str = DEFAULT_TENANT) -> str:
         """A fresh challenge for this user."""
         challenge = CHALLENGE_PREFIX + secrets.token_urlsafe(32)
-        value = json.dumps({"user_id": str(user_id), "username": username})
+        value = json.dumps({"user_id": str(user_id), "username": username, "tenant": tenant})
         await self._redis.set(self._key(challenge), value, px=self._ttl_ms)
         return challenge
 
@@ -75,4 +78,9 @@ def _decode(raw: bytes | str | None) -> Challenge | None:
     if raw is None:
         return None
     data = json.loads(raw)
-    return Challenge(user_id=uuid.UUID(data["user_id"]), username=str(data["username"]))
+    # Challenges issued before tenants existed name none: theirs is the default tenant.
+    return Challenge(
+        user_id=uuid.UUID(data["user_id"]),
+        username=str(data["username"]),
+        tenant=str(data.get("tenant", DEFAULT_TENANT)),
+    )

@@ -11,6 +11,7 @@ from services.auth.admin import UserView
 from services.auth.audit import AuditEvent
 from services.auth.keystore import SigningKeyRecord
 from services.auth.sessions import SessionTokens
+from services.auth.tenants import TenantRecord
 from streammesh.api.auth.v1 import auth_pb2
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "jwk_message",
     "session_tokens_message",
     "signing_key_message",
+    "tenant_message",
     "timestamp",
     "user_message",
 ]
@@ -53,6 +55,7 @@ def session_tokens_message(tokens: SessionTokens) -> auth_pb2.SessionTokens:
         refresh_token=tokens.refresh_token,
         refresh_expires_in=duration(tokens.refresh_expires_in),
         roles=list(tokens.roles),
+        tenant=tokens.tenant,
     )
 
 
@@ -69,6 +72,17 @@ def user_message(view: UserView, *, now: dt.datetime | None = None) -> auth_pb2.
         mfa_enabled=user.totp_enabled,
         created_at=timestamp(user.created_at),
         locked_until=timestamp(locked_until),
+        tenant=user.tenant,
+    )
+
+
+def tenant_message(tenant: TenantRecord) -> auth_pb2.Tenant:
+    return auth_pb2.Tenant(
+        tenant_id=tenant.id,
+        display_name=tenant.display_name,
+        disabled=tenant.disabled,
+        created_at=timestamp(tenant.created_at),
+        disabled_at=timestamp(tenant.disabled_at),
     )
 
 
@@ -97,6 +111,7 @@ def audit_event_message(event: AuditEvent) -> auth_pb2.AuditEvent:
         reason=event.reason,
         source=event.source,
         details=dict(event.details),
+        tenant=event.tenant,
     )
 
 
@@ -114,4 +129,5 @@ def audit_event_from_proto(
         details=dict(message.details),
         event_id=event_id,
         time=time,
+        tenant=message.tenant,
     )

@@ -4,13 +4,16 @@ The gateway calls auth for people and names them in metadata: `x-streammesh-acto
 "anonymous") and `x-streammesh-source` (the client address it saw). That metadata is believed
 only when the verified mTLS peer is the gateway. An operator (admin certificate, e.g. grpcurl)
 is the actor itself, "operator:<name>" from its certificate, and its source is its own address.
+
+For a verified caller the gateway also sends `x-streammesh-tenant`, the tenant of the caller's
+token (see streammesh.mesh.tenancy); it becomes the origin's tenant.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
 import grpc
@@ -18,6 +21,7 @@ import grpc
 from services.auth.audit import ACTOR_PATTERN, AuditEvent
 from streammesh.mesh.errors import InvalidArgument
 from streammesh.mesh.identity import peer_identity
+from streammesh.mesh.tenancy import caller_tenant
 
 __all__ = ["ACTOR_METADATA", "SOURCE_METADATA", "SYSTEM", "Origin", "origin_of", "peer_host"]
 
@@ -33,10 +37,16 @@ _PEER = re.compile(
 
 @dataclass(frozen=True)
 class Origin:
-    """The actor ("user:ada", "operator:admin", "anonymous", ...) and the client address."""
+    """The actor ("user:ada", "operator:admin", "anonymous", ...), the client address, and the
+    actor's tenant when known (a verified caller's, as the gateway names it)."""
 
     actor: str
     source: str
+    tenant: str | None = None
+
+    def within(self, tenant: str) -> Origin:
+        """The same origin, its events in `tenant` (the account flows: the tenant they name)."""
+        return replace(self, tenant=tenant)
 
     def event(
         self,
@@ -46,9 +56,11 @@ class Origin:
         subject: str = "",
         reason: str = "",
         details: Mapping[str, str] | None = None,
+        tenant: str | None = None,
     ) -> AuditEvent:
-        """An audit event of this origin."""
+        """An audit event of this origin, in `tenant` (default: the actor's, if known)."""
         return AuditEvent(
+            tenant=tenant if tenant is not None else self.tenant or "",
             actor=self.actor,
             action=action,
             outcome=outcome,
@@ -77,8 +89,9 @@ def origin_of(context: grpc.aio.ServicerContext, *, trust_domain: str) -> Origin
     identity = peer_identity(context) or ""
     kind, _, name = identity.removeprefix(f"spiffe://{trust_domain}/").partition("/")
     peer_address = peer_host(context.peer() or "")
+    tenant = caller_tenant(context, trust_domain=trust_domain)
     if kind == "operator":
-        return Origin(actor=f"operator:{name}", source=peer_address)
+        return Origin(actor=f"operator:{name}", source=peer_address, tenant=tenant)
     if kind != "service" or name != "gateway":
         return Origin(
             actor=f"service:{name}" if kind == "service" else "anonymous", source=peer_address
@@ -96,11 +109,11 @@ def origin_of(context: grpc.aio.ServicerContext, *, trust_domain: str) -> Origin
     if source is None:
         # Without the client's address every caller shares the gateway's throttling bucket:
         # stricter than per-client, never looser.
-        return Origin(actor=actor, source=peer_address)
+        return Origin(actor=actor, source=peer_address, tenant=tenant)
     source = source.strip()
     if not _SOURCE.fullmatch(source):
         raise InvalidArgument(
             "malformed caller metadata",
             field_violations=[(SOURCE_METADATA, "1 to 128 printable ASCII characters")],
         )
-    return Origin(actor=actor, source=peer_host(source))
+    return Origin(actor=actor, source=peer_host(source), tenant=tenant)

@@ -49,11 +49,13 @@ class Kind(enum.StrEnum):
 
     SESSION = "session"
     USER_TOKENS = "user_tokens"
+    TENANT_TOKENS = "tenant_tokens"
 
 
 _KIND_MESSAGE = {
     Kind.SESSION: auth_pb2.REVOCATION_KIND_SESSION,
     Kind.USER_TOKENS: auth_pb2.REVOCATION_KIND_USER_TOKENS,
+    Kind.TENANT_TOKENS: auth_pb2.REVOCATION_KIND_TENANT_TOKENS,
 }
 
 

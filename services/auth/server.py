@@ -26,6 +26,7 @@ from services.auth.sessions import Sessions
 from services.auth.settings import AuthSettings
 from services.auth.startup import load_secret_box, sealed_with_this_key
 from services.auth.store import AuthStore
+from services.auth.tenants import TenantStore
 from services.auth.throttle import Throttle, ThrottlePolicy
 from services.auth.tokens import KeyRing, TokenIssuer
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -189,6 +190,7 @@ async def build_dependencies(
         throttle=throttle,
         keys=keys,
         audit=audit,
+        tenants=TenantStore(engine),
     )
     return AuthDependencies(
         engine=engine,

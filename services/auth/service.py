@@ -64,7 +64,7 @@ class AuthServicer(AdminHandlers, auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.BeginTotpEnrollmentRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.BeginTotpEnrollmentResponse:
         enrollment = await self._accounts.begin_totp_enrollment(
-            request.username, request.password, self._origin(context)
+            request.username, request.password, self._origin(context), tenant=request.tenant
         )
         return auth_pb2.BeginTotpEnrollmentResponse(
             secret=enrollment.secret, otpauth_uri=enrollment.otpauth_uri
@@ -74,7 +74,11 @@ class AuthServicer(AdminHandlers, auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.ConfirmTotpEnrollmentRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ConfirmTotpEnrollmentResponse:
         codes = await self._accounts.confirm_totp_enrollment(
-            request.username, request.password, request.code, self._origin(context)
+            request.username,
+            request.password,
+            request.code,
+            self._origin(context),
+            tenant=request.tenant,
         )
         return auth_pb2.ConfirmTotpEnrollmentResponse(recovery_codes=codes)
 
@@ -82,7 +86,7 @@ class AuthServicer(AdminHandlers, auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.StartLoginRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.StartLoginResponse:
         issued = await self._accounts.start_login(
-            request.username, request.password, self._origin(context)
+            request.username, request.password, self._origin(context), tenant=request.tenant
         )
         return auth_pb2.StartLoginResponse(
             challenge=issued.challenge, expires_in=convert.duration(issued.expires_in)
@@ -140,9 +144,10 @@ class AuthServicer(AdminHandlers, auth_pb2_grpc.AuthServiceServicer):
             raise InvalidArgument("no event", field_violations=[("event", "required")])
         message = auth_pb2.AuditEvent()
         message.CopyFrom(request.event)
-        # Unset actor and source are the caller's own, as the metadata says.
+        # Unset actor, source and tenant are the caller's own, as the metadata says.
         message.actor = message.actor or origin.actor
         message.source = message.source or origin.source
+        message.tenant = message.tenant or origin.tenant or ""
         violations: list[tuple[str, str]] = []
         event_id = uuid.uuid4()
         if message.event_id:

@@ -20,8 +20,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.auth.revocations import Kind, record
-from services.auth.store import UserRecord
-from services.auth.tables import refresh_tokens, sessions, users
+from services.auth.store import USER_COLUMNS, UserRecord
+from services.auth.tables import refresh_tokens, sessions, tenants, users
 
 __all__ = ["OpenedSession", "RefreshOutcome", "RefreshResult", "SessionStore"]
 
@@ -35,6 +35,7 @@ class RefreshOutcome(enum.Enum):
     REVOKED = "session_revoked"
     EXPIRED = "expired"
     DISABLED = "user_disabled"
+    TENANT_DISABLED = "tenant_disabled"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ def _user_from(row: Row[*tuple[Any, ...]]) -> UserRecord:
         totp_last_step=None,
         disabled_at=row.disabled_at,
         token_generation=row.token_generation,
+        tenant=row.tenant_id,
+        tenant_disabled=row.tenant_disabled_at is not None,
+        tenant_generation=row.tenant_generation,
     )
 
 
@@ -138,10 +142,13 @@ class SessionStore:
                 users.c.roles,
                 users.c.disabled_at,
                 users.c.token_generation,
+                users.c.tenant_id,
+                *USER_COLUMNS,
                 now.label("now"),
             )
             .join(sessions, sessions.c.id == refresh_tokens.c.session_id)
             .join(users, users.c.id == sessions.c.user_id)
+            .join(tenants, tenants.c.id == users.c.tenant_id)
             .where(refresh_tokens.c.token_hash == token_hash)
             # Both rows locked: a concurrent refresh of the same token waits here, and then
             # reads the token row as the first one left it (spent).
@@ -161,6 +168,8 @@ class SessionStore:
                 return RefreshResult(RefreshOutcome.EXPIRED, session_id, user)
             if user.disabled:
                 return RefreshResult(RefreshOutcome.DISABLED, session_id, user)
+            if user.tenant_disabled:
+                return RefreshResult(RefreshOutcome.TENANT_DISABLED, session_id, user)
             new_expiry = min(row.now + dt.timedelta(seconds=self._refresh_ttl), row.expires_at)
             generation = row.generation + 1
             spent = await conn.execute(
@@ -221,9 +230,12 @@ class SessionStore:
                 users.c.roles,
                 users.c.disabled_at,
                 users.c.token_generation,
+                users.c.tenant_id,
+                *USER_COLUMNS,
             )
             .join(sessions, sessions.c.id == refresh_tokens.c.session_id)
             .join(users, users.c.id == sessions.c.user_id)
+            .join(tenants, tenants.c.id == users.c.tenant_id)
             .where(refresh_tokens.c.token_hash == token_hash)
         )
         async with self._engine.begin() as conn:

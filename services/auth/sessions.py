@@ -45,6 +45,7 @@ class SessionTokens:
     refresh_expires_in: int
     roles: tuple[str, ...]
     session_id: uuid.UUID
+    tenant: str
 
 
 def _new_refresh_token() -> tuple[str, bytes]:
@@ -71,7 +72,7 @@ class Sessions:
         access = await self._issue(user, opened.session_id)
         log.info("session %s opened for user %s", opened.session_id, user.id)
         return SessionTokens(
-            access, refresh, opened.refresh_expires_in, user.roles, opened.session_id
+            access, refresh, opened.refresh_expires_in, user.roles, opened.session_id, user.tenant
         )
 
     async def refresh(self, token: str, origin: Origin) -> SessionTokens:
@@ -84,6 +85,7 @@ class Sessions:
         new_token, new_hash = _new_refresh_token()
         result = await self._store.rotate(_hash(token), new_hash)
         subject = result.user.username if result.user is not None else ""
+        tenant = result.user.tenant if result.user is not None else ""
         details = {"session_id": str(result.session_id)} if result.session_id else {}
         if result.outcome is not RefreshOutcome.ROTATED:
             if result.outcome is RefreshOutcome.REUSED:
@@ -96,16 +98,24 @@ class Sessions:
                     subject=subject,
                     reason=result.outcome.value,
                     details=details,
+                    tenant=tenant,
                 )
             )
             raise Unauthenticated(INVALID_REFRESH_TOKEN)
         assert result.user is not None and result.session_id is not None
         access = await self._issue(result.user, result.session_id)
         await self._audit.record(
-            origin.event("refresh", Outcome.SUCCESS, subject=subject, details=details)
+            origin.event(
+                "refresh", Outcome.SUCCESS, subject=subject, details=details, tenant=tenant
+            )
         )
         return SessionTokens(
-            access, new_token, result.refresh_expires_in, result.user.roles, result.session_id
+            access,
+            new_token,
+            result.refresh_expires_in,
+            result.user.roles,
+            result.session_id,
+            result.user.tenant,
         )
 
     async def logout(self, token: str, origin: Origin) -> None:
@@ -121,6 +131,7 @@ class Sessions:
             )
             raise Unauthenticated(INVALID_REFRESH_TOKEN)
         subject = result.user.username if result.user is not None else ""
+        tenant = result.user.tenant if result.user is not None else ""
         details = {"session_id": str(result.session_id)}
         if result.outcome is RefreshOutcome.REUSED:
             details["family_revoked"] = "now" if result.revoked_now else "before"
@@ -131,13 +142,14 @@ class Sessions:
                     subject=subject,
                     reason=RefreshOutcome.REUSED.value,
                     details=details,
+                    tenant=tenant,
                 )
             )
             raise Unauthenticated(INVALID_REFRESH_TOKEN)
         if not result.revoked_now:
             details["already_ended"] = "true"
         await self._audit.record(
-            origin.event("logout", Outcome.SUCCESS, subject=subject, details=details)
+            origin.event("logout", Outcome.SUCCESS, subject=subject, details=details, tenant=tenant)
         )
 
     async def revoke_user(self, user_id: uuid.UUID, reason: str) -> int:
@@ -155,4 +167,6 @@ class Sessions:
             roles=user.roles,
             session_id=str(session_id),
             generation=user.token_generation,
+            tenant=user.tenant,
+            tenant_generation=user.tenant_generation,
         )

@@ -19,12 +19,19 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.auth.revocations import Kind, record
-from services.auth.tables import recovery_codes, users
+from services.auth.tables import recovery_codes, tenants, users
 from streammesh.mesh.postgres import load_migrations, migrate
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 
-__all__ = ["AuthStore", "UserRecord"]
+__all__ = ["USER_COLUMNS", "AuthStore", "UserRecord", "account_name", "user_record"]
 
 MIGRATIONS_PACKAGE = "services.auth.migrations"
+
+
+def account_name(tenant: str, username: str) -> str:
+    """An account's name for throttling and lockout: the username in tenant "default" (as
+    before tenants existed), `<tenant>/<username>` elsewhere ('/' is in no username)."""
+    return username if tenant == DEFAULT_TENANT else f"{tenant}/{username}"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,16 @@ class UserRecord:
     disabled_at: dt.datetime | None = None
     token_generation: int = 0
     """The `gen` claim of the user's access tokens; raised to revoke the older ones."""
+    tenant: str = DEFAULT_TENANT
+    tenant_disabled: bool = False
+    """Whether the user's tenant is disabled (read with the user; False when not read)."""
+    tenant_generation: int = 0
+    """The `tgen` claim of the tenant's access tokens (see tenants.TenantStore)."""
+
+    @property
+    def account(self) -> str:
+        """The account's name for throttling and lockout (see `account_name`)."""
+        return account_name(self.tenant, self.username)
 
     @property
     def totp_enabled(self) -> bool:
@@ -54,7 +71,16 @@ class UserRecord:
         return self.disabled_at is not None
 
 
-def _user(row: Row[Any]) -> UserRecord:
+USER_COLUMNS = (
+    tenants.c.disabled_at.label("tenant_disabled_at"),
+    tenants.c.token_generation.label("tenant_generation"),
+)
+"""The tenant's state read with a user (join `tenants` on users.tenant_id)."""
+
+
+def user_record(row: Row[Any]) -> UserRecord:
+    """A UserRecord from a row of `users` (optionally with USER_COLUMNS)."""
+    mapping = row._mapping
     return UserRecord(
         id=row.id,
         username=row.username,
@@ -66,7 +92,14 @@ def _user(row: Row[Any]) -> UserRecord:
         created_at=row.created_at,
         disabled_at=row.disabled_at,
         token_generation=row.token_generation,
+        tenant=row.tenant_id,
+        tenant_disabled=mapping.get("tenant_disabled_at") is not None,
+        tenant_generation=int(mapping.get("tenant_generation") or 0),
     )
+
+
+def _select_users() -> Any:
+    return select(users, *USER_COLUMNS).join(tenants, tenants.c.id == users.c.tenant_id)
 
 
 class AuthStore:
@@ -83,46 +116,63 @@ class AuthStore:
         )
 
     async def create_user(
-        self, *, user_id: uuid.UUID, username: str, password_hash: str, roles: Sequence[str]
+        self,
+        *,
+        user_id: uuid.UUID,
+        username: str,
+        password_hash: str,
+        roles: Sequence[str],
+        tenant: str = DEFAULT_TENANT,
     ) -> bool:
-        """Insert a user; False when the (lower-case) username is taken."""
+        """Insert a user into an existing tenant; False when the (lower-case) username is taken
+        in that tenant."""
         statement = (
             insert(users)
             .values(
                 id=user_id,
+                tenant_id=tenant,
                 username=username,
                 password_hash=password_hash,
                 roles=list(roles),
                 created_at=func.now(),
                 updated_at=func.now(),
             )
-            .on_conflict_do_nothing(index_elements=[users.c.username])
+            .on_conflict_do_nothing(index_elements=[users.c.tenant_id, users.c.username])
             .returning(users.c.id)
         )
         async with self._engine.begin() as conn:
             return (await conn.execute(statement)).first() is not None
 
-    async def get_user(self, username: str) -> UserRecord | None:
-        """The user with this (lower-case) username, if any."""
+    async def get_user(self, username: str, *, tenant: str = DEFAULT_TENANT) -> UserRecord | None:
+        """The user of `tenant` with this (lower-case) username, if any."""
+        statement = _select_users().where(users.c.tenant_id == tenant, users.c.username == username)
         async with self._engine.connect() as conn:
-            row = (await conn.execute(select(users).where(users.c.username == username))).first()
-        return None if row is None else _user(row)
+            row = (await conn.execute(statement)).first()
+        return None if row is None else user_record(row)
 
     async def get_user_by_id(self, user_id: uuid.UUID) -> UserRecord | None:
         """The user with this id, if any."""
         async with self._engine.connect() as conn:
-            row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
-        return None if row is None else _user(row)
+            row = (await conn.execute(_select_users().where(users.c.id == user_id))).first()
+        return None if row is None else user_record(row)
 
-    async def list_users(self, *, after: str, prefix: str, limit: int) -> list[UserRecord]:
-        """Up to `limit` users with usernames after `after` that start with `prefix`, by name."""
-        statement = select(users).order_by(users.c.username).limit(limit)
+    async def list_users(
+        self, *, after: str, prefix: str, limit: int, tenant: str = DEFAULT_TENANT
+    ) -> list[UserRecord]:
+        """Up to `limit` users of `tenant` with usernames after `after` that start with
+        `prefix`, by name."""
+        statement = (
+            _select_users()
+            .where(users.c.tenant_id == tenant)
+            .order_by(users.c.username)
+            .limit(limit)
+        )
         if after:
             statement = statement.where(users.c.username > after)
         if prefix:
             statement = statement.where(users.c.username.startswith(prefix, autoescape=True))
         async with self._engine.connect() as conn:
-            return [_user(row) for row in await conn.execute(statement)]
+            return [user_record(row) for row in await conn.execute(statement)]
 
     # TOTP and recovery codes
 
@@ -224,7 +274,7 @@ class AuthStore:
             await self._replace_recovery_codes(conn, user_id, ())
             if row is not None:
                 await record(conn, Kind.USER_TOKENS, str(user_id), generation=row.token_generation)
-        return None if row is None else _user(row)
+        return None if row is None else user_record(row)
 
     @staticmethod
     async def _replace_recovery_codes(
@@ -271,7 +321,7 @@ class AuthStore:
             row = (await conn.execute(statement)).first()
             if row is not None and revoke_tokens:
                 await record(conn, Kind.USER_TOKENS, str(user_id), generation=row.token_generation)
-        return None if row is None else _user(row)
+        return None if row is None else user_record(row)
 
     async def _update_user(self, user_id: uuid.UUID, *conditions: Any, **values: Any) -> bool:
         statement = (

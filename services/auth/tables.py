@@ -25,6 +25,7 @@ __all__ = [
     "revocations",
     "sessions",
     "signing_keys",
+    "tenants",
     "users",
 ]
 
@@ -35,11 +36,22 @@ def _time(name: str, *, nullable: bool = True) -> Column[object]:
     return Column(name, DateTime(timezone=True), nullable=nullable)
 
 
+tenants = Table(
+    "tenants",
+    _metadata,
+    Column("id", Text, primary_key=True),
+    Column("display_name", Text, nullable=False),
+    _time("created_at", nullable=False),
+    _time("disabled_at"),
+    Column("token_generation", BigInteger, nullable=False),
+)
+
 users = Table(
     "users",
     _metadata,
     Column("id", Uuid, primary_key=True),
-    Column("username", Text, nullable=False, unique=True),
+    Column("tenant_id", Text, ForeignKey("tenants.id"), nullable=False),
+    Column("username", Text, nullable=False),
     Column("password_hash", Text, nullable=False),
     Column("roles", ARRAY(Text), nullable=False),
     Column("totp_pending_secret", LargeBinary),
@@ -112,6 +124,7 @@ audit_events = Table(
     Column("reason", Text, nullable=False),
     Column("source", Text, nullable=False),
     Column("details", JSONB, nullable=False),
+    Column("tenant", Text, nullable=False),
 )
 
 revocations = Table(

@@ -205,9 +205,12 @@ class TokenIssuer:
         roles: Sequence[str],
         session_id: str,
         generation: int,
+        tenant: str,
+        tenant_generation: int,
     ) -> AccessToken:
-        """A token for user `subject` in session `session_id`, carrying username, roles and the
-        user's token generation (`gen`: gateways refuse a token whose generation was revoked)."""
+        """A token for user `subject` of `tenant` in session `session_id`, carrying username,
+        roles, the user's token generation (`gen`) and the tenant's (`tgen`): gateways refuse a
+        token whose user or tenant generation was revoked."""
         key = await self._keys.current()
         now = int(self._clock())
         jti = secrets.token_urlsafe(16)
@@ -219,6 +222,8 @@ class TokenIssuer:
             "preferred_username": username,
             "roles": list(roles),
             "gen": generation,
+            "tenant": tenant,
+            "tgen": tenant_generation,
             "iat": now,
             "nbf": now,
             "exp": now + self._ttl,

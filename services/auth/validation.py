@@ -8,8 +8,17 @@ from services.auth.accounts import USERNAME_RULE, canonical_username
 from services.auth.passwords import MAX_PASSWORD_CHARS, normalize_password, password_problem
 from services.auth.roles import ROLES, unknown_roles
 from streammesh.mesh.errors import InvalidArgument
+from streammesh.mesh.tenancy import TENANT_RULE, canonical_tenant
 
-__all__ = ["new_account", "role_set", "username_argument"]
+__all__ = [
+    "display_name_argument",
+    "new_account",
+    "role_set",
+    "tenant_argument",
+    "username_argument",
+]
+
+_MAX_DISPLAY_NAME = 128
 
 
 def new_account(
@@ -56,3 +65,27 @@ def role_set(roles: Iterable[str], field: str = "roles") -> list[str]:
 def _roles_rule(roles: list[str]) -> str:
     unknown = ", ".join(role[:32] for role in unknown_roles(roles)[:5])
     return f"unknown {unknown}; roles are {', '.join(sorted(ROLES))}"
+
+
+def tenant_argument(tenant: str, field: str = "tenant", *, required: bool = False) -> str:
+    """The canonical form of a tenant id argument; "" for an empty optional one."""
+    if not tenant and not required:
+        return ""
+    canonical = canonical_tenant(tenant)
+    if canonical is None:
+        raise InvalidArgument("invalid tenant", field_violations=[(field, TENANT_RULE)])
+    return canonical
+
+
+def display_name_argument(name: str, default: str, field: str = "display_name") -> str:
+    """A display name: 1 to 128 printable characters, surrounding blanks dropped; `default`
+    when empty."""
+    name = name.strip()
+    if not name:
+        return default
+    if len(name) > _MAX_DISPLAY_NAME or not name.isprintable():
+        raise InvalidArgument(
+            "invalid display name",
+            field_violations=[(field, f"1 to {_MAX_DISPLAY_NAME} printable characters")],
+        )
+    return name

@@ -1,7 +1,10 @@
 """Who may call which gateway method: a declared table, default deny.
 
 Account calls are public (they are how a person gets a token); every other method names the
-roles that may call it; administration is for the admin role only. A method missing from the
+roles that may call it. Administration has two levels: PLATFORM methods (tenants, signing keys,
+dead letters) are for the platform admin (role `admin`, which counts only in tenant "default";
+see tokens.Principal), TENANT_ADMINS methods (a tenant's users and audit log) also for a tenant
+admin (`tenant-admin`), whom auth then confines to its own tenant. A method missing from the
 table is refused for everyone. Every refusal is reported to the audit trail.
 """
 
@@ -16,6 +19,7 @@ import grpc
 from services.gateway.audit import ACCESS_DENIED, TOKEN_INVALID, AuditTrail, refusal
 from services.gateway.tokens import (
     MAX_TOKEN_CHARS,
+    PLATFORM_ADMIN_ROLE,
     Principal,
     Reason,
     TokenRejected,
@@ -29,7 +33,9 @@ __all__ = [
     "GATEWAY",
     "METHOD_ACCESS",
     "NOT_EXPOSED",
+    "PLATFORM",
     "ROLE_MISSING",
+    "TENANT_ADMINS",
     "Access",
     "AccessGuard",
     "current_principal",
@@ -38,7 +44,8 @@ __all__ = [
 
 GATEWAY = "streammesh.gateway.v1.GatewayService"
 ADMIN = "streammesh.gateway.v1.AdminService"
-ADMIN_ROLE = "admin"
+ADMIN_ROLE = PLATFORM_ADMIN_ROLE
+TENANT_ADMIN_ROLE = "tenant-admin"
 ROLE_MISSING = "role_missing"
 NOT_EXPOSED = "method_not_exposed"
 _AUTHORIZATION = "authorization"
@@ -53,11 +60,15 @@ class Access:
 
 
 PUBLIC = Access(public=True)
-ADMIN_ONLY = Access(roles=frozenset({ADMIN_ROLE}))
+PLATFORM = Access(roles=frozenset({ADMIN_ROLE}))
+"""The platform admin only."""
+TENANT_ADMINS = Access(roles=frozenset({ADMIN_ROLE, TENANT_ADMIN_ROLE}))
+"""A platform admin, or a tenant admin within its tenant (auth enforces the tenant)."""
 
 
 def roles(*names: str) -> Access:
-    """Callable by a token carrying any of `names` (admins may call every role-guarded method)."""
+    """Callable by a token carrying any of `names` (platform admins may call every role-guarded
+    method; a tenant admin only what its other roles allow)."""
     return Access(roles=frozenset({*names, ADMIN_ROLE}))
 
 
@@ -78,20 +89,25 @@ METHOD_ACCESS: Mapping[str, Access] = {
     # so anonymous callers cannot make it fetch from auth more often than it does anyway.
     f"{GATEWAY}/GetJwks": PUBLIC,
     # Each admin method is named on its own: a new one stays refused until declared here.
-    f"{ADMIN}/ListUsers": ADMIN_ONLY,
-    f"{ADMIN}/CreateUser": ADMIN_ONLY,
-    f"{ADMIN}/SetUserDisabled": ADMIN_ONLY,
-    f"{ADMIN}/SetUserRoles": ADMIN_ONLY,
-    f"{ADMIN}/ResetMfa": ADMIN_ONLY,
-    f"{ADMIN}/UnlockUser": ADMIN_ONLY,
-    f"{ADMIN}/RevokeSessions": ADMIN_ONLY,
-    f"{ADMIN}/ListSigningKeys": ADMIN_ONLY,
-    f"{ADMIN}/RotateSigningKey": ADMIN_ONLY,
-    f"{ADMIN}/RetireSigningKey": ADMIN_ONLY,
-    f"{ADMIN}/ListAuditEvents": ADMIN_ONLY,
-    f"{ADMIN}/ListDeadLetters": ADMIN_ONLY,
-    f"{ADMIN}/GetDeadLetter": ADMIN_ONLY,
-    f"{ADMIN}/ReplayDeadLetter": ADMIN_ONLY,
+    f"{ADMIN}/ListUsers": TENANT_ADMINS,
+    f"{ADMIN}/CreateUser": TENANT_ADMINS,
+    f"{ADMIN}/SetUserDisabled": TENANT_ADMINS,
+    f"{ADMIN}/SetUserRoles": TENANT_ADMINS,
+    f"{ADMIN}/ResetMfa": TENANT_ADMINS,
+    f"{ADMIN}/UnlockUser": TENANT_ADMINS,
+    f"{ADMIN}/RevokeSessions": TENANT_ADMINS,
+    f"{ADMIN}/ListAuditEvents": TENANT_ADMINS,
+    f"{ADMIN}/ListSigningKeys": PLATFORM,
+    f"{ADMIN}/RotateSigningKey": PLATFORM,
+    f"{ADMIN}/RetireSigningKey": PLATFORM,
+    # Dead letters hold every tenant's events (until the event side is scoped by tenant).
+    f"{ADMIN}/ListDeadLetters": PLATFORM,
+    f"{ADMIN}/GetDeadLetter": PLATFORM,
+    f"{ADMIN}/ReplayDeadLetter": PLATFORM,
+    f"{ADMIN}/CreateTenant": PLATFORM,
+    f"{ADMIN}/ListTenants": PLATFORM,
+    f"{ADMIN}/GetTenant": PLATFORM,
+    f"{ADMIN}/SetTenantDisabled": PLATFORM,
     "grpc.health.v1.Health/*": PUBLIC,
     "grpc.reflection.v1alpha.ServerReflection/*": PUBLIC,
     "grpc.reflection.v1.ServerReflection/*": PUBLIC,
@@ -183,7 +199,9 @@ class AccessGuard:
                 actor=ANONYMOUS,
             ) from None
         if not principal.roles & access.roles:
-            needed = " or ".join(sorted(access.roles - {ADMIN_ROLE}) or [ADMIN_ROLE])
+            # Administration names its admin roles; other methods the roles beside admin's.
+            others = access.roles - {ADMIN_ROLE, TENANT_ADMIN_ROLE}
+            needed = " or ".join(sorted(access.roles - {ADMIN_ROLE} if others else access.roles))
             raise self._refuse(
                 context,
                 method,
@@ -191,6 +209,7 @@ class AccessGuard:
                 action=ACCESS_DENIED,
                 reason=ROLE_MISSING,
                 actor=principal.actor,
+                tenant=principal.tenant,
             )
         _principal.set(principal)
 
@@ -203,6 +222,7 @@ class AccessGuard:
         action: str,
         reason: str,
         actor: str,
+        tenant: str = "",
     ) -> StreamMeshError:
         self._audit.record(
             refusal(
@@ -211,6 +231,7 @@ class AccessGuard:
                 actor=actor,
                 source=client_address(context.peer()),
                 details={"method": method.lstrip("/")},
+                tenant=tenant,
             )
         )
         return error

@@ -1,7 +1,8 @@
-"""AdminServicer handlers: account, key and audit administration, relayed to auth; dead letters,
-served with storage and ingest (`dead_letters.py`).
+"""AdminServicer handlers: tenant, account, key and audit administration, relayed to auth; dead
+letters, served with storage and ingest (`dead_letters.py`).
 
-AccessGuard lets only tokens with the admin role through; auth audits every call it serves with
+AccessGuard lets only administrators through (platform admins everywhere, tenant admins to the
+user and audit methods); auth confines a tenant admin to its tenant, named in the metadata; auth audits every call it serves with
 the admin as actor (from the metadata the relay adds), and the gateway audits the dead-letter
 calls itself. Each relayed public message is wire-identical to its twin in streammesh.auth.v1 or
 streammesh.storage.v1 (tests/test_api_contract.py checks it).
@@ -28,7 +29,8 @@ M = TypeVar("M", bound=Message)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Account, key and audit methods relay to the AuthService method of the same name."""
+    """Tenant, account, key and audit methods relay to the AuthService method of the same
+    name."""
 
     def __init__(self, upstreams: Upstreams, audit: AuditTrail) -> None:
         self._up = upstreams
@@ -170,6 +172,50 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             request,
             auth_pb2.ListAuditEventsRequest,
             admin_pb2.ListAuditEventsResponse,
+            context,
+        )
+
+    async def CreateTenant(
+        self, request: admin_pb2.CreateTenantRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateTenantResponse:
+        return await self._auth(
+            self._up.auth.CreateTenant,
+            request,
+            auth_pb2.CreateTenantRequest,
+            admin_pb2.CreateTenantResponse,
+            context,
+        )
+
+    async def ListTenants(
+        self, request: admin_pb2.ListTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListTenantsResponse:
+        return await self._auth(
+            self._up.auth.ListTenants,
+            request,
+            auth_pb2.ListTenantsRequest,
+            admin_pb2.ListTenantsResponse,
+            context,
+        )
+
+    async def GetTenant(
+        self, request: admin_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetTenantResponse:
+        return await self._auth(
+            self._up.auth.GetTenant,
+            request,
+            auth_pb2.GetTenantRequest,
+            admin_pb2.GetTenantResponse,
+            context,
+        )
+
+    async def SetTenantDisabled(
+        self, request: admin_pb2.SetTenantDisabledRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetTenantDisabledResponse:
+        return await self._auth(
+            self._up.auth.SetTenantDisabled,
+            request,
+            auth_pb2.SetTenantDisabledRequest,
+            admin_pb2.SetTenantDisabledResponse,
             context,
         )
 

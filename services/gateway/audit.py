@@ -43,10 +43,18 @@ Send = Callable[[auth_pb2.AuditEvent], Awaitable[None]]
 
 
 def refusal(
-    *, action: str, reason: str, actor: str, source: str, details: Mapping[str, str]
+    *,
+    action: str,
+    reason: str,
+    actor: str,
+    source: str,
+    details: Mapping[str, str],
+    tenant: str = "",
 ) -> auth_pb2.AuditEvent:
-    """An audit event for a call the gateway refused."""
+    """An audit event for a call the gateway refused (in the caller's tenant when its token
+    was verified; a refusal before that belongs to no tenant)."""
     event = auth_pb2.AuditEvent(
+        tenant=tenant,
         event_id=str(uuid.uuid4()),
         actor=actor,
         action=action,
@@ -60,10 +68,18 @@ def refusal(
 
 
 def admin_action(
-    *, action: str, outcome: str, reason: str, actor: str, source: str, details: Mapping[str, str]
+    *,
+    action: str,
+    outcome: str,
+    reason: str,
+    actor: str,
+    source: str,
+    details: Mapping[str, str],
+    tenant: str = "",
 ) -> auth_pb2.AuditEvent:
     """An audit event for an admin call the gateway served itself (outcome success/failure)."""
     event = auth_pb2.AuditEvent(
+        tenant=tenant,
         event_id=str(uuid.uuid4()),
         actor=actor,
         action=action,

@@ -24,7 +24,7 @@ import grpc
 
 from services.gateway.access import current_principal
 from services.gateway.audit import FAILURE, SUCCESS, AuditTrail, admin_action
-from services.gateway.relay import call_timeout, convert, relay
+from services.gateway.relay import call_timeout, convert, relay, tenant_of_caller
 from services.gateway.upstream import Upstreams, client_address, upstream_errors
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2
@@ -144,7 +144,9 @@ class DeadLetterAdmin:
                 raise InvalidArgument("id is required", field_violations=[("id", "required")])
             with upstream_errors("storage"):
                 found = await self._up.storage.GetDeadLetter(
-                    storage_pb2.GetDeadLetterRequest(id=request.id), timeout=call_timeout(context)
+                    storage_pb2.GetDeadLetterRequest(id=request.id),
+                    timeout=call_timeout(context),
+                    metadata=tenant_of_caller(),
                 )
             batches = replay_batches(found)
             republished = 0
@@ -152,7 +154,9 @@ class DeadLetterAdmin:
                 # INVALID_ARGUMENT (ingest refuses the events again) reaches the caller as it is,
                 # and the dead letter stays unmarked.
                 with upstream_errors("ingest"):
-                    reply = await self._up.ingest.PublishBatch(batch, timeout=call_timeout(context))
+                    reply = await self._up.ingest.PublishBatch(
+                        batch, timeout=call_timeout(context), metadata=tenant_of_caller()
+                    )
                 republished += reply.accepted
             details["events"] = str(republished)
             with upstream_errors("storage"):
@@ -161,6 +165,7 @@ class DeadLetterAdmin:
                         id=request.id, replayed_by=current_principal().actor
                     ),
                     timeout=call_timeout(context),
+                    metadata=tenant_of_caller(),
                 )
         return admin_pb2.ReplayDeadLetterResponse(
             dead_letter=convert(marked.dead_letter, admin_pb2.DeadLetter), republished=republished

@@ -21,8 +21,9 @@ from services.gateway.upstream import (
     client_address,
     upstream_errors,
 )
+from streammesh.mesh.tenancy import tenant_metadata
 
-__all__ = ["auth_metadata", "call_timeout", "convert", "relay"]
+__all__ = ["auth_metadata", "call_timeout", "convert", "relay", "tenant_of_caller"]
 
 M = TypeVar("M", bound=Message)
 
@@ -51,11 +52,18 @@ def call_timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def auth_metadata(context: grpc.aio.ServicerContext) -> Metadata:
-    """Actor and source of the current call, for auth."""
+    """Actor, source and (for a verified caller) tenant of the current call, for auth."""
     principal = optional_principal()
-    return caller_metadata(
-        principal.actor if principal is not None else ANONYMOUS, client_address(context.peer())
-    )
+    if principal is None:
+        return caller_metadata(ANONYMOUS, client_address(context.peer()))
+    return caller_metadata(principal.actor, client_address(context.peer()), principal.tenant)
+
+
+def tenant_of_caller() -> Metadata:
+    """The tenant of the current call's verified caller, for any internal service (none on a
+    public method)."""
+    principal = optional_principal()
+    return () if principal is None else tenant_metadata(principal.tenant)
 
 
 async def relay(
@@ -66,10 +74,13 @@ async def relay(
     public_response: type[M],
     context: grpc.aio.ServicerContext,
     *,
-    metadata: Metadata = (),
+    metadata: Metadata | None = None,
 ) -> M:
     """Call `method` with `request` re-typed, within the caller's deadline, and re-type the
-    reply; upstream failures become statuses as `upstream_errors` says."""
+    reply; upstream failures become statuses as `upstream_errors` says. `metadata` defaults to
+    the caller's tenant (`tenant_of_caller`)."""
+    if metadata is None:
+        metadata = tenant_of_caller()
     with upstream_errors(service):
         reply = await method(
             convert(request, internal_request), timeout=call_timeout(context), metadata=metadata

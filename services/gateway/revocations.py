@@ -2,8 +2,8 @@
 
 `RevocationFollower` keeps one AuthService/WatchRevocations stream open (to whichever auth
 replica the channel picks), resumes from its cursor after any break, and applies every response
-to a `RevocationList`. The list answers the verifier: is this token's session revoked, or its
-user's token generation? Each entry is dropped at its `expire_time`, when every token it
+to a `RevocationList`. The list answers the verifier: is this token's session revoked, its
+user's token generation, or its tenant's (a disabled tenant)? Each entry is dropped at its `expire_time`, when every token it
 concerns has expired anyway, so memory is bounded by what is revoked within one token lifetime.
 
 Every response confirms that the feed is live (auth sends a heartbeat while nothing happens).
@@ -38,6 +38,7 @@ from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh.errors import StreamMeshError, Unavailable
 from streammesh.mesh.logs import LogThrottle
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 
 __all__ = [
     "STALE_RETRY_SECONDS",
@@ -76,7 +77,8 @@ class _Entry:
 
 
 class RevocationList:
-    """Revoked sessions and per-user token generations, and how fresh that knowledge is."""
+    """Revoked sessions, per-user and per-tenant token generations, and how fresh that
+    knowledge is."""
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class RevocationList:
         self._wall = wall_clock
         self._sessions: dict[str, float] = {}
         self._users: dict[str, _Entry] = {}
+        self._tenants: dict[str, _Entry] = {}
         self._confirmed: float | None = None
         self._next_prune = 0.0
         self._stale_warning = LogThrottle(log, interval=_WARN_SECONDS, clock=clock)
@@ -105,7 +108,7 @@ class RevocationList:
         """Snapshots received (a resumed stream starts without one)."""
 
     def __len__(self) -> int:
-        return len(self._sessions) + len(self._users)
+        return len(self._sessions) + len(self._users) + len(self._tenants)
 
     def apply(self, response: auth_pb2.WatchRevocationsResponse) -> None:
         """Merge one response. A snapshot is merged too, not swapped in: entries only refuse,
@@ -117,12 +120,9 @@ class RevocationList:
                     expires, self._sessions.get(revocation.subject, 0.0)
                 )
             elif revocation.kind == auth_pb2.REVOCATION_KIND_USER_TOKENS:
-                entry = self._users.get(revocation.subject)
-                if entry is None:
-                    self._users[revocation.subject] = _Entry(revocation.generation, expires)
-                else:
-                    entry.generation = max(entry.generation, revocation.generation)
-                    entry.expires = max(entry.expires, expires)
+                _merge(self._users, revocation.subject, revocation.generation, expires)
+            elif revocation.kind == auth_pb2.REVOCATION_KIND_TENANT_TOKENS:
+                _merge(self._tenants, revocation.subject, revocation.generation, expires)
             else:
                 # From an auth newer than this gateway: it cannot be applied, so it is not
                 # enforced here (upgrade gateways first); logged loudly rather than guessed at.
@@ -136,20 +136,40 @@ class RevocationList:
         if self._confirmed >= self._next_prune:
             self._prune()
 
-    def revoked(self, subject: str, session_id: str, generation: int) -> bool:
-        """Whether a token of user `subject`, session `session_id` and token generation
-        `generation` is revoked, as far as the list knows (staleness aside)."""
+    def revoked(
+        self,
+        subject: str,
+        session_id: str,
+        generation: int,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        tenant_generation: int = 0,
+    ) -> bool:
+        """Whether a token of user `subject`, session `session_id`, token generation
+        `generation`, of `tenant` with tenant generation `tenant_generation` is revoked, as
+        far as the list knows (staleness aside)."""
         now = self._wall()
         expires = self._sessions.get(session_id)
         if expires is not None and expires >= now:
             return True
-        entry = self._users.get(subject)
-        return entry is not None and generation < entry.generation and entry.expires >= now
+        return _below(self._users.get(subject), generation, now) or _below(
+            self._tenants.get(tenant), tenant_generation, now
+        )
 
-    def check(self, subject: str, session_id: str, generation: int) -> None:
+    def check(
+        self,
+        subject: str,
+        session_id: str,
+        generation: int,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        tenant_generation: int = 0,
+    ) -> None:
         """Raise Revoked for a revoked token; when the list is stale, raise Unavailable
         (fail-closed) or count and warn (fail-open)."""
-        if self.revoked(subject, session_id, generation):
+        if self.revoked(
+            subject, session_id, generation, tenant=tenant, tenant_generation=tenant_generation
+        ):
             raise Revoked
         staleness = self.staleness()
         if staleness is None:
@@ -178,7 +198,22 @@ class RevocationList:
         now = self._wall()
         self._sessions = {sid: at for sid, at in self._sessions.items() if at >= now}
         self._users = {sub: entry for sub, entry in self._users.items() if entry.expires >= now}
+        self._tenants = {key: entry for key, entry in self._tenants.items() if entry.expires >= now}
         self._next_prune = self._clock() + _PRUNE_SECONDS
+
+
+def _merge(entries: dict[str, _Entry], subject: str, generation: int, expires: float) -> None:
+    """Merge a generation revocation: the highest generation and the latest expiry win."""
+    entry = entries.get(subject)
+    if entry is None:
+        entries[subject] = _Entry(generation, expires)
+    else:
+        entry.generation = max(entry.generation, generation)
+        entry.expires = max(entry.expires, expires)
+
+
+def _below(entry: _Entry | None, generation: int, now: float) -> bool:
+    return entry is not None and generation < entry.generation and entry.expires >= now
 
 
 T = TypeVar("T")
@@ -195,16 +230,25 @@ class RevocableStream:
     """
 
     def __init__(
-        self, revocations: RevocationList, *, subject: str, session_id: str, generation: int
+        self,
+        revocations: RevocationList,
+        *,
+        subject: str,
+        session_id: str,
+        generation: int,
+        tenant: str = DEFAULT_TENANT,
+        tenant_generation: int = 0,
     ) -> None:
         self._list = revocations
         self._token = (subject, session_id, generation)
+        self._tenant = (tenant, tenant_generation)
         self.revoked = False
 
     async def requests(self, requests: AsyncIterator[T]) -> AsyncIterator[T]:
         """`requests` until the token is revoked."""
         async for request in requests:
-            if self._list.revoked(*self._token):
+            tenant, tenant_generation = self._tenant
+            if self._list.revoked(*self._token, tenant=tenant, tenant_generation=tenant_generation):
                 self.revoked = True
                 log.info("stream of session %s ended: its token was revoked", self._token[1])
                 return

@@ -10,7 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from services.gateway.access import current_principal
 from services.gateway.publish import PublishRelay, RelayLimits
-from services.gateway.relay import auth_metadata, call_timeout, convert, relay
+from services.gateway.relay import auth_metadata, call_timeout, convert, relay, tenant_of_caller
 from services.gateway.revocations import RevocableStream, RevocationList
 from services.gateway.tokens import JwksCache, Reason, TokenRejected, public_keys
 from services.gateway.upstream import Upstreams, upstream_errors
@@ -173,7 +173,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         internal.producer = current_principal().subject
         assign_missing_ids(internal.events)
         with upstream_errors("ingest"):
-            reply = await self._up.ingest.PublishBatch(internal, timeout=call_timeout(context))
+            reply = await self._up.ingest.PublishBatch(
+                internal, timeout=call_timeout(context), metadata=tenant_of_caller()
+            )
         return convert(reply, gateway_pb2.PublishBatchResponse)
 
     async def Publish(
@@ -193,9 +195,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             subject=principal.subject,
             session_id=principal.session_id,
             generation=principal.generation,
+            tenant=principal.tenant,
+            tenant_generation=principal.tenant_generation,
         )
+        metadata = tenant_of_caller()
         relay = PublishRelay(
-            lambda: self._up.ingest.Publish(timeout=call_timeout(context)),
+            lambda: self._up.ingest.Publish(timeout=call_timeout(context), metadata=metadata),
             self._limits,
             producer=principal.subject,
         )

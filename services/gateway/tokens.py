@@ -8,7 +8,11 @@ how the token is parsed (crit, b64) are refused.
 
 A token that passes all that is then checked against the revocations auth announced (see
 services.gateway.revocations): its session (`sid`) revoked, or its user's token generation
-(`gen`, 0 when absent) below the one auth revoked up to.
+(`gen`, 0 when absent) or its tenant's (`tgen`, 0 when absent) below the one auth revoked up to.
+
+The principal's tenant is the `tenant` claim ("default" when absent: tokens issued before
+tenants existed). The platform-admin role (`admin`) counts only in tenant "default", where auth
+alone grants it, so a token of another tenant can never carry platform power.
 
 Every rejection is a `TokenRejected`: the client sees UNAUTHENTICATED with the one message
 INVALID_TOKEN, while `reason` (a `Reason`) goes to the audit log only.
@@ -31,11 +35,13 @@ from services.gateway.revocations import RevocationList, Revoked
 from streammesh.api.auth.v1 import auth_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.mesh.errors import StreamMeshError, Unauthenticated, Unavailable
+from streammesh.mesh.tenancy import DEFAULT_TENANT, canonical_tenant
 
 __all__ = [
     "ALGORITHM",
     "INVALID_TOKEN",
     "MAX_TOKEN_CHARS",
+    "PLATFORM_ADMIN_ROLE",
     "REQUIRED_CLAIMS",
     "TOKEN_TYPE",
     "JwksCache",
@@ -72,6 +78,8 @@ _KID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # extensions); auth never sets them, so their presence means someone else made the token.
 _REFUSED_HEADERS = frozenset({"crit", "b64"})
 _MAX_USERNAME_CHARS = 128
+PLATFORM_ADMIN_ROLE = "admin"
+"""The platform administrator's role; auth grants it only in tenant "default"."""
 
 
 class Reason(StrEnum):
@@ -111,6 +119,10 @@ class Principal:
     session_id: str
     generation: int = 0
     """The user's token generation when the token was issued (`gen`)."""
+    tenant: str = DEFAULT_TENANT
+    """The tenant the caller belongs to and every call acts in (`tenant`)."""
+    tenant_generation: int = 0
+    """The tenant's token generation when the token was issued (`tgen`)."""
 
     @property
     def actor(self) -> str:
@@ -314,7 +326,13 @@ class TokenVerifier:
             raise TokenRejected(_decode_reason(error)) from None
         principal = _principal(claims)
         try:
-            self._revocations.check(principal.subject, principal.session_id, principal.generation)
+            self._revocations.check(
+                principal.subject,
+                principal.session_id,
+                principal.generation,
+                tenant=principal.tenant,
+                tenant_generation=principal.tenant_generation,
+            )
         except Revoked:
             raise TokenRejected(Reason.REVOKED) from None
         return principal
@@ -325,6 +343,9 @@ def _principal(claims: dict[str, Any]) -> Principal:
     username = claims["preferred_username"]
     session_id = claims["sid"]
     generation = claims.get("gen", 0)
+    tenant_claim = claims.get("tenant", DEFAULT_TENANT)
+    tenant = canonical_tenant(tenant_claim) if isinstance(tenant_claim, str) else None
+    tenant_generation = claims.get("tgen", 0)
     if (
         not isinstance(roles, list)
         or not all(isinstance(role, str) for role in roles)
@@ -338,13 +359,24 @@ def _principal(claims: dict[str, Any]) -> Principal:
         or not isinstance(generation, int)
         or isinstance(generation, bool)
         or generation < 0
+        # The tenant travels on in metadata too, and only in its canonical form.
+        or tenant is None
+        or tenant != tenant_claim
+        or not isinstance(tenant_generation, int)
+        or isinstance(tenant_generation, bool)
+        or tenant_generation < 0
     ):
         raise TokenRejected(Reason.BAD_CLAIM)
+    granted = frozenset(roles)
+    if tenant != DEFAULT_TENANT:
+        granted -= {PLATFORM_ADMIN_ROLE}
     return Principal(
         subject=str(claims["sub"]),
         username=username,
-        roles=frozenset(roles),
+        roles=granted,
         token_id=str(claims["jti"]),
         session_id=session_id,
         generation=generation,
+        tenant=tenant,
+        tenant_generation=tenant_generation,
     )

@@ -4,6 +4,10 @@ Every call to auth carries `x-streammesh-actor` (`user:<username>` of a verified
 `anonymous`; `service:gateway` for the gateway's own JWKS fetches) and `x-streammesh-source` (the
 client's IP address as the gateway saw it, without the port). Auth trusts them only from the
 gateway's mTLS identity, and uses them to audit and to throttle per source.
+
+Every call made for a verified caller, to any service, also carries `x-streammesh-tenant`, the
+tenant of the caller's token (streammesh.mesh.tenancy; services read it with `caller_tenant`).
+The gateway's calls for itself (JWKS, the revocation feed, the audit trail) name no tenant.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from streammesh.mesh.channel import unary_methods
 from streammesh.mesh.errors import from_rpc_error
+from streammesh.mesh.tenancy import tenant_metadata
 
 __all__ = [
     "ACTOR_HEADER",
@@ -72,13 +77,16 @@ def client_address(peer: str | None) -> str:
         return peer
 
 
-def caller_metadata(actor: str, source: str) -> Metadata:
-    """The metadata auth reads to know on whose behalf, and from where, a call comes. Without a
-    known source the header is left out: auth then uses the gateway's own address, a bucket
-    every such caller shares (stricter, never looser)."""
-    if not source:
-        return ((ACTOR_HEADER, actor),)
-    return ((ACTOR_HEADER, actor), (SOURCE_HEADER, source))
+def caller_metadata(actor: str, source: str, tenant: str | None = None) -> Metadata:
+    """The metadata auth reads to know on whose behalf, from where, and for which tenant a call
+    comes. Without a known source the header is left out: auth then uses the gateway's own
+    address, a bucket every such caller shares (stricter, never looser)."""
+    metadata: Metadata = ((ACTOR_HEADER, actor),)
+    if source:
+        metadata += ((SOURCE_HEADER, source),)
+    if tenant is not None:
+        metadata += tenant_metadata(tenant)
+    return metadata
 
 
 @contextmanager
@@ -121,7 +129,14 @@ class Upstreams:
                 settings.auth_target,
                 "auth",
                 "streammesh.auth.v1.AuthService",
-                ["GetJwks", "ListUsers", "ListSigningKeys", "ListAuditEvents"],
+                [
+                    "GetJwks",
+                    "ListUsers",
+                    "ListSigningKeys",
+                    "ListAuditEvents",
+                    "ListTenants",
+                    "GetTenant",
+                ],
             ),
             channel(
                 settings.ingest_target,

@@ -60,7 +60,7 @@ async def cmd_user_create(config: StackConfig, args: argparse.Namespace) -> int:
 async def cmd_mfa_enroll(config: StackConfig, args: argparse.Namespace) -> int:
     password = read_password(args)
     async with gateway_client(config) as client:
-        enrolment = await client.begin_totp(args.username, password)
+        enrolment = await client.begin_totp(args.username, password, tenant=args.tenant)
         print("Scan this with an authenticator app (or enter the secret by hand):\n")
         print(terminal_qr(enrolment.otpauth_uri))
         print(f"secret: {enrolment.secret}")
@@ -69,7 +69,9 @@ async def cmd_mfa_enroll(config: StackConfig, args: argparse.Namespace) -> int:
             args.png.chmod(0o600)
             print(f"QR code saved to {args.png} (it holds the secret: delete it after scanning)")
         code = args.code or _read_code("first code from the app: ", "--code CODE")
-        recovery_codes = await client.confirm_totp(args.username, password, code)
+        recovery_codes = await client.confirm_totp(
+            args.username, password, code, tenant=args.tenant
+        )
     print("\nTOTP is on. Recovery codes (each works once; store them somewhere safe):")
     for recovery_code in recovery_codes:
         print(f"  {recovery_code}")
@@ -79,7 +81,7 @@ async def cmd_mfa_enroll(config: StackConfig, args: argparse.Namespace) -> int:
 async def cmd_login(config: StackConfig, args: argparse.Namespace) -> int:
     password = read_password(args)
     async with gateway_client(config) as client:
-        challenge = await client.start_login(args.username, password)
+        challenge = await client.start_login(args.username, password, tenant=args.tenant)
         if args.recovery_code:
             tokens = await client.complete_login(challenge, recovery_code=args.recovery_code)
         else:
@@ -88,7 +90,10 @@ async def cmd_login(config: StackConfig, args: argparse.Namespace) -> int:
             )
             tokens = await client.complete_login(challenge, totp_code=code)
     Session.from_tokens(args.username, tokens).save(config)
-    print(f"logged in as {args.username} (roles: {', '.join(tokens.roles) or 'none'})")
+    print(
+        f"logged in as {args.username} in tenant {tokens.tenant or 'default'}"
+        f" (roles: {', '.join(tokens.roles) or 'none'})"
+    )
     return 0
 
 
@@ -109,7 +114,10 @@ async def cmd_logout(config: StackConfig, args: argparse.Namespace) -> int:
 async def cmd_whoami(config: StackConfig, args: argparse.Namespace) -> int:
     async with logged_in_client(config):
         session = Session.load(config)
-    print(f"{session.username} (roles: {', '.join(session.roles) or 'none'})")
+    print(
+        f"{session.username} in tenant {session.tenant}"
+        f" (roles: {', '.join(session.roles) or 'none'})"
+    )
     return 0
 
 
@@ -117,6 +125,11 @@ def add_account_commands(commands: argparse._SubParsersAction) -> None:  # type:
     def password_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--password-stdin", action="store_true", help="read the password from stdin"
+        )
+
+    def tenant_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--tenant", default="", help='the account\'s tenant (default: "default")'
         )
 
     user = commands.add_parser("user", help="accounts").add_subparsers(
@@ -137,6 +150,7 @@ def add_account_commands(commands: argparse._SubParsersAction) -> None:  # type:
     enroll.add_argument("--png", type=Path, help="also save the QR code as a PNG file")
     enroll.add_argument("--code", help="the first code (otherwise prompted)")
     password_option(enroll)
+    tenant_option(enroll)
     enroll.set_defaults(handler=cmd_mfa_enroll)
 
     login = commands.add_parser("login", help="log in (password + TOTP or recovery code)")
@@ -144,6 +158,7 @@ def add_account_commands(commands: argparse._SubParsersAction) -> None:  # type:
     login.add_argument("--code", help="TOTP code (otherwise prompted)")
     login.add_argument("--recovery-code", help="use a recovery code instead of TOTP")
     password_option(login)
+    tenant_option(login)
     login.set_defaults(handler=cmd_login)
 
     commands.add_parser("logout", help="end the saved session").set_defaults(handler=cmd_logout)

@@ -25,7 +25,13 @@ from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel
 
-__all__ = ["add_admin_commands"]
+__all__ = [
+    "TENANT_OPTION",
+    "AdminCommand",
+    "add_admin_commands",
+    "add_admin_subcommands",
+    "json_option",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,14 @@ class AdminCommand:
 
 
 USERNAME: tuple[tuple[str, ...], dict[str, Any]] = (("username",), {})
+TENANT_OPTION: tuple[tuple[str, ...], dict[str, Any]] = (
+    ("--tenant",),
+    {
+        "default": "",
+        "help": "the tenant of the account(s) (default: your own); only a platform admin "
+        "may name another",
+    },
+)
 PAGE_TOKEN: tuple[tuple[str, ...], dict[str, Any]] = (
     ("--page-token",),
     {"default": "", "help": "next_page_token of the previous page (printed after its table)"},
@@ -47,6 +61,7 @@ PAGE_TOKEN: tuple[tuple[str, ...], dict[str, Any]] = (
 
 def _audit_request(args: argparse.Namespace) -> Message:
     return admin_pb2.ListAuditEventsRequest(
+        tenant=args.tenant,
         actor=args.actor or "",
         subject=args.subject or "",
         action=args.action or "",
@@ -75,45 +90,59 @@ COMMANDS: dict[str, AdminCommand] = {
         "ListUsers",
         "list accounts",
         lambda a: admin_pb2.ListUsersRequest(
-            username_prefix=a.prefix or "", page_size=a.limit, page_token=a.page_token
+            username_prefix=a.prefix or "",
+            page_size=a.limit,
+            page_token=a.page_token,
+            tenant=a.tenant,
         ),
-        ((("--prefix",), {}), (("--limit",), {"type": int, "default": 100}), PAGE_TOKEN),
+        (
+            (("--prefix",), {}),
+            (("--limit",), {"type": int, "default": 100}),
+            PAGE_TOKEN,
+            TENANT_OPTION,
+        ),
     ),
     "disable": AdminCommand(
         "SetUserDisabled",
         "disable an account and end its sessions",
-        lambda a: admin_pb2.SetUserDisabledRequest(username=a.username, disabled=True),
-        (USERNAME,),
+        lambda a: admin_pb2.SetUserDisabledRequest(
+            username=a.username, disabled=True, tenant=a.tenant
+        ),
+        (USERNAME, TENANT_OPTION),
     ),
     "enable": AdminCommand(
         "SetUserDisabled",
         "re-enable an account",
-        lambda a: admin_pb2.SetUserDisabledRequest(username=a.username, disabled=False),
-        (USERNAME,),
+        lambda a: admin_pb2.SetUserDisabledRequest(
+            username=a.username, disabled=False, tenant=a.tenant
+        ),
+        (USERNAME, TENANT_OPTION),
     ),
     "roles": AdminCommand(
         "SetUserRoles",
-        "replace an account's roles (admin, producer, analyst)",
-        lambda a: admin_pb2.SetUserRolesRequest(username=a.username, roles=a.roles),
-        (USERNAME, (("roles",), {"nargs": "*"})),
+        "replace an account's roles (admin, tenant-admin, producer, analyst)",
+        lambda a: admin_pb2.SetUserRolesRequest(
+            username=a.username, roles=a.roles, tenant=a.tenant
+        ),
+        (USERNAME, (("roles",), {"nargs": "*"}), TENANT_OPTION),
     ),
     "reset-mfa": AdminCommand(
         "ResetMfa",
         "remove TOTP and recovery codes",
-        lambda a: admin_pb2.ResetMfaRequest(username=a.username),
-        (USERNAME,),
+        lambda a: admin_pb2.ResetMfaRequest(username=a.username, tenant=a.tenant),
+        (USERNAME, TENANT_OPTION),
     ),
     "unlock": AdminCommand(
         "UnlockUser",
         "lift a lockout",
-        lambda a: admin_pb2.UnlockUserRequest(username=a.username),
-        (USERNAME,),
+        lambda a: admin_pb2.UnlockUserRequest(username=a.username, tenant=a.tenant),
+        (USERNAME, TENANT_OPTION),
     ),
     "revoke-sessions": AdminCommand(
         "RevokeSessions",
         "end every session of an account",
-        lambda a: admin_pb2.RevokeSessionsRequest(username=a.username),
-        (USERNAME,),
+        lambda a: admin_pb2.RevokeSessionsRequest(username=a.username, tenant=a.tenant),
+        (USERNAME, TENANT_OPTION),
     ),
     "keys": AdminCommand(
         "ListSigningKeys", "list token-signing keys", lambda a: admin_pb2.ListSigningKeysRequest()
@@ -140,6 +169,14 @@ COMMANDS: dict[str, AdminCommand] = {
             (("--outcome",), {"choices": ["success", "failure", "denied"]}),
             (("--limit",), {"type": int, "default": 50}),
             PAGE_TOKEN,
+            (
+                ("--tenant",),
+                {
+                    "default": "",
+                    "help": "only this tenant's events (a tenant admin always reads only "
+                    "its own; a platform admin reads every tenant's by default)",
+                },
+            ),
         ),
     ),
     "dead-letters": AdminCommand(
@@ -169,7 +206,7 @@ COMMANDS: dict[str, AdminCommand] = {
 
 
 async def run_admin_command(config: StackConfig, args: argparse.Namespace) -> int:
-    command = COMMANDS[args.admin_cmd]
+    command: AdminCommand = args.admin_command
 
     async def call(client: GatewayClient) -> Message:
         method = getattr(client.admin, command.method)
@@ -183,7 +220,7 @@ async def run_admin_command(config: StackConfig, args: argparse.Namespace) -> in
 async def cmd_create_user(config: StackConfig, args: argparse.Namespace) -> int:
     password = read_password(args, confirm=True)
     request = admin_pb2.CreateUserRequest(
-        username=args.username, password=password, roles=args.role
+        username=args.username, password=password, roles=args.role, tenant=args.tenant
     )
 
     async def call(client: GatewayClient) -> Message:
@@ -238,18 +275,26 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     create.add_argument("username")
     create.add_argument("--role", action="append", default=[], help="repeat for several roles")
     create.add_argument("--password-stdin", action="store_true")
-    _json_option(create)
+    create.add_argument(*TENANT_OPTION[0], **TENANT_OPTION[1])
+    json_option(create)
     create.set_defaults(handler=cmd_create_user)
+    add_admin_subcommands(sub, COMMANDS)
 
-    for name, command in COMMANDS.items():
+
+def add_admin_subcommands(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    commands: dict[str, AdminCommand],
+) -> None:
+    """One subcommand per entry, each calling its AdminService method with the session."""
+    for name, command in commands.items():
         parser = sub.add_parser(name, help=command.help)
         for flags, options in command.arguments:
             parser.add_argument(*flags, **options)
-        _json_option(parser)
-        parser.set_defaults(handler=run_admin_command)
+        json_option(parser)
+        parser.set_defaults(handler=run_admin_command, admin_command=command)
 
 
-def _json_option(parser: argparse.ArgumentParser) -> None:
+def json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         action="store_true",

@@ -34,6 +34,7 @@ from streammesh.cli.stack import (
     stack_status,
     write_stack_file,
 )
+from streammesh.cli.tenants import add_tenant_commands
 from streammesh.client import GatewayClient
 
 __all__ = ["main"]
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_account_commands(commands)
     add_admin_commands(commands)
+    add_tenant_commands(commands)
     add_bench_command(commands)
     return parser
 

@@ -1,6 +1,7 @@
 """How the CLI prints replies: tables for people, `--json` with every field for scripts.
 
-People get one table per list of records (users, keys, audit events, dead letters, events), and
+People get one table per list of records (tenants, users, keys, audit events, dead letters,
+events), and
 `name: value` lines for everything else; a next page is announced on stderr so that the rows on
 stdout stay clean for `head`, `grep` or `awk`.
 
@@ -65,7 +66,15 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("mfa", lambda u: _yes(u.mfa_enabled)),
         Column("locked until", lambda u: _set_time(u, "locked_until")),
         Column("created", lambda u: _set_time(u, "created_at")),
+        Column("tenant", lambda u: u.tenant or "-"),
         Column("id", lambda u: u.user_id),
+    ),
+    "streammesh.gateway.v1.Tenant": (
+        Column("id", lambda t: t.tenant_id),
+        Column("name", lambda t: _text(t.display_name, 40)),
+        Column("disabled", lambda t: _yes(t.disabled)),
+        Column("created", lambda t: _set_time(t, "created_at")),
+        Column("disabled at", lambda t: _set_time(t, "disabled_at")),
     ),
     "streammesh.gateway.v1.SigningKey": (
         Column("kid", lambda k: k.kid),
@@ -82,6 +91,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("outcome", lambda e: e.outcome),
         Column("reason", lambda e: e.reason or "-"),
         Column("source", lambda e: e.source or "-"),
+        Column("tenant", lambda e: e.tenant or "-"),
     ),
     "streammesh.gateway.v1.DeadLetter": (
         Column("id", lambda d: str(d.id)),

@@ -39,6 +39,7 @@ class Session:
     access_expires_at: float
     refresh_expires_at: float
     roles: tuple[str, ...]
+    tenant: str = "default"
 
     @classmethod
     def from_tokens(cls, username: str, tokens: gateway_pb2.SessionTokens) -> Session:
@@ -50,6 +51,7 @@ class Session:
             access_expires_at=now + tokens.expires_in.ToTimedelta().total_seconds(),
             refresh_expires_at=now + tokens.refresh_expires_in.ToTimedelta().total_seconds(),
             roles=tuple(tokens.roles),
+            tenant=tokens.tenant or "default",
         )
 
     @staticmethod

@@ -65,6 +65,7 @@ def test_users_table_and_the_next_page_on_stderr(capsys: pytest.CaptureFixture[s
         "locked",
         "until",
         "created",
+        "tenant",
         "id",
     ]
     assert set(rule) <= {"-", " "}
@@ -76,6 +77,7 @@ def test_users_table_and_the_next_page_on_stderr(capsys: pytest.CaptureFixture[s
         "-",
         "2026-05-28",
         "20:26:40Z",
+        "-",
         "u-1",
     ]
     assert rows[1].split()[:5] == ["bob", "-", "yes", "yes", "1970-01-01"]

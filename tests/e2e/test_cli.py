@@ -39,9 +39,20 @@ async def admin_env(
         env, "admin", "bootstrap", name, "--password-stdin", stdin=PASSWORD
     )
     assert code == 0, err
+    await enrol_and_log_in(env, name)
+    env["TEST_ADMIN"] = name
+    yield env
+
+
+def _cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streammesh.cli.main", *args]
+
+
+async def enrol_and_log_in(env: dict[str, str], name: str, *tenant: str) -> None:
+    """`mfa enroll` through its prompts, then `login`, with the CLI (`tenant`: "--tenant", ID)."""
     # The enrolment's QR code and secret come first; the code is asked for after them.
     enroll = await asyncio.create_subprocess_exec(
-        *_cli_argv("mfa", "enroll", name, "--password-stdin"),
+        *_cli_argv("mfa", "enroll", name, "--password-stdin", *tenant),
         env={**env, "PYTHONUNBUFFERED": "1"},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -58,15 +69,16 @@ async def admin_env(
     assert enroll.returncode == 0, out
     # The confirming code is spent; the next step's code is within the one step of drift.
     code, _, err = await run_cli(
-        env, "login", name, "--password-stdin", "--code", totp.at(time.time() + 30), stdin=PASSWORD
+        env,
+        "login",
+        name,
+        "--password-stdin",
+        "--code",
+        totp.at(time.time() + 30),
+        *tenant,
+        stdin=PASSWORD,
     )
     assert code == 0, err
-    env["TEST_ADMIN"] = name
-    yield env
-
-
-def _cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "streammesh.cli.main", *args]
 
 
 async def test_bootstrap_with_a_weak_password_names_the_problem(stack: StackConfig) -> None:
@@ -196,3 +208,93 @@ def test_admin_users_piped_to_head(admin_env: dict[str, str], tmp_path: Path) ->
     )
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.split()[:2] == ["username", "roles"]
+
+
+async def test_tenant_commands_print_tables_json_and_clear_refusals(
+    admin_env: dict[str, str],
+) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:6]}"
+    code, out, err = await run_cli(admin_env, "tenant", "create", tenant, "--name", "Acme Corp")
+    assert code == 0, err
+    assert f"  tenant id: {tenant}" in out.splitlines()
+    code, out, err = await run_cli(admin_env, "tenant", "list", "--limit", "500")
+    assert code == 0, err
+    header, _, *rows = out.splitlines()
+    assert header.split() == ["id", "name", "disabled", "created", "disabled", "at"]
+    assert [row.split()[:4] for row in rows if row.startswith(tenant)] == [
+        [tenant, "Acme", "Corp", "no"]
+    ]
+    code, out, err = await run_cli(admin_env, "tenant", "disable", tenant, "--json")
+    assert code == 0, err
+    shown = json.loads(out)["tenant"]
+    assert shown["disabled"] is True and shown["disabled_at"] is not None
+    code, out, err = await run_cli(admin_env, "tenant", "enable", tenant)
+    assert code == 0 and "  disabled: no" in out.splitlines(), err
+    code, out, _ = await run_cli(admin_env, "tenant", "show", tenant, "--json")
+    assert set(json.loads(out)["tenant"]) == {
+        "tenant_id", "display_name", "disabled", "created_at", "disabled_at"
+    }  # fmt: skip
+    for args, expected in (
+        (("show", "zz-missing"), ["NOT_FOUND: no such tenant"]),
+        (
+            ("create", "Bad Id"),
+            [
+                "INVALID_ARGUMENT: invalid tenant",
+                "  tenant_id: 2 to 32 characters: a-z, 0-9 and '-', starting with a letter",
+            ],
+        ),
+        (
+            ("disable", "default"),
+            [
+                "FAILED_PRECONDITION: tenant default cannot be disabled: it holds the platform admins"
+            ],
+        ),
+    ):
+        code, out, err = await run_cli(admin_env, "tenant", *args)
+        assert (code, out, err.splitlines()) == (1, "", expected)
+
+
+async def test_a_tenant_admin_session_sees_only_its_tenant(
+    admin_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:6]}"
+    boss = f"boss-{uuid.uuid4().hex[:6]}"
+    code, _, err = await run_cli(admin_env, "tenant", "create", tenant)
+    assert code == 0, err
+    code, out, err = await run_cli(
+        admin_env,
+        "admin",
+        "create-user",
+        boss,
+        "--tenant",
+        tenant,
+        "--role",
+        "tenant-admin",
+        "--password-stdin",
+        stdin=PASSWORD,
+    )
+    assert code == 0 and f"  tenant: {tenant}" in out.splitlines(), err
+    state = tmp_path_factory.mktemp("cli-tenant-admin")
+    (state / "pki").symlink_to(Path(admin_env["STREAMMESH_STATE_DIR"]) / "pki")
+    env = admin_env | {"STREAMMESH_STATE_DIR": str(state)}
+    await enrol_and_log_in(env, boss, "--tenant", tenant)
+    code, out, _ = await run_cli(env, "whoami")
+    assert out == f"{boss} in tenant {tenant} (roles: tenant-admin)\n"
+    code, out, err = await run_cli(env, "admin", "users")
+    assert code == 0, err
+    header, _, row = out.splitlines()
+    assert header.split()[-2:] == ["tenant", "id"] and row.split()[0] == boss
+    assert row.split()[-2] == tenant
+    for args, expected in (
+        (("admin", "users", "--tenant", "default"), "NOT_FOUND: no such tenant"),
+        (("admin", "disable", admin_env["TEST_ADMIN"]), "NOT_FOUND: no such user"),
+        (
+            ("tenant", "list"),
+            "PERMISSION_DENIED: /streammesh.gateway.v1.AdminService/ListTenants needs the role "
+            "admin",
+        ),
+        (("admin", "roles", boss, "admin"), "PERMISSION_DENIED: only a platform admin may grant "
+         "the role admin"),
+    ):  # fmt: skip
+        code, out, err = await run_cli(env, *args)
+        assert (code, out, err.splitlines()) == (1, "", [expected])

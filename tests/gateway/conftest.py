@@ -30,6 +30,7 @@ from services.auth.server import AuthDependencies, build_dependencies
 from services.auth.server import create_server as create_auth_server
 from services.auth.settings import AuthSettings
 from services.gateway.audit import AuditTrail
+from services.gateway.revocations import RevocationFollower, RevocationList
 from services.gateway.server import create_audit_trail, create_revocation_follower
 from services.gateway.server import create_server as create_gateway_server
 from services.gateway.settings import GatewaySettings
@@ -192,6 +193,48 @@ async def enrol_and_login(stack: Stack, username: str, roles: tuple[str, ...]) -
     )
 
 
+@dataclass
+class GatewayReplica:
+    """One more gateway replica and what the test reaches it with."""
+
+    name: str
+    stub: GatewayStub
+    revocations: RevocationList
+    follower: RevocationFollower
+
+
+async def _gateway_parts(
+    settings: GatewaySettings, pki_dir: Path, exit_stack: contextlib.AsyncExitStack
+) -> tuple[Upstreams, AuditTrail, RevocationList, RevocationFollower]:
+    """A gateway's channels, audit trail and live revocation feed, closed by `exit_stack`."""
+    upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
+    exit_stack.push_async_callback(upstreams.close)
+    audit = create_audit_trail(settings, upstreams)
+    exit_stack.push_async_callback(audit.close, 5)
+    revocations, follower = create_revocation_follower(settings, upstreams)
+    follower.start()
+    exit_stack.push_async_callback(follower.close)
+    assert await follower.wait_live(10), "no revocation snapshot from auth"
+    return upstreams, audit, revocations, follower
+
+
+async def start_gateway(
+    stack: Stack, settings: GatewaySettings, name: str, exit_stack: contextlib.AsyncExitStack
+) -> GatewayReplica:
+    """Another gateway with `settings` (its own channels, audit trail and revocation feed),
+    stopped by `exit_stack`."""
+    upstreams, audit, revocations, follower = await _gateway_parts(
+        settings, stack.pki_dir, exit_stack
+    )
+    mesh = await _started(
+        create_gateway_server(settings, upstreams, audit, revocations), exit_stack
+    )
+    channel = gateway_channel(mesh.port, stack.pki_dir)
+    exit_stack.push_async_callback(channel.close)
+    stub = cast(GatewayStub, gateway_pb2_grpc.GatewayServiceStub(channel))
+    return GatewayReplica(name, stub, revocations, follower)
+
+
 @pytest.fixture(scope="module")
 async def stack(
     request: pytest.FixtureRequest,
@@ -284,14 +327,7 @@ async def stack(
                 **getattr(request.module, "GATEWAY_SETTINGS", {}),
             },
         )
-        upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
-        exit_stack.push_async_callback(upstreams.close)
-        audit = create_audit_trail(settings, upstreams)
-        exit_stack.push_async_callback(audit.close, 5)
-        revocations, follower = create_revocation_follower(settings, upstreams)
-        follower.start()
-        exit_stack.push_async_callback(follower.close)
-        assert await follower.wait_live(10), "no revocation snapshot from auth"
+        upstreams, audit, revocations, _ = await _gateway_parts(settings, pki_dir, exit_stack)
         gateway = await _started(
             create_gateway_server(settings, upstreams, audit, revocations), exit_stack
         )

@@ -135,3 +135,28 @@ async def test_a_revocable_stream_ends_its_requests_at_the_revocation() -> None:
 
     assert [number async for number in stream.requests(requests())] == [1, 2, 3]
     assert stream.revoked
+
+
+TENANT = auth_pb2.REVOCATION_KIND_TENANT_TOKENS
+
+
+async def test_a_tenant_generation_refuses_that_tenants_older_tokens_until_it_expires() -> None:
+    revocations, _, wall = _list(FailMode.CLOSED)
+    revocations.apply(_response((TENANT, "acme", 1), snapshot=True))
+    for user in ("u1", "u2"):  # every user of the tenant
+        with pytest.raises(Revoked):
+            revocations.check(user, "s1", 0, tenant="acme", tenant_generation=0)
+    revocations.check("u1", "s1", 0, tenant="acme", tenant_generation=1)  # issued after
+    revocations.check("u1", "s1", 0, tenant="other", tenant_generation=0)
+    revocations.check("u1", "s1", 0)  # tenant "default", generation 0
+    stream = RevocableStream(
+        revocations, subject="u1", session_id="s1", generation=0, tenant="acme"
+    )
+
+    async def one() -> AsyncIterator[int]:
+        yield 1
+
+    assert [item async for item in stream.requests(one())] == []
+    assert stream.revoked
+    wall.now = NOW + 421  # every token it concerns has expired
+    revocations.check("u1", "s1", 0, tenant="acme", tenant_generation=0)

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
 
 import grpc
 import pytest
@@ -29,23 +28,20 @@ from grpc_status import rpc_status
 
 from services.auth.server import AuthDependencies, build_dependencies
 from services.auth.server import create_server as create_auth_server
-from services.gateway.revocations import FailMode, RevocationFollower, RevocationList
-from services.gateway.server import create_audit_trail, create_revocation_follower
-from services.gateway.server import create_server as create_gateway_server
+from services.gateway.revocations import FailMode
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import INVALID_TOKEN, Reason
-from services.gateway.upstream import Upstreams
 from streammesh.api.common.v1 import event_pb2
-from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2, gateway_pb2_grpc
-from streammesh.mesh import MeshServer, TlsMaterial
+from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2
+from streammesh.mesh import MeshServer
 from tests.gateway.conftest import (
     PASSWORD,
-    GatewayStub,
+    GatewayReplica,
     Person,
     Stack,
     audit_events,
     enrol_and_login,
-    gateway_channel,
+    start_gateway,
 )
 
 BOUND_SECONDS = 2.0
@@ -64,44 +60,14 @@ until gateway 2 serves again."""
 
 
 @dataclass
-class Gateway:
-    """One gateway replica and what the test reaches it with."""
-
-    name: str
-    stub: GatewayStub
-    revocations: RevocationList
-    follower: RevocationFollower
-
-
-@dataclass
 class Pair:
     """Three gateways: the first on the module stack's auth, the others on a second auth
     replica, the second of them failing closed (the others have the default, open)."""
 
     stack: Stack
-    gateways: list[Gateway]
+    gateways: list[GatewayReplica]
     restart_auth2: Callable[[], Awaitable[None]]
     stop_auth2: Callable[[], Awaitable[None]]
-
-
-async def _gateway(
-    stack: Stack, settings: GatewaySettings, name: str, exit_stack: contextlib.AsyncExitStack
-) -> Gateway:
-    upstreams = Upstreams(settings, TlsMaterial.load(stack.pki_dir, "gateway"))
-    exit_stack.push_async_callback(upstreams.close)
-    audit = create_audit_trail(settings, upstreams)
-    exit_stack.push_async_callback(audit.close, 5)
-    revocations, follower = create_revocation_follower(settings, upstreams)
-    follower.start()
-    exit_stack.push_async_callback(follower.close)
-    assert await follower.wait_live(10)
-    mesh = create_gateway_server(settings, upstreams, audit, revocations)
-    await mesh.start()
-    exit_stack.push_async_callback(mesh.stop, 0)
-    channel = gateway_channel(mesh.port, stack.pki_dir)
-    exit_stack.push_async_callback(channel.close)
-    stub = cast(GatewayStub, gateway_pb2_grpc.GatewayServiceStub(channel))
-    return Gateway(name, stub, revocations, follower)
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +107,14 @@ async def pair(stack: Stack) -> AsyncIterator[Pair]:
 
         on_auth2 = stack.gateway_settings.model_copy(update={"auth_target": f"127.0.0.1:{port}"})
         gateways = [
-            await _gateway(stack, stack.gateway_settings, "gateway-1", exit_stack),
-            await _gateway(
+            await start_gateway(stack, stack.gateway_settings, "gateway-1", exit_stack),
+            await start_gateway(
                 stack,
                 on_auth2.model_copy(update={"revocation_fail_mode": FailMode.CLOSED}),
                 "gateway-2 (fail-closed)",
                 exit_stack,
             ),
-            await _gateway(stack, on_auth2, "gateway-3", exit_stack),
+            await start_gateway(stack, on_auth2, "gateway-3", exit_stack),
         ]
         yield Pair(stack, gateways, restart_auth2, stop_auth2)
     if DELAYS:
@@ -168,7 +134,7 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def _status(gateway: Gateway, token: str) -> grpc.StatusCode:
+async def _status(gateway: GatewayReplica, token: str) -> grpc.StatusCode:
     """What one authenticated call (CountEvents, role analyst) answers with this token."""
     try:
         await gateway.stub.CountEvents(
@@ -190,7 +156,7 @@ async def _assert_works(pair: Pair, *tokens: str) -> None:
 async def _refused_within_bound(pair: Pair, action: str, token: str, since: float) -> None:
     """Poll both gateways until each refuses `token`; assert each took less than the bound."""
 
-    async def refused(gateway: Gateway) -> float:
+    async def refused(gateway: GatewayReplica) -> float:
         deadline = since + 10 * BOUND_SECONDS
         while (code := await _status(gateway, token)) is grpc.StatusCode.OK:
             assert time.monotonic() < deadline, f"{gateway.name} still accepts the token"
@@ -400,7 +366,9 @@ async def test_a_gateway_started_later_learns_earlier_revocations(pair: Pair) ->
         gateway_pb2.LogoutRequest(refresh_token=target.refresh_token), timeout=10
     )
     async with contextlib.AsyncExitStack() as exit_stack:
-        late = await _gateway(pair.stack, pair.stack.gateway_settings, "gateway-late", exit_stack)
+        late = await start_gateway(
+            pair.stack, pair.stack.gateway_settings, "gateway-late", exit_stack
+        )
         assert late.revocations.snapshots == 1
         assert await _status(late, target.access_token) is grpc.StatusCode.UNAUTHENTICATED
 

@@ -26,9 +26,18 @@ if _version_not_supported:
 
 
 class AuthServiceStub:
-    """AuthService owns users, their credentials, sessions, the keys that sign access tokens, and the
-    audit log. Only the gateway calls it; for calls made on behalf of a person the gateway sends
-    metadata "x-streammesh-actor" (the caller's subject) and "x-streammesh-source" (client address).
+    """AuthService owns tenants, users, their credentials, sessions, the keys that sign access tokens,
+    and the audit log. Only the gateway calls it; for calls made on behalf of a person the gateway
+    sends metadata "x-streammesh-actor" (the caller's subject), "x-streammesh-source" (client
+    address) and, for a verified caller, "x-streammesh-tenant" (the tenant of the caller's token).
+    Auth believes them only from the gateway's identity (the tenant also from an operator's).
+
+    Tenants: every user belongs to exactly one tenant, and usernames are unique per tenant. The
+    administration calls act within a tenant: a tenant admin (role "tenant-admin") only within its
+    own, where another tenant's users and the tenant itself answer NOT_FOUND as if they did not
+    exist; a platform admin (role "admin", held only in tenant "default", or an operator) within
+    any. Request fields named `tenant` name the tenant; empty means the caller's own tenant (for
+    the account flows, which have no caller yet: "default").
     """
 
     def __init__(self, channel):
@@ -142,12 +151,41 @@ class AuthServiceStub:
                 request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/streammesh.auth.v1.AuthService/CreateTenant',
+                request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/streammesh.auth.v1.AuthService/ListTenants',
+                request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/streammesh.auth.v1.AuthService/GetTenant',
+                request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
+        self.SetTenantDisabled = channel.unary_unary(
+                '/streammesh.auth.v1.AuthService/SetTenantDisabled',
+                request_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.SetTenantDisabledRequest.SerializeToString,
+                response_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.SetTenantDisabledResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
-    """AuthService owns users, their credentials, sessions, the keys that sign access tokens, and the
-    audit log. Only the gateway calls it; for calls made on behalf of a person the gateway sends
-    metadata "x-streammesh-actor" (the caller's subject) and "x-streammesh-source" (client address).
+    """AuthService owns tenants, users, their credentials, sessions, the keys that sign access tokens,
+    and the audit log. Only the gateway calls it; for calls made on behalf of a person the gateway
+    sends metadata "x-streammesh-actor" (the caller's subject), "x-streammesh-source" (client
+    address) and, for a verified caller, "x-streammesh-tenant" (the tenant of the caller's token).
+    Auth believes them only from the gateway's identity (the tenant also from an operator's).
+
+    Tenants: every user belongs to exactly one tenant, and usernames are unique per tenant. The
+    administration calls act within a tenant: a tenant admin (role "tenant-admin") only within its
+    own, where another tenant's users and the tenant itself answer NOT_FOUND as if they did not
+    exist; a platform admin (role "admin", held only in tenant "default", or an operator) within
+    any. Request fields named `tenant` name the tenant; empty means the caller's own tenant (for
+    the account flows, which have no caller yet: "default").
     """
 
     def Register(self, request, context):
@@ -225,7 +263,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsers(self, request, context):
-        """The administration calls below are reached through the gateway's AdminService (role admin).
+        """The administration calls below are reached through the gateway's AdminService. The tenant
+        calls are for platform admins only; the user calls and ListAuditEvents also for tenant admins
+        within their tenant; the signing-key calls for platform admins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,6 +326,30 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAuditEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantDisabled(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -399,6 +463,26 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsResponse.SerializeToString,
             ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.CreateTenantRequest.FromString,
+                    response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListTenantsRequest.FromString,
+                    response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.FromString,
+                    response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.GetTenantResponse.SerializeToString,
+            ),
+            'SetTenantDisabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantDisabled,
+                    request_deserializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.SetTenantDisabledRequest.FromString,
+                    response_serializer=streammesh_dot_auth_dot_v1_dot_auth__pb2.SetTenantDisabledResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'streammesh.auth.v1.AuthService', rpc_method_handlers)
@@ -408,9 +492,18 @@ def add_AuthServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuthService:
-    """AuthService owns users, their credentials, sessions, the keys that sign access tokens, and the
-    audit log. Only the gateway calls it; for calls made on behalf of a person the gateway sends
-    metadata "x-streammesh-actor" (the caller's subject) and "x-streammesh-source" (client address).
+    """AuthService owns tenants, users, their credentials, sessions, the keys that sign access tokens,
+    and the audit log. Only the gateway calls it; for calls made on behalf of a person the gateway
+    sends metadata "x-streammesh-actor" (the caller's subject), "x-streammesh-source" (client
+    address) and, for a verified caller, "x-streammesh-tenant" (the tenant of the caller's token).
+    Auth believes them only from the gateway's identity (the tenant also from an operator's).
+
+    Tenants: every user belongs to exactly one tenant, and usernames are unique per tenant. The
+    administration calls act within a tenant: a tenant admin (role "tenant-admin") only within its
+    own, where another tenant's users and the tenant itself answer NOT_FOUND as if they did not
+    exist; a platform admin (role "admin", held only in tenant "default", or an operator) within
+    any. Request fields named `tenant` name the tenant; empty means the caller's own tenant (for
+    the account flows, which have no caller yet: "default").
     """
 
     @staticmethod
@@ -970,6 +1063,114 @@ class AuthService:
             '/streammesh.auth.v1.AuthService/ListAuditEvents',
             streammesh_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsRequest.SerializeToString,
             streammesh_dot_auth_dot_v1_dot_auth__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.auth.v1.AuthService/CreateTenant',
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.CreateTenantRequest.SerializeToString,
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.auth.v1.AuthService/ListTenants',
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.ListTenantsRequest.SerializeToString,
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.auth.v1.AuthService/GetTenant',
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.SerializeToString,
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.GetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantDisabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.auth.v1.AuthService/SetTenantDisabled',
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.SetTenantDisabledRequest.SerializeToString,
+            streammesh_dot_auth_dot_v1_dot_auth__pb2.SetTenantDisabledResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,9 +27,18 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuthServiceStub:
-    """AuthService owns users, their credentials, sessions, the keys that sign access tokens, and the
-    audit log. Only the gateway calls it; for calls made on behalf of a person the gateway sends
-    metadata "x-streammesh-actor" (the caller's subject) and "x-streammesh-source" (client address).
+    """AuthService owns tenants, users, their credentials, sessions, the keys that sign access tokens,
+    and the audit log. Only the gateway calls it; for calls made on behalf of a person the gateway
+    sends metadata "x-streammesh-actor" (the caller's subject), "x-streammesh-source" (client
+    address) and, for a verified caller, "x-streammesh-tenant" (the tenant of the caller's token).
+    Auth believes them only from the gateway's identity (the tenant also from an operator's).
+
+    Tenants: every user belongs to exactly one tenant, and usernames are unique per tenant. The
+    administration calls act within a tenant: a tenant admin (role "tenant-admin") only within its
+    own, where another tenant's users and the tenant itself answer NOT_FOUND as if they did not
+    exist; a platform admin (role "admin", held only in tenant "default", or an operator) within
+    any. Request fields named `tenant` name the tenant; empty means the caller's own tenant (for
+    the account flows, which have no caller yet: "default").
     """
 
     @_typing.overload
@@ -63,7 +72,10 @@ class AuthServiceStub:
     `heartbeat` while there is nothing new. Only the gateway's identity may call it.
     """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
-    """The administration calls below are reached through the gateway's AdminService (role admin)."""
+    """The administration calls below are reached through the gateway's AdminService. The tenant
+    calls are for platform admins only; the user calls and ListAuditEvents also for tenant admins
+    within their tenant; the signing-key calls for platform admins.
+    """
     CreateUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateUserRequest, _auth_pb2.CreateUserResponse]
     SetUserDisabled: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetUserDisabledRequest, _auth_pb2.SetUserDisabledResponse]
     SetUserRoles: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetUserRolesRequest, _auth_pb2.SetUserRolesResponse]
@@ -74,12 +86,25 @@ class AuthServiceStub:
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RotateSigningKeyRequest, _auth_pb2.RotateSigningKeyResponse]
     RetireSigningKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RetireSigningKeyRequest, _auth_pb2.RetireSigningKeyResponse]
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListAuditEventsRequest, _auth_pb2.ListAuditEventsResponse]
+    CreateTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateTenantRequest, _auth_pb2.CreateTenantResponse]
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListTenantsRequest, _auth_pb2.ListTenantsResponse]
+    GetTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetTenantRequest, _auth_pb2.GetTenantResponse]
+    SetTenantDisabled: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetTenantDisabledRequest, _auth_pb2.SetTenantDisabledResponse]
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
-    """AuthService owns users, their credentials, sessions, the keys that sign access tokens, and the
-    audit log. Only the gateway calls it; for calls made on behalf of a person the gateway sends
-    metadata "x-streammesh-actor" (the caller's subject) and "x-streammesh-source" (client address).
+    """AuthService owns tenants, users, their credentials, sessions, the keys that sign access tokens,
+    and the audit log. Only the gateway calls it; for calls made on behalf of a person the gateway
+    sends metadata "x-streammesh-actor" (the caller's subject), "x-streammesh-source" (client
+    address) and, for a verified caller, "x-streammesh-tenant" (the tenant of the caller's token).
+    Auth believes them only from the gateway's identity (the tenant also from an operator's).
+
+    Tenants: every user belongs to exactly one tenant, and usernames are unique per tenant. The
+    administration calls act within a tenant: a tenant admin (role "tenant-admin") only within its
+    own, where another tenant's users and the tenant itself answer NOT_FOUND as if they did not
+    exist; a platform admin (role "admin", held only in tenant "default", or an operator) within
+    any. Request fields named `tenant` name the tenant; empty means the caller's own tenant (for
+    the account flows, which have no caller yet: "default").
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -110,7 +135,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
     `heartbeat` while there is nothing new. Only the gateway's identity may call it.
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]  # type: ignore[assignment]
-    """The administration calls below are reached through the gateway's AdminService (role admin)."""
+    """The administration calls below are reached through the gateway's AdminService. The tenant
+    calls are for platform admins only; the user calls and ListAuditEvents also for tenant admins
+    within their tenant; the signing-key calls for platform admins.
+    """
     CreateUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateUserRequest, _auth_pb2.CreateUserResponse]  # type: ignore[assignment]
     SetUserDisabled: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetUserDisabledRequest, _auth_pb2.SetUserDisabledResponse]  # type: ignore[assignment]
     SetUserRoles: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetUserRolesRequest, _auth_pb2.SetUserRolesResponse]  # type: ignore[assignment]
@@ -121,11 +149,24 @@ class AuthServiceAsyncStub(AuthServiceStub):
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RotateSigningKeyRequest, _auth_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     RetireSigningKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RetireSigningKeyRequest, _auth_pb2.RetireSigningKeyResponse]  # type: ignore[assignment]
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListAuditEventsRequest, _auth_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    CreateTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateTenantRequest, _auth_pb2.CreateTenantResponse]  # type: ignore[assignment]
+    ListTenants: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListTenantsRequest, _auth_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    GetTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetTenantRequest, _auth_pb2.GetTenantResponse]  # type: ignore[assignment]
+    SetTenantDisabled: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetTenantDisabledRequest, _auth_pb2.SetTenantDisabledResponse]  # type: ignore[assignment]
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AuthService owns users, their credentials, sessions, the keys that sign access tokens, and the
-    audit log. Only the gateway calls it; for calls made on behalf of a person the gateway sends
-    metadata "x-streammesh-actor" (the caller's subject) and "x-streammesh-source" (client address).
+    """AuthService owns tenants, users, their credentials, sessions, the keys that sign access tokens,
+    and the audit log. Only the gateway calls it; for calls made on behalf of a person the gateway
+    sends metadata "x-streammesh-actor" (the caller's subject), "x-streammesh-source" (client
+    address) and, for a verified caller, "x-streammesh-tenant" (the tenant of the caller's token).
+    Auth believes them only from the gateway's identity (the tenant also from an operator's).
+
+    Tenants: every user belongs to exactly one tenant, and usernames are unique per tenant. The
+    administration calls act within a tenant: a tenant admin (role "tenant-admin") only within its
+    own, where another tenant's users and the tenant itself answer NOT_FOUND as if they did not
+    exist; a platform admin (role "admin", held only in tenant "default", or an operator) within
+    any. Request fields named `tenant` name the tenant; empty means the caller's own tenant (for
+    the account flows, which have no caller yet: "default").
     """
 
     @_abc_1.abstractmethod
@@ -220,7 +261,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.ListUsersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListUsersResponse, _abc.Awaitable[_auth_pb2.ListUsersResponse]]:
-        """The administration calls below are reached through the gateway's AdminService (role admin)."""
+        """The administration calls below are reached through the gateway's AdminService. The tenant
+        calls are for platform admins only; the user calls and ListAuditEvents also for tenant admins
+        within their tenant; the signing-key calls for platform admins.
+        """
 
     @_abc_1.abstractmethod
     def CreateUser(
@@ -291,5 +335,33 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.ListAuditEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListAuditEventsResponse, _abc.Awaitable[_auth_pb2.ListAuditEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateTenant(
+        self,
+        request: _auth_pb2.CreateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateTenantResponse, _abc.Awaitable[_auth_pb2.CreateTenantResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _auth_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListTenantsResponse, _abc.Awaitable[_auth_pb2.ListTenantsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetTenant(
+        self,
+        request: _auth_pb2.GetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetTenantResponse, _abc.Awaitable[_auth_pb2.GetTenantResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetTenantDisabled(
+        self,
+        request: _auth_pb2.SetTenantDisabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.SetTenantDisabledResponse, _abc.Awaitable[_auth_pb2.SetTenantDisabledResponse]]: ...
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,8 +26,19 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """AdminService is account, key and audit administration. Every call needs an access token with
-    the admin role, and every call is audited with the admin as actor.
+    """AdminService is tenant, account, key and audit administration. Every call needs an access
+    token with an administrator role, and every call is audited with the admin as actor.
+
+    Two administrator roles: a platform admin (role "admin", held only by users of tenant
+    "default") may call everything, for any tenant. A tenant admin (role "tenant-admin") may call
+    the user methods (ListUsers to RevokeSessions) and ListAuditEvents, within its own tenant only:
+    there, another tenant's users, and another tenant named in `tenant`, answer NOT_FOUND exactly as
+    ones that do not exist, so a tenant admin cannot learn what other tenants hold. A tenant admin
+    cannot grant "admin", nor change a platform admin. The other methods answer a tenant admin
+    PERMISSION_DENIED.
+
+    Request fields named `tenant` name the tenant a user method acts in; empty means the caller's
+    own tenant (the `tenant` claim of the access token).
     """
 
     def __init__(self, channel):
@@ -106,11 +117,42 @@ class AdminServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ReplayDeadLetterRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ReplayDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/streammesh.gateway.v1.AdminService/CreateTenant',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/streammesh.gateway.v1.AdminService/ListTenants',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/streammesh.gateway.v1.AdminService/GetTenant',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
+        self.SetTenantDisabled = channel.unary_unary(
+                '/streammesh.gateway.v1.AdminService/SetTenantDisabled',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.SetTenantDisabledRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.SetTenantDisabledResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """AdminService is account, key and audit administration. Every call needs an access token with
-    the admin role, and every call is audited with the admin as actor.
+    """AdminService is tenant, account, key and audit administration. Every call needs an access
+    token with an administrator role, and every call is audited with the admin as actor.
+
+    Two administrator roles: a platform admin (role "admin", held only by users of tenant
+    "default") may call everything, for any tenant. A tenant admin (role "tenant-admin") may call
+    the user methods (ListUsers to RevokeSessions) and ListAuditEvents, within its own tenant only:
+    there, another tenant's users, and another tenant named in `tenant`, answer NOT_FOUND exactly as
+    ones that do not exist, so a tenant admin cannot learn what other tenants hold. A tenant admin
+    cannot grant "admin", nor change a platform admin. The other methods answer a tenant admin
+    PERMISSION_DENIED.
+
+    Request fields named `tenant` name the tenant a user method acts in; empty means the caller's
+    own tenant (the `tenant` claim of the access token).
     """
 
     def ListUsers(self, request, context):
@@ -215,6 +257,37 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTenant(self, request, context):
+        """CreateTenant creates an enabled tenant without users; a platform admin then creates its
+        first tenant admin with CreateUser and `tenant`. ALREADY_EXISTS when the id is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """ListTenants pages through tenants by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """GetTenant shows one tenant; NOT_FOUND when there is none with that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantDisabled(self, request, context):
+        """SetTenantDisabled disables or re-enables a tenant. Disabling ends every access token of the
+        tenant at every gateway within 2 s, and its users can neither log in nor refresh until it is
+        enabled again (their sessions stay, and refresh again once it is).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +361,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ReplayDeadLetterRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ReplayDeadLetterResponse.SerializeToString,
             ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.CreateTenantRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ListTenantsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.GetTenantRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.GetTenantResponse.SerializeToString,
+            ),
+            'SetTenantDisabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantDisabled,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.SetTenantDisabledRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_admin__pb2.SetTenantDisabledResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'streammesh.gateway.v1.AdminService', rpc_method_handlers)
@@ -297,8 +390,19 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """AdminService is account, key and audit administration. Every call needs an access token with
-    the admin role, and every call is audited with the admin as actor.
+    """AdminService is tenant, account, key and audit administration. Every call needs an access
+    token with an administrator role, and every call is audited with the admin as actor.
+
+    Two administrator roles: a platform admin (role "admin", held only by users of tenant
+    "default") may call everything, for any tenant. A tenant admin (role "tenant-admin") may call
+    the user methods (ListUsers to RevokeSessions) and ListAuditEvents, within its own tenant only:
+    there, another tenant's users, and another tenant named in `tenant`, answer NOT_FOUND exactly as
+    ones that do not exist, so a tenant admin cannot learn what other tenants hold. A tenant admin
+    cannot grant "admin", nor change a platform admin. The other methods answer a tenant admin
+    PERMISSION_DENIED.
+
+    Request fields named `tenant` name the tenant a user method acts in; empty means the caller's
+    own tenant (the `tenant` claim of the access token).
     """
 
     @staticmethod
@@ -669,6 +773,114 @@ class AdminService:
             '/streammesh.gateway.v1.AdminService/ReplayDeadLetter',
             streammesh_dot_gateway_dot_v1_dot_admin__pb2.ReplayDeadLetterRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_admin__pb2.ReplayDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.AdminService/CreateTenant',
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.CreateTenantRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.AdminService/ListTenants',
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.AdminService/GetTenant',
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.GetTenantRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.GetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantDisabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.AdminService/SetTenantDisabled',
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.SetTenantDisabledRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_admin__pb2.SetTenantDisabledResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,19 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AdminServiceStub:
-    """AdminService is account, key and audit administration. Every call needs an access token with
-    the admin role, and every call is audited with the admin as actor.
+    """AdminService is tenant, account, key and audit administration. Every call needs an access
+    token with an administrator role, and every call is audited with the admin as actor.
+
+    Two administrator roles: a platform admin (role "admin", held only by users of tenant
+    "default") may call everything, for any tenant. A tenant admin (role "tenant-admin") may call
+    the user methods (ListUsers to RevokeSessions) and ListAuditEvents, within its own tenant only:
+    there, another tenant's users, and another tenant named in `tenant`, answer NOT_FOUND exactly as
+    ones that do not exist, so a tenant admin cannot learn what other tenants hold. A tenant admin
+    cannot grant "admin", nor change a platform admin. The other methods answer a tenant admin
+    PERMISSION_DENIED.
+
+    Request fields named `tenant` name the tenant a user method acts in; empty means the caller's
+    own tenant (the `tenant` claim of the access token).
     """
 
     @_typing.overload
@@ -71,11 +82,35 @@ class AdminServiceStub:
     """ReplayDeadLetter publishes a dead letter's events again, with their original ids and
     producer (so an event already stored is not stored twice), and marks it replayed.
     """
+    CreateTenant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateTenantRequest, _admin_pb2.CreateTenantResponse]
+    """CreateTenant creates an enabled tenant without users; a platform admin then creates its
+    first tenant admin with CreateUser and `tenant`. ALREADY_EXISTS when the id is taken.
+    """
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTenantsRequest, _admin_pb2.ListTenantsResponse]
+    """ListTenants pages through tenants by id."""
+    GetTenant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetTenantRequest, _admin_pb2.GetTenantResponse]
+    """GetTenant shows one tenant; NOT_FOUND when there is none with that id."""
+    SetTenantDisabled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetTenantDisabledRequest, _admin_pb2.SetTenantDisabledResponse]
+    """SetTenantDisabled disables or re-enables a tenant. Disabling ends every access token of the
+    tenant at every gateway within 2 s, and its users can neither log in nor refresh until it is
+    enabled again (their sessions stay, and refresh again once it is).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
-    """AdminService is account, key and audit administration. Every call needs an access token with
-    the admin role, and every call is audited with the admin as actor.
+    """AdminService is tenant, account, key and audit administration. Every call needs an access
+    token with an administrator role, and every call is audited with the admin as actor.
+
+    Two administrator roles: a platform admin (role "admin", held only by users of tenant
+    "default") may call everything, for any tenant. A tenant admin (role "tenant-admin") may call
+    the user methods (ListUsers to RevokeSessions) and ListAuditEvents, within its own tenant only:
+    there, another tenant's users, and another tenant named in `tenant`, answer NOT_FOUND exactly as
+    ones that do not exist, so a tenant admin cannot learn what other tenants hold. A tenant admin
+    cannot grant "admin", nor change a platform admin. The other methods answer a tenant admin
+    PERMISSION_DENIED.
+
+    Request fields named `tenant` name the tenant a user method acts in; empty means the caller's
+    own tenant (the `tenant` claim of the access token).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -115,10 +150,34 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ReplayDeadLetter publishes a dead letter's events again, with their original ids and
     producer (so an event already stored is not stored twice), and marks it replayed.
     """
+    CreateTenant: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateTenantRequest, _admin_pb2.CreateTenantResponse]  # type: ignore[assignment]
+    """CreateTenant creates an enabled tenant without users; a platform admin then creates its
+    first tenant admin with CreateUser and `tenant`. ALREADY_EXISTS when the id is taken.
+    """
+    ListTenants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTenantsRequest, _admin_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """ListTenants pages through tenants by id."""
+    GetTenant: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetTenantRequest, _admin_pb2.GetTenantResponse]  # type: ignore[assignment]
+    """GetTenant shows one tenant; NOT_FOUND when there is none with that id."""
+    SetTenantDisabled: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetTenantDisabledRequest, _admin_pb2.SetTenantDisabledResponse]  # type: ignore[assignment]
+    """SetTenantDisabled disables or re-enables a tenant. Disabling ends every access token of the
+    tenant at every gateway within 2 s, and its users can neither log in nor refresh until it is
+    enabled again (their sessions stay, and refresh again once it is).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """AdminService is account, key and audit administration. Every call needs an access token with
-    the admin role, and every call is audited with the admin as actor.
+    """AdminService is tenant, account, key and audit administration. Every call needs an access
+    token with an administrator role, and every call is audited with the admin as actor.
+
+    Two administrator roles: a platform admin (role "admin", held only by users of tenant
+    "default") may call everything, for any tenant. A tenant admin (role "tenant-admin") may call
+    the user methods (ListUsers to RevokeSessions) and ListAuditEvents, within its own tenant only:
+    there, another tenant's users, and another tenant named in `tenant`, answer NOT_FOUND exactly as
+    ones that do not exist, so a tenant admin cannot learn what other tenants hold. A tenant admin
+    cannot grant "admin", nor change a platform admin. The other methods answer a tenant admin
+    PERMISSION_DENIED.
+
+    Request fields named `tenant` name the tenant a user method acts in; empty means the caller's
+    own tenant (the `tenant` claim of the access token).
     """
 
     @_abc_1.abstractmethod
@@ -239,6 +298,43 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ReplayDeadLetterResponse, _abc.Awaitable[_admin_pb2.ReplayDeadLetterResponse]]:
         """ReplayDeadLetter publishes a dead letter's events again, with their original ids and
         producer (so an event already stored is not stored twice), and marks it replayed.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateTenant(
+        self,
+        request: _admin_pb2.CreateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateTenantResponse, _abc.Awaitable[_admin_pb2.CreateTenantResponse]]:
+        """CreateTenant creates an enabled tenant without users; a platform admin then creates its
+        first tenant admin with CreateUser and `tenant`. ALREADY_EXISTS when the id is taken.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _admin_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTenantsResponse, _abc.Awaitable[_admin_pb2.ListTenantsResponse]]:
+        """ListTenants pages through tenants by id."""
+
+    @_abc_1.abstractmethod
+    def GetTenant(
+        self,
+        request: _admin_pb2.GetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetTenantResponse, _abc.Awaitable[_admin_pb2.GetTenantResponse]]:
+        """GetTenant shows one tenant; NOT_FOUND when there is none with that id."""
+
+    @_abc_1.abstractmethod
+    def SetTenantDisabled(
+        self,
+        request: _admin_pb2.SetTenantDisabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetTenantDisabledResponse, _abc.Awaitable[_admin_pb2.SetTenantDisabledResponse]]:
+        """SetTenantDisabled disables or re-enables a tenant. Disabling ends every access token of the
+        tenant at every gateway within 2 s, and its users can neither log in nor refresh until it is
+        enabled again (their sessions stay, and refresh again once it is).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

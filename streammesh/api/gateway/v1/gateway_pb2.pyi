@@ -67,17 +67,21 @@ class BeginTotpEnrollmentRequest(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     password: _builtins.str
+    tenant: _builtins.str
+    """The user's tenant; empty means "default"."""
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         password: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "tenant", b"tenant", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,19 +116,23 @@ class ConfirmTotpEnrollmentRequest(_message.Message):
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     password: _builtins.str
     code: _builtins.str
+    tenant: _builtins.str
+    """The user's tenant; empty means "default"."""
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         password: _builtins.str = ...,
         code: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "password", b"password", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "password", b"password", "tenant", b"tenant", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -158,17 +166,23 @@ class StartLoginRequest(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     password: _builtins.str
+    tenant: _builtins.str
+    """The user's tenant; empty means "default". An unknown or disabled tenant gets the same
+    UNAUTHENTICATED answer as a wrong password.
+    """
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         password: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "tenant", b"tenant", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,12 +343,15 @@ class SessionTokens(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     REFRESH_EXPIRES_IN_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     access_token: _builtins.str
     """Short-lived JWT for "authorization: Bearer"."""
     token_type: _builtins.str
     """Always "Bearer"."""
     refresh_token: _builtins.str
     """Opaque and single use: every refresh returns a new one; reusing a spent one ends the session."""
+    tenant: _builtins.str
+    """The tenant the tokens act in (the access token's `tenant` claim)."""
     @_builtins.property
     def expires_in(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -350,10 +367,11 @@ class SessionTokens(_message.Message):
         refresh_token: _builtins.str = ...,
         refresh_expires_in: _duration_pb2.Duration | None = ...,
         roles: _abc.Iterable[_builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_in", b"expires_in", "refresh_expires_in", b"refresh_expires_in"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_in", b"expires_in", "refresh_expires_in", b"refresh_expires_in", "refresh_token", b"refresh_token", "roles", b"roles", "token_type", b"token_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expires_in", b"expires_in", "refresh_expires_in", b"refresh_expires_in", "refresh_token", b"refresh_token", "roles", b"roles", "tenant", b"tenant", "token_type", b"token_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

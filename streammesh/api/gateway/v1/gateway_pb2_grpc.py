@@ -28,6 +28,12 @@ if _version_not_supported:
 class GatewayServiceStub:
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
     "authorization: Bearer <access token>" metadata and the role its comment names.
+
+    Tenants: every user belongs to one tenant, and usernames are unique per tenant. The account
+    calls that name a user take its tenant in `tenant` (empty means "default", the tenant of every
+    account made before tenants existed and of every self-registered one). Every call with a token
+    acts in the token's tenant (its `tenant` claim, also returned in SessionTokens.tenant): no
+    request can name another, and the gateway passes that tenant on to the services behind it.
     """
 
     def __init__(self, channel):
@@ -101,10 +107,17 @@ class GatewayServiceStub:
 class GatewayServiceServicer:
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
     "authorization: Bearer <access token>" metadata and the role its comment names.
+
+    Tenants: every user belongs to one tenant, and usernames are unique per tenant. The account
+    calls that name a user take its tenant in `tenant` (empty means "default", the tenant of every
+    account made before tenants existed and of every self-registered one). Every call with a token
+    acts in the token's tenant (its `tenant` claim, also returned in SessionTokens.tenant): no
+    request can name another, and the gateway passes that tenant on to the services behind it.
     """
 
     def Register(self, request, context):
-        """Register creates a user with a password. No token needed.
+        """Register creates a user with a password, in tenant "default" (a tenant's users are created by
+        its admins). No token needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,6 +292,12 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 class GatewayService:
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
     "authorization: Bearer <access token>" metadata and the role its comment names.
+
+    Tenants: every user belongs to one tenant, and usernames are unique per tenant. The account
+    calls that name a user take its tenant in `tenant` (empty means "default", the tenant of every
+    account made before tenants existed and of every self-registered one). Every call with a token
+    acts in the token's tenant (its `tenant` claim, also returned in SessionTokens.tenant): no
+    request can name another, and the gateway passes that tenant on to the services behind it.
     """
 
     @staticmethod

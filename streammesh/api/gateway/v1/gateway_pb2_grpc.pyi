@@ -29,6 +29,12 @@ GRPC_VERSION: str
 class GatewayServiceStub:
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
     "authorization: Bearer <access token>" metadata and the role its comment names.
+
+    Tenants: every user belongs to one tenant, and usernames are unique per tenant. The account
+    calls that name a user take its tenant in `tenant` (empty means "default", the tenant of every
+    account made before tenants existed and of every self-registered one). Every call with a token
+    acts in the token's tenant (its `tenant` claim, also returned in SessionTokens.tenant): no
+    request can name another, and the gateway passes that tenant on to the services behind it.
     """
 
     @_typing.overload
@@ -36,7 +42,9 @@ class GatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RegisterRequest, _gateway_pb2.RegisterResponse]
-    """Register creates a user with a password. No token needed."""
+    """Register creates a user with a password, in tenant "default" (a tenant's users are created by
+    its admins). No token needed.
+    """
     BeginTotpEnrollment: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.BeginTotpEnrollmentRequest, _gateway_pb2.BeginTotpEnrollmentResponse]
     """BeginTotpEnrollment starts TOTP enrolment (password required). No token needed."""
     ConfirmTotpEnrollment: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ConfirmTotpEnrollmentRequest, _gateway_pb2.ConfirmTotpEnrollmentResponse]
@@ -86,11 +94,19 @@ class GatewayServiceStub:
 class GatewayServiceAsyncStub(GatewayServiceStub):
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
     "authorization: Bearer <access token>" metadata and the role its comment names.
+
+    Tenants: every user belongs to one tenant, and usernames are unique per tenant. The account
+    calls that name a user take its tenant in `tenant` (empty means "default", the tenant of every
+    account made before tenants existed and of every self-registered one). Every call with a token
+    acts in the token's tenant (its `tenant` claim, also returned in SessionTokens.tenant): no
+    request can name another, and the gateway passes that tenant on to the services behind it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RegisterRequest, _gateway_pb2.RegisterResponse]  # type: ignore[assignment]
-    """Register creates a user with a password. No token needed."""
+    """Register creates a user with a password, in tenant "default" (a tenant's users are created by
+    its admins). No token needed.
+    """
     BeginTotpEnrollment: _aio.UnaryUnaryMultiCallable[_gateway_pb2.BeginTotpEnrollmentRequest, _gateway_pb2.BeginTotpEnrollmentResponse]  # type: ignore[assignment]
     """BeginTotpEnrollment starts TOTP enrolment (password required). No token needed."""
     ConfirmTotpEnrollment: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ConfirmTotpEnrollmentRequest, _gateway_pb2.ConfirmTotpEnrollmentResponse]  # type: ignore[assignment]
@@ -139,6 +155,12 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService is StreamMesh's public API. Account calls need no token; every other call needs
     "authorization: Bearer <access token>" metadata and the role its comment names.
+
+    Tenants: every user belongs to one tenant, and usernames are unique per tenant. The account
+    calls that name a user take its tenant in `tenant` (empty means "default", the tenant of every
+    account made before tenants existed and of every self-registered one). Every call with a token
+    acts in the token's tenant (its `tenant` claim, also returned in SessionTokens.tenant): no
+    request can name another, and the gateway passes that tenant on to the services behind it.
     """
 
     @_abc_1.abstractmethod
@@ -147,7 +169,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.RegisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.RegisterResponse, _abc.Awaitable[_gateway_pb2.RegisterResponse]]:
-        """Register creates a user with a password. No token needed."""
+        """Register creates a user with a password, in tenant "default" (a tenant's users are created by
+        its admins). No token needed.
+        """
 
     @_abc_1.abstractmethod
     def BeginTotpEnrollment(

@@ -28,6 +28,10 @@ if _version_not_supported:
 class IngestServiceStub:
     """IngestService validates event batches, partitions them by key and appends them to Redis Streams.
     A batch is acknowledged only after Redis accepted every event in it.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     def __init__(self, channel):
@@ -51,6 +55,10 @@ class IngestServiceStub:
 class IngestServiceServicer:
     """IngestService validates event batches, partitions them by key and appends them to Redis Streams.
     A batch is acknowledged only after Redis accepted every event in it.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     def Publish(self, request_iterator, context):
@@ -91,6 +99,10 @@ def add_IngestServiceServicer_to_server(servicer, server):
 class IngestService:
     """IngestService validates event batches, partitions them by key and appends them to Redis Streams.
     A batch is acknowledged only after Redis accepted every event in it.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     @staticmethod

@@ -29,6 +29,10 @@ GRPC_VERSION: str
 class IngestServiceStub:
     """IngestService validates event batches, partitions them by key and appends them to Redis Streams.
     A batch is acknowledged only after Redis accepted every event in it.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     @_typing.overload
@@ -44,6 +48,10 @@ class IngestServiceStub:
 class IngestServiceAsyncStub(IngestServiceStub):
     """IngestService validates event batches, partitions them by key and appends them to Redis Streams.
     A batch is acknowledged only after Redis accepted every event in it.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -55,6 +63,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """IngestService validates event batches, partitions them by key and appends them to Redis Streams.
     A batch is acknowledged only after Redis accepted every event in it.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     @_abc_1.abstractmethod

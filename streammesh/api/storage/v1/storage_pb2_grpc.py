@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class StorageServiceStub:
     """StorageService owns the event store in PostgreSQL.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     def __init__(self, channel):
@@ -74,6 +78,10 @@ class StorageServiceStub:
 
 class StorageServiceServicer:
     """StorageService owns the event store in PostgreSQL.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     def StoreEvents(self, request, context):
@@ -174,6 +182,10 @@ def add_StorageServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class StorageService:
     """StorageService owns the event store in PostgreSQL.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
     """
 
     @staticmethod

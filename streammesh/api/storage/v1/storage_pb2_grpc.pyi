@@ -27,7 +27,12 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class StorageServiceStub:
-    """StorageService owns the event store in PostgreSQL."""
+    """StorageService owns the event store in PostgreSQL.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -52,7 +57,12 @@ class StorageServiceStub:
 
 @_typing.type_check_only
 class StorageServiceAsyncStub(StorageServiceStub):
-    """StorageService owns the event store in PostgreSQL."""
+    """StorageService owns the event store in PostgreSQL.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StoreEvents: _aio.UnaryUnaryMultiCallable[_storage_pb2.StoreEventsRequest, _storage_pb2.StoreEventsResponse]  # type: ignore[assignment]
@@ -73,7 +83,12 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """MarkDeadLetterReplayed records that the dead letter's events were published again."""
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
-    """StorageService owns the event store in PostgreSQL."""
+    """StorageService owns the event store in PostgreSQL.
+
+    Calls the gateway makes for a verified caller carry metadata "x-streammesh-tenant", the
+    caller's tenant (read it with streammesh.mesh.tenancy.caller_tenant, which believes it only
+    from the gateway's or an operator's identity).
+    """
 
     @_abc_1.abstractmethod
     def StoreEvents(

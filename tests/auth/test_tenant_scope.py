@@ -1,0 +1,70 @@
+"""Auth's own check of an administrator's scope (behind the gateway's role check): it reads the
+caller named in the metadata from its own rows, so the tenant and roles a call acts with are
+auth's, whatever the gateway's token said."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from streammesh.api.auth.v1 import auth_pb2
+from tests.auth.conftest import Auth
+from tests.auth.flows import PASSWORD, Stub, as_user, failure
+
+
+def in_tenant(actor: str, tenant: str) -> tuple[tuple[str, str], ...]:
+    return (*as_user(actor), ("x-streammesh-tenant", tenant))
+
+
+async def test_the_caller_is_checked_against_auths_own_rows(auth: Auth, stub: Stub) -> None:
+    operator = auth.stub("admin")
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    await operator.CreateTenant(auth_pb2.CreateTenantRequest(tenant_id=tenant), timeout=10)
+    boss, worker = f"boss-{uuid.uuid4().hex[:6]}", f"worker-{uuid.uuid4().hex[:6]}"
+    for name, roles in ((boss, ["tenant-admin"]), (worker, ["analyst"])):
+        await operator.CreateUser(
+            auth_pb2.CreateUserRequest(
+                username=name, password=PASSWORD, roles=roles, tenant=tenant
+            ),
+            timeout=10,
+        )
+    listed = await stub.ListUsers(
+        auth_pb2.ListUsersRequest(), metadata=in_tenant(f"user:{boss}", tenant), timeout=10
+    )
+    assert {user.username for user in listed.users} == {boss, worker}
+    # The same name in another tenant, a non-admin, a name nobody has: no administrator.
+    for metadata in (
+        in_tenant(f"user:{boss}", "default"),
+        in_tenant(f"user:{worker}", tenant),
+        in_tenant("user:nobody-at-all", tenant),
+        in_tenant("anonymous", tenant),
+    ):
+        error = await failure(stub.ListUsers(auth_pb2.ListUsersRequest(), metadata=metadata))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A tenant admin reaches no platform call, even when the gateway let it through.
+    for call in (
+        stub.ListTenants(auth_pb2.ListTenantsRequest(), metadata=in_tenant(f"user:{boss}", tenant)),
+        stub.ListSigningKeys(
+            auth_pb2.ListSigningKeysRequest(), metadata=in_tenant(f"user:{boss}", tenant)
+        ),
+    ):
+        assert (await failure(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+    # Disabled, it is no administrator any more, at once.
+    await operator.SetUserDisabled(
+        auth_pb2.SetUserDisabledRequest(username=boss, disabled=True, tenant=tenant), timeout=10
+    )
+    error = await failure(
+        stub.ListUsers(auth_pb2.ListUsersRequest(), metadata=in_tenant(f"user:{boss}", tenant))
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_tenant_named_by_another_service_is_refused(auth: Auth) -> None:
+    # The policy admits only the gateway and operators; the helper refuses anyone else's header.
+    error = await failure(
+        auth.stub("processor").ListUsers(
+            auth_pb2.ListUsersRequest(), metadata=(("x-streammesh-tenant", "default"),)
+        )
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
