@@ -26,16 +26,17 @@ run() { # name command...
 
 # The git input buf compares against: the local main branch, else origin/main (CI clones often
 # check out a detached commit), by commit so buf can fetch it. Empty if neither has proto/.
+# In a linked worktree .git is a file, so buf reads the repository's common directory instead.
 breaking_baseline() {
-    [[ -d .git ]] || return 0
-    local ref commit
+    local git_dir ref commit
+    git_dir=$(git rev-parse --path-format=relative --git-common-dir 2>/dev/null) || return 0
     for ref in refs/heads/main refs/remotes/origin/main; do
         commit=$(git rev-parse --quiet --verify "$ref^{commit}" 2>/dev/null) || continue
         if git cat-file -e "$commit:proto" 2>/dev/null; then
             if [[ $ref == refs/heads/main ]]; then
-                echo ".git#branch=main"
+                echo "$git_dir#branch=main"
             else
-                echo ".git#ref=$commit"
+                echo "$git_dir#ref=$commit"
             fi
             return 0
         fi
