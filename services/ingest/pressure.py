@@ -28,8 +28,9 @@ above Redis's own baseline: acknowledged entries stay until their partition is t
 the processor does after `trim_after_bytes` acknowledged bytes (default 2 MiB) or a read of
 `read_count` entries more (services/processor/worker.py); the overhead of a stream per batch
 byte is at most 1.2 for entries of 2 kB or more (1.3 at 500 B; MEMORY USAGE, printed by
-tests/ingest/test_backpressure.py). With the defaults (32 MiB, 8 partitions) and the bench's
-entries of about 40 kB (a read of 32 is 1.3 MB) that is (32 + 8 x 3.3) x 1.2 = 70 MiB.
+tests/ingest/test_backpressure.py). With the defaults (32 MiB, 8 partitions) and entries of
+about 40 kB (a read of 32 is 1.3 MB; the bench's are about 30 kB) that is
+(32 + 8 x 3.3) x 1.2 = 70 MiB.
 `max_redis_memory_bytes` (or maxmemory) is the second line of defence. Retention
 (`trim_retention_seconds`) keeps acknowledged entries on purpose and is outside this bound.
 

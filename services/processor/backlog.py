@@ -12,7 +12,8 @@ both run by the partition's owner between its rounds (nothing of the partition i
   entry on in pages, and adds the difference to the counters. Entries appended meanwhile are
   above L and count themselves; nothing of the partition is acknowledged meanwhile (only the
   owner acknowledges, fenced by its lease). Cost: reading the partition's stream from its oldest
-  unacknowledged entry, which back-pressure and trimming keep to a few MiB; once per takeover.
+  unacknowledged entry, which back-pressure and trimming keep to a few MiB; once per takeover,
+  and never more than MAX_RECONCILE_BYTES (past it, the drained check is left to correct).
 - `reset_if_drained`, at every trim: O(1). When the group has nothing pending and everything
   delivered (by `lag`, or, where Redis cannot compute lag, as after some AOF reloads, by
   comparing the last-delivered id with the stream's last id), the true backlog is zero, and the
@@ -29,15 +30,18 @@ import redis.asyncio as aioredis
 
 from services.processor.trimming import EntryId, format_id, parse_id
 from streammesh.backlog import BYTES, EVENTS, Backlog, entry_weight
-from streammesh.streams import StreamLayout
+from streammesh.streams import BATCH_FIELD, StreamLayout
 
-__all__ = ["BacklogKeeper"]
+__all__ = ["MAX_RECONCILE_BYTES", "BacklogKeeper"]
 
 log = logging.getLogger(__name__)
 
 _PAGE = 64
 """Entries per XRANGE page while reconciling (entries are up to ~1 MiB each)."""
 _PENDING_PAGE = 1000
+MAX_RECONCILE_BYTES = 256 * 1024 * 1024
+"""A takeover reads at most this much of a partition's stream to reconcile it; a longer backlog
+(limits turned off) is left to the drained check, so that a takeover never stalls on it."""
 
 # The group's fields from a RESP2 XINFO GROUPS reply (a flat name/value list per group).
 _GROUP = """
@@ -156,11 +160,19 @@ class BacklogKeeper:
         )
         last, delivered = reply[0], reply[1]
         counted = Backlog(events=int(reply[2]), bytes=int(reply[3]))
-        events = size = 0
+        weighed: tuple[int, int] | None = (0, 0)
         if last is not None:
-            events, size = await self._weigh(
+            weighed = await self._weigh(
                 stream, parse_id(last), None if delivered is None else parse_id(delivered)
             )
+        if weighed is None:
+            log.info(
+                "partition %d: backlog longer than %d bytes, counters left to the drained check",
+                partition,
+                MAX_RECONCILE_BYTES,
+            )
+            return Backlog()
+        events, size = weighed
         drift = Backlog(events=events - counted.events, bytes=size - counted.bytes)
         if drift.events or drift.bytes:
             fenced = await self._adjust(
@@ -183,8 +195,9 @@ class BacklogKeeper:
 
     async def _weigh(
         self, stream: str, last: EntryId, delivered: EntryId | None
-    ) -> tuple[int, int]:
-        """Events and bytes of the entries up to `last` that are pending or not delivered."""
+    ) -> tuple[int, int] | None:
+        """Events and bytes of the entries up to `last` that are pending or not delivered;
+        None past MAX_RECONCILE_BYTES read."""
         pending = set() if delivered is None else await self._pending_ids(stream, last)
         if pending:
             start = format_id(min(pending))
@@ -192,7 +205,7 @@ class BacklogKeeper:
             start = "(" + format_id(delivered)
         else:
             start = "-"
-        events = size = 0
+        events = size = read = 0
         while True:
             page = cast(
                 list[tuple[bytes, dict[bytes, bytes]]],
@@ -204,6 +217,9 @@ class BacklogKeeper:
                     entry_events, entry_bytes = entry_weight(fields)
                     events += entry_events
                     size += entry_bytes
+                read += len(fields.get(BATCH_FIELD, b""))
+            if read > MAX_RECONCILE_BYTES:
+                return None
             if len(page) < _PAGE:
                 return events, size
             start = "(" + page[-1][0].decode()

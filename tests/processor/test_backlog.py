@@ -10,6 +10,7 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
+from services.processor import backlog as backlog_module
 from services.processor.backlog import BacklogKeeper
 from services.processor.ownership import Entry, PartitionOwnership
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
@@ -264,3 +265,19 @@ async def test_partitions_are_trimmed_by_acknowledged_volume(
 
 async def _length_is(client: aioredis.Redis, layout: StreamLayout, length: int) -> bool:
     return int(await client.xlen(layout.stream(0))) == length
+
+
+async def test_a_backlog_too_long_to_read_is_left_to_the_drained_check(
+    redis_client: aioredis.Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    for n in range(3):
+        await append(redis_client, layout, 0, [f"e{n}"])
+    await redis_client.hset(layout.unacked_key(0), "events", 99)
+    await _owner(redis_client, layout, "c1")
+    monkeypatch.setattr(backlog_module, "MAX_RECONCILE_BYTES", 10)
+    keeper = BacklogKeeper(redis_client, layout, "c1")
+    assert await keeper.reconcile(0) == Backlog()
+    assert (await _counters(redis_client, layout, 0)).events == 99
+    monkeypatch.undo()
+    assert (await keeper.reconcile(0)).events == 3 - 99
