@@ -9,6 +9,9 @@ reference machine) is then paid once per batch instead of once per event.
 Keys under the stream prefix `<prefix>` (default `streammesh:events`):
 
 - `<prefix>:p<n>`: partition n's stream; ingest appends, the processor group consumes;
+- `<prefix>:unacked:p<n>`: partition n's backlog counters (hash: `events`, `bytes` of the entries
+  not yet acknowledged), kept by ingest's append and the processor's ack
+  (`streammesh/backlog.py`);
 - `<prefix>:dead`: a capped notice stream of dead letters (the storage table is the record);
 - `<prefix>:members`: live processors (sorted set, score = expiry in Redis milliseconds);
 - `<prefix>:lease:p<n>`: the processor that owns partition n (string, expires);
@@ -73,6 +76,10 @@ class StreamLayout:
 
     def streams(self) -> list[str]:
         return [self.stream(p) for p in range(self.partitions)]
+
+    def unacked_key(self, partition: int) -> str:
+        """Partition n's backlog counters (see streammesh.backlog)."""
+        return f"{self.prefix}:unacked:p{partition}"
 
     @property
     def dead_letter_stream(self) -> str:

@@ -1,20 +1,38 @@
-"""Back-pressure: refuse new batches while the queue is too far behind or Redis is too full.
+"""Back-pressure: refuse new batches while the queue holds too many unacknowledged events or
+bytes, or Redis is too full.
 
-A background task samples Redis every `sample_interval_seconds` in one pipelined round trip:
-XINFO GROUPS for every partition and INFO memory. The request path only reads the cached sample
-(a few dict lookups) and never waits for Redis. A batch is refused with RESOURCE_EXHAUSTED and
-a RetryInfo delay in two cases:
-- a partition it writes to holds `max_partition_lag` or more unacknowledged entries;
-- Redis's used_memory has reached the memory limit (refuses every batch).
+What is limited. The backlog counters (`streammesh/backlog.py`): per partition, the events and
+the bytes (serialized batch) appended and not yet acknowledged by the processors, kept exactly
+by ingest's append script and the processor's fenced ack. A batch is refused whole, before
+anything of it is appended, with RESOURCE_EXHAUSTED and a RetryInfo delay, when taking it would
+bring
+- a partition it writes to past `max_partition_events` or `max_partition_bytes`, or
+- the sum over all partitions past `max_events` or `max_bytes`,
+(a batch larger than a limit on its own still goes into an empty queue, else it could never
+go), or when Redis's used_memory has reached the memory limit (every batch is refused).
 
-Lag measure (per partition, in stream entries: one entry = the events of one publish batch that
-fall in that partition). It is the processor group's `lag` (entries not yet delivered) plus its
-`pending` (delivered, not yet acknowledged), both read from XINFO GROUPS. On Redis 7 this costs
-O(1) per stream. When Redis cannot compute `lag` (it answers nil after XDEL inside the
-undelivered range, or after XGROUP SETID), the stream's length is used instead. That is an upper
-bound, because trimming removes acknowledged entries. Entries are counted instead of events
-because the event count would need the COUNT_FIELD of every unacknowledged entry, which is
-O(lag) per sample. Memory is bounded by the second check.
+Cost. A background task reads the counters of every partition and INFO memory in one pipelined
+round trip every `sample_interval_seconds`. The request path reads that cached sample and adds
+the batch's own weight to it (`admit`), so the batches this replica admits between two samples
+count at once, also while their XADD is still in flight: no Redis round trip and O(partitions
+of the batch) per request. A batch whose XADD is in flight while a sample is taken may or may
+not be in the sample's reply; it is counted anyway, so the figure can read high by the
+replica's appends in flight, until the next sample: a refusal can come that early, an
+admission past a limit cannot.
+
+The bound this gives. Unacknowledged bytes stay below `max_bytes` plus what other ingest
+replicas admit within one sample interval (their admissions show at the next sample), plus one
+batch into an empty queue. Redis memory for the queue is then at most
+    (max_bytes + partitions x (trim_after_bytes + one read)) x overhead
+above Redis's own baseline: acknowledged entries stay until their partition is trimmed, which
+the processor does after `trim_after_bytes` acknowledged bytes (default 2 MiB) or a read of
+`read_count` entries more (services/processor/worker.py); the overhead of a stream per batch
+byte is at most 1.2 for entries of 2 kB or more (1.3 at 500 B; MEMORY USAGE, printed by
+tests/ingest/test_backpressure.py). With the defaults (32 MiB, 8 partitions) and entries of
+about 40 kB (a read of 32 is 1.3 MB; the bench's are about 30 kB) that is
+(32 + 8 x 3.3) x 1.2 = 70 MiB.
+`max_redis_memory_bytes` (or maxmemory) is the second line of defence. Retention
+(`trim_retention_seconds`) keeps acknowledged entries on purpose and is outside this bound.
 
 A sample older than `stale_after_seconds` (Redis unreachable) is ignored: the batch is let
 through, and the XADD then fails with UNAVAILABLE if Redis is really down.
@@ -25,13 +43,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from streammesh.backlog import Backlog, parse_backlog, queue_backlog_reads
 from streammesh.mesh.errors import ResourceExhausted
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
 from streammesh.streams import StreamLayout
@@ -40,13 +59,21 @@ __all__ = ["BackPressure", "PressureLimits"]
 
 log = logging.getLogger(__name__)
 
+MiB = 1024 * 1024
+
 
 @dataclass(frozen=True)
 class PressureLimits:
-    """Thresholds and sampling for back-pressure."""
+    """Thresholds and sampling for back-pressure; a limit of 0 is no limit."""
 
-    max_partition_lag: int = 10_000
-    """Unacknowledged entries per partition at which batches for it are refused; 0 = no limit."""
+    max_events: int = 200_000
+    """Unacknowledged events over all partitions."""
+    max_bytes: int = 32 * MiB
+    """Unacknowledged bytes (serialized batches) over all partitions."""
+    max_partition_events: int = 100_000
+    """Unacknowledged events of one partition."""
+    max_partition_bytes: int = 16 * MiB
+    """Unacknowledged bytes of one partition."""
     max_memory_bytes: int = 0
     """used_memory at which every batch is refused; 0 = `memory_fraction` of Redis maxmemory,
     or no limit when maxmemory is unset."""
@@ -59,17 +86,34 @@ class PressureLimits:
     retry_after_seconds: float = 1.0
     """The RetryInfo delay sent with RESOURCE_EXHAUSTED."""
 
+    def describe(self) -> str:
+        """The limits in words, for logs and the bench."""
 
-@dataclass(frozen=True)
+        def limit(value: int, unit: str) -> str:
+            return f"{value:,} {unit}" if value else f"no {unit} limit"
+
+        return (
+            f"unacknowledged at most {limit(self.max_events, 'events')} and "
+            f"{limit(self.max_bytes, 'bytes')} in all, "
+            f"{limit(self.max_partition_events, 'events')} and "
+            f"{limit(self.max_partition_bytes, 'bytes')} per partition"
+        )
+
+
+@dataclass
 class _Sample:
     taken: float
-    lag: dict[int, int]
+    partitions: list[list[int]]
+    """[events, bytes] per partition: as read, plus what this replica admitted since."""
+    events: int
+    bytes: int
     used_memory: int
     memory_limit: int
 
 
 class BackPressure:
-    """Samples queue lag and Redis memory in the background; `check()` refuses from the cache."""
+    """Samples the backlog counters and Redis memory in the background; `admit()` refuses from
+    the cache, or counts the batch into it."""
 
     def __init__(
         self, client: aioredis.Redis, layout: StreamLayout, limits: PressureLimits
@@ -78,72 +122,117 @@ class BackPressure:
         self._layout = layout
         self._limits = limits
         self._sample: _Sample | None = None
+        # Per partition, [events, bytes] admitted by this replica so far, and how much of that
+        # has settled (its XADD returned or failed): what a sample cannot have seen yet.
+        self._admitted = [[0, 0] for _ in range(layout.partitions)]
+        self._settled = [[0, 0] for _ in range(layout.partitions)]
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def limits(self) -> PressureLimits:
+        return self._limits
 
     @property
     def sample_age(self) -> float | None:
         """Seconds since the last successful sample (None before the first)."""
         return None if self._sample is None else time.monotonic() - self._sample.taken
 
-    def lag(self, partition: int) -> int | None:
-        """The last sampled unacknowledged entries of `partition`."""
-        return None if self._sample is None else self._sample.lag.get(partition)
+    def backlog(self, partition: int) -> Backlog | None:
+        """The partition's unacknowledged events and bytes as this replica sees them: the last
+        sample plus its own admissions since."""
+        if self._sample is None:
+            return None
+        events, size = self._sample.partitions[partition]
+        return Backlog(events=events, bytes=size)
 
-    def check(self, partitions: Iterable[int]) -> None:
-        """Raise ResourceExhausted if a batch writing to `partitions` must wait."""
+    def admit(self, weights: Mapping[int, tuple[int, int]]) -> None:
+        """Raise ResourceExhausted if a batch of `weights` (partition -> (events, bytes)) must
+        wait; else count it into the cached sample. Call `settled(weights)` once its XADD
+        returned or failed."""
+        self._check_admission(weights)
+        for partition, (events, size) in weights.items():
+            admitted = self._admitted[partition]
+            admitted[0] += events
+            admitted[1] += size
+            if self._sample is not None:
+                held = self._sample.partitions[partition]
+                held[0] += events
+                held[1] += size
+                self._sample.events += events
+                self._sample.bytes += size
+
+    def settled(self, weights: Mapping[int, tuple[int, int]]) -> None:
+        """The XADD of an admitted batch returned (or failed): a sample from now on sees it."""
+        for partition, (events, size) in weights.items():
+            done = self._settled[partition]
+            done[0] += events
+            done[1] += size
+
+    def _check_admission(self, weights: Mapping[int, tuple[int, int]]) -> None:
         sample = self._sample
         limits = self._limits
         if sample is None or time.monotonic() - sample.taken > limits.stale_after_seconds:
             return
         if sample.memory_limit and sample.used_memory >= sample.memory_limit:
-            raise ResourceExhausted(
-                f"the event queue is full (Redis uses {sample.used_memory} of "
-                f"{sample.memory_limit} bytes allowed); retry later",
-                retry_after_seconds=limits.retry_after_seconds,
+            raise self._refusal(
+                f"the event queue is full (Redis uses {sample.used_memory:,} of "
+                f"{sample.memory_limit:,} bytes allowed)"
             )
-        if limits.max_partition_lag:
-            for partition in partitions:
-                lag = sample.lag.get(partition, 0)
-                if lag >= limits.max_partition_lag:
-                    raise ResourceExhausted(
-                        f"partition {partition} is {lag} batches behind (limit "
-                        f"{limits.max_partition_lag}); retry later",
-                        retry_after_seconds=limits.retry_after_seconds,
-                    )
+        events = sum(weight[0] for weight in weights.values())
+        size = sum(weight[1] for weight in weights.values())
+        self._check("the event queue", "in all", sample.events, events, limits.max_events)
+        self._check("the event queue", "in all", sample.bytes, size, limits.max_bytes, "bytes")
+        for partition, (part_events, part_bytes) in weights.items():
+            held = sample.partitions[partition]
+            name = f"partition {partition}"
+            self._check(name, "per partition", held[0], part_events, limits.max_partition_events)
+            self._check(
+                name, "per partition", held[1], part_bytes, limits.max_partition_bytes, "bytes"
+            )
+
+    def _check(
+        self, name: str, scope: str, held: int, adding: int, limit: int, unit: str = "events"
+    ) -> None:
+        # An empty queue takes any batch: one larger than the limit would never go otherwise.
+        if limit and held > 0 and held + adding > limit:
+            what = "bytes of unacknowledged events" if unit == "bytes" else "unacknowledged events"
+            raise self._refusal(
+                f"{name} holds {held:,} {what} and this batch adds {adding:,} {unit}, over the "
+                f"limit of {limit:,} {unit} {scope}"
+            )
+
+    def _refusal(self, message: str) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"{message}; retry later", retry_after_seconds=self._limits.retry_after_seconds
+        )
 
     async def sample(self) -> None:
-        """Take one sample (one pipelined round trip)."""
-        streams = self._layout.streams()
+        """Take one sample (one pipelined round trip). What this replica admitted and had not
+        settled when the sample started is added to what Redis says: it may or may not be in
+        the reply, so it is counted (twice at worst, until the next sample)."""
+        settled = [list(done) for done in self._settled]
         async with self._client.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xinfo_groups(stream)
-                pipe.xlen(stream)
+            queue_backlog_reads(pipe, self._layout)
             pipe.info("memory")
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        lag = {}
-        for partition in range(len(streams)):
-            groups, length = replies[2 * partition], replies[2 * partition + 1]
-            lag[partition] = self._unacknowledged(groups, length)
+            replies: list[Any] = await pipe.execute()
+        backlog = parse_backlog(replies[:-1])
         memory = replies[-1]
-        if isinstance(memory, Exception):
-            raise memory
         limit = self._limits.max_memory_bytes
         if not limit and int(memory.get("maxmemory", 0)):
             limit = int(int(memory["maxmemory"]) * self._limits.memory_fraction)
-        self._sample = _Sample(time.monotonic(), lag, int(memory["used_memory"]), limit)
-
-    def _unacknowledged(self, groups: Any, length: Any) -> int:
-        if isinstance(groups, Exception) or isinstance(length, Exception):
-            return 0  # no stream yet: nothing queued
-        for group in groups:
-            name = group["name"]
-            if (name.decode() if isinstance(name, bytes) else name) != self._layout.group:
-                continue
-            if group.get("lag") is None:
-                return int(length)
-            return int(group["lag"]) + int(group["pending"])
-        return int(length)
+        partitions = [
+            [b.events + admitted[0] - done[0], b.bytes + admitted[1] - done[1]]
+            for b, admitted, done in zip(backlog, self._admitted, settled, strict=True)
+        ]
+        self._sample = _Sample(
+            taken=time.monotonic(),
+            partitions=partitions,
+            events=sum(p[0] for p in partitions),
+            bytes=sum(p[1] for p in partitions),
+            used_memory=int(memory["used_memory"]),
+            memory_limit=limit,
+        )
 
     async def run(self) -> None:
         """Sample until stop(); failures are logged and retried on the next tick."""

@@ -30,9 +30,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
+from streammesh.backlog import APPEND_SCRIPT
 from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.startup import StartupError
-from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+from streammesh.streams import StreamLayout
 from streammesh.wire import length_delimited_field, varint_field
 
 __all__ = ["DurabilityError", "StreamAppender", "check_durability"]
@@ -72,10 +73,12 @@ async def check_durability(client: aioredis.Redis, *, require_aof: bool) -> str:
 class StreamAppender:
     """Splits a batch by partition (keeping publish order inside each) and appends one entry per
     partition, or several when a partition's slice is larger than `max_entry_bytes`, in one
-    pipelined round trip. Returns only after Redis accepted every entry.
+    pipelined round trip. Returns only after Redis accepted every entry. Each entry is appended
+    with the backlog counters' APPEND_SCRIPT (streammesh/backlog.py): the XADD and the count of
+    its events and bytes in one atomic step.
 
     With `pressure`, a batch is refused whole (ResourceExhausted) before anything is appended
-    if a partition it writes to is too far behind or Redis is too full."""
+    if it would take the unacknowledged events or bytes past a limit, or Redis is too full."""
 
     def __init__(
         self,
@@ -94,15 +97,37 @@ class StreamAppender:
         ingest_time = Timestamp()
         ingest_time.GetCurrentTime()
         partitions = [self._layout.partition_for(event.key) for event in events]
-        if self._pressure is not None:
-            self._pressure.check(set(partitions))
         entries = self._entries(events, partitions, producer, ingest_time.SerializeToString())
+        batches = [entry.serialized() for entry in entries]
+        pressure = self._pressure
+        if pressure is None:
+            await self._append(entries, batches)
+            return
+        weights: dict[int, tuple[int, int]] = {}
+        for entry, batch in zip(entries, batches, strict=True):
+            held = weights.get(entry.partition, (0, 0))
+            weights[entry.partition] = (held[0] + len(entry.events), held[1] + len(batch))
+        pressure.admit(weights)
+        try:
+            await self._append(entries, batches)
+        finally:
+            pressure.settled(weights)
+
+    async def _append(self, entries: list[_Entry], batches: list[bytes]) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for entry in entries:
-                    pipe.xadd(
+                for entry, batch in zip(entries, batches, strict=True):
+                    # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with an extra
+                    # SCRIPT EXISTS round trip per execute, and EVALSHA alone fails with
+                    # NOSCRIPT after a Redis restart. Redis caches the compiled script; the
+                    # text is a few hundred bytes beside a batch of kilobytes.
+                    pipe.eval(
+                        APPEND_SCRIPT,
+                        2,
                         self._layout.stream(entry.partition),
-                        {BATCH_FIELD: entry.serialized(), COUNT_FIELD: len(entry.events)},
+                        self._layout.unacked_key(entry.partition),
+                        batch,
+                        len(entry.events),
                     )
                 await pipe.execute()
         except (RedisError, OSError) as error:

@@ -60,7 +60,10 @@ def layout_from(settings: IngestSettings) -> StreamLayout:
 
 def pressure_limits(settings: IngestSettings) -> PressureLimits:
     return PressureLimits(
-        max_partition_lag=settings.max_partition_lag,
+        max_events=settings.max_unacked_events,
+        max_bytes=settings.max_unacked_bytes,
+        max_partition_events=settings.max_partition_unacked_events,
+        max_partition_bytes=settings.max_partition_unacked_bytes,
         max_memory_bytes=settings.max_redis_memory_bytes,
         memory_fraction=settings.redis_memory_fraction,
         sample_interval_seconds=settings.pressure_sample_ms / 1000,
@@ -103,7 +106,9 @@ async def serve(settings: IngestSettings) -> None:
         await client.aclose()
         raise
     log.info("Redis persistence: %s", mode)
-    pressure = BackPressure(client, layout, pressure_limits(settings))
+    limits = pressure_limits(settings)
+    log.info("back-pressure: %s", limits.describe())
+    pressure = BackPressure(client, layout, limits)
     await pressure.sample()
     pressure.start()
 

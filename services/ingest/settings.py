@@ -4,9 +4,13 @@ Durability: a batch is acknowledged after XADD returned (Redis accepted it). Wha
 acknowledgement survives depends on Redis persistence; see `services/ingest/queue.py`.
 `require_aof` refuses to start when Redis has AOF off.
 
-Back-pressure: batches are refused with RESOURCE_EXHAUSTED (and a RetryInfo delay) while a
-partition they write to has `max_partition_lag` unacknowledged entries, or while Redis memory
-is at its limit; see `services/ingest/pressure.py`.
+Back-pressure: a batch is refused with RESOURCE_EXHAUSTED (and a RetryInfo delay) when it would
+take the events or bytes appended and not yet acknowledged past `max_unacked_events` /
+`max_unacked_bytes` (all partitions) or `max_partition_unacked_events` /
+`max_partition_unacked_bytes` (a partition it writes to), or while Redis memory is at its limit.
+With the defaults, one ingest replica and entries of about 40 kB, the queue's Redis memory
+stays within about 70 MiB above Redis's baseline for the default 8 partitions (the formula is in
+`services/ingest/pressure.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from streammesh.mesh.settings import ServiceSettings
 __all__ = ["IngestSettings"]
 
 MAX_PAYLOAD_BYTES = EnvelopeLimits().max_payload_bytes
+MiB = 1024 * 1024
 
 
 class IngestSettings(ServiceSettings):
@@ -29,7 +34,7 @@ class IngestSettings(ServiceSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the streams")
     stream_prefix: str = Field("streammesh:events", description="streams are <prefix>:p<n>")
     partitions: int = Field(8, ge=1, le=1024, description="number of stream partitions")
-    group: str = Field("processors", description="the processors' group, whose lag is measured")
+    group: str = Field("processors", description="the processors' consumer group")
     max_batch_events: int = Field(10_000, ge=1, description="events per batch, at most")
     redis_timeout_seconds: float = Field(5.0, gt=0, description="connect and command timeout")
     # Storage checks every event against the contract's 1 MiB again: a larger limit here would
@@ -49,11 +54,24 @@ class IngestSettings(ServiceSettings):
     require_aof: bool = Field(
         False, description="refuse to start unless Redis has AOF on (set it in production)"
     )
-    max_partition_lag: int = Field(
-        10_000,
+    max_unacked_events: int = Field(
+        200_000,
         ge=0,
-        description="unacknowledged stream entries (one entry = one batch's events of that "
-        "partition) at which batches for a partition are refused; 0 = no limit",
+        description="events appended and not yet acknowledged by the processors, over all "
+        "partitions, past which batches are refused; 0 = no limit",
+    )
+    max_unacked_bytes: int = Field(
+        32 * MiB,
+        ge=0,
+        description="bytes (serialized batches) appended and not yet acknowledged, over all "
+        "partitions, past which batches are refused; bounds the queue's Redis memory; 0 = no "
+        "limit",
+    )
+    max_partition_unacked_events: int = Field(
+        100_000, ge=0, description="the same events limit for one partition; 0 = no limit"
+    )
+    max_partition_unacked_bytes: int = Field(
+        16 * MiB, ge=0, description="the same bytes limit for one partition; 0 = no limit"
     )
     max_redis_memory_bytes: int = Field(
         0,
@@ -65,7 +83,10 @@ class IngestSettings(ServiceSettings):
         0.9, gt=0, le=1, description="share of Redis maxmemory used when the above is 0"
     )
     pressure_sample_ms: int = Field(
-        200, ge=10, le=10_000, description="how often lag and memory are sampled"
+        200,
+        ge=10,
+        le=10_000,
+        description="how often the backlog counters and Redis memory are sampled",
     )
     retry_after_seconds: float = Field(
         1.0, gt=0, description="retry delay suggested with RESOURCE_EXHAUSTED"

@@ -72,12 +72,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.processor.dead_letters import attempts_key
+from streammesh.backlog import entry_weight
 from streammesh.mesh.tasks import raise_if_cancelled, wait_event
 from streammesh.streams import StreamLayout
 
-__all__ = ["SAFETY", "PartitionOwnership", "assign"]
+__all__ = ["SAFETY", "Entry", "PartitionOwnership", "assign"]
 
 log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+"""A stream entry as XREADGROUP returns it: id and fields (None once deleted)."""
 
 SAFETY = 0.2
 """Share of the lease TTL by which the local deadline precedes the lease's expiry in Redis."""
@@ -123,9 +127,27 @@ _ACK = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
 end
-local ids = {unpack(ARGV, 3)}
-local acked = redis.call('XACK', KEYS[2], ARGV[2], unpack(ids))
+local ids, acked, events, bytes = {}, 0, 0, 0
+for i = 3, #ARGV, 3 do
+  ids[#ids + 1] = ARGV[i]
+  -- Only an id XACK took out of the pending list counts: acknowledged twice, it is
+  -- subtracted once.
+  if redis.call('XACK', KEYS[2], ARGV[2], ARGV[i]) == 1 then
+    acked = acked + 1
+    events = events + tonumber(ARGV[i + 1])
+    bytes = bytes + tonumber(ARGV[i + 2])
+  end
+end
 redis.call('HDEL', KEYS[3], unpack(ids))
+-- Integers only (a Lua number turned into a string could read "-0" or "1e+15", which
+-- HINCRBY refuses), never below zero.
+for field, amount in pairs({events = events, bytes = bytes}) do
+  if amount > 0 then
+    if redis.call('HINCRBY', KEYS[4], field, string.format('%d', -amount)) < 0 then
+      redis.call('HSET', KEYS[4], field, 0)
+    end
+  end
+end
 return acked
 """
 
@@ -300,18 +322,24 @@ class PartitionOwnership:
             await pipe.execute()
         log.info("released partitions %s", freed)
 
-    async def ack(self, partition: int, *entry_ids: bytes) -> bool:
-        """XACK the entries (and forget their failure counts) only while the lease names us,
-        all in one script; False (and the partition dropped) otherwise."""
-        if not entry_ids:
+    async def ack(self, partition: int, *entries: Entry) -> bool:
+        """XACK the entries (and forget their failure counts, and subtract their weight from
+        the backlog counters) only while the lease names us, all in one script; False (and the
+        partition dropped) otherwise."""
+        if not entries:
             return True
+        args: list[bytes | str | int] = [self._consumer, self._layout.group]
+        for entry_id, fields in entries:
+            args.append(entry_id)
+            args.extend(entry_weight(fields))
         acked = await self._ack(
             keys=[
                 self._layout.lease_key(partition),
                 self._layout.stream(partition),
                 attempts_key(self._layout, partition),
+                self._layout.unacked_key(partition),
             ],
-            args=[self._consumer, self._layout.group, *entry_ids],
+            args=args,
         )
         if acked == -1:
             self.drop(partition, "the lease names another processor at acknowledgement")

@@ -59,6 +59,13 @@ class ProcessorSettings(ServiceSettings):
     trim_retention_seconds: float = Field(
         0.0, ge=0, description="keep acknowledged entries at least this long (replay, debugging)"
     )
+    trim_after_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=0,
+        description="also trim a partition once this many bytes of it were acknowledged since "
+        "its last trim, which bounds the Redis memory of acknowledged entries per partition; "
+        "0 = by the interval only",
+    )
     max_deliveries: int = Field(
         5,
         ge=1,

@@ -11,7 +11,9 @@ The trim is exact (no `~`). An approximate trim only frees whole radix-tree node
 entries each), so a quiet stream would keep up to a node of acknowledged entries for good. An
 exact trim costs O(entries removed).
 
-Only the partition's owner trims, every trim interval. The read and the trim are two commands.
+Only the partition's owner trims: every trim interval, and as soon as it acknowledged
+`trim_after_bytes` of the partition since its last trim (so acknowledged entries cost Redis a
+bounded amount whatever the rate; ingest's back-pressure counts only unacknowledged ones). The read and the trim are two commands.
 This is safe because nothing can make an entry below the point needed again: acknowledgements
 are final, new entries get higher ids, and XCLAIM moves pending entries without creating any.
 Only an operator's XGROUP CREATE/SETID to an old id between the two commands could be affected.

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
+from services.processor.backlog import BacklogKeeper
 from services.processor.dead_letters import (
     DeadLetterRecord,
     DeadLetterSink,
@@ -36,7 +37,7 @@ from services.processor.dead_letters import (
     is_outage,
 )
 from services.processor.failpoints import Failpoint
-from services.processor.ownership import PartitionOwnership
+from services.processor.ownership import Entry, PartitionOwnership
 from services.processor.trimming import trim_partition
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.processor.v1 import processor_pb2
@@ -99,6 +100,11 @@ class WorkerConfig:
     """How often owned partitions are trimmed to their safe point; 0 turns trimming off."""
     trim_retention_seconds: float = 0.0
     """Acknowledged entries stay in the stream at least this long (replay, debugging)."""
+    trim_after_bytes: int = 2 * 1024 * 1024
+    """A partition is also trimmed as soon as this many bytes of it were acknowledged since
+    its last trim, so acknowledged entries cost Redis at most about this much per partition
+    whatever the rate (ingest's back-pressure counts only unacknowledged ones); 0 = by the
+    interval only."""
     max_deliveries: int = 5
     """Failed stores (outages excluded) after which an entry is set aside as a dead letter."""
     dead_letter_maxlen: int = 10_000
@@ -118,10 +124,8 @@ class WorkerStats:
     takeovers: int = 0
     entries_claimed: int = 0
     entries_trimmed: int = 0
+    backlog_corrections: int = 0
     last_error: str = field(default="")
-
-
-Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
 class _Outcome(enum.Enum):
@@ -163,6 +167,9 @@ class StreamWorker:
             lease_ttl_ms=config.lease_ttl_ms,
             heartbeat_ms=config.heartbeat_ms,
         )
+        self._backlog_keeper = BacklogKeeper(client, layout, consumer)
+        # Bytes acknowledged per partition since its last trim (trim_after_bytes).
+        self._acked_bytes: dict[int, int] = {}
         # Partitions taken over (pending entries of others claimed) and still held.
         self._active: set[int] = set()
         # Active partitions whose own pending entries must be worked before new ones.
@@ -217,8 +224,10 @@ class StreamWorker:
                     await self._claim_stale()
                     next_claim = now + self._config.claim_idle_ms / 2000
                 if self._config.trim_interval_seconds > 0 and now >= next_trim:
-                    await self._trim()
+                    await self._trim(sorted(self._active), check_drained=True)
                     next_trim = now + self._config.trim_interval_seconds
+                elif self._config.trim_interval_seconds > 0 and self._config.trim_after_bytes:
+                    await self._trim(self._trim_due())
                 await self._round()
             except (RedisError, OSError) as error:
                 self._backlog |= self._active
@@ -245,6 +254,9 @@ class StreamWorker:
             self._next_acquire = time.monotonic() + self._tick
             await ownership.acquire(wanted)
         for partition in sorted(ownership.held() - self._active):
+            drift = await self._backlog_keeper.reconcile(partition)
+            self.stats.backlog_corrections += bool(drift.events or drift.bytes)
+            self._acked_bytes[partition] = 0
             claimed = await self._claim_foreign(partition)
             self.stats.takeovers += 1
             log.info("took over partition %d (%d pending entries claimed)", partition, claimed)
@@ -271,7 +283,16 @@ class StreamWorker:
             self._backlog.add(partition)
             reply[partition] = []
         work = [(p, entries) for p, entries in reply.items() if entries]
-        outcomes = await asyncio.gather(*(self._drain(p, entries) for p, entries in work))
+        # Every drain runs to its end before the round ends, also when one of them fails (a
+        # Redis error): a drain left running would overlap the next round's work on its
+        # partition. The first failure is raised after all of them finished.
+        results = await asyncio.gather(
+            *(self._drain(p, entries) for p, entries in work), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        outcomes = cast(list[_Outcome], results)
         retry = [
             p for (p, _), outcome in zip(work, outcomes, strict=True) if outcome is _Outcome.RETRY
         ]
@@ -349,7 +370,7 @@ class StreamWorker:
             self.stats.last_error = describe(error)
             return _Outcome.RETRY if is_outage(error) else None
         self._count_stored(len(group), result)
-        if not await self.ownership.ack(partition, *(entry_id for entry_id, _ in group)):
+        if not await self._ack(partition, group):
             return _Outcome.LOST
         return _Outcome.DONE
 
@@ -399,9 +420,18 @@ class StreamWorker:
                 return _Outcome.RETRY
         else:
             self._count_stored(1, result)
-        if not await self.ownership.ack(partition, entry_id):
+        if not await self._ack(partition, [(entry_id, fields)]):
             return _Outcome.LOST
         return _Outcome.DONE
+
+    async def _ack(self, partition: int, entries: list[Entry]) -> bool:
+        """The fenced ack (ownership.py), counting the bytes toward the next trim."""
+        if not await self.ownership.ack(partition, *entries):
+            return False
+        self._acked_bytes[partition] = self._acked_bytes.get(partition, 0) + sum(
+            len(fields.get(BATCH_FIELD, b"")) for _, fields in entries if fields
+        )
+        return True
 
     def _count_stored(self, entries: int, result: StoreResult) -> None:
         self.stats.batches_stored += entries
@@ -488,14 +518,26 @@ class StreamWorker:
                 if start in (b"0-0", "0-0"):
                     break
 
-    async def _trim(self) -> None:
-        for partition in sorted(self._active):
-            if self.ownership.holds(partition):
-                self.stats.entries_trimmed += await trim_partition(
-                    self._client,
-                    self._layout.stream(partition),
-                    retention_seconds=self._config.trim_retention_seconds,
-                )
+    def _trim_due(self) -> list[int]:
+        """Active partitions with trim_after_bytes acknowledged since their last trim."""
+        threshold = self._config.trim_after_bytes
+        return [p for p in sorted(self._active) if self._acked_bytes.get(p, 0) >= threshold]
+
+    async def _trim(self, partitions: list[int], *, check_drained: bool = False) -> None:
+        """Trim the partitions we hold; with `check_drained`, also zero the backlog counters
+        of those that are drained (backlog.py: clears a drift, O(1))."""
+        for partition in partitions:
+            if not self.ownership.holds(partition):
+                continue
+            self._acked_bytes[partition] = 0
+            self.stats.entries_trimmed += await trim_partition(
+                self._client,
+                self._layout.stream(partition),
+                retention_seconds=self._config.trim_retention_seconds,
+            )
+            if check_drained:
+                held = await self._backlog_keeper.reset_if_drained(partition)
+                self.stats.backlog_corrections += bool(held and (held.events or held.bytes))
 
     async def partition_status(self) -> list[processor_pb2.PartitionStatus]:
         """Length and pending count of every partition (one round trip)."""

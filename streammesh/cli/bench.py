@@ -86,6 +86,39 @@ DRAIN_TIMEOUT = 30.0
 CATCH_UP_TIMEOUT = 120.0
 """Seconds storage may take to catch up with the acknowledged events."""
 QUERY_TIMEOUT = 600.0
+MiB = 1024 * 1024
+BACKLOG_LIMITS = {
+    "ingest": {
+        "STREAMMESH_INGEST_MAX_UNACKED_EVENTS": "200000",
+        "STREAMMESH_INGEST_MAX_UNACKED_BYTES": str(32 * MiB),
+        "STREAMMESH_INGEST_MAX_PARTITION_UNACKED_EVENTS": "100000",
+        "STREAMMESH_INGEST_MAX_PARTITION_UNACKED_BYTES": str(16 * MiB),
+    },
+    "processor": {"STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES": str(2 * MiB)},
+}
+"""The back-pressure the bench stack runs with, set explicitly (over the caller's environment),
+so that the closed loop cannot grow the Redis backlog past a bound this run chose and printed
+(services/ingest/pressure.py states the bound)."""
+READ_COUNT = 32
+"""The processor's read_count (its default): a partition's acknowledged entries wait at most
+trim_after_bytes plus one read for their trim."""
+QUEUED_EVENT_OVERHEAD = 120
+"""Bytes a queued event carries beside its payload (id, key, type, times, producer), roughly."""
+STREAM_OVERHEAD = 1.2
+"""Redis memory per batch byte for entries of 2 kB or more (services/ingest/pressure.py)."""
+
+
+def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
+    """The limits as set, and the Redis memory bound above the baseline they give the queue
+    for the closed loop's entries (estimated from its batch and payload sizes)."""
+    ingest, processor = BACKLOG_LIMITS["ingest"], BACKLOG_LIMITS["processor"]
+    limits = {name.removeprefix("STREAMMESH_").lower(): int(v) for name, v in ingest.items()}
+    trim_after = int(processor["STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES"])
+    entry = args.closed_batch_size / partitions * (args.payload_bytes + QUEUED_EVENT_OVERHEAD)
+    bound = (
+        limits["ingest_max_unacked_bytes"] + partitions * (trim_after + READ_COUNT * entry)
+    ) * STREAM_OVERHEAD
+    return limits | {"processor_trim_after_bytes": trim_after, "redis_bound_bytes": int(bound)}
 
 
 def bench_stack_config(config: StackConfig) -> StackConfig:
@@ -340,6 +373,7 @@ async def _closed_phase(s: _Session) -> dict[str, Any]:
         "caught_up": drained is not None,
         "caught_up_after_last_ack_s": None if drained is None else drained - cl.last_ack,
         "dead_letters": await s.dead_letters(),
+        "refused": cl.refused,
         "cpu_us_per_event": load.cpu_per_event(before, after, cl.acked),
         "stamp_us_per_event": _stamp_cost(templates[0]),
     }
@@ -468,6 +502,18 @@ def targets_met(report: dict[str, Any]) -> dict[str, bool | None]:
     return met
 
 
+def _backpressure_line(limits: dict[str, Any], closed: dict[str, Any]) -> str:
+    return (
+        f"back-pressure: ingest refuses past {limits['ingest_max_unacked_events']:,} "
+        f"unacknowledged events or {limits['ingest_max_unacked_bytes'] / MiB:g} MiB "
+        f"({limits['ingest_max_partition_unacked_events']:,} / "
+        f"{limits['ingest_max_partition_unacked_bytes'] / MiB:g} MiB per partition), trim "
+        f"after {limits['processor_trim_after_bytes'] / MiB:g} MiB acknowledged: queue memory "
+        f"<= ~{limits['redis_bound_bytes'] / MiB:.0f} MiB above Redis's baseline; closed loop "
+        f"refused {closed.get('refused', 0)} times"
+    )
+
+
 def _latency_row(label: str, figures: dict[str, float], target: str = "") -> str:
     cells = "".join(f"{_num(figures[q], '.1f'):>8}" for q in ("p50", "p90", "p99", "p99_9", "max"))
     return f"  {label:<30}{cells}  {target}".rstrip()
@@ -491,6 +537,7 @@ def render(report: dict[str, Any]) -> list[str]:
         f"open loops {p['duration']:g}s each, batches of {p['batch_size']}; closed loop "
         f"{cl['streams']} streams x {cl['window']} in flight, batches of {cl['batch_size']}, "
         f"{cl['duration_s']:g}s; {p['partitions']} partitions",
+        _backpressure_line(p["backpressure"], cl),
         "",
         f"  {'events/s':<22}{'offered':>9}{'acknowledged':>14}{'stored':>10}{'events':>12}"
         "  caught up after the last ack",
@@ -616,7 +663,7 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
             shut_down(bench)  # a previous bench killed hard may have left its services behind
             await drop_bench_data(bench)
             print(f"starting the bench stack in {bench.state_dir} (mTLS, auth on)", flush=True)
-            await bring_up(bench, timeout=90)
+            await bring_up(bench, timeout=90, extra_env=BACKLOG_LIMITS)
             results = await _phases(bench, args, run)
         except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,
                 asyncpg.PostgresError) as error:  # fmt: skip
@@ -659,7 +706,11 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
                 "raw_events",
             )
         }
-        | {"partitions": bench.partitions, "templates": TEMPLATES},
+        | {
+            "partitions": bench.partitions,
+            "templates": TEMPLATES,
+            "backpressure": backlog_bound(args, bench.partitions),
+        },
         "targets": TARGETS,
         **results,
         "teardown": {

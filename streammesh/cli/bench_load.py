@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sqlalchemy.engine import make_url
 
 from streammesh.api.common.v1 import event_pb2
@@ -174,6 +175,8 @@ class OpenLoopResult:
     acked: int = 0
     recycled: int = 0
     """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
+    refused: int = 0
+    """Streams ended by back-pressure (re-opened after the RetryInfo delay, batches resent)."""
 
     @property
     def acked_batches(self) -> int:
@@ -257,6 +260,9 @@ async def open_loop(
         try:
             await _run_stream(call, [write(call), read(call)], deadline=deadline)
             return result
+        except _Refused as refused:  # what a client does: wait as told, resend
+            result.refused += 1
+            await asyncio.sleep(refused.delay)
         except _Recycled:
             result.recycled += 1
 
@@ -265,9 +271,29 @@ class _Recycled(Exception):
     """The gateway recycled the stream (STREAM_RECYCLED): re-open it and resend."""
 
 
+class _Refused(_Recycled):
+    """Back-pressure (RESOURCE_EXHAUSTED): re-open after the RetryInfo delay and resend."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
+
+
+def _retry_delay(refusal: event_pb2.PublishRefusal) -> float:
+    status = status_pb2.Status.FromString(refusal.status_details)
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.ToNanoseconds() / 1e9)
+    return 1.0
+
+
 def _raise_if_ended(reply: gateway_pb2.PublishResponse) -> None:
-    if reply.HasField("refusal") and is_recycled(reply.refusal):
-        raise _Recycled
+    if reply.HasField("refusal"):
+        if is_recycled(reply.refusal):
+            raise _Recycled
+        if reply.refusal.code == code_pb2.RESOURCE_EXHAUSTED:
+            raise _Refused(_retry_delay(reply.refusal))
     raise_if_refused(reply)
 
 
@@ -314,6 +340,8 @@ class ClosedLoopResult:
     """Send-to-ack per batch (closed loop: queueing in the window is not included)."""
     recycled: int = 0
     """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
+    refused: int = 0
+    """Streams ended by back-pressure (re-opened after the RetryInfo delay, batches resent)."""
 
 
 async def closed_loop(
@@ -376,6 +404,9 @@ async def closed_loop(
             try:
                 await _run_stream(call, [write(call), read(call)], deadline=stop_at + drain_timeout)
                 return
+            except _Refused as refused:  # what a client does: wait as told, resend
+                result.refused += 1
+                await asyncio.sleep(refused.delay)
             except _Recycled:
                 result.recycled += 1
 

@@ -38,6 +38,7 @@ from streammesh.cli.bench_load import (
 from streammesh.cli.bench_raw import RawPath, raw_batches
 from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import StackConfig, process_alive
+from streammesh.mesh.errors import ResourceExhausted
 from streammesh.refusals import publish_refusal, recycled
 from streammesh.streams import StreamLayout
 from tests.conftest import run_sql
@@ -268,10 +269,13 @@ class _FakeIngest:
         stall: float = 0.0,
         fail: Exception | None = None,
         recycle_after: int = 0,
+        refuse_after: int = 0,
     ) -> None:
         self.work, self.stall_at, self.stall, self.fail = work, stall_at, stall, fail
         self.recycle_after = recycle_after
         """Acknowledge this many batches per stream, then end it as the gateway recycles one."""
+        self.refuse_after = refuse_after
+        """Acknowledge this many batches per stream, then refuse the next as back-pressure."""
         self.acked: list[int] = []
 
     def __call__(self, *, metadata: Any, timeout: float) -> _FakeCall:
@@ -289,6 +293,11 @@ class _FakeCall:
     async def _serve(self) -> None:
         while (data := await self._requests.get()) is not None:
             request = gateway_pb2.PublishRequest.FromString(data)
+            if self._served == self._spec.refuse_after > 0:
+                full = ResourceExhausted("the event queue is full", retry_after_seconds=0.01)
+                refusal = publish_refusal(request.sequence, full)
+                await self._replies.put(gateway_pb2.PublishResponse(refusal=refusal))
+                return
             stalled = request.sequence == self._spec.stall_at
             await asyncio.sleep(self._spec.work + (self._spec.stall if stalled else 0.0))
             if self._spec.fail is not None:
@@ -342,20 +351,31 @@ async def test_open_loop_charges_a_stall_to_every_batch_scheduled_behind_it() ->
     assert sum(1 for latency in latencies if latency > 100) >= 8
 
 
-async def test_open_and_closed_loops_follow_a_recycled_stream() -> None:
-    # The gateway ends a stream after every 7 acknowledgements: the loops re-open it and resend
-    # what was in flight, so each batch is acknowledged exactly once and no error is raised.
+@pytest.mark.parametrize("ending", ["recycled", "refused"])
+async def test_open_and_closed_loops_follow_a_stream_that_ends(ending: str) -> None:
+    # The gateway ends a stream after every few acknowledgements, as it recycles one (7), or
+    # refusing the next batch with RESOURCE_EXHAUSTED and a 10 ms RetryInfo (5): the loops
+    # re-open it (after the delay) and resend what was in flight, so each batch is
+    # acknowledged exactly once and no error is raised.
+    after = 7 if ending == "recycled" else 5
     templates = request_templates([_events(10)])
-    ingest = _FakeIngest(work=0.001, recycle_after=7)
-    opened = await open_loop(ingest, (), templates, rate=2000, duration=0.25, drain_timeout=5)
-    assert opened.acked_batches == opened.batches == 50 and opened.recycled == 7
-    assert sorted(ingest.acked) == list(range(1, 51))
-    ingest = _FakeIngest(work=0.001, recycle_after=7)
+
+    def ingest() -> _FakeIngest:
+        recycle = ending == "recycled"
+        return _FakeIngest(
+            work=0.001, recycle_after=after if recycle else 0, refuse_after=0 if recycle else after
+        )
+
+    fake = ingest()
+    opened = await open_loop(fake, (), templates, rate=2000, duration=0.25, drain_timeout=5)
+    assert opened.acked_batches == opened.batches == 50
+    assert getattr(opened, ending) == 50 // after - (ending == "refused")
+    assert sorted(fake.acked) == list(range(1, 51))
     closed = await closed_loop(
-        ingest, (), templates, streams=2, window=3, duration=0.3, drain_timeout=5
+        ingest(), (), templates, streams=2, window=3, duration=0.3, drain_timeout=5
     )
-    assert closed.recycled >= 2 and closed.acked_batches == closed.sent_batches
-    assert closed.acked == 10 * closed.sent_batches
+    assert getattr(closed, ending) >= 2
+    assert closed.acked_batches == closed.sent_batches and closed.acked == 10 * closed.sent_batches
 
 
 async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:
@@ -416,6 +436,9 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
     for path in FACTS:
         assert _dig(report, path), path
     assert report["parameters"]["rate"] == [500, 1000]
+    # The stack ran with the bench's explicit back-pressure, and the bound it gives is stated.
+    assert report["parameters"]["backpressure"]["ingest_max_unacked_bytes"] == 32 * 1024 * 1024
+    assert report["parameters"]["backpressure"]["redis_bound_bytes"] > 32 * 1024 * 1024
     for path in LATENCIES:
         figures = _dig(report, path)
         assert 0 <= figures["p50"] <= figures["p90"] <= figures["p99"] <= figures["p99_9"], path

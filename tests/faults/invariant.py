@@ -18,12 +18,20 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
+from streammesh.backlog import Backlog, parse_backlog, queue_backlog_reads
 from streammesh.cli.stack import StackConfig
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task
 from streammesh.streams import StreamLayout
 from tests.faults.load import LoadReport
 
-__all__ = ["InvariantResult", "QueueWatcher", "check_invariant", "queue_drained", "stored_rows"]
+__all__ = [
+    "InvariantResult",
+    "QueueWatcher",
+    "check_invariant",
+    "queue_drained",
+    "queue_state",
+    "stored_rows",
+]
 
 
 async def stored_rows(config: StackConfig, event_type: str) -> list[tuple[str, str, int]]:
@@ -44,19 +52,61 @@ async def stored_rows(config: StackConfig, event_type: str) -> list[tuple[str, s
 
 
 async def queue_drained(client: aioredis.Redis, layout: StreamLayout) -> bool:
-    """No partition has undelivered or unacknowledged entries for the processors' group."""
+    """No partition has undelivered or unacknowledged entries for the processors' group.
+
+    Delivered means the group's last-delivered id is the stream's last id. Redis's `lag` is not
+    used: it is None whenever Redis cannot compute it (after an XDEL, and after some AOF
+    reloads), which would read as "not drained" for good."""
     for stream in layout.streams():
         try:
-            groups = await client.xinfo_groups(stream)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xinfo_stream(stream)
+                pipe.xinfo_groups(stream)
+                info, groups = await pipe.execute()
         except RedisError:
             return False
         ours = [g for g in groups if g["name"] in (layout.group, layout.group.encode())]
         if not ours:
             return False  # nobody consumes this partition
         for group in ours:
-            if int(group["pending"]) or group.get("lag") is None or int(group["lag"]):
+            if int(group["pending"]) or group["last-delivered-id"] != info["last-generated-id"]:
                 return False
     return True
+
+
+async def queue_state(client: aioredis.Redis, layout: StreamLayout) -> str:
+    """Per partition: length, last id, the group (XINFO GROUPS), the pending summary (XPENDING)
+    and the backlog counters, for a failure message that explains itself."""
+    lines = []
+    for partition, stream in enumerate(layout.streams()):
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xinfo_stream(stream)
+                pipe.xinfo_groups(stream)
+                pipe.xpending(stream, layout.group)
+                pipe.hgetall(layout.unacked_key(partition))
+                info, groups, pending, counters = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as error:
+            lines.append(f"p{partition}: unreadable ({error})")
+            continue
+        if isinstance(info, Exception):
+            lines.append(f"p{partition}: {info}")
+            continue
+        summary = (
+            pending
+            if isinstance(pending, Exception)
+            else {
+                "pending": pending["pending"],
+                "min": pending["min"],
+                "max": pending["max"],
+                "consumers": [(c["name"], c["pending"]) for c in pending["consumers"]],
+            }
+        )
+        lines.append(
+            f"p{partition}: length {info['length']}, last id {info['last-generated-id']!r}, "
+            f"groups {groups}, XPENDING {summary}, counters {counters}"
+        )
+    return "\n  ".join(lines)
 
 
 @dataclass
@@ -126,10 +176,11 @@ async def check_invariant(
         seconds_to_store=seconds_to_store,
     )
     drained = await queue_drained(redis_client, layout)
+    state = "" if drained else "; the queue:\n  " + await queue_state(redis_client, layout)
     assert report.acked, f"the load generator got no acknowledgement at all: {report.summary()}"
     assert not result.missing, (
         f"{len(result.missing)} acknowledged events never stored (after {timeout}s), e.g. "
-        f"{result.missing[:5]}; queue drained: {drained}; {result.summary()}"
+        f"{result.missing[:5]}; queue drained: {drained}; {result.summary()}{state}"
     )
     assert not result.duplicates, f"stored twice: {result.duplicates[:5]}"
     assert not result.foreign, f"stored but never sent: {result.foreign[:5]}"
@@ -137,7 +188,10 @@ async def check_invariant(
         f"per-key order broken for {len(result.order_violations)} keys: "
         f"{result.order_violations[:3]}"
     )
-    assert drained, "every acknowledged event is stored but the queue still holds entries"
+    assert drained, (
+        f"every acknowledged event is stored but the queue still holds entries after "
+        f"{timeout}s{state}"
+    )
     return result
 
 
@@ -171,6 +225,16 @@ class QueueSample:
     lag: dict[int, int]
     length: dict[int, int]
     used_memory: int
+    backlog: list[Backlog] = field(default_factory=list)
+    """The backlog counters (unacknowledged events and bytes) per partition."""
+
+    @property
+    def unacked_events(self) -> int:
+        return sum(b.events for b in self.backlog)
+
+    @property
+    def unacked_bytes(self) -> int:
+        return sum(b.bytes for b in self.backlog)
 
 
 @dataclass
@@ -198,6 +262,14 @@ class QueueWatcher:
     def max_used_memory(self) -> int:
         return max((s.used_memory for s in self.samples), default=0)
 
+    @property
+    def max_unacked_events(self) -> int:
+        return max((s.unacked_events for s in self.samples), default=0)
+
+    @property
+    def max_unacked_bytes(self) -> int:
+        return max((s.unacked_bytes for s in self.samples), default=0)
+
     def between(self, start: float, end: float) -> list[QueueSample]:
         return [s for s in self.samples if start <= s.at <= end]
 
@@ -207,6 +279,7 @@ class QueueWatcher:
             for stream in streams:
                 pipe.xinfo_groups(stream)
                 pipe.xlen(stream)
+            queue_backlog_reads(pipe, self.layout)
             pipe.info("memory")
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         lag, length = {}, {}
@@ -221,9 +294,11 @@ class QueueWatcher:
                     lag[partition] = int(group["pending"]) + (
                         int(size) if undelivered is None else int(undelivered)
                     )
+        counters = replies[2 * len(streams) : -1]
+        backlog = [] if any(isinstance(c, Exception) for c in counters) else parse_backlog(counters)
         memory = replies[-1]
         used = 0 if isinstance(memory, Exception) else int(memory["used_memory"])
-        return QueueSample(time.monotonic(), lag, length, used)
+        return QueueSample(time.monotonic(), lag, length, used, backlog)
 
     async def _run(self) -> None:
         while True:

@@ -6,7 +6,8 @@ So that the restart has something to lose, storage is frozen (SIGSTOP) for a sec
 each outage: the events acknowledged in that second exist only in Redis when it goes down.
 
 Proves: every one of those acknowledged-but-unstored events survives the kill (replayed from
-the AOF) and is stored exactly once; ingest fails the publishes Redis cannot take (the client
+the AOF) and is stored exactly once; the backlog counters come back in step with the streams
+(zero once drained); ingest fails the publishes Redis cannot take (the client
 retries them with the same ids); the processor and ingest reconnect on their own; per-key
 order holds.
 """
@@ -20,6 +21,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from streammesh.backlog import read_backlog
 from tests.faults.harness import FaultStack
 from tests.faults.invariant import QueueWatcher, check_invariant, stored_rows
 from tests.faults.load import Metadata
@@ -69,14 +71,18 @@ async def test_redis_restarted_under_load(
         await asyncio.gather(running, return_exceptions=True)
         await watcher.stop()
     result = await check_invariant(stack.config, report, redis_client)
+    # Drained, so the backlog counters must read zero: they came back from the AOF in step
+    # with the streams, through both outages.
+    backlog = await read_backlog(redis_client, stack.layout)
     print(
-        f"\n[redis restart] outages (signal, acknowledged events only in Redis when it went "
+        f"\n[redis restart] backlog counters after the drain {backlog}; outages (signal, acknowledged events only in Redis when it went "
         f"down, seconds down): {outages}; max lag {watcher.max_lag} entries; "
         f"load {report.summary()}; invariant {result.summary()}; failures by API and "
         f"message: { {m[:90]: n for m, n in report.error_messages.items()} }"
     )
     assert all(at_risk > 0 for _, at_risk, _ in outages), "nothing was at risk in an outage"
     assert only_in_redis <= report.acked  # and check_invariant found every acked one stored
+    assert all(b.events == b.bytes == 0 for b in backlog), backlog
     # The publishes that hit the outage failed and were retried with their ids.
     assert sum(report.errors.values()) > 0, "no publish failed: Redis was not down under load"
     assert not report.given_up

@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 
 from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
+from streammesh.backlog import APPEND_SCRIPT
 from streammesh.mesh.tasks import stop_task
-from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+from streammesh.streams import StreamLayout
 
 FAST = WorkerConfig(
     read_count=8,
@@ -56,8 +57,14 @@ async def append(
     batch = event_pb2.QueuedBatch(partition=partition)
     for event_id in ids:
         batch.events.add().event.CopyFrom(event_pb2.Event(id=event_id, key=key, type="t"))
-    entry_id = await client.xadd(
-        layout.stream(partition), {BATCH_FIELD: batch.SerializeToString(), COUNT_FIELD: len(ids)}
+    # As ingest appends: the XADD and the backlog counters in one script.
+    entry_id = await client.eval(
+        APPEND_SCRIPT,
+        2,
+        layout.stream(partition),
+        layout.unacked_key(partition),
+        batch.SerializeToString(),
+        len(ids),
     )
     assert isinstance(entry_id, bytes)  # the client does not decode responses
     return entry_id

@@ -67,7 +67,7 @@ async def test_renewal_and_ack_are_refused_after_the_lease_changed_hands(
     # The lease expired (simulated) and another processor took it.
     await redis_client.set(layout.lease_key(0), "b", px=5_000)
     assert a.holds(0), "locally still trusted until a renewal or an ack says otherwise"
-    assert not await a.ack(0, entry)
+    assert not await a.ack(0, (entry, None))
     assert not a.holds(0)
     assert int((await redis_client.xpending(layout.stream(0), layout.group))["pending"]) == 1
 

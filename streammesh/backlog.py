@@ -1,0 +1,110 @@
+"""The backlog counters: per partition, the events and bytes appended and not yet acknowledged.
+
+Part of the queue contract (`streams.py`): ingest and the processor both keep them, ingest reads
+them for back-pressure. Key `<prefix>:unacked:p<n>` (StreamLayout.unacked_key) is a hash with
+two integer fields:
+
+- `events`: the sum of the `events` field of the partition's unacknowledged entries;
+- `bytes`: the sum of the length of their `batch` field (the serialized QueuedBatch), which is
+  what a queued entry costs Redis, give or take its overhead (see `services/ingest/pressure.py`).
+
+"Unacknowledged" means appended and not yet XACKed by the processors' group: undelivered plus
+pending. The counters move in the same atomic step as the stream:
+
+- ingest appends with APPEND_SCRIPT: XADD, then HINCRBY by the entry's events and batch length;
+  if the XADD fails (out of memory, wrong type) the script stops before counting;
+- the processor's fenced ack (services/processor/ownership.py) XACKs one id at a time and
+  subtracts the weight of exactly those ids XACK removed from the pending list (its reply is
+  1). An entry acknowledged twice, reclaimed, or dead-lettered and then acknowledged is
+  therefore subtracted once. The weight comes from the entry's own fields (`entry_weight`), the
+  same figures ingest counted. Amounts are integers (HINCRBY), and a counter that would go
+  below zero is set to 0.
+
+Why counters and not a scan: the request path must stay O(1). Reading the weight of every
+unacknowledged entry means reading the entries (a stream has no field projection), O(backlog)
+bytes per sample; a counter read is one HMGET per partition per sample.
+
+Drift. A lost AOF suffix (appendfsync everysec, power loss) cannot make them disagree with the
+streams: a script's writes reach the AOF and replicas as one MULTI/EXEC, and Redis drops an
+incomplete one at load. What can: entries appended or acknowledged around the scripts (XADD or
+XACK by hand or by an older version, XDEL, XTRIM MAXLEN, XGROUP SETID, a deleted stream), or an
+evicted counter key. The processor corrects them (services/processor/backlog.py): exactly,
+when it takes a partition over, and to zero whenever it sees a partition drained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+
+__all__ = [
+    "APPEND_SCRIPT",
+    "BYTES",
+    "EVENTS",
+    "Backlog",
+    "entry_weight",
+    "parse_backlog",
+    "queue_backlog_reads",
+    "read_backlog",
+]
+
+EVENTS = b"events"
+"""Counter field: unacknowledged events."""
+BYTES = b"bytes"
+"""Counter field: bytes of their batch fields."""
+
+APPEND_SCRIPT = f"""
+local id = redis.call('XADD', KEYS[1], '*', '{BATCH_FIELD.decode()}', ARGV[1],
+  '{COUNT_FIELD.decode()}', ARGV[2])
+redis.call('HINCRBY', KEYS[2], '{EVENTS.decode()}', ARGV[2])
+redis.call('HINCRBY', KEYS[2], '{BYTES.decode()}', string.len(ARGV[1]))
+return id
+"""
+"""KEYS: the stream, its counters; ARGV: the serialized batch, its event count. Returns the
+entry id."""
+
+
+def entry_weight(fields: dict[bytes, bytes] | None) -> tuple[int, int]:
+    """(events, bytes) an entry was counted with, read from its fields; (0, 0) for what an
+    APPEND_SCRIPT never wrote (no fields: deleted while pending; no batch or a garbled count)."""
+    if not fields:
+        return 0, 0
+    count = fields.get(COUNT_FIELD, b"")
+    return (int(count) if count.isdigit() else 0), len(fields.get(BATCH_FIELD, b""))
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """One partition's counters as read."""
+
+    events: int = 0
+    bytes: int = 0
+
+
+def queue_backlog_reads(pipe: Pipeline, layout: StreamLayout) -> None:
+    """Queue the reads of every partition's counters on `pipe` (see parse_backlog)."""
+    for partition in range(layout.partitions):
+        pipe.hmget(layout.unacked_key(partition), [EVENTS, BYTES])
+
+
+def parse_backlog(replies: Sequence[Any]) -> list[Backlog]:
+    """The counters from the replies of queue_backlog_reads, in partition order."""
+    backlog = []
+    for reply in replies:
+        events, size = (int(value) if value is not None else 0 for value in reply)
+        backlog.append(Backlog(events=events, bytes=size))
+    return backlog
+
+
+async def read_backlog(client: aioredis.Redis, layout: StreamLayout) -> list[Backlog]:
+    """Every partition's counters, in partition order (one pipelined round trip)."""
+    async with client.pipeline(transaction=False) as pipe:
+        queue_backlog_reads(pipe, layout)
+        replies: list[Any] = await pipe.execute()
+    return parse_backlog(replies)
