@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 __all__ = ["ROLES", "unknown_roles"]
 
-ROLES = frozenset({"admin", "producer", "analyst"})
+ROLES = frozenset({"admin", "producer", "analyst", "schema-admin"})
 
 
 def unknown_roles(roles: Iterable[str]) -> list[str]:

@@ -30,6 +30,7 @@ __all__ = [
     "METHOD_ACCESS",
     "NOT_EXPOSED",
     "ROLE_MISSING",
+    "SCHEMAS",
     "Access",
     "AccessGuard",
     "current_principal",
@@ -38,6 +39,7 @@ __all__ = [
 
 GATEWAY = "streammesh.gateway.v1.GatewayService"
 ADMIN = "streammesh.gateway.v1.AdminService"
+SCHEMAS = "streammesh.gateway.v1.SchemaRegistryService"
 ADMIN_ROLE = "admin"
 ROLE_MISSING = "role_missing"
 NOT_EXPOSED = "method_not_exposed"
@@ -77,6 +79,16 @@ METHOD_ACCESS: Mapping[str, Access] = {
     # Public keys, for resource servers outside the mesh; served from the gateway's key cache,
     # so anonymous callers cannot make it fetch from auth more often than it does anyway.
     f"{GATEWAY}/GetJwks": PUBLIC,
+    # Schemas: whoever publishes or reads events may read them (a producer's CI checks a
+    # candidate); changing them is for schema-admin (and admin).
+    f"{SCHEMAS}/GetSchema": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/ListSubjects": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/ListSchemaVersions": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/CheckCompatibility": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/GetSchemaPolicy": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/RegisterSchema": roles("schema-admin"),
+    f"{SCHEMAS}/SetCompatibility": roles("schema-admin"),
+    f"{SCHEMAS}/SetSchemaPolicy": roles("schema-admin"),
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": ADMIN_ONLY,
     f"{ADMIN}/CreateUser": ADMIN_ONLY,

@@ -123,10 +123,12 @@ class PublishRelay:
         limits: RelayLimits,
         *,
         producer: str,
+        tenant: str = "",
     ) -> None:
         self._open_upstream = open_upstream
         self._limits = limits
         self._producer = producer
+        self._tenant = tenant
         self._window: deque[_Pending] = deque()
         self._window_bytes = 0
         self._room = asyncio.Event()
@@ -350,6 +352,7 @@ class PublishRelay:
                 continue
             internal = convert(request, ingest_pb2.PublishRequest)
             internal.producer = self._producer
+            internal.tenant = self._tenant
             assign_missing_ids(internal.events)
             size = internal.ByteSize()
             await self._wait_for_room(size)

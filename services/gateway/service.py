@@ -12,6 +12,7 @@ from services.gateway.access import current_principal
 from services.gateway.publish import PublishRelay, RelayLimits
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay
 from services.gateway.revocations import RevocableStream, RevocationList
+from services.gateway.tenancy import principal_tenant
 from services.gateway.tokens import JwksCache, Reason, TokenRejected, public_keys
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
@@ -170,7 +171,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PublishBatchResponse:
         internal = convert(request, ingest_pb2.PublishBatchRequest)
-        internal.producer = current_principal().subject
+        principal = current_principal()
+        internal.producer = principal.subject
+        internal.tenant = principal_tenant(principal)
         assign_missing_ids(internal.events)
         with upstream_errors("ingest"):
             reply = await self._up.ingest.PublishBatch(internal, timeout=call_timeout(context))
@@ -198,6 +201,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             lambda: self._up.ingest.Publish(timeout=call_timeout(context)),
             self._limits,
             producer=principal.subject,
+            tenant=principal_tenant(principal),
         )
         with upstream_errors("ingest"):
             async for reply in relay.relay(revocable.requests(request_iterator)):

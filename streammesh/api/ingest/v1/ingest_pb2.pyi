@@ -26,10 +26,15 @@ class PublishRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Caller-chosen number echoed in the acknowledgement."""
     producer: _builtins.str
     """The authenticated principal the gateway publishes for."""
+    tenant: _builtins.str
+    """The principal's tenant, filled by the gateway: payloads are validated against this
+    tenant's schema registry. "default" when empty.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
     def __init__(
@@ -38,10 +43,11 @@ class PublishRequest(_message.Message):
         sequence: _builtins.int = ...,
         events: _abc.Iterable[_event_pb2.Event] | None = ...,
         producer: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer", "sequence", b"sequence", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,7 +103,10 @@ class PublishBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     producer: _builtins.str
+    tenant: _builtins.str
+    """As PublishRequest.tenant."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
     def __init__(
@@ -105,10 +114,11 @@ class PublishBatchRequest(_message.Message):
         *,
         events: _abc.Iterable[_event_pb2.Event] | None = ...,
         producer: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
