@@ -50,16 +50,19 @@ class RegistryClient:
             config=service_config(
                 REGISTRY_SERVICE,
                 retry_methods=["GetSchema", "GetSchemaPolicy", "ListSchemaChanges"],
-                timeout_seconds=timeout_seconds,
             ),
         )
+        # Per call rather than in the service config: there, a timeout of 1 s or less made
+        # every call fail at once with DEADLINE_EXCEEDED (grpcio 1.85, seen in tests).
+        self._timeout = timeout_seconds
         self._stub = pb_grpc.SchemaRegistryServiceStub(self._channel)
 
     async def schema(self, tenant: str, event_type: str, version: int) -> StoredSchema | None:
         """The version (0: the latest), or None when the type has no schema or no such version."""
         try:
             reply = await self._stub.GetSchema(
-                pb.GetSchemaRequest(tenant=tenant, event_type=event_type, version=version)
+                pb.GetSchemaRequest(tenant=tenant, event_type=event_type, version=version),
+                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
@@ -73,7 +76,9 @@ class RegistryClient:
 
     async def refuses_unknown_types(self, tenant: str) -> bool:
         try:
-            reply = await self._stub.GetSchemaPolicy(pb.GetSchemaPolicyRequest(tenant=tenant))
+            reply = await self._stub.GetSchemaPolicy(
+                pb.GetSchemaPolicyRequest(tenant=tenant), timeout=self._timeout
+            )
         except grpc.aio.AioRpcError as error:
             raise RegistryUnavailable(f"{error.code().name}: {error.details()}") from error
         return bool(reply.unknown_types == common.UNKNOWN_TYPE_POLICY_REFUSE)
@@ -82,7 +87,8 @@ class RegistryClient:
         """Changes after `after` (none when 0), the head change id, and whether more follow."""
         try:
             reply = await self._stub.ListSchemaChanges(
-                pb.ListSchemaChangesRequest(after_change_id=after, limit=limit)
+                pb.ListSchemaChangesRequest(after_change_id=after, limit=limit),
+                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
             raise RegistryUnavailable(f"{error.code().name}: {error.details()}") from error
