@@ -84,7 +84,7 @@ class RegistryClient:
         return bool(reply.unknown_types == common.UNKNOWN_TYPE_POLICY_REFUSE)
 
     async def changes(self, after: int, *, limit: int) -> tuple[list[Change], int, bool]:
-        """Changes after `after` (none when 0), the head change id, and whether more follow."""
+        """Changes after `after`, the head change id, and whether more follow."""
         try:
             reply = await self._stub.ListSchemaChanges(
                 pb.ListSchemaChangesRequest(after_change_id=after, limit=limit),

@@ -91,6 +91,8 @@ class SchemaCache:
         self._subjects: OrderedDict[tuple[str, str], _Subject] = OrderedDict()
         self._policies: dict[str, bool] = {}
         self._cursor: int | None = None
+        self._stale: set[tuple[str, str]] = set()
+        """Cached entries a change was seen for but whose reload failed (storage down)."""
         self._epoch = 0
         """Bumped at every invalidation: a load that began before one is not cached."""
         self._task: asyncio.Task[None] | None = None
@@ -223,9 +225,11 @@ class SchemaCache:
         """Apply the changes storage has after the cursor; returns how many were applied.
         Raises RegistryUnavailable when storage cannot answer (the cursor stays)."""
         applied = 0
+        await self._retry_stale()
         while True:
+            fresh = self._cursor is None
             changes, head, more = await self._source.changes(
-                self._cursor or 0, limit=_CHANGES_PER_CALL
+                self._cursor or 0, limit=1 if fresh else _CHANGES_PER_CALL
             )
             if self._cursor is None or head < self._cursor:
                 # First contact (or storage's log was reset): anything cached may predate it.
@@ -246,20 +250,40 @@ class SchemaCache:
     async def _apply(self, change: Change) -> None:
         self._epoch += 1
         if not change.event_type:
-            self._policies.pop(change.tenant, None)
+            if change.tenant in self._policies:
+                # As for schemas: the old policy stays in use if storage cannot answer now.
+                with contextlib.suppress(RegistryUnavailable):
+                    self._policies[change.tenant] = await self._source.refuses_unknown_types(
+                        change.tenant
+                    )
             return
         key = (change.tenant, change.event_type)
-        if self._subjects.pop(key, None) is None:
-            return
-        # Reload what was in use now, so the next batch does not wait for storage; a failed
-        # reload leaves the type uncached (the next batch loads it).
-        with contextlib.suppress(RegistryUnavailable):
-            await self._load(change.tenant, change.event_type)
+        if key in self._subjects:
+            await self._reload(key)
+
+    async def _reload(self, key: tuple[str, str]) -> None:
+        """Replace what is cached for `key` now, so the next batch does not wait for storage.
+        When storage cannot answer, the old entry stays in use (a cached validator keeps
+        working through an outage) and the reload is retried at the next poll."""
+        try:
+            await self._load(*key)
+        except RegistryUnavailable:
+            self._stale.add(key)
+        else:
+            self._stale.discard(key)
+
+    async def _retry_stale(self) -> None:
+        for key in list(self._stale):
+            if key in self._subjects:
+                await self._reload(key)
+            else:
+                self._stale.discard(key)
 
     def _drop_all(self) -> None:
         self._epoch += 1
         self._subjects.clear()
         self._policies.clear()
+        self._stale.clear()
 
     async def _follow(self) -> None:
         while True:

@@ -250,13 +250,12 @@ class RegistryStore:
         return unknown_types
 
     async def changes(self, *, after: int, limit: int) -> tuple[list[ChangeRow], int]:
-        """Changes with an id above `after`, oldest first (none when `after` is 0), and the
-        newest change id."""
+        """Changes with an id above `after`, oldest first, and the newest change id."""
         async with outage_is_unavailable("schema changes read"), self._engine.connect() as conn:
             head = (
                 await conn.execute(text("SELECT coalesce(max(change_id), 0) FROM schema_changes"))
             ).scalar_one()
-            if not after or after >= head:
+            if after >= head:
                 return [], int(head)
             result = await conn.execute(
                 text(

@@ -279,9 +279,13 @@ async def test_policy_and_the_change_log(registry: Registry, registry_for: Any) 
     )
     await register(registry, ORDER_V1)
     await register(registry, ORDER_V1)  # idempotent: no change recorded
-    # A fresh cache (after 0) learns the head only; a follower gets what changed since.
-    fresh = await ingest.ListSchemaChanges(pb.ListSchemaChangesRequest())
-    assert (list(fresh.changes), fresh.head_change_id) == ([], 2)
+    # A follower gets what changed since the last id it saw.
+    everything = await ingest.ListSchemaChanges(pb.ListSchemaChangesRequest())
+    assert [(c.change_id, c.event_type) for c in everything.changes] == [
+        (1, ""),
+        (2, "order.created"),
+    ]
+    assert everything.head_change_id == 2
     page = await ingest.ListSchemaChanges(pb.ListSchemaChangesRequest(after_change_id=1))
     assert [(c.tenant, c.event_type) for c in page.changes] == [("t1", "order.created")]
     assert not page.more

@@ -434,7 +434,9 @@ class ListSchemaChangesRequest(_message.Message):
     AFTER_CHANGE_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     after_change_id: _builtins.int
-    """The last change id seen; 0 returns only head_change_id (a fresh cache has nothing to drop)."""
+    """The last change id seen; 0 for the first change on (a fresh cache needs only
+    head_change_id: it asks with limit 1 and ignores the change).
+    """
     limit: _builtins.int
     """1 to 1000 changes; 500 when 0."""
     def __init__(
