@@ -93,7 +93,7 @@ COMMANDS: dict[str, AdminCommand] = {
     ),
     "roles": AdminCommand(
         "SetUserRoles",
-        "replace an account's roles (admin, producer, analyst)",
+        "replace an account's roles (admin, producer, analyst, schema-admin)",
         lambda a: admin_pb2.SetUserRolesRequest(username=a.username, roles=a.roles),
         (USERNAME, (("roles",), {"nargs": "*"})),
     ),

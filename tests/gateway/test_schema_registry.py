@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 else:
     Registry = pb_grpc.SchemaRegistryServiceStub
 
-PAYMENT = {
+PAYMENT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "id": {"type": "string"},
@@ -79,9 +79,10 @@ def event(event_type: str, payload: Any, **fields: Any) -> event_pb2.Event:
 
 
 async def publish(stack: Stack, events: list[event_pb2.Event]) -> gateway_pb2.PublishBatchResponse:
-    return await stack.gateway.PublishBatch(
+    reply: gateway_pb2.PublishBatchResponse = await stack.gateway.PublishBatch(
         gateway_pb2.PublishBatchRequest(events=events), **as_(stack, "producer")
     )
+    return reply
 
 
 async def queued_ids(stack: Stack) -> set[str]:

@@ -35,7 +35,7 @@ from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 from streammesh.streams import StreamLayout
 from tests.conftest import TRUST_DOMAIN
 
-SCHEMA = {
+SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"n": {"type": "integer"}, "s": {"type": "string"}},
     "required": ["n"],

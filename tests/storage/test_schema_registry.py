@@ -62,11 +62,12 @@ def registry(registry_for: Callable[[str], Registry]) -> Registry:
 async def register(
     registry: Registry, schema: Any, *, event_type: str = "order.created", tenant: str = "t1"
 ) -> pb.RegisterSchemaResponse:
-    return await registry.RegisterSchema(
+    reply: pb.RegisterSchemaResponse = await registry.RegisterSchema(
         pb.RegisterSchemaRequest(
             tenant=tenant, event_type=event_type, schema_json=json.dumps(schema)
         )
     )
+    return reply
 
 
 def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
