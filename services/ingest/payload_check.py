@@ -37,23 +37,32 @@ async def refused_events(
 ) -> list[event_pb2.EventRefusal]:
     """The events of the batch to refuse, in batch order (ids must be assigned already)."""
     tenant = tenant or DEFAULT_TENANT
-    wanted = {
-        (event.type, event.schema_version if event.HasField("schema_version") else 0)
-        for event in events
-        if is_json(event.content_type)
-    }
+    # This runs for every event ingest accepts, so one pass with few calls: a batch has few
+    # distinct content types, and schema_version 0 (unset) means the latest, as versions
+    # count from 1.
+    json_by_content_type: dict[str, bool] = {}
+    keys: list[tuple[str, int] | None] = []
+    for event in events:
+        content_type = event.content_type
+        json = json_by_content_type.get(content_type)
+        if json is None:
+            json = json_by_content_type[content_type] = is_json(content_type)
+        keys.append((event.type, event.schema_version) if json else None)
+    wanted = set(keys)
+    wanted.discard(None)
     if not wanted:
         return []
     # One lookup per distinct (type, version), concurrently: a cached one costs a dict lookup.
-    order = sorted(wanted)
+    order = sorted(key for key in wanted if key is not None)
     found = await asyncio.gather(*(cache.resolve(tenant, t, v) for t, v in order))
     resolutions = dict(zip(order, found, strict=True))
+    if all(r.outcome is Outcome.ACCEPT_UNCHECKED for r in found):
+        return []
     refused: list[event_pb2.EventRefusal] = []
-    for index, event in enumerate(events):
-        if not is_json(event.content_type):
+    for index, (event, key) in enumerate(zip(events, keys, strict=True)):
+        if key is None:
             continue
-        version = event.schema_version if event.HasField("schema_version") else 0
-        resolution = resolutions[(event.type, version)]
+        resolution = resolutions[key]
         if resolution.outcome is Outcome.ACCEPT_UNCHECKED:
             continue
         if resolution.outcome is Outcome.VALIDATE:

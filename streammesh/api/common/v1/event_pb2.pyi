@@ -72,8 +72,8 @@ class Event(_message.Message):
     content_type: _builtins.str
     """MIME type of payload; "application/json" when empty. At most 128 characters."""
     schema_version: _builtins.int
-    """The version of the type's registered schema the payload follows; unset validates a JSON
-    payload against the latest version (see gateway.v1.SchemaRegistryService). Naming a version
+    """The version of the type's registered schema the payload follows; unset (or 0) validates a
+    JSON payload against the latest version (see gateway.v1.SchemaRegistryService). Naming a version
     the type does not have refuses the event.
     """
     @_builtins.property
