@@ -112,7 +112,9 @@ class SchemaCache:
         """
         key = (tenant, event_type)
         subject = self._subjects.get(key)
-        if subject is None:
+        if subject is not None:
+            self._subjects.move_to_end(key)  # least recently used leaves first when full
+        else:
             try:
                 subject = await self._load(tenant, event_type)
             except RegistryUnavailable as error:
