@@ -19,7 +19,12 @@ from types import TracebackType
 import grpc
 
 from streammesh.api.common.v1 import event_pb2
-from streammesh.api.gateway.v1 import admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.api.gateway.v1 import (
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    schema_registry_pb2_grpc,
+)
 from streammesh.envelope import assign_missing_ids
 from streammesh.refusals import is_recycled, raise_if_refused
 
@@ -39,6 +44,8 @@ class GatewayClient:
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         """AdminService stub; pass `metadata=client.bearer()` with an admin's token."""
+        self.schemas = schema_registry_pb2_grpc.SchemaRegistryServiceStub(self._channel)
+        """SchemaRegistryService stub; pass `metadata=client.bearer()`."""
         self.access_token = ""
         self.refresh_token = ""
         self.recycled_streams = 0

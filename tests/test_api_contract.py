@@ -10,14 +10,20 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from services.auth.service import AuthServicer
 from services.gateway.admin import AdminServicer
+from services.gateway.schema_registry import SchemaRegistryServicer
 from services.gateway.service import GatewayServicer
 from services.ingest.service import IngestServicer
 from services.processor.service import ProcessorServicer
+from services.storage.registry_service import SchemaRegistryServicer as StorageRegistryServicer
 from services.storage.service import StorageServicer
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.api.gateway.v1 import schema_registry_pb2 as public_registry
+from streammesh.api.gateway.v1 import schema_registry_pb2_grpc as public_registry_grpc
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.api.processor.v1 import processor_pb2, processor_pb2_grpc
+from streammesh.api.storage.v1 import schema_registry_pb2 as storage_registry
+from streammesh.api.storage.v1 import schema_registry_pb2_grpc as storage_registry_grpc
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 
 SERVICES = [
@@ -50,6 +56,16 @@ SERVICES = [
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         StorageServicer,
         storage_pb2_grpc.StorageServiceServicer,
+    ),
+    (
+        public_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"],
+        SchemaRegistryServicer,
+        public_registry_grpc.SchemaRegistryServiceServicer,
+    ),
+    (
+        storage_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"],
+        StorageRegistryServicer,
+        storage_registry_grpc.SchemaRegistryServiceServicer,
     ),
 ]
 
@@ -137,6 +153,15 @@ RELAYED = [
     (admin_pb2.GetDeadLetterRequest, storage_pb2.GetDeadLetterRequest),
     (admin_pb2.GetDeadLetterResponse, storage_pb2.GetDeadLetterResponse),
     (admin_pb2.DeadLetter, storage_pb2.DeadLetter),
+    # The schema registry: every method relayed to storage's, which adds `tenant`.
+    *(
+        (
+            getattr(public_registry, f"{method.name}{kind}"),
+            getattr(storage_registry, f"{method.name}{kind}"),
+        )
+        for method in public_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"].methods
+        for kind in ("Request", "Response")
+    ),
 ]
 
 
@@ -152,6 +177,7 @@ def test_relayed_messages_are_wire_compatible(
     [
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
         admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+        public_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"],
     ],
     ids=lambda s: s.name,
 )

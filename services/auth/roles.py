@@ -14,7 +14,7 @@ __all__ = ["PLATFORM_ADMIN", "ROLES", "TENANT_ADMIN", "unknown_roles"]
 
 PLATFORM_ADMIN = "admin"
 TENANT_ADMIN = "tenant-admin"
-ROLES = frozenset({PLATFORM_ADMIN, TENANT_ADMIN, "producer", "analyst"})
+ROLES = frozenset({PLATFORM_ADMIN, TENANT_ADMIN, "producer", "analyst", "schema-admin"})
 
 
 def unknown_roles(roles: Iterable[str]) -> list[str]:

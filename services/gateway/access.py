@@ -35,6 +35,7 @@ __all__ = [
     "NOT_EXPOSED",
     "PLATFORM",
     "ROLE_MISSING",
+    "SCHEMAS",
     "TENANT_ADMINS",
     "Access",
     "AccessGuard",
@@ -46,6 +47,7 @@ GATEWAY = "streammesh.gateway.v1.GatewayService"
 ADMIN = "streammesh.gateway.v1.AdminService"
 ADMIN_ROLE = PLATFORM_ADMIN_ROLE
 TENANT_ADMIN_ROLE = "tenant-admin"
+SCHEMAS = "streammesh.gateway.v1.SchemaRegistryService"
 ROLE_MISSING = "role_missing"
 NOT_EXPOSED = "method_not_exposed"
 _AUTHORIZATION = "authorization"
@@ -88,6 +90,16 @@ METHOD_ACCESS: Mapping[str, Access] = {
     # Public keys, for resource servers outside the mesh; served from the gateway's key cache,
     # so anonymous callers cannot make it fetch from auth more often than it does anyway.
     f"{GATEWAY}/GetJwks": PUBLIC,
+    # Schemas: whoever publishes or reads events may read them (a producer's CI checks a
+    # candidate); changing them is for schema-admin (and admin).
+    f"{SCHEMAS}/GetSchema": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/ListSubjects": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/ListSchemaVersions": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/CheckCompatibility": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/GetSchemaPolicy": roles("producer", "analyst", "schema-admin"),
+    f"{SCHEMAS}/RegisterSchema": roles("schema-admin"),
+    f"{SCHEMAS}/SetCompatibility": roles("schema-admin"),
+    f"{SCHEMAS}/SetSchemaPolicy": roles("schema-admin"),
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": TENANT_ADMINS,
     f"{ADMIN}/CreateUser": TENANT_ADMINS,

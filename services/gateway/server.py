@@ -12,11 +12,19 @@ from services.gateway.audit import AuditTrail
 from services.gateway.jwks_http import JwksHttpListener
 from services.gateway.publish import RelayLimits
 from services.gateway.revocations import RevocationFollower, RevocationList
+from services.gateway.schema_registry import SchemaRegistryServicer
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import JwksCache, TokenVerifier
 from services.gateway.upstream import Upstreams
-from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.api.gateway.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    schema_registry_pb2,
+    schema_registry_pb2_grpc,
+)
 from streammesh.mesh import (
     MeshServer,
     ServiceBinding,
@@ -113,6 +121,11 @@ def create_server(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
                 gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
                 GatewayServicer(upstreams, keys, relay_limits(settings), revocations),
+            ),
+            ServiceBinding(
+                schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
+                schema_registry_pb2_grpc.add_SchemaRegistryServiceServicer_to_server,
+                SchemaRegistryServicer(upstreams),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],

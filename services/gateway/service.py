@@ -170,7 +170,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.PublishBatchResponse:
         internal = convert(request, ingest_pb2.PublishBatchRequest)
-        internal.producer = current_principal().subject
+        principal = current_principal()
+        internal.producer = principal.subject
         assign_missing_ids(internal.events)
         with upstream_errors("ingest"):
             reply = await self._up.ingest.PublishBatch(

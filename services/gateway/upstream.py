@@ -22,7 +22,12 @@ import grpc
 from services.gateway.settings import GatewaySettings
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.api.storage.v1 import (
+    schema_registry_pb2,
+    schema_registry_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
+)
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from streammesh.mesh.channel import unary_methods
 from streammesh.mesh.errors import from_rpc_error
@@ -47,6 +52,7 @@ _DESCRIPTORS = {
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
+        schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
     )
 }
 
@@ -150,10 +156,27 @@ class Upstreams:
                 "streammesh.storage.v1.StorageService",
                 ["QueryEvents", "CountEvents", "ListDeadLetters", "GetDeadLetter"],
             ),
+            # Registering is idempotent too (the same document returns its version).
+            channel(
+                settings.storage_target,
+                "storage",
+                "streammesh.storage.v1.SchemaRegistryService",
+                [
+                    "RegisterSchema",
+                    "CheckCompatibility",
+                    "GetSchema",
+                    "ListSubjects",
+                    "ListSchemaVersions",
+                    "SetCompatibility",
+                    "GetSchemaPolicy",
+                    "SetSchemaPolicy",
+                ],
+            ),
         ]
         self.auth = auth_pb2_grpc.AuthServiceStub(self._channels[0])
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels[1])
         self.storage = storage_pb2_grpc.StorageServiceStub(self._channels[2])
+        self.registry = schema_registry_pb2_grpc.SchemaRegistryServiceStub(self._channels[3])
 
     async def fetch_jwks(self) -> list[auth_pb2.JsonWebKey]:
         """Auth's published keys. Fetched for every client at once, so on the gateway's own

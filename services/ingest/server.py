@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 
 from services.ingest.pressure import BackPressure, PressureLimits
 from services.ingest.queue import StreamAppender, check_durability
+from services.ingest.registry_client import RegistryClient
+from services.ingest.schema_cache import SchemaCache
 from services.ingest.service import IngestServicer
 from services.ingest.settings import IngestSettings
 from services.ingest.validation import BatchLimits
@@ -23,7 +25,7 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 from streammesh.mesh.redis_client import connect_redis
-from streammesh.mesh.startup import reaching, run_service
+from streammesh.mesh.startup import load_tls, reaching, run_service
 from streammesh.streams import StreamLayout
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "layout_from",
     "main",
     "pressure_limits",
+    "schema_cache",
     "serve",
 ]
 
@@ -50,6 +53,8 @@ class IngestDeps:
     layout: StreamLayout
     pressure: BackPressure | None = None
     """Back-pressure sampler (started by its owner); None accepts without limits."""
+    schemas: SchemaCache | None = None
+    """Payload validators (started by their owner); None checks no payload schema."""
 
 
 def layout_from(settings: IngestSettings) -> StreamLayout:
@@ -80,7 +85,7 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
     appender = StreamAppender(
         deps.redis, deps.layout, deps.pressure, max_entry_bytes=settings.max_entry_bytes
     )
-    servicer = IngestServicer(appender, limits)
+    servicer = IngestServicer(appender, limits, deps.schemas, trust_domain=settings.trust_domain)
     return create_mesh_server(
         settings,
         identity="ingest",
@@ -92,6 +97,15 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
             )
         ],
         guard=PeerPolicy.build(settings.trust_domain, POLICY_RULES),
+    )
+
+
+def schema_cache(settings: IngestSettings, registry: RegistryClient) -> SchemaCache:
+    return SchemaCache(
+        registry,
+        poll_interval=settings.schema_poll_ms / 1000,
+        max_subjects=settings.schema_cache_subjects,
+        refuse_unknown_when_unreachable=settings.unknown_types_when_unreachable == "refuse",
     )
 
 
@@ -112,11 +126,26 @@ async def serve(settings: IngestSettings) -> None:
     await pressure.sample()
     pressure.start()
 
+    # Storage is not needed to start: without it, cached and unknown types follow the outage
+    # rules of the schema cache, and the cache catches up once storage answers.
+    registry = schemas = None
+    if settings.validate_payloads:
+        registry = RegistryClient(
+            settings.storage_target,
+            load_tls(settings.tls_dir, "ingest"),
+            timeout_seconds=settings.registry_timeout_seconds,
+        )
+        schemas = schema_cache(settings, registry)
+        schemas.start()
+
     async def stop() -> None:
+        if schemas is not None and registry is not None:
+            await schemas.stop()
+            await registry.close()
         await pressure.stop()
         await client.aclose()
 
-    mesh = create_server(settings, IngestDeps(client, layout, pressure))
+    mesh = create_server(settings, IngestDeps(client, layout, pressure, schemas))
     await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop)
 
 

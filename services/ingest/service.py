@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from services.ingest.payload_check import refused_events
 from services.ingest.queue import StreamAppender
+from services.ingest.schema_cache import SchemaCache
 from services.ingest.validation import BatchLimits, validate_batch
+from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.mesh.errors import StreamMeshError
+from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 from streammesh.refusals import (
     REFUSAL_LINGER_SECONDS,
     drain_until_half_close,
@@ -20,16 +24,51 @@ __all__ = ["IngestServicer"]
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, appender: StreamAppender, limits: BatchLimits) -> None:
+    def __init__(
+        self,
+        appender: StreamAppender,
+        limits: BatchLimits,
+        schemas: SchemaCache | None = None,
+        *,
+        trust_domain: str,
+    ) -> None:
         self._appender = appender
         self._limits = limits
+        self._trust_domain = trust_domain
+        self._schemas = schemas
+        """None: payloads are not checked against registered schemas."""
+
+    async def _accept(
+        self, events: Sequence[event_pb2.Event], *, producer: str, tenant: str
+    ) -> tuple[list[str], int, list[event_pb2.EventRefusal]]:
+        """Validate the batch (refused whole on an envelope violation), check payloads (refused
+        per event), append the rest; the ids of every event, how many were appended, and the
+        refused ones."""
+        ids = validate_batch(events, self._limits)
+        refused = (
+            [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
+        )
+        if not refused:
+            await self._appender.append(events, producer=producer)
+            return ids, len(ids), []
+        out = {refusal.index for refusal in refused}
+        kept = [event for index, event in enumerate(events) if index not in out]
+        if kept:
+            await self._appender.append(kept, producer=producer)
+        return ids, len(kept), refused
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant the gateway names for the caller (x-streammesh-tenant); DEFAULT_TENANT
+        for a call that names none (an operator's own tools)."""
+        return caller_tenant(context, trust_domain=self._trust_domain) or DEFAULT_TENANT
 
     async def PublishBatch(
         self, request: ingest_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.PublishBatchResponse:
-        ids = validate_batch(request.events, self._limits)
-        await self._appender.append(request.events, producer=request.producer)
-        return ingest_pb2.PublishBatchResponse(accepted=len(ids), event_ids=ids)
+        ids, accepted, refused = await self._accept(
+            request.events, producer=request.producer, tenant=self._tenant(context)
+        )
+        return ingest_pb2.PublishBatchResponse(accepted=accepted, event_ids=ids, refused=refused)
 
     async def Publish(
         self,
@@ -40,14 +79,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         # across batches of one stream. A refused batch is answered with its status in the
         # message (`refusal`), then the stream ends with that status; every batch acknowledged
         # before it stays queued.
+        tenant = self._tenant(context)
         async for request in request_iterator:
             try:
-                ids = validate_batch(request.events, self._limits)
-                await self._appender.append(request.events, producer=request.producer)
+                ids, accepted, refused = await self._accept(
+                    request.events, producer=request.producer, tenant=tenant
+                )
             except StreamMeshError as refusal:
                 yield ingest_pb2.PublishResponse(refusal=publish_refusal(request.sequence, refusal))
                 await drain_until_half_close(request_iterator, REFUSAL_LINGER_SECONDS)
                 raise
             yield ingest_pb2.PublishResponse(
-                sequence=request.sequence, accepted=len(ids), event_ids=ids
+                sequence=request.sequence, accepted=accepted, event_ids=ids, refused=refused
             )

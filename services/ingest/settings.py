@@ -11,9 +11,14 @@ take the events or bytes appended and not yet acknowledged past `max_unacked_eve
 With the defaults, one ingest replica and entries of about 40 kB, the queue's Redis memory
 stays within about 70 MiB above Redis's baseline for the default 8 partitions (the formula is in
 `services/ingest/pressure.py`).
+
+Payload schemas: JSON payloads are checked against the tenant's schema registry in storage,
+through a cache that follows storage's change log; see `services/ingest/schema_cache.py`.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -90,4 +95,32 @@ class IngestSettings(ServiceSettings):
     )
     retry_after_seconds: float = Field(
         1.0, gt=0, description="retry delay suggested with RESOURCE_EXHAUSTED"
+    )
+    validate_payloads: bool = Field(
+        True, description="check JSON payloads against the schema registry (storage)"
+    )
+    storage_target: str = Field(
+        "127.0.0.1:50055", description="storage replicas, for the schema registry"
+    )
+    schema_poll_ms: int = Field(
+        500,
+        ge=50,
+        le=10_000,
+        description="how often storage's schema change log is polled (a new version is in use "
+        "within about this long)",
+    )
+    schema_cache_subjects: int = Field(
+        10_000, ge=1, description="(tenant, event type) pairs kept in the validator cache"
+    )
+    registry_timeout_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="deadline of a schema lookup (a batch with an uncached type waits that long "
+        "at most when storage is down)",
+    )
+    unknown_types_when_unreachable: Literal["accept", "refuse"] = Field(
+        "accept",
+        description="for a tenant whose unknown-type policy is not cached while storage is "
+        "unreachable: accept events of uncached types unchecked, or refuse them "
+        "(SCHEMA_UNAVAILABLE)",
     )

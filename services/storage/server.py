@@ -8,11 +8,18 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.storage.dead_letter_store import DeadLetterStore
+from services.storage.registry_service import SchemaRegistryServicer
+from services.storage.registry_store import RegistryStore
 from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
-from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.api.storage.v1 import (
+    schema_registry_pb2,
+    schema_registry_pb2_grpc,
+    storage_pb2,
+    storage_pb2_grpc,
+)
 from streammesh.mesh import (
     MeshServer,
     PeerPolicy,
@@ -25,6 +32,7 @@ from streammesh.mesh.startup import reaching, run_service
 
 __all__ = [
     "POLICY",
+    "REGISTRY_SERVICE",
     "SERVICE",
     "StorageDeps",
     "create_event_pool",
@@ -34,6 +42,7 @@ __all__ = [
 ]
 
 SERVICE = "streammesh.storage.v1.StorageService"
+REGISTRY_SERVICE = "streammesh.storage.v1.SchemaRegistryService"
 
 POLICY: dict[str, tuple[str, ...]] = {
     # Only the processor writes: it acknowledges the queue once storage confirmed the batch.
@@ -47,6 +56,17 @@ POLICY: dict[str, tuple[str, ...]] = {
     f"{SERVICE}/ListDeadLetters": ("service/gateway",),
     f"{SERVICE}/GetDeadLetter": ("service/gateway",),
     f"{SERVICE}/MarkDeadLetterReplayed": ("service/gateway",),
+    # The schema registry: clients reach it through the gateway (which checked the role and
+    # fills the tenant); ingest reads schemas and policies and follows the change log.
+    f"{REGISTRY_SERVICE}/RegisterSchema": ("service/gateway",),
+    f"{REGISTRY_SERVICE}/CheckCompatibility": ("service/gateway",),
+    f"{REGISTRY_SERVICE}/GetSchema": ("service/gateway", "service/ingest"),
+    f"{REGISTRY_SERVICE}/ListSubjects": ("service/gateway",),
+    f"{REGISTRY_SERVICE}/ListSchemaVersions": ("service/gateway",),
+    f"{REGISTRY_SERVICE}/SetCompatibility": ("service/gateway",),
+    f"{REGISTRY_SERVICE}/GetSchemaPolicy": ("service/gateway", "service/ingest"),
+    f"{REGISTRY_SERVICE}/SetSchemaPolicy": ("service/gateway",),
+    f"{REGISTRY_SERVICE}/ListSchemaChanges": ("service/ingest",),
 }
 """Who may call which method; anything else is denied (operators are added by PeerPolicy)."""
 
@@ -87,10 +107,15 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
         StorageServicer(EventStore(deps.pool), limits, DeadLetterStore(deps.engine)),
     )
+    registry = ServiceBinding(
+        schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
+        schema_registry_pb2_grpc.add_SchemaRegistryServiceServicer_to_server,
+        SchemaRegistryServicer(RegistryStore(deps.engine)),
+    )
     return create_mesh_server(
         settings,
         identity="storage",
-        bindings=[binding],
+        bindings=[binding, registry],
         guard=PeerPolicy.build(settings.trust_domain, POLICY),
     )
 

@@ -24,6 +24,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from tabulate import tabulate
 
+from streammesh.api.common.v1 import schema_registry_pb2 as common_schemas
+
 __all__ = ["print_reply", "reply_to_dict"]
 
 Field = Any
@@ -51,6 +53,17 @@ def _set_time(record: Message, field: str) -> str:
 
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
+
+
+def _enum_text(name: str) -> str:
+    """COMPATIBILITY_MODE_BACKWARD -> BACKWARD: the value without its enum's prefix."""
+    for prefix in _ENUM_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+_ENUM_PREFIXES = ("COMPATIBILITY_MODE_", "UNKNOWN_TYPE_POLICY_", "COMPATIBILITY_DIRECTION_")
 
 
 def _text(value: object, limit: int = 60) -> str:
@@ -102,6 +115,36 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("created", lambda d: _set_time(d, "created_at")),
         Column("replayed", lambda d: _set_time(d, "replayed_at")),
         Column("error", lambda d: _text(d.error)),
+    ),
+    "streammesh.common.v1.SchemaSubject": (
+        Column("type", lambda s: s.event_type),
+        Column(
+            "mode", lambda s: _enum_text(common_schemas.CompatibilityMode.Name(s.compatibility))
+        ),
+        Column("latest", lambda s: str(s.latest_version or "-")),
+        Column("updated", lambda s: _set_time(s, "updated_at")),
+    ),
+    "streammesh.common.v1.SchemaVersion": (
+        Column("version", lambda v: str(v.version)),
+        Column("fingerprint", lambda v: v.fingerprint),
+        Column("created", lambda v: _set_time(v, "created_at")),
+    ),
+    "streammesh.common.v1.CompatibilityViolation": (
+        Column("version", lambda v: str(v.version)),
+        Column(
+            "direction",
+            lambda v: _enum_text(common_schemas.CompatibilityDirection.Name(v.direction)),
+        ),
+        Column("rule", lambda v: v.rule),
+        Column("instance", lambda v: v.instance_path or "/"),
+        Column("new schema", lambda v: v.new_schema_path or "/"),
+        Column("message", lambda v: _text(v.message, 100)),
+    ),
+    "streammesh.common.v1.EventRefusal": (
+        Column("index", lambda r: str(r.index)),
+        Column("id", lambda r: r.event_id),
+        Column("reason", lambda r: r.reason),
+        Column("message", lambda r: _text(r.message, 100)),
     ),
     "streammesh.common.v1.QueuedEvent": (
         Column("id", lambda q: q.event.id),
@@ -233,6 +276,9 @@ def _scalar_text(message: Message, field: Field) -> str:
         return "-"
     if isinstance(value, bool):
         return _yes(value)
+    if field.enum_type is not None:
+        known = field.enum_type.values_by_number.get(value)
+        return _enum_text(known.name) if known is not None else str(value)
     if isinstance(value, bytes):
         return f"{len(value)} bytes"
     if value == "":

@@ -146,7 +146,7 @@ class StackConfig(BaseSettings):
                 "STREAM_PREFIX": self.stream_prefix,
                 "PARTITIONS": str(self.partitions),
             }
-        if name == "processor":
+        if name in ("processor", "ingest"):
             env["STORAGE_TARGET"] = self.address("storage")
         if name == "gateway":
             env |= {

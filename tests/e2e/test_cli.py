@@ -298,3 +298,67 @@ async def test_a_tenant_admin_session_sees_only_its_tenant(
     ):  # fmt: skip
         code, out, err = await run_cli(env, *args)
         assert (code, out, err.splitlines()) == (1, "", [expected])
+
+
+async def test_schema_commands(admin_env: dict[str, str], tmp_path: Path) -> None:
+    event_type = f"cli.{uuid.uuid4().hex[:6]}"
+    v1 = {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}
+    breaking = {
+        "type": "object",
+        "properties": {"id": {"type": "integer"}, "n": {"type": "number"}},
+        "required": ["id", "n"],
+    }
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    (tmp_path / "breaking.json").write_text(json.dumps(breaking))
+    (tmp_path / "typo.json").write_text('{"type": "object",\n "properties": }')
+
+    code, out, err = await run_cli(
+        admin_env, "schema", "register", event_type, str(tmp_path / "v1.json")
+    )
+    assert (code, out.split()[:4]) == (0, ["registered", event_type, "version", "1"]), err
+    code, out, _ = await run_cli(
+        admin_env, "schema", "register", event_type, str(tmp_path / "v1.json")
+    )
+    assert out.startswith(f"already registered as {event_type} version 1")
+
+    # check: a table of every violation, exit 1 for a CI job.
+    code, out, err = await run_cli(
+        admin_env, "schema", "check", event_type, str(tmp_path / "breaking.json")
+    )
+    assert code == 1, err
+    assert "compatible: no" in out and "rule" in out and "/id" in out and "/n" in out
+    code, out, _ = await run_cli(
+        admin_env, "schema", "check", event_type, str(tmp_path / "breaking.json"), "--json"
+    )
+    report = json.loads(out)
+    assert report["compatible"] is False and len(report["violations"]) >= 2
+    assert report["compatibility"] == "COMPATIBILITY_MODE_BACKWARD"
+
+    # register refused: the status with every violation on stderr.
+    code, out, err = await run_cli(
+        admin_env, "schema", "register", event_type, str(tmp_path / "breaking.json")
+    )
+    lines = err.splitlines()
+    assert code == 1 and out == ""
+    assert lines[0].startswith("INVALID_ARGUMENT: the schema is not BACKWARD compatible")
+    assert len(lines) >= 3 and all(line.startswith("  schema_json#") for line in lines[1:])
+
+    code, out, err = await run_cli(admin_env, "schema", "list")
+    assert code == 0, err
+    assert any(line.split()[:3] == [event_type, "BACKWARD", "1"] for line in out.splitlines())
+    code, out, _ = await run_cli(admin_env, "schema", "list", event_type, "--json")
+    assert [v["version"] for v in json.loads(out)["versions"]] == [1]
+    code, out, err = await run_cli(admin_env, "schema", "show", event_type)
+    assert code == 0 and json.loads(out) == v1 and "version 1 of 1" in err
+    code, out, _ = await run_cli(admin_env, "schema", "mode", event_type, "NONE")
+    assert code == 0 and "compatibility: NONE" in out
+    code, out, _ = await run_cli(admin_env, "schema", "policy")
+    assert (code, out) == (0, "unknown types: ACCEPT\n")
+
+    code, out, err = await run_cli(
+        admin_env, "schema", "register", event_type, str(tmp_path / "typo.json")
+    )
+    assert (code, out) == (2, "")
+    assert err.startswith(f"{tmp_path / 'typo.json'} is not JSON: Expecting value at line 2")
+    code, _, err = await run_cli(admin_env, "schema", "show", "no.such.type")
+    assert code == 1 and err.startswith("NOT_FOUND: no schema is registered for event type")

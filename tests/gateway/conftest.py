@@ -35,7 +35,9 @@ from services.gateway.server import create_audit_trail, create_revocation_follow
 from services.gateway.server import create_server as create_gateway_server
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import Upstreams
-from services.ingest.server import IngestDeps
+from services.ingest.registry_client import RegistryClient
+from services.ingest.schema_cache import SchemaCache
+from services.ingest.server import IngestDeps, schema_cache
 from services.ingest.server import create_server as create_ingest_server
 from services.ingest.settings import IngestSettings
 from services.storage.server import StorageDeps, create_event_pool
@@ -64,6 +66,7 @@ ROLE_SETS: dict[str, tuple[str, ...]] = {
     "analyst": ("analyst",),
     "admin": ("admin",),
     "producer+analyst": ("producer", "analyst"),
+    "schema-admin": ("schema-admin",),
 }
 """The people every module gets, by name: their roles."""
 
@@ -105,6 +108,8 @@ class Stack:
     people: dict[str, Person] = field(default_factory=dict)
     ingest_server: MeshServer | None = None
     """The in-process ingest, for tests that stop it."""
+    schemas: SchemaCache | None = None
+    """Ingest's schema cache (following storage's change log)."""
     jwks_http_port: int | None = None
     """The HTTPS JWKS listener's port, when the module's GATEWAY_SETTINGS turn it on."""
 
@@ -273,24 +278,6 @@ async def stack(
         exit_stack.push_async_callback(auth_deps.close)
         auth = await _started(create_auth_server(auth_settings, auth_deps), exit_stack)
 
-        redis_client = aioredis.Redis.from_url(redis_url)
-        exit_stack.push_async_callback(redis_client.aclose)
-        layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=2)
-        await layout.ensure_group(redis_client)
-        ingest = await _started(
-            create_ingest_server(
-                IngestSettings(
-                    port=0,
-                    tls_dir=pki_dir,
-                    trust_domain=TRUST_DOMAIN,
-                    partitions=2,
-                    **getattr(request.module, "INGEST_SETTINGS", {}),
-                ),
-                IngestDeps(redis_client, layout),
-            ),
-            exit_stack,
-        )
-
         engine = create_engine(database_url, schema=storage_schema, application_name="gw-tests")
         exit_stack.push_async_callback(engine.dispose)
         await migrate(
@@ -308,6 +295,34 @@ async def stack(
                     port=0, tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, db_schema=storage_schema
                 ),
                 StorageDeps(engine=engine, pool=pool),
+            ),
+            exit_stack,
+        )
+
+        redis_client = aioredis.Redis.from_url(redis_url)
+        exit_stack.push_async_callback(redis_client.aclose)
+        layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=2)
+        await layout.ensure_group(redis_client)
+        ingest_settings = IngestSettings(
+            port=0,
+            tls_dir=pki_dir,
+            trust_domain=TRUST_DOMAIN,
+            partitions=2,
+            storage_target=f"127.0.0.1:{storage.port}",
+            **getattr(request.module, "INGEST_SETTINGS", {}),
+        )
+        registry = RegistryClient(
+            ingest_settings.storage_target,
+            TlsMaterial.load(pki_dir, "ingest"),
+            timeout_seconds=ingest_settings.registry_timeout_seconds,
+        )
+        exit_stack.push_async_callback(registry.close)
+        schemas = schema_cache(ingest_settings, registry)
+        schemas.start()
+        exit_stack.push_async_callback(schemas.stop)
+        ingest = await _started(
+            create_ingest_server(
+                ingest_settings, IngestDeps(redis_client, layout, schemas=schemas)
             ),
             exit_stack,
         )
@@ -356,6 +371,7 @@ async def stack(
             redis=redis_client,
             layout=layout,
             ingest_server=ingest,
+            schemas=schemas,
             jwks_http_port=gateway.jwks_http.port if gateway.jwks_http else None,
         )
         logins = [

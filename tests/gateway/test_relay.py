@@ -29,7 +29,7 @@ def test_missing_event_ids_are_assigned_before_the_first_attempt() -> None:
 
 def test_internal_only_reply_fields_do_not_reach_clients() -> None:
     internal = ingest_pb2.PublishBatchResponse(accepted=1)
-    raw = internal.SerializeToString() + b"\x1a\x06secret"  # an unknown field 3 from upstream
+    raw = internal.SerializeToString() + b"\x7a\x06secret"  # an unknown field 15 from upstream
     public = convert(
         ingest_pb2.PublishBatchResponse.FromString(raw), gateway_pb2.PublishBatchResponse
     )

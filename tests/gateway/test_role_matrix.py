@@ -20,14 +20,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.gateway.tokens import INVALID_TOKEN
-from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2
+from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2, schema_registry_pb2
 from tests.gateway.conftest import Stack, audit_events
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
-MODULES = {GATEWAY.full_name: gateway_pb2, ADMIN.full_name: admin_pb2}
+SCHEMAS = schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"]
+MODULES = {
+    GATEWAY.full_name: gateway_pb2,
+    ADMIN.full_name: admin_pb2,
+    SCHEMAS.full_name: schema_registry_pb2,
+}
 
-CALLERS = ["none", "producer", "analyst", "admin", "producer+analyst"]
+CALLERS = ["none", "producer", "analyst", "admin", "producer+analyst", "schema-admin"]
 PUBLIC = {
     "Register",
     "BeginTotpEnrollment",
@@ -44,6 +49,18 @@ NEEDS = {
     "QueryEvents": {"analyst", "admin"},
     "CountEvents": {"analyst", "admin"},
 }
+_SCHEMA_READERS = {"producer", "analyst", "schema-admin", "admin"}
+SCHEMA_NEEDS = {
+    "GetSchema": _SCHEMA_READERS,
+    "ListSubjects": _SCHEMA_READERS,
+    "ListSchemaVersions": _SCHEMA_READERS,
+    "CheckCompatibility": _SCHEMA_READERS,
+    "GetSchemaPolicy": _SCHEMA_READERS,
+    "RegisterSchema": {"schema-admin", "admin"},
+    "SetCompatibility": {"schema-admin", "admin"},
+    "SetSchemaPolicy": {"schema-admin", "admin"},
+}
+"""Roles that may call each SchemaRegistryService method (from its service comment)."""
 """Roles that may call each role-guarded GatewayService method; every AdminService method
 needs admin."""
 
@@ -52,6 +69,8 @@ def _allowed(caller: str, service: str, method: str) -> bool:
     roles = set() if caller == "none" else set(caller.split("+"))
     if service == ADMIN.full_name:
         return "admin" in roles
+    if service == SCHEMAS.full_name:
+        return bool(roles & SCHEMA_NEEDS[method])
     if method in PUBLIC:
         return True
     return bool(roles & NEEDS[method])
@@ -65,7 +84,7 @@ def _expected_refusal(caller: str) -> grpc.StatusCode:
 
 CASES = [
     pytest.param(caller, service, method, id=f"{caller}-{method.name}")
-    for service in (GATEWAY, ADMIN)
+    for service in (GATEWAY, ADMIN, SCHEMAS)
     for method in service.methods
     for caller in CALLERS
 ]
@@ -73,7 +92,9 @@ CASES = [
 
 def test_the_matrix_covers_every_method() -> None:
     assert {m.name for m in GATEWAY.methods} == PUBLIC | set(NEEDS)
-    assert len(CASES) == len(CALLERS) * (len(GATEWAY.methods) + len(ADMIN.methods))
+    assert {m.name for m in SCHEMAS.methods} == set(SCHEMA_NEEDS)
+    methods = len(GATEWAY.methods) + len(ADMIN.methods) + len(SCHEMAS.methods)
+    assert len(CASES) == len(CALLERS) * methods
 
 
 async def _call(

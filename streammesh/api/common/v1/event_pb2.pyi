@@ -56,6 +56,7 @@ class Event(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-chosen unique id (a UUID is recommended); at most 128 characters.
     Ingest assigns a UUID when it is empty, which makes a retry of that batch unsafe.
@@ -70,6 +71,11 @@ class Event(_message.Message):
     """The body, JSON by convention (see content_type). At most 1 MiB (1,048,576 bytes)."""
     content_type: _builtins.str
     """MIME type of payload; "application/json" when empty. At most 128 characters."""
+    schema_version: _builtins.int
+    """The version of the type's registered schema the payload follows; unset (or 0) validates a
+    JSON payload against the latest version (see gateway.v1.SchemaRegistryService). Naming a version
+    the type does not have refuses the event.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the event happened at its source; ingest time when unset. Any instant of the
@@ -94,14 +100,59 @@ class Event(_message.Message):
         payload: _builtins.bytes = ...,
         content_type: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        schema_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version", "event_time", b"event_time", "schema_version", b"schema_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_type", b"content_type", "event_time", b"event_time", "id", b"id", "key", b"key", "payload", b"payload", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version", "attributes", b"attributes", "content_type", b"content_type", "event_time", b"event_time", "id", b"id", "key", b"key", "payload", b"payload", "schema_version", b"schema_version", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__schema_version: _TypeAlias = _typing.Literal["schema_version"]  # noqa: Y015
+    _WhichOneofArgType__schema_version: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__schema_version) -> _WhichOneofReturnType__schema_version | None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class EventRefusal(_message.Message):
+    """EventRefusal is one event of an acknowledged batch that was not accepted (its payload does
+    not match its type's schema, or its type has no schema under a REFUSE policy). The other
+    events of the batch were accepted; resending a refused event unchanged is refused again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The event's position in the batch, from 0."""
+    event_id: _builtins.str
+    """The event's id (the one ingest assigned when the event had none)."""
+    reason: _builtins.str
+    """A stable reason for tooling: "SCHEMA_VIOLATION", "SCHEMA_VERSION_UNKNOWN",
+    "SCHEMA_MISSING" (REFUSE policy), "SCHEMA_UNAVAILABLE" (the registry could not be reached
+    and the type's schema is not cached: resend later).
+    """
+    message: _builtins.str
+    """What is wrong, for a person: JSON Pointers into the payload and why, for example
+    "/amount: 'x' is not of type 'number'" (at most 10 problems).
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "index", b"index", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Event: _TypeAlias = Event  # noqa: Y015
+Global___EventRefusal: _TypeAlias = EventRefusal  # noqa: Y015
 
 @_typing.final
 class QueuedEvent(_message.Message):

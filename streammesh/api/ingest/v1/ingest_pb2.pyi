@@ -55,6 +55,7 @@ class PublishResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     EVENT_IDS_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     accepted: _builtins.int
     @_builtins.property
@@ -67,6 +68,12 @@ class PublishResponse(_message.Message):
         ingest refuses a batch; see PublishRefusal.
         """
 
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.EventRefusal]:
+        """Events of the batch that were not accepted, by index (empty when all were); `accepted`
+        counts the others, and event_ids still lists every event of the batch.
+        """
+
     def __init__(
         self,
         *,
@@ -74,10 +81,11 @@ class PublishResponse(_message.Message):
         accepted: _builtins.int = ...,
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
         refusal: _event_pb2.PublishRefusal | None = ...,
+        refused: _abc.Iterable[_event_pb2.EventRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refusal", b"refusal", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refusal", b"refusal", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,18 +120,26 @@ class PublishBatchResponse(_message.Message):
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     EVENT_IDS_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     @_builtins.property
     def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.EventRefusal]:
+        """Events of the batch that were not accepted, by index (empty when all were); `accepted`
+        counts the others, and event_ids still lists every event of the batch.
+        """
+
     def __init__(
         self,
         *,
         accepted: _builtins.int = ...,
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
+        refused: _abc.Iterable[_event_pb2.EventRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
