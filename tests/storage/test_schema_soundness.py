@@ -1,0 +1,44 @@
+"""Soundness and cost cases found in review: each pair below is one where old writers (or new
+ones) write an instance that the other side refuses, checked with a real validator, so the
+checker must not call it compatible; and schemas whose analysis must stay bounded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.storage.schemas import CompatibilityMode, PreviousVersion, check_compatibility
+from tests.storage.schema_witnesses import reader_validator, writer_validator
+
+
+def _backward(old: Any, new: Any) -> set[str]:
+    report = check_compatibility(new, [PreviousVersion(1, old)], CompatibilityMode.BACKWARD)
+    return {violation.rule for violation in report.violations}
+
+
+def test_a_required_name_the_model_does_not_declare_is_still_written() -> None:
+    # A writer must write `x` (required) with any value: its schema demands it, so the writer
+    # assumption (only declared names) cannot take it away.
+    old = {"type": "object", "required": ["x"]}
+    new = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}
+    witness = {"x": 5}
+    assert writer_validator(old).is_valid(witness)
+    assert not reader_validator(new).is_valid(witness)
+    assert "type-refused" in _backward(old, new)
+
+
+def test_a_required_undeclared_name_counts_toward_max_properties() -> None:
+    old = {"type": "object", "properties": {"a": {}}, "required": ["b"]}
+    new = {"type": "object", "maxProperties": 1}
+    witness = {"a": 1, "b": 2}
+    assert writer_validator(old).is_valid(witness)
+    assert not reader_validator(new).is_valid(witness)
+    assert "max-properties-lowered" in _backward(old, new)
+
+
+def test_a_required_undeclared_name_takes_the_additional_properties_schema() -> None:
+    old = {"type": "object", "additionalProperties": {"type": "integer"}, "required": ["n"]}
+    new = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}
+    witness = {"n": -1}
+    assert writer_validator(old).is_valid(witness)
+    assert not reader_validator(new).is_valid(witness)
+    assert "minimum-raised" in _backward(old, new)
