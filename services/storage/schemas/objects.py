@@ -2,7 +2,8 @@
 
 Objects follow the writer assumption of `services.storage.schemas.compatibility`: in an object
 schema with an open content model (`additionalProperties` absent, true or {}), the writer writes
-only the names it declares (`properties`, `patternProperties`). A writer schema that says
+only the names it declares (`properties`, `patternProperties`, and the `required` names, which
+it must write). A writer schema that says
 nothing about objects (no `type`, no `properties`) declares nothing and so may write anything.
 """
 
@@ -51,6 +52,24 @@ def _undeclared_writes(writer: Mapping[str, Any]) -> Any:
     return additional
 
 
+def _written_properties(writer: Mapping[str, Any]) -> dict[str, Any]:
+    """The names the writer writes by name, each with the schema of its value: `properties`,
+    and every `required` name they leave out (a writer must write it, so the writer assumption
+    cannot take it away), valued as an undeclared name is (anything in an open model). A
+    required name a writer pattern matches is left to the pattern; one additionalProperties
+    false forbids cannot be written (the writer's objects are then none), so it is left out."""
+    properties = dict(writer.get("properties", {}))
+    patterns = list(writer.get("patternProperties", {}))
+    additional = writer.get("additionalProperties")
+    value = True if is_open(additional) else additional
+    for name in writer.get("required", ()):
+        if name in properties or additional is False:
+            continue
+        if not any(pattern_matches(pattern, name) for pattern in patterns):
+            properties[name] = value
+    return properties
+
+
 def _reader_schemas_for(reader: Mapping[str, Any], rp: str, name: str) -> list[tuple[Any, str]]:
     """Every reader subschema a property `name` must satisfy (properties and matching patterns),
     or the additionalProperties one when neither applies."""
@@ -89,10 +108,13 @@ def check_objects(
                     f"{rp}/required",
                 )
             )
-    properties = writer.get("properties", {})
-    for name, subschema in properties.items():
+    declared = writer.get("properties", {})
+    for name, subschema in _written_properties(writer).items():
         if subschema is False:
             continue
+        name_pointer = (
+            pointer_join(f"{wp}/properties", name) if name in declared else f"{wp}/required"
+        )
         for reader_schema, reader_pointer in _reader_schemas_for(reader, rp, name):
             if reader_schema is False:
                 found.append(
@@ -101,7 +123,7 @@ def check_objects(
                         f"the writer may write property {name!r}, which the reader does not "
                         "declare while its additionalProperties is false",
                         pointer_join(ip, name),
-                        pointer_join(f"{wp}/properties", name),
+                        name_pointer,
                         reader_pointer,
                     )
                 )
@@ -109,7 +131,7 @@ def check_objects(
             found.extend(
                 checker.check(
                     subschema,
-                    pointer_join(f"{wp}/properties", name),
+                    name_pointer,
                     reader_schema,
                     reader_pointer,
                     pointer_join(ip, name),
@@ -178,7 +200,7 @@ def _check_undeclared(
     found: list[Violation] = []
     wap = f"{wp}/additionalProperties"
     at = pointer_join(ip, ANY_TOKEN)
-    writer_properties = writer.get("properties", {})
+    writer_properties = _written_properties(writer)
     writer_patterns = list(writer.get("patternProperties", {}))
     for name, reader_schema in reader.get("properties", {}).items():
         if name in writer_properties or any(pattern_matches(p, name) for p in writer_patterns):
@@ -228,7 +250,7 @@ def _check_property_counts(
             )
         )
     if "maxProperties" in reader:
-        declared = [n for n, s in writer.get("properties", {}).items() if s is not False]
+        declared = [n for n, s in _written_properties(writer).items() if s is not False]
         bounded = undeclared is None and not writer.get("patternProperties")
         writer_max = min(
             writer.get("maxProperties", float("inf")),
