@@ -42,3 +42,35 @@ def test_a_required_undeclared_name_takes_the_additional_properties_schema() -> 
     assert writer_validator(old).is_valid(witness)
     assert not reader_validator(new).is_valid(witness)
     assert "minimum-raised" in _backward(old, new)
+
+
+def _doubling(levels: int) -> dict[str, Any]:
+    """A small document whose property tree has 2**levels paths (no cycle: each level names
+    the next twice)."""
+    defs: dict[str, Any] = {
+        f"d{i}": {
+            "type": "object",
+            "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}, "b": {"$ref": f"#/$defs/d{i + 1}"}},
+        }
+        for i in range(levels)
+    }
+    defs[f"d{levels}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def test_a_property_tree_that_doubles_per_level_is_bounded_not_walked() -> None:
+    assert _backward(_doubling(4), _doubling(4)) == set()
+    # 2**40 paths: refused as too large to analyse (cannot prove compatible), in bounded work.
+    assert _backward(_doubling(40), _doubling(40)) == {"unsupported-construct"}
+
+
+def test_alternatives_that_multiply_are_bounded_not_enumerated() -> None:
+    either = {
+        "anyOf": [
+            {"type": "object", "properties": {"a": {"type": "string"}}},
+            {"type": "object", "properties": {"b": {"type": "string"}}},
+        ]
+    }
+    # allOf of 40 parts of two alternatives each: 2**40 plain writers.
+    writer = {"$defs": {"either": either}, "allOf": [{"$ref": "#/$defs/either"}] * 40}
+    assert _backward(writer, {"type": "object"}) == {"unsupported-construct"}
