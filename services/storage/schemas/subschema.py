@@ -50,6 +50,12 @@ _ASSERTING_KEYWORDS = (
     }
 )
 _MAX_DEPTH = 64
+_MAX_COMPARISONS = 10_000
+"""Writer/reader subschema pairs compared per check, at most: a small document can describe
+exponentially many paths (each level naming the next twice) or alternatives (allOf of anyOfs),
+so the work is bounded and a larger job reported as not proven, never cut short as compatible."""
+_MAX_ALTERNATIVES = 256
+"""Plain writer schemas one combinator may expand to, at most (the same reason)."""
 
 Schema = Mapping[str, Any] | bool
 Plain = tuple[Schema, str]
@@ -139,9 +145,27 @@ class SubschemaCheck:
         self.reader = reader
         self._assumed: set[tuple[int, int, frozenset[str] | None]] = set()
         self._depth = 0
+        self._comparisons = 0
+
+    @property
+    def _exhausted(self) -> bool:
+        return self._comparisons > _MAX_COMPARISONS
 
     def run(self) -> list[Violation]:
-        return self.check(self.writer.root, "", self.reader.root, "", "")
+        found = self.check(self.writer.root, "", self.reader.root, "", "")
+        if self._exhausted:
+            # Added here, not where the budget ran out: a reader's anyOf may drop the failing
+            # attempts of a branch, and what ran out must still count.
+            found.append(
+                self._unsupported(
+                    f"the schemas are too large to analyse (more than {_MAX_COMPARISONS} "
+                    "subschema comparisons); the violations listed may be incomplete",
+                    "",
+                    "",
+                    "",
+                )
+            )
+        return found
 
     def violation(self, rule: str, message: str, ip: str, wp: str, rp: str) -> Violation:
         return Violation(
@@ -158,7 +182,11 @@ class SubschemaCheck:
         only: frozenset[str] | None = None,
     ) -> list[Violation]:
         """Violations of "every instance of `writer` (at `ip`) is valid under `reader`"."""
-        if reader is True or (isinstance(reader, Mapping) and not _has_assertions(reader)):
+        if (
+            self._exhausted
+            or reader is True
+            or (isinstance(reader, Mapping) and not _has_assertions(reader))
+        ):
             return []
         alternatives = self._writer_alternatives(writer, wp, ip, expanding=())
         if isinstance(alternatives, Violation):
@@ -205,6 +233,8 @@ class SubschemaCheck:
                 if isinstance(expanded, Violation):
                     return expanded
                 union.extend(expanded)
+            if len(union) > _MAX_ALTERNATIVES:
+                return self._too_many_alternatives(ip, wp)
             if keyword in writer:
                 parts.append(union)
         for part in parts:
@@ -222,8 +252,18 @@ class SubschemaCheck:
                         )
                     keep_left = isinstance(left, Mapping) and _has_assertions(left)
                     combined.append((merged, left_pointer if keep_left else right_pointer))
+            if len(combined) > _MAX_ALTERNATIVES:
+                return self._too_many_alternatives(ip, wp)
             result = combined
         return result
+
+    def _too_many_alternatives(self, ip: str, wp: str) -> Violation:
+        return self._unsupported(
+            f"the writer schema's combinators expand to more than {_MAX_ALTERNATIVES} alternatives",
+            ip,
+            wp,
+            "",
+        )
 
     def _unsupported(self, why: str, ip: str, wp: str, rp: str) -> Violation:
         return self.violation(
@@ -261,6 +301,9 @@ class SubschemaCheck:
             return []
         if self._depth >= _MAX_DEPTH:
             return [self._unsupported("the schemas nest too deep to analyse", ip, wp, rp)]
+        self._comparisons += 1
+        if self._exhausted:
+            return []  # run() reports it
         self._assumed.add(key)
         self._depth += 1
         try:
