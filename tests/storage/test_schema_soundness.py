@@ -4,8 +4,10 @@ checker must not call it compatible; and schemas whose analysis must stay bounde
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from services.ingest.payload_schema import PayloadValidator
 from services.storage.schemas import CompatibilityMode, PreviousVersion, check_compatibility
 from tests.storage.schema_witnesses import reader_validator, writer_validator
 
@@ -74,3 +76,28 @@ def test_alternatives_that_multiply_are_bounded_not_enumerated() -> None:
     # allOf of 40 parts of two alternatives each: 2**40 plain writers.
     writer = {"$defs": {"either": either}, "allOf": [{"$ref": "#/$defs/either"}] * 40}
     assert _backward(writer, {"type": "object"}) == {"unsupported-construct"}
+
+
+def _ingest_refuses(schema: Any, instance: Any) -> bool:
+    return bool(PayloadValidator(schema).errors(json.dumps(instance).encode()))
+
+
+def test_values_of_a_finite_writer_meet_the_readers_formats_as_ingest_asserts_them() -> None:
+    # The module's stated reading (and ingest's): `format` asserts. A writer limited to listed
+    # values is decided by validating each value, so that validation must assert formats too.
+    old = {"type": "object", "properties": {"e": {"const": "not-an-email"}}, "required": ["e"]}
+    new = {"type": "object", "properties": {"e": {"type": "string", "format": "email"}}}
+    assert _ingest_refuses(new, {"e": "not-an-email"})
+    assert "value-refused" in _backward(old, new)
+    assert _backward({"enum": ["P1D", "PT5M"]}, {"type": "string", "format": "duration"}) == set()
+    assert "value-refused" in _backward(
+        {"enum": ["P1D", "bogus"]}, {"type": "string", "format": "duration"}
+    )
+
+
+def test_values_of_a_finite_writer_meet_the_readers_patterns_as_ecma_262_reads_them() -> None:
+    # Python's `$` also matches before a final newline; ECMA 262's (ingest's) does not.
+    old = {"type": "object", "properties": {"k": {"const": "a\n"}}}
+    new = {"type": "object", "properties": {"k": {"type": "string", "pattern": "^a$"}}}
+    assert _ingest_refuses(new, {"k": "a\n"})
+    assert "value-refused" in _backward(old, new)
