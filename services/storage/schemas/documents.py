@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 
 __all__ = [
@@ -91,6 +92,11 @@ WRITER_IGNORABLE_KEYWORDS = frozenset(
 )
 
 
+_DOCUMENT_URI = "urn:streammesh:schema-document"
+# What a JSON Pointer may keep as it is in a URI fragment (RFC 3986); the rest is %-encoded.
+_FRAGMENT_SAFE = "/~!$&'()*+,;=:@"
+
+
 class UnresolvableRef(Exception):
     """A `$ref` that is not a JSON Pointer into the same document, or points at nothing."""
 
@@ -109,6 +115,48 @@ class SchemaDocument:
         its subschemas with references still resolved against the document."""
         return Draft202012Validator(self.root)
 
+    @cached_property
+    def _registry(self) -> jsonschema_rs.Registry | None:
+        try:
+            root = dict(self.root) if isinstance(self.root, Mapping) else self.root
+            return jsonschema_rs.Registry([(_DOCUMENT_URI, root)])
+        except (ValueError, jsonschema_rs.ReferencingError):
+            return None
+
+    def ingest_validator(self, pointer: str, schema: Any) -> jsonschema_rs.Validator | None:
+        """A validator of `schema`, the document's subschema at `pointer`, as ingest validates
+        (jsonschema-rs: formats asserted, ECMA 262 regexes, references resolved in the
+        document); None when `schema` is not the node at `pointer` or does not compile."""
+        if self._node(pointer) is not schema or self._registry is None:
+            return None
+        cached = self._validators.get(pointer)
+        if cached is None:
+            reference = {"$ref": f"{_DOCUMENT_URI}#{quote(pointer, safe=_FRAGMENT_SAFE)}"}
+            try:
+                cached = jsonschema_rs.Draft202012Validator(
+                    reference, registry=self._registry, validate_formats=True
+                )
+            except (ValueError, jsonschema_rs.ReferencingError):
+                return None
+            self._validators[pointer] = cached
+        return cached
+
+    @cached_property
+    def _validators(self) -> dict[str, jsonschema_rs.Validator]:
+        return {}
+
+    def _node(self, pointer: str) -> Any:
+        node: Any = self.root
+        for raw in pointer.split("/")[1:]:
+            token = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, Mapping) and token in node:
+                node = node[token]
+            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                node = node[int(token)]
+            else:
+                return None
+        return node
+
     def resolve(self, ref: str) -> tuple[Any, str]:
         """The schema a local `$ref` ("#" or "#/json/pointer") names, and its pointer.
 
@@ -120,15 +168,9 @@ class SchemaDocument:
                 f"$ref {ref!r} is not a JSON Pointer into the same document (only '#/...' is supported)"
             )
         pointer = unquote(ref[1:])
-        node: Any = self.root
-        for raw in pointer.split("/")[1:]:
-            token = raw.replace("~1", "/").replace("~0", "~")
-            if isinstance(node, Mapping) and token in node:
-                node = node[token]
-            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-                node = node[int(token)]
-            else:
-                raise UnresolvableRef(f"$ref {ref!r} points at nothing in the {self.name} schema")
+        node = self._node(pointer)
+        if node is None:
+            raise UnresolvableRef(f"$ref {ref!r} points at nothing in the {self.name} schema")
         if not isinstance(node, Mapping | bool):
             raise UnresolvableRef(f"$ref {ref!r} does not point at a schema")
         return node, pointer

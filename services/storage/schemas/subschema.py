@@ -5,7 +5,8 @@ writer assumption that `services.storage.schemas.compatibility` documents (a wri
 schema writes only the properties that schema declares). The walk is sound: it says
 "compatible" only when it can show inclusion, and otherwise names each reason it could not.
 Finite writer languages (`enum`, `const`, `null`/`boolean`) are decided exactly by validating each
-value against the reader with a real Draft 2020-12 validator.
+value against the reader with real Draft 2020-12 validators, ingest's among them (formats
+asserted, ECMA 262 regexes).
 
 Why hand-written: no kept Python library decides JSON Schema inclusion (the registries that do
 are Java, and they are the ones this check corrects); validation itself goes to `jsonschema`.
@@ -339,6 +340,15 @@ class SubschemaCheck:
         self, values: Iterable[Any], ip: str, wp: str, reader: Schema, rp: str
     ) -> list[Violation]:
         validator = self.reader.validator.evolve(schema=reader)
+        ingest = self.reader.ingest_validator(rp, reader)
+        if ingest is None:
+            return [
+                self._unsupported(
+                    "the reader's subschema cannot be validated as ingest validates it", ip, wp, rp
+                )
+            ]
+        # Refused by either validator: ingest's is the reader that counts (formats asserted,
+        # ECMA 262 regexes), and a value jsonschema refuses is not proven accepted either.
         return [
             self.violation(
                 "value-refused",
@@ -348,7 +358,7 @@ class SubschemaCheck:
                 rp,
             )
             for value in values
-            if not validator.is_valid(value)
+            if not (ingest.is_valid(value) and validator.is_valid(value))
         ]
 
     def _check_against_reader(
