@@ -101,3 +101,17 @@ def test_values_of_a_finite_writer_meet_the_readers_patterns_as_ecma_262_reads_t
     new = {"type": "object", "properties": {"k": {"type": "string", "pattern": "^a$"}}}
     assert _ingest_refuses(new, {"k": "a\n"})
     assert "value-refused" in _backward(old, new)
+
+
+def test_a_reference_inside_an_embedded_resource_is_not_resolved_against_the_root() -> None:
+    # `$id` below the root starts a resource: its "#/$defs/b" is its own b (a string), not the
+    # root's (an integer).
+    embedded = {"$id": "https://example.com/a", "$defs": {"b": {"type": "string"}}}
+    old = {
+        "$defs": {"b": {"type": "integer"}, "a": {**embedded, "$ref": "#/$defs/b"}},
+        "$ref": "#/$defs/a",
+    }
+    new = {"type": "integer"}
+    assert not _ingest_refuses(old, "s") and _ingest_refuses(new, "s")
+    assert reader_validator(old).is_valid("s") and not reader_validator(new).is_valid("s")
+    assert "unsupported-construct" in _backward(old, new)
