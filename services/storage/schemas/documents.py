@@ -4,7 +4,7 @@ keyword vocabulary the check understands.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any
 from urllib.parse import quote, unquote
@@ -114,6 +114,30 @@ class SchemaDocument:
         """A validator of the whole document; `.evolve(schema=part)` validates against one of
         its subschemas with references still resolved against the document."""
         return Draft202012Validator(self.root)
+
+    @cached_property
+    def embedded_resource(self) -> str | None:
+        """The pointer of a schema below the root that has its own `$id`, if any. Such a schema
+        starts a resource with its own base URI, so its `#/...` references point into it, not
+        into the root: the walk, which resolves every local reference against the root, does
+        not analyse such a document. (A `$id` string in `const` or `enum` data counts too; it
+        only makes the verdict "cannot prove".)"""
+        stack: list[tuple[Any, str]] = [(self.root, "")]
+        while stack:
+            node, pointer = stack.pop()
+            children: Iterable[tuple[Any, Any]]
+            if isinstance(node, Mapping):
+                if pointer and isinstance(node.get("$id"), str):
+                    return pointer
+                children = node.items()
+            elif isinstance(node, list):
+                children = enumerate(node)
+            else:
+                continue
+            for key, child in children:
+                token = str(key).replace("~", "~0").replace("/", "~1")
+                stack.append((child, f"{pointer}/{token}"))
+        return None
 
     @cached_property
     def _registry(self) -> jsonschema_rs.Registry | None:

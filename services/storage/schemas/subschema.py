@@ -153,6 +153,18 @@ class SubschemaCheck:
         return self._comparisons > _MAX_COMPARISONS
 
     def run(self) -> list[Violation]:
+        writer_resource = self.writer.embedded_resource
+        reader_resource = self.reader.embedded_resource
+        if writer_resource is not None or reader_resource is not None:
+            return [
+                self._unsupported(
+                    "a schema below the root has its own $id (an embedded resource, whose "
+                    "references the check does not resolve)",
+                    "",
+                    f"{writer_resource}/$id" if writer_resource is not None else "",
+                    f"{reader_resource}/$id" if reader_resource is not None else "",
+                )
+            ]
         found = self.check(self.writer.root, "", self.reader.root, "", "")
         if self._exhausted:
             # Added here, not where the budget ran out: a reader's anyOf may drop the failing
