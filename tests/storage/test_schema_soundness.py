@@ -7,8 +7,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from services.ingest.payload_schema import PayloadValidator
-from services.storage.schemas import CompatibilityMode, PreviousVersion, check_compatibility
+from services.storage.schemas import (
+    CompatibilityMode,
+    PreviousVersion,
+    check_compatibility,
+    schema_problems,
+)
 from tests.storage.schema_witnesses import reader_validator, writer_validator
 
 
@@ -115,3 +122,23 @@ def test_a_reference_inside_an_embedded_resource_is_not_resolved_against_the_roo
     assert not _ingest_refuses(old, "s") and _ingest_refuses(new, "s")
     assert reader_validator(old).is_valid("s") and not reader_validator(new).is_valid("s")
     assert "unsupported-construct" in _backward(old, new)
+
+
+ECMA_ONLY_PATTERNS = ["(?<n>x)", "\\p{L}"]
+"""Valid ECMA 262 regexes (the registry accepts them: ingest compiles them) that Python's `re`
+cannot compile."""
+
+
+@pytest.mark.parametrize("pattern", ECMA_ONLY_PATTERNS)
+def test_an_ecma_only_regex_gives_a_verdict_not_an_exception(pattern: str) -> None:
+    finite = {"enum": ["x", "1"]}
+    with_pattern = {"type": "string", "pattern": pattern}
+    assert schema_problems(with_pattern) == []
+    assert PayloadValidator(with_pattern).errors(b'"x"') == []
+    assert PayloadValidator(with_pattern).errors(b'"1"') != []
+    # Reader side: ingest refuses "1", so the change is refused (and does not raise).
+    assert _backward(finite, with_pattern) == {"value-refused"}
+    # Writer side: the writer's own pattern narrows its values.
+    assert "enum-added" in _backward({**with_pattern, "enum": ["x", "1"]}, {"enum": ["x"]})
+    objects = {"type": "object", "patternProperties": {pattern: {"type": "integer"}}}
+    assert "value-refused" in _backward({"const": {"x": "s"}}, objects)
