@@ -26,7 +26,7 @@ def pattern_matches(pattern: str, name: str) -> bool:
     one Python cannot compile counts as matching, which keeps the check conservative)."""
     try:
         return re.search(pattern, name) is not None
-    except re.error:
+    except (re.error, OverflowError, RecursionError):
         return True
 
 

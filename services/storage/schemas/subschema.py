@@ -15,8 +15,11 @@ are Java, and they are the ones this check corrects); validation itself goes to 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from jsonschema.protocols import Validator as JsonSchemaValidator
 
 from services.storage.schemas.documents import (
     ANALYSED_KEYWORDS,
@@ -95,6 +98,15 @@ def restrict_types(types: frozenset[str], only: frozenset[str] | None) -> frozen
     if "number" in only and "integer" in types:
         kept.add("integer")
     return frozenset(kept)
+
+
+def _python_verdict(validator: JsonSchemaValidator, value: Any) -> bool | None:
+    """jsonschema's verdict on `value`; None when it cannot decide (an ECMA 262 regex that
+    Python's `re` does not compile, such as a named group `(?<n>...)` or `\\p{L}`)."""
+    try:
+        return validator.is_valid(value)
+    except (re.error, OverflowError, RecursionError):
+        return None
 
 
 def _has_assertions(schema: Mapping[str, Any]) -> bool:
@@ -320,7 +332,7 @@ class SubschemaCheck:
         self._assumed.add(key)
         self._depth += 1
         try:
-            values = self._finite_values(writer_map, only)
+            values = self._finite_values(writer_map, wp, only)
             if values is not None:
                 return self._check_values(values, ip, wp, reader, rp)
             return self._check_against_reader(writer_map, wp, reader, rp, ip, only)
@@ -329,7 +341,7 @@ class SubschemaCheck:
             self._assumed.discard(key)
 
     def _finite_values(
-        self, writer: Mapping[str, Any], only: frozenset[str] | None
+        self, writer: Mapping[str, Any], wp: str, only: frozenset[str] | None
     ) -> list[Any] | None:
         """Every value the writer may produce, when that is a short list; else None."""
         if "const" in writer:
@@ -340,12 +352,19 @@ class SubschemaCheck:
             candidates = [None, True, False]
         else:
             return None
+        # What ingest accepts is what a writer can have written; a value jsonschema cannot
+        # decide (a regex Python cannot compile) is kept, which only enlarges the writer.
+        ingest = self.writer.ingest_validator(wp, writer)
         validator = self.writer.validator.evolve(schema=writer)
         return [
             value
             for value in candidates
             if (only is None or restrict_types(frozenset({json_type(value)}), only))
-            and validator.is_valid(value)
+            and (
+                ingest.is_valid(value)
+                if ingest is not None
+                else _python_verdict(validator, value) is not False
+            )
         ]
 
     def _check_values(
@@ -360,7 +379,8 @@ class SubschemaCheck:
                 )
             ]
         # Refused by either validator: ingest's is the reader that counts (formats asserted,
-        # ECMA 262 regexes), and a value jsonschema refuses is not proven accepted either.
+        # ECMA 262 regexes), and a value jsonschema refuses is not proven accepted either
+        # (unless jsonschema cannot decide: a regex Python cannot compile).
         return [
             self.violation(
                 "value-refused",
@@ -370,7 +390,7 @@ class SubschemaCheck:
                 rp,
             )
             for value in values
-            if not (ingest.is_valid(value) and validator.is_valid(value))
+            if not ingest.is_valid(value) or _python_verdict(validator, value) is False
         ]
 
     def _check_against_reader(
