@@ -142,3 +142,14 @@ def test_an_ecma_only_regex_gives_a_verdict_not_an_exception(pattern: str) -> No
     assert _backward({**with_pattern, "enum": ["x", "1"]}, {"enum": ["x"]}) == set()
     objects = {"type": "object", "patternProperties": {pattern: {"type": "integer"}}}
     assert "value-refused" in _backward({"const": {"x": "s"}}, objects)
+
+
+def test_a_backtracking_regex_against_long_names_and_values_stays_cheap() -> None:
+    # Python's `re` takes seconds at 26 characters and doubles per character on this one;
+    # ingest's engine (and so the check) does not backtrack like that.
+    pattern = "^(a+)+$"
+    name = "a" * 64 + "!"
+    reader = {"type": "object", "patternProperties": {pattern: {"type": "integer"}}}
+    writer = {"type": "object", "properties": {name: {"type": "string"}}}
+    assert _backward(writer, reader) == set()
+    assert _backward({"enum": [name]}, {"type": "string", "pattern": pattern}) == {"value-refused"}
