@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import jsonschema_rs
-from jsonschema import Draft202012Validator
 
 __all__ = [
     "ANALYSED_KEYWORDS",
@@ -108,12 +107,6 @@ class SchemaDocument:
         self.root = root
         self.name = name
         """"old", "new" or "version N": how messages name this document."""
-
-    @cached_property
-    def validator(self) -> Draft202012Validator:
-        """A validator of the whole document; `.evolve(schema=part)` validates against one of
-        its subschemas with references still resolved against the document."""
-        return Draft202012Validator(self.root)
 
     @cached_property
     def embedded_resource(self) -> str | None:

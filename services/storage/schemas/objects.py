@@ -9,9 +9,11 @@ nothing about objects (no `type`, no `properties`) declares nothing and so may w
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import jsonschema_rs
 
 from services.storage.schemas.violations import ANY_TOKEN, Violation, pointer_join
 
@@ -21,12 +23,25 @@ if TYPE_CHECKING:
 __all__ = ["check_arrays", "check_objects", "is_open", "pattern_matches"]
 
 
-def pattern_matches(pattern: str, name: str) -> bool:
-    """Whether a property name matches a patternProperties regex (ECMA 262 read as Python `re`;
-    one Python cannot compile counts as matching, which keeps the check conservative)."""
+@functools.lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> jsonschema_rs.Validator | None:
     try:
-        return re.search(pattern, name) is not None
-    except (re.error, OverflowError, RecursionError):
+        return jsonschema_rs.Draft202012Validator({"type": "string", "pattern": pattern})
+    except ValueError:
+        return None
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a property name matches a patternProperties regex, as ingest reads it (ECMA 262,
+    by jsonschema-rs, whose engine does not backtrack exponentially as Python's `re` does on
+    `^(a+)+$`); one that does not compile counts as matching, which keeps the check
+    conservative."""
+    validator = _pattern(pattern)
+    if validator is None:
+        return True
+    try:
+        return validator.is_valid(name)
+    except ValueError:
         return True
 
 

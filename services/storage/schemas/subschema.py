@@ -15,11 +15,8 @@ are Java, and they are the ones this check corrects); validation itself goes to 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-from jsonschema.protocols import Validator as JsonSchemaValidator
 
 from services.storage.schemas.documents import (
     ANALYSED_KEYWORDS,
@@ -98,15 +95,6 @@ def restrict_types(types: frozenset[str], only: frozenset[str] | None) -> frozen
     if "number" in only and "integer" in types:
         kept.add("integer")
     return frozenset(kept)
-
-
-def _python_verdict(validator: JsonSchemaValidator, value: Any) -> bool | None:
-    """jsonschema's verdict on `value`; None when it cannot decide (an ECMA 262 regex that
-    Python's `re` does not compile, such as a named group `(?<n>...)` or `\\p{L}`)."""
-    try:
-        return validator.is_valid(value)
-    except (re.error, OverflowError, RecursionError):
-        return None
 
 
 def _has_assertions(schema: Mapping[str, Any]) -> bool:
@@ -352,25 +340,20 @@ class SubschemaCheck:
             candidates = [None, True, False]
         else:
             return None
-        # What ingest accepts is what a writer can have written; a value jsonschema cannot
-        # decide (a regex Python cannot compile) is kept, which only enlarges the writer.
+        # What ingest accepts is what a writer can have written. A writer merged from
+        # several subschemas is in no document to validate with: all its listed values are
+        # kept, which only enlarges the writer.
         ingest = self.writer.ingest_validator(wp, writer)
-        validator = self.writer.validator.evolve(schema=writer)
         return [
             value
             for value in candidates
             if (only is None or restrict_types(frozenset({json_type(value)}), only))
-            and (
-                ingest.is_valid(value)
-                if ingest is not None
-                else _python_verdict(validator, value) is not False
-            )
+            and (ingest is None or ingest.is_valid(value))
         ]
 
     def _check_values(
         self, values: Iterable[Any], ip: str, wp: str, reader: Schema, rp: str
     ) -> list[Violation]:
-        validator = self.reader.validator.evolve(schema=reader)
         ingest = self.reader.ingest_validator(rp, reader)
         if ingest is None:
             return [
@@ -378,9 +361,8 @@ class SubschemaCheck:
                     "the reader's subschema cannot be validated as ingest validates it", ip, wp, rp
                 )
             ]
-        # Refused by either validator: ingest's is the reader that counts (formats asserted,
-        # ECMA 262 regexes), and a value jsonschema refuses is not proven accepted either
-        # (unless jsonschema cannot decide: a regex Python cannot compile).
+        # Ingest's validator is the reader that counts (formats asserted, ECMA 262 regexes
+        # without exponential backtracking); jsonschema's `re` differs on all three.
         return [
             self.violation(
                 "value-refused",
@@ -390,7 +372,7 @@ class SubschemaCheck:
                 rp,
             )
             for value in values
-            if not ingest.is_valid(value) or _python_verdict(validator, value) is False
+            if not ingest.is_valid(value)
         ]
 
     def _check_against_reader(
