@@ -5,11 +5,11 @@ writer assumption that `services.storage.schemas.compatibility` documents (a wri
 schema writes only the properties that schema declares). The walk is sound: it says
 "compatible" only when it can show inclusion, and otherwise names each reason it could not.
 Finite writer languages (`enum`, `const`, `null`/`boolean`) are decided exactly by validating each
-value against the reader with real Draft 2020-12 validators, ingest's among them (formats
+value against the reader with ingest's Draft 2020-12 validator (jsonschema-rs: formats
 asserted, ECMA 262 regexes).
 
 Why hand-written: no kept Python library decides JSON Schema inclusion (the registries that do
-are Java, and they are the ones this check corrects); validation itself goes to `jsonschema`.
+are Java, and they are the ones this check corrects); validation itself goes to jsonschema-rs.
 """
 
 from __future__ import annotations
