@@ -283,3 +283,30 @@ def test_a_schema_that_branches_recursively_ends_with_its_shallow_fields() -> No
     # Shallow fields first: every path of up to four levels is there, on either side.
     for path in ("value", "left", "right.value", "left.right.left.value", "right.right.right"):
         assert path in fields, path
+
+
+def test_the_did_you_mean_hint_compares_a_bounded_number_of_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each comparison is quadratic in the names' lengths: a schema of MAX_PAYLOAD_FIELDS long,
+    # alike names made one refused filter cost seconds of storage's CPU.
+    import difflib
+
+    compared: list[int] = []
+    ratio = difflib.SequenceMatcher.ratio
+
+    def counting(self: difflib.SequenceMatcher[str]) -> float:
+        compared.append(1)
+        return ratio(self)
+
+    monkeypatch.setattr(difflib.SequenceMatcher, "ratio", counting)
+    stem = "x" * 28
+    fields: dict[str, Any] = {f"{stem}{i:04d}": "string" for i in range(MAX_PAYLOAD_FIELDS)}
+    with pytest.raises(FilterError) as caught:
+        compile_filter(f'payload.{stem}zzzz = "a"', FieldScope({"t": fields}))
+    assert 'unknown field "payload.' in str(caught.value)
+    assert len(compared) <= 100
+    # The hint still works for an ordinary slip.
+    with pytest.raises(FilterError) as caught:
+        compile_filter("payload.amout = 1", FieldScope({"t": {"amount": "number"}}))
+    assert 'did you mean "payload.amount"' in str(caught.value)
