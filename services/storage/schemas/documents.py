@@ -14,10 +14,17 @@ import jsonschema_rs
 __all__ = [
     "ANALYSED_KEYWORDS",
     "ANNOTATION_KEYWORDS",
+    "MAX_NESTING",
     "WRITER_IGNORABLE_KEYWORDS",
     "SchemaDocument",
     "UnresolvableRef",
+    "too_deep",
 ]
+
+MAX_NESTING = 64
+"""Objects and arrays nested in a schema document, at most (some 30 levels of subschemas): the
+meta-schema check and the compatibility walk recurse per level, and Python's stack does not
+take a few hundred."""
 
 # Keywords that never change which instances are valid (annotations, identifiers, containers of
 # definitions): both sides may carry any of them, they play no part in the verdict. `default` is
@@ -94,6 +101,27 @@ WRITER_IGNORABLE_KEYWORDS = frozenset(
 _DOCUMENT_URI = "urn:streammesh:schema-document"
 # What a JSON Pointer may keep as it is in a URI fragment (RFC 3986); the rest is %-encoded.
 _FRAGMENT_SAFE = "/~!$&'()*+,;=:@"
+
+
+def too_deep(document: Any) -> str | None:
+    """The JSON Pointer of the first object or array nested deeper than MAX_NESTING in
+    `document`, or None (iterative, so any depth is measured without recursing)."""
+    stack: list[tuple[Any, str, int]] = [(document, "", 1)]
+    while stack:
+        node, pointer, depth = stack.pop()
+        children: Iterable[tuple[Any, Any]]
+        if isinstance(node, Mapping):
+            children = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        else:
+            continue
+        if depth > MAX_NESTING:
+            return pointer
+        for key, child in children:
+            token = str(key).replace("~", "~0").replace("/", "~1")
+            stack.append((child, f"{pointer}/{token}", depth + 1))
+    return None
 
 
 class UnresolvableRef(Exception):

@@ -21,9 +21,11 @@ from typing import Any
 from services.storage.schemas.documents import (
     ANALYSED_KEYWORDS,
     ANNOTATION_KEYWORDS,
+    MAX_NESTING,
     WRITER_IGNORABLE_KEYWORDS,
     SchemaDocument,
     UnresolvableRef,
+    too_deep,
 )
 from services.storage.schemas.objects import check_arrays, check_objects
 from services.storage.schemas.scalars import check_numbers, check_strings
@@ -153,6 +155,17 @@ class SubschemaCheck:
         return self._comparisons > _MAX_COMPARISONS
 
     def run(self) -> list[Violation]:
+        for document, side in ((self.writer, "writer"), (self.reader, "reader")):
+            deep = too_deep(document.root)
+            if deep is not None:
+                where = (deep, "") if side == "writer" else ("", deep)
+                return [
+                    self._unsupported(
+                        f"the {side} schema nests more than {MAX_NESTING} objects and arrays deep",
+                        "",
+                        *where,
+                    )
+                ]
         writer_resource = self.writer.embedded_resource
         reader_resource = self.reader.embedded_resource
         if writer_resource is not None or reader_resource is not None:
