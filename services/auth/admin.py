@@ -44,6 +44,8 @@ __all__ = ["Administration", "UserView"]
 log = logging.getLogger(__name__)
 
 _DAY = 86_400.0
+_PLATFORM = ""
+"""The audit tenant of platform events (signing keys): no tenant's log, whoever the actor."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,9 @@ class Administration:
         """Every signing key, retired ones included, newest first."""
         await self._platform(origin)
         keys = await self._keys.all()
-        await self._record(origin, "list_signing_keys", details={"count": str(len(keys))})
+        await self._record(
+            origin, "list_signing_keys", details={"count": str(len(keys))}, tenant=_PLATFORM
+        )
         return keys
 
     async def rotate_key(self, origin: Origin) -> RotationResult:
@@ -246,12 +250,16 @@ class Administration:
         outcome = await self._keys.retire(kid)
         details = {"kid": kid[:64]}
         if outcome.key is None:
-            await self._record(origin, "key_retired", "", details, Outcome.FAILURE, "unknown_key")
+            await self._record(
+                origin, "key_retired", "", details, Outcome.FAILURE, "unknown_key", _PLATFORM
+            )
             raise NotFound("no signing key has that kid")
         if outcome.refused:
-            await self._record(origin, "key_retired", "", details, Outcome.FAILURE, "active_key")
+            await self._record(
+                origin, "key_retired", "", details, Outcome.FAILURE, "active_key", _PLATFORM
+            )
             raise FailedPrecondition("the active key cannot be retired; rotate first")
-        await self._record(origin, "key_retired", "", details)
+        await self._record(origin, "key_retired", "", details, tenant=_PLATFORM)
         return outcome.key
 
     async def maintain_keys(self, rotation_days: int) -> RotationResult:
@@ -298,9 +306,12 @@ class Administration:
 
     async def _record_rotation(self, result: RotationResult, origin: Origin) -> None:
         if result.active is not None:
-            await self._record(origin, "key_rotation", "", {"kid": result.active.kid})
+            await self._record(
+                origin, "key_rotation", "", {"kid": result.active.kid}, tenant=_PLATFORM
+            )
         for key in result.retired:
-            await self._record(origin, "key_retired", "", {"kid": key.kid, "by": "overlap_passed"})
+            details = {"kid": key.kid, "by": "overlap_passed"}
+            await self._record(origin, "key_retired", "", details, tenant=_PLATFORM)
 
     async def _scope(self, origin: Origin) -> Scope:
         return await scope_of(origin, self._store)

@@ -68,3 +68,40 @@ async def test_a_tenant_named_by_another_service_is_refused(auth: Auth) -> None:
         )
     )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_signing_key_calls_are_platform_rows_not_rows_of_tenant_default(
+    auth: Auth, stub: Stub
+) -> None:
+    # A platform admin's own tenant is "default", but its key calls are platform events: a
+    # tenant admin of "default" reads "default"'s log and must not find them there.
+    operator = auth.stub("admin")
+    root, boss = f"root-{uuid.uuid4().hex[:6]}", f"boss-{uuid.uuid4().hex[:6]}"
+    for name, roles in ((root, ["admin"]), (boss, ["tenant-admin"])):
+        await operator.CreateUser(
+            auth_pb2.CreateUserRequest(username=name, password=PASSWORD, roles=roles),
+            timeout=10,
+        )
+    platform = in_tenant(f"user:{root}", "default")
+    rotated = await stub.RotateSigningKey(
+        auth_pb2.RotateSigningKeyRequest(), metadata=platform, timeout=10
+    )
+    await stub.ListSigningKeys(auth_pb2.ListSigningKeysRequest(), metadata=platform, timeout=10)
+    await failure(
+        stub.RetireSigningKey(
+            auth_pb2.RetireSigningKeyRequest(kid=rotated.active.kid), metadata=platform
+        )
+    )
+    seen = await stub.ListAuditEvents(
+        auth_pb2.ListAuditEventsRequest(actor=f"user:{root}", page_size=100),
+        metadata=in_tenant(f"user:{boss}", "default"),
+        timeout=10,
+    )
+    key_actions = {"key_rotation", "key_retired", "list_signing_keys"}
+    assert [event.action for event in seen.events if event.action in key_actions] == []
+    everything = await operator.ListAuditEvents(
+        auth_pb2.ListAuditEventsRequest(actor=f"user:{root}", page_size=100), timeout=10
+    )
+    rows = [event for event in everything.events if event.action in key_actions]
+    assert {event.action for event in rows} == key_actions
+    assert {event.tenant for event in rows} == {""}

@@ -3,7 +3,8 @@
 no code with the checker.
 
 - `writer_schema(s)` is the set of instances writers using `s` write: `s` with every open
-  object model that declares properties closed (additionalProperties false), as documented.
+  object model that declares properties closed (additionalProperties false), as documented,
+  its required names kept writable (with any value) where `properties` leaves them out.
 - `generate(s)` walks a writer schema and proposes instances (boundary numbers, lengths, enum
   values, optional properties in and out); only those the writer schema accepts are kept, so a
   mistake here can only lower coverage, never make a wrong verdict pass.
@@ -50,6 +51,16 @@ def _close(schema: Any) -> Any:
     additional = closed.get("additionalProperties")
     if _declares_objects(closed) and additional in (None, True, {}):
         closed["additionalProperties"] = False
+        # A required name is written even when `properties` leaves it out: the schema demands it.
+        patterns = list(closed.get("patternProperties", {}))
+        undeclared = {
+            name: True
+            for name in closed.get("required", ())
+            if name not in closed.get("properties", {})
+            and not any(re.search(pattern, name) for pattern in patterns)
+        }
+        if undeclared:
+            closed["properties"] = {**closed.get("properties", {}), **undeclared}
     return closed
 
 

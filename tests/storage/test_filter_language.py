@@ -15,6 +15,7 @@ from services.storage.filters import (
     compile_filter,
     payload_fields,
 )
+from services.storage.filters.fields import MAX_PAYLOAD_FIELDS
 from services.storage.filters.syntax import And, Node, Not, Or, Restriction, parse_filter
 from streammesh.mesh.errors import InvalidArgument
 from tests.storage.test_filter_sql import ORDER_CREATED
@@ -265,3 +266,48 @@ def test_values_are_never_in_the_sql_text() -> None:
     assert "'" not in compiled.sql.replace("'null'", "").replace("'string'", "")
     assert "x'y" not in compiled.sql and "a'b" not in compiled.sql
     assert compiled.sql.count("$") == len(compiled.params)
+
+
+def test_a_schema_that_branches_recursively_ends_with_its_shallow_fields() -> None:
+    # Each node names itself twice: 2**n paths of n levels, from a few lines of schema.
+    node = {
+        "type": "object",
+        "properties": {
+            "value": {"type": "number"},
+            "left": {"$ref": "#/$defs/node"},
+            "right": {"$ref": "#/$defs/node"},
+        },
+    }
+    fields = payload_fields({"$defs": {"node": node}, "$ref": "#/$defs/node"})
+    assert len(fields) <= MAX_PAYLOAD_FIELDS
+    # Shallow fields first: every path of up to four levels is there, on either side.
+    for path in ("value", "left", "right.value", "left.right.left.value", "right.right.right"):
+        assert path in fields, path
+
+
+def test_the_did_you_mean_hint_compares_a_bounded_number_of_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each comparison is quadratic in the names' lengths: a schema of MAX_PAYLOAD_FIELDS long,
+    # alike names made one refused filter cost seconds of storage's CPU.
+    import difflib
+
+    compared: list[str] = []
+    set_seq1 = difflib.SequenceMatcher.set_seq1
+
+    def counting(self: difflib.SequenceMatcher[str], name: str) -> None:
+        if name:  # once per declared field compared (the constructor sets "")
+            compared.append(name)
+        set_seq1(self, name)
+
+    monkeypatch.setattr(difflib.SequenceMatcher, "set_seq1", counting)
+    stem = "x" * 28
+    fields: dict[str, Any] = {f"{stem}{i:04d}": "string" for i in range(MAX_PAYLOAD_FIELDS)}
+    with pytest.raises(FilterError) as caught:
+        compile_filter(f'payload.{stem}zzzz = "a"', FieldScope({"t": fields}))
+    assert 'unknown field "payload.' in str(caught.value)
+    assert len(compared) <= 100
+    # The hint still works for an ordinary slip.
+    with pytest.raises(FilterError) as caught:
+        compile_filter("payload.amout = 1", FieldScope({"t": {"amount": "number"}}))
+    assert 'did you mean "payload.amount"' in str(caught.value)

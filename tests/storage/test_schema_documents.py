@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from services.storage.schemas import DRAFT_2020_12, SchemaProblem, schema_problems
+from services.storage.schemas import (
+    DRAFT_2020_12,
+    PreviousVersion,
+    SchemaProblem,
+    check_compatibility,
+    schema_problems,
+)
 
 
 @pytest.mark.parametrize(
@@ -55,3 +61,28 @@ def test_every_problem_is_listed() -> None:
     problems = schema_problems({"properties": {"a": {"type": 3}, "b": {"maxItems": "x"}}})
     assert {p.path for p in problems} == {"/properties/a/type", "/properties/b/maxItems"}
     assert all(isinstance(p, SchemaProblem) for p in problems)
+
+
+def _nested(keyword: str, levels: int) -> Any:
+    schema: Any = {"type": "string"}
+    for _ in range(levels):
+        schema = {keyword: [schema]} if keyword == "allOf" else {keyword: {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("keyword", ["allOf", "properties"])
+def test_a_deeply_nested_document_is_a_problem_not_an_exception(keyword: str) -> None:
+    # The meta-schema check recursed past Python's limit at some 90 levels of allOf.
+    assert schema_problems(_nested(keyword, 20)) == []
+    for levels in (100, 3000):
+        problems = schema_problems(_nested(keyword, levels))
+        assert len(problems) == 1 and "nested" in problems[0].message, problems
+        assert problems[0].path.startswith(f"/{keyword}/")
+
+
+def test_the_compatibility_check_of_a_deeply_nested_document_answers() -> None:
+    deep = _nested("allOf", 3000)
+    report = check_compatibility(deep, [PreviousVersion(1, {"type": "string"})])
+    assert {violation.rule for violation in report.violations} == {"unsupported-construct"}
+    report = check_compatibility({"type": "string"}, [PreviousVersion(1, deep)])
+    assert {violation.rule for violation in report.violations} == {"unsupported-construct"}

@@ -65,6 +65,10 @@ COLUMN_FIELDS = ("id", "key", "type")
 """Envelope strings a filter may name directly."""
 _FIELDS_HINT = "id, key, type, event_time, attributes.<name>, payload.<field>"
 _MAX_LISTED = 12
+_HINT_CANDIDATES = 100
+"""Declared fields a did-you-mean hint compares with, at most: each comparison is quadratic in
+the names' lengths, and a schema may declare thousands of long, alike names."""
+_HINT_CHARS = 64
 
 Scalar = str | Decimal | bool
 Order = Literal["=", "!=", "<", "<=", ">", ">="]
@@ -155,7 +159,10 @@ def _listing(paths: list[str]) -> str:
 def _unknown_payload_field(member: Member, index: int, scope: FieldScope) -> FilterError:
     path = ".".join(member.names[1:])
     declared = scope.declared_paths()
-    guess = difflib.get_close_matches(path, declared, n=1)
+    guess: list[str] = []
+    if len(path) <= _HINT_CHARS:
+        alike = [p for p in declared if len(p) <= _HINT_CHARS and abs(len(p) - len(path)) <= 8]
+        guess = difflib.get_close_matches(path, alike[:_HINT_CANDIDATES], n=1)
     hint = f'did you mean "payload.{guess[0]}"? ' if guess else ""
     names = sorted(scope.schemas)
     if not names:

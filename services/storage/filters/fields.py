@@ -13,12 +13,20 @@ The rule when a query spans several types, or types without a schema (see `Field
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, cast, get_args
 
-__all__ = ["ITEMS_SUFFIX", "FieldScope", "JsonType", "PayloadFields", "payload_fields"]
+__all__ = [
+    "ITEMS_SUFFIX",
+    "MAX_PAYLOAD_FIELDS",
+    "FieldScope",
+    "JsonType",
+    "PayloadFields",
+    "payload_fields",
+]
 
 JsonType = Literal["string", "number", "integer", "boolean", "object", "array"]
 PayloadFields = Mapping[str, JsonType]
@@ -28,6 +36,10 @@ ITEMS_SUFFIX = "[]"
 
 _JSON_TYPES: frozenset[str] = frozenset(get_args(JsonType))
 _MAX_REF_HOPS = 32
+_MAX_PATH_CHARS = 1000
+MAX_PAYLOAD_FIELDS = 2000
+"""Fields declared per schema, at most, shallowest first: a recursive schema that names itself
+twice per level has 2**n paths of n levels, and a walk of them all would never end."""
 
 
 def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -86,26 +98,32 @@ def _properties(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Iterable[
             yield from properties.items()
 
 
-def _walk(
-    schema: Mapping[str, Any], root: Mapping[str, Any], prefix: str, out: dict[str, JsonType]
-) -> None:
-    if len(prefix) > 1000:  # a recursive $ref: the path would never end
-        return
-    for name, child in _properties(schema, root):
-        if not isinstance(child, Mapping):
+def _walk(root: Mapping[str, Any]) -> dict[str, JsonType]:
+    # Breadth first, so that the budget keeps the shallow fields of a recursive schema.
+    out: dict[str, JsonType] = {}
+    queue: deque[tuple[Mapping[str, Any], str]] = deque([(_resolve(root, root), "")])
+    while queue:
+        schema, prefix = queue.popleft()
+        if len(prefix) > _MAX_PATH_CHARS:  # a recursive $ref: the path would never end
             continue
-        child = _resolve(child, root)
-        path = f"{prefix}{name}"
-        kind = _declared_type(child) or ("object" if "properties" in child else None)
-        if kind is None:
-            continue
-        out.setdefault(path, kind)
-        if kind == "object":
-            _walk(child, root, f"{path}.", out)
-        elif kind == "array" and isinstance(child.get("items"), Mapping):
-            item_kind = _declared_type(_resolve(child["items"], root))
-            if item_kind is not None and item_kind not in ("object", "array"):
-                out.setdefault(path + ITEMS_SUFFIX, item_kind)
+        for name, child in _properties(schema, root):
+            if len(out) >= MAX_PAYLOAD_FIELDS:
+                return out
+            if not isinstance(child, Mapping):
+                continue
+            child = _resolve(child, root)
+            path = f"{prefix}{name}"
+            kind = _declared_type(child) or ("object" if "properties" in child else None)
+            if kind is None:
+                continue
+            out.setdefault(path, kind)
+            if kind == "object":
+                queue.append((child, f"{path}."))
+            elif kind == "array" and isinstance(child.get("items"), Mapping):
+                item_kind = _declared_type(_resolve(child["items"], root))
+                if item_kind is not None and item_kind not in ("object", "array"):
+                    out.setdefault(path + ITEMS_SUFFIX, item_kind)
+    return out
 
 
 def payload_fields(schema: Mapping[str, Any]) -> dict[str, JsonType]:
@@ -113,10 +131,9 @@ def payload_fields(schema: Mapping[str, Any]) -> dict[str, JsonType]:
     their JSON type. Properties come from `properties` and `allOf` parts, through local `$ref`s;
     a type list with null (["string", "null"]) is the other type, [integer, number] is number,
     and `const`/`enum` give their values' type. A property whose type is not one JSON type
-    (anyOf, a mixed list, no type at all) is not declared for filtering."""
-    out: dict[str, JsonType] = {}
-    _walk(_resolve(schema, schema), schema, "", out)
-    return out
+    (anyOf, a mixed list, no type at all) is not declared for filtering. At most
+    MAX_PAYLOAD_FIELDS, the shallowest first."""
+    return _walk(schema)
 
 
 @dataclass(frozen=True)

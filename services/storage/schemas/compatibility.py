@@ -21,7 +21,9 @@ Apicurio's (#5355, #2882) checkers, which take Writers(S) = Valid(S):
     In an object schema with an open content model (`additionalProperties` absent, `true` or
     `{}`) that declares an object model (`type: object`, `properties` or `patternProperties`),
     a writer writes only the property names the schema declares (listed in `properties` or
-    matching `patternProperties`), each with a value valid under its subschema. The openness
+    matching `patternProperties`, and the names it lists in `required`, which a writer must
+    write), each with a value valid under its subschema (any value for a required name that
+    nothing else declares). The openness
     of the model is a promise to readers (tolerate what you do not know), not a licence for
     writers to emit undeclared names with arbitrary values.
 

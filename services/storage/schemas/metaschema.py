@@ -16,7 +16,12 @@ import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from services.storage.schemas.documents import SchemaDocument, UnresolvableRef
+from services.storage.schemas.documents import (
+    MAX_NESTING,
+    SchemaDocument,
+    UnresolvableRef,
+    too_deep,
+)
 from services.storage.schemas.violations import pointer_join
 
 __all__ = ["DRAFT_2020_12", "SchemaProblem", "schema_problems"]
@@ -72,6 +77,9 @@ def schema_problems(schema: Any) -> list[SchemaProblem]:
     """Every problem found; an empty list means the registry may keep the document."""
     if not isinstance(schema, Mapping | bool):
         return [SchemaProblem("", "a JSON Schema is a JSON object (or true/false)")]
+    deep = too_deep(schema)
+    if deep is not None:
+        return [SchemaProblem(deep, f"nested more than {MAX_NESTING} objects and arrays deep")]
     problems: list[SchemaProblem] = []
     if isinstance(schema, Mapping) and "$schema" in schema:
         declared = schema["$schema"]

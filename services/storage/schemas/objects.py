@@ -2,15 +2,18 @@
 
 Objects follow the writer assumption of `services.storage.schemas.compatibility`: in an object
 schema with an open content model (`additionalProperties` absent, true or {}), the writer writes
-only the names it declares (`properties`, `patternProperties`). A writer schema that says
+only the names it declares (`properties`, `patternProperties`, and the `required` names, which
+it must write). A writer schema that says
 nothing about objects (no `type`, no `properties`) declares nothing and so may write anything.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import jsonschema_rs
 
 from services.storage.schemas.violations import ANY_TOKEN, Violation, pointer_join
 
@@ -20,12 +23,25 @@ if TYPE_CHECKING:
 __all__ = ["check_arrays", "check_objects", "is_open", "pattern_matches"]
 
 
-def pattern_matches(pattern: str, name: str) -> bool:
-    """Whether a property name matches a patternProperties regex (ECMA 262 read as Python `re`;
-    one Python cannot compile counts as matching, which keeps the check conservative)."""
+@functools.lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> jsonschema_rs.Validator | None:
     try:
-        return re.search(pattern, name) is not None
-    except re.error:
+        return jsonschema_rs.Draft202012Validator({"type": "string", "pattern": pattern})
+    except ValueError:
+        return None
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a property name matches a patternProperties regex, as ingest reads it (ECMA 262,
+    by jsonschema-rs, whose engine does not backtrack exponentially as Python's `re` does on
+    `^(a+)+$`); one that does not compile counts as matching, which keeps the check
+    conservative."""
+    validator = _pattern(pattern)
+    if validator is None:
+        return True
+    try:
+        return validator.is_valid(name)
+    except ValueError:
         return True
 
 
@@ -49,6 +65,24 @@ def _undeclared_writes(writer: Mapping[str, Any]) -> Any:
         # The writer assumption: a declared object model is what its writers write.
         return None if _declares_objects(writer) else True
     return additional
+
+
+def _written_properties(writer: Mapping[str, Any]) -> dict[str, Any]:
+    """The names the writer writes by name, each with the schema of its value: `properties`,
+    and every `required` name they leave out (a writer must write it, so the writer assumption
+    cannot take it away), valued as an undeclared name is (anything in an open model). A
+    required name a writer pattern matches is left to the pattern; one additionalProperties
+    false forbids cannot be written (the writer's objects are then none), so it is left out."""
+    properties = dict(writer.get("properties", {}))
+    patterns = list(writer.get("patternProperties", {}))
+    additional = writer.get("additionalProperties")
+    value = True if is_open(additional) else additional
+    for name in writer.get("required", ()):
+        if name in properties or additional is False:
+            continue
+        if not any(pattern_matches(pattern, name) for pattern in patterns):
+            properties[name] = value
+    return properties
 
 
 def _reader_schemas_for(reader: Mapping[str, Any], rp: str, name: str) -> list[tuple[Any, str]]:
@@ -89,10 +123,13 @@ def check_objects(
                     f"{rp}/required",
                 )
             )
-    properties = writer.get("properties", {})
-    for name, subschema in properties.items():
+    declared = writer.get("properties", {})
+    for name, subschema in _written_properties(writer).items():
         if subschema is False:
             continue
+        name_pointer = (
+            pointer_join(f"{wp}/properties", name) if name in declared else f"{wp}/required"
+        )
         for reader_schema, reader_pointer in _reader_schemas_for(reader, rp, name):
             if reader_schema is False:
                 found.append(
@@ -101,7 +138,7 @@ def check_objects(
                         f"the writer may write property {name!r}, which the reader does not "
                         "declare while its additionalProperties is false",
                         pointer_join(ip, name),
-                        pointer_join(f"{wp}/properties", name),
+                        name_pointer,
                         reader_pointer,
                     )
                 )
@@ -109,7 +146,7 @@ def check_objects(
             found.extend(
                 checker.check(
                     subschema,
-                    pointer_join(f"{wp}/properties", name),
+                    name_pointer,
                     reader_schema,
                     reader_pointer,
                     pointer_join(ip, name),
@@ -178,7 +215,7 @@ def _check_undeclared(
     found: list[Violation] = []
     wap = f"{wp}/additionalProperties"
     at = pointer_join(ip, ANY_TOKEN)
-    writer_properties = writer.get("properties", {})
+    writer_properties = _written_properties(writer)
     writer_patterns = list(writer.get("patternProperties", {}))
     for name, reader_schema in reader.get("properties", {}).items():
         if name in writer_properties or any(pattern_matches(p, name) for p in writer_patterns):
@@ -228,7 +265,7 @@ def _check_property_counts(
             )
         )
     if "maxProperties" in reader:
-        declared = [n for n, s in writer.get("properties", {}).items() if s is not False]
+        declared = [n for n, s in _written_properties(writer).items() if s is not False]
         bounded = undeclared is None and not writer.get("patternProperties")
         writer_max = min(
             writer.get("maxProperties", float("inf")),

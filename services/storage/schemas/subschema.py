@@ -5,10 +5,11 @@ writer assumption that `services.storage.schemas.compatibility` documents (a wri
 schema writes only the properties that schema declares). The walk is sound: it says
 "compatible" only when it can show inclusion, and otherwise names each reason it could not.
 Finite writer languages (`enum`, `const`, `null`/`boolean`) are decided exactly by validating each
-value against the reader with a real Draft 2020-12 validator.
+value against the reader with ingest's Draft 2020-12 validator (jsonschema-rs: formats
+asserted, ECMA 262 regexes).
 
 Why hand-written: no kept Python library decides JSON Schema inclusion (the registries that do
-are Java, and they are the ones this check corrects); validation itself goes to `jsonschema`.
+are Java, and they are the ones this check corrects); validation itself goes to jsonschema-rs.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 from services.storage.schemas.documents import (
     ANALYSED_KEYWORDS,
     ANNOTATION_KEYWORDS,
+    MAX_NESTING,
     WRITER_IGNORABLE_KEYWORDS,
     SchemaDocument,
     UnresolvableRef,
+    too_deep,
 )
 from services.storage.schemas.objects import check_arrays, check_objects
 from services.storage.schemas.scalars import check_numbers, check_strings
@@ -50,6 +53,12 @@ _ASSERTING_KEYWORDS = (
     }
 )
 _MAX_DEPTH = 64
+_MAX_COMPARISONS = 10_000
+"""Writer/reader subschema pairs compared per check, at most: a small document can describe
+exponentially many paths (each level naming the next twice) or alternatives (allOf of anyOfs),
+so the work is bounded and a larger job reported as not proven, never cut short as compatible."""
+_MAX_ALTERNATIVES = 256
+"""Plain writer schemas one combinator may expand to, at most (the same reason)."""
 
 Schema = Mapping[str, Any] | bool
 Plain = tuple[Schema, str]
@@ -139,9 +148,50 @@ class SubschemaCheck:
         self.reader = reader
         self._assumed: set[tuple[int, int, frozenset[str] | None]] = set()
         self._depth = 0
+        self._comparisons = 0
+
+    @property
+    def _exhausted(self) -> bool:
+        return self._comparisons > _MAX_COMPARISONS
 
     def run(self) -> list[Violation]:
-        return self.check(self.writer.root, "", self.reader.root, "", "")
+        for document, side in ((self.writer, "writer"), (self.reader, "reader")):
+            deep = too_deep(document.root)
+            if deep is not None:
+                where = (deep, "") if side == "writer" else ("", deep)
+                return [
+                    self._unsupported(
+                        f"the {side} schema nests more than {MAX_NESTING} objects and arrays deep",
+                        "",
+                        *where,
+                    )
+                ]
+        writer_resource = self.writer.embedded_resource
+        reader_resource = self.reader.embedded_resource
+        if writer_resource is not None or reader_resource is not None:
+            return [
+                self._unsupported(
+                    "a schema below the root has its own $id (an embedded resource, whose "
+                    "references the check does not resolve)",
+                    "",
+                    f"{writer_resource}/$id" if writer_resource is not None else "",
+                    f"{reader_resource}/$id" if reader_resource is not None else "",
+                )
+            ]
+        found = self.check(self.writer.root, "", self.reader.root, "", "")
+        if self._exhausted:
+            # Added here, not where the budget ran out: a reader's anyOf may drop the failing
+            # attempts of a branch, and what ran out must still count.
+            found.append(
+                self._unsupported(
+                    f"the schemas are too large to analyse (more than {_MAX_COMPARISONS} "
+                    "subschema comparisons); the violations listed may be incomplete",
+                    "",
+                    "",
+                    "",
+                )
+            )
+        return found
 
     def violation(self, rule: str, message: str, ip: str, wp: str, rp: str) -> Violation:
         return Violation(
@@ -158,7 +208,11 @@ class SubschemaCheck:
         only: frozenset[str] | None = None,
     ) -> list[Violation]:
         """Violations of "every instance of `writer` (at `ip`) is valid under `reader`"."""
-        if reader is True or (isinstance(reader, Mapping) and not _has_assertions(reader)):
+        if (
+            self._exhausted
+            or reader is True
+            or (isinstance(reader, Mapping) and not _has_assertions(reader))
+        ):
             return []
         alternatives = self._writer_alternatives(writer, wp, ip, expanding=())
         if isinstance(alternatives, Violation):
@@ -205,6 +259,8 @@ class SubschemaCheck:
                 if isinstance(expanded, Violation):
                     return expanded
                 union.extend(expanded)
+            if len(union) > _MAX_ALTERNATIVES:
+                return self._too_many_alternatives(ip, wp)
             if keyword in writer:
                 parts.append(union)
         for part in parts:
@@ -222,8 +278,18 @@ class SubschemaCheck:
                         )
                     keep_left = isinstance(left, Mapping) and _has_assertions(left)
                     combined.append((merged, left_pointer if keep_left else right_pointer))
+            if len(combined) > _MAX_ALTERNATIVES:
+                return self._too_many_alternatives(ip, wp)
             result = combined
         return result
+
+    def _too_many_alternatives(self, ip: str, wp: str) -> Violation:
+        return self._unsupported(
+            f"the writer schema's combinators expand to more than {_MAX_ALTERNATIVES} alternatives",
+            ip,
+            wp,
+            "",
+        )
 
     def _unsupported(self, why: str, ip: str, wp: str, rp: str) -> Violation:
         return self.violation(
@@ -261,10 +327,13 @@ class SubschemaCheck:
             return []
         if self._depth >= _MAX_DEPTH:
             return [self._unsupported("the schemas nest too deep to analyse", ip, wp, rp)]
+        self._comparisons += 1
+        if self._exhausted:
+            return []  # run() reports it
         self._assumed.add(key)
         self._depth += 1
         try:
-            values = self._finite_values(writer_map, only)
+            values = self._finite_values(writer_map, wp, only)
             if values is not None:
                 return self._check_values(values, ip, wp, reader, rp)
             return self._check_against_reader(writer_map, wp, reader, rp, ip, only)
@@ -273,7 +342,7 @@ class SubschemaCheck:
             self._assumed.discard(key)
 
     def _finite_values(
-        self, writer: Mapping[str, Any], only: frozenset[str] | None
+        self, writer: Mapping[str, Any], wp: str, only: frozenset[str] | None
     ) -> list[Any] | None:
         """Every value the writer may produce, when that is a short list; else None."""
         if "const" in writer:
@@ -284,18 +353,29 @@ class SubschemaCheck:
             candidates = [None, True, False]
         else:
             return None
-        validator = self.writer.validator.evolve(schema=writer)
+        # What ingest accepts is what a writer can have written. A writer merged from
+        # several subschemas is in no document to validate with: all its listed values are
+        # kept, which only enlarges the writer.
+        ingest = self.writer.ingest_validator(wp, writer)
         return [
             value
             for value in candidates
             if (only is None or restrict_types(frozenset({json_type(value)}), only))
-            and validator.is_valid(value)
+            and (ingest is None or ingest.is_valid(value))
         ]
 
     def _check_values(
         self, values: Iterable[Any], ip: str, wp: str, reader: Schema, rp: str
     ) -> list[Violation]:
-        validator = self.reader.validator.evolve(schema=reader)
+        ingest = self.reader.ingest_validator(rp, reader)
+        if ingest is None:
+            return [
+                self._unsupported(
+                    "the reader's subschema cannot be validated as ingest validates it", ip, wp, rp
+                )
+            ]
+        # Ingest's validator is the reader that counts (formats asserted, ECMA 262 regexes
+        # without exponential backtracking); jsonschema's `re` differs on all three.
         return [
             self.violation(
                 "value-refused",
@@ -305,7 +385,7 @@ class SubschemaCheck:
                 rp,
             )
             for value in values
-            if not validator.is_valid(value)
+            if not ingest.is_valid(value)
         ]
 
     def _check_against_reader(
