@@ -1,0 +1,220 @@
+"""The pattern engine of one partition: events and a watermark in, alerts out; state to bytes.
+
+How the worker drives it (one engine per owned partition):
+
+    engine = PatternEngine()                     # or PatternEngine.restore(checkpoint_bytes)
+    engine.apply_rules(rules)                    # at start and whenever the rule set changes
+    output = engine.process(batch, watermark)    # per batch, watermark from the clock module
+    store output.alerts (ON CONFLICT (alert_id) DO NOTHING) and output.late, and
+    engine.snapshot() with them, then the fenced XACK
+    engine.process([], watermark)                # an idle partition's watermark moves on: timers fire
+
+Order: events are held until the watermark passes them and are then matched in (event time, id)
+order, as Flink CEP does. So the alerts do not depend on arrival order or batch boundaries, only
+on the events and the watermark; the price is that an alert comes when the watermark passes its
+last event (the clock's out-of-orderness bound, plus the batch interval).
+
+An event at or before the engine's watermark when it arrives is late: every event up to the
+watermark has been matched and alerted on, so it is returned in `output.late` and not matched.
+A redelivered event (the engine holds it, or matched it within `dedupe_horizon_nanos`) is
+ignored and its id returned in `output.duplicate_ids`, so a redelivered batch raises nothing
+twice. The engine reads no clock and does no I/O.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+import orjson
+
+from services.processor.engine.events import EngineEvent
+from services.processor.engine.patterns.alerts import Alert, LateEvent, PatternOutput
+from services.processor.engine.patterns.matcher_base import NEVER
+from services.processor.engine.patterns.rules import Rule, parse_rule
+from services.processor.engine.patterns.ruleset import RuleSet
+
+__all__ = ["SNAPSHOT_FORMAT", "PatternEngine", "PatternEngineConfig", "SnapshotError"]
+
+SNAPSHOT_FORMAT = 1
+_ORDER = attrgetter("event_time_nanos", "id")
+_TIME = attrgetter("event_time_nanos")
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a pattern engine snapshot of a format this code reads."""
+
+
+@dataclass(frozen=True, slots=True)
+class PatternEngineConfig:
+    dedupe_horizon_nanos: int = 60_000_000_000
+    """How far behind the watermark (event time) the ids of matched events are remembered, to
+    tell a redelivered event from a late one. Redelivery after a crash comes from the pending
+    entries of the last batches, so a minute is plenty; it bounds the snapshot's size."""
+
+
+class PatternEngine:
+    """Pattern rules over one partition's events. Not thread-safe; one per partition."""
+
+    def __init__(self, config: PatternEngineConfig | None = None) -> None:
+        self.config = config or PatternEngineConfig()
+        self._watermark = -NEVER
+        self._buffer: list[EngineEvent] = []
+        self._buffered_ids: set[str] = set()
+        self._matched: deque[tuple[int, str]] = deque()
+        self._matched_ids: set[str] = set()
+        self._rules = RuleSet()
+
+    @property
+    def watermark_nanos(self) -> int:
+        """Every event at or before this time has been matched (-2**63 before any watermark)."""
+        return self._watermark
+
+    @property
+    def held_events(self) -> int:
+        """Events received and waiting for the watermark to pass them."""
+        return len(self._buffer)
+
+    def partial_matches(self) -> dict[str, int]:
+        """Keys with partial state per rule version (`rule@version`), for metrics."""
+        return {f"{m.rule.id}@{m.rule.version}": len(m.states) for m in self._rules.matchers}
+
+    def apply_rules(self, rules: Iterable[Rule]) -> None:
+        """Run exactly these rules from now on (see ruleset.py for what a version change does).
+        Raises RuleSetError, leaving the engine unchanged, for a contradictory set."""
+        self._rules.apply(rules, self._watermark)
+
+    def process(self, events: Iterable[EngineEvent], watermark_nanos: int) -> PatternOutput:
+        """Take a batch and the partition's watermark (a smaller one than before is ignored)."""
+        output = PatternOutput()
+        watermark = self._watermark
+        buffer, buffered_ids, matched_ids = self._buffer, self._buffered_ids, self._matched_ids
+        for event in events:
+            event_id = event.id
+            if event_id in buffered_ids or event_id in matched_ids:
+                output.duplicate_ids.append(event_id)
+            elif event.event_time_nanos <= watermark:
+                output.late.append(LateEvent(event, watermark))
+            else:
+                buffer.append(event)
+                buffered_ids.add(event_id)
+        if watermark_nanos > watermark:
+            watermark = self._watermark = watermark_nanos
+        if len(buffer) > 1:
+            # Mostly in order already (held events, then the batch): timsort is near linear.
+            buffer.sort(key=_ORDER)
+        cut = bisect_right(buffer, watermark, key=_TIME) if buffer else 0
+        if cut:
+            ready = buffer[:cut]
+            del buffer[:cut]
+            self._match(ready, output.alerts)
+        self._on_watermark(watermark, output.alerts)
+        return output
+
+    def _match(self, ready: list[EngineEvent], alerts: list[Alert]) -> None:
+        buffered_ids, matched, matched_ids = self._buffered_ids, self._matched, self._matched_ids
+        index = self._rules.index
+        remember = self.config.dedupe_horizon_nanos > 0
+        for event in ready:
+            buffered_ids.discard(event.id)
+            t = event.event_time_nanos
+            if remember:
+                matched.append((t, event.id))
+                matched_ids.add(event.id)
+            by_type = index.get(event.tenant)
+            if by_type is None:
+                continue
+            typed, anything = by_type
+            for matcher in typed.get(event.type, anything):
+                if matcher.activation <= t < matcher.stop_at:
+                    matcher.on_event(event, alerts)
+        horizon = self._watermark - self.config.dedupe_horizon_nanos
+        while matched and matched[0][0] < horizon:
+            matched_ids.discard(matched.popleft()[1])
+
+    def _on_watermark(self, watermark: int, alerts: list[Alert]) -> None:
+        for matcher in self._rules.matchers:
+            # A version stopped by a disabled one fires only what was due before the stop.
+            matcher.on_watermark(min(watermark, matcher.stop_at - 1), alerts)
+        self._rules.finish(watermark)
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes (JSON): the held events, the remembered ids, each rule
+        version with its effective activation and partial matches. Restoring it and feeding
+        the same inputs gives the same outputs as the engine it was taken from."""
+        versions = []
+        for known_versions in self._rules.versions.values():
+            for _, known in sorted(known_versions.items()):
+                matcher = known.matcher
+                versions.append(
+                    {
+                        "rule": dict(known.rule.source),
+                        "activation": known.activation,
+                        "running": matcher is not None,
+                        "state": None if matcher is None else matcher.snapshot_state(),
+                    }
+                )
+        return orjson.dumps(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "watermark": self._watermark,
+                "held": [_event_row(event) for event in self._buffer],
+                "matched": [list(item) for item in self._matched],
+                "versions": versions,
+            }
+        )
+
+    @classmethod
+    def restore(cls, data: bytes, config: PatternEngineConfig | None = None) -> PatternEngine:
+        """An engine in the state `snapshot()` saved."""
+        try:
+            saved = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise SnapshotError(f"pattern engine snapshot: not JSON ({exc})") from None
+        if not isinstance(saved, dict) or saved.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(f"pattern engine snapshot: expected format {SNAPSHOT_FORMAT}")
+        engine = cls(config)
+        engine._watermark = saved["watermark"]
+        engine._buffer = [_event_from_row(row) for row in saved["held"]]
+        engine._buffered_ids = {event.id for event in engine._buffer}
+        engine._matched = deque((t, event_id) for t, event_id in saved["matched"])
+        engine._matched_ids = {event_id for _, event_id in engine._matched}
+        for item in saved["versions"]:
+            known = engine._rules.restore_version(
+                parse_rule(item["rule"]), item["activation"], item["running"]
+            )
+            if known.matcher is not None:
+                known.matcher.restore_state(item["state"])
+        engine._rules.refresh()
+        return engine
+
+
+def _event_row(event: EngineEvent) -> list[Any]:
+    return [
+        event.id,
+        event.key,
+        event.type,
+        event.event_time_nanos,
+        event.partition,
+        event.tenant,
+        event.payload,
+        event.attributes,
+    ]
+
+
+def _event_from_row(row: list[Any]) -> EngineEvent:
+    event_id, key, event_type, t, partition, tenant, payload, attributes = row
+    return EngineEvent(
+        id=event_id,
+        key=key,
+        type=event_type,
+        event_time_nanos=t,
+        partition=partition,
+        tenant=tenant,
+        payload=payload,
+        attributes=attributes,
+    )
