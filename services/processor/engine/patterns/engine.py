@@ -112,8 +112,15 @@ class PatternEngine:
             ready = buffer[:cut]
             del buffer[:cut]
             self._match(ready, output.alerts)
+        self._forget_matched(watermark)
         self._on_watermark(watermark, output.alerts)
         return output
+
+    def _forget_matched(self, watermark: int) -> None:
+        matched, matched_ids = self._matched, self._matched_ids
+        horizon = watermark - self.config.dedupe_horizon_nanos
+        while matched and matched[0][0] < horizon:
+            matched_ids.discard(matched.popleft()[1])
 
     def _match(self, ready: list[EngineEvent], alerts: list[Alert]) -> None:
         buffered_ids, matched, matched_ids = self._buffered_ids, self._matched, self._matched_ids
@@ -132,9 +139,6 @@ class PatternEngine:
             for matcher in typed.get(event.type, anything):
                 if matcher.activation <= t < matcher.stop_at:
                     matcher.on_event(event, alerts)
-        horizon = self._watermark - self.config.dedupe_horizon_nanos
-        while matched and matched[0][0] < horizon:
-            matched_ids.discard(matched.popleft()[1])
 
     def _on_watermark(self, watermark: int, alerts: list[Alert]) -> None:
         for matcher in self._rules.matchers:
