@@ -16,18 +16,20 @@ last event (the clock's out-of-orderness bound, plus the batch interval).
 
 An event at or before the engine's watermark when it arrives is late: every event up to the
 watermark has been matched and alerted on, so it is returned in `output.late` and not matched.
-A redelivered event (the engine holds it, or matched it within `dedupe_horizon_nanos`) is
-ignored and its id returned in `output.duplicate_ids`, so a redelivered batch raises nothing
-twice. The engine reads no clock and does no I/O.
+A redelivered event is ignored and its id returned in `output.duplicate_ids` when the engine
+still holds it or took it in one of the last `dedupe_batches` calls. Either way a redelivered
+batch raises nothing twice: an event is matched at most once, since the engine matches only
+events it holds and holds only events after the watermark, which it has not matched yet; the
+window of recent ids only tells a redelivered event from a late one. The engine reads no clock
+and does no I/O.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -41,8 +43,6 @@ from services.processor.engine.patterns.ruleset import RuleSet
 __all__ = ["SNAPSHOT_FORMAT", "PatternEngine", "PatternEngineConfig", "SnapshotError"]
 
 SNAPSHOT_FORMAT = 1
-_ORDER = attrgetter("event_time_nanos", "id")
-_TIME = attrgetter("event_time_nanos")
 
 
 class SnapshotError(ValueError):
@@ -51,10 +51,11 @@ class SnapshotError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PatternEngineConfig:
-    dedupe_horizon_nanos: int = 60_000_000_000
-    """How far behind the watermark (event time) the ids of matched events are remembered, to
-    tell a redelivered event from a late one. Redelivery after a crash comes from the pending
-    entries of the last batches, so a minute is plenty; it bounds the snapshot's size."""
+    dedupe_batches: int = 8
+    """For how many `process` calls the ids of the events taken in a call are remembered, to
+    tell a redelivered event from a late one. Redelivery after a restore is of the batches
+    checkpointed but not yet acknowledged, so this should be at least the number of batches
+    between two checkpoints; it bounds the snapshot's size by batches, not by event rate."""
 
 
 class PatternEngine:
@@ -63,10 +64,10 @@ class PatternEngine:
     def __init__(self, config: PatternEngineConfig | None = None) -> None:
         self.config = config or PatternEngineConfig()
         self._watermark = -NEVER
-        self._buffer: list[EngineEvent] = []
+        self._buffer: list[tuple[int, str, EngineEvent]] = []
         self._buffered_ids: set[str] = set()
-        self._matched: deque[tuple[int, str]] = deque()
-        self._matched_ids: set[str] = set()
+        self._recent: deque[list[str]] = deque()
+        self._recent_ids: set[str] = set()
         self._rules = RuleSet()
 
     @property
@@ -92,52 +93,62 @@ class PatternEngine:
         """Take a batch and the partition's watermark (a smaller one than before is ignored)."""
         output = PatternOutput()
         watermark = self._watermark
-        buffer, buffered_ids, matched_ids = self._buffer, self._buffered_ids, self._matched_ids
+        buffer, buffered_ids, recent_ids = self._buffer, self._buffered_ids, self._recent_ids
+        taken: list[str] = []
         for event in events:
             event_id = event.id
-            if event_id in buffered_ids or event_id in matched_ids:
+            if event_id in buffered_ids or event_id in recent_ids:
                 output.duplicate_ids.append(event_id)
             elif event.event_time_nanos <= watermark:
                 output.late.append(LateEvent(event, watermark))
             else:
-                buffer.append(event)
+                # Held as (time, id, event): sorting compares tuples in C, with no key function
+                # and no tie on id (ids are unique here), so the order never reaches the event.
+                buffer.append((event.event_time_nanos, event_id, event))
                 buffered_ids.add(event_id)
+                taken.append(event_id)
+        self._remember(taken)
         if watermark_nanos > watermark:
             watermark = self._watermark = watermark_nanos
         if len(buffer) > 1:
-            # Mostly in order already (held events, then the batch): timsort is near linear.
-            buffer.sort(key=_ORDER)
-        cut = bisect_right(buffer, watermark, key=_TIME) if buffer else 0
+            # Two sorted runs (the held events, the batch, mostly in order): near linear.
+            buffer.sort()
+        cut = bisect_left(buffer, (watermark + 1,))
         if cut:
-            ready = buffer[:cut]
+            ready = [item[2] for item in buffer[:cut]]
             del buffer[:cut]
             self._match(ready, output.alerts)
-        self._forget_matched(watermark)
         self._on_watermark(watermark, output.alerts)
         return output
 
-    def _forget_matched(self, watermark: int) -> None:
-        matched, matched_ids = self._matched, self._matched_ids
-        horizon = watermark - self.config.dedupe_horizon_nanos
-        while matched and matched[0][0] < horizon:
-            matched_ids.discard(matched.popleft()[1])
+    def _remember(self, taken: list[str]) -> None:
+        recent, recent_ids = self._recent, self._recent_ids
+        recent.append(taken)
+        recent_ids.update(taken)
+        while len(recent) > self.config.dedupe_batches:
+            recent_ids.difference_update(recent.popleft())
 
     def _match(self, ready: list[EngineEvent], alerts: list[Alert]) -> None:
-        buffered_ids, matched, matched_ids = self._buffered_ids, self._matched, self._matched_ids
+        buffered_ids = self._buffered_ids
         index = self._rules.index
-        remember = self.config.dedupe_horizon_nanos > 0
+        first, last = ready[0].event_time_nanos, ready[-1].event_time_nanos
+        # Usually no version boundary falls inside the batch: then skip the per-event checks.
+        bounded = any(
+            not (m.activation <= first and last < m.stop_at) for m in self._rules.matchers
+        )
         for event in ready:
             buffered_ids.discard(event.id)
-            t = event.event_time_nanos
-            if remember:
-                matched.append((t, event.id))
-                matched_ids.add(event.id)
             by_type = index.get(event.tenant)
             if by_type is None:
                 continue
             typed, anything = by_type
-            for matcher in typed.get(event.type, anything):
-                if matcher.activation <= t < matcher.stop_at:
+            if bounded:
+                t = event.event_time_nanos
+                for matcher in typed.get(event.type, anything):
+                    if matcher.activation <= t < matcher.stop_at:
+                        matcher.on_event(event, alerts)
+            else:
+                for matcher in typed.get(event.type, anything):
                     matcher.on_event(event, alerts)
 
     def _on_watermark(self, watermark: int, alerts: list[Alert]) -> None:
@@ -147,7 +158,7 @@ class PatternEngine:
         self._rules.finish(watermark)
 
     def snapshot(self) -> bytes:
-        """The whole state as bytes (JSON): the held events, the remembered ids, each rule
+        """The whole state as bytes (JSON): the held events, the recent ids, each rule
         version with its effective activation and partial matches. Restoring it and feeding
         the same inputs gives the same outputs as the engine it was taken from."""
         versions = []
@@ -166,8 +177,8 @@ class PatternEngine:
             {
                 "format": SNAPSHOT_FORMAT,
                 "watermark": self._watermark,
-                "held": [_event_row(event) for event in self._buffer],
-                "matched": [list(item) for item in self._matched],
+                "held": [_event_row(item[2]) for item in self._buffer],
+                "recent": list(self._recent),
                 "versions": versions,
             }
         )
@@ -183,10 +194,11 @@ class PatternEngine:
             raise SnapshotError(f"pattern engine snapshot: expected format {SNAPSHOT_FORMAT}")
         engine = cls(config)
         engine._watermark = saved["watermark"]
-        engine._buffer = [_event_from_row(row) for row in saved["held"]]
-        engine._buffered_ids = {event.id for event in engine._buffer}
-        engine._matched = deque((t, event_id) for t, event_id in saved["matched"])
-        engine._matched_ids = {event_id for _, event_id in engine._matched}
+        held = [_event_from_row(row) for row in saved["held"]]
+        engine._buffer = [(event.event_time_nanos, event.id, event) for event in held]
+        engine._buffered_ids = {event.id for event in held}
+        engine._recent = deque(saved["recent"])
+        engine._recent_ids = {event_id for ids in engine._recent for event_id in ids}
         for item in saved["versions"]:
             known = engine._rules.restore_version(
                 parse_rule(item["rule"]), item["activation"], item["running"]

@@ -55,8 +55,11 @@ class SequenceMatcher(Matcher):
         self._last_step = len(self._steps)
         self._strict = spec.contiguity == "strict"
         scope = spec.scope
+        # Strict: the index sends only events of the scope's types, so only `where` is left.
         self._scope = (
-            None if scope.types is None and scope.where is None else compile_pattern(scope)
+            None
+            if scope.where is None and (scope.types is None or self._strict)
+            else compile_pattern(scope, type_checked=self._strict)
         )
         self._within = spec.within_nanos
 
@@ -74,6 +77,11 @@ class SequenceMatcher(Matcher):
             return
         t = event.event_time_nanos
         runs: list[_Run] | None = self.states.get(key)
+        if runs is None:
+            # The common case: nothing under way for this key.
+            if t < self.start_until and self._first(event):
+                self.states[key] = [_Run(t, 1, [event.id])]
+            return
         if runs:
             within = self._within
             # Runs are in start order: the expired ones are a prefix.
@@ -109,10 +117,8 @@ class SequenceMatcher(Matcher):
                     survivors.append(run)
             runs[:] = survivors
         if t < self.start_until and self._first(event):
-            if runs is None:
-                runs = self.states[key] = []
             runs.append(_Run(t, 1, [event.id]))
-        elif runs is not None and not runs:
+        elif not runs:
             del self.states[key]
 
     def sweep(self, watermark: int) -> None:

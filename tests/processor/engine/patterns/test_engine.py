@@ -64,13 +64,26 @@ def test_redelivery_after_restoring_a_snapshot_raises_nothing_twice() -> None:
     assert restored.process(batch, 30).alerts == []
 
 
-def test_past_the_dedupe_horizon_a_redelivered_event_counts_as_late() -> None:
-    engine = PatternEngine(PatternEngineConfig(dedupe_horizon_nanos=100))
+def test_past_the_dedupe_window_a_redelivered_matched_event_is_late_and_still_not_matched() -> None:
+    engine = PatternEngine(PatternEngineConfig(dedupe_batches=2))
     engine.apply_rules([parse_rule(SEQ)])
-    engine.process([event("1", 10, "a")], 50)
+    assert len(engine.process([event("1", 10, "a"), event("2", 20, "b")], 50).alerts) == 1
     assert engine.process([event("1", 10, "a")], 50).duplicate_ids == ["1"]
-    engine.process([], 200)
-    assert [late.event.id for late in engine.process([event("1", 10, "a")], 200).late] == ["1"]
+    engine.process([], 60)
+    engine.process([], 70)
+    output = engine.process([event("1", 10, "a"), event("2", 20, "b")], 80)
+    assert [late.event.id for late in output.late] == ["1", "2"]
+    assert output.alerts == []
+
+
+def test_a_held_event_is_a_duplicate_however_long_ago_it_came() -> None:
+    engine = PatternEngine(PatternEngineConfig(dedupe_batches=1))
+    engine.apply_rules([parse_rule(SEQ)])
+    engine.process([event("1", 100, "a")], 0)
+    for mark in range(1, 5):
+        engine.process([], mark)
+    assert engine.process([event("1", 100, "a")], 5).duplicate_ids == ["1"]
+    assert engine.held_events == 1
 
 
 def test_a_snapshot_keeps_held_events_partial_matches_and_timers() -> None:
