@@ -74,11 +74,18 @@ class ThresholdMatcher(Matcher):
         t = event.event_time_nanos
         states = self.states
         state: _Level | None = states.get(key)
-        if t >= self.start_until and (state is None or not state.hits):
-            # A superseded version only finishes what it started.
-            if state is not None:
-                del states[key]
-            return
+        within = self._within
+        if t >= self.start_until:
+            # A superseded version only finishes what it started before the new version's
+            # activation: once those qualifying events have expired, the key is done.
+            hits = state.hits if state is not None else []
+            if within is not None:
+                while hits and t - hits[0][0] > within:
+                    del hits[0]
+            if not hits or hits[0][0] >= self.start_until:
+                if state is not None:
+                    del states[key]
+                return
         beyond = self._compare(value, self.spec.value)
         if self._crossing:
             was = state is not None and state.beyond
@@ -95,7 +102,6 @@ class ThresholdMatcher(Matcher):
         if state is None:
             state = states[key] = _Level(beyond)
         hits = state.hits
-        within = self._within
         if within is not None:
             while hits and t - hits[0][0] > within:
                 del hits[0]
@@ -180,7 +186,9 @@ class RateMatcher(Matcher):
             within = self._within
             while window and t - window[0][0] > within:
                 window.popleft()
-            if not window and t >= self.start_until:
+            # A superseded version only finishes windows that began before the new version's
+            # activation (else a steady stream would keep it alive for ever).
+            if t >= self.start_until and (not window or window[0][0] >= self.start_until):
                 del self.states[key]
                 return
         window.append((t, event.id))

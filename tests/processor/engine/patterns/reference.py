@@ -60,13 +60,17 @@ def _matches(pattern: EventPattern) -> Callable[[EngineEvent], bool]:
     return test
 
 
-def reference_alerts(rule: Rule, events: list[EngineEvent], watermark: int) -> list[RefAlert]:
+def reference_alerts(
+    rule: Rule, events: list[EngineEvent], watermark: int, start_until: int = 2**63
+) -> list[RefAlert]:
+    """The alerts of `rule` over `events` (all at or after its activation). `start_until`: the
+    next version's activation, from which this version starts no new match."""
     events = [e for e in events if e.tenant == rule.tenant]
     keys = sorted({e.key for e in events})
     out: list[RefAlert] = []
     for key in keys:
         mine = [e for e in events if e.key == key]
-        out.extend(_per_key(rule, key, mine, watermark))
+        out.extend(_per_key(rule, key, mine, watermark, start_until))
     return sorted(out)
 
 
@@ -81,7 +85,9 @@ def _alert(rule: Rule, key: str, chosen: list[EngineEvent], last: int | None = N
     )
 
 
-def _per_key(rule: Rule, key: str, events: list[EngineEvent], watermark: int) -> list[RefAlert]:
+def _per_key(
+    rule: Rule, key: str, events: list[EngineEvent], watermark: int, start_until: int
+) -> list[RefAlert]:
     spec = rule.spec
     out: list[RefAlert] = []
     if isinstance(spec, ThresholdSpec):
@@ -98,17 +104,19 @@ def _per_key(rule: Rule, key: str, events: list[EngineEvent], watermark: int) ->
         previous_beyond = False
         hits: list[EngineEvent] = []
         for event, value in values:
-            beyond = compare(value, spec.value)
-            qualifies = beyond and (spec.mode == "level" or not previous_beyond)
-            previous_beyond = beyond
-            if not qualifies:
-                continue
             t = event.event_time_nanos
             hits = [
                 h
                 for h in hits
                 if spec.within_nanos is None or t - h.event_time_nanos <= spec.within_nanos
             ]
+            if t >= start_until and (not hits or hits[0].event_time_nanos >= start_until):
+                break  # superseded, and nothing left that began before
+            beyond = compare(value, spec.value)
+            qualifies = beyond and (spec.mode == "level" or not previous_beyond)
+            previous_beyond = beyond
+            if not qualifies:
+                continue
             hits.append(event)
             if len(hits) >= spec.count:
                 out.append(_alert(rule, key, hits))
@@ -118,21 +126,26 @@ def _per_key(rule: Rule, key: str, events: list[EngineEvent], watermark: int) ->
         candidates = [e for e in events if match(e)]
         after = 0
         for j, event in enumerate(candidates):
-            window = [
+            before = [
                 e
-                for e in candidates[after : j + 1]
+                for e in candidates[after:j]
                 if event.event_time_nanos - e.event_time_nanos <= spec.within_nanos
             ]
+            if event.event_time_nanos >= start_until and (
+                not before or before[0].event_time_nanos >= start_until
+            ):
+                break
+            window = [*before, event]
             if len(window) >= spec.count:
                 out.append(_alert(rule, key, window))
                 after = j + 1
     elif isinstance(spec, SequenceSpec):
-        out.extend(_sequences(rule, spec, key, events))
+        out.extend(_sequences(rule, spec, key, events, start_until))
     else:
         assert isinstance(spec, AbsenceSpec)
         first, absent = _matches(spec.first), _matches(spec.absent)
         for i, event in enumerate(events):
-            if not first(event):
+            if not first(event) or event.event_time_nanos >= start_until:
                 continue
             deadline = event.event_time_nanos + spec.within_nanos
             ended = any(absent(e) and e.event_time_nanos <= deadline for e in events[i + 1 :])
@@ -142,7 +155,7 @@ def _per_key(rule: Rule, key: str, events: list[EngineEvent], watermark: int) ->
 
 
 def _sequences(
-    rule: Rule, spec: SequenceSpec, key: str, events: list[EngineEvent]
+    rule: Rule, spec: SequenceSpec, key: str, events: list[EngineEvent], start_until: int
 ) -> list[RefAlert]:
     scope = _matches(spec.scope)
     steps = [_matches(step) for step in spec.steps]
@@ -152,7 +165,7 @@ def _sequences(
     while True:
         best: tuple[int, int, list[EngineEvent]] | None = None
         for s in range(after, len(seen)):
-            if not steps[0](seen[s]):
+            if not steps[0](seen[s]) or seen[s].event_time_nanos >= start_until:
                 continue
             taken = [seen[s]]
             for j in range(s + 1, len(seen)):

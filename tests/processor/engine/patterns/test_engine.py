@@ -210,3 +210,23 @@ def test_contradictory_rule_sets_are_refused_and_change_nothing() -> None:
             [parse_rule(V1), parse_rule(V2), parse_rule({**V2, "version": 3, "activation": 10})]
         )
     assert ids_of(engine.process([event("2", 20, "b")], 50).alerts) == [("1", "2")]
+
+
+def test_an_old_version_starts_nothing_after_the_activation_even_on_a_key_it_is_matching() -> None:
+    engine = engine_with(V1)
+    engine.process([event("1", 10, "a")], 20)
+    engine.apply_rules([parse_rule(V2)])
+    # 2 (after 50) may not start a v1 match beside 1's; 1 expires at 110, so 3 completes nothing.
+    alerts = engine.process([event("2", 60, "a"), event("3", 115, "b")], 200).alerts
+    assert [(a.rule_version, a.event_ids) for a in alerts] == []
+
+
+def test_an_old_rate_window_drains_even_under_a_steady_stream() -> None:
+    old = rule("rate", count=100, within="10ns")
+    engine = engine_with(old)
+    engine.process([event("0", 45, "a")], 46)
+    engine.apply_rules([parse_rule({**old, "version": 2, "activation": 50, "count": 1000})])
+    # One event per ns for ever: v1's window slides on, but it only counts while it still
+    # holds an event from before 50, so v1 is gone by 56 (45 + 10 < 56).
+    engine.process([event(str(t), t, "a") for t in range(50, 200)], 200)
+    assert engine.partial_matches() == {"r@2": 1}

@@ -152,11 +152,13 @@ def _as_ref(alert: Alert) -> RefAlert:
 
 
 def _run(
-    rule_doc: dict[str, Any], calls: list[tuple[list[EngineEvent], int]], restore_at: int | None
+    rule_doc: dict[str, Any] | list[dict[str, Any]],
+    calls: list[tuple[list[EngineEvent], int]],
+    restore_at: int | None,
 ) -> tuple[list[Alert], set[str]]:
-    rule = parse_rule({"id": "r", "version": 1, **rule_doc})
+    docs = rule_doc if isinstance(rule_doc, list) else [{"id": "r", "version": 1, **rule_doc}]
     engine = PatternEngine()
-    engine.apply_rules([rule])
+    engine.apply_rules([parse_rule(doc) for doc in docs])
     alerts: list[Alert] = []
     late: set[str] = set()
     for i, (batch, mark) in enumerate(calls):
@@ -213,3 +215,38 @@ def test_absence_rules_match_the_reference(
     rule: dict[str, Any], calls: list[tuple[list[EngineEvent], int]], cut: int
 ) -> None:
     _check(rule, calls, cut)
+
+
+KINDS = [threshold_rules, rate_rules, sequence_rules, absence_rules]
+# Mostly two versions of one kind (the common edit), sometimes a change of kind.
+VERSION_PAIRS = st.one_of(
+    *(st.tuples(kind(), kind()) for kind in KINDS),
+    st.tuples(st.one_of(*(k() for k in KINDS)), st.one_of(*(k() for k in KINDS))),
+)
+
+
+@SETTINGS
+@given(VERSION_PAIRS, st.integers(10, 60), deliveries(), st.integers(0, 50))
+def test_a_new_version_takes_over_at_its_activation_and_the_old_one_drains(
+    pair: tuple[dict[str, Any], dict[str, Any]],
+    activation: int,
+    calls: list[tuple[list[EngineEvent], int]],
+    cut: int,
+) -> None:
+    old, new = pair
+    """Version 1 runs from 0, version 2 (any kind) from `activation`: version 2 sees exactly the
+    events from its activation, version 1 finishes only the matches it began before it."""
+    docs = [
+        {"id": "r", "version": 1, **old},
+        {"id": "r", "version": 2, "activation": activation, **new},
+    ]
+    ready, watermark, _ = matched_events(calls)
+    v1, v2 = (parse_rule(doc) for doc in docs)
+    expected = reference_alerts(v1, ready, watermark, start_until=activation)
+    expected += reference_alerts(
+        v2, [e for e in ready if e.event_time_nanos >= activation], watermark
+    )
+    alerts, _ = _run(docs, calls, None)
+    assert sorted(_as_ref(a) for a in alerts) == sorted(expected)
+    restored, _ = _run(docs, calls, cut % (len(calls) + 1))
+    assert restored == alerts
