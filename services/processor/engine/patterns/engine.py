@@ -81,8 +81,11 @@ class PatternEngine:
         return len(self._buffer)
 
     def partial_matches(self) -> dict[str, int]:
-        """Keys with partial state per rule version (`rule@version`), for metrics."""
-        return {f"{m.rule.id}@{m.rule.version}": len(m.states) for m in self._rules.matchers}
+        """Keys with partial state per running rule version (`tenant/rule@version`), for metrics."""
+        return {
+            f"{m.rule.tenant}/{m.rule.id}@{m.rule.version}": len(m.states)
+            for m in self._rules.matchers
+        }
 
     def apply_rules(self, rules: Iterable[Rule]) -> None:
         """Run exactly these rules from now on (see ruleset.py for what a version change does).
@@ -217,8 +220,8 @@ def _event_row(event: EngineEvent) -> list[Any]:
         event.event_time_nanos,
         event.partition,
         event.tenant,
-        event.payload,
-        event.attributes,
+        dict(event.payload),
+        dict(event.attributes),
     ]
 
 

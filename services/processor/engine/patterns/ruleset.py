@@ -5,9 +5,9 @@ Version change (all by event time, so a replay does the same):
   or the partition's watermark + 1 ns when that is later: events the engine has already matched
   are never matched again, and the version change is not retroactive.
 - The previous version stops *starting* matches at the new version's activation, but the partial
-  matches it holds (a half-seen sequence, an absence being waited for, a rate window, a
-  threshold's earlier crossings) run on until they complete or expire by `within`, then the
-  old version is gone. Chosen over dropping them because a rule edit (a new version) must not
+  matches it began before it (a half-seen sequence, an absence being waited for, a rate window
+  or a threshold's qualifying events that began before the activation) run on until they
+  complete or expire by `within`, then the old version is gone. Chosen over dropping them because a rule edit (a new version) must not
   lose an attack already half-seen; it is bounded, since every partial match expires (a
   threshold with `count` > 1 and no `within` is the exception: it drains only when it fires).
   An event after the activation can therefore complete an old version's match and also count

@@ -93,7 +93,11 @@ def test_a_snapshot_keeps_held_events_partial_matches_and_timers() -> None:
     restored = PatternEngine.restore(data)
     assert restored.snapshot() == data
     assert restored.held_events == 1 and restored.watermark_nanos == 15
-    assert restored.partial_matches() == engine.partial_matches() == {"r@1": 1, "gone@1": 1}
+    assert (
+        restored.partial_matches()
+        == engine.partial_matches()
+        == {"default/r@1": 1, "default/gone@1": 1}
+    )
     tail = [event("2", 40, "b")]
     assert restored.process(tail, 100).alerts == engine.process(tail, 100).alerts
 
@@ -109,9 +113,9 @@ def test_state_per_key_is_dropped_when_its_partial_matches_expire() -> None:
     engine = engine_with(SEQ, rule("rate", rule_id="many", count=99, within="50ns"))
     engine.process([event(str(i), i, "a", key=f"k{i}") for i in range(100)], 100)
     # Matches started at 50 or before can no longer complete after 100: swept already.
-    assert engine.partial_matches() == {"r@1": 49, "many@1": 49}
+    assert engine.partial_matches() == {"default/r@1": 49, "default/many@1": 49}
     engine.process([], 1000)
-    assert engine.partial_matches() == {"r@1": 0, "many@1": 0}
+    assert engine.partial_matches() == {"default/r@1": 0, "default/many@1": 0}
     assert len(engine.snapshot()) < 2000
 
 
@@ -140,7 +144,7 @@ def test_a_new_version_starts_at_its_activation_while_the_old_one_finishes_what_
         (1, ("2", "7")),
     ]
     # Drained: the old version is gone once it holds no partial match.
-    assert engine.partial_matches() == {"r@2": 0}
+    assert engine.partial_matches() == {"default/r@2": 0}
 
 
 def test_an_old_version_s_partial_match_expires_by_its_own_span() -> None:
@@ -148,9 +152,9 @@ def test_an_old_version_s_partial_match_expires_by_its_own_span() -> None:
     engine.process([event("1", 10, "a")], 20)
     engine.apply_rules([parse_rule(V1), parse_rule(V2)])
     engine.process([], 110)
-    assert "r@1" in engine.partial_matches()
+    assert "default/r@1" in engine.partial_matches()
     assert engine.process([event("2", 120, "b")], 130).alerts == []  # 120 - 10 > 100
-    assert engine.partial_matches() == {"r@2": 0}
+    assert engine.partial_matches() == {"default/r@2": 0}
 
 
 def test_a_version_whose_activation_has_passed_starts_after_the_watermark() -> None:
@@ -187,7 +191,7 @@ def test_a_rule_left_out_of_the_set_is_dropped_with_its_state() -> None:
     engine = engine_with(V1, ABSENCE)
     engine.process([event("1", 10, "a")], 15)
     engine.apply_rules([parse_rule(ABSENCE)])
-    assert engine.partial_matches() == {"gone@1": 1}
+    assert engine.partial_matches() == {"default/gone@1": 1}
     assert engine.process([event("2", 20, "b")], 50).alerts == []
 
 
@@ -229,4 +233,4 @@ def test_an_old_rate_window_drains_even_under_a_steady_stream() -> None:
     # One event per ns for ever: v1's window slides on, but it only counts while it still
     # holds an event from before 50, so v1 is gone by 56 (45 + 10 < 56).
     engine.process([event(str(t), t, "a") for t in range(50, 200)], 200)
-    assert engine.partial_matches() == {"r@2": 1}
+    assert engine.partial_matches() == {"default/r@2": 1}

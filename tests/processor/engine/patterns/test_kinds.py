@@ -32,9 +32,9 @@ def test_threshold_crossing_fires_once_per_crossing_not_while_above() -> None:
     }
     assert first.alert_id == alert_id("default", "r", 1, "k", ("1",))
     # A key above the threshold is remembered, a key below is not.
-    assert engine.partial_matches() == {"r@1": 1}
+    assert engine.partial_matches() == {"default/r@1": 1}
     engine.process([event("7", 11, "reading", c=1)], 20)
-    assert engine.partial_matches() == {"r@1": 0}
+    assert engine.partial_matches() == {"default/r@1": 0}
 
 
 def test_threshold_level_counts_every_event_beyond_n_times_within() -> None:
@@ -132,7 +132,7 @@ def test_sequence_must_complete_within_its_span() -> None:
     engine = engine_with({**SEQ, "within": "10ns"})
     stream = [event("1", 0, "login"), event("2", 5, "transfer"), event("3", 11, "logout")]
     assert engine.process(stream, 50).alerts == []
-    assert engine.partial_matches() == {"r@1": 0}  # the expired partial match is gone
+    assert engine.partial_matches() == {"default/r@1": 0}  # the expired partial match is gone
 
 
 def test_sequence_steps_with_conditions() -> None:
