@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from services.processor.engine.events import FieldPathError, compile_field_path
 from services.processor.engine.patterns.conditions import Condition, parse_condition
 from services.processor.engine.patterns.errors import RuleError
@@ -253,6 +255,14 @@ def parse_rule(data: Any, where: str = "rule") -> Rule:
     """Validate one rule document; a RuleError names the first bad part."""
     if not isinstance(data, Mapping):
         raise RuleError(where, "must be a mapping")
+    try:
+        # A private deep copy in JSON terms: what is kept is what a snapshot can hold, and a
+        # caller changing its document later changes nothing here.
+        data = orjson.loads(orjson.dumps(data))
+    except orjson.JSONEncodeError:
+        raise RuleError(
+            where, "must be JSON data (mappings with string keys, lists, strings, numbers)"
+        ) from None
     kind = data.get("kind")
     if kind not in KINDS:
         raise RuleError(f"{where}.kind", f"must be one of {', '.join(KINDS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -192,3 +193,18 @@ def test_composites() -> None:
     assert _holds({"all": []}, n=1)
     assert _holds({"not": big}, n=1)
     assert _holds({"not": {"any": [big, even]}}, n=1, even=False)
+
+
+def test_a_document_is_copied_and_must_be_json_data() -> None:
+    steps: list[dict[str, Any]] = [{"type": "login"}, {"type": "payout"}]
+    rule = parse_rule({**SEQUENCE, "steps": steps})
+    steps.append({"type": "more"})
+    assert len(rule.source["steps"]) == 2
+    with pytest.raises(RuleError) as caught:
+        parse_rule({**SEQUENCE, "name": object()})
+    assert caught.value.path == "rule"
+    # A YAML loader's timestamp is accepted when it has an offset.
+    moment = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    assert (
+        parse_rule({**SEQUENCE, "activation": moment}).activation_nanos == 1_796_126_400_000_000_000
+    )
