@@ -17,7 +17,7 @@ last event (the clock's out-of-orderness bound, plus the batch interval).
 An event at or before the engine's watermark when it arrives is late: every event up to the
 watermark has been matched and alerted on, so it is returned in `output.late` and not matched.
 A redelivered event is ignored and its id returned in `output.duplicate_ids` when the engine
-still holds it or took it in one of the last `dedupe_batches` calls. Either way a redelivered
+still holds it or took it in one of the last `dedupe_batches` batches. Either way a redelivered
 batch raises nothing twice: an event is matched at most once, since the engine matches only
 events it holds and holds only events after the watermark, which it has not matched yet; the
 window of recent ids only tells a redelivered event from a late one. The engine reads no clock
@@ -52,7 +52,7 @@ class SnapshotError(ValueError):
 @dataclass(frozen=True, slots=True)
 class PatternEngineConfig:
     dedupe_batches: int = 8
-    """For how many `process` calls the ids of the events taken in a call are remembered, to
+    """For how many batches (calls that took events) their ids are remembered, to
     tell a redelivered event from a late one. Redelivery after a restore is of the batches
     checkpointed but not yet acknowledged, so this should be at least the number of batches
     between two checkpoints; it bounds the snapshot's size by batches, not by event rate."""
@@ -125,6 +125,8 @@ class PatternEngine:
         return output
 
     def _remember(self, taken: list[str]) -> None:
+        if not taken:
+            return  # an idle watermark tick must not push a real batch out of the window
         recent, recent_ids = self._recent, self._recent_ids
         recent.append(taken)
         recent_ids.update(taken)

@@ -69,8 +69,11 @@ def test_past_the_dedupe_window_a_redelivered_matched_event_is_late_and_still_no
     engine.apply_rules([parse_rule(SEQ)])
     assert len(engine.process([event("1", 10, "a"), event("2", 20, "b")], 50).alerts) == 1
     assert engine.process([event("1", 10, "a")], 50).duplicate_ids == ["1"]
-    engine.process([], 60)
-    engine.process([], 70)
+    for mark in range(51, 60):
+        engine.process([], mark)  # idle ticks do not count
+    assert engine.process([event("2", 20, "b")], 60).duplicate_ids == ["2"]
+    engine.process([event("3", 61, "c")], 70)
+    engine.process([event("4", 71, "c")], 80)
     output = engine.process([event("1", 10, "a"), event("2", 20, "b")], 80)
     assert [late.event.id for late in output.late] == ["1", "2"]
     assert output.alerts == []
