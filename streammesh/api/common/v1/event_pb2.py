@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n streammesh/common/v1/event.proto\x12\x14streammesh.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf9\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12?\n\nattributes\x18\x07 \x03(\x0b\x32+.streammesh.common.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x0bQueuedEvent\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.streammesh.common.v1.Event\x12/\n\x0bingest_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x03 \x01(\t\"S\n\x0bQueuedBatch\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.streammesh.common.v1.QueuedEvent\x12\x11\n\tpartition\x18\x02 \x01(\r\"\xd1\x01\n\x0bStoredEvent\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.streammesh.common.v1.Event\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tpartition\x18\x03 \x01(\r\x12/\n\x0bingest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstore_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x06 \x01(\t\"\x87\x01\n\x0b\x45ventFilter\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x0ePublishRefusal\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0estatus_details\x18\x04 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n streammesh/common/v1/event.proto\x12\x14streammesh.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf9\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12?\n\nattributes\x18\x07 \x03(\x0b\x32+.streammesh.common.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x0bQueuedEvent\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.streammesh.common.v1.Event\x12/\n\x0bingest_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x03 \x01(\t\"S\n\x0bQueuedBatch\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.streammesh.common.v1.QueuedEvent\x12\x11\n\tpartition\x18\x02 \x01(\r\"\xed\x01\n\rQueuedColumns\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\r\n\x05types\x18\x03 \x03(\t\x12\x10\n\x08payloads\x18\x04 \x03(\x0c\x12\x15\n\rcontent_types\x18\x05 \x03(\t\x12\x12\n\nattributes\x18\x06 \x03(\t\x12\x19\n\x11\x65vent_time_micros\x18\x07 \x03(\x03\x12\x18\n\x10\x65vent_time_nanos\x18\x08 \x03(\x05\x12\x1a\n\x12ingest_time_micros\x18\t \x03(\x03\x12\x11\n\tproducers\x18\n \x03(\t\x12\x11\n\tpartition\x18\x0b \x01(\r\"\xd1\x01\n\x0bStoredEvent\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.streammesh.common.v1.Event\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tpartition\x18\x03 \x01(\r\x12/\n\x0bingest_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstore_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x06 \x01(\t\"\x87\x01\n\x0b\x45ventFilter\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x0ePublishRefusal\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0estatus_details\x18\x04 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUEUEDEVENT']._serialized_end=467
   _globals['_QUEUEDBATCH']._serialized_start=469
   _globals['_QUEUEDBATCH']._serialized_end=552
-  _globals['_STOREDEVENT']._serialized_start=555
-  _globals['_STOREDEVENT']._serialized_end=764
-  _globals['_EVENTFILTER']._serialized_start=767
-  _globals['_EVENTFILTER']._serialized_end=902
-  _globals['_PUBLISHREFUSAL']._serialized_start=904
-  _globals['_PUBLISHREFUSAL']._serialized_end=993
+  _globals['_QUEUEDCOLUMNS']._serialized_start=555
+  _globals['_QUEUEDCOLUMNS']._serialized_end=792
+  _globals['_STOREDEVENT']._serialized_start=795
+  _globals['_STOREDEVENT']._serialized_end=1004
+  _globals['_EVENTFILTER']._serialized_start=1007
+  _globals['_EVENTFILTER']._serialized_end=1142
+  _globals['_PUBLISHREFUSAL']._serialized_start=1144
+  _globals['_PUBLISHREFUSAL']._serialized_end=1233
 # @@protoc_insertion_point(module_scope)
