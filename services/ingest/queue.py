@@ -34,6 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
+from streammesh.envelope import EnvelopeColumns
 from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.startup import StartupError
 from streammesh.streams import COLUMNS_FIELD, COUNT_FIELD, StreamLayout
@@ -95,12 +96,30 @@ class StreamAppender:
         self._pressure = pressure
         self._max_entry_bytes = max_entry_bytes
 
-    async def append(self, events: Sequence[event_pb2.Event], *, producer: str) -> None:
+    async def append(
+        self,
+        events: Sequence[event_pb2.Event],
+        envelope: EnvelopeColumns | None = None,
+        *,
+        producer: str,
+    ) -> None:
+        """Queue the validated events; `envelope` is their columns as validation took them
+        (read from the events when not given)."""
         now_ns = time.time_ns()
-        partitions = [self._layout.partition_for(event.key) for event in events]
+        if envelope is None:
+            envelope = EnvelopeColumns(
+                ids=[e.id for e in events],
+                keys=[e.key for e in events],
+                types=[e.type for e in events],
+                content_types=[e.content_type for e in events],
+                payloads=[e.payload for e in events],
+                carriers=list(range(len(events))),
+            )
+        partition_for = self._layout.partition_for
+        partitions = [partition_for(key) for key in envelope.keys]
         if self._pressure is not None:
             self._pressure.check(set(partitions))
-        entries = self._entries(events, partitions, producer, now_ns)
+        entries = self._entries(events, envelope, partitions, producer, now_ns)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for partition, serialized, count in entries:
@@ -115,30 +134,36 @@ class StreamAppender:
     def _entries(
         self,
         events: Sequence[event_pb2.Event],
+        envelope: EnvelopeColumns,
         partitions: list[int],
         producer: str,
         now_ns: int,
     ) -> list[tuple[int, bytes, int]]:
         """The queue entries of a batch as (partition, serialized QueuedColumns, events), in
         append order: per partition, events keep publish order across entries. The columns
-        are taken from the events once, then each partition's slice is picked out with
-        C-level itemgetters rather than event by event."""
+        are validation's; only the events that carry attributes or an event time are read
+        again, and each partition's slice is picked out with C-level itemgetters."""
         # An event without its own time takes the ingest time, which is kept to the microsecond.
         ingest_micros = now_ns // 1000
-        event_times = [ingest_micros] * len(events)
-        event_nanos = [0] * len(events)
-        for index, event in enumerate(events):
-            if event.HasField("event_time"):  # rare: most producers let ingest time stand
+        count = len(envelope.ids)
+        event_times = [ingest_micros] * count
+        event_nanos = [0] * count
+        attributes = ["{}"] * count
+        for index in envelope.carriers:
+            event = events[index]
+            if event.attributes:
+                attributes[index] = _json(dict(event.attributes))
+            if event.HasField("event_time"):
                 stamp = event.event_time
                 event_times[index] = stamp.seconds * 1_000_000 + stamp.nanos // 1000
                 event_nanos[index] = stamp.nanos % 1000
         columns = _Columns(
-            ids=[e.id for e in events],
-            keys=[e.key for e in events],
-            types=[e.type for e in events],
-            payloads=[e.payload for e in events],
-            content_types=[e.content_type for e in events],
-            attributes=[_json(dict(e.attributes)) if e.attributes else "{}" for e in events],
+            ids=envelope.ids,
+            keys=envelope.keys,
+            types=envelope.types,
+            payloads=envelope.payloads,
+            content_types=envelope.content_types,
+            attributes=attributes,
             event_time_micros=event_times,
             event_time_nanos=event_nanos,
         )

@@ -27,9 +27,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def PublishBatch(
         self, request: ingest_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.PublishBatchResponse:
-        ids = validate_batch(request.events, self._limits)
-        await self._appender.append(request.events, producer=request.producer)
-        return ingest_pb2.PublishBatchResponse(accepted=len(ids), event_ids=ids)
+        columns = validate_batch(request.events, self._limits)
+        await self._appender.append(request.events, columns, producer=request.producer)
+        return ingest_pb2.PublishBatchResponse(accepted=len(columns.ids), event_ids=columns.ids)
 
     async def Publish(
         self,
@@ -42,12 +42,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         # before it stays queued.
         async for request in request_iterator:
             try:
-                ids = validate_batch(request.events, self._limits)
-                await self._appender.append(request.events, producer=request.producer)
+                columns = validate_batch(request.events, self._limits)
+                await self._appender.append(request.events, columns, producer=request.producer)
             except StreamMeshError as refusal:
                 yield ingest_pb2.PublishResponse(refusal=publish_refusal(request.sequence, refusal))
                 await drain_until_half_close(request_iterator, REFUSAL_LINGER_SECONDS)
                 raise
             yield ingest_pb2.PublishResponse(
-                sequence=request.sequence, accepted=len(ids), event_ids=ids
+                sequence=request.sequence, accepted=len(columns.ids), event_ids=columns.ids
             )
