@@ -389,8 +389,9 @@ async def _raw_phase(s: _Session, events: int) -> dict[str, Any]:
         "method": (
             "one XADD per (batch, partition), column-wise entry; one consumer task and "
             "connection per partition; consecutive entries grouped up to "
-            f"{MAX_GROUP_EVENTS} events per INSERT; storage's INSERT_BATCH into storage's "
-            "table; integer timestamps; XACK + XTRIM; every command packed before the window"
+            f"{MAX_GROUP_EVENTS} events per INSERT; storage's INSERT_BATCH_JOINED (text columns "
+            "as joined texts) or INSERT_BATCH, chosen as storage does, into storage's table; "
+            "integer timestamps; XACK + XTRIM; every command packed before the window"
         ),
         "cpu_us_per_event": load.cpu_per_event(before, after, raw.stored),
         "own_backends_cpu_us_per_event": (

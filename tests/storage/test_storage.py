@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.storage.sql import TEXT_SEPARATOR, texts_joinable
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh import MeshServer
@@ -212,6 +213,38 @@ async def test_columns_are_stored_as_the_batch_is(processor: Stub, gateway: Stub
     assert second.event.event_time == events[1].ingest_time
     assert second.event.content_type == "text/plain"
     assert dict(second.event.attributes) == {}
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [("k", "p"), ("k\x1fk", "p")],  # a separator inside a value: bound as arrays
+        [("k", "")],  # one event with an empty text: bound as arrays
+        [("k", ""), ("k2", "")],  # empty texts in a joined batch
+    ],
+)
+async def test_text_columns_survive_either_binding(
+    processor: Stub, gateway: Stub, events: list[tuple[str, str]]
+) -> None:
+    # Storage binds the text columns joined by TEXT_SEPARATOR when it can, else as arrays:
+    # every value comes back exactly either way.
+    batch = [queued(key, producer=producer) for key, producer in events]
+    reply = await processor.StoreEvents(store_request(batch), timeout=5)
+    assert reply.inserted == len(batch)
+    stored = await query_all(gateway)
+    assert [(s.event.key, s.producer, s.event.id) for s in stored] == [
+        (key, producer, q.event.id) for (key, producer), q in zip(events, batch, strict=True)
+    ]
+
+
+def test_texts_are_joined_only_when_the_separator_splits_them_back_exactly() -> None:
+    def joined(*columns: list[str]) -> list[str]:
+        return [TEXT_SEPARATOR.join(values) for values in columns]
+
+    assert texts_joinable(joined(["a", "b"], ["", ""]), 2)
+    assert not texts_joinable(joined(["a", "b\x1fc"], ["", ""]), 2)  # a value holds it
+    assert not texts_joinable(joined(["a"]), 1)  # one value: "" would split into none
+    assert not texts_joinable(joined(["a", "b"]), 3)
 
 
 async def test_a_request_with_both_forms_is_invalid_argument(processor: Stub) -> None:
