@@ -10,8 +10,11 @@ either on undecoded (`QueuedBody`); only a failed entry is decoded, into a Queue
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,7 +22,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from streammesh.api.common.v1 import event_pb2
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD
 
-__all__ = ["QueuedBody", "column_lengths", "columns_to_batch", "entry_body"]
+__all__ = ["QueuedBody", "columns_agree", "columns_to_batch", "entry_body", "expand_runs"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,20 +58,28 @@ def entry_body(fields: dict[bytes, bytes] | None) -> QueuedBody:
     raise DecodeError("entry has no batch field")
 
 
-def column_lengths(columns: event_pb2.QueuedColumns) -> set[int]:
-    """The distinct lengths of the lists: one when the columns agree."""
-    return {
-        len(columns.ids),
-        len(columns.keys),
-        len(columns.types),
-        len(columns.payloads),
-        len(columns.content_types),
-        len(columns.attributes),
-        len(columns.event_time_micros),
-        len(columns.event_time_nanos),
-        len(columns.ingest_time_micros),
-        len(columns.producers),
-    }
+def columns_agree(columns: event_pb2.QueuedColumns) -> bool:
+    """Whether the lists describe one set of events: one element per event in every per-event
+    list, one per run in the run lists, and runs that add up to the events."""
+    count = len(columns.ids)
+    runs = len(columns.run_lengths)
+    return (
+        len(columns.keys)
+        == len(columns.types)
+        == len(columns.payloads)
+        == len(columns.content_types)
+        == len(columns.attributes)
+        == len(columns.event_time_micros)
+        == len(columns.event_time_nanos)
+        == count
+        and len(columns.ingest_time_micros) == len(columns.producers) == runs
+        and sum(columns.run_lengths) == count
+    )
+
+
+def expand_runs(values: Sequence[T], run_lengths: Sequence[int]) -> list[T]:
+    """One value per event from one per run."""
+    return list(itertools.chain.from_iterable(map(itertools.repeat, values, run_lengths)))
 
 
 def _timestamp(micros: int, nanos: int) -> Timestamp:
@@ -85,10 +98,12 @@ def columns_to_batch(columns: event_pb2.QueuedColumns) -> event_pb2.QueuedBatch:
     """The same events event by event (the rare path: dead letters, naming a violation);
     ValueError when the columns cannot describe events: lists of different lengths, nanoseconds
     outside 0..999, attributes that are not a JSON object of strings."""
-    if len(column_lengths(columns)) > 1:
+    if not columns_agree(columns):
         raise ValueError("the columns have different lengths")
     if any(not 0 <= n <= 999 for n in columns.event_time_nanos):
         raise ValueError("event_time_nanos outside 0..999")
+    ingest_times = expand_runs(columns.ingest_time_micros, columns.run_lengths)
+    producers = expand_runs(columns.producers, columns.run_lengths)
     batch = event_pb2.QueuedBatch(partition=columns.partition)
     for index, event_id in enumerate(columns.ids):
         attributes = columns.attributes[index]
@@ -105,8 +120,8 @@ def columns_to_batch(columns: event_pb2.QueuedColumns) -> event_pb2.QueuedBatch:
                     content_type=columns.content_types[index],
                     attributes=_attributes(attributes) if attributes != "{}" else None,
                 ),
-                ingest_time=_timestamp(columns.ingest_time_micros[index], 0),
-                producer=columns.producers[index],
+                ingest_time=_timestamp(ingest_times[index], 0),
+                producer=producers[index],
             )
         )
     return batch

@@ -196,8 +196,9 @@ class StreamAppender:
             attributes=columns.attributes,
             event_time_micros=columns.event_time_micros,
             event_time_nanos=columns.event_time_nanos,
-            ingest_time_micros=[ingest_micros] * count,
-            producers=[producer] * count,
+            ingest_time_micros=[ingest_micros],
+            producers=[producer],
+            run_lengths=[count],
             partition=partition,
         ).SerializeToString()
         if len(serialized) <= self._max_entry_bytes or count == 1:

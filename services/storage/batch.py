@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from services.storage.store import BatchColumns
 from services.storage.times import PG_EPOCH_SECONDS, TimeBound, pg_micros, time_bound
 from streammesh.api.common.v1 import event_pb2
-from streammesh.entries import column_lengths, columns_to_batch
+from streammesh.entries import columns_agree, columns_to_batch, expand_runs
 from streammesh.envelope import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -124,9 +124,10 @@ def queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColu
             f"a batch holds at most {limits.max_batch_events} events, got {count}",
             field_violations=[("columns.ids", f"more than {limits.max_batch_events}")],
         )
-    if len(column_lengths(queued)) > 1:
+    if not columns_agree(queued):
         raise InvalidArgument(
-            "the columns of a batch must all have one element per event",
+            "the columns of a batch must have one element per event (per run for ingest "
+            "times and producers) and runs that add up to the events",
             field_violations=[("columns", "lists of different lengths")],
         )
     columns = _fast_queued_columns(queued, limits) if queued.partition <= MAX_PARTITION else None
@@ -152,7 +153,7 @@ def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> Bat
     content_types, producers = list(queued.content_types), list(queued.producers)
     payloads, attributes = list(queued.payloads), list(queued.attributes)
     event_micros, event_nanos = list(queued.event_time_micros), list(queued.event_time_nanos)
-    ingest_micros = list(queued.ingest_time_micros)
+    ingest_micros = list(queued.ingest_time_micros)  # one per run, like producers
     if not (all(ids) and all(keys) and all(types)) or (
         _longest(ids) > envelope.max_id_chars
         or _longest(keys) > envelope.max_key_chars
@@ -172,6 +173,7 @@ def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> Bat
     if any(text != "{}" and not _attributes_allowed(text, envelope) for text in attributes):
         return None
     offset = _PG_EPOCH_MICROS
+    runs = list(queued.run_lengths)
     return BatchColumns(
         ids=ids,
         keys=keys,
@@ -181,8 +183,8 @@ def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> Bat
         payloads=payloads,
         content_types=[c or DEFAULT_CONTENT_TYPE for c in content_types],
         attributes=attributes,
-        ingest_times=[micros - offset for micros in ingest_micros],
-        producers=producers,
+        ingest_times=expand_runs([micros - offset for micros in ingest_micros], runs),
+        producers=expand_runs(producers, runs),
     )
 
 

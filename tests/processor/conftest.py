@@ -78,8 +78,9 @@ async def append(
             attributes=["{}"] * count,
             event_time_micros=[0] * count,
             event_time_nanos=[0] * count,
-            ingest_time_micros=[0] * count,
-            producers=[""] * count,
+            ingest_time_micros=[0],
+            producers=[""],
+            run_lengths=[count],
             partition=partition,
         ).SerializeToString()
     entry_id = await client.xadd(layout.stream(partition), {form: body, COUNT_FIELD: len(ids)})

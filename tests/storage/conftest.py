@@ -161,6 +161,8 @@ def as_columns(batch: event_pb2.QueuedBatch) -> event_pb2.QueuedColumns:
         )
         columns.event_time_micros.append(_micros(stamp))
         columns.event_time_nanos.append(stamp.nanos % 1000 if event.HasField("event_time") else 0)
+        # One run per event (ingest writes one per entry): run handling is exercised too.
         columns.ingest_time_micros.append(_micros(queued.ingest_time))
         columns.producers.append(queued.producer)
+        columns.run_lengths.append(1)
     return columns

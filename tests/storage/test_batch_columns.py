@@ -20,6 +20,7 @@ from services.storage.batch import (
     queued_columns,
 )
 from streammesh.api.common.v1 import event_pb2
+from streammesh.entries import columns_to_batch
 from streammesh.mesh.errors import InvalidArgument
 from tests.storage.conftest import as_columns
 
@@ -152,6 +153,8 @@ def test_columns_are_checked_and_bound_as_the_batch_is(case: str) -> None:
     ("fault", "message"),
     [
         ({"event_time_nanos": [0] * 7}, "one element per event"),
+        ({"run_lengths": [1] * 7}, "one element per event"),
+        ({"run_lengths": [2] * 8}, "runs that add up"),
         ({"event_time_nanos": [1000] * 8}, "event_time_nanos outside 0..999"),
         ({"attributes": ["[1]"] * 8}, "not a JSON object of strings"),
         ({"attributes": ['{"a":1}'] * 8}, "not a JSON object of strings"),
@@ -167,6 +170,19 @@ def test_columns_that_describe_no_events_are_refused(
         getattr(columns, name).extend(values)
     with pytest.raises(InvalidArgument, match=message):
         queued_columns(columns, Limits())
+
+
+def test_runs_give_each_event_its_ingest_time_and_producer() -> None:
+    columns = as_columns(_batch(_queued(), size=5))
+    for name in ("ingest_time_micros", "producers", "run_lengths"):
+        del getattr(columns, name)[:]
+    columns.ingest_time_micros.extend([1_000_000, 2_000_000])
+    columns.producers.extend(["a", "b"])
+    columns.run_lengths.extend([2, 3])
+    got = queued_columns(columns, Limits())
+    assert got.producers == ["a", "a", "b", "b", "b"]
+    assert got.ingest_times == [t - 946_684_800_000_000 for t in [1_000_000] * 2 + [2_000_000] * 3]
+    assert [q.producer for q in columns_to_batch(columns).events] == got.producers
 
 
 def test_columns_over_the_event_limit_are_refused() -> None:

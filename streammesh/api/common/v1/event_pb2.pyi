@@ -184,6 +184,7 @@ class QueuedColumns(_message.Message):
     EVENT_TIME_NANOS_FIELD_NUMBER: _builtins.int
     INGEST_TIME_MICROS_FIELD_NUMBER: _builtins.int
     PRODUCERS_FIELD_NUMBER: _builtins.int
+    RUN_LENGTHS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     @_builtins.property
@@ -212,12 +213,17 @@ class QueuedColumns(_message.Message):
     def event_time_nanos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def ingest_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """When ingest accepted the event, microseconds since 1970-01-01T00:00:00Z."""
+        """Runs of consecutive events that share an ingest time and a producer, kept once per run
+        rather than once per event (ingest writes one run per entry: a publish batch's events):
+        run i is the next run_lengths[i] events, accepted at ingest_time_micros[i] (microseconds
+        since 1970-01-01T00:00:00Z) from producers[i], the authenticated principal (JWT subject)
+        that published them. The run lengths add up to the number of events.
+        """
 
     @_builtins.property
-    def producers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The authenticated principal (JWT subject) that published it."""
-
+    def producers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def run_lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -231,11 +237,12 @@ class QueuedColumns(_message.Message):
         event_time_nanos: _abc.Iterable[_builtins.int] | None = ...,
         ingest_time_micros: _abc.Iterable[_builtins.int] | None = ...,
         producers: _abc.Iterable[_builtins.str] | None = ...,
+        run_lengths: _abc.Iterable[_builtins.int] | None = ...,
         partition: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "run_lengths", b"run_lengths", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
