@@ -4,7 +4,8 @@ partitioning, the consumer group, and the entry format.
 The unit of the queue is a batch, not an event: one Redis Stream entry holds a serialized
 `streammesh.common.v1.QueuedColumns` (field `cols`) with the events of one publish batch that
 fall in one partition, in publish order, column-wise; entries written by earlier releases hold a
-`QueuedBatch` (field `batch`) instead (`streammesh/entries.py` reads both). Per-entry client CPU
+`QueuedBatch` (field `batch`) instead (`streammesh/entries.py` reads both). A processor of an
+earlier release reads only `batch`: upgrade storage and the processor before ingest. Per-entry client CPU
 (XADD ~27 us, XREADGROUP+XACK ~5-7 us on the reference machine) is then paid once per batch
 instead of once per event.
 
