@@ -41,7 +41,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+from streammesh.streams import COUNT_FIELD, StreamLayout, body_bytes
 
 __all__ = [
     "APPEND_SCRIPT",
@@ -60,14 +60,14 @@ BYTES = b"bytes"
 """Counter field: bytes of their batch fields."""
 
 APPEND_SCRIPT = f"""
-local id = redis.call('XADD', KEYS[1], '*', '{BATCH_FIELD.decode()}', ARGV[1],
-  '{COUNT_FIELD.decode()}', ARGV[2])
+local id = redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[1], '{COUNT_FIELD.decode()}', ARGV[2])
 redis.call('HINCRBY', KEYS[2], '{EVENTS.decode()}', ARGV[2])
 redis.call('HINCRBY', KEYS[2], '{BYTES.decode()}', string.len(ARGV[1]))
 return id
 """
-"""KEYS: the stream, its counters; ARGV: the serialized batch, its event count. Returns the
-entry id."""
+"""KEYS: the stream, its counters; ARGV: the serialized events, their count, and the entry field
+that holds them (COLUMNS_FIELD as ingest writes; BATCH_FIELD for the form of earlier releases).
+Returns the entry id."""
 
 
 def entry_weight(fields: dict[bytes, bytes] | None) -> tuple[int, int]:
@@ -76,7 +76,7 @@ def entry_weight(fields: dict[bytes, bytes] | None) -> tuple[int, int]:
     if not fields:
         return 0, 0
     count = fields.get(COUNT_FIELD, b"")
-    return (int(count) if count.isdigit() else 0), len(fields.get(BATCH_FIELD, b""))
+    return (int(count) if count.isdigit() else 0), body_bytes(fields)
 
 
 @dataclass(frozen=True)

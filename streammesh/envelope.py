@@ -131,6 +131,9 @@ class EnvelopeColumns:
     types: list[str]
     content_types: list[str]
     payloads: list[bytes]
+    carriers: list[int]
+    """Indexes of the events that carry attributes or an event time (the rare fields), in
+    order: only these need a look at those fields."""
 
 
 def _longest(values: Iterable[str | bytes]) -> int:
@@ -160,10 +163,13 @@ def envelope_columns(
         or "\x00" in "".join(itertools.chain(ids, keys, types, content_types))
     ):
         return None
-    for event in events:
+    carriers = [
+        index
+        for index, event in enumerate(events)
+        if event.attributes or event.HasField("event_time")
+    ]
+    for index in carriers:
         # Rare fields: only events that carry them pay for the exact check.
-        if (event.attributes or event.HasField("event_time")) and event_violations(
-            event, limits, require_id=require_id
-        ):
+        if event_violations(events[index], limits, require_id=require_id):
             return None
-    return EnvelopeColumns(ids, keys, types, content_types, payloads)
+    return EnvelopeColumns(ids, keys, types, content_types, payloads, carriers)

@@ -2,9 +2,12 @@
 partitioning, the consumer group, and the entry format.
 
 The unit of the queue is a batch, not an event: one Redis Stream entry holds a serialized
-`streammesh.common.v1.QueuedBatch` with the events of one publish batch that fall in one
-partition, in publish order. Per-entry client CPU (XADD ~27 us, XREADGROUP+XACK ~5-7 us on the
-reference machine) is then paid once per batch instead of once per event.
+`streammesh.common.v1.QueuedColumns` (field `cols`) with the events of one publish batch that
+fall in one partition, in publish order, column-wise; entries written by earlier releases hold a
+`QueuedBatch` (field `batch`) instead (`streammesh/entries.py` reads both). A processor of an
+earlier release reads only `batch`: upgrade storage and the processor before ingest. Per-entry client CPU
+(XADD ~27 us, XREADGROUP+XACK ~5-7 us on the reference machine) is then paid once per batch
+instead of once per event.
 
 Keys under the stream prefix `<prefix>` (default `streammesh:events`):
 
@@ -32,12 +35,29 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-__all__ = ["BATCH_FIELD", "COUNT_FIELD", "StreamLayout", "jump_hash"]
+__all__ = [
+    "BATCH_FIELD",
+    "COLUMNS_FIELD",
+    "COUNT_FIELD",
+    "StreamLayout",
+    "body_bytes",
+    "jump_hash",
+]
 
+COLUMNS_FIELD = b"cols"
+"""Entry field holding the serialized QueuedColumns (what ingest writes)."""
 BATCH_FIELD = b"batch"
-"""Entry field holding the serialized QueuedBatch."""
+"""Entry field holding a serialized QueuedBatch (entries of earlier releases)."""
 COUNT_FIELD = b"events"
 """Entry field holding the number of events, readable without decoding the batch."""
+
+
+def body_bytes(fields: dict[bytes, bytes] | None) -> int:
+    """The length of an entry's events field (columns or, from earlier releases, a batch): what
+    back-pressure counts and trimming measures; 0 for an entry without either."""
+    if not fields:
+        return 0
+    return len(fields.get(COLUMNS_FIELD) or fields.get(BATCH_FIELD) or b"")
 
 
 def jump_hash(key: bytes, buckets: int) -> int:

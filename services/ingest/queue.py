@@ -21,24 +21,30 @@ idempotent insert keyed by event id turns re-delivery into exactly-once storage.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import operator
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from google.protobuf.timestamp_pb2 import Timestamp
 from redis.exceptions import RedisError, ResponseError
 
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import APPEND_SCRIPT
+from streammesh.envelope import EnvelopeColumns
 from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.startup import StartupError
-from streammesh.streams import StreamLayout
-from streammesh.wire import length_delimited_field, varint_field
+from streammesh.streams import COLUMNS_FIELD, StreamLayout
 
 __all__ = ["DurabilityError", "StreamAppender", "check_durability"]
 
 log = logging.getLogger(__name__)
+# One encoder for all events: json.dumps with options builds a new encoder per call.
+_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class DurabilityError(StartupError):
@@ -93,30 +99,46 @@ class StreamAppender:
         self._pressure = pressure
         self._max_entry_bytes = max_entry_bytes
 
-    async def append(self, events: Sequence[event_pb2.Event], *, producer: str) -> None:
-        ingest_time = Timestamp()
-        ingest_time.GetCurrentTime()
-        partitions = [self._layout.partition_for(event.key) for event in events]
-        entries = self._entries(events, partitions, producer, ingest_time.SerializeToString())
-        batches = [entry.serialized() for entry in entries]
+    async def append(
+        self,
+        events: Sequence[event_pb2.Event],
+        envelope: EnvelopeColumns | None = None,
+        *,
+        producer: str,
+    ) -> None:
+        """Queue the validated events; `envelope` is their columns as validation took them
+        (read from the events when not given)."""
+        now_ns = time.time_ns()
+        if envelope is None:
+            envelope = EnvelopeColumns(
+                ids=[e.id for e in events],
+                keys=[e.key for e in events],
+                types=[e.type for e in events],
+                content_types=[e.content_type for e in events],
+                payloads=[e.payload for e in events],
+                carriers=list(range(len(events))),
+            )
+        partition_for = self._layout.partition_for
+        partitions = [partition_for(key) for key in envelope.keys]
+        entries = self._entries(events, envelope, partitions, producer, now_ns)
         pressure = self._pressure
         if pressure is None:
-            await self._append(entries, batches)
+            await self._append(entries)
             return
         weights: dict[int, tuple[int, int]] = {}
-        for entry, batch in zip(entries, batches, strict=True):
-            held = weights.get(entry.partition, (0, 0))
-            weights[entry.partition] = (held[0] + len(entry.events), held[1] + len(batch))
+        for partition, serialized, count in entries:
+            held = weights.get(partition, (0, 0))
+            weights[partition] = (held[0] + count, held[1] + len(serialized))
         pressure.admit(weights)
         try:
-            await self._append(entries, batches)
+            await self._append(entries)
         finally:
             pressure.settled(weights)
 
-    async def _append(self, entries: list[_Entry], batches: list[bytes]) -> None:
+    async def _append(self, entries: list[tuple[int, bytes, int]]) -> None:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for entry, batch in zip(entries, batches, strict=True):
+                for partition, serialized, count in entries:
                     # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with an extra
                     # SCRIPT EXISTS round trip per execute, and EVALSHA alone fails with
                     # NOSCRIPT after a Redis restart. Redis caches the compiled script; the
@@ -124,10 +146,11 @@ class StreamAppender:
                     pipe.eval(
                         APPEND_SCRIPT,
                         2,
-                        self._layout.stream(entry.partition),
-                        self._layout.unacked_key(entry.partition),
-                        batch,
-                        len(entry.events),
+                        self._layout.stream(partition),
+                        self._layout.unacked_key(partition),
+                        serialized,
+                        count,
+                        COLUMNS_FIELD,
                     )
                 await pipe.execute()
         except (RedisError, OSError) as error:
@@ -136,43 +159,103 @@ class StreamAppender:
     def _entries(
         self,
         events: Sequence[event_pb2.Event],
+        envelope: EnvelopeColumns,
         partitions: list[int],
         producer: str,
-        ingest_time: bytes,
-    ) -> list[_Entry]:
-        """The queue entries of a batch, in append order: per partition, events keep publish
-        order across entries. Each event is framed into its QueuedEvent as bytes (the event as
-        the client sent it, then the ingest time and producer, shared by the whole batch)
-        rather than copied into a new message: the same QueuedBatch on the wire, at a third of
-        the cost."""
-        tail = length_delimited_field(2, ingest_time) + length_delimited_field(3, producer.encode())
-        event_time = length_delimited_field(4, ingest_time)  # for events without their own
-        entries: list[_Entry] = []
-        open_entry: dict[int, _Entry] = {}
-        for event, partition in zip(events, partitions, strict=True):
-            body = event.SerializeToString()
-            if not event.HasField("event_time"):
-                body += event_time
-            item = length_delimited_field(1, length_delimited_field(1, body) + tail)
-            entry = open_entry.get(partition)
-            if entry is None or (entry.size + len(item) > self._max_entry_bytes and entry.events):
-                entry = open_entry[partition] = _Entry(partition)
-                entries.append(entry)
-            entry.add(item)
+        now_ns: int,
+    ) -> list[tuple[int, bytes, int]]:
+        """The queue entries of a batch as (partition, serialized QueuedColumns, events), in
+        append order: per partition, events keep publish order across entries. The columns
+        are validation's; only the events that carry attributes or an event time are read
+        again, and each partition's slice is picked out with C-level itemgetters."""
+        # An event without its own time takes the ingest time, which is kept to the microsecond.
+        ingest_micros = now_ns // 1000
+        count = len(envelope.ids)
+        event_times = [ingest_micros] * count
+        event_nanos = [0] * count
+        attributes = ["{}"] * count
+        for index in envelope.carriers:
+            event = events[index]
+            if event.attributes:
+                attributes[index] = _json(dict(event.attributes))
+            if event.HasField("event_time"):
+                stamp = event.event_time
+                event_times[index] = stamp.seconds * 1_000_000 + stamp.nanos // 1000
+                event_nanos[index] = stamp.nanos % 1000
+        columns = _Columns(
+            ids=envelope.ids,
+            keys=envelope.keys,
+            types=envelope.types,
+            payloads=envelope.payloads,
+            content_types=envelope.content_types,
+            attributes=attributes,
+            event_time_micros=event_times,
+            event_time_nanos=event_nanos,
+        )
+        slices: dict[int, list[int]] = {}
+        for index, partition in enumerate(partitions):
+            slices.setdefault(partition, []).append(index)
+        entries: list[tuple[int, bytes, int]] = []
+        for partition, indexes in slices.items():
+            picked = columns if len(slices) == 1 else columns.pick(indexes)
+            self._add_entries(entries, partition, picked, ingest_micros, producer)
         return entries
 
+    def _add_entries(
+        self,
+        entries: list[tuple[int, bytes, int]],
+        partition: int,
+        columns: _Columns,
+        ingest_micros: int,
+        producer: str,
+    ) -> None:
+        """One entry for the partition's slice, or several in order when it is larger than
+        max_entry_bytes (halved until each fits or holds one event)."""
+        count = len(columns.ids)
+        serialized = event_pb2.QueuedColumns(
+            ids=columns.ids,
+            keys=columns.keys,
+            types=columns.types,
+            payloads=columns.payloads,
+            content_types=columns.content_types,
+            attributes=columns.attributes,
+            event_time_micros=columns.event_time_micros,
+            event_time_nanos=columns.event_time_nanos,
+            ingest_time_micros=[ingest_micros],
+            producers=[producer],
+            run_lengths=[count],
+            partition=partition,
+        ).SerializeToString()
+        if len(serialized) <= self._max_entry_bytes or count == 1:
+            entries.append((partition, serialized, count))
+            return
+        half = count // 2
+        self._add_entries(entries, partition, columns.pick(range(half)), ingest_micros, producer)
+        self._add_entries(
+            entries, partition, columns.pick(range(half, count)), ingest_micros, producer
+        )
 
-class _Entry:
-    """One queue entry being built: a QueuedBatch as its serialized `events` items."""
 
-    def __init__(self, partition: int) -> None:
-        self.partition = partition
-        self.events: list[bytes] = []
-        self.size = 0
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """A batch's per-event columns of QueuedColumns (ingest time and producer are the batch's)."""
 
-    def add(self, item: bytes) -> None:
-        self.events.append(item)
-        self.size += len(item)
+    ids: Sequence[str]
+    keys: Sequence[str]
+    types: Sequence[str]
+    payloads: Sequence[bytes]
+    content_types: Sequence[str]
+    attributes: Sequence[str]
+    event_time_micros: Sequence[int]
+    event_time_nanos: Sequence[int]
 
-    def serialized(self) -> bytes:
-        return b"".join(self.events) + varint_field(2, self.partition)
+    def pick(self, indexes: Sequence[int]) -> _Columns:
+        """The events at `indexes`, in that order."""
+        if len(indexes) == 1:
+            (only,) = indexes
+            return _Columns(*([getattr(self, name)[only]] for name in _COLUMN_NAMES))
+        get = operator.itemgetter(*indexes)
+        return _Columns(*(get(getattr(self, name)) for name in _COLUMN_NAMES))
+
+
+_COLUMN_NAMES = tuple(f.name for f in dataclasses.fields(_Columns))

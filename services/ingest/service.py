@@ -44,18 +44,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """Validate the batch (refused whole on an envelope violation), check payloads (refused
         per event), append the rest; the ids of every event, how many were appended, and the
         refused ones."""
-        ids = validate_batch(events, self._limits)
+        columns = validate_batch(events, self._limits)
         refused = (
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )
         if not refused:
-            await self._appender.append(events, producer=producer)
-            return ids, len(ids), []
+            await self._appender.append(events, columns, producer=producer)
+            return columns.ids, len(columns.ids), []
+        # The kept events' columns are read again: refusals are the rare path.
         out = {refusal.index for refusal in refused}
         kept = [event for index, event in enumerate(events) if index not in out]
         if kept:
             await self._appender.append(kept, producer=producer)
-        return ids, len(kept), refused
+        return columns.ids, len(kept), refused
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the gateway names for the caller (x-streammesh-tenant); DEFAULT_TENANT

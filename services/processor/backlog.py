@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 
 from services.processor.trimming import EntryId, format_id, parse_id
 from streammesh.backlog import BYTES, EVENTS, Backlog, entry_weight
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.streams import StreamLayout, body_bytes
 
 __all__ = ["MAX_RECONCILE_BYTES", "BacklogKeeper"]
 
@@ -217,7 +217,7 @@ class BacklogKeeper:
                     entry_events, entry_bytes = entry_weight(fields)
                     events += entry_events
                     size += entry_bytes
-                read += len(fields.get(BATCH_FIELD, b""))
+                read += body_bytes(fields)
             if read > MAX_RECONCILE_BYTES:
                 return None
             if len(page) < _PAGE:

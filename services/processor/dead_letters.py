@@ -43,7 +43,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from streammesh.api.common.v1 import event_pb2
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD, StreamLayout
 
 __all__ = [
     "MAX_ERROR_CHARS",
@@ -184,7 +184,7 @@ class DeadLetterRecord:
             stream=stream,
             partition=partition,
             entry_id=entry_id.decode(),
-            batch=fields[BATCH_FIELD] if batch is not None and fields else None,
+            batch=_kept_batch(fields, batch),
             raw_fields=raw,
             event_ids=tuple(q.event.id for q in batch.events) if batch is not None else (),
             error=error,
@@ -201,6 +201,18 @@ class DeadLetterRecord:
 
 RecordDeadLetter = Callable[[DeadLetterRecord], Awaitable[int]]
 """Stores a record (StoreDeadLetter) and returns its dead-letter id; raises when it could not."""
+
+
+def _kept_batch(
+    fields: dict[bytes, bytes] | None, batch: event_pb2.QueuedBatch | None
+) -> bytes | None:
+    """The serialized QueuedBatch a record keeps: the entry's own bytes, or, for a columnar
+    entry, the QueuedBatch it decoded to (a dead letter has that one form)."""
+    if batch is None or not fields:
+        return None
+    if COLUMNS_FIELD in fields:
+        return batch.SerializeToString()
+    return fields[BATCH_FIELD]
 
 
 def _from_ms(ms: int) -> dt.datetime:

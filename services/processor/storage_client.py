@@ -9,6 +9,7 @@ import grpc
 from services.processor.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
 from services.processor.worker import PermanentStoreError, StoreResult
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.entries import QueuedBody
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from streammesh.wire import length_delimited_field
 
@@ -35,10 +36,15 @@ def classify(error: grpc.aio.AioRpcError) -> Exception | None:
     return None
 
 
-def store_events_request(batch: bytes) -> bytes:
-    """A serialized StoreEventsRequest around a serialized QueuedBatch: its only field, `batch`
-    (field 1), framed around the bytes as they are."""
-    return length_delimited_field(1, batch)
+_COLUMNS_FIELD_NUMBER = storage_pb2.StoreEventsRequest.COLUMNS_FIELD_NUMBER
+_BATCH_FIELD_NUMBER = storage_pb2.StoreEventsRequest.BATCH_FIELD_NUMBER
+
+
+def store_events_request(body: QueuedBody) -> bytes:
+    """A serialized StoreEventsRequest around an entry's serialized events: `columns` or `batch`
+    as the entry holds them, framed around the bytes as they are."""
+    number = _COLUMNS_FIELD_NUMBER if body.columnar else _BATCH_FIELD_NUMBER
+    return length_delimited_field(number, body.data)
 
 
 def dead_letter_request(record: DeadLetterRecord) -> storage_pb2.StoreDeadLetterRequest:
@@ -77,8 +83,8 @@ class StorageWriter:
             response_deserializer=storage_pb2.StoreEventsResponse.FromString,
         )
 
-    async def store(self, batch: bytes) -> StoreResult:
-        """Store a serialized QueuedBatch (passed on without decoding it)."""
+    async def store(self, batch: QueuedBody) -> StoreResult:
+        """Store an entry's events (passed on without decoding them)."""
         try:
             reply = await self._store_events(store_events_request(batch))
         except grpc.aio.AioRpcError as error:

@@ -41,8 +41,9 @@ from services.processor.ownership import Entry, PartitionOwnership
 from services.processor.trimming import trim_partition
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.processor.v1 import processor_pb2
+from streammesh.entries import QueuedBody, entry_body
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
-from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+from streammesh.streams import COUNT_FIELD, StreamLayout, body_bytes
 
 __all__ = [
     "PermanentStoreError",
@@ -70,8 +71,9 @@ class PermanentStoreError(Exception):
     """Storage refused the batch for a reason a retry cannot fix (the batch goes to dead letters)."""
 
 
-StoreBatch = Callable[[bytes], Awaitable[StoreResult]]
-"""Stores a serialized QueuedBatch (an entry's batch field, passed on undecoded); raises
+StoreBatch = Callable[[QueuedBody], Awaitable[StoreResult]]
+"""Stores an entry's events (its serialized QueuedColumns or QueuedBatch, passed on undecoded,
+or those of consecutive entries of one form concatenated); raises
 PermanentStoreError to dead-letter it at once, an outage (`dead_letters.is_outage`) to wait,
 anything else to retry it up to `max_deliveries` times."""
 
@@ -323,8 +325,8 @@ class StreamWorker:
 
     async def _drain(self, partition: int, entries: list[Entry]) -> _Outcome:
         """Store and acknowledge entries in order while we hold the partition. Consecutive
-        entries go to storage in one call (their batches concatenated, which protobuf reads as
-        one batch in the same order); if that call fails for a reason other than an outage,
+        entries of one form go to storage in one call (their bodies concatenated, which protobuf
+        reads as one message with the events in the same order); if that call fails for a reason other than an outage,
         they are stored one by one, so that only the entry at fault is counted against."""
         start = 0
         while start < len(entries):
@@ -341,15 +343,20 @@ class StreamWorker:
         return _Outcome.DONE
 
     def _group(self, entries: list[Entry], start: int) -> list[Entry]:
-        """Entries from `start` on that fit one StoreEvents call (at least one)."""
+        """Entries from `start` on that fit one StoreEvents call (at least one), all of one
+        form (an entry without a body goes alone: its store fails by itself)."""
         events = size = 0
         end = start
+        form = _body_field(entries[start][1])
         while end < len(entries):
             fields = entries[end][1] or {}
             events += _event_count(fields)
-            size += len(fields.get(BATCH_FIELD, b""))
+            size += sum(map(len, fields.values()))
             if end > start and (
-                events > self._config.store_max_events or size > self._config.store_max_bytes
+                events > self._config.store_max_events
+                or size > self._config.store_max_bytes
+                or form is None
+                or _body_field(fields) != form
             ):
                 break
             end += 1
@@ -361,7 +368,8 @@ class StreamWorker:
         if not self.ownership.holds(partition):
             return _Outcome.LOST
         try:
-            batch = b"".join(_batch_bytes(fields) for _, fields in group)
+            bodies = [entry_body(fields) for _, fields in group]
+            batch = QueuedBody(bodies[0].field, b"".join(body.data for body in bodies))
             self._failpoint.reached("before-store")
             result = await self._store(batch)
             self._failpoint.reached("after-store")
@@ -385,7 +393,7 @@ class StreamWorker:
         try:
             # The entry's bytes go to storage as they are: storage parses them anyway, and
             # decoding here too cost the processor more than all its Redis work.
-            raw = _batch_bytes(fields)
+            raw = entry_body(fields)
             self._failpoint.reached("before-store")
             result = await self._store(raw)
             self._failpoint.reached("after-store")
@@ -429,7 +437,7 @@ class StreamWorker:
         if not await self.ownership.ack(partition, *entries):
             return False
         self._acked_bytes[partition] = self._acked_bytes.get(partition, 0) + sum(
-            len(fields.get(BATCH_FIELD, b"")) for _, fields in entries if fields
+            body_bytes(fields) for _, fields in entries
         )
         return True
 
@@ -561,19 +569,20 @@ class StreamWorker:
         return statuses
 
 
-def _batch_bytes(fields: dict[bytes, bytes] | None) -> bytes:
-    if not fields or BATCH_FIELD not in fields:
-        raise DecodeError("entry has no batch field")
-    return fields[BATCH_FIELD]
+def _body_field(fields: dict[bytes, bytes] | None) -> bytes | None:
+    try:
+        return entry_body(fields).field
+    except DecodeError:
+        return None
 
 
 def _decoded(
     fields: dict[bytes, bytes] | None, error: Exception
 ) -> tuple[event_pb2.QueuedBatch | None, Exception]:
-    """The entry's batch after a failed store, and the error to act on: a DecodeError when the
-    batch does not decode, else the store's error."""
+    """The entry's events as a QueuedBatch after a failed store (either form), and the error to
+    act on: a DecodeError when the entry does not decode, else the store's error."""
     try:
-        return event_pb2.QueuedBatch.FromString(_batch_bytes(fields)), error
+        return entry_body(fields).batch(), error
     except DecodeError as undecodable:
         return None, undecodable
 

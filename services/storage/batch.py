@@ -9,14 +9,16 @@ violation. Either way the same rules as ingest's apply (streammesh.envelope).
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
 from services.storage.store import BatchColumns
-from services.storage.times import TimeBound, pg_micros, time_bound
+from services.storage.times import PG_EPOCH_SECONDS, TimeBound, pg_micros, time_bound
 from streammesh.api.common.v1 import event_pb2
+from streammesh.entries import columns_agree, columns_to_batch, expand_runs
 from streammesh.envelope import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -34,6 +36,7 @@ __all__ = [
     "Violations",
     "batch_columns",
     "checked_time",
+    "queued_columns",
 ]
 
 DEFAULT_CONTENT_TYPE = "application/json"
@@ -41,6 +44,10 @@ MAX_PARTITION = 2**31 - 1  # the column is a Postgres integer
 _MAX_VIOLATIONS_REPORTED = 20
 # One encoder for all rows: json.dumps with options builds a new encoder per call.
 _json = json.JSONEncoder(separators=(",", ":")).encode
+_PG_EPOCH_MICROS = PG_EPOCH_SECONDS * 1_000_000
+# The Timestamp range in Unix microseconds (QueuedColumns' times).
+_MIN_MICROS = MIN_SECONDS * 1_000_000
+_MAX_MICROS = MAX_SECONDS * 1_000_000 + 999_999
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,102 @@ def batch_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns:
     if columns is None:
         columns = _checked_columns(batch, limits)  # raises with the violations
     return columns
+
+
+def queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColumns:
+    """The columns as the insert takes them, checked a column at a time; InvalidArgument (with
+    every violation, up to a limit) if any event breaks a rule."""
+    count = len(queued.ids)
+    if count > limits.max_batch_events:
+        raise InvalidArgument(
+            f"a batch holds at most {limits.max_batch_events} events, got {count}",
+            field_violations=[("columns.ids", f"more than {limits.max_batch_events}")],
+        )
+    if not columns_agree(queued):
+        raise InvalidArgument(
+            "the columns of a batch must have one element per event (per run for ingest "
+            "times and producers) and runs that add up to the events",
+            field_violations=[("columns", "lists of different lengths")],
+        )
+    columns = _fast_queued_columns(queued, limits) if queued.partition <= MAX_PARTITION else None
+    if columns is None:
+        # Some event might break a rule: event by event, naming each violation.
+        try:
+            batch = columns_to_batch(queued)
+        except ValueError as error:
+            raise InvalidArgument(
+                f"the columns do not describe events: {error}",
+                field_violations=[("columns", str(error))],
+            ) from error
+        columns = _checked_columns(batch, limits)  # raises with the violations
+    return columns
+
+
+def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColumns | None:
+    """The columns, or None when some event might break a rule (the exact check decides).
+    Every check is a builtin over a whole column: ids, keys and types present, lengths, one NUL
+    search, time ranges by min/max; attributes other than "{}" are parsed (rare)."""
+    envelope = limits.envelope
+    ids, keys, types = list(queued.ids), list(queued.keys), list(queued.types)
+    content_types, producers = list(queued.content_types), list(queued.producers)
+    payloads, attributes = list(queued.payloads), list(queued.attributes)
+    event_micros, event_nanos = list(queued.event_time_micros), list(queued.event_time_nanos)
+    ingest_micros = list(queued.ingest_time_micros)  # one per run, like producers
+    if not (all(ids) and all(keys) and all(types)) or (
+        _longest(ids) > envelope.max_id_chars
+        or _longest(keys) > envelope.max_key_chars
+        or _longest(types) > envelope.max_type_chars
+        or _longest(content_types) > envelope.max_content_type_chars
+        or _longest(producers) > limits.max_text_chars
+        or _longest(payloads) > envelope.max_payload_bytes
+        or "\x00" in "".join(itertools.chain(ids, keys, types, content_types, producers))
+    ):
+        return None
+    if ids and not (
+        _MIN_MICROS <= min(event_micros) <= max(event_micros) <= _MAX_MICROS
+        and _MIN_MICROS <= min(ingest_micros) <= max(ingest_micros) <= _MAX_MICROS
+        and 0 <= min(event_nanos) <= max(event_nanos) <= 999
+    ):
+        return None
+    if any(text != "{}" and not _attributes_allowed(text, envelope) for text in attributes):
+        return None
+    offset = _PG_EPOCH_MICROS
+    runs = list(queued.run_lengths)
+    return BatchColumns(
+        ids=ids,
+        keys=keys,
+        types=types,
+        event_times=[micros - offset for micros in event_micros],
+        event_time_nanos=event_nanos,
+        payloads=payloads,
+        content_types=[c or DEFAULT_CONTENT_TYPE for c in content_types],
+        attributes=attributes,
+        ingest_times=expand_runs([micros - offset for micros in ingest_micros], runs),
+        producers=expand_runs(producers, runs),
+    )
+
+
+def _longest(values: list[str] | list[bytes]) -> int:
+    return max(map(len, values), default=0)
+
+
+def _attributes_allowed(text: str, limits: EnvelopeLimits) -> bool:
+    """Whether JSON text holds attributes an Event may carry (the envelope's rules)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return (
+        isinstance(value, dict)
+        and len(value) <= limits.max_attributes
+        and all(
+            isinstance(v, str)
+            and len(k) + len(v) <= limits.max_attribute_chars
+            and "\x00" not in k
+            and "\x00" not in v
+            for k, v in value.items()
+        )
+    )
 
 
 def _fast_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns | None:

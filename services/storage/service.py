@@ -13,7 +13,13 @@ import logging
 import grpc
 
 from services.storage import dead_letters
-from services.storage.batch import Limits, Violations, batch_columns, checked_time
+from services.storage.batch import (
+    Limits,
+    Violations,
+    batch_columns,
+    checked_time,
+    queued_columns,
+)
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.paging import (
     dead_letter_scope,
@@ -76,9 +82,18 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.StoreEventsResponse:
         """Store the batch in one transaction; ids already stored count as duplicates."""
-        batch = request.batch
-        columns = batch_columns(batch, self._limits)
-        inserted = await self._store.insert_batch(columns, partition=batch.partition)
+        if request.HasField("columns"):
+            if request.HasField("batch"):
+                raise InvalidArgument(
+                    "set one of batch and columns, not both",
+                    field_violations=[("batch", "set together with columns")],
+                )
+            columns = queued_columns(request.columns, self._limits)
+            partition = request.columns.partition
+        else:
+            columns = batch_columns(request.batch, self._limits)
+            partition = request.batch.partition
+        inserted = await self._store.insert_batch(columns, partition=partition)
         return storage_pb2.StoreEventsResponse(
             inserted=inserted, duplicates=len(columns) - inserted
         )

@@ -13,11 +13,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
-from services.storage.sql import INSERT_BATCH
+from services.storage.sql import (
+    INSERT_BATCH,
+    INSERT_BATCH_JOINED,
+    TEXT_SEPARATOR,
+    texts_joinable,
+)
 from services.storage.times import TimeBound
 from streammesh.mesh.errors import Unavailable
 
@@ -190,22 +196,35 @@ class EventStore:
         under the same id, including repeats inside the batch)."""
         if not batch:
             return 0
+        texts: list[Any] = [
+            batch.ids,
+            batch.keys,
+            batch.types,
+            batch.content_types,
+            batch.attributes,
+            batch.producers,
+        ]
+        statement = INSERT_BATCH
+        joined = [TEXT_SEPARATOR.join(values) for values in texts]
+        if texts_joinable(joined, len(batch)):
+            statement, texts = INSERT_BATCH_JOINED, joined
+        ids, keys, types, content_types, attributes, producers = texts
         async with (
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
             status = await conn.execute(
-                INSERT_BATCH,
-                batch.ids,
-                batch.keys,
-                batch.types,
+                statement,
+                ids,
+                keys,
+                types,
                 batch.event_times,
                 batch.event_time_nanos,
                 batch.payloads,
-                batch.content_types,
-                batch.attributes,
+                content_types,
+                attributes,
                 batch.ingest_times,
-                batch.producers,
+                producers,
                 partition,
             )
         return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"

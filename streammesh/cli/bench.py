@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 from streammesh.api.common.v1 import event_pb2
 from streammesh.cli import bench_load as load
 from streammesh.cli.admin import create_user_as_operator
+from streammesh.cli.bench_backends import backend_pids_of, backends_cpu_seconds
 from streammesh.cli.bench_load import connect_postgres
 from streammesh.cli.bench_raw import MAX_GROUP_EVENTS, RawPath, raw_batches
 from streammesh.cli.bench_stats import latency_summary
@@ -350,12 +351,15 @@ async def _closed_phase(s: _Session) -> dict[str, Any]:
     print(f"closed loop: {args.streams} streams x {args.window} batches of "
           f"{args.closed_batch_size} in flight, {args.closed_duration:g}s", flush=True)  # fmt: skip
     templates = load.request_templates(s.events("closed", "c", args.closed_batch_size))
+    backends = await backend_pids_of(s.bench.database_url, s.pids.get("storage"))
+    backends_before = backends_cpu_seconds(backends)
     before = await load.sample_cpu(s.pids, s.redis)
     cl = await load.closed_loop(
         s.publish, s.metadata, templates, streams=args.streams, window=args.window,
         duration=args.closed_duration, drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
     drained, stored, after = await s.caught_up("closed")
+    backends_after = backends_cpu_seconds(backends)
     print(f"  {cl.acked:,} acknowledged, {stored:,} stored", flush=True)
     end = drained if drained is not None else asyncio.get_running_loop().time()
     return {
@@ -375,6 +379,12 @@ async def _closed_phase(s: _Session) -> dict[str, Any]:
         "dead_letters": await s.dead_letters(),
         "refused": cl.refused,
         "cpu_us_per_event": load.cpu_per_event(before, after, cl.acked),
+        # Storage's own backends, per stored event like the raw path's (None when unknown).
+        "storage_backends_cpu_us_per_event": (
+            None
+            if backends_before is None or backends_after is None
+            else (backends_after - backends_before) * 1e6 / max(stored, 1)
+        ),
         "stamp_us_per_event": _stamp_cost(templates[0]),
     }
 
@@ -413,8 +423,9 @@ async def _raw_phase(s: _Session, events: int) -> dict[str, Any]:
         "method": (
             "one XADD per (batch, partition), column-wise entry; one consumer task and "
             "connection per partition; consecutive entries grouped up to "
-            f"{MAX_GROUP_EVENTS} events per INSERT; storage's INSERT_BATCH into storage's "
-            "table; integer timestamps; XACK + XTRIM; every command packed before the window"
+            f"{MAX_GROUP_EVENTS} events per INSERT; storage's INSERT_BATCH_JOINED (text columns "
+            "as joined texts) or INSERT_BATCH, chosen as storage does, into storage's table; "
+            "integer timestamps; XACK + XTRIM; every command packed before the window"
         ),
         "cpu_us_per_event": load.cpu_per_event(before, after, raw.stored),
         "own_backends_cpu_us_per_event": (
@@ -602,9 +613,10 @@ def render(report: dict[str, Any]) -> list[str]:
             )
         lines.append(f"    {labels.get(row, row):<13}{cells}{target}")
     lines.append(
-        f"  raw path's own Postgres backends: "
-        f"{_num(raw['own_backends_cpu_us_per_event'], '.1f')} us/event (the postgres row counts "
-        "every process of the server, other tenants' too)"
+        f"  own Postgres backends: storage's in the closed loop "
+        f"{_num(cl.get('storage_backends_cpu_us_per_event'), '.1f')}, the raw path's "
+        f"{_num(raw['own_backends_cpu_us_per_event'], '.1f')} us/event stored (the postgres row "
+        "counts every process of the server, other tenants' too)"
     )
     lines.append(
         "(bench process: the load generator in the open and closed loops, the whole bare "

@@ -18,6 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from services.storage.sql import (
+    INSERT_BATCH,
+    INSERT_BATCH_JOINED,
+    TEXT_SEPARATOR,
+    texts_joinable,
+)
+
 __all__ = ["FIELDS", "RawEvent", "decode_group", "encode_entry", "entry_events"]
 
 FIELDS = (
@@ -82,18 +89,26 @@ def entry_events(fields: Sequence[bytes]) -> int:
     return int(fields[1])
 
 
-def decode_group(entries: Sequence[Sequence[bytes]]) -> tuple[list[Any], ...]:
-    """Consecutive entries' field/value lists as one set of INSERT columns, in INSERT_BATCH's
-    parameter order ($1..$10): ids, keys, types, event times, nanos, payloads, content types,
-    attributes, ingest times, producers. Raises ValueError when a column's length disagrees."""
+def decode_group(entries: Sequence[Sequence[bytes]]) -> tuple[str, tuple[Any, ...]]:
+    """Consecutive entries' field/value lists as the statement to run and its columns, in
+    INSERT_BATCH's parameter order ($1..$10): ids, keys, types, event times, nanos, payloads,
+    content types, attributes, ingest times, producers. The text columns are joined texts for
+    INSERT_BATCH_JOINED whenever storage would bind them so too (`texts_joinable`), else lists
+    for INSERT_BATCH. Raises ValueError when a column's length disagrees."""
     count = sum(int(fields[1]) for fields in entries)
 
     def column(name: bytes) -> bytes:
         at = 2 * FIELDS.index(name) + 1
         return (b"\0" if name in _TEXT else b"").join(fields[at] for fields in entries)
 
-    def text(name: bytes) -> list[str]:
-        return column(name).decode().split("\0")
+    texts = {name: column(name).decode() for name in _TEXT}  # values joined by NUL
+    if any(value.count("\0") + 1 != count for value in texts.values()):
+        raise ValueError(f"an entry group of {count} events has columns of other lengths")
+    separated = {name: value.replace("\0", TEXT_SEPARATOR) for name, value in texts.items()}
+    joined = texts_joinable(list(separated.values()), count)
+
+    def text(name: bytes) -> str | list[str]:
+        return separated[name] if joined else texts[name].split("\0")
 
     def numbers(name: bytes) -> list[int]:
         return array(_ARRAYS[name], column(name)).tolist()
@@ -113,6 +128,7 @@ def decode_group(entries: Sequence[Sequence[bytes]]) -> tuple[list[Any], ...]:
         numbers(b"it"),
         text(b"prod"),
     )
-    if any(len(values) != count for values in columns) or (ends and ends[-1] != len(blob)):
+    numeric = (columns[3], columns[4], columns[5], columns[8])
+    if any(len(values) != count for values in numeric) or (ends and ends[-1] != len(blob)):
         raise ValueError(f"an entry group of {count} events has columns of other lengths")
-    return columns
+    return (INSERT_BATCH_JOINED if joined else INSERT_BATCH), columns

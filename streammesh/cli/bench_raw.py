@@ -3,8 +3,8 @@ know, as the baseline the mesh is measured against (mesh/raw).
 
 One XADD per (publish batch, partition) with a column-wise entry (bench_columns); one consumer
 task with its own Redis and Postgres connections per partition, XREADGROUP, consecutive entries
-grouped up to MAX_GROUP_EVENTS events, one INSERT_BATCH (storage's own statement, from its public
-`services.storage.sql`) per group into a table made by storage's own migrations, timestamps bound
+grouped up to MAX_GROUP_EVENTS events, one INSERT_BATCH or INSERT_BATCH_JOINED (storage's own
+statements, chosen as storage chooses, from its public `services.storage.sql`) per group into a table made by storage's own migrations, timestamps bound
 as integers, then XACK and XTRIM (the processor trims acknowledged entries too) sent with the next
 read. Every command is packed before the measured window (`RawPath.prepare`), so during it the
 bench process does only what a bare pipeline must: write the XADDs, read, decode, bind, insert,
@@ -26,7 +26,6 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from services.storage.sql import (
-    INSERT_BATCH,
     PG_EPOCH_SECONDS,
     event_store_ddl,
     use_integer_timestamps,
@@ -281,8 +280,8 @@ class RawPath:
                     continue
                 ((_, entries),) = replies[-1]
                 for group in _groups(entries):
-                    columns = decode_group([fields for _, fields in group])
-                    status = await part.postgres.execute(INSERT_BATCH, *columns, part.index)
+                    statement, columns = decode_group([fields for _, fields in group])
+                    status = await part.postgres.execute(statement, *columns, part.index)
                     new = int(status.rsplit(" ", 1)[1])
                     part.stored += new
                     part.inserts += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -20,7 +21,12 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.engine import make_url
 
-from services.storage.sql import PG_EPOCH_SECONDS
+from services.storage.sql import (
+    INSERT_BATCH,
+    INSERT_BATCH_JOINED,
+    PG_EPOCH_SECONDS,
+    TEXT_SEPARATOR,
+)
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli import bench_raw
@@ -58,6 +64,7 @@ FIGURES = [
     "raw.events_per_insert",
     "raw.prepare_s",
     "raw.own_backends_cpu_us_per_event",
+    "closed_loop.storage_backends_cpu_us_per_event",
     "mesh_over_raw",
     "mesh_over_raw_cpu",
     "loadgen.stamp_us_per_event",
@@ -126,14 +133,25 @@ def test_column_entries_decode_to_the_insert_columns_across_a_group() -> None:
     events = [_raw_event(n, payloads[n % len(payloads)]) for n in range(23)]
     entries = [encode_entry(events[:1]), encode_entry(events[1:9]), encode_entry(events[9:])]
     # As XREADGROUP returns them: [name, value, name, value, ...].
-    columns = decode_group(entries)
-    assert columns == (
+    statement, columns = decode_group(entries)
+    expected: tuple[list[Any], ...] = (
         [e.id for e in events], [e.key for e in events], [e.type for e in events],
         [e.event_time for e in events], [e.event_time_nanos for e in events],
         [e.payload for e in events], [e.content_type for e in events],
         [e.attributes for e in events], [e.ingest_time for e in events],
         [e.producer for e in events],
     )  # fmt: skip
+    # Text columns joined for INSERT_BATCH_JOINED, as storage binds them.
+    assert statement == INSERT_BATCH_JOINED
+    assert columns == tuple(
+        TEXT_SEPARATOR.join(values) if at in (0, 1, 2, 6, 7, 9) else values
+        for at, values in enumerate(expected)
+    )
+    # A separator inside a value: lists for INSERT_BATCH.
+    odd = [dataclasses.replace(events[0], key="a\x1fb"), *events[1:]]
+    statement, columns = decode_group([encode_entry(odd)])
+    assert statement == INSERT_BATCH
+    assert columns[1] == [e.key for e in odd]
     broken = list(entries[1])
     broken[1] = b"9"  # says 9 events, holds 8
     with pytest.raises(ValueError, match="columns of other lengths"):
@@ -162,7 +180,7 @@ def test_bench_takes_sql_only_from_storages_public_module() -> None:
                 imported.update(alias.name for alias in node.names)
     assert {m for m in imported if m.split(".")[0] == "services"} <= {"services.storage.sql"}
     store = (Path(bench_raw.__file__).parents[2] / "services/storage/store.py").read_text()
-    assert "from services.storage.sql import INSERT_BATCH" in store
+    assert "    INSERT_BATCH,\n    INSERT_BATCH_JOINED," in store
 
 
 def test_latency_percentiles_match_known_distributions() -> None:

@@ -23,8 +23,8 @@ from grpc_status import rpc_status
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.client import GatewayClient, _PublishBooks
+from streammesh.entries import entry_body
 from streammesh.refusals import STREAM_RECYCLED
-from streammesh.streams import BATCH_FIELD
 from tests.conftest import xrange_entries
 from tests.gateway.conftest import Stack
 
@@ -55,7 +55,7 @@ async def _stream_ids(stack: Stack) -> Counter[str]:
     counts: Counter[str] = Counter()
     for stream in stack.layout.streams():
         for _entry_id, fields in await xrange_entries(stack.redis, stream):
-            batch = event_pb2.QueuedBatch.FromString(fields[BATCH_FIELD])
+            batch = entry_body(fields).batch()
             counts.update(queued.event.id for queued in batch.events)
     return counts
 

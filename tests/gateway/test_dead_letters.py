@@ -21,6 +21,7 @@ from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.entries import QueuedBody
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from streammesh.mesh.tasks import stop_task
 from tests.gateway.conftest import Stack
@@ -69,8 +70,8 @@ async def pipeline(stack: Stack) -> AsyncIterator[Pipeline]:
     attempts: dict[str, int] = {}
     grouped: dict[str, int] = {}
 
-    async def store(raw: bytes) -> StoreResult:
-        ids = {q.event.id for q in event_pb2.QueuedBatch.FromString(raw).events}
+    async def store(raw: QueuedBody) -> StoreResult:
+        ids = {q.event.id for q in raw.batch().events}
         hit = poisoned & ids
         counts = attempts if ids <= poisoned else grouped
         for event_id in hit:

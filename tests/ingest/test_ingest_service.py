@@ -16,8 +16,9 @@ from services.ingest.server import IngestDeps, create_server
 from services.ingest.settings import IngestSettings
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from streammesh.entries import entry_body
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.streams import COLUMNS_FIELD, StreamLayout
 from tests.conftest import TRUST_DOMAIN, xrange_entries
 
 
@@ -68,7 +69,8 @@ async def _queued(
     found: dict[int, list[event_pb2.QueuedEvent]] = {}
     for partition in range(layout.partitions):
         for _, fields in await xrange_entries(client, layout.stream(partition)):
-            batch = event_pb2.QueuedBatch.FromString(fields[BATCH_FIELD])
+            assert entry_body(fields).columnar
+            batch = entry_body(fields).batch()
             assert batch.partition == partition
             found.setdefault(partition, []).extend(batch.events)
     return found
@@ -214,9 +216,9 @@ async def test_large_slices_are_cut_into_entries_in_order(
         async with channel:
             await stub.PublishBatch(ingest_pb2.PublishBatchRequest(events=events), timeout=5)
         entries = await xrange_entries(redis_client, layout.stream(0))
-        batches = [event_pb2.QueuedBatch.FromString(f[BATCH_FIELD]) for _, f in entries]
+        batches = [entry_body(f).batch() for _, f in entries]
         assert len(batches) >= 5
-        assert all(len(f[BATCH_FIELD]) <= 64 * 1024 + 11_000 for _, f in entries)
+        assert all(len(f[COLUMNS_FIELD]) <= 64 * 1024 + 11_000 for _, f in entries)
         ids = [q.event.id for b in batches for q in b.events]
         assert ids == [f"e{i}" for i in range(30)]
     finally:

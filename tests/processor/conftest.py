@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import APPEND_SCRIPT
+from streammesh.entries import QueuedBody
 from streammesh.mesh.tasks import stop_task
-from streammesh.streams import StreamLayout
+from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD, StreamLayout
 
 FAST = WorkerConfig(
     read_count=8,
@@ -52,19 +53,46 @@ async def make_layout(client: aioredis.Redis, prefix: str, partitions: int) -> S
 
 
 async def append(
-    client: aioredis.Redis, layout: StreamLayout, partition: int, ids: list[str], key: str = "k"
+    client: aioredis.Redis,
+    layout: StreamLayout,
+    partition: int,
+    ids: list[str],
+    key: str = "k",
+    *,
+    form: bytes = COLUMNS_FIELD,
 ) -> bytes:
-    batch = event_pb2.QueuedBatch(partition=partition)
-    for event_id in ids:
-        batch.events.add().event.CopyFrom(event_pb2.Event(id=event_id, key=key, type="t"))
+    """Append an entry of events `ids` in the form ingest writes (QueuedColumns), or with
+    `form=BATCH_FIELD` as earlier releases did (QueuedBatch)."""
+    if form == BATCH_FIELD:
+        batch = event_pb2.QueuedBatch(partition=partition)
+        for event_id in ids:
+            batch.events.add().event.CopyFrom(event_pb2.Event(id=event_id, key=key, type="t"))
+        body = batch.SerializeToString()
+    else:
+        count = len(ids)
+        body = event_pb2.QueuedColumns(
+            ids=ids,
+            keys=[key] * count,
+            types=["t"] * count,
+            payloads=[b""] * count,
+            content_types=[""] * count,
+            attributes=["{}"] * count,
+            event_time_micros=[0] * count,
+            event_time_nanos=[0] * count,
+            ingest_time_micros=[0],
+            producers=[""],
+            run_lengths=[count],
+            partition=partition,
+        ).SerializeToString()
     # As ingest appends: the XADD and the backlog counters in one script.
     entry_id = await client.eval(
         APPEND_SCRIPT,
         2,
         layout.stream(partition),
         layout.unacked_key(partition),
-        batch.SerializeToString(),
+        body,
         len(ids),
+        form,
     )
     assert isinstance(entry_id, bytes)  # the client does not decode responses
     return entry_id
@@ -94,15 +122,15 @@ class RecordingStore:
     def stored(self) -> list[str]:
         return [event_id for call in self.calls for _, event_id in call.events]
 
-    def for_consumer(self, consumer: str) -> Callable[[bytes], Awaitable[StoreResult]]:
-        async def store(raw: bytes) -> StoreResult:
-            return await self._store(consumer, event_pb2.QueuedBatch.FromString(raw))
+    def for_consumer(self, consumer: str) -> Callable[[QueuedBody], Awaitable[StoreResult]]:
+        async def store(raw: QueuedBody) -> StoreResult:
+            return await self._store(consumer, raw.batch())
 
         return store
 
-    async def __call__(self, raw: bytes) -> StoreResult:
+    async def __call__(self, raw: QueuedBody) -> StoreResult:
         """What the worker calls: the entry's serialized batch, as storage gets it."""
-        return await self._store(self.consumer, event_pb2.QueuedBatch.FromString(raw))
+        return await self._store(self.consumer, raw.batch())
 
     async def _store(self, consumer: str, batch: event_pb2.QueuedBatch) -> StoreResult:
         if self.failures_left > 0:

@@ -14,8 +14,8 @@ from services.processor import backlog as backlog_module
 from services.processor.backlog import BacklogKeeper
 from services.processor.ownership import Entry, PartitionOwnership
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
-from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import Backlog, entry_weight, read_backlog
+from streammesh.entries import QueuedBody
 from streammesh.streams import BATCH_FIELD, StreamLayout
 from tests.conftest import StreamEntries, xrange_entries
 from tests.processor.conftest import (
@@ -119,10 +119,10 @@ async def test_a_dead_letter_and_a_reclaimed_entry_are_subtracted_once(
     await _read(redis_client, layout, "crashed", 2)  # e0 and poison, pending under "crashed"
 
     class Store(RecordingStore):
-        async def __call__(self, raw: bytes) -> StoreResult:
-            if event_pb2.QueuedBatch.FromString(raw).events[0].event.id == "poison":
+        async def __call__(self, body: QueuedBody) -> StoreResult:
+            if body.batch().events[0].event.id == "poison":
                 raise PermanentStoreError("INVALID_ARGUMENT: bad")
-            return await super().__call__(raw)
+            return await super().__call__(body)
 
     store = Store()
     worker = running.start(

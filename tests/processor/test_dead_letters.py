@@ -22,7 +22,8 @@ from services.processor.storage_client import classify, store_events_request
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.entries import QueuedBody
+from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD, StreamLayout
 from tests.conftest import xrange_entries
 from tests.processor.conftest import (
     FAST,
@@ -50,8 +51,8 @@ class PoisonStore(RecordingStore):
         self.error = error
         self.attempts: dict[str, int] = {}
 
-    async def __call__(self, raw: bytes) -> StoreResult:
-        batch = event_pb2.QueuedBatch.FromString(raw)
+    async def __call__(self, raw: QueuedBody) -> StoreResult:
+        batch = raw.batch()
         first = batch.events[0].event.id
         if first in self.poison:
             self.attempts[first] = self.attempts.get(first, 0) + 1
@@ -154,7 +155,7 @@ async def test_outages_never_count_and_nothing_is_lost(
     down = 20
 
     class DownStore(RecordingStore):
-        async def __call__(self, raw: bytes) -> StoreResult:
+        async def __call__(self, raw: QueuedBody) -> StoreResult:
             nonlocal down
             if down > 0:
                 down -= 1
@@ -301,8 +302,8 @@ async def test_the_count_survives_a_crash_and_a_new_owner(
     attempts = 0
 
     class Store(RecordingStore):
-        async def __call__(self, raw: bytes) -> StoreResult:
-            batch = event_pb2.QueuedBatch.FromString(raw)
+        async def __call__(self, raw: QueuedBody) -> StoreResult:
+            batch = raw.batch()
             nonlocal attempts
             if batch.events[0].event.id != "poison":
                 return await super().__call__(raw)
@@ -370,15 +371,22 @@ async def test_max_deliveries_must_be_positive(redis_client: aioredis.Redis) -> 
 
 @pytest.mark.parametrize("events", [0, 1, 3, 400])
 def test_the_store_request_frames_the_entry_bytes_as_they_are(events: int) -> None:
-    # The processor sends an entry's batch to storage without decoding it: the framed bytes
-    # must be exactly the StoreEventsRequest that holds the decoded batch (lengths of 1, 2
-    # and 3 varint bytes).
+    # The processor sends an entry's events to storage without decoding them: the framed bytes
+    # must be exactly the StoreEventsRequest that holds the decoded message, in either of the
+    # queue's forms (lengths of 1, 2 and 3 varint bytes).
     batch = event_pb2.QueuedBatch(partition=3)
     for n in range(events):
         batch.events.add(producer="p").event.CopyFrom(
             event_pb2.Event(id=f"id-{n}", key="k", type="t", payload=b"x" * 100)
         )
-    raw = batch.SerializeToString()
+    raw = QueuedBody(BATCH_FIELD, batch.SerializeToString())
     expected = storage_pb2.StoreEventsRequest(batch=batch).SerializeToString()
     assert store_events_request(raw) == expected
     assert storage_pb2.StoreEventsRequest.FromString(store_events_request(raw)).batch == batch
+    columns = event_pb2.QueuedColumns(
+        ids=[f"id-{n}" for n in range(events)], payloads=[b"x" * 100] * events, partition=3
+    )
+    raw = QueuedBody(COLUMNS_FIELD, columns.SerializeToString())
+    request = storage_pb2.StoreEventsRequest.FromString(store_events_request(raw))
+    assert request.columns == columns
+    assert not request.HasField("batch")

@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
 from streammesh.api.common.v1 import event_pb2
-from streammesh.streams import BATCH_FIELD
+from streammesh.entries import QueuedBody
+from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD
 from tests.conftest import xrange_entries
 from tests.processor.conftest import (
     FAST,
@@ -107,8 +108,8 @@ async def test_undecodable_and_refused_batches_go_to_dead_letters(
     await append(redis_client, layout, 1, ["fine"])
 
     class RefusingStore(RecordingStore):
-        async def __call__(self, raw: bytes) -> StoreResult:
-            batch = event_pb2.QueuedBatch.FromString(raw)
+        async def __call__(self, raw: QueuedBody) -> StoreResult:
+            batch = raw.batch()
             if batch.events[0].event.id == "refused":
                 raise PermanentStoreError("INVALID_ARGUMENT: bad")
             return await super().__call__(raw)
@@ -212,6 +213,36 @@ async def test_consecutive_entries_go_to_storage_in_one_call_within_the_limits(
     assert store.stored == [f"{p}{n}" for n in range(5) for p in "ab"]
 
 
+async def test_entries_of_both_forms_are_stored_in_order_grouped_by_form(
+    redis_client: aioredis.Redis, redis_prefix: str, running: Running
+) -> None:
+    # Entries an earlier release wrote (QueuedBatch) stay readable next to ingest's columns; a
+    # group never mixes the two (one StoreEvents request holds one form).
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    forms = [BATCH_FIELD, BATCH_FIELD, COLUMNS_FIELD, COLUMNS_FIELD, BATCH_FIELD, COLUMNS_FIELD]
+    for n, form in enumerate(forms):
+        await append(redis_client, layout, 0, [f"a{n}", f"b{n}"], form=form)
+    seen: list[bool] = []
+
+    class FormRecordingStore(RecordingStore):
+        async def __call__(self, raw: QueuedBody) -> StoreResult:
+            seen.append(raw.columnar)
+            return await super().__call__(raw)
+
+    store = FormRecordingStore()
+    config = dataclasses.replace(FAST, store_max_events=100)
+    running.start(StreamWorker(redis_client, layout, consumer="c1", store=store, config=config))
+
+    async def settled() -> bool:
+        return len(store.stored) == 12 and await pending(redis_client, layout) == 0
+
+    await wait_for(settled)
+    await running.stop("c1")
+    assert store.stored == [f"{p}{n}" for n in range(6) for p in "ab"]
+    assert [len(call.events) for call in store.calls] == [4, 4, 2, 2]
+    assert seen == [False, True, False, True]
+
+
 async def test_a_failing_group_is_stored_entry_by_entry_and_only_the_bad_entry_counts(
     redis_client: aioredis.Redis, redis_prefix: str, running: Running
 ) -> None:
@@ -220,8 +251,8 @@ async def test_a_failing_group_is_stored_entry_by_entry_and_only_the_bad_entry_c
         await append(redis_client, layout, 0, [event_id])
 
     class Refusing(RecordingStore):
-        async def __call__(self, raw: bytes) -> StoreResult:
-            ids = [q.event.id for q in event_pb2.QueuedBatch.FromString(raw).events]
+        async def __call__(self, raw: QueuedBody) -> StoreResult:
+            ids = [q.event.id for q in raw.batch().events]
             if "bad" in ids:
                 raise PermanentStoreError("INVALID_ARGUMENT: bad")
             return await super().__call__(raw)
@@ -258,9 +289,9 @@ async def test_a_retried_poison_read_with_the_entries_behind_it_counts_only_its_
     grouped = alone = 0
 
     class Failing(RecordingStore):
-        async def __call__(self, raw: bytes) -> StoreResult:
+        async def __call__(self, raw: QueuedBody) -> StoreResult:
             nonlocal grouped, alone
-            ids = [q.event.id for q in event_pb2.QueuedBatch.FromString(raw).events]
+            ids = [q.event.id for q in raw.batch().events]
             if "poison" in ids:
                 if ids == ["poison"]:
                     alone += 1

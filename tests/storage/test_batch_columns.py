@@ -4,13 +4,25 @@ the exact check, never accept what it would refuse, and both build the same colu
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.storage.batch import Limits, _checked_columns, _fast_columns, batch_columns
+from services.storage.batch import (
+    Limits,
+    _checked_columns,
+    _fast_columns,
+    _fast_queued_columns,
+    batch_columns,
+    queued_columns,
+)
 from streammesh.api.common.v1 import event_pb2
+from streammesh.entries import columns_to_batch
 from streammesh.mesh.errors import InvalidArgument
+from tests.storage.conftest import as_columns
 
 NOW = Timestamp(seconds=1_795_000_000, nanos=123_456_789)
 
@@ -110,3 +122,69 @@ def test_columns_keep_batch_order_and_fill_defaults() -> None:
 def test_a_batch_over_the_event_limit_is_refused_before_any_event_is_read() -> None:
     with pytest.raises(InvalidArgument, match="at most 4 events"):
         batch_columns(_batch(_queued(), size=5), Limits(max_batch_events=4))
+
+
+# QueuedColumns, the queue's columnar form: the same rules, checked a whole column at a time.
+# Cases a column cannot express (a missing ingest time, nanoseconds outside a second) are left
+# out; the columns' own faults have their own test.
+_NOT_COLUMNAR = {"no ingest time", "ingest time nanos negative", "event time nanos out of range"}
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case not in _NOT_COLUMNAR])
+def test_columns_are_checked_and_bound_as_the_batch_is(case: str) -> None:
+    batch = _batch(_queued(**CASES[case]))
+    columns = as_columns(batch)
+    try:
+        expected = batch_columns(batch, Limits())
+    except InvalidArgument as refused:
+        assert _fast_queued_columns(columns, Limits()) is None, f"the fast path accepted {case}"
+        with pytest.raises(InvalidArgument) as caught:
+            queued_columns(columns, Limits())
+        # The same violations (an event time taken from a bad ingest time is a second one).
+        assert set(refused.field_violations) <= set(caught.value.field_violations)
+        return
+    assert _fast_queued_columns(columns, Limits()) is not None, f"slow path for {case}"
+    got = queued_columns(columns, Limits())
+    assert [json.loads(a) for a in got.attributes] == [json.loads(a) for a in expected.attributes]
+    assert dataclasses.replace(got, attributes=expected.attributes) == expected
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ({"event_time_nanos": [0] * 7}, "one element per event"),
+        ({"run_lengths": [1] * 7}, "one element per event"),
+        ({"run_lengths": [2] * 8}, "runs that add up"),
+        ({"event_time_nanos": [1000] * 8}, "event_time_nanos outside 0..999"),
+        ({"attributes": ["[1]"] * 8}, "not a JSON object of strings"),
+        ({"attributes": ['{"a":1}'] * 8}, "not a JSON object of strings"),
+        ({"attributes": ["{"] * 8}, "Expecting"),
+    ],
+)
+def test_columns_that_describe_no_events_are_refused(
+    fault: dict[str, list[object]], message: str
+) -> None:
+    columns = as_columns(_batch(_queued()))
+    for name, values in fault.items():
+        del getattr(columns, name)[:]
+        getattr(columns, name).extend(values)
+    with pytest.raises(InvalidArgument, match=message):
+        queued_columns(columns, Limits())
+
+
+def test_runs_give_each_event_its_ingest_time_and_producer() -> None:
+    columns = as_columns(_batch(_queued(), size=5))
+    for name in ("ingest_time_micros", "producers", "run_lengths"):
+        del getattr(columns, name)[:]
+    columns.ingest_time_micros.extend([1_000_000, 2_000_000])
+    columns.producers.extend(["a", "b"])
+    columns.run_lengths.extend([2, 3])
+    got = queued_columns(columns, Limits())
+    assert got.producers == ["a", "a", "b", "b", "b"]
+    assert got.ingest_times == [t - 946_684_800_000_000 for t in [1_000_000] * 2 + [2_000_000] * 3]
+    assert [q.producer for q in columns_to_batch(columns).events] == got.producers
+
+
+def test_columns_over_the_event_limit_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="at most 4 events"):
+        queued_columns(as_columns(_batch(_queued(), size=5)), Limits(max_batch_events=4))

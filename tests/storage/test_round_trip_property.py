@@ -28,9 +28,10 @@ from services.ingest.settings import IngestSettings
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.api.storage.v1 import storage_pb2
+from streammesh.entries import entry_body
 from streammesh.envelope import MAX_SECONDS, MIN_SECONDS
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.streams import COLUMNS_FIELD, StreamLayout
 from tests.conftest import TRUST_DOMAIN, xrange_entries
 from tests.storage.conftest import Stub
 from tests.storage.test_storage import query_all
@@ -165,9 +166,9 @@ async def test_what_ingest_accepts_comes_back_as_the_contract_promises(
     for partition in range(PARTITIONS):
         stream = layout.stream(partition)
         for _, fields in await xrange_entries(redis_client, stream):
-            queued = event_pb2.QueuedBatch.FromString(fields[BATCH_FIELD])
-            ingest_time = queued.events[0].ingest_time
-            await processor.StoreEvents(storage_pb2.StoreEventsRequest(batch=queued), timeout=10)
+            queued = event_pb2.QueuedColumns.FromString(fields[COLUMNS_FIELD])
+            ingest_time = entry_body(fields).batch().events[0].ingest_time
+            await processor.StoreEvents(storage_pb2.StoreEventsRequest(columns=queued), timeout=10)
         await redis_client.xtrim(stream, maxlen=0)
     assert ingest_time is not None
 

@@ -15,10 +15,11 @@ from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.storage.sql import TEXT_SEPARATOR, texts_joinable
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh import MeshServer
-from tests.storage.conftest import BASE_TIME, Connect, StartServer, Stub, queued
+from tests.storage.conftest import BASE_TIME, Connect, StartServer, Stub, as_columns, queued
 
 
 def store_request(
@@ -182,6 +183,78 @@ async def test_stored_event_carries_every_field(processor: Stub, gateway: Stub) 
     assert second.event.event_time == without_time.ingest_time
     assert second.event.content_type == "application/json"
     assert dict(second.event.attributes) == {}
+
+
+async def test_columns_are_stored_as_the_batch_is(processor: Stub, gateway: Stub) -> None:
+    # The queue's columnar form (what ingest writes) and its former form store the same rows.
+    when = dt.datetime(2024, 5, 1, 9, 30, 15, 123456, tzinfo=dt.UTC)
+    events = [
+        queued(
+            "alpha",
+            event_time=when,
+            attributes={"tenant": "acme"},
+            content_type="application/cbor",
+            producer="alice",
+        ),
+        queued("beta", content_type="text/plain"),
+    ]
+    columns = as_columns(event_pb2.QueuedBatch(events=events, partition=7))
+    reply = await processor.StoreEvents(storage_pb2.StoreEventsRequest(columns=columns), timeout=5)
+    assert (reply.inserted, reply.duplicates) == (2, 0)
+    again = await processor.StoreEvents(store_request(events, partition=7), timeout=5)
+    assert (again.inserted, again.duplicates) == (0, 2)
+    first, second = await query_all(gateway)
+    assert first.event == events[0].event
+    assert (first.partition, first.producer, first.ingest_time) == (
+        7,
+        "alice",
+        events[0].ingest_time,
+    )
+    assert second.event.event_time == events[1].ingest_time
+    assert second.event.content_type == "text/plain"
+    assert dict(second.event.attributes) == {}
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [("k", "p"), ("k\x1fk", "p")],  # a separator inside a value: bound as arrays
+        [("k", "")],  # one event with an empty text: bound as arrays
+        [("k", ""), ("k2", "")],  # empty texts in a joined batch
+    ],
+)
+async def test_text_columns_survive_either_binding(
+    processor: Stub, gateway: Stub, events: list[tuple[str, str]]
+) -> None:
+    # Storage binds the text columns joined by TEXT_SEPARATOR when it can, else as arrays:
+    # every value comes back exactly either way.
+    batch = [queued(key, producer=producer) for key, producer in events]
+    reply = await processor.StoreEvents(store_request(batch), timeout=5)
+    assert reply.inserted == len(batch)
+    stored = await query_all(gateway)
+    assert [(s.event.key, s.producer, s.event.id) for s in stored] == [
+        (key, producer, q.event.id) for (key, producer), q in zip(events, batch, strict=True)
+    ]
+
+
+def test_texts_are_joined_only_when_the_separator_splits_them_back_exactly() -> None:
+    def joined(*columns: list[str]) -> list[str]:
+        return [TEXT_SEPARATOR.join(values) for values in columns]
+
+    assert texts_joinable(joined(["a", "b"], ["", ""]), 2)
+    assert not texts_joinable(joined(["a", "b\x1fc"], ["", ""]), 2)  # a value holds it
+    assert not texts_joinable(joined(["a"]), 1)  # one value: "" would split into none
+    assert not texts_joinable(joined(["a", "b"]), 3)
+
+
+async def test_a_request_with_both_forms_is_invalid_argument(processor: Stub) -> None:
+    events = [queued()]
+    request = store_request(events)
+    request.columns.CopyFrom(as_columns(request.batch))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await processor.StoreEvents(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not both" in (caught.value.details() or "")
 
 
 async def test_bad_page_token_and_page_size_are_invalid_argument(

@@ -188,7 +188,10 @@ Global___QueuedEvent: _TypeAlias = QueuedEvent  # noqa: Y015
 
 @_typing.final
 class QueuedBatch(_message.Message):
-    """QueuedBatch is the unit of the queue: one Redis Stream entry holds one batch of one partition."""
+    """QueuedBatch is the queue's former unit, event by event: one Redis Stream entry (field `batch`)
+    holds one batch of one partition. Ingest now writes QueuedColumns; entries written before are
+    still read, and dead letters keep their batch in this form.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -210,6 +213,91 @@ class QueuedBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueuedBatch: _TypeAlias = QueuedBatch  # noqa: Y015
+
+@_typing.final
+class QueuedColumns(_message.Message):
+    """QueuedColumns is the unit of the queue: one Redis Stream entry (field `cols`) holds the events
+    of one publish batch that fall in one partition, in publish order, a list per field: the i-th
+    element of every list belongs to the i-th event. Serialized QueuedColumns concatenate into one
+    (repeated fields append), so the processor hands consecutive entries to storage as one
+    message without decoding them, and storage takes each column whole instead of event by event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    PAYLOADS_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPES_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_MICROS_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_NANOS_FIELD_NUMBER: _builtins.int
+    INGEST_TIME_MICROS_FIELD_NUMBER: _builtins.int
+    PRODUCERS_FIELD_NUMBER: _builtins.int
+    RUN_LENGTHS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def payloads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def content_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As the producer sent it ("" means application/json)."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The attributes as JSON object text, "{}" when there are none."""
+
+    @_builtins.property
+    def event_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The event time (the ingest time for an event published without one) in microseconds since
+        1970-01-01T00:00:00Z, and the nanoseconds below that microsecond (0..999).
+        """
+
+    @_builtins.property
+    def event_time_nanos(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def ingest_time_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Runs of consecutive events that share an ingest time and a producer, kept once per run
+        rather than once per event (ingest writes one run per entry: a publish batch's events):
+        run i is the next run_lengths[i] events, accepted at ingest_time_micros[i] (microseconds
+        since 1970-01-01T00:00:00Z) from producers[i], the authenticated principal (JWT subject)
+        that published them. The run lengths add up to the number of events.
+        """
+
+    @_builtins.property
+    def producers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def run_lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        types: _abc.Iterable[_builtins.str] | None = ...,
+        payloads: _abc.Iterable[_builtins.bytes] | None = ...,
+        content_types: _abc.Iterable[_builtins.str] | None = ...,
+        attributes: _abc.Iterable[_builtins.str] | None = ...,
+        event_time_micros: _abc.Iterable[_builtins.int] | None = ...,
+        event_time_nanos: _abc.Iterable[_builtins.int] | None = ...,
+        ingest_time_micros: _abc.Iterable[_builtins.int] | None = ...,
+        producers: _abc.Iterable[_builtins.str] | None = ...,
+        run_lengths: _abc.Iterable[_builtins.int] | None = ...,
+        partition: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "run_lengths", b"run_lengths", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedColumns: _TypeAlias = QueuedColumns  # noqa: Y015
 
 @_typing.final
 class StoredEvent(_message.Message):

@@ -25,16 +25,24 @@ class StoreEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def batch(self) -> _event_pb2.QueuedBatch: ...
+    def batch(self) -> _event_pb2.QueuedBatch:
+        """The events, in one of the queue's two forms: `columns` (what ingest writes) or `batch`
+        (entries written before); a request setting both is refused (INVALID_ARGUMENT).
+        """
+
+    @_builtins.property
+    def columns(self) -> _event_pb2.QueuedColumns: ...
     def __init__(
         self,
         *,
         batch: _event_pb2.QueuedBatch | None = ...,
+        columns: _event_pb2.QueuedColumns | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "columns", b"columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "columns", b"columns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
