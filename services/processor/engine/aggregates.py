@@ -77,7 +77,13 @@ def _new_sketch() -> BaseDDSketch:
 
 
 def _store_state(store: DenseStore) -> list[Any]:
-    return [store.offset, list(store.bins)]
+    # Trimmed to the non-empty bins: the same counts give the same bytes whatever the layout
+    # the store grew into (a restored store grows differently).
+    bins = store.bins
+    used = [index for index, weight in enumerate(bins) if weight]
+    if not used:
+        return [0, []]
+    return [store.offset + used[0], bins[used[0] : used[-1] + 1]]
 
 
 def _restore_store(state: list[Any]) -> DenseStore:

@@ -152,10 +152,14 @@ class WindowEngine:
                 operators[identity].add(event, time, watermark, out)
         for partition in touched:
             partition.clock.arrived(now_nanos)
-        for partition in partitions.values():
+        # In partition order, so that outputs do not depend on which partition was seen first.
+        for number in sorted(partitions):
+            partition = partitions[number]
             if partition.call != call and partition.clock.idle_advance(now_nanos):
                 partition.fire(out)
-        out.watermarks = {number: p.clock.watermark for number, p in partitions.items()}
+        out.watermarks = {
+            number: partitions[number].clock.watermark for number in sorted(partitions)
+        }
         return out
 
     def partitions(self) -> list[int]:
