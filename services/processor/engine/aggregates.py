@@ -150,136 +150,146 @@ class AggregateLayout:
             if fn == "count":
                 out[name] = accumulator.count
             elif fn == "distinct":
-                out[name] = round(accumulator.distinct[index].get_estimate())
+                out[name] = round(accumulator.distinct[index].hll.get_estimate())
             else:
-                n, total, low, high, sketch = accumulator.stats[index]
-                if n == 0:
+                stat = accumulator.numeric[index]
+                if stat.n == 0:
                     out[name] = None
                 elif fn == "sum":
-                    out[name] = total
+                    out[name] = stat.total
                 elif fn == "min":
-                    out[name] = low
+                    out[name] = stat.low
                 elif fn == "max":
-                    out[name] = high
+                    out[name] = stat.high
                 elif fn == "mean":
-                    out[name] = total / n
+                    out[name] = stat.total / stat.n
                 else:
-                    out[name] = sketch.get_quantile_value(_QUANTILE_OF[fn])
+                    assert stat.sketch is not None
+                    out[name] = stat.sketch.get_quantile_value(_QUANTILE_OF[fn])
         return out
 
 
-class Accumulator:
-    """The running aggregates of one (group, window or pane). `stats` holds, per numeric
-    field, [n, sum, min, max, sketch or None]; `distinct` one HLL per distinct field."""
+class _Numeric:
+    """n, sum, min and max of one numeric field (and its sketch when a quantile needs it)."""
 
-    __slots__ = ("count", "distinct", "layout", "stats")
+    __slots__ = ("high", "low", "n", "read", "sketch", "total")
+
+    def __init__(self, read: Callable[[EngineEvent], Any], sketch: BaseDDSketch | None) -> None:
+        self.read = read
+        self.sketch = sketch
+        self.n = 0
+        self.total: float | int = 0
+        self.low: float | int = math.inf
+        self.high: float | int = -math.inf
+
+
+class _Distinct:
+    __slots__ = ("hll", "read")
+
+    def __init__(self, read: Callable[[EngineEvent], Any], hll: Any) -> None:
+        self.read = read
+        self.hll = hll
+
+
+class Accumulator:
+    """The running aggregates of one (group, window or pane): the event count, per numeric
+    field its n, sum, min, max (and sketch), and per distinct field an HLL."""
+
+    __slots__ = ("count", "distinct", "layout", "numeric")
 
     def __init__(self, layout: AggregateLayout) -> None:
         self.layout = layout
         self.count = 0
-        self.stats: list[list[Any]] = [
-            [0, 0, math.inf, -math.inf, _new_sketch() if sketched else None]
-            for sketched in layout.sketched
-        ]
-        self.distinct = [
-            datasketches.hll_sketch(DISTINCT_LG_K, datasketches.HLL_8)
-            for _ in layout.distinct_accessors
-        ]
+        self.numeric = tuple(
+            _Numeric(read, _new_sketch() if sketched else None)
+            for read, sketched in zip(layout.numeric_accessors, layout.sketched, strict=True)
+        )
+        self.distinct = tuple(
+            _Distinct(read, datasketches.hll_sketch(DISTINCT_LG_K, datasketches.HLL_8))
+            for read in layout.distinct_accessors
+        )
 
     def add(self, event: EngineEvent) -> None:
         self.count += 1
-        for accessor, slot in zip(self.layout.numeric_accessors, self.stats, strict=True):
-            value = accessor(event)
-            # Numbers only: bool is an int in Python but not a measurement.
+        for stat in self.numeric:
+            value = stat.read(event)
             kind = type(value)
-            if kind is not float and kind is not int:
-                continue
-            if kind is float and not math.isfinite(value):
-                continue
-            slot[0] += 1
-            slot[1] += value
-            if value < slot[2]:
-                slot[2] = value
-            if value > slot[3]:
-                slot[3] = value
-            sketch = slot[4]
-            if sketch is not None:
-                sketch.add(value)
-        for accessor, hll in zip(self.layout.distinct_accessors, self.distinct, strict=True):
-            value = accessor(event)
+            # Finite numbers only (x - x is NaN for inf and NaN); bool is not a measurement.
+            if (kind is int or kind is float) and value - value == 0:
+                stat.n += 1
+                stat.total += value
+                if value < stat.low:
+                    stat.low = value
+                if value > stat.high:
+                    stat.high = value
+                if stat.sketch is not None:
+                    stat.sketch.add(value)
+        for distinct in self.distinct:
+            value = distinct.read(event)
             if type(value) is str:
-                hll.update(value)
+                distinct.hll.update(value)
             elif value is not None and isinstance(value, int | float):
-                hll.update(_distinct_token(value))
+                distinct.hll.update(_distinct_token(value))
 
     def merge_from(self, other: Accumulator) -> None:
         """Fold `other` into this one (panes into a hopping window, sessions into one)."""
         self.count += other.count
-        for mine, theirs in zip(self.stats, other.stats, strict=True):
-            mine[0] += theirs[0]
-            mine[1] += theirs[1]
-            mine[2] = min(mine[2], theirs[2])
-            mine[3] = max(mine[3], theirs[3])
-            if mine[4] is not None:
-                mine[4].merge(theirs[4])
-        for index, theirs in enumerate(other.distinct):
+        for mine, theirs in zip(self.numeric, other.numeric, strict=True):
+            mine.n += theirs.n
+            mine.total += theirs.total
+            mine.low = min(mine.low, theirs.low)
+            mine.high = max(mine.high, theirs.high)
+            if mine.sketch is not None and theirs.sketch is not None:
+                mine.sketch.merge(theirs.sketch)
+        for mine_distinct, theirs_distinct in zip(self.distinct, other.distinct, strict=True):
             union = datasketches.hll_union(DISTINCT_LG_K)
-            union.update(self.distinct[index])
-            union.update(theirs)
-            self.distinct[index] = union.get_result(datasketches.HLL_8)
-
-    def copy(self) -> Accumulator:
-        return Accumulator.restore(self.layout, self.snapshot())
+            union.update(mine_distinct.hll)
+            union.update(theirs_distinct.hll)
+            mine_distinct.hll = union.get_result(datasketches.HLL_8)
 
     def snapshot(self) -> list[Any]:
+        # DDSketch has no public getters for its zero count and stores; the attributes read
+        # here are the ones its own merge and copy use.
         return [
             self.count,
             [
                 [
-                    n,
-                    total,
-                    low if n else None,
-                    high if n else None,
+                    stat.n,
+                    stat.total,
+                    stat.low if stat.n else None,
+                    stat.high if stat.n else None,
                     None
-                    if sketch is None
+                    if stat.sketch is None
                     else [
-                        sketch._zero_count,
-                        _store_state(sketch._store),
-                        _store_state(sketch._negative_store),
+                        stat.sketch._zero_count,
+                        _store_state(stat.sketch._store),
+                        _store_state(stat.sketch._negative_store),
                     ],
                 ]
-                for n, total, low, high, sketch in self.stats
+                for stat in self.numeric
             ],
             [
-                binascii.b2a_base64(hll.serialize_compact(), newline=False).decode()
-                for hll in self.distinct
+                binascii.b2a_base64(d.hll.serialize_compact(), newline=False).decode()
+                for d in self.distinct
             ],
         ]
 
     @classmethod
     def restore(cls, layout: AggregateLayout, state: list[Any]) -> Accumulator:
-        accumulator = cls.__new__(cls)
-        accumulator.layout = layout
-        count, stats, distinct = state
+        accumulator = cls(layout)
+        count, numeric, distinct = state
         accumulator.count = count
-        accumulator.stats = []
-        for n, total, low, high, sketch_state in stats:
-            sketch = None
+        for stat, (n, total, low, high, sketch_state) in zip(
+            accumulator.numeric, numeric, strict=True
+        ):
+            stat.n, stat.total = n, total
+            stat.low = math.inf if low is None else low
+            stat.high = -math.inf if high is None else high
             if sketch_state is not None:
                 zero, positive, negative = sketch_state
-                sketch = BaseDDSketch(
+                stat.sketch = BaseDDSketch(
                     _MAPPING, _restore_store(positive), _restore_store(negative), zero
                 )
-            accumulator.stats.append(
-                [
-                    n,
-                    total,
-                    math.inf if low is None else low,
-                    -math.inf if high is None else high,
-                    sketch,
-                ]
-            )
-        accumulator.distinct = [
-            datasketches.hll_sketch.deserialize(binascii.a2b_base64(text)) for text in distinct
-        ]
+        for slot, text in zip(accumulator.distinct, distinct, strict=True):
+            slot.hll = datasketches.hll_sketch.deserialize(binascii.a2b_base64(text))
         return accumulator

@@ -104,7 +104,16 @@ class _Operator:
 class FixedWindows(_Operator):
     """Tumbling (step == size) and hopping windows of one definition in one partition."""
 
-    __slots__ = ("groups", "lateness", "pane", "size", "step", "windows")
+    __slots__ = (
+        "cached_first_end",
+        "cached_pane",
+        "groups",
+        "lateness",
+        "pane",
+        "size",
+        "step",
+        "windows",
+    )
 
     def __init__(self, definition: WindowDef, partition: int, heap: list[Timer]) -> None:
         super().__init__(definition, partition, heap)
@@ -116,6 +125,8 @@ class FixedWindows(_Operator):
         """group -> pane start -> accumulator."""
         self.windows: dict[tuple[str, int], int] = {}
         """(group, window start) -> last emitted revision (-1 before the final)."""
+        self.cached_pane: int | None = None
+        self.cached_first_end = 0
 
     def add(self, event: EngineEvent, time: int, watermark: int, out: WindowOutputs) -> None:
         group = self.group_of(event)
@@ -123,17 +134,21 @@ class FixedWindows(_Operator):
             out.ungrouped += 1
             return
         size = self.size
-        starts = window_starts(time, size, self.step)
         panes = self.groups.get(group)
         if panes is None:
             panes = self.groups[group] = {}
         pane_start = time - time % self.pane
         accumulator = panes.get(pane_start)
-        if starts[0] + size > watermark:
+        # Every event of a pane has the same windows (their bounds are multiples of the pane),
+        # so the last pane's earliest window end serves the next events too.
+        if pane_start != self.cached_pane:
+            self.cached_pane = pane_start
+            self.cached_first_end = window_starts(pane_start, size, self.step)[0] + size
+        if self.cached_first_end > watermark:
             # Every window of this event is still open: the common case.
             if accumulator is None:
                 accumulator = panes[pane_start] = self.layout.new()
-                for start in starts:
+                for start in window_starts(pane_start, size, self.step):
                     if (group, start) not in self.windows:
                         self.windows[group, start] = -1
                         heapq.heappush(
@@ -141,6 +156,7 @@ class FixedWindows(_Operator):
                         )
             accumulator.add(event)
             return
+        starts = window_starts(time, size, self.step)
         accepted = []
         for start in starts:
             if start + size + self.lateness <= watermark:

@@ -28,7 +28,7 @@ boundary).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -54,7 +54,7 @@ class SnapshotError(ValueError):
 
 
 class _Partition:
-    __slots__ = ("call", "clock", "heap", "operators")
+    __slots__ = ("call", "clock", "dispatch", "heap", "operators")
 
     def __init__(
         self, partition: int, definitions: Sequence[WindowDef], clock: PartitionClock
@@ -65,6 +65,16 @@ class _Partition:
             d.identity: build_operator(d, partition, self.heap) for d in definitions
         }
         self.call = -1
+        self.dispatch: dict[str, dict[str, list[Callable[..., None]]]] = {}
+        self.route()
+
+    def route(self) -> None:
+        """tenant -> event type -> the `add` of each operator for it (bound once, not per event)."""
+        self.dispatch = {}
+        for operator in self.operators.values():
+            definition = operator.definition
+            by_type = self.dispatch.setdefault(definition.tenant, {})
+            by_type.setdefault(definition.event_type, []).append(operator.add)
 
     def fire(self, out: WindowOutputs) -> None:
         """Run every timer the watermark has passed, in timer order."""
@@ -94,18 +104,13 @@ class WindowEngine:
     def set_definitions(self, definitions: Sequence[WindowDef]) -> None:
         """Replace the definitions; state of unchanged (id, version) pairs is kept."""
         self._definitions = tuple(definitions)
-        dispatch: dict[str, dict[str, list[str]]] = {}
-        for definition in self._definitions:
-            dispatch.setdefault(definition.tenant, {}).setdefault(definition.event_type, []).append(
-                definition.identity
-            )
-        self._dispatch = dispatch
         for number, partition in self._partitions.items():
             kept = partition.operators
             partition.operators = {
                 d.identity: kept.get(d.identity) or build_operator(d, number, partition.heap)
                 for d in self._definitions
             }
+            partition.route()
             partition.heap[:] = [
                 timer for timer in partition.heap if timer[2] in partition.operators
             ]
@@ -126,7 +131,6 @@ class WindowEngine:
         call = self._calls
         touched: list[_Partition] = []
         partitions = self._partitions
-        dispatch = self._dispatch
         for event in events:
             partition = partitions.get(event.partition)
             if partition is None:
@@ -140,16 +144,15 @@ class WindowEngine:
                 heap = partition.heap
                 if heap and heap[0][0] <= clock.watermark:
                     partition.fire(out)
-            by_type = dispatch.get(event.tenant)
+            by_type = partition.dispatch.get(event.tenant)
             if by_type is None:
                 continue
-            identities = by_type.get(event.type)
-            if identities is None:
+            adders = by_type.get(event.type)
+            if adders is None:
                 continue
             watermark = clock.watermark
-            operators = partition.operators
-            for identity in identities:
-                operators[identity].add(event, time, watermark, out)
+            for add in adders:
+                add(event, time, watermark, out)
         for partition in touched:
             partition.clock.arrived(now_nanos)
         # In partition order, so that outputs do not depend on which partition was seen first.

@@ -161,6 +161,12 @@ def test_changing_definitions_keeps_unchanged_ones_and_starts_new_versions_empty
     assert [(r.window_id, r.window_version, r.values["n"]) for r in out.results] == [
         ("tumbling", 1, 2)
     ]
+    # The new version counts from its activation on: only e3.
+    out = engine.process([_ev(4, 100)], now_nanos=0)
+    assert sorted((r.window_id, r.window_version, r.values["n"]) for r in out.results) == [
+        ("session", 2, 1),
+        ("tumbling", 1, 1),
+    ]
 
 
 def _raw(definition: Any) -> dict[str, Any]:
