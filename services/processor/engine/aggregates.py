@@ -96,6 +96,13 @@ def _restore_store(state: list[Any]) -> DenseStore:
     return store
 
 
+def _json_number(value: float | int) -> float | int:
+    # A snapshot holds 64-bit integers at most; a sum of huge integers is kept as a float.
+    if type(value) is int and not -(2**63) <= value < 2**63:
+        return float(value)
+    return value
+
+
 def _distinct_token(value: Any) -> str:
     # Strings as themselves; other JSON scalars typed, so the string "1" and the number 1 differ.
     return value if type(value) is str else "\x00" + repr(value)
@@ -255,9 +262,9 @@ class Accumulator:
             [
                 [
                     stat.n,
-                    stat.total,
-                    stat.low if stat.n else None,
-                    stat.high if stat.n else None,
+                    _json_number(stat.total),
+                    _json_number(stat.low) if stat.n else None,
+                    _json_number(stat.high) if stat.n else None,
                     None
                     if stat.sketch is None
                     else [

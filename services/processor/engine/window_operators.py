@@ -220,6 +220,14 @@ class FixedWindows(_Operator):
         if not panes:
             del self.groups[group]
 
+    def current(self, watermark: int) -> list[WindowResult]:
+        """Live views of the windows that are still open (revision -1, not for storage)."""
+        return [
+            self._emit(group, start, -1, watermark)
+            for (group, start), revision in sorted(self.windows.items())
+            if revision == -1
+        ]
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "panes": [
@@ -399,6 +407,15 @@ class SessionWindows(_Operator):
         sessions.remove(session)
         if not sessions:
             del self.groups[group]
+
+    def current(self, watermark: int) -> list[WindowResult]:
+        """Live views of the sessions that are still open (revision -1, not for storage)."""
+        return [
+            self._result(group, s.start, s.last + self.gap, -1, s.accumulator, watermark)
+            for group in sorted(self.groups)
+            for s in self.groups[group]
+            if s.revision < 0
+        ]
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,9 @@ class WindowResult:
     (a late event extended it or merged it with another) is emitted once more with
     `retracted=True` under its old bounds; the session under its new bounds is a new window
     (its own revision 0). `identity` is unique per emission and identical when a replay emits
-    it again, so storage writes each result exactly once (ON CONFLICT DO NOTHING on it). The
+    it again, so storage writes each result exactly once (ON CONFLICT DO NOTHING on it).
+    `WindowEngine.current` returns live views of open windows with revision -1 (never stored).
+    The
     partition is part of it: with a group-by on a payload field, one group can have events in
     several partitions, each emitting its part (merge them on read).
     """
@@ -57,7 +59,8 @@ class WindowResult:
 class LateEvent:
     """An event that missed a window: it arrived when the partition's watermark had passed the
     window's end plus the allowed lateness. One record per (event, definition, missed window);
-    a hopping window's event may still count in its later windows."""
+    a hopping window's event may still count in its later windows. For a session window the
+    bounds are those of the session the event would have opened: [time, time + gap)."""
 
     tenant: str
     window_id: str

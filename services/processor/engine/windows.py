@@ -42,7 +42,7 @@ from services.processor.engine.window_operators import (
     Timer,
     build_operator,
 )
-from services.processor.engine.window_outputs import WindowOutputs
+from services.processor.engine.window_outputs import WindowOutputs, WindowResult
 
 __all__ = ["SNAPSHOT_FORMAT", "SnapshotError", "WindowEngine"]
 
@@ -164,6 +164,17 @@ class WindowEngine:
             number: partitions[number].clock.watermark for number in sorted(partitions)
         }
         return out
+
+    def current(self, partition: int) -> list[WindowResult]:
+        """Live views of the partition's open windows, per definition: revision -1, for live
+        subscriptions (`final()` results come from `process`; these are never stored)."""
+        state = self._partition(partition)
+        watermark = state.clock.watermark
+        return [
+            result
+            for definition in self._definitions
+            for result in state.operators[definition.identity].current(watermark)
+        ]
 
     def partitions(self) -> list[int]:
         """The partitions with state (owned and seen, or restored)."""

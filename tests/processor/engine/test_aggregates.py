@@ -141,3 +141,9 @@ def test_a_snapshot_restores_the_same_state_and_goes_on_identically() -> None:
         restored.add(_event(value, str(value)))
     assert LAYOUT.values(restored) == LAYOUT.values(original)
     assert restored.snapshot() == original.snapshot()
+
+
+def test_huge_integers_do_not_break_a_snapshot() -> None:
+    accumulator = _filled([2**62, 2**62, 2**62])
+    state = orjson.loads(orjson.dumps(accumulator.snapshot()))
+    assert LAYOUT.values(Accumulator.restore(LAYOUT, state))["sum"] == float(3 * 2**62)

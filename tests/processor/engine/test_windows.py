@@ -201,3 +201,16 @@ def test_a_snapshot_drops_state_of_removed_definitions_and_release_forgets_a_par
     assert (result.window_id, result.values["n"]) == ("tumbling", 1)
     engine.release(3)
     assert engine.partitions() == [0]
+
+
+def test_current_views_show_open_windows_without_emitting_them() -> None:
+    engine = WindowEngine([_def(), _def("session")], CLOCK)
+    engine.process([_ev(1, 1), _ev(2, 4, x=2), _ev(3, 12)], now_nanos=0)
+    views = engine.current(0)
+    assert [
+        (v.window_id, v.start_nanos, v.end_nanos, v.revision, v.values["total"]) for v in views
+    ] == [
+        ("tumbling", 10, 20, -1, 1),
+        ("session", 1, 22, -1, 4),
+    ]
+    assert engine.process([], now_nanos=0).results == []
