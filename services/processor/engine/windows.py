@@ -17,7 +17,9 @@ Every decision depends on the events' order within their partition and on each e
 never on how they were batched: the watermark moves per event and closes windows before the
 next event is applied. So replaying the same events from a restored snapshot gives the same
 results with the same identities. Processing time only matters for idle partitions
-(`ClockConfig.idle_timeout_nanos`; see clock.py).
+(`ClockConfig.idle_timeout_nanos`; see clock.py): a replay across an idle period may close
+windows at other points, which is safe when outputs and snapshot are committed together (a
+replay then recomputes only what was never committed). See docs/processor-windows.md.
 
 Definitions can be replaced at runtime (`set_definitions`): a definition whose id and version
 are unchanged keeps its state; a new version is a new definition and starts empty (windows of
