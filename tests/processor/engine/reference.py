@@ -41,8 +41,37 @@ def watermarks(events: Sequence[EngineEvent], out_of_orderness: int) -> list[int
     return result
 
 
+def idle_watermarks(
+    calls: Sequence[tuple[Sequence[EngineEvent], int]], out_of_orderness: int, idle_timeout: int
+) -> list[int]:
+    """The watermark after each event when events come in calls `(batch, now)`: a partition
+    without events in a call, idle for longer than the timeout since its last event's call,
+    moves on by the excess from where it stood at that call."""
+    marks: dict[int, int] = defaultdict(lambda: NO_WATERMARK)
+    highest: dict[int, int] = defaultdict(lambda: NO_WATERMARK)
+    last_call: dict[int, tuple[int, int]] = {}  # partition -> (now, watermark then)
+    result = []
+    for batch, now in calls:
+        seen = set()
+        for event in batch:
+            p = event.partition
+            seen.add(p)
+            highest[p] = max(highest[p], event.event_time_nanos)
+            marks[p] = max(marks[p], highest[p] - out_of_orderness)
+            result.append(marks[p])
+        for p in seen:
+            last_call[p] = (now, marks[p])
+        for p, (then, mark_then) in last_call.items():
+            if p not in seen and now - then > idle_timeout:
+                marks[p] = max(marks[p], mark_then + now - then - idle_timeout)
+    return result
+
+
 def expected_fixed(
-    definition: WindowDef, events: Sequence[EngineEvent], out_of_orderness: int
+    definition: WindowDef,
+    events: Sequence[EngineEvent],
+    out_of_orderness: int,
+    marks: Sequence[int] | None = None,
 ) -> Expected:
     size, step, lateness = (
         definition.size_nanos,
@@ -53,7 +82,8 @@ def expected_fixed(
     on_time: dict[tuple[int, str, int, int], int] = defaultdict(int)
     revisions: dict[tuple[int, str, int, int], int] = defaultdict(int)
     late: set[tuple[str, int]] = set()
-    for event, watermark in zip(events, watermarks(events, out_of_orderness), strict=True):
+    marks = watermarks(events, out_of_orderness) if marks is None else marks
+    for event, watermark in zip(events, marks, strict=True):
         time = event.event_time_nanos
         # Every multiple of step from a size before the event to the event, by brute force.
         for start in range((time - size) // step * step, time + 1, step):
@@ -73,12 +103,16 @@ def expected_fixed(
 
 
 def expected_sessions(
-    definition: WindowDef, events: Sequence[EngineEvent], out_of_orderness: int
+    definition: WindowDef,
+    events: Sequence[EngineEvent],
+    out_of_orderness: int,
+    marks: Sequence[int] | None = None,
 ) -> Expected:
     gap, lateness = definition.gap_nanos, definition.allowed_lateness_nanos
     accepted: dict[tuple[int, str], list[EngineEvent]] = defaultdict(list)
     late: set[tuple[str, int]] = set()
-    for event, watermark in zip(events, watermarks(events, out_of_orderness), strict=True):
+    marks = watermarks(events, out_of_orderness) if marks is None else marks
+    for event, watermark in zip(events, marks, strict=True):
         if event.event_time_nanos + gap + lateness <= watermark:
             late.add((event.id, event.event_time_nanos))
         else:

@@ -4,6 +4,7 @@ uninterrupted run (with other batch sizes, so batching does not matter either)."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.processor.engine.reference import (
     check_values,
     expected_fixed,
     expected_sessions,
+    idle_watermarks,
 )
 
 IDLE = 1_000
@@ -236,3 +238,46 @@ def test_restoring_a_snapshot_mid_stream_gives_the_uninterrupted_results(
     more_results += _flush(resumed)
     assert results + more_results == expected_results
     assert late + more_late == expected_late
+
+
+@PROPERTY_SETTINGS
+@given(
+    events=_events(ordered=False),
+    kind=st.sampled_from(["tumbling", "hopping", "session"]),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+    pauses=st.lists(st.integers(0, 3 * IDLE), min_size=9, max_size=9),
+    idle_polls=st.lists(st.booleans(), min_size=9, max_size=9),
+    lateness=st.sampled_from([0, 15, 100]),
+)
+def test_idle_partitions_advance_and_windows_still_match_the_reference(
+    events: list[EngineEvent],
+    kind: str,
+    cuts: list[int],
+    pauses: list[int],
+    idle_polls: list[bool],
+    lateness: int,
+) -> None:
+    """Batches arrive with processing-time pauses (some with idle polls between them), so one
+    partition's watermark moves on by itself while the other gets events."""
+    definition = _definition(kind, 30, 10 if kind == "hopping" else 30, 15, lateness)
+    out_of_orderness = 5
+    bounds = sorted({0, len(events), *(min(c, len(events)) for c in cuts)})
+    calls: list[tuple[list[EngineEvent], int]] = []
+    now = 0
+    for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        now += pauses[index]
+        if idle_polls[index]:
+            calls.append(([], now))
+            now += pauses[index]
+        calls.append((events[start:stop], now))
+    engine = WindowEngine([definition], _clock(out_of_orderness))
+    results: list[WindowResult] = []
+    late: list[LateEvent] = []
+    for batch, at in calls:
+        outputs = engine.process(batch, now_nanos=at)
+        results += outputs.results
+        late += outputs.late
+    results += engine.process([], now_nanos=now + FAR_FUTURE).results
+    marks = idle_watermarks(calls, out_of_orderness, IDLE)
+    reference = expected_sessions if kind == "session" else expected_fixed
+    _check(reference(definition, events, out_of_orderness, marks), results, late, kind)
