@@ -1,17 +1,20 @@
-"""What the window engine hands back: window results, late events, and the watermarks."""
+"""What the window engine hands back: window results, late events, and the watermarks.
+
+Results and late events are named tuples: immutable like a frozen dataclass, and built about
+three times faster, which counts when a window emits every few events."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = ["LATE_BEYOND_ALLOWED_LATENESS", "LateEvent", "WindowOutputs", "WindowResult"]
 
 LATE_BEYOND_ALLOWED_LATENESS = "window closed beyond allowed lateness"
 
 
-@dataclass(frozen=True, slots=True)
-class WindowResult:
+class WindowResult(NamedTuple):
     """One emission of one window of one group.
 
     Revision 0 is the final result, emitted once when the partition's watermark passes the
@@ -55,8 +58,7 @@ class WindowResult:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class LateEvent:
+class LateEvent(NamedTuple):
     """An event that missed a window: it arrived when the partition's watermark had passed the
     window's end plus the allowed lateness. One record per (event, definition, missed window);
     a hopping window's event may still count in its later windows. For a session window the
