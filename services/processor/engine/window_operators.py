@@ -1,0 +1,462 @@
+"""The per-partition logic of one window definition: fixed windows (tumbling and hopping) and
+session windows. An operator is built for one partition with that partition's timer heap; the
+engine calls `add` per event (with the partition's watermark after that event) and `on_timer`
+when the watermark passes a timer's time. Timers are `(time, kind, definition, group, ref)`
+tuples in one heap per partition, so windows close in one deterministic order (by time, then
+definition, group and start) however the events were batched.
+
+Hopping windows are kept as panes of gcd(size, step): each event updates one pane, and a
+window's result merges its size/gcd panes when it is emitted (the sketches merge exactly).
+A window (or pane) stays in state until the watermark passes its end plus the allowed
+lateness; a session until its end plus gap plus lateness, the last moment an event that is
+still accepted (time + gap + lateness > watermark) could merge with it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from typing import Any
+
+from services.processor.engine.aggregates import Accumulator, AggregateLayout
+from services.processor.engine.events import MISSING, EngineEvent, compile_field_path
+from services.processor.engine.window_defs import WindowDef, window_starts
+from services.processor.engine.window_outputs import LateEvent, WindowOutputs, WindowResult
+
+__all__ = ["CLOSE", "PURGE", "FixedWindows", "SessionWindows", "Timer", "build_operator"]
+
+CLOSE = 0
+PURGE = 1
+Timer = tuple[int, int, str, str, int]
+"""(watermark time, CLOSE or PURGE, definition identity, group, window start or session id)."""
+
+
+def _group_accessor(definition: WindowDef) -> Callable[[EngineEvent], str | None]:
+    if definition.group_by == "key":
+        return lambda event: event.key
+    read = compile_field_path(definition.group_by)
+
+    def group(event: EngineEvent) -> str | None:
+        value = read(event)
+        if value is MISSING or value is None:
+            return None
+        return value if type(value) is str else repr(value)
+
+    return group
+
+
+class _Operator:
+    __slots__ = ("definition", "group_of", "heap", "identity", "layout", "partition")
+
+    def __init__(self, definition: WindowDef, partition: int, heap: list[Timer]) -> None:
+        self.definition = definition
+        self.identity = definition.identity
+        self.partition = partition
+        self.heap = heap
+        self.layout = AggregateLayout(definition.aggregates)
+        self.group_of = _group_accessor(definition)
+
+    def _result(
+        self,
+        group: str,
+        start: int,
+        end: int,
+        revision: int,
+        accumulator: Accumulator | None,
+        watermark: int,
+        retracted: bool = False,
+    ) -> WindowResult:
+        definition = self.definition
+        return WindowResult(
+            tenant=definition.tenant,
+            window_id=definition.id,
+            window_version=definition.version,
+            partition=self.partition,
+            group=group,
+            start_nanos=start,
+            end_nanos=end,
+            revision=revision,
+            values={} if accumulator is None else self.layout.values(accumulator),
+            watermark_nanos=watermark,
+            retracted=retracted,
+        )
+
+    def _late(
+        self, event: EngineEvent, group: str, start: int, end: int, watermark: int
+    ) -> LateEvent:
+        definition = self.definition
+        return LateEvent(
+            tenant=definition.tenant,
+            window_id=definition.id,
+            window_version=definition.version,
+            partition=self.partition,
+            event_id=event.id,
+            event_key=event.key,
+            group=group,
+            event_time_nanos=event.event_time_nanos,
+            watermark_nanos=watermark,
+            window_start_nanos=start,
+            window_end_nanos=end,
+        )
+
+
+class FixedWindows(_Operator):
+    """Tumbling (step == size) and hopping windows of one definition in one partition."""
+
+    __slots__ = (
+        "cached_first_end",
+        "cached_pane",
+        "groups",
+        "lateness",
+        "pane",
+        "size",
+        "step",
+        "windows",
+    )
+
+    def __init__(self, definition: WindowDef, partition: int, heap: list[Timer]) -> None:
+        super().__init__(definition, partition, heap)
+        self.size = definition.size_nanos
+        self.step = definition.step_nanos
+        self.pane = math.gcd(self.size, self.step)
+        self.lateness = definition.allowed_lateness_nanos
+        self.groups: dict[str, dict[int, Accumulator]] = {}
+        """group -> pane start -> accumulator."""
+        self.windows: dict[tuple[str, int], int] = {}
+        """(group, window start) -> last emitted revision (-1 before the final)."""
+        self.cached_pane: int | None = None
+        self.cached_first_end = 0
+
+    def add(self, event: EngineEvent, time: int, watermark: int, out: WindowOutputs) -> None:
+        group = self.group_of(event)
+        if group is None:
+            out.ungrouped += 1
+            return
+        size = self.size
+        panes = self.groups.get(group)
+        if panes is None:
+            panes = self.groups[group] = {}
+        pane_start = time - time % self.pane
+        accumulator = panes.get(pane_start)
+        # Every event of a pane has the same windows (their bounds are multiples of the pane),
+        # so the last pane's earliest window end serves the next events too.
+        if pane_start != self.cached_pane:
+            self.cached_pane = pane_start
+            self.cached_first_end = window_starts(pane_start, size, self.step)[0] + size
+        if self.cached_first_end > watermark:
+            # Every window of this event is still open: the common case.
+            if accumulator is None:
+                accumulator = panes[pane_start] = self.layout.new()
+                for start in window_starts(pane_start, size, self.step):
+                    if (group, start) not in self.windows:
+                        self.windows[group, start] = -1
+                        heapq.heappush(
+                            self.heap, (start + size, CLOSE, self.identity, group, start)
+                        )
+            accumulator.add(event)
+            return
+        starts = window_starts(time, size, self.step)
+        accepted = []
+        for start in starts:
+            if start + size + self.lateness <= watermark:
+                out.late.append(self._late(event, group, start, start + size, watermark))
+            else:
+                accepted.append(start)
+        if not accepted:
+            if not panes:
+                del self.groups[group]
+            return
+        if accumulator is None:
+            accumulator = panes[pane_start] = self.layout.new()
+        accumulator.add(event)
+        for start in accepted:
+            end = start + size
+            revision = self.windows.get((group, start))
+            if end > watermark:
+                if revision is None:
+                    self.windows[group, start] = -1
+                    heapq.heappush(self.heap, (end, CLOSE, self.identity, group, start))
+                continue
+            # Closed but within the allowed lateness: a new revision (or a late final when the
+            # window had no event before).
+            if revision is None:
+                heapq.heappush(self.heap, (end + self.lateness, PURGE, self.identity, group, start))
+            revision = 0 if revision is None else revision + 1
+            self.windows[group, start] = revision
+            out.results.append(self._emit(group, start, revision, watermark))
+
+    def _emit(self, group: str, start: int, revision: int, watermark: int) -> WindowResult:
+        panes = self.groups[group]
+        if self.pane == self.size:
+            accumulator = panes.get(start)
+        else:
+            accumulator = self.layout.new()
+            for pane_start in range(start, start + self.size, self.pane):
+                pane = panes.get(pane_start)
+                if pane is not None:
+                    accumulator.merge_from(pane)
+        return self._result(group, start, start + self.size, revision, accumulator, watermark)
+
+    def on_timer(
+        self, kind: int, group: str, start: int, watermark: int, out: WindowOutputs
+    ) -> None:
+        if kind == CLOSE:
+            if self.windows.get((group, start)) != -1:
+                return
+            self.windows[group, start] = 0
+            out.results.append(self._emit(group, start, 0, watermark))
+            end = start + self.size
+            heapq.heappush(self.heap, (end + self.lateness, PURGE, self.identity, group, start))
+            return
+        self.windows.pop((group, start), None)
+        panes = self.groups.get(group)
+        if panes is None:
+            return
+        # A pane's last window is the one starting at or just before it: drop the panes whose
+        # last window this was.
+        for pane_start in range(start, start + self.step, self.pane):
+            panes.pop(pane_start, None)
+        if not panes:
+            del self.groups[group]
+
+    def current(self, watermark: int) -> list[WindowResult]:
+        """Live views of the windows that are still open (revision -1, not for storage)."""
+        return [
+            self._emit(group, start, -1, watermark)
+            for (group, start), revision in sorted(self.windows.items())
+            if revision == -1
+        ]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "panes": [
+                [group, [[start, pane.snapshot()] for start, pane in panes.items()]]
+                for group, panes in self.groups.items()
+            ],
+            "windows": [
+                [group, start, revision] for (group, start), revision in self.windows.items()
+            ],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.groups = {
+            group: {start: Accumulator.restore(self.layout, pane) for start, pane in panes}
+            for group, panes in state["panes"]
+        }
+        self.windows = {(group, start): revision for group, start, revision in state["windows"]}
+
+
+class _Session:
+    __slots__ = ("accumulator", "emitted_end", "emitted_start", "last", "revision", "sid", "start")
+
+    def __init__(self, sid: int, start: int, last: int, accumulator: Accumulator) -> None:
+        self.sid = sid
+        self.start = start
+        self.last = last
+        self.accumulator = accumulator
+        self.revision = -1
+        """Last emitted revision under (emitted_start, emitted_end); -1 when not emitted."""
+        self.emitted_start = 0
+        self.emitted_end = 0
+
+
+class SessionWindows(_Operator):
+    """Session windows of one definition in one partition: a session of a group is its events
+    with gaps shorter than `gap` between them, and covers [first event, last event + gap)."""
+
+    __slots__ = ("gap", "groups", "lateness", "next_sid")
+
+    def __init__(self, definition: WindowDef, partition: int, heap: list[Timer]) -> None:
+        super().__init__(definition, partition, heap)
+        self.gap = definition.gap_nanos
+        self.lateness = definition.allowed_lateness_nanos
+        self.groups: dict[str, list[_Session]] = {}
+        """group -> its sessions in state, ordered by start."""
+        self.next_sid = 0
+
+    def add(self, event: EngineEvent, time: int, watermark: int, out: WindowOutputs) -> None:
+        group = self.group_of(event)
+        if group is None:
+            out.ungrouped += 1
+            return
+        gap = self.gap
+        if time + gap + self.lateness <= watermark:
+            out.late.append(self._late(event, group, time, time + gap, watermark))
+            return
+        sessions = self.groups.get(group)
+        if sessions is None:
+            sessions = self.groups[group] = []
+        latest = sessions[-1] if sessions else None
+        if latest is not None and latest.revision < 0 and latest.start <= time:
+            # The common case: the event falls in or extends the latest session, which is
+            # open. Sessions are at least `gap` apart, so no earlier one can touch it.
+            if time < latest.last + gap:
+                latest.accumulator.add(event)
+                if time > latest.last:
+                    latest.last = time
+                return
+            touching = []
+        else:
+            touching = [s for s in sessions if s.start < time + gap and time < s.last + gap]
+        if not touching:
+            self._open(sessions, group, event, time, watermark, out)
+            return
+        target = touching[0]
+        if len(touching) == 1 and target.revision < 0:
+            target.accumulator.add(event)
+            target.start = min(target.start, time)
+            target.last = max(target.last, time)
+            return
+        for other in touching[1:]:
+            self._retract(other, group, watermark, out)
+            target.accumulator.merge_from(other.accumulator)
+            target.start = min(target.start, other.start)
+            target.last = max(target.last, other.last)
+            sessions.remove(other)
+        target.accumulator.add(event)
+        target.start = min(target.start, time)
+        target.last = max(target.last, time)
+        end = target.last + gap
+        if target.revision >= 0 and (target.emitted_start, target.emitted_end) == (
+            target.start,
+            end,
+        ):
+            target.revision += 1
+            out.results.append(self._emit(target, group, watermark))
+            return
+        self._retract(target, group, watermark, out)
+        if end <= watermark:
+            self._final(target, group, watermark, out)
+        else:
+            heapq.heappush(self.heap, (end, CLOSE, self.identity, group, target.sid))
+
+    def _open(
+        self,
+        sessions: list[_Session],
+        group: str,
+        event: EngineEvent,
+        time: int,
+        watermark: int,
+        out: WindowOutputs,
+    ) -> None:
+        session = _Session(self.next_sid, time, time, self.layout.new())
+        self.next_sid += 1
+        session.accumulator.add(event)
+        sessions.append(session)
+        if len(sessions) > 1 and sessions[-2].start > time:
+            sessions.sort(key=lambda s: s.start)
+        if time + self.gap <= watermark:
+            self._final(session, group, watermark, out)
+        else:
+            heapq.heappush(self.heap, (time + self.gap, CLOSE, self.identity, group, session.sid))
+
+    def _retract(self, session: _Session, group: str, watermark: int, out: WindowOutputs) -> None:
+        """The session was emitted under bounds it no longer has: withdraw that result."""
+        if session.revision < 0:
+            return
+        out.results.append(
+            self._result(
+                group,
+                session.emitted_start,
+                session.emitted_end,
+                session.revision + 1,
+                None,
+                watermark,
+                retracted=True,
+            )
+        )
+        session.revision = -1
+
+    def _final(self, session: _Session, group: str, watermark: int, out: WindowOutputs) -> None:
+        session.revision = 0
+        session.emitted_start = session.start
+        session.emitted_end = session.last + self.gap
+        out.results.append(self._emit(session, group, watermark))
+        purge_at = session.emitted_end + self.gap + self.lateness
+        heapq.heappush(self.heap, (purge_at, PURGE, self.identity, group, session.sid))
+
+    def _emit(self, session: _Session, group: str, watermark: int) -> WindowResult:
+        return self._result(
+            group,
+            session.emitted_start,
+            session.emitted_end,
+            session.revision,
+            session.accumulator,
+            watermark,
+        )
+
+    def on_timer(self, kind: int, group: str, sid: int, watermark: int, out: WindowOutputs) -> None:
+        sessions = self.groups.get(group, [])
+        session = next((s for s in sessions if s.sid == sid), None)
+        if session is None:
+            return
+        end = session.last + self.gap
+        if kind == CLOSE:
+            if session.revision >= 0:
+                return
+            if end > watermark:  # extended since the timer was set
+                heapq.heappush(self.heap, (end, CLOSE, self.identity, group, sid))
+            else:
+                self._final(session, group, watermark, out)
+            return
+        purge_at = end + self.gap + self.lateness
+        if purge_at > watermark:
+            heapq.heappush(self.heap, (purge_at, PURGE, self.identity, group, sid))
+            return
+        sessions.remove(session)
+        if not sessions:
+            del self.groups[group]
+
+    def current(self, watermark: int) -> list[WindowResult]:
+        """Live views of the sessions that are still open (revision -1, not for storage)."""
+        return [
+            self._result(group, s.start, s.last + self.gap, -1, s.accumulator, watermark)
+            for group in sorted(self.groups)
+            for s in self.groups[group]
+            if s.revision < 0
+        ]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "next_sid": self.next_sid,
+            "sessions": [
+                [
+                    group,
+                    [
+                        [
+                            s.sid,
+                            s.start,
+                            s.last,
+                            s.revision,
+                            s.emitted_start,
+                            s.emitted_end,
+                            s.accumulator.snapshot(),
+                        ]
+                        for s in sessions
+                    ],
+                ]
+                for group, sessions in self.groups.items()
+            ],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.next_sid = state["next_sid"]
+        self.groups = {}
+        for group, sessions in state["sessions"]:
+            restored = []
+            for sid, start, last, revision, emitted_start, emitted_end, accumulator in sessions:
+                session = _Session(sid, start, last, Accumulator.restore(self.layout, accumulator))
+                session.revision = revision
+                session.emitted_start = emitted_start
+                session.emitted_end = emitted_end
+                restored.append(session)
+            self.groups[group] = restored
+
+
+def build_operator(
+    definition: WindowDef, partition: int, heap: list[Timer]
+) -> FixedWindows | SessionWindows:
+    if definition.kind == "session":
+        return SessionWindows(definition, partition, heap)
+    return FixedWindows(definition, partition, heap)
