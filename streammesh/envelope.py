@@ -53,6 +53,8 @@ class EnvelopeLimits:
     max_payload_bytes: int = 1024 * 1024
     max_attributes: int = 64
     max_attribute_chars: int = 1024
+    max_producer_chars: int = 256
+    """The publishing principal, which the gateway names (not the client); the store's limit."""
 
 
 def timestamp_in_range(seconds: int, nanos: int) -> bool:

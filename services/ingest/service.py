@@ -44,7 +44,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """Validate the batch (refused whole on an envelope violation), check payloads (refused
         per event), append the rest; the ids of every event, how many were appended, and the
         refused ones."""
-        columns = validate_batch(events, self._limits)
+        columns = validate_batch(events, self._limits, producer=producer)
         refused = (
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )

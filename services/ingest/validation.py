@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from streammesh.api.common.v1 import event_pb2
-from streammesh.envelope import EnvelopeColumns, EnvelopeLimits, envelope_columns, event_violations
+from streammesh.envelope import (
+    EnvelopeColumns,
+    EnvelopeLimits,
+    envelope_columns,
+    event_violations,
+    text_problem,
+)
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = ["BatchLimits", "validate_batch"]
@@ -24,12 +30,20 @@ class BatchLimits:
     envelope: EnvelopeLimits = field(default_factory=EnvelopeLimits)
 
 
-def validate_batch(events: Sequence[event_pb2.Event], limits: BatchLimits) -> EnvelopeColumns:
+def validate_batch(
+    events: Sequence[event_pb2.Event], limits: BatchLimits, *, producer: str = ""
+) -> EnvelopeColumns:
     """Check a batch and fill in missing ids; return the events' fields as columns (ids
     included, in order), which the appender queues without reading the events again.
 
-    Raises InvalidArgument naming up to 20 violations (and how many there were in all).
+    Raises InvalidArgument naming up to 20 violations (and how many there were in all). The
+    producer is checked too: storage would refuse what ingest had acknowledged.
     """
+    producer_problem = text_problem(producer, limits.envelope.max_producer_chars)
+    if producer_problem is not None:
+        raise InvalidArgument(
+            f"producer: {producer_problem}", field_violations=[("producer", producer_problem)]
+        )
     if not events:
         raise InvalidArgument(
             "a batch needs at least one event", field_violations=[("events", "empty")]

@@ -21,8 +21,8 @@ from streammesh.api.common.v1 import schema_registry_pb2 as common
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.gateway.v1 import schema_registry_pb2 as pb
 from streammesh.api.gateway.v1 import schema_registry_pb2_grpc as pb_grpc
+from streammesh.entries import entry_body
 from streammesh.mesh.errors import STATUS_DETAILS_KEY
-from streammesh.streams import BATCH_FIELD
 from tests.conftest import xrange_entries
 from tests.gateway.conftest import Stack
 
@@ -89,8 +89,7 @@ async def queued_ids(stack: Stack) -> set[str]:
     found = set()
     for partition in range(stack.layout.partitions):
         for _, fields in await xrange_entries(stack.redis, stack.layout.stream(partition)):
-            batch = event_pb2.QueuedBatch.FromString(fields[BATCH_FIELD])
-            found |= {q.event.id for q in batch.events}
+            found |= {q.event.id for q in entry_body(fields).batch().events}
     return found
 
 

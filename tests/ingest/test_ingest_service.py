@@ -197,6 +197,24 @@ async def test_nul_characters_are_refused_at_the_edge(
     assert "events[0].key" in (caught.value.details() or "")
 
 
+async def test_a_producer_the_store_cannot_hold_is_refused_before_the_ack(
+    ingest: tuple[MeshServer, StreamLayout], pki_dir: Path, redis_client: aioredis.Redis
+) -> None:
+    """The gateway names the producer; one longer than the store's limit (or with a NUL) would be
+    acknowledged and then dead-lettered by storage, so ingest refuses it."""
+    mesh, layout = ingest
+    channel, stub = _stub(mesh.port, pki_dir)
+    async with channel:
+        for producer in ("p" * 257, "p\x00"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.PublishBatch(
+                    ingest_pb2.PublishBatchRequest(events=_events(1), producer=producer), timeout=5
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (caught.value.details() or "").startswith("producer: ")
+    assert await _queued(redis_client, layout) == {}
+
+
 async def test_large_slices_are_cut_into_entries_in_order(
     pki_dir: Path, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
