@@ -24,7 +24,7 @@ from services.storage.sql import PG_EPOCH_SECONDS
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli import bench_raw
-from streammesh.cli.bench import add_bench_command, bench_stack_config, cmd_bench, drop_bench_data
+from streammesh.cli.bench import add_bench_command, cmd_bench
 from streammesh.cli.bench_columns import RawEvent, decode_group, encode_entry
 from streammesh.cli.bench_load import (
     BenchError,
@@ -36,6 +36,7 @@ from streammesh.cli.bench_load import (
     request_templates,
 )
 from streammesh.cli.bench_raw import RawPath, raw_batches
+from streammesh.cli.bench_setup import bench_stack_config, drop_bench_data
 from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import StackConfig, process_alive
 from streammesh.refusals import publish_refusal, recycled

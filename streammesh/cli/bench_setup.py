@@ -1,0 +1,122 @@
+"""`streammesh bench`'s own stack and its lifecycle: the bench's settings (state, ports, schemas,
+streams of its own), dropping its data, one bench per state folder, the bench user's login, and
+SIGTERM unwinding like Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pyotp
+import redis.asyncio as aioredis
+
+from streammesh.cli.admin import create_user_as_operator
+from streammesh.cli.bench_load import connect_postgres
+from streammesh.cli.stack import START_ORDER, StackConfig, free_ports
+from streammesh.client import GatewayClient
+from streammesh.mesh.postgres import checked_identifier, ensure_database
+
+__all__ = [
+    "BENCH_ROLES",
+    "bench_schemas",
+    "bench_stack_config",
+    "cancel_on_sigterm",
+    "drop_bench_data",
+    "exclusive",
+    "login",
+]
+
+BENCH_ROLES = ["producer", "analyst"]
+"""Publish, and CountEvents/QueryEvents to check what was stored."""
+
+
+def bench_stack_config(config: StackConfig) -> StackConfig:
+    """The user's settings with the bench's own state, loopback ports, schemas and streams."""
+    ports = {
+        f"{name}_port": port
+        for name, port in zip(START_ORDER, free_ports("127.0.0.1", len(START_ORDER)), strict=True)
+    }
+    stream = config.stream_prefix.removesuffix(":events")
+    return config.model_copy(
+        update={
+            "state_dir": config.state_dir / "bench",
+            "host": "127.0.0.1",
+            "db_schema_prefix": f"{config.db_schema_prefix}bench_",
+            "stream_prefix": f"{stream}:bench:events",
+            "auth_redis_prefix": f"{config.auth_redis_prefix}bench:",
+            **ports,
+        }
+    )
+
+
+def bench_schemas(bench: StackConfig) -> list[str]:
+    return [f"{bench.db_schema_prefix}{name}" for name in ("storage", "auth", "raw")]
+
+
+async def drop_bench_data(bench: StackConfig) -> None:
+    """Drop the bench schemas and delete every stream and auth key under the bench prefixes.
+    Creates the database first when it does not exist yet (a fresh machine)."""
+    await ensure_database(bench.database_url)
+    conn = await connect_postgres(bench.database_url)
+    try:
+        for schema in bench_schemas(bench):
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{checked_identifier(schema)}" CASCADE')
+    finally:
+        await conn.close()
+    client = aioredis.Redis.from_url(bench.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{bench.stream_prefix}:*", count=1000)]
+        keys += [k async for k in client.scan_iter(match=f"{bench.auth_redis_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[bool]:
+    """An advisory lock: one bench per state folder (they share schemas and stream names)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+async def login(client: GatewayClient, bench: StackConfig, run: str) -> str:
+    """A producer+analyst user made through the operator path (sign-up grants no roles), then
+    TOTP enrolment and the two-step login through the gateway, as the demo does it."""
+    username, password = f"bench-{run}", secrets.token_urlsafe(18)
+    await create_user_as_operator(bench, username, password, BENCH_ROLES)
+    totp = pyotp.TOTP((await client.begin_totp(username, password)).secret)
+    await client.confirm_totp(username, password, totp.now())
+    # Confirming spent this step's code; the next step's is within the allowed drift.
+    await client.login(username, password, totp.at(time.time() + totp.interval))
+    return username
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_sigterm() -> AsyncIterator[None]:
+    """SIGTERM unwinds like Ctrl-C does, so the stack is still stopped and the data dropped."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed = False
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
