@@ -46,6 +46,7 @@ from streammesh.cli.bench_phases import (
     warm_up,
 )
 from streammesh.cli.bench_report import TARGETS, correctness, finite, render, targets_met
+from streammesh.cli.bench_resources import ResourceSampler, resource_summary
 from streammesh.cli.bench_setup import (
     bench_schemas,
     bench_stack_config,
@@ -53,6 +54,13 @@ from streammesh.cli.bench_setup import (
     drop_bench_data,
     exclusive,
     login,
+)
+from streammesh.cli.bench_soak import (
+    default_soak_warmup,
+    render_soak,
+    soak_phase,
+    soak_problems,
+    soak_rate,
 )
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import (
@@ -98,12 +106,38 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
             metadata=(("authorization", f"Bearer {client.access_token}"),),
             pids={name: recorded_pid(bench, name) for name in MEASURED},
         )
+        sampler = await stack.enter_async_context(
+            ResourceSampler({name: recorded_pid(bench, name) for name in START_ORDER}, redis)
+        )
         if args.warmup > 0:
-            await warm_up(session)
-        opened = [await open_phase(session, rate, n) for n, rate in enumerate(args.rate)]
-        closed = await closed_phase(session)
-        raw = await raw_phase(session, args.raw_events or min(closed["acked"], RAW_MAX_EVENTS))
+            async with sampler.phase("warmup"):
+                await warm_up(session)
+        opened = []
+        for n, rate in enumerate(args.rate):
+            async with sampler.phase(f"open{n}"):
+                opened.append(await open_phase(session, rate, n))
+        async with sampler.phase("closed"):
+            closed = await closed_phase(session)
+        soak = None
+        if args.soak:
+            rate, basis = soak_rate(closed, args.soak_rate)
+            warmup = (
+                default_soak_warmup(args.soak) if args.soak_warmup is None else args.soak_warmup
+            )
+            async with sampler.phase("soak"):
+                soak = await soak_phase(
+                    session, sampler, rate=rate, basis=basis, seconds=args.soak, warmup=warmup
+                )
+        async with sampler.phase("raw"):
+            raw = await raw_phase(session, args.raw_events or min(closed["acked"], RAW_MAX_EVENTS))
         machine["loadavg_at_end"] = list(os.getloadavg())
+    phases = ["warmup", *(f"open{n}" for n in range(len(opened))), "closed", "soak", "raw"]
+    resources = {
+        name: resource_summary(sampler.of(name), interval=sampler.interval)
+        for name in phases
+        if sampler.of(name)
+    }
+    resources["run"] = resource_summary(sampler.samples, interval=sampler.interval)
     mesh_cpu = closed["cpu_us_per_event"]["machine"]
     raw_cpu = raw["cpu_us_per_event"]["machine"]
     return {
@@ -113,6 +147,8 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
         "closed_loop": closed,
         "loadgen": {"stamp_us_per_event": closed.pop("stamp_us_per_event")},
         "raw": raw,
+        "soak": soak,
+        "resources": resources,
         "mesh_over_raw": closed["stored_eps"] / raw["stored_eps"],
         # Whole-machine CPU per event, closed loop over raw path: what the mesh costs over it.
         "mesh_over_raw_cpu": None if not mesh_cpu or not raw_cpu else mesh_cpu / raw_cpu,
@@ -179,6 +215,9 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
                 "payload_bytes",
                 "keys",
                 "raw_events",
+                "soak",
+                "soak_rate",
+                "soak_warmup",
             )
         }
         | {"partitions": bench.partitions, "templates": TEMPLATES},
@@ -197,8 +236,11 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(finite(report), indent=2) + "\n")
     print("\n".join(render(report)))
+    if report["soak"] is not None:
+        print("\n".join(render_soak(report["soak"], report["resources"]["soak"])))
     print(f"results: {path}")
-    return correctness(report)
+    problems = [] if report["soak"] is None else soak_problems(report["soak"])
+    return correctness(report, problems)
 
 
 def _positive(kind: type[int] | type[float], low: float, high: float) -> Any:
@@ -253,6 +295,13 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     bench.add_argument("--raw-events", type=_positive(int, 0, 100_000_000), default=0,
                        help="raw path events (default 0: as many as the closed loop acknowledged, "
                        f"at most {RAW_MAX_EVENTS:,}; ~300 bytes of memory each)")  # fmt: skip
+    bench.add_argument("--soak", type=_positive(float, 0, 86_400), default=0.0, metavar="SECONDS",
+                       help="after the closed loop, hold 70%% of its stored rate as an open loop "
+                       "for SECONDS and report RSS, fds, Redis memory and errors (default 0: no soak)")  # fmt: skip
+    bench.add_argument("--soak-rate", type=_positive(float, 1, 1e6), default=None,
+                       help="soak: events/s offered instead of 70%% of the closed loop's")  # fmt: skip
+    bench.add_argument("--soak-warmup", type=_positive(float, 0, 3600), default=None,
+                       help="soak: seconds before RSS counts (default a tenth of --soak, at most 60)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
     bench.set_defaults(handler=cmd_bench)

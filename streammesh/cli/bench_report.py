@@ -6,9 +6,11 @@ event fails a run; speed never does).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from streammesh.cli.bench_phases import CATCH_UP_TIMEOUT, MEASURED
+from streammesh.cli.bench_resources import mib, redis_memory_line
 
 __all__ = ["TARGETS", "TARGET_RATE", "correctness", "finite", "num", "render", "targets_met"]
 
@@ -65,6 +67,11 @@ def render(report: dict[str, Any]) -> list[str]:
     m, p = report["machine"], report["parameters"]
     opened, cl, raw = report["open_loops"], report["closed_loop"], report["raw"]
     t = report["targets"]
+    resources = report.get("resources", {})
+
+    def redis_max(phase: str) -> str:
+        return mib(resources.get(phase, {}).get("redis_used_memory_bytes", {}).get("max"))
+
     met = {
         name: "" if ok is None else "(met)" if ok else "(MISSED)"
         for name, ok in targets_met(report).items()
@@ -80,20 +87,25 @@ def render(report: dict[str, Any]) -> list[str]:
         f"{cl['duration_s']:g}s; {p['partitions']} partitions",
         "",
         f"  {'events/s':<22}{'offered':>9}{'acknowledged':>14}{'stored':>10}{'events':>12}"
-        "  caught up after the last ack",
+        f"{'redis MiB max':>15}  caught up after the last ack",
     ]
-    for ol in opened:
+    for n, ol in enumerate(opened):
         lines.append(
             f"  {'open ' + num(ol['offered_eps']):<22}{num(ol['offered_eps']):>9}"
             f"{num(ol['acked_eps']):>14}{num(ol['stored_eps']):>10}{ol['acked']:>12,}"
-            f"  {num(ol['caught_up_after_last_ack_s'], '.2f', 's')}"
+            f"{redis_max(f'open{n}'):>15}  {num(ol['caught_up_after_last_ack_s'], '.2f', 's')}"
         )
     lines += [
         f"  {'closed':<22}{'-':>9}{num(cl['acked_eps']):>14}{num(cl['stored_eps']):>10}"
-        f"{cl['acked']:>12,}  {num(cl['caught_up_after_last_ack_s'], '.2f', 's')}",
+        f"{cl['acked']:>12,}{redis_max('closed'):>15}  "
+        f"{num(cl['caught_up_after_last_ack_s'], '.2f', 's')}",
         f"  {'raw path (strict)':<22}{'-':>9}{'-':>14}{num(raw['stored_eps']):>10}"
-        f"{raw['stored']:>12,}  ({raw['entries']:,} entries, {raw['inserts']:,} INSERTs of "
-        f"{raw['events_per_insert']:,.0f} events)",
+        f"{raw['stored']:>12,}{redis_max('raw'):>15}  ({raw['entries']:,} entries, "
+        f"{raw['inserts']:,} INSERTs of {raw['events_per_insert']:,.0f} events)",
+    ]
+    if "closed" in resources:
+        lines.append(redis_memory_line("closed loop", resources["closed"]))
+    lines += [
         f"  closed stored {num(cl['stored_eps'])}/s   target >= "
         f"{t['closed_stored_eps_min']:,} {met['closed_stored_eps_min']}",
         f"  mesh/raw {report['mesh_over_raw']:.2f} (stored rate, closed loop over raw path)   "
@@ -167,10 +179,11 @@ def finite(value: Any) -> Any:
     return value
 
 
-def correctness(report: dict[str, Any]) -> int:
-    """1 when an acknowledged event was not stored exactly once (speed never fails the run)."""
+def correctness(report: dict[str, Any], more: Sequence[str] = ()) -> int:
+    """1 when an acknowledged event was not stored exactly once (speed never fails the run);
+    `more`: such problems found by phases this function does not know (the soak)."""
     cl, raw = report["closed_loop"], report["raw"]
-    problems = []
+    problems = list(more)
     late = f" (storage had not caught up after {CATCH_UP_TIMEOUT:.0f}s)"
     for ol in report["open_loops"]:
         if not ol["acked"] == ol["stored"] == ol["stored_distinct"]:

@@ -38,9 +38,10 @@ from streammesh.cli.bench_load import (
 from streammesh.cli.bench_raw import RawPath, raw_batches
 from streammesh.cli.bench_setup import bench_stack_config, drop_bench_data
 from streammesh.cli.bench_stats import latency_summary
-from streammesh.cli.stack import StackConfig, process_alive
+from streammesh.cli.stack import process_alive
 from streammesh.refusals import publish_refusal, recycled
 from streammesh.streams import StreamLayout
+from tests.bench.configs import bench_test_config
 from tests.conftest import run_sql
 
 OPEN = ("open_loops.0", "open_loops.1")
@@ -377,25 +378,12 @@ async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:
         )
 
 
-def _stack_config(tmp_path: Path, database_url: str, redis_url: str, run: str) -> StackConfig:
-    """A stack of this test's own: its state folder, schema prefix and stream prefix."""
-    return StackConfig(
-        state_dir=tmp_path / "state",
-        database_url=database_url,
-        db_schema_prefix=f"t_{run}_",
-        redis_url=redis_url,
-        stream_prefix=f"smtest:{run}:events",
-        partitions=4,
-        log_level="WARNING",
-    )
-
-
 @pytest.mark.slow
 async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     run = uuid.uuid4().hex[:10]
-    config = _stack_config(tmp_path, database_url, redis_url, run)
+    config = bench_test_config(tmp_path, database_url, redis_url, run)
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())
     out = tmp_path / "bench.json"
@@ -464,7 +452,7 @@ async def test_bench_cleanup_creates_a_missing_database_first(
     # killed run left) must not fail on it.
     name = f"t_fresh_{uuid.uuid4().hex[:10]}"
     fresh = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    config = _stack_config(tmp_path, fresh, redis_url, uuid.uuid4().hex[:10])
+    config = bench_test_config(tmp_path, fresh, redis_url, uuid.uuid4().hex[:10])
     try:
         await drop_bench_data(bench_stack_config(config))
     finally:
