@@ -32,7 +32,8 @@ from sqlalchemy.engine import make_url
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli.errors import describe_rpc_error
-from streammesh.refusals import is_recycled, raise_if_refused
+from streammesh.mesh.errors import grpc_code
+from streammesh.refusals import is_recycled, raise_if_refused, refusal_error
 from streammesh.streams import StreamLayout
 from streammesh.wire import varint_field
 
@@ -72,6 +73,9 @@ PUBLISH_METHOD = "/{}/Publish".format(
 
 class BenchError(RuntimeError):
     """The benchmark could not complete a phase; the message says which and why."""
+
+    partial: OpenLoopResult | None = None
+    """What an open loop saw until its stream failed (set by `open_loop`)."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,10 @@ class OpenLoopResult:
     acked: int = 0
     recycled: int = 0
     """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
+    refused: int = 0
+    """Back-pressure refusals waited out (`back_off`): streams re-opened after RetryInfo."""
+    refused_wait: float = 0.0
+    """Seconds spent waiting them out."""
 
     @property
     def acked_batches(self) -> int:
@@ -201,11 +209,15 @@ async def open_loop(
     rate: float,
     duration: float,
     drain_timeout: float,
+    back_off: bool = False,
 ) -> OpenLoopResult:
     """Send batch k at t0 + k*batch/rate on one Publish stream, never waiting for acks (they are
     read by a second task), so a slow ack cannot delay the schedule, and every latency counts
     from the intended send time: a stall is charged to each batch that should have gone out.
-    A stream the gateway recycles is re-opened and its unacknowledged batches resent."""
+    A stream the gateway recycles is re-opened and its unacknowledged batches resent. With
+    `back_off`, a back-pressure refusal (RESOURCE_EXHAUSTED) is waited out as a client should
+    (its RetryInfo delay), then the stream re-opened and the refused batches resent; a failed
+    stream raises BenchError with what was seen until then as `partial`."""
     loop = asyncio.get_running_loop()
     batch_size = templates[0].events
     batches = max(1, round(rate * duration / batch_size))
@@ -244,7 +256,7 @@ async def open_loop(
 
     async def read(call: Any) -> None:
         while (reply := await call.read()) is not grpc.aio.EOF:
-            _raise_if_ended(reply)
+            _raise_if_ended(reply, back_off=back_off)
             k = reply.sequence - 1
             in_flight.popleft()
             result.ack_time[k] = loop.time()
@@ -259,15 +271,34 @@ async def open_loop(
             return result
         except _Recycled:
             result.recycled += 1
+        except _Refused as refused:  # nothing from the refused batch on was accepted
+            result.refused += 1
+            result.refused_wait += refused.retry_after
+            await asyncio.sleep(refused.retry_after)
+        except BenchError as error:
+            error.partial = result
+            raise
 
 
 class _Recycled(Exception):
     """The gateway recycled the stream (STREAM_RECYCLED): re-open it and resend."""
 
 
-def _raise_if_ended(reply: gateway_pb2.PublishResponse) -> None:
-    if reply.HasField("refusal") and is_recycled(reply.refusal):
-        raise _Recycled
+class _Refused(Exception):
+    """Back-pressure refused a batch (RESOURCE_EXHAUSTED): wait `retry_after`, re-open, resend."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+def _raise_if_ended(reply: gateway_pb2.PublishResponse, *, back_off: bool = False) -> None:
+    if reply.HasField("refusal"):
+        if is_recycled(reply.refusal):
+            raise _Recycled
+        if back_off and grpc_code(reply.refusal.code) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            delay = refusal_error(reply.refusal, service="gateway").retry_after_seconds
+            raise _Refused(1.0 if delay is None else delay)
     raise_if_refused(reply)
 
 
@@ -283,7 +314,7 @@ async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> N
             tasks, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_EXCEPTION
         )
         failure = next((t.exception() for t in done if t.exception() is not None), None)
-        if isinstance(failure, _Recycled):
+        if isinstance(failure, _Recycled | _Refused):
             raise failure
         if isinstance(failure, grpc.aio.AioRpcError):
             detail = describe_rpc_error(failure)

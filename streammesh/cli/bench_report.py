@@ -181,9 +181,10 @@ def finite(value: Any) -> Any:
 
 def correctness(report: dict[str, Any], more: Sequence[str] = ()) -> int:
     """1 when an acknowledged event was not stored exactly once (speed never fails the run);
-    `more`: such problems found by phases this function does not know (the soak)."""
+    `more`: such problems found by phases this function does not know (the soak), each printed
+    as it is worded."""
     cl, raw = report["closed_loop"], report["raw"]
-    problems = list(more)
+    problems = []
     late = f" (storage had not caught up after {CATCH_UP_TIMEOUT:.0f}s)"
     for ol in report["open_loops"]:
         if not ol["acked"] == ol["stored"] == ol["stored_distinct"]:
@@ -200,4 +201,6 @@ def correctness(report: dict[str, Any], more: Sequence[str] = ()) -> int:
         problems.append(f"raw path: {raw['events']} written, {raw['stored']} stored")
     for problem in problems:
         print(f"NOT STORED EXACTLY ONCE: {problem}")
-    return 1 if problems else 0
+    for problem in more:
+        print(problem)
+    return 1 if problems or more else 0

@@ -39,6 +39,7 @@ from streammesh.cli.bench_raw import RawPath, raw_batches
 from streammesh.cli.bench_setup import bench_stack_config, drop_bench_data
 from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import process_alive
+from streammesh.mesh.errors import ResourceExhausted
 from streammesh.refusals import publish_refusal, recycled
 from streammesh.streams import StreamLayout
 from tests.bench.configs import bench_test_config
@@ -270,10 +271,14 @@ class _FakeIngest:
         stall: float = 0.0,
         fail: Exception | None = None,
         recycle_after: int = 0,
+        refuse_every: int = 0,
     ) -> None:
         self.work, self.stall_at, self.stall, self.fail = work, stall_at, stall, fail
         self.recycle_after = recycle_after
         """Acknowledge this many batches per stream, then end it as the gateway recycles one."""
+        self.refuse_every = refuse_every
+        """Refuse every n-th batch received for back-pressure (RESOURCE_EXHAUSTED, retry 10 ms)."""
+        self.received = 0
         self.acked: list[int] = []
 
     def __call__(self, *, metadata: Any, timeout: float) -> _FakeCall:
@@ -291,6 +296,13 @@ class _FakeCall:
     async def _serve(self) -> None:
         while (data := await self._requests.get()) is not None:
             request = gateway_pb2.PublishRequest.FromString(data)
+            self._spec.received += 1
+            if self._spec.refuse_every and self._spec.received % self._spec.refuse_every == 0:
+                pressure = ResourceExhausted("partition 0 is behind", retry_after_seconds=0.01)
+                await self._replies.put(
+                    gateway_pb2.PublishResponse(refusal=publish_refusal(request.sequence, pressure))
+                )
+                return
             stalled = request.sequence == self._spec.stall_at
             await asyncio.sleep(self._spec.work + (self._spec.stall if stalled else 0.0))
             if self._spec.fail is not None:
@@ -358,6 +370,26 @@ async def test_open_and_closed_loops_follow_a_recycled_stream() -> None:
     )
     assert closed.recycled >= 2 and closed.acked_batches == closed.sent_batches
     assert closed.acked == 10 * closed.sent_batches
+
+
+async def test_open_loop_waits_out_back_pressure_only_when_asked_to() -> None:
+    # Every 9th batch is refused for back-pressure: with back_off the loop waits the RetryInfo
+    # delay, re-opens and resends from the refused batch on, so each is acknowledged once.
+    templates = request_templates([_events(10)])
+    ingest = _FakeIngest(work=0.001, refuse_every=9)
+    opened = await open_loop(
+        ingest, (), templates, rate=2000, duration=0.25, drain_timeout=5, back_off=True
+    )
+    assert opened.acked_batches == opened.batches == 50 and opened.refused >= 5
+    assert opened.refused_wait == pytest.approx(0.01 * opened.refused)
+    assert sorted(ingest.acked) == list(range(1, 51))
+    # Without it (the open loops of the bench), the refusal fails the phase, with what was seen.
+    with pytest.raises(BenchError, match="RESOURCE_EXHAUSTED: partition 0 is behind") as failed:
+        await open_loop(
+            _FakeIngest(work=0.001, refuse_every=9), (), templates, rate=2000, duration=0.25,
+            drain_timeout=5,
+        )  # fmt: skip
+    assert failed.value.partial is not None and failed.value.partial.acked_batches == 8
 
 
 async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:
