@@ -53,6 +53,7 @@ from streammesh.cli.bench_setup import (
     cancel_on_sigterm,
     drop_bench_data,
     exclusive,
+    keep_fresh,
     login,
 )
 from streammesh.cli.bench_soak import (
@@ -96,6 +97,7 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
         stack.push_async_callback(channel.close)
         machine = await load.machine_facts(bench.database_url, redis)
         user = await login(client, bench, run)
+        await stack.enter_async_context(keep_fresh(client))
         session = Session(
             bench=bench,
             args=args,
@@ -103,7 +105,7 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
             client=client,
             redis=redis,
             publish=load.publish_call(channel),
-            metadata=(("authorization", f"Bearer {client.access_token}"),),
+            metadata=client.bearer,  # the token keep_fresh renews
             pids={name: recorded_pid(bench, name) for name in MEASURED},
         )
         sampler = await stack.enter_async_context(

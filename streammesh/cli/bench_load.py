@@ -43,6 +43,7 @@ __all__ = [
     "BenchError",
     "ClosedLoopResult",
     "CpuSample",
+    "Metadata",
     "OpenLoopResult",
     "PublishCall",
     "batch_number",
@@ -142,6 +143,13 @@ def _sequence_field(sequence: int) -> bytes:
 
 PublishCall = Callable[..., Any]
 """The gateway's Publish as a stream-stream callable taking pre-serialized request bytes."""
+Metadata = tuple[tuple[str, str], ...] | Callable[[], tuple[tuple[str, str], ...]]
+"""Call metadata, or what gives the current one (a token refreshed during a long run), read at
+every stream the loops open."""
+
+
+def _resolve(metadata: Metadata) -> tuple[tuple[str, str], ...]:
+    return metadata() if callable(metadata) else metadata
 
 
 def publish_call(channel: grpc.aio.Channel) -> PublishCall:
@@ -203,7 +211,7 @@ class OpenLoopResult:
 
 async def open_loop(
     publish: PublishCall,
-    metadata: tuple[tuple[str, str], ...],
+    metadata: Metadata,
     templates: Sequence[BatchTemplate],
     *,
     rate: float,
@@ -265,7 +273,7 @@ async def open_loop(
 
     deadline = t0 + duration + drain_timeout
     while True:
-        call = publish(metadata=metadata, timeout=max(1.0, deadline - loop.time() + 30))
+        call = publish(metadata=_resolve(metadata), timeout=max(1.0, deadline - loop.time() + 30))
         try:
             await _run_stream(call, [write(call), read(call)], deadline=deadline)
             return result
@@ -349,7 +357,7 @@ class ClosedLoopResult:
 
 async def closed_loop(
     publish: PublishCall,
-    metadata: tuple[tuple[str, str], ...],
+    metadata: Metadata,
     templates: Sequence[BatchTemplate],
     *,
     streams: int,
@@ -403,7 +411,7 @@ async def closed_loop(
                 slots.release()
 
         while True:
-            call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
+            call = publish(metadata=_resolve(metadata), timeout=duration + drain_timeout + 30)
             try:
                 await _run_stream(call, [write(call), read(call)], deadline=stop_at + drain_timeout)
                 return

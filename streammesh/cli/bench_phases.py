@@ -114,7 +114,7 @@ class Session:
     client: GatewayClient
     redis: aioredis.Redis
     publish: load.PublishCall
-    metadata: tuple[tuple[str, str], ...]
+    metadata: load.Metadata
     pids: dict[str, int | None]
 
     @property

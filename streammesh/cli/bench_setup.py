@@ -14,11 +14,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pyotp
 import redis.asyncio as aioredis
 
 from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.bench_load import connect_postgres
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import START_ORDER, StackConfig, free_ports
 from streammesh.client import GatewayClient
 from streammesh.mesh.postgres import checked_identifier, ensure_database
@@ -30,6 +32,7 @@ __all__ = [
     "cancel_on_sigterm",
     "drop_bench_data",
     "exclusive",
+    "keep_fresh",
     "login",
 ]
 
@@ -103,6 +106,30 @@ async def login(client: GatewayClient, bench: StackConfig, run: str) -> str:
     # Confirming spent this step's code; the next step's is within the allowed drift.
     await client.login(username, password, totp.at(time.time() + totp.interval))
     return username
+
+
+@contextlib.asynccontextmanager
+async def keep_fresh(client: GatewayClient) -> AsyncIterator[None]:
+    """Refresh the client's tokens in the background, a third of the access token's lifetime
+    apart, so a long run (a soak) still opens streams and counts with a valid one."""
+
+    async def refresh_forever() -> None:
+        while True:
+            try:
+                tokens = await client.refresh()
+            except grpc.aio.AioRpcError as error:  # a busy gateway: the token has time left
+                print(f"token refresh failed ({describe_rpc_error(error)}); retrying", flush=True)
+                await asyncio.sleep(5.0)
+                continue
+            await asyncio.sleep(max(5.0, tokens.expires_in.seconds / 3))
+
+    task = asyncio.create_task(refresh_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager

@@ -139,8 +139,16 @@ def _positive_number(value: Any) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_short_soak_reports_real_resources_and_loses_nothing(
-    tmp_path: Path, database_url: str, redis_url: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    database_url: str,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Access tokens of 30 s and no leeway: the soak's stored count comes more than 30 s after
+    # the login, so it passes only if the bench keeps its tokens fresh (as a 10-minute soak must).
+    monkeypatch.setenv("STREAMMESH_AUTH_ACCESS_TOKEN_TTL_SECONDS", "30")
+    monkeypatch.setenv("STREAMMESH_GATEWAY_TOKEN_LEEWAY_SECONDS", "0")
     config = bench_test_config(tmp_path, database_url, redis_url, uuid.uuid4().hex[:10])
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())
@@ -149,7 +157,7 @@ async def test_short_soak_reports_real_resources_and_loses_nothing(
         [
             *("bench", "--rate", "500", "--warmup", "0", "--duration", "1"),
             *("--closed-duration", "2", "--closed-batch-size", "500", "--raw-events", "1000"),
-            *("--soak", "6", "--soak-warmup", "1", "--json", str(out)),
+            *("--soak", "30", "--soak-warmup", "2", "--json", str(out)),
         ]
     )
 
