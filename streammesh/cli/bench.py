@@ -128,7 +128,13 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
             )
             async with sampler.phase("soak"):
                 soak = await soak_phase(
-                    session, sampler, rate=rate, basis=basis, seconds=args.soak, warmup=warmup
+                    session,
+                    sampler,
+                    rate=rate,
+                    basis=basis,
+                    seconds=args.soak,
+                    warmup=warmup,
+                    batch_size=args.soak_batch_size or args.closed_batch_size,
                 )
         async with sampler.phase("raw"):
             raw = await raw_phase(session, args.raw_events or min(closed["acked"], RAW_MAX_EVENTS))
@@ -219,6 +225,7 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
                 "raw_events",
                 "soak",
                 "soak_rate",
+                "soak_batch_size",
                 "soak_warmup",
             )
         }
@@ -302,6 +309,9 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
                        "for SECONDS and report RSS, fds, Redis memory and errors (default 0: no soak)")  # fmt: skip
     bench.add_argument("--soak-rate", type=_positive(float, 1, 1e6), default=None,
                        help="soak: events/s offered instead of 70%% of the closed loop's")  # fmt: skip
+    bench.add_argument("--soak-batch-size", type=_positive(int, 1, 10_000), default=None,
+                       help="soak: events per batch (default --closed-batch-size: the rate is "
+                       "the closed loop's, so are its batches)")  # fmt: skip
     bench.add_argument("--soak-warmup", type=_positive(float, 0, 3600), default=None,
                        help="soak: seconds before RSS counts (default a tenth of --soak, at most 60)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,

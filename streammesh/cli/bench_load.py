@@ -187,7 +187,9 @@ class OpenLoopResult:
     recycled: int = 0
     """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
     refused: int = 0
-    """Back-pressure refusals waited out (`back_off`): streams re-opened after RetryInfo."""
+    """Refusals waited out (`back_off`): streams re-opened after RetryInfo."""
+    refused_codes: dict[str, int] = field(default_factory=dict)
+    """... by status code (RESOURCE_EXHAUSTED: back-pressure)."""
     refused_wait: float = 0.0
     """Seconds spent waiting them out."""
 
@@ -223,8 +225,9 @@ async def open_loop(
     read by a second task), so a slow ack cannot delay the schedule, and every latency counts
     from the intended send time: a stall is charged to each batch that should have gone out.
     A stream the gateway recycles is re-opened and its unacknowledged batches resent. With
-    `back_off`, a back-pressure refusal (RESOURCE_EXHAUSTED) is waited out as a client should
-    (its RetryInfo delay), then the stream re-opened and the refused batches resent; a failed
+    `back_off`, a refusal for back-pressure (RESOURCE_EXHAUSTED) or UNAVAILABLE is waited out as
+    a client should (its RetryInfo delay), then the stream re-opened and the batches not
+    acknowledged resent; a failed
     stream raises BenchError with what was seen until then as `partial`."""
     loop = asyncio.get_running_loop()
     batch_size = templates[0].events
@@ -281,6 +284,7 @@ async def open_loop(
             result.recycled += 1
         except _Refused as refused:  # nothing from the refused batch on was accepted
             result.refused += 1
+            result.refused_codes[refused.code] = result.refused_codes.get(refused.code, 0) + 1
             result.refused_wait += refused.retry_after
             await asyncio.sleep(refused.retry_after)
         except BenchError as error:
@@ -292,11 +296,17 @@ class _Recycled(Exception):
     """The gateway recycled the stream (STREAM_RECYCLED): re-open it and resend."""
 
 
-class _Refused(Exception):
-    """Back-pressure refused a batch (RESOURCE_EXHAUSTED): wait `retry_after`, re-open, resend."""
+_WAITED_OUT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+"""Refusals `back_off` waits out: back-pressure, and the gateway giving up resuming ingest; both
+say when to retry (RetryInfo), and resending is safe (ids make it idempotent)."""
 
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(retry_after)
+
+class _Refused(Exception):
+    """A batch refused with a code of _WAITED_OUT: wait `retry_after`, re-open, resend."""
+
+    def __init__(self, code: str, retry_after: float) -> None:
+        super().__init__(code, retry_after)
+        self.code = code
         self.retry_after = retry_after
 
 
@@ -304,15 +314,23 @@ def _raise_if_ended(reply: gateway_pb2.PublishResponse, *, back_off: bool = Fals
     if reply.HasField("refusal"):
         if is_recycled(reply.refusal):
             raise _Recycled
-        if back_off and grpc_code(reply.refusal.code) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        code = grpc_code(reply.refusal.code)
+        if back_off and code in _WAITED_OUT:
             delay = refusal_error(reply.refusal, service="gateway").retry_after_seconds
-            raise _Refused(1.0 if delay is None else delay)
+            raise _Refused(code.name, 1.0 if delay is None else delay)
     raise_if_refused(reply)
 
 
+READER_GRACE = 10.0
+"""Seconds the reader may take to reach the end of what the server sent after the writer
+failed: the refusal there is the stream's true status (see streammesh.refusals)."""
+
+
 async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> None:
-    """Run a stream's writer and reader until both end or `deadline` (loop time) passes; then
-    cancel the call. A failed stream raises BenchError with its status."""
+    """Run a stream's writer and reader (the last coroutine) until both end or `deadline` (loop
+    time) passes; then cancel the call. A failed stream raises BenchError with its status.
+    When the writer fails first, the reader's verdict wins: grpcio's asyncio client can report a
+    stream the server ended as INTERNAL to a writer, while the replies before it say why."""
     loop = asyncio.get_running_loop()
     tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
     failure: BaseException | None = None
@@ -321,6 +339,11 @@ async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> N
         done, _ = await asyncio.wait(
             tasks, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_EXCEPTION
         )
+        reader = tasks[-1]
+        if reader not in done and any(t.exception() is not None for t in done):
+            await asyncio.wait({reader}, timeout=READER_GRACE)
+            if reader.done() and reader.exception() is not None:
+                done = {reader}
         failure = next((t.exception() for t in done if t.exception() is not None), None)
         if isinstance(failure, _Recycled | _Refused):
             raise failure

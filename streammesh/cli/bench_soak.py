@@ -150,13 +150,13 @@ def _timeline(
 
 async def soak_phase(
     s: Session, sampler: ResourceSampler, *, rate: float, basis: str, seconds: float,
-    warmup: float,
+    warmup: float, batch_size: int,
 ) -> dict[str, Any]:  # fmt: skip
     """The soak's open loop for `seconds` (its first `warmup` seconds not counted in the RSS
     growth), then until storage caught up; its report section."""
     print(f"soak: {seconds:g}s open loop at {rate:,.0f} events/s ({basis}), batches of "
-          f"{s.args.batch_size}; RSS counted from {warmup:g}s in", flush=True)  # fmt: skip
-    templates = load.request_templates(s.events("soak", "s", s.args.batch_size))
+          f"{batch_size}; RSS counted from {warmup:g}s in", flush=True)  # fmt: skip
+    templates = load.request_templates(s.events("soak", "s", batch_size))
     logs, dead_before = _LogWatch.start(s), await s.dead_letters()
     before = await load.sample_cpu(s.pids, s.redis)
     ol: load.OpenLoopResult | None = None
@@ -183,7 +183,7 @@ async def soak_phase(
         "warmup_s": warmup,
         "offered_eps": rate,
         "rate_basis": basis,
-        "batch_size": s.args.batch_size,
+        "batch_size": batch_size,
         "events": None if ol is None else ol.events,
         "batches": None if ol is None else ol.batches,
         "acked": acked,
@@ -207,8 +207,8 @@ async def soak_phase(
         "errors": {
             "stream_failed": failure,
             "recycled_streams": None if ol is None else ol.recycled,
-            "back_pressure_refusals": None if ol is None else ol.refused,
-            "back_pressure_wait_s": None if ol is None else ol.refused_wait,
+            "refusals_waited_out": None if ol is None else ol.refused_codes,
+            "refusals_wait_s": None if ol is None else ol.refused_wait,
             "unacknowledged_batches": None if ol is None else ol.batches - ol.acked_batches,
             "dead_letters": await s.dead_letters() - dead_before,
             "logs": logs.read(s),
@@ -249,14 +249,16 @@ def soak_problems(soak: Mapping[str, Any]) -> list[str]:
 
 def _errors_line(errors: Mapping[str, Any]) -> list[str]:
     logs = errors["logs"]
+    codes = errors["refusals_waited_out"] or {}
+    refusals = ", ".join(f"{count} {code}" for code, count in codes.items())
     counted = {
         kind: sum(entry[kind] for entry in logs.values())
         for kind in ("errors", "warnings", "other")
     }
     lines = [
         f"  errors: stream failed: {errors['stream_failed'] or 'no'}; recycled streams "
-        f"{num(errors['recycled_streams'])}; back-pressure refusals "
-        f"{num(errors['back_pressure_refusals'])} (waited {num(errors['back_pressure_wait_s'], '.0f', 's')}); "
+        f"{num(errors['recycled_streams'])}; refusals waited out {refusals or 'none'} "
+        f"({num(errors['refusals_wait_s'], '.0f', 's')}); "
         f"unacknowledged batches "
         f"{num(errors['unacknowledged_batches'])}; dead letters {errors['dead_letters']}; "
         f"processes gone: {', '.join(errors['processes_gone']) or 'none'}",

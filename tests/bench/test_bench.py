@@ -291,6 +291,7 @@ class _FakeCall:
         self._requests: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
         self._served = 0
+        self._ended = False
         self._worker = asyncio.ensure_future(self._serve())
 
     async def _serve(self) -> None:
@@ -302,6 +303,7 @@ class _FakeCall:
                 await self._replies.put(
                     gateway_pb2.PublishResponse(refusal=publish_refusal(request.sequence, pressure))
                 )
+                self._ended = True  # as grpcio reports a write to a call the server ended
                 return
             stalled = request.sequence == self._spec.stall_at
             await asyncio.sleep(self._spec.work + (self._spec.stall if stalled else 0.0))
@@ -322,6 +324,11 @@ class _FakeCall:
         await self._replies.put(grpc.aio.EOF)
 
     async def write(self, data: bytes) -> None:
+        if self._ended:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                details="Internal error from Core",
+            )  # fmt: skip
         await self._requests.put(data)
 
     async def done_writing(self) -> None:
@@ -329,6 +336,8 @@ class _FakeCall:
 
     async def read(self) -> Any:
         reply = await self._replies.get()
+        if isinstance(reply, gateway_pb2.PublishResponse) and reply.HasField("refusal"):
+            await asyncio.sleep(0.05)  # a reader behind the writer, as on a loaded machine
         if isinstance(reply, Exception):
             raise reply
         return reply
@@ -374,7 +383,9 @@ async def test_open_and_closed_loops_follow_a_recycled_stream() -> None:
 
 async def test_open_loop_waits_out_back_pressure_only_when_asked_to() -> None:
     # Every 9th batch is refused for back-pressure: with back_off the loop waits the RetryInfo
-    # delay, re-opens and resends from the refused batch on, so each is acknowledged once.
+    # delay, re-opens and resends from the refused batch on, so each is acknowledged once. The
+    # writer sees the ended call as INTERNAL before the reader reaches the refusal: the
+    # refusal, what the server said, still decides.
     templates = request_templates([_events(10)])
     ingest = _FakeIngest(work=0.001, refuse_every=9)
     opened = await open_loop(
@@ -382,6 +393,7 @@ async def test_open_loop_waits_out_back_pressure_only_when_asked_to() -> None:
     )
     assert opened.acked_batches == opened.batches == 50 and opened.refused >= 5
     assert opened.refused_wait == pytest.approx(0.01 * opened.refused)
+    assert opened.refused_codes == {"RESOURCE_EXHAUSTED": opened.refused}
     assert sorted(ingest.acked) == list(range(1, 51))
     # Without it (the open loops of the bench), the refusal fails the phase, with what was seen.
     with pytest.raises(BenchError, match="RESOURCE_EXHAUSTED: partition 0 is behind") as failed:
