@@ -27,13 +27,13 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from sqlalchemy.engine import make_url
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli.errors import describe_rpc_error
-from streammesh.refusals import is_recycled, raise_if_refused
+from streammesh.mesh.errors import grpc_code
+from streammesh.refusals import is_recycled, raise_if_refused, refusal_error
 from streammesh.streams import StreamLayout
 from streammesh.wire import varint_field
 
@@ -43,6 +43,7 @@ __all__ = [
     "BenchError",
     "ClosedLoopResult",
     "CpuSample",
+    "Metadata",
     "OpenLoopResult",
     "PublishCall",
     "batch_number",
@@ -73,6 +74,9 @@ PUBLISH_METHOD = "/{}/Publish".format(
 
 class BenchError(RuntimeError):
     """The benchmark could not complete a phase; the message says which and why."""
+
+    partial: OpenLoopResult | None = None
+    """What an open loop saw until its stream failed (set by `open_loop`)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,13 @@ def _sequence_field(sequence: int) -> bytes:
 
 PublishCall = Callable[..., Any]
 """The gateway's Publish as a stream-stream callable taking pre-serialized request bytes."""
+Metadata = tuple[tuple[str, str], ...] | Callable[[], tuple[tuple[str, str], ...]]
+"""Call metadata, or what gives the current one (a token refreshed during a long run), read at
+every stream the loops open."""
+
+
+def _resolve(metadata: Metadata) -> tuple[tuple[str, str], ...]:
+    return metadata() if callable(metadata) else metadata
 
 
 def publish_call(channel: grpc.aio.Channel) -> PublishCall:
@@ -176,7 +187,11 @@ class OpenLoopResult:
     recycled: int = 0
     """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
     refused: int = 0
-    """Streams ended by back-pressure (re-opened after the RetryInfo delay, batches resent)."""
+    """Refusals waited out (`back_off`): streams re-opened after RetryInfo."""
+    refused_codes: dict[str, int] = field(default_factory=dict)
+    """... by status code (RESOURCE_EXHAUSTED: back-pressure)."""
+    refused_wait: float = 0.0
+    """Seconds spent waiting them out."""
 
     @property
     def acked_batches(self) -> int:
@@ -198,17 +213,22 @@ class OpenLoopResult:
 
 async def open_loop(
     publish: PublishCall,
-    metadata: tuple[tuple[str, str], ...],
+    metadata: Metadata,
     templates: Sequence[BatchTemplate],
     *,
     rate: float,
     duration: float,
     drain_timeout: float,
+    back_off: bool = False,
 ) -> OpenLoopResult:
     """Send batch k at t0 + k*batch/rate on one Publish stream, never waiting for acks (they are
     read by a second task), so a slow ack cannot delay the schedule, and every latency counts
     from the intended send time: a stall is charged to each batch that should have gone out.
-    A stream the gateway recycles is re-opened and its unacknowledged batches resent."""
+    A stream the gateway recycles is re-opened and its unacknowledged batches resent. With
+    `back_off`, a refusal for back-pressure (RESOURCE_EXHAUSTED) or UNAVAILABLE is waited out as
+    a client should (its RetryInfo delay), then the stream re-opened and the batches not
+    acknowledged resent; a failed
+    stream raises BenchError with what was seen until then as `partial`."""
     loop = asyncio.get_running_loop()
     batch_size = templates[0].events
     batches = max(1, round(rate * duration / batch_size))
@@ -247,7 +267,7 @@ async def open_loop(
 
     async def read(call: Any) -> None:
         while (reply := await call.read()) is not grpc.aio.EOF:
-            _raise_if_ended(reply)
+            _raise_if_ended(reply, back_off=back_off)
             k = reply.sequence - 1
             in_flight.popleft()
             result.ack_time[k] = loop.time()
@@ -256,50 +276,61 @@ async def open_loop(
 
     deadline = t0 + duration + drain_timeout
     while True:
-        call = publish(metadata=metadata, timeout=max(1.0, deadline - loop.time() + 30))
+        call = publish(metadata=_resolve(metadata), timeout=max(1.0, deadline - loop.time() + 30))
         try:
             await _run_stream(call, [write(call), read(call)], deadline=deadline)
             return result
-        except _Refused as refused:  # what a client does: wait as told, resend
-            result.refused += 1
-            await asyncio.sleep(refused.delay)
         except _Recycled:
             result.recycled += 1
+        except _Refused as refused:  # nothing from the refused batch on was accepted
+            result.refused += 1
+            result.refused_codes[refused.code] = result.refused_codes.get(refused.code, 0) + 1
+            result.refused_wait += refused.retry_after
+            await asyncio.sleep(refused.retry_after)
+        except BenchError as error:
+            error.partial = result
+            raise
 
 
 class _Recycled(Exception):
     """The gateway recycled the stream (STREAM_RECYCLED): re-open it and resend."""
 
 
-class _Refused(_Recycled):
-    """Back-pressure (RESOURCE_EXHAUSTED): re-open after the RetryInfo delay and resend."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__(delay)
-        self.delay = delay
+_WAITED_OUT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+"""Refusals `back_off` waits out: back-pressure, and the gateway giving up resuming ingest; both
+say when to retry (RetryInfo), and resending is safe (ids make it idempotent)."""
 
 
-def _retry_delay(refusal: event_pb2.PublishRefusal) -> float:
-    status = status_pb2.Status.FromString(refusal.status_details)
-    for detail in status.details:
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            return float(info.retry_delay.ToNanoseconds() / 1e9)
-    return 1.0
+class _Refused(Exception):
+    """A batch refused with a code of _WAITED_OUT: wait `retry_after`, re-open, resend."""
+
+    def __init__(self, code: str, retry_after: float) -> None:
+        super().__init__(code, retry_after)
+        self.code = code
+        self.retry_after = retry_after
 
 
-def _raise_if_ended(reply: gateway_pb2.PublishResponse) -> None:
+def _raise_if_ended(reply: gateway_pb2.PublishResponse, *, back_off: bool = False) -> None:
     if reply.HasField("refusal"):
         if is_recycled(reply.refusal):
             raise _Recycled
-        if reply.refusal.code == code_pb2.RESOURCE_EXHAUSTED:
-            raise _Refused(_retry_delay(reply.refusal))
+        code = grpc_code(reply.refusal.code)
+        if back_off and code in _WAITED_OUT:
+            delay = refusal_error(reply.refusal, service="gateway").retry_after_seconds
+            raise _Refused(code.name, 1.0 if delay is None else delay)
     raise_if_refused(reply)
 
 
+READER_GRACE = 10.0
+"""Seconds the reader may take to reach the end of what the server sent after the writer
+failed: the refusal there is the stream's true status (see streammesh.refusals)."""
+
+
 async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> None:
-    """Run a stream's writer and reader until both end or `deadline` (loop time) passes; then
-    cancel the call. A failed stream raises BenchError with its status."""
+    """Run a stream's writer and reader (the last coroutine) until both end or `deadline` (loop
+    time) passes; then cancel the call. A failed stream raises BenchError with its status.
+    When the writer fails first, the reader's verdict wins: grpcio's asyncio client can report a
+    stream the server ended as INTERNAL to a writer, while the replies before it say why."""
     loop = asyncio.get_running_loop()
     tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
     failure: BaseException | None = None
@@ -308,8 +339,13 @@ async def _run_stream(call: Any, coroutines: list[Any], *, deadline: float) -> N
         done, _ = await asyncio.wait(
             tasks, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_EXCEPTION
         )
+        reader = tasks[-1]
+        if reader not in done and any(t.exception() is not None for t in done):
+            await asyncio.wait({reader}, timeout=READER_GRACE)
+            if reader.done() and reader.exception() is not None:
+                done = {reader}
         failure = next((t.exception() for t in done if t.exception() is not None), None)
-        if isinstance(failure, _Recycled):
+        if isinstance(failure, _Recycled | _Refused):
             raise failure
         if isinstance(failure, grpc.aio.AioRpcError):
             detail = describe_rpc_error(failure)
@@ -341,12 +377,15 @@ class ClosedLoopResult:
     recycled: int = 0
     """Streams the gateway recycled (re-opened, unacknowledged batches resent)."""
     refused: int = 0
-    """Streams ended by back-pressure (re-opened after the RetryInfo delay, batches resent)."""
+    """Refusals waited out (back-pressure or UNAVAILABLE with RetryInfo): streams re-opened
+    after the delay, unacknowledged batches resent. Back-pressure is what holds the closed
+    loop to the stored rate, so it is expected here."""
+    refused_codes: dict[str, int] = field(default_factory=dict)
 
 
 async def closed_loop(
     publish: PublishCall,
-    metadata: tuple[tuple[str, str], ...],
+    metadata: Metadata,
     templates: Sequence[BatchTemplate],
     *,
     streams: int,
@@ -357,7 +396,8 @@ async def closed_loop(
 ) -> ClosedLoopResult:
     """`streams` Publish streams, each keeping `window` batches in flight, for `duration`
     seconds: a new batch goes out as soon as an ack frees a slot. A stream the gateway recycles
-    is re-opened and its unacknowledged batches resent."""
+    is re-opened and its unacknowledged batches resent; so is one refused for back-pressure,
+    after the RetryInfo delay, as a client should."""
     loop = asyncio.get_running_loop()
     batch_size = templates[0].events
     numbers = itertools.count()
@@ -390,7 +430,7 @@ async def closed_loop(
 
         async def read(call: Any) -> None:
             while (reply := await call.read()) is not grpc.aio.EOF:
-                _raise_if_ended(reply)
+                _raise_if_ended(reply, back_off=True)
                 in_flight.popleft()
                 now = loop.time()
                 result.ack_latencies_ms.append((now - sent_at.pop(reply.sequence)) * 1000)
@@ -400,15 +440,16 @@ async def closed_loop(
                 slots.release()
 
         while True:
-            call = publish(metadata=metadata, timeout=duration + drain_timeout + 30)
+            call = publish(metadata=_resolve(metadata), timeout=duration + drain_timeout + 30)
             try:
                 await _run_stream(call, [write(call), read(call)], deadline=stop_at + drain_timeout)
                 return
-            except _Refused as refused:  # what a client does: wait as told, resend
-                result.refused += 1
-                await asyncio.sleep(refused.delay)
             except _Recycled:
                 result.recycled += 1
+            except _Refused as refused:  # nothing from the refused batch on was accepted
+                result.refused += 1
+                result.refused_codes[refused.code] = result.refused_codes.get(refused.code, 0) + 1
+                await asyncio.sleep(refused.retry_after)
 
     await together(*(one_stream() for _ in range(streams)))
     return result

@@ -41,6 +41,7 @@ __all__ = [
     "StartError",
     "bring_up",
     "free_ports",
+    "log_file",
     "process_alive",
     "running_pid",
     "shut_down",
@@ -193,7 +194,8 @@ def _pid_file(config: StackConfig, name: str, instance: str | None = None) -> Pa
     return config.state_dir / "run" / f"{_label(name, instance)}.pid"
 
 
-def _log_file(config: StackConfig, name: str, instance: str | None = None) -> Path:
+def log_file(config: StackConfig, name: str, instance: str | None = None) -> Path:
+    """Where a service (or one of its instances) writes its log."""
     return config.state_dir / "logs" / f"{_label(name, instance)}.log"
 
 
@@ -293,7 +295,7 @@ def _spawn(
     behind to be waited on (or warned about) in a caller that keeps running, such as a test.
     `extra_env` comes last, so it overrides both the caller's environment and `service_env`.
     """
-    log_path = _log_file(config, name, instance)
+    log_path = log_file(config, name, instance)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _pid_file(config, name, instance).parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **config.service_env(name), **(extra_env or {})}
@@ -338,8 +340,8 @@ async def _wait_serving(config: StackConfig, names: Iterable[str], timeout: floa
             pid = recorded_pid(config, name)
             if pid is None or _exited(pid, name):
                 raise StartError(
-                    f"{name} exited during start-up; last lines of {_log_file(config, name)}:\n"
-                    + _tail(_log_file(config, name))
+                    f"{name} exited during start-up; last lines of {log_file(config, name)}:\n"
+                    + _tail(log_file(config, name))
                 )
             if await check_health(config, name, timeout=1.0) == "SERVING":
                 waiting.remove(name)
@@ -492,7 +494,7 @@ async def start_service(
             _pid_file(config, name, instance).unlink(missing_ok=True)
             raise StartError(
                 f"{label} exited during start-up; last lines of "
-                f"{_log_file(config, name, instance)}:\n" + _tail(_log_file(config, name, instance))
+                f"{log_file(config, name, instance)}:\n" + _tail(log_file(config, name, instance))
             )
         if await check_health(probe, name, timeout=1.0) == "SERVING":
             return ServiceState(label, pid, True, "SERVING", probe.address(name))

@@ -30,7 +30,7 @@ from services.storage.sql import (
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli import bench_raw
-from streammesh.cli.bench import add_bench_command, bench_stack_config, cmd_bench, drop_bench_data
+from streammesh.cli.bench import add_bench_command, cmd_bench
 from streammesh.cli.bench_columns import RawEvent, decode_group, encode_entry
 from streammesh.cli.bench_load import (
     BenchError,
@@ -42,11 +42,13 @@ from streammesh.cli.bench_load import (
     request_templates,
 )
 from streammesh.cli.bench_raw import RawPath, raw_batches
+from streammesh.cli.bench_setup import bench_stack_config, drop_bench_data
 from streammesh.cli.bench_stats import latency_summary
-from streammesh.cli.stack import StackConfig, process_alive
+from streammesh.cli.stack import process_alive
 from streammesh.mesh.errors import ResourceExhausted
 from streammesh.refusals import publish_refusal, recycled
 from streammesh.streams import StreamLayout
+from tests.bench.configs import bench_test_config
 from tests.conftest import run_sql
 
 OPEN = ("open_loops.0", "open_loops.1")
@@ -287,13 +289,14 @@ class _FakeIngest:
         stall: float = 0.0,
         fail: Exception | None = None,
         recycle_after: int = 0,
-        refuse_after: int = 0,
+        refuse_every: int = 0,
     ) -> None:
         self.work, self.stall_at, self.stall, self.fail = work, stall_at, stall, fail
         self.recycle_after = recycle_after
         """Acknowledge this many batches per stream, then end it as the gateway recycles one."""
-        self.refuse_after = refuse_after
-        """Acknowledge this many batches per stream, then refuse the next as back-pressure."""
+        self.refuse_every = refuse_every
+        """Refuse every n-th batch received for back-pressure (RESOURCE_EXHAUSTED, retry 10 ms)."""
+        self.received = 0
         self.acked: list[int] = []
 
     def __call__(self, *, metadata: Any, timeout: float) -> _FakeCall:
@@ -306,15 +309,19 @@ class _FakeCall:
         self._requests: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._replies: asyncio.Queue[Any] = asyncio.Queue()
         self._served = 0
+        self._ended = False
         self._worker = asyncio.ensure_future(self._serve())
 
     async def _serve(self) -> None:
         while (data := await self._requests.get()) is not None:
             request = gateway_pb2.PublishRequest.FromString(data)
-            if self._served == self._spec.refuse_after > 0:
-                full = ResourceExhausted("the event queue is full", retry_after_seconds=0.01)
-                refusal = publish_refusal(request.sequence, full)
-                await self._replies.put(gateway_pb2.PublishResponse(refusal=refusal))
+            self._spec.received += 1
+            if self._spec.refuse_every and self._spec.received % self._spec.refuse_every == 0:
+                pressure = ResourceExhausted("partition 0 is behind", retry_after_seconds=0.01)
+                await self._replies.put(
+                    gateway_pb2.PublishResponse(refusal=publish_refusal(request.sequence, pressure))
+                )
+                self._ended = True  # as grpcio reports a write to a call the server ended
                 return
             stalled = request.sequence == self._spec.stall_at
             await asyncio.sleep(self._spec.work + (self._spec.stall if stalled else 0.0))
@@ -335,6 +342,11 @@ class _FakeCall:
         await self._replies.put(grpc.aio.EOF)
 
     async def write(self, data: bytes) -> None:
+        if self._ended:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                details="Internal error from Core",
+            )  # fmt: skip
         await self._requests.put(data)
 
     async def done_writing(self) -> None:
@@ -342,6 +354,8 @@ class _FakeCall:
 
     async def read(self) -> Any:
         reply = await self._replies.get()
+        if isinstance(reply, gateway_pb2.PublishResponse) and reply.HasField("refusal"):
+            await asyncio.sleep(0.05)  # a reader behind the writer, as on a loaded machine
         if isinstance(reply, Exception):
             raise reply
         return reply
@@ -369,31 +383,56 @@ async def test_open_loop_charges_a_stall_to_every_batch_scheduled_behind_it() ->
     assert sum(1 for latency in latencies if latency > 100) >= 8
 
 
-@pytest.mark.parametrize("ending", ["recycled", "refused"])
-async def test_open_and_closed_loops_follow_a_stream_that_ends(ending: str) -> None:
-    # The gateway ends a stream after every few acknowledgements, as it recycles one (7), or
-    # refusing the next batch with RESOURCE_EXHAUSTED and a 10 ms RetryInfo (5): the loops
-    # re-open it (after the delay) and resend what was in flight, so each batch is
-    # acknowledged exactly once and no error is raised.
-    after = 7 if ending == "recycled" else 5
+async def test_open_and_closed_loops_follow_a_recycled_stream() -> None:
+    # The gateway ends a stream after every 7 acknowledgements: the loops re-open it and resend
+    # what was in flight, so each batch is acknowledged exactly once and no error is raised.
     templates = request_templates([_events(10)])
-
-    def ingest() -> _FakeIngest:
-        recycle = ending == "recycled"
-        return _FakeIngest(
-            work=0.001, recycle_after=after if recycle else 0, refuse_after=0 if recycle else after
-        )
-
-    fake = ingest()
-    opened = await open_loop(fake, (), templates, rate=2000, duration=0.25, drain_timeout=5)
-    assert opened.acked_batches == opened.batches == 50
-    assert getattr(opened, ending) == 50 // after - (ending == "refused")
-    assert sorted(fake.acked) == list(range(1, 51))
+    ingest = _FakeIngest(work=0.001, recycle_after=7)
+    opened = await open_loop(ingest, (), templates, rate=2000, duration=0.25, drain_timeout=5)
+    assert opened.acked_batches == opened.batches == 50 and opened.recycled == 7
+    assert sorted(ingest.acked) == list(range(1, 51))
+    ingest = _FakeIngest(work=0.001, recycle_after=7)
     closed = await closed_loop(
-        ingest(), (), templates, streams=2, window=3, duration=0.3, drain_timeout=5
+        ingest, (), templates, streams=2, window=3, duration=0.3, drain_timeout=5
     )
-    assert getattr(closed, ending) >= 2
+    assert closed.recycled >= 2 and closed.acked_batches == closed.sent_batches
+    assert closed.acked == 10 * closed.sent_batches
+
+
+async def test_the_closed_loop_waits_out_back_pressure() -> None:
+    # Back-pressure is what holds the closed loop to the stored rate: every 9th batch refused
+    # with a 10 ms RetryInfo, the loop waits, re-opens and resends, and each batch is
+    # acknowledged exactly once.
+    templates = request_templates([_events(10)])
+    closed = await closed_loop(
+        _FakeIngest(work=0.001, refuse_every=9), (), templates, streams=2, window=3,
+        duration=0.3, drain_timeout=5,
+    )  # fmt: skip
+    assert closed.refused >= 2 and closed.refused_codes == {"RESOURCE_EXHAUSTED": closed.refused}
     assert closed.acked_batches == closed.sent_batches and closed.acked == 10 * closed.sent_batches
+
+
+async def test_open_loop_waits_out_back_pressure_only_when_asked_to() -> None:
+    # Every 9th batch is refused for back-pressure: with back_off the loop waits the RetryInfo
+    # delay, re-opens and resends from the refused batch on, so each is acknowledged once. The
+    # writer sees the ended call as INTERNAL before the reader reaches the refusal: the
+    # refusal, what the server said, still decides.
+    templates = request_templates([_events(10)])
+    ingest = _FakeIngest(work=0.001, refuse_every=9)
+    opened = await open_loop(
+        ingest, (), templates, rate=2000, duration=0.25, drain_timeout=5, back_off=True
+    )
+    assert opened.acked_batches == opened.batches == 50 and opened.refused >= 5
+    assert opened.refused_wait == pytest.approx(0.01 * opened.refused)
+    assert opened.refused_codes == {"RESOURCE_EXHAUSTED": opened.refused}
+    assert sorted(ingest.acked) == list(range(1, 51))
+    # Without it (the open loops of the bench), the refusal fails the phase, with what was seen.
+    with pytest.raises(BenchError, match="RESOURCE_EXHAUSTED: partition 0 is behind") as failed:
+        await open_loop(
+            _FakeIngest(work=0.001, refuse_every=9), (), templates, rate=2000, duration=0.25,
+            drain_timeout=5,
+        )  # fmt: skip
+    assert failed.value.partial is not None and failed.value.partial.acked_batches == 8
 
 
 async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:
@@ -414,25 +453,12 @@ async def test_open_loop_reports_a_failed_stream_with_its_status() -> None:
         )
 
 
-def _stack_config(tmp_path: Path, database_url: str, redis_url: str, run: str) -> StackConfig:
-    """A stack of this test's own: its state folder, schema prefix and stream prefix."""
-    return StackConfig(
-        state_dir=tmp_path / "state",
-        database_url=database_url,
-        db_schema_prefix=f"t_{run}_",
-        redis_url=redis_url,
-        stream_prefix=f"smtest:{run}:events",
-        partitions=4,
-        log_level="WARNING",
-    )
-
-
 @pytest.mark.slow
 async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
     tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     run = uuid.uuid4().hex[:10]
-    config = _stack_config(tmp_path, database_url, redis_url, run)
+    config = bench_test_config(tmp_path, database_url, redis_url, run)
     parser = argparse.ArgumentParser()
     add_bench_command(parser.add_subparsers())
     out = tmp_path / "bench.json"
@@ -504,7 +530,7 @@ async def test_bench_cleanup_creates_a_missing_database_first(
     # killed run left) must not fail on it.
     name = f"t_fresh_{uuid.uuid4().hex[:10]}"
     fresh = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    config = _stack_config(tmp_path, fresh, redis_url, uuid.uuid4().hex[:10])
+    config = bench_test_config(tmp_path, fresh, redis_url, uuid.uuid4().hex[:10])
     try:
         await drop_bench_data(bench_stack_config(config))
     finally:
