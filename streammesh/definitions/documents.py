@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from streammesh.definitions.rule_errors import RuleError
-from streammesh.definitions.rules import parse_rule
-from streammesh.definitions.window_defs import WindowDefError, parse_window_def
+from streammesh.definitions.rules import Rule, parse_rule
+from streammesh.definitions.window_defs import WindowDef, WindowDefError, parse_window_def
 
 __all__ = ["KINDS", "KIND_RULE", "KIND_WINDOW", "DefinitionProblem", "check_definition"]
 
@@ -26,19 +26,20 @@ class DefinitionProblem(ValueError):
         self.problem = problem
 
 
-def check_definition(kind: str, document: Mapping[str, Any], where: str = "definition") -> None:
+def check_definition(
+    kind: str, document: Mapping[str, Any], where: str = "definition"
+) -> Rule | WindowDef:
     """Parse `document` as the engine will; raise DefinitionProblem for the first bad part."""
     if kind == KIND_RULE:
         try:
-            parse_rule(document, where)
+            return parse_rule(document, where)
         except RuleError as error:
             raise DefinitionProblem(error.path, error.problem) from None
     elif kind == KIND_WINDOW:
         try:
-            parse_window_def(document, where)
+            return parse_window_def(document, where)
         except WindowDefError as error:
             # The window parser's message is "<path>: <problem>".
             path, _, problem = str(error).partition(": ")
             raise DefinitionProblem(path, problem or str(error)) from None
-    else:
-        raise DefinitionProblem("kind", f"must be one of {', '.join(KINDS)}")
+    raise DefinitionProblem("kind", f"must be one of {', '.join(KINDS)}")
