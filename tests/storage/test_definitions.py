@@ -27,6 +27,7 @@ else:
 
 RULE = common.DEFINITION_KIND_RULE
 WINDOW = common.DEFINITION_KIND_WINDOW
+WINDOW_ID = "orders-per-minute"
 HOT = {
     "id": "hot-sensor",
     "kind": "threshold",
@@ -35,8 +36,8 @@ HOT = {
     "op": "gt",
     "value": 80,
 }
-PER_MINUTE = {
-    "id": "orders-per-minute",
+PER_MINUTE: dict[str, Any] = {
+    "id": WINDOW_ID,
     "event_type": "order.created",
     "kind": "tumbling",
     "size": "1m",
@@ -76,14 +77,19 @@ def processor(stub_for: Callable[[str], Definitions]) -> Definitions:
 
 
 async def create(
-    stub: Definitions, document: dict[str, Any], *, kind: int = RULE, tenant: str = "t1"
+    stub: Definitions,
+    document: dict[str, Any],
+    *,
+    kind: common.DefinitionKind.ValueType = RULE,
+    tenant: str = "t1",
 ) -> common.Definition:
     reply = await stub.CreateDefinition(
         pb.CreateDefinitionRequest(
             tenant=tenant, kind=kind, created_by="ada", definition_json=json.dumps(document)
         )
     )
-    return reply.definition
+    definition: common.Definition = reply.definition
+    return definition
 
 
 async def refused(call: Any) -> grpc.aio.AioRpcError:
@@ -153,13 +159,13 @@ async def test_a_window_is_checked_by_the_engine_parser_and_kinds_are_separate(
     assert (window.kind, window.version, window.enabled) == (WINDOW, 1, True)
     # A window document has no "enabled": disabling is the row's flag, in a new version.
     off = await gateway.SetDefinitionEnabled(
-        pb.SetDefinitionEnabledRequest(tenant="t1", kind=WINDOW, id=PER_MINUTE["id"], enabled=False)
+        pb.SetDefinitionEnabledRequest(tenant="t1", kind=WINDOW, id=WINDOW_ID, enabled=False)
     )
     assert (off.definition.version, off.definition.enabled) == (2, False)
     assert "enabled" not in json.loads(off.definition.definition_json)
     # The same id as a rule is another definition.
     rule_lookup = await refused(
-        gateway.GetDefinition(pb.GetDefinitionRequest(tenant="t1", kind=RULE, id=PER_MINUTE["id"]))
+        gateway.GetDefinition(pb.GetDefinitionRequest(tenant="t1", kind=RULE, id=WINDOW_ID))
     )
     assert rule_lookup.code() == grpc.StatusCode.NOT_FOUND
     bad = await refused(create(gateway, {**PER_MINUTE, "id": "w2", "size": "0s"}, kind=WINDOW))
