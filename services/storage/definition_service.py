@@ -20,9 +20,6 @@ from streammesh.mesh.errors import AlreadyExists, InvalidArgument, NotFound
 
 __all__ = ["DefinitionServicer"]
 
-_MAX_CHANGES = 1000
-_DEFAULT_CHANGES = 500
-
 
 def _not_found(kind: str, definition_id: str) -> NotFound:
     return NotFound(f"no {kind} {definition_id!r} in your tenant")
@@ -142,12 +139,7 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
     async def ListDefinitionChanges(
         self, request: pb.ListDefinitionChangesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDefinitionChangesResponse:
-        if not 0 <= request.limit <= _MAX_CHANGES:
-            raise InvalidArgument(
-                f"limit must be 0..{_MAX_CHANGES}",
-                field_violations=[("limit", f"{request.limit} is out of range")],
-            )
-        limit = request.limit or _DEFAULT_CHANGES
+        limit = registry.changes_limit(request.limit)
         rows, head = await self._store.changes(after=request.after_change_id, limit=limit)
         return pb.ListDefinitionChangesResponse(
             changes=[

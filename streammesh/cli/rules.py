@@ -22,13 +22,13 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import Message
 
 from streammesh.api.gateway.v1 import rules_pb2 as pb
 from streammesh.cli.output import print_reply
+from streammesh.cli.schemas import SchemaFileError, read_schema
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
@@ -39,23 +39,11 @@ _TIMEOUT = 30
 Handler = Callable[[StackConfig, argparse.Namespace], Awaitable[int]]
 
 
-class DefinitionFileError(Exception):
-    """The file cannot be read or is not a JSON object (said before anything is sent)."""
-
-
 def read_definition(path: str) -> str:
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DefinitionFileError(f"cannot read {path}: {error}") from error
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DefinitionFileError(
-            f"{path} is not JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from error
-    if not isinstance(document, dict):
-        raise DefinitionFileError(f"{path} must hold one JSON object (a rule or a window)")
+    """The file's text, checked here to be one JSON object (a typo is named with its line)."""
+    text = read_schema(path)
+    if not isinstance(json.loads(text), dict):
+        raise SchemaFileError(f"{path} must hold one JSON object (a rule or a window)")
     return text
 
 
@@ -175,7 +163,7 @@ def _guarded(handler: Handler) -> Handler:
     async def run(config: StackConfig, args: argparse.Namespace) -> int:
         try:
             return await handler(config, args)
-        except DefinitionFileError as error:
+        except SchemaFileError as error:
             print(error, file=sys.stderr)
             return 2
 

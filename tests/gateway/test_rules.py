@@ -20,6 +20,7 @@ from streammesh.api.gateway.v1 import rules_pb2_grpc as pb_grpc
 from tests.gateway.conftest import PASSWORD, Person, Stack
 from tests.gateway.test_schema_registry import violations_of
 from tests.gateway.test_tenants import login
+from tests.storage.test_definitions import HOT, PER_MINUTE
 
 if TYPE_CHECKING:
     Rules = pb_grpc.RuleServiceAsyncStub
@@ -27,22 +28,6 @@ else:
     Rules = pb_grpc.RuleServiceStub
 
 pytestmark = pytest.mark.timeout(180)
-
-HOT = {
-    "id": "hot-sensor",
-    "kind": "threshold",
-    "match": {"type": "reading"},
-    "field": "payload.celsius",
-    "op": "gt",
-    "value": 80,
-}
-PER_MINUTE = {
-    "id": "orders-per-minute",
-    "event_type": "order.created",
-    "kind": "tumbling",
-    "size": "1m",
-    "aggregates": [{"name": "orders", "fn": "count"}],
-}
 
 
 @dataclass
