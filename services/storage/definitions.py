@@ -3,9 +3,9 @@ a submitted document, the fields storage sets (tenant, id, version, a rule's ena
 activation), the engine's own check of the result (streammesh.definitions, the parser the
 processors run), and the protobuf forms of rows.
 
-Storage owns tenant and version: a document may leave them out; when it names them they must be
-the caller's tenant and the version being written, so a document read back and resubmitted
-stays truthful. A rule's activation never goes backwards from one version to the next (the
+Storage owns tenant and version: a document may leave them out; a tenant it names must be the
+caller's (a document meant for another tenant is refused, not moved), a version it names is
+replaced by the one written (so a document read back, edited and resubmitted just works). A rule's activation never goes backwards from one version to the next (the
 engine refuses a newer version that activates earlier): left out, it is the previous version's.
 """
 
@@ -106,7 +106,9 @@ def next_version(
     document = dict(document)
     _own(document, "id", definition_id, f"must be {definition_id!r}")
     _own(document, "tenant", tenant, f"must be your tenant {tenant!r}")
-    _own(document, "version", version, f"must be {version}, the version being written")
+    # The version is storage's to number: a document read back (`rule show`) and edited carries
+    # the version it came from, which the new version replaces.
+    document["version"] = version
     if enabled is None:
         enabled = latest.enabled if latest is not None else True
         if kind == KIND_RULE and isinstance(document.get("enabled"), bool):

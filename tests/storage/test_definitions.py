@@ -180,7 +180,6 @@ async def test_a_window_is_checked_by_the_engine_parser_and_kinds_are_separate(
         ({**HOT, "within": "soon"}, "definition.within"),
         ({**HOT, "frobnicate": 1}, "definition.frobnicate"),
         ({**HOT, "tenant": "t2"}, "definition.tenant"),
-        ({**HOT, "version": 7}, "definition.version"),
         ({k: v for k, v in HOT.items() if k != "id"}, "definition.id"),
         (
             {
@@ -224,6 +223,19 @@ async def test_malformed_documents_are_refused(gateway: Definitions) -> None:
         )
     )
     assert field_violations(no_kind)[0][0] == "kind"
+
+
+async def test_a_version_given_is_replaced_by_the_one_written(gateway: Definitions) -> None:
+    first = await create(gateway, {**HOT, "version": 7})
+    assert json.loads(first.definition_json)["version"] == 1
+    # The document as read back, edited and sent again: the next version.
+    edited = {**json.loads(first.definition_json), "value": 99}
+    second = await gateway.UpdateDefinition(
+        pb.UpdateDefinitionRequest(
+            tenant="t1", kind=RULE, id="hot-sensor", definition_json=json.dumps(edited)
+        )
+    )
+    assert json.loads(second.definition.definition_json)["version"] == 2
 
 
 async def test_activation_never_goes_backwards(gateway: Definitions) -> None:

@@ -34,8 +34,9 @@ class RuleServiceStub:
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
     each add a version; the processors pick a new version up within about 2 seconds. The service
-    sets a document's "tenant" and "version" (and a rule's "enabled"): leave them out, or give
-    exactly the values it would set. A rule's "activation" (event time from which a version
+    sets a document's "tenant" and "version" (and a rule's "enabled"): leave them out; a "tenant"
+    given must be your token's, a "version" given is replaced by the version written (so the
+    document GetRule returns can be edited and sent back with UpdateRule). A rule's "activation" (event time from which a version
     applies) may not be earlier than the previous version's; left out, it is the previous
     version's.
 
@@ -128,8 +129,9 @@ class RuleServiceServicer:
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
     each add a version; the processors pick a new version up within about 2 seconds. The service
-    sets a document's "tenant" and "version" (and a rule's "enabled"): leave them out, or give
-    exactly the values it would set. A rule's "activation" (event time from which a version
+    sets a document's "tenant" and "version" (and a rule's "enabled"): leave them out; a "tenant"
+    given must be your token's, a "version" given is replaced by the version written (so the
+    document GetRule returns can be edited and sent back with UpdateRule). A rule's "activation" (event time from which a version
     applies) may not be earlier than the previous version's; left out, it is the previous
     version's.
 
@@ -321,8 +323,9 @@ class RuleService:
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
     each add a version; the processors pick a new version up within about 2 seconds. The service
-    sets a document's "tenant" and "version" (and a rule's "enabled"): leave them out, or give
-    exactly the values it would set. A rule's "activation" (event time from which a version
+    sets a document's "tenant" and "version" (and a rule's "enabled"): leave them out; a "tenant"
+    given must be your token's, a "version" given is replaced by the version written (so the
+    document GetRule returns can be edited and sent back with UpdateRule). A rule's "activation" (event time from which a version
     applies) may not be earlier than the previous version's; left out, it is the previous
     version's.
 

@@ -28,8 +28,8 @@ class CreateDefinitionRequest(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     definition_json: _builtins.str
-    """The definition document, a JSON object of at most 64 KiB. "tenant" and "version" may be
-    left out (they are set by storage); when given they must be the tenant's and 1.
+    """The definition document, a JSON object of at most 64 KiB. "tenant" and "version" are set by
+    storage: a "tenant" given must be the caller's; a "version" given is replaced.
     """
     kind: _definitions_pb2.DefinitionKind.ValueType
     created_by: _builtins.str
@@ -84,7 +84,7 @@ class UpdateDefinitionRequest(_message.Message):
     id: _builtins.str
     """The id to update; the document's "id" must be the same or left out."""
     definition_json: _builtins.str
-    """As in CreateDefinitionRequest; a "version" given must be the next version."""
+    """As in CreateDefinitionRequest."""
     kind: _definitions_pb2.DefinitionKind.ValueType
     created_by: _builtins.str
     tenant: _builtins.str
