@@ -23,6 +23,7 @@ from streammesh.api.gateway.v1 import (
     admin_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    rules_pb2_grpc,
     schema_registry_pb2_grpc,
 )
 from streammesh.envelope import assign_missing_ids
@@ -46,6 +47,8 @@ class GatewayClient:
         """AdminService stub; pass `metadata=client.bearer()` with an admin's token."""
         self.schemas = schema_registry_pb2_grpc.SchemaRegistryServiceStub(self._channel)
         """SchemaRegistryService stub; pass `metadata=client.bearer()`."""
+        self.rules = rules_pb2_grpc.RuleServiceStub(self._channel)
+        """RuleService stub (rules, windows, alerts, window results); pass `metadata=client.bearer()`."""
         self.access_token = ""
         self.refresh_token = ""
         self.recycled_streams = 0

@@ -10,18 +10,24 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 
 from services.auth.service import AuthServicer
 from services.gateway.admin import AdminServicer
+from services.gateway.rules import RuleServicer
 from services.gateway.schema_registry import SchemaRegistryServicer
 from services.gateway.service import GatewayServicer
 from services.ingest.service import IngestServicer
 from services.processor.service import ProcessorServicer
+from services.storage.definition_service import DefinitionServicer
 from services.storage.registry_service import SchemaRegistryServicer as StorageRegistryServicer
 from services.storage.service import StorageServicer
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from streammesh.api.gateway.v1 import rules_pb2 as public_rules
+from streammesh.api.gateway.v1 import rules_pb2_grpc as public_rules_grpc
 from streammesh.api.gateway.v1 import schema_registry_pb2 as public_registry
 from streammesh.api.gateway.v1 import schema_registry_pb2_grpc as public_registry_grpc
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.api.processor.v1 import processor_pb2, processor_pb2_grpc
+from streammesh.api.storage.v1 import definitions_pb2 as storage_definitions
+from streammesh.api.storage.v1 import definitions_pb2_grpc as storage_definitions_grpc
 from streammesh.api.storage.v1 import schema_registry_pb2 as storage_registry
 from streammesh.api.storage.v1 import schema_registry_pb2_grpc as storage_registry_grpc
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
@@ -66,6 +72,16 @@ SERVICES = [
         storage_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"],
         StorageRegistryServicer,
         storage_registry_grpc.SchemaRegistryServiceServicer,
+    ),
+    (
+        public_rules.DESCRIPTOR.services_by_name["RuleService"],
+        RuleServicer,
+        public_rules_grpc.RuleServiceServicer,
+    ),
+    (
+        storage_definitions.DESCRIPTOR.services_by_name["DefinitionService"],
+        DefinitionServicer,
+        storage_definitions_grpc.DefinitionServiceServicer,
     ),
 ]
 
@@ -160,6 +176,13 @@ RELAYED = [
             getattr(storage_registry, f"{method.name}{kind}"),
         )
         for method in public_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"].methods
+        for kind in ("Request", "Response")
+    ),
+    # Rules: alerts and window results are relayed as they are (storage adds `tenant`); the
+    # rule and window calls are re-built by the gateway with the kind (services/gateway/rules.py).
+    *(
+        (getattr(public_rules, f"{name}{kind}"), getattr(storage_definitions, f"{name}{kind}"))
+        for name in ("ListAlerts", "ListWindowResults")
         for kind in ("Request", "Response")
     ),
 ]

@@ -14,7 +14,9 @@ __all__ = ["PLATFORM_ADMIN", "ROLES", "TENANT_ADMIN", "unknown_roles"]
 
 PLATFORM_ADMIN = "admin"
 TENANT_ADMIN = "tenant-admin"
-ROLES = frozenset({PLATFORM_ADMIN, TENANT_ADMIN, "producer", "analyst", "schema-admin"})
+ROLES = frozenset(
+    {PLATFORM_ADMIN, TENANT_ADMIN, "producer", "analyst", "schema-admin", "rule-admin"}
+)
 
 
 def unknown_roles(roles: Iterable[str]) -> list[str]:

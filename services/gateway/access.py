@@ -35,6 +35,7 @@ __all__ = [
     "NOT_EXPOSED",
     "PLATFORM",
     "ROLE_MISSING",
+    "RULES",
     "SCHEMAS",
     "TENANT_ADMINS",
     "Access",
@@ -48,6 +49,7 @@ ADMIN = "streammesh.gateway.v1.AdminService"
 ADMIN_ROLE = PLATFORM_ADMIN_ROLE
 TENANT_ADMIN_ROLE = "tenant-admin"
 SCHEMAS = "streammesh.gateway.v1.SchemaRegistryService"
+RULES = "streammesh.gateway.v1.RuleService"
 ROLE_MISSING = "role_missing"
 NOT_EXPOSED = "method_not_exposed"
 _AUTHORIZATION = "authorization"
@@ -100,6 +102,21 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{SCHEMAS}/RegisterSchema": roles("schema-admin"),
     f"{SCHEMAS}/SetCompatibility": roles("schema-admin"),
     f"{SCHEMAS}/SetSchemaPolicy": roles("schema-admin"),
+    # Rules and windows: a role of their own (rule-admin), not schema-admin's: a rule decides
+    # what alerts and results a tenant gets, a schema what events it accepts, and the two are
+    # often different people. Analysts read definitions, alerts and results.
+    f"{RULES}/CreateRule": roles("rule-admin"),
+    f"{RULES}/UpdateRule": roles("rule-admin"),
+    f"{RULES}/SetRuleEnabled": roles("rule-admin"),
+    f"{RULES}/GetRule": roles("analyst", "rule-admin"),
+    f"{RULES}/ListRules": roles("analyst", "rule-admin"),
+    f"{RULES}/CreateWindow": roles("rule-admin"),
+    f"{RULES}/UpdateWindow": roles("rule-admin"),
+    f"{RULES}/SetWindowEnabled": roles("rule-admin"),
+    f"{RULES}/GetWindow": roles("analyst", "rule-admin"),
+    f"{RULES}/ListWindows": roles("analyst", "rule-admin"),
+    f"{RULES}/ListAlerts": roles("analyst", "rule-admin"),
+    f"{RULES}/ListWindowResults": roles("analyst", "rule-admin"),
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": TENANT_ADMINS,
     f"{ADMIN}/CreateUser": TENANT_ADMINS,

@@ -12,6 +12,7 @@ from services.gateway.audit import AuditTrail
 from services.gateway.jwks_http import JwksHttpListener
 from services.gateway.publish import RelayLimits
 from services.gateway.revocations import RevocationFollower, RevocationList
+from services.gateway.rules import RuleServicer
 from services.gateway.schema_registry import SchemaRegistryServicer
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -22,6 +23,8 @@ from streammesh.api.gateway.v1 import (
     admin_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    rules_pb2,
+    rules_pb2_grpc,
     schema_registry_pb2,
     schema_registry_pb2_grpc,
 )
@@ -126,6 +129,11 @@ def create_server(
                 schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
                 schema_registry_pb2_grpc.add_SchemaRegistryServiceServicer_to_server,
                 SchemaRegistryServicer(upstreams),
+            ),
+            ServiceBinding(
+                rules_pb2.DESCRIPTOR.services_by_name["RuleService"],
+                rules_pb2_grpc.add_RuleServiceServicer_to_server,
+                RuleServicer(upstreams),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],

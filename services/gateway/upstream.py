@@ -23,6 +23,8 @@ from services.gateway.settings import GatewaySettings
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.api.storage.v1 import (
+    definitions_pb2,
+    definitions_pb2_grpc,
     schema_registry_pb2,
     schema_registry_pb2_grpc,
     storage_pb2,
@@ -53,6 +55,7 @@ _DESCRIPTORS = {
         ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
+        definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
     )
 }
 
@@ -172,11 +175,26 @@ class Upstreams:
                     "SetSchemaPolicy",
                 ],
             ),
+            # Creating and updating are not retried: a lost reply would add a second version
+            # (or answer ALREADY_EXISTS); enabling is (the same value again writes nothing).
+            channel(
+                settings.storage_target,
+                "storage",
+                "streammesh.storage.v1.DefinitionService",
+                [
+                    "SetDefinitionEnabled",
+                    "GetDefinition",
+                    "ListDefinitions",
+                    "ListAlerts",
+                    "ListWindowResults",
+                ],
+            ),
         ]
         self.auth = auth_pb2_grpc.AuthServiceStub(self._channels[0])
         self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels[1])
         self.storage = storage_pb2_grpc.StorageServiceStub(self._channels[2])
         self.registry = schema_registry_pb2_grpc.SchemaRegistryServiceStub(self._channels[3])
+        self.definitions = definitions_pb2_grpc.DefinitionServiceStub(self._channels[4])
 
     async def fetch_jwks(self) -> list[auth_pb2.JsonWebKey]:
         """Auth's published keys. Fetched for every client at once, so on the gateway's own

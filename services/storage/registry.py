@@ -27,9 +27,11 @@ from streammesh.envelope import EnvelopeLimits, text_problem
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = [
+    "MAX_CHANGES",
     "MAX_SCHEMA_BYTES",
     "MAX_VIOLATIONS_LISTED",
     "Document",
+    "changes_limit",
     "checked_event_type",
     "checked_mode",
     "checked_tenant",
@@ -210,6 +212,21 @@ def version_message(row: VersionRow) -> common.SchemaVersion:
     )
     message.created_at.FromDatetime(row.created_at)
     return message
+
+
+MAX_CHANGES = 1000
+"""Changes one ListSchemaChanges / ListDefinitionChanges call returns at most."""
+_DEFAULT_CHANGES = 500
+
+
+def changes_limit(value: int) -> int:
+    """A change-log call's `limit`: 1 to MAX_CHANGES, 0 for the default (500)."""
+    if not 0 <= value <= MAX_CHANGES:
+        raise InvalidArgument(
+            f"limit must be 0..{MAX_CHANGES}",
+            field_violations=[("limit", f"{value} is out of range")],
+        )
+    return value or _DEFAULT_CHANGES
 
 
 def page_size(value: int) -> int:

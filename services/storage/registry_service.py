@@ -26,8 +26,6 @@ from streammesh.mesh.errors import InvalidArgument, NotFound
 __all__ = ["SchemaRegistryServicer"]
 
 _POLICY_PREFIX = "UNKNOWN_TYPE_POLICY_"
-_MAX_CHANGES = 1000
-_DEFAULT_CHANGES = 500
 
 
 def _policy_value(name: str) -> common.UnknownTypePolicy.ValueType:
@@ -176,12 +174,7 @@ class SchemaRegistryServicer(pb_grpc.SchemaRegistryServiceServicer):
     async def ListSchemaChanges(
         self, request: pb.ListSchemaChangesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSchemaChangesResponse:
-        if not 0 <= request.limit <= _MAX_CHANGES:
-            raise InvalidArgument(
-                f"limit must be 0..{_MAX_CHANGES}",
-                field_violations=[("limit", f"{request.limit} is out of range")],
-            )
-        limit = request.limit or _DEFAULT_CHANGES
+        limit = registry.changes_limit(request.limit)
         rows, head = await self._store.changes(after=request.after_change_id, limit=limit)
         return pb.ListSchemaChangesResponse(
             changes=[

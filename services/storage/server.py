@@ -8,6 +8,9 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.storage.dead_letter_store import DeadLetterStore
+from services.storage.definition_service import DefinitionServicer
+from services.storage.definition_store import DefinitionStore
+from services.storage.engine_output_store import EngineOutputStore
 from services.storage.registry_service import SchemaRegistryServicer
 from services.storage.registry_store import RegistryStore
 from services.storage.service import Limits, StorageServicer
@@ -15,6 +18,8 @@ from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
 from streammesh.api.storage.v1 import (
+    definitions_pb2,
+    definitions_pb2_grpc,
     schema_registry_pb2,
     schema_registry_pb2_grpc,
     storage_pb2,
@@ -31,6 +36,7 @@ from streammesh.mesh.postgres import create_engine, create_pool, load_migrations
 from streammesh.mesh.startup import reaching, run_service
 
 __all__ = [
+    "DEFINITION_SERVICE",
     "POLICY",
     "REGISTRY_SERVICE",
     "SERVICE",
@@ -43,6 +49,7 @@ __all__ = [
 
 SERVICE = "streammesh.storage.v1.StorageService"
 REGISTRY_SERVICE = "streammesh.storage.v1.SchemaRegistryService"
+DEFINITION_SERVICE = "streammesh.storage.v1.DefinitionService"
 
 POLICY: dict[str, tuple[str, ...]] = {
     # Only the processor writes: it acknowledges the queue once storage confirmed the batch.
@@ -67,6 +74,18 @@ POLICY: dict[str, tuple[str, ...]] = {
     f"{REGISTRY_SERVICE}/GetSchemaPolicy": ("service/gateway", "service/ingest"),
     f"{REGISTRY_SERVICE}/SetSchemaPolicy": ("service/gateway",),
     f"{REGISTRY_SERVICE}/ListSchemaChanges": ("service/ingest",),
+    # Rules and windows: clients manage them through the gateway (which checked the role and
+    # fills tenant and author); the processors follow the change log, read the versions it
+    # names and store what their engines emit. Alerts and results are read through the gateway.
+    f"{DEFINITION_SERVICE}/CreateDefinition": ("service/gateway",),
+    f"{DEFINITION_SERVICE}/UpdateDefinition": ("service/gateway",),
+    f"{DEFINITION_SERVICE}/SetDefinitionEnabled": ("service/gateway",),
+    f"{DEFINITION_SERVICE}/GetDefinition": ("service/gateway", "service/processor"),
+    f"{DEFINITION_SERVICE}/ListDefinitions": ("service/gateway", "service/processor"),
+    f"{DEFINITION_SERVICE}/ListDefinitionChanges": ("service/processor",),
+    f"{DEFINITION_SERVICE}/StoreEngineOutputs": ("service/processor",),
+    f"{DEFINITION_SERVICE}/ListAlerts": ("service/gateway",),
+    f"{DEFINITION_SERVICE}/ListWindowResults": ("service/gateway",),
 }
 """Who may call which method; anything else is denied (operators are added by PeerPolicy)."""
 
@@ -112,10 +131,15 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         schema_registry_pb2_grpc.add_SchemaRegistryServiceServicer_to_server,
         SchemaRegistryServicer(RegistryStore(deps.engine)),
     )
+    rules = ServiceBinding(
+        definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
+        definitions_pb2_grpc.add_DefinitionServiceServicer_to_server,
+        DefinitionServicer(DefinitionStore(deps.engine), EngineOutputStore(deps.engine)),
+    )
     return create_mesh_server(
         settings,
         identity="storage",
-        bindings=[binding, registry],
+        bindings=[binding, registry, rules],
         guard=PeerPolicy.build(settings.trust_domain, POLICY),
     )
 

@@ -120,7 +120,7 @@ COMMANDS: dict[str, AdminCommand] = {
     ),
     "roles": AdminCommand(
         "SetUserRoles",
-        "replace an account's roles (admin, tenant-admin, producer, analyst, schema-admin)",
+        "replace an account's roles (admin, tenant-admin, producer, analyst, schema-admin, rule-admin)",
         lambda a: admin_pb2.SetUserRolesRequest(
             username=a.username, roles=a.roles, tenant=a.tenant
         ),

@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
@@ -49,6 +49,11 @@ def _time(value: timestamp_pb2.Timestamp, present: bool = True) -> str:
 
 def _set_time(record: Message, field: str) -> str:
     return _time(getattr(record, field), record.HasField(field))
+
+
+def _nanos_time(nanos: int) -> str:
+    """An event time in nanoseconds since the epoch, as UTC to the second (nanos kept in --json)."""
+    return datetime.fromtimestamp(nanos / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _yes(value: bool) -> str:
@@ -139,6 +144,32 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("instance", lambda v: v.instance_path or "/"),
         Column("new schema", lambda v: v.new_schema_path or "/"),
         Column("message", lambda v: _text(v.message, 100)),
+    ),
+    "streammesh.common.v1.Definition": (
+        Column("id", lambda d: d.id),
+        Column("version", lambda d: str(d.version)),
+        Column("enabled", lambda d: _yes(d.enabled)),
+        Column("kind", lambda d: str(json.loads(d.definition_json or "{}").get("kind", "-"))),
+        Column("by", lambda d: d.created_by or "-"),
+        Column("created", lambda d: _set_time(d, "create_time")),
+    ),
+    "streammesh.common.v1.Alert": (
+        Column("last event", lambda a: _nanos_time(a.last_event_time_unix_nanos)),
+        Column("rule", lambda a: f"{a.rule_id} v{a.rule_version}"),
+        Column("kind", lambda a: a.rule_kind),
+        Column("key", lambda a: _text(a.key, 30)),
+        Column("events", lambda a: str(len(a.event_ids))),
+        Column("detail", lambda a: _text(a.detail_json, 60)),
+        Column("id", lambda a: a.alert_id),
+    ),
+    "streammesh.common.v1.WindowResult": (
+        Column("start", lambda r: _nanos_time(r.start_unix_nanos)),
+        Column("end", lambda r: _nanos_time(r.end_unix_nanos)),
+        Column("group", lambda r: _text(r.group, 30)),
+        Column("partition", lambda r: str(r.partition)),
+        Column("version", lambda r: str(r.window_version)),
+        Column("revision", lambda r: str(r.revision) + (" retracted" if r.retracted else "")),
+        Column("values", lambda r: _text(r.values_json, 60)),
     ),
     "streammesh.common.v1.EventRefusal": (
         Column("index", lambda r: str(r.index)),

@@ -27,7 +27,7 @@ from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
 
-__all__ = ["add_schema_commands"]
+__all__ = ["SchemaFileError", "add_schema_commands", "read_schema"]
 
 MODES = [
     name.removeprefix("COMPATIBILITY_MODE_")
@@ -38,7 +38,8 @@ _TIMEOUT = 30
 
 
 class SchemaFileError(Exception):
-    """The schema file cannot be read or is not JSON (said before anything is sent)."""
+    """A schema (or rule/window) file cannot be read or is not JSON (said before anything is
+    sent)."""
 
 
 def read_schema(path: str) -> str:

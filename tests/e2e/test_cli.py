@@ -362,3 +362,67 @@ async def test_schema_commands(admin_env: dict[str, str], tmp_path: Path) -> Non
     assert err.startswith(f"{tmp_path / 'typo.json'} is not JSON: Expecting value at line 2")
     code, _, err = await run_cli(admin_env, "schema", "show", "no.such.type")
     assert code == 1 and err.startswith("NOT_FOUND: no schema is registered for event type")
+
+
+async def test_rule_and_window_commands(admin_env: dict[str, str], tmp_path: Path) -> None:
+    rule_id = f"hot-{uuid.uuid4().hex[:6]}"
+    rule = {
+        "id": rule_id,
+        "kind": "threshold",
+        "match": {"type": "reading"},
+        "field": "payload.celsius",
+        "op": "gt",
+        "value": 80,
+    }
+    (tmp_path / "rule.json").write_text(json.dumps(rule))
+    (tmp_path / "rule2.json").write_text(json.dumps({**rule, "value": 90}))
+    (tmp_path / "bad.json").write_text(json.dumps({**rule, "id": "bad", "within": "soon"}))
+    (tmp_path / "typo.json").write_text('{"id": "x",\n "kind": }')
+
+    code, out, err = await run_cli(admin_env, "rule", "create", str(tmp_path / "rule.json"))
+    assert (code, out) == (0, f"created rule {rule_id} version 1\n"), err
+    code, out, err = await run_cli(
+        admin_env, "rule", "update", rule_id, str(tmp_path / "rule2.json")
+    )
+    assert (code, out) == (0, f"updated rule {rule_id}: version 2\n"), err
+    code, out, _ = await run_cli(admin_env, "rule", "disable", rule_id)
+    assert out == f"disabled rule {rule_id}: version 3\n"
+    code, out, _ = await run_cli(admin_env, "rule", "disable", rule_id)
+    assert out.startswith(f"rule {rule_id} was already disabled (version 3)")
+    code, out, err = await run_cli(admin_env, "rule", "list")
+    assert code == 0, err
+    row = next(line.split() for line in out.splitlines() if line.startswith(rule_id))
+    assert row[:4] == [rule_id, "3", "no", "threshold"]
+    code, out, err = await run_cli(admin_env, "rule", "show", rule_id, "--version", "1")
+    assert code == 0 and json.loads(out)["value"] == 80 and "version 1 of 3" in err
+    code, out, _ = await run_cli(admin_env, "rule", "show", rule_id, "--json")
+    assert json.loads(out)["rule"]["version"] == 3
+
+    # Refusals: the bad part named by the service; a file typo named before anything is sent.
+    code, out, err = await run_cli(admin_env, "rule", "create", str(tmp_path / "bad.json"))
+    assert (code, out) == (1, "")
+    assert err.startswith("INVALID_ARGUMENT: definition.within:"), err
+    assert "  definition.within:" in err
+    code, out, err = await run_cli(admin_env, "rule", "create", str(tmp_path / "typo.json"))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"{tmp_path / 'typo.json'} is not JSON: Expecting value at line 2")
+    code, _, err = await run_cli(admin_env, "rule", "show", "no-such-rule")
+    assert code == 1 and err.startswith("NOT_FOUND: no rule 'no-such-rule'")
+
+    window_id = f"w-{uuid.uuid4().hex[:6]}"
+    window = {
+        "id": window_id,
+        "event_type": "order.created",
+        "kind": "tumbling",
+        "size": "1m",
+        "aggregates": [{"name": "orders", "fn": "count"}],
+    }
+    (tmp_path / "window.json").write_text(json.dumps(window))
+    code, out, err = await run_cli(admin_env, "window", "create", str(tmp_path / "window.json"))
+    assert (code, out) == (0, f"created window {window_id} version 1\n"), err
+    code, out, _ = await run_cli(admin_env, "window", "list", "--json")
+    assert window_id in [w["id"] for w in json.loads(out)["windows"]]
+    code, out, err = await run_cli(admin_env, "window", "results", window_id, "--json")
+    assert code == 0 and json.loads(out)["window_results"] == [], err
+    code, out, err = await run_cli(admin_env, "alerts", "--rule", rule_id, "--json")
+    assert code == 0 and json.loads(out)["alerts"] == [], err

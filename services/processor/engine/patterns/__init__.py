@@ -10,8 +10,8 @@ from services.processor.engine.patterns.engine import (
     PatternEngineConfig,
     SnapshotError,
 )
-from services.processor.engine.patterns.errors import RuleError, RuleSetError
-from services.processor.engine.patterns.rules import (
+from streammesh.definitions.rule_errors import RuleError, RuleSetError
+from streammesh.definitions.rules import (
     KINDS,
     Rule,
     parse_duration,

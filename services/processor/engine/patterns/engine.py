@@ -37,8 +37,8 @@ import orjson
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.patterns.alerts import Alert, LateEvent, PatternOutput
 from services.processor.engine.patterns.matcher_base import NEVER
-from services.processor.engine.patterns.rules import Rule, parse_rule
 from services.processor.engine.patterns.ruleset import RuleSet
+from streammesh.definitions.rules import Rule, parse_rule
 
 __all__ = ["SNAPSHOT_FORMAT", "PatternEngine", "PatternEngineConfig", "SnapshotError"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from services.processor.engine.events import EngineEvent, compile_field_path
 from services.processor.engine.patterns.alerts import Alert, alert_id
-from services.processor.engine.patterns.conditions import EventPredicate, compile_condition
-from services.processor.engine.patterns.rules import EventPattern, Rule
+from streammesh.definitions.conditions import EventPredicate, compile_condition
+from streammesh.definitions.rules import EventPattern, Rule
 
 __all__ = ["NEVER", "KeyOf", "Matcher", "compile_key", "compile_pattern"]
 

@@ -14,7 +14,7 @@ from typing import Any
 from services.processor.engine.events import EngineEvent, compile_field_path
 from services.processor.engine.patterns.alerts import Alert
 from services.processor.engine.patterns.matcher_base import NEVER, Matcher, compile_pattern
-from services.processor.engine.patterns.rules import EventPattern, RateSpec, Rule, ThresholdSpec
+from streammesh.definitions.rules import EventPattern, RateSpec, Rule, ThresholdSpec
 
 __all__ = ["RateMatcher", "ThresholdMatcher"]
 

@@ -26,7 +26,7 @@ from typing import Any
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.patterns.alerts import Alert
 from services.processor.engine.patterns.matcher_base import Matcher, compile_pattern
-from services.processor.engine.patterns.rules import AbsenceSpec, EventPattern, Rule, SequenceSpec
+from streammesh.definitions.rules import AbsenceSpec, EventPattern, Rule, SequenceSpec
 
 __all__ = ["AbsenceMatcher", "SequenceMatcher"]
 

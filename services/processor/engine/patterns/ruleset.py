@@ -23,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.processor.engine.patterns.errors import RuleSetError
 from services.processor.engine.patterns.matcher_base import NEVER, Matcher
 from services.processor.engine.patterns.matchers_counting import RateMatcher, ThresholdMatcher
 from services.processor.engine.patterns.matchers_ordered import AbsenceMatcher, SequenceMatcher
-from services.processor.engine.patterns.rules import Rule
+from streammesh.definitions.rule_errors import RuleSetError
+from streammesh.definitions.rules import Rule
 
 __all__ = ["KnownVersion", "RuleSet", "build_matcher"]
 

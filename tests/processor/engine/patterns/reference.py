@@ -8,8 +8,8 @@ import operator
 from collections.abc import Callable, Sequence
 
 from services.processor.engine.events import EngineEvent
-from services.processor.engine.patterns.conditions import compile_condition
-from services.processor.engine.patterns.rules import (
+from streammesh.definitions.conditions import compile_condition
+from streammesh.definitions.rules import (
     AbsenceSpec,
     EventPattern,
     RateSpec,

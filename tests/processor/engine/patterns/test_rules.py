@@ -9,8 +9,8 @@ import pytest
 
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.patterns import RuleError, parse_duration, parse_rule, parse_rules
-from services.processor.engine.patterns.conditions import compile_condition, parse_condition
-from services.processor.engine.patterns.rules import SequenceSpec, ThresholdSpec
+from streammesh.definitions.conditions import compile_condition, parse_condition
+from streammesh.definitions.rules import SequenceSpec, ThresholdSpec
 
 SEQUENCE = {
     "id": "login-then-payout",

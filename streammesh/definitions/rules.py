@@ -35,9 +35,9 @@ from typing import Any
 
 import orjson
 
-from services.processor.engine.events import FieldPathError, compile_field_path
-from services.processor.engine.patterns.conditions import Condition, parse_condition
-from services.processor.engine.patterns.errors import RuleError
+from streammesh.definitions.conditions import Condition, parse_condition
+from streammesh.definitions.events import FieldPathError, compile_field_path
+from streammesh.definitions.rule_errors import RuleError
 
 __all__ = [
     "KINDS",

@@ -23,13 +23,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.processor.engine.events import (
+from streammesh.definitions.events import (
     MISSING,
     EngineEvent,
     FieldPathError,
     compile_field_path,
 )
-from services.processor.engine.patterns.errors import RuleError
+from streammesh.definitions.rule_errors import RuleError
 
 __all__ = [
     "OPERATORS",
