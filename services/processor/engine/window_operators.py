@@ -400,6 +400,11 @@ class SessionWindows(_Operator):
             else:
                 self._final(session, group, watermark, out)
             return
+        if session.revision < 0:
+            # A purge timer of an earlier final, and the session was retracted since (a late
+            # merge changed its bounds): its CLOSE timer is pending and schedules a new purge.
+            # Purging now would drop it unemitted when the watermark jumps past both timers.
+            return
         purge_at = end + self.gap + self.lateness
         if purge_at > watermark:
             heapq.heappush(self.heap, (purge_at, PURGE, self.identity, group, sid))

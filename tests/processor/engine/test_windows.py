@@ -114,6 +114,26 @@ def test_a_session_extended_after_its_final_is_retracted_and_emitted_anew() -> N
     assert (revision.start_nanos, revision.end_nanos, revision.revision) == (0, 22, 1)
 
 
+def test_a_session_reopened_by_a_merge_is_emitted_when_the_watermark_jumps_past_it() -> None:
+    # The property test's falsifying example, reduced: a final [0, 10) schedules its purge at
+    # 20; a late event at 2 merges it with [11, 21) into [0, 21), which closes at 21. An idle
+    # jump of the watermark past both must emit the merged session, not purge it unemitted.
+    engine = WindowEngine([_def("session")], CLOCK)
+    engine.process([_ev(1, 0)], now_nanos=0)
+    (final,) = engine.process([_ev(2, 11)], now_nanos=0).results
+    assert (final.start_nanos, final.end_nanos, final.revision) == (0, 10, 0)
+    (retraction,) = engine.process([_ev(3, 2)], now_nanos=0).results
+    assert (retraction.start_nanos, retraction.end_nanos, retraction.retracted) == (0, 10, True)
+    (merged,) = engine.process([], now_nanos=10**6).results
+    assert (merged.start_nanos, merged.end_nanos, merged.revision, merged.retracted) == (
+        0,
+        21,
+        0,
+        False,
+    )
+    assert merged.values == {"n": 3, "total": 3}
+
+
 def test_an_idle_partition_closes_its_windows_with_processing_time() -> None:
     engine = WindowEngine([_def()], CLOCK)
     engine.process([_ev(1, 3, partition=0), _ev(2, 3, partition=1)], now_nanos=0)
