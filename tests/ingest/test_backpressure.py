@@ -29,7 +29,7 @@ from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.backlog import Backlog, read_backlog
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
 from streammesh.mesh.errors import ResourceExhausted
-from streammesh.streams import BATCH_FIELD, COUNT_FIELD, StreamLayout
+from streammesh.streams import COUNT_FIELD, StreamLayout, body_bytes
 from tests.conftest import TRUST_DOMAIN, StreamEntries, xrange_entries
 
 
@@ -278,7 +278,7 @@ async def test_the_counters_follow_the_appends_and_bound_the_stream_memory(
     counted = (await read_backlog(redis_client, layout))[2]
     assert counted == Backlog(
         events=sum(int(fields[COUNT_FIELD]) for _, fields in entries),
-        bytes=sum(len(fields[BATCH_FIELD]) for _, fields in entries),
+        bytes=sum(body_bytes(fields) for _, fields in entries),
     )
     assert counted.events == 1000
     usage = int(await redis_client.memory_usage(layout.stream(2), samples=0) or 0)

@@ -16,7 +16,7 @@ from services.processor.ownership import Entry, PartitionOwnership
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
 from streammesh.backlog import Backlog, entry_weight, read_backlog
 from streammesh.entries import QueuedBody
-from streammesh.streams import BATCH_FIELD, StreamLayout
+from streammesh.streams import BATCH_FIELD, StreamLayout, body_bytes
 from tests.conftest import StreamEntries, xrange_entries
 from tests.processor.conftest import (
     FAST,
@@ -73,7 +73,7 @@ async def test_the_append_counts_and_the_ack_subtracts_each_entry_once(
     await append(redis_client, layout, 0, ["d"])
     await append(redis_client, layout, 1, ["e", "f"])
     entries = await xrange_entries(redis_client, layout.stream(0))
-    batch_bytes = [len(fields[BATCH_FIELD]) for _, fields in entries]
+    batch_bytes = [body_bytes(fields) for _, fields in entries]
     assert await _counters(redis_client, layout, 0) == Backlog(events=4, bytes=sum(batch_bytes))
     assert (await _counters(redis_client, layout, 1)).events == 2
 
