@@ -25,12 +25,18 @@ from streammesh.entries import QueuedBody, entry_body
 from streammesh.streams import COLUMNS_FIELD, COUNT_FIELD
 from streammesh.wire import varint_field
 
-__all__ = ["Chunk", "across_body", "across_chunks", "entry_event_count"]
+__all__ = ["NO_PARTITION", "Chunk", "across_body", "across_chunks", "entry_event_count"]
 
 Chunk = list[tuple[int, list[Entry]]]
 """(partition, its leading group of entries) for each partition of one call, in read order."""
 
 _RUN_PARTITIONS = event_pb2.QueuedColumns.RUN_PARTITIONS_FIELD_NUMBER
+_PARTITION = event_pb2.QueuedColumns.PARTITION_FIELD_NUMBER
+NO_PARTITION = 2**32 - 1
+"""What a body across partitions sets `partition` to (the last value of a field wins): beyond
+the events table's column, so a storage that predates run_partitions, and would otherwise file
+every row under the last entry's partition, refuses the call (INVALID_ARGUMENT) and the worker
+stores partition by partition. A storage that reads run_partitions ignores `partition`."""
 
 
 def across_chunks(
@@ -63,13 +69,14 @@ def across_chunks(
 
 def across_body(chunk: Chunk) -> QueuedBody:
     """The chunk's entries as one QueuedColumns, undecoded: each entry's bytes followed by its
-    partition as a `run_partitions` value."""
+    partition as a `run_partitions` value, and `partition` set to NO_PARTITION at the end."""
     parts: list[bytes] = []
     for partition, group in chunk:
         tag = varint_field(_RUN_PARTITIONS, partition)
         for _, fields in group:
             parts.append(entry_body(fields).data)
             parts.append(tag)
+    parts.append(varint_field(_PARTITION, NO_PARTITION))
     return QueuedBody(COLUMNS_FIELD, b"".join(parts))
 
 

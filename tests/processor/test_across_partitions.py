@@ -9,7 +9,7 @@ import dataclasses
 
 import redis.asyncio as aioredis
 
-from services.processor.across import across_body
+from services.processor.across import NO_PARTITION, across_body
 from services.processor.ownership import Entry
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
@@ -158,3 +158,4 @@ def test_the_body_across_partitions_carries_the_partition_of_every_run() -> None
     assert list(merged.ids) == ["a", "b", "c", "d"]
     assert list(merged.run_lengths) == [2, 1, 1]
     assert list(merged.run_partitions) == [4, 4, 0]
+    assert merged.partition == NO_PARTITION  # refused by a storage that ignores run_partitions

@@ -56,6 +56,25 @@ async def test_entries_of_several_partitions_are_stored_in_order_with_their_part
     assert (again.inserted, again.duplicates) == (0, 5)
 
 
+async def test_partition_is_ignored_beside_run_partitions_and_refused_without(
+    processor: Stub, engine: AsyncEngine
+) -> None:
+    """A processor sets `partition` beyond the column in a request across partitions: this
+    storage ignores it, one that predates run_partitions refuses the request (as this one does
+    without run_partitions) instead of filing every row under one partition."""
+    request = several((1, [queued(event_id="p1")]), (2, [queued(event_id="p2")]))
+    request.columns.partition = 2**32 - 1
+    older = storage_pb2.StoreEventsRequest()
+    older.CopyFrom(request)
+    del older.columns.run_partitions[:]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await processor.StoreEvents(older, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = await processor.StoreEvents(request, timeout=5)
+    assert (reply.inserted, reply.duplicates) == (2, 0)
+    assert await stored_partitions(engine) == [("p1", 1), ("p2", 2)]
+
+
 async def test_run_partitions_must_hold_one_partition_per_run(
     processor: Stub, engine: AsyncEngine
 ) -> None:

@@ -285,7 +285,9 @@ class QueuedColumns(_message.Message):
         processor sends a round's small groups of every partition in one StoreEvents call): one
         value per run, in run order, and then `partition` is ignored. Empty: every run is in
         `partition`. Ingest leaves it empty (it writes one run per entry, so a processor appends
-        the entry's partition to each entry's bytes; concatenation keeps one value per run).
+        the entry's partition to each entry's bytes; concatenation keeps one value per run). Such a
+        processor sets `partition` to 4294967295, which a storage that predates this field refuses,
+        so that it never files the rows of several partitions under one.
         """
 
     def __init__(
