@@ -38,6 +38,14 @@ class ProcessorSettings(ServiceSettings):
         le=12 * 1024 * 1024,
         description="bytes per StoreEvents call (under the 16 MiB message limit)",
     )
+    store_across_max_events: int = Field(
+        500,
+        ge=0,
+        le=10_000,
+        description="events per StoreEvents call that carries several partitions' entries "
+        "(a round's small groups share a call; a busy round makes several calls at once); "
+        "0 stores every partition on its own",
+    )
     block_ms: int = Field(1000, ge=1, description="how long a read waits for new entries")
     claim_idle_ms: int = Field(
         30_000, ge=100, description="reclaim entries of owned partitions idle this long"

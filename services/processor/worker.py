@@ -21,12 +21,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
+from services.processor.across import Chunk, across_body, across_chunks, entry_event_count
 from services.processor.backlog import BacklogKeeper
 from services.processor.dead_letters import (
     DeadLetterRecord,
@@ -43,7 +44,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.processor.v1 import processor_pb2
 from streammesh.entries import QueuedBody, entry_body
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
-from streammesh.streams import COUNT_FIELD, StreamLayout, body_bytes
+from streammesh.streams import StreamLayout, body_bytes
 
 __all__ = [
     "PermanentStoreError",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CLAIM_PAGE = 500
 _MAX_CLAIM_PAGES = 10_000
@@ -88,6 +90,11 @@ class WorkerConfig:
     """Consecutive entries of a partition go to storage in one call up to this many events..."""
     store_max_bytes: int = 4 * 1024 * 1024
     """...and this many bytes (an entry larger than either still goes alone)."""
+    store_across_max_events: int = 500
+    """The leading groups of several partitions share one call (across.py) up to this many
+    events: enough to spread a call's and a commit's fixed cost, few enough that a busy round
+    still makes several calls side by side (storage and Postgres then work on them at once);
+    0 stores every partition on its own."""
     block_ms: int = 1000
     """How long a read of new entries waits when there are none."""
     claim_idle_ms: int = 30_000
@@ -285,19 +292,8 @@ class StreamWorker:
             self._backlog.add(partition)
             reply[partition] = []
         work = [(p, entries) for p, entries in reply.items() if entries]
-        # Every drain runs to its end before the round ends, also when one of them fails (a
-        # Redis error): a drain left running would overlap the next round's work on its
-        # partition. The first failure is raised after all of them finished.
-        results = await asyncio.gather(
-            *(self._drain(p, entries) for p, entries in work), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        outcomes = cast(list[_Outcome], results)
-        retry = [
-            p for (p, _), outcome in zip(work, outcomes, strict=True) if outcome is _Outcome.RETRY
-        ]
+        outcomes = await self._drain_partitions(work)
+        retry = [p for p, outcome in outcomes.items() if outcome is _Outcome.RETRY]
         if retry:
             self._backlog.update(retry)
             await self._pause(self.stats.last_error)
@@ -307,21 +303,97 @@ class StreamWorker:
         only when no partition has a backlog."""
         backlog = not self._backlog.isdisjoint(partitions)
         positions = {self._layout.stream(p): "0" if p in self._backlog else ">" for p in partitions}
+        entries = {p: cast(list[Entry], []) for p in partitions}
+        await self._read_into(entries, positions, block=not backlog)
+        idle = {self._layout.stream(p): ">" for p, found in entries.items() if not found}
+        if self._config.store_across_max_events and not backlog and 0 < len(idle) < len(entries):
+            # A blocked read returns as soon as one stream gets an entry: Redis serves it after
+            # the first XADD of ingest's pipeline, whose other partitions' entries are there
+            # a moment later. Read them now (without blocking), so that they go to storage in
+            # this round's call across partitions instead of a call of their own next round.
+            await self._read_into(entries, idle, block=False)
+        return entries
+
+    async def _read_into(
+        self, entries: dict[int, list[Entry]], positions: dict[str, str], *, block: bool
+    ) -> None:
         reply = await self._client.xreadgroup(
             self._layout.group,
             self._consumer,
             positions,  # type: ignore[arg-type]
             count=self._config.read_count,
-            block=None if backlog else self._config.block_ms,
+            block=self._config.block_ms if block else None,
         )
-        entries = {p: cast(list[Entry], []) for p in partitions}
         for stream, batch in cast(list[tuple[bytes, list[Entry]]], reply or []):
             entries[self._layout.partition_of_stream(stream)] = batch
-        return entries
 
     async def _pause(self, reason: str) -> None:
         log.warning("pausing %.1fs: %s", self._config.retry_backoff_seconds, reason)
         await wait_event(self._stopping, self._config.retry_backoff_seconds)
+
+    async def _drain_partitions(self, work: list[tuple[int, list[Entry]]]) -> dict[int, _Outcome]:
+        """Store and acknowledge what a round read. The leading groups of the partitions go to
+        storage together (across.py), as few calls as the limits allow, each call followed by
+        the rest of its partitions; a partition whose group shares no call is drained on its
+        own. All of it concurrently, each partition in order."""
+        limit = self._config.store_across_max_events
+        chunks = [
+            chunk
+            for chunk in (
+                across_chunks(
+                    work,
+                    lambda entries: self._group(entries, 0),
+                    max_events=limit,
+                    max_bytes=self._config.store_max_bytes,
+                )
+                if limit and len(work) > 1
+                else []
+            )
+            if len(chunk) > 1
+        ]
+        joined = {partition for chunk in chunks for partition, _ in chunk}
+        entries_of = dict(work)
+        results = await _all_finished(
+            *(self._drain_across(chunk, entries_of) for chunk in chunks),
+            *(self._drain_alone(p, entries) for p, entries in work if p not in joined),
+        )
+        return {partition: outcome for result in results for partition, outcome in result.items()}
+
+    async def _drain_alone(self, partition: int, entries: list[Entry]) -> dict[int, _Outcome]:
+        return {partition: await self._drain(partition, entries)}
+
+    async def _drain_across(
+        self, chunk: Chunk, entries_of: dict[int, list[Entry]]
+    ) -> dict[int, _Outcome]:
+        """One call for the chunk's groups, then the rest of each of its partitions; when the
+        call must be redone partition by partition, each partition from its first entry."""
+        settled = await self._store_across(chunk)
+        outcomes: dict[int, _Outcome] = {}
+        rest: list[tuple[int, list[Entry]]] = []
+        for (partition, group), outcome in zip(chunk, settled, strict=True):
+            if outcome is None:
+                rest.append((partition, entries_of[partition]))
+            elif outcome is not _Outcome.DONE:
+                outcomes[partition] = outcome
+            elif len(entries_of[partition]) > len(group):
+                rest.append((partition, entries_of[partition][len(group) :]))
+        drained = await _all_finished(*(self._drain(p, entries) for p, entries in rest))
+        outcomes.update(zip((p for p, _ in rest), drained, strict=True))
+        return outcomes
+
+    async def _store_across(self, chunk: Chunk) -> list[_Outcome | None]:
+        """One store for the groups of several partitions, then each partition's fenced
+        acknowledgement; an outcome per partition, None for those to store partition by
+        partition (all of them after a failure other than an outage, or a partition no longer
+        held before the call)."""
+        if not all(self.ownership.holds(partition) for partition, _ in chunk):
+            return [None] * len(chunk)  # _drain finds out which are lost
+        result = await self._store_several(lambda: across_body(chunk))
+        if not isinstance(result, StoreResult):
+            return [result] * len(chunk)  # an outage waits; anything else goes per partition
+        self._count_stored(sum(len(group) for _, group in chunk), result)
+        acked = await _all_finished(*(self._ack(partition, group) for partition, group in chunk))
+        return [_Outcome.DONE if ok else _Outcome.LOST for ok in acked]
 
     async def _drain(self, partition: int, entries: list[Entry]) -> _Outcome:
         """Store and acknowledge entries in order while we hold the partition. Consecutive
@@ -350,7 +422,7 @@ class StreamWorker:
         form = _body_field(entries[start][1])
         while end < len(entries):
             fields = entries[end][1] or {}
-            events += _event_count(fields)
+            events += entry_event_count(fields)
             size += sum(map(len, fields.values()))
             if end > start and (
                 events > self._config.store_max_events
@@ -367,20 +439,27 @@ class StreamWorker:
         by entry (a failure other than an outage)."""
         if not self.ownership.holds(partition):
             return _Outcome.LOST
-        try:
-            bodies = [entry_body(fields) for _, fields in group]
-            batch = QueuedBody(bodies[0].field, b"".join(body.data for body in bodies))
-            self._failpoint.reached("before-store")
-            result = await self._store(batch)
-            self._failpoint.reached("after-store")
-        except Exception as error:  # an outage waits; anything else is sorted out per entry
-            self.stats.store_failures += 1
-            self.stats.last_error = describe(error)
-            return _Outcome.RETRY if is_outage(error) else None
+        result = await self._store_several(lambda: _joined_body(group))
+        if not isinstance(result, StoreResult):
+            return result  # an outage waits; anything else is sorted out per entry
         self._count_stored(len(group), result)
         if not await self._ack(partition, group):
             return _Outcome.LOST
         return _Outcome.DONE
+
+    async def _store_several(self, body: Callable[[], QueuedBody]) -> StoreResult | _Outcome | None:
+        """Store the entries of `body` in one call: its result, or after a failure RETRY (an
+        outage) or None (anything else: the caller stores them a smaller group at a time)."""
+        try:
+            raw = body()
+            self._failpoint.reached("before-store")
+            result = await self._store(raw)
+            self._failpoint.reached("after-store")
+        except Exception as error:  # classified here, acted on by the caller
+            self.stats.store_failures += 1
+            self.stats.last_error = describe(error)
+            return _Outcome.RETRY if is_outage(error) else None
+        return result
 
     async def _store_one(
         self, partition: int, entry_id: bytes, fields: dict[bytes, bytes] | None
@@ -569,6 +648,24 @@ class StreamWorker:
         return statuses
 
 
+async def _all_finished(*work: Awaitable[T]) -> list[T]:
+    """Every awaitable's result, in order. All of them run to their end also when one fails
+    (a Redis error): a drain left running would overlap the next round's work on its
+    partition. The first failure is raised after all of them finished."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
+
+
+def _joined_body(group: list[Entry]) -> QueuedBody:
+    """Consecutive entries of one form as one body (protobuf reads concatenated messages as one,
+    repeated fields appended in order); DecodeError for an entry without one."""
+    bodies = [entry_body(fields) for _, fields in group]
+    return QueuedBody(bodies[0].field, b"".join(body.data for body in bodies))
+
+
 def _body_field(fields: dict[bytes, bytes] | None) -> bytes | None:
     try:
         return entry_body(fields).field
@@ -585,10 +682,3 @@ def _decoded(
         return entry_body(fields).batch(), error
     except DecodeError as undecodable:
         return None, undecodable
-
-
-def _event_count(fields: dict[bytes, bytes]) -> int:
-    """The entry's event count as ingest wrote it; 1 when absent or garbled (a poison entry
-    must not break the grouping, only its own store)."""
-    count = fields.get(COUNT_FIELD, b"")
-    return int(count) if count.isdigit() else 1

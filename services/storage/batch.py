@@ -37,6 +37,7 @@ __all__ = [
     "batch_columns",
     "checked_time",
     "queued_columns",
+    "row_partitions",
 ]
 
 DEFAULT_CONTENT_TYPE = "application/json"
@@ -130,7 +131,9 @@ def queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColu
             "times and producers) and runs that add up to the events",
             field_violations=[("columns", "lists of different lengths")],
         )
-    columns = _fast_queued_columns(queued, limits) if queued.partition <= MAX_PARTITION else None
+    # With run_partitions, `partition` is ignored (row_partitions checks those instead).
+    partition_ok = queued.partition <= MAX_PARTITION or bool(queued.run_partitions)
+    columns = _fast_queued_columns(queued, limits) if partition_ok else None
     if columns is None:
         # Some event might break a rule: event by event, naming each violation.
         try:
@@ -140,8 +143,32 @@ def queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColu
                 f"the columns do not describe events: {error}",
                 field_violations=[("columns", str(error))],
             ) from error
+        if queued.run_partitions:
+            batch.partition = 0
         columns = _checked_columns(batch, limits)  # raises with the violations
     return columns
+
+
+def row_partitions(queued: event_pb2.QueuedColumns) -> list[int] | None:
+    """The partition of every event of columns that hold several partitions' entries
+    (`run_partitions`, one per run), or None when they hold one (`partition`);
+    InvalidArgument when there is not one per run or one is out of the column's range. Call it
+    after `queued_columns`, which checks that the runs add up to the events."""
+    runs = queued.run_partitions
+    if not runs:
+        return None
+    if len(runs) != len(queued.run_lengths):
+        raise InvalidArgument(
+            f"columns.run_partitions must hold one partition per run ({len(queued.run_lengths)}"
+            f" runs), got {len(runs)}",
+            field_violations=[("columns.run_partitions", "not one per run")],
+        )
+    if max(runs) > MAX_PARTITION:
+        raise InvalidArgument(
+            f"columns.run_partitions holds a partition larger than {MAX_PARTITION}",
+            field_violations=[("columns.run_partitions", f"larger than {MAX_PARTITION}")],
+        )
+    return expand_runs(list(runs), queued.run_lengths)
 
 
 def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColumns | None:

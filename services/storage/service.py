@@ -19,6 +19,7 @@ from services.storage.batch import (
     batch_columns,
     checked_time,
     queued_columns,
+    row_partitions,
 )
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.paging import (
@@ -89,6 +90,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                     field_violations=[("batch", "set together with columns")],
                 )
             columns = queued_columns(request.columns, self._limits)
+            partitions = row_partitions(request.columns)
+            if partitions is not None:  # the entries of several partitions (a processor's round)
+                inserted = await self._store.insert_partitions(columns, partitions=partitions)
+                return storage_pb2.StoreEventsResponse(
+                    inserted=inserted, duplicates=len(columns) - inserted
+                )
             partition = request.columns.partition
         else:
             columns = batch_columns(request.batch, self._limits)

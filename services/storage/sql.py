@@ -6,6 +6,8 @@ same durable work outside storage (the bench's raw path) without importing stora
 - `INSERT_BATCH`: the one-statement idempotent batch insert storage runs for every batch, and
   `INSERT_BATCH_JOINED`, the same with its text columns bound as one text each
   (`TEXT_SEPARATOR`, `texts_joinable`), which storage runs whenever it can;
+- `INSERT_PARTITIONS` / `INSERT_PARTITIONS_JOINED`: the same two with the partition bound per
+  row, for a request holding the entries of several partitions;
 - `use_integer_timestamps`: the asyncpg codec INSERT_BATCH is bound with (timestamps as Postgres
   microsecond counts), and `PG_EPOCH_SECONDS` to compute those counts.
 """
@@ -18,6 +20,8 @@ from streammesh.mesh.postgres import load_migrations
 __all__ = [
     "INSERT_BATCH",
     "INSERT_BATCH_JOINED",
+    "INSERT_PARTITIONS",
+    "INSERT_PARTITIONS_JOINED",
     "MIGRATIONS_PACKAGE",
     "PG_EPOCH_SECONDS",
     "TEXT_SEPARATOR",
@@ -33,22 +37,31 @@ _INSERT = """
 INSERT INTO events (id, key, type, event_time, event_time_nanos, payload, content_type,
                     attributes, partition, ingest_time, producer)
 SELECT b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload, b.content_type,
-       b.attributes::jsonb, $11, b.ingest_time, b.producer
+       b.attributes::jsonb, {partition}, b.ingest_time, b.producer
 FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
-            {p7}, {p8}, $9::timestamptz[], {p10})
+            {p7}, {p8}, $9::timestamptz[], {p10}{p11})
      WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer, ordinality)
+                          attributes, ingest_time, producer{partition_column}, ordinality)
 ORDER BY b.ordinality
 ON CONFLICT (id) DO NOTHING
 """
 _TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10)
+_ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}
+_JOINED_TEXTS = {f"p{n}": f"string_to_array(${n}::text, E'\\x1f')" for n in _TEXT_PARAMETERS}
+# $11 is one value for the whole batch, or (the PARTITIONS statements) one per row.
+_ONE_PARTITION = {"partition": "$11", "p11": "", "partition_column": ""}
+_ROW_PARTITIONS = {
+    "partition": "b.partition",
+    "p11": ", $11::int4[]",
+    "partition_column": ", partition",
+}
 
 # One statement and one round trip per batch, with no BEGIN/COMMIT around it (a single statement
 # is its own transaction): identity values are handed out in batch order (ORDER BY ordinality),
 # so seq keeps per-key publish order, and re-deliveries are skipped. attributes travel as text
 # and are cast per row: asyncpg has no jsonb[] encoder for Python values. Timestamps are bound
 # as microsecond counts, so the connection needs `use_integer_timestamps`.
-INSERT_BATCH = _INSERT.format(**{f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS})
+INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION)
 """Parameters: $1 ids, $2 keys, $3 types, $4 event times (Postgres microseconds), $5 the
 nanoseconds below them (0..999), $6 payloads, $7 content types, $8 attributes (JSON object text),
 $9 ingest times (Postgres microseconds), $10 producers, $11 the partition; the status string's
@@ -62,11 +75,19 @@ TEXT_SEPARATOR = "\x1f"
 # parameter against collections.abc ABCs (two Python-level isinstance calls per string); a text
 # is one value. On 2,000-row batches that took storage's client side from 2.5 to 1.3 us per
 # event, with no measurable change in the backend.
-INSERT_BATCH_JOINED = _INSERT.format(
-    **{f"p{n}": f"string_to_array(${n}::text, E'\\x1f')" for n in _TEXT_PARAMETERS}
-)
+INSERT_BATCH_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ONE_PARTITION)
 """Parameters as INSERT_BATCH's, with $1, $2, $3, $7, $8 and $10 joined texts; only for batches
 `texts_joinable` accepts."""
+
+# The two statements with the partition as one more column instead of one value for the batch:
+# the entries of several partitions in one statement (one round trip, one commit), as a
+# processor hands over a round's small groups at a low rate. Built from the same text, so they
+# stay alike in everything else (order by ordinality, ON CONFLICT, the casts).
+INSERT_PARTITIONS = _INSERT.format(**_ARRAY_TEXTS, **_ROW_PARTITIONS)
+"""Parameters as INSERT_BATCH's, but $11 is the partition of each row (int4[])."""
+
+INSERT_PARTITIONS_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ROW_PARTITIONS)
+"""Parameters as INSERT_BATCH_JOINED's, but $11 is the partition of each row (int4[])."""
 
 
 def texts_joinable(joined: list[str], count: int) -> bool:

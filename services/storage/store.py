@@ -21,6 +21,8 @@ from sqlalchemy import exc as sa_exc
 from services.storage.sql import (
     INSERT_BATCH,
     INSERT_BATCH_JOINED,
+    INSERT_PARTITIONS,
+    INSERT_PARTITIONS_JOINED,
     TEXT_SEPARATOR,
     texts_joinable,
 )
@@ -194,6 +196,19 @@ class EventStore:
     async def insert_batch(self, batch: BatchColumns, *, partition: int) -> int:
         """Store the batch atomically; return how many were new (the rest were already stored
         under the same id, including repeats inside the batch)."""
+        return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED))
+
+    async def insert_partitions(self, batch: BatchColumns, *, partitions: list[int]) -> int:
+        """As insert_batch, with the partition of each row (`partitions`, one per event): the
+        entries of several partitions in one statement, so one round trip and one commit."""
+        if len(partitions) != len(batch):
+            raise ValueError("one partition per row")
+        return await self._insert(batch, partitions, (INSERT_PARTITIONS, INSERT_PARTITIONS_JOINED))
+
+    async def _insert(
+        self, batch: BatchColumns, partition: int | list[int], statements: tuple[str, str]
+    ) -> int:
+        """Run the array statement or, when the texts can be joined, its joined twin."""
         if not batch:
             return 0
         texts: list[Any] = [
@@ -204,10 +219,10 @@ class EventStore:
             batch.attributes,
             batch.producers,
         ]
-        statement = INSERT_BATCH
+        statement, joined_statement = statements
         joined = [TEXT_SEPARATOR.join(values) for values in texts]
         if texts_joinable(joined, len(batch)):
-            statement, texts = INSERT_BATCH_JOINED, joined
+            statement, texts = joined_statement, joined
         ids, keys, types, content_types, attributes, producers = texts
         async with (
             outage_is_unavailable("insert"),

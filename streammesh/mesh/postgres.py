@@ -105,7 +105,13 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """A plain asyncpg pool with the same session settings as `create_engine`, for a hot path
     that skips SQLAlchemy (its checkout, pre-ping and bind processing per call). `init` runs on
-    every new connection (codecs, for example)."""
+    every new connection (codecs, for example).
+
+    A connection goes back to the pool without asyncpg's default reset (RESET ALL, CLOSE ALL,
+    UNLISTEN *, advisory unlocks): one more round trip to Postgres per call, awaited before the
+    caller's reply. The pool's users must therefore leave no session state behind (no SET,
+    LISTEN, WITH HOLD cursor or session advisory lock); asyncpg still rolls back a transaction
+    left open."""
     sa_url = make_url(url)
     return await asyncpg.create_pool(
         host=sa_url.host or "127.0.0.1",
@@ -118,7 +124,12 @@ async def create_pool(
         server_settings=_session_settings(schema, application_name),
         timeout=connect_timeout_seconds,
         init=init,
+        reset=_keep_session,
     )
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset beyond asyncpg's own rollback: nothing (see create_pool)."""
 
 
 async def migrate(engine: AsyncEngine, *, schema: str, migrations: list[Migration]) -> list[int]:

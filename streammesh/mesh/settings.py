@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,10 @@ class ServiceSettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="root log level")
     log_json: bool = Field(True, description="one JSON object per log line")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio",
+        description="the asyncio event loop implementation: asyncio's own, or uvloop (libuv)",
+    )
 
 
 def write_secret_file(path: Path, *, nbytes: int = 32) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_UNAVAILABLE",
     "StartupError",
+    "event_loop_factory",
     "listen_problem",
     "load_tls",
     "reaching",
@@ -175,6 +176,15 @@ def settings_problem(error: ValidationError, env_prefix: str) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for the `event_loop` setting; None is asyncio's default loop."""
+    if name == "uvloop":
+        import uvloop  # only imported when chosen
+
+        return uvloop.new_event_loop
+    return None
+
+
 def run_service(
     service: str, settings_type: type[_S], serve: Callable[[_S], Coroutine[Any, Any, None]]
 ) -> None:
@@ -192,7 +202,8 @@ def run_service(
         raise SystemExit(EXIT_CONFIG) from None
     configure_logging(service, settings.log_level, json_lines=settings.log_json)
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
     except StartupError as error:
         log.critical("%s", error)
         raise SystemExit(error.exit_code) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import redis.asyncio as aioredis
 from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import APPEND_SCRIPT
-from streammesh.entries import QueuedBody
+from streammesh.entries import QueuedBody, columns_to_batch, expand_runs
 from streammesh.mesh.tasks import stop_task
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD, StreamLayout
 
@@ -69,21 +70,7 @@ async def append(
             batch.events.add().event.CopyFrom(event_pb2.Event(id=event_id, key=key, type="t"))
         body = batch.SerializeToString()
     else:
-        count = len(ids)
-        body = event_pb2.QueuedColumns(
-            ids=ids,
-            keys=[key] * count,
-            types=["t"] * count,
-            payloads=[b""] * count,
-            content_types=[""] * count,
-            attributes=["{}"] * count,
-            event_time_micros=[0] * count,
-            event_time_nanos=[0] * count,
-            ingest_time_micros=[0],
-            producers=[""],
-            run_lengths=[count],
-            partition=partition,
-        ).SerializeToString()
+        body = entry_columns(partition, ids, key).SerializeToString()
     # As ingest appends: the XADD and the backlog counters in one script.
     entry_id = await client.eval(
         APPEND_SCRIPT,
@@ -96,6 +83,25 @@ async def append(
     )
     assert isinstance(entry_id, bytes)  # the client does not decode responses
     return entry_id
+
+
+def entry_columns(partition: int, ids: list[str], key: str = "k") -> event_pb2.QueuedColumns:
+    """An entry's events as ingest writes them: one run (one ingest time and producer)."""
+    count = len(ids)
+    return event_pb2.QueuedColumns(
+        ids=ids,
+        keys=[key] * count,
+        types=["t"] * count,
+        payloads=[b""] * count,
+        content_types=[""] * count,
+        attributes=["{}"] * count,
+        event_time_micros=[0] * count,
+        event_time_nanos=[0] * count,
+        ingest_time_micros=[0],
+        producers=[""],
+        run_lengths=[count],
+        partition=partition,
+    )
 
 
 @dataclass
@@ -117,6 +123,8 @@ class RecordingStore:
     calls: list[StoreCall] = field(default_factory=list)
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     entered: set[str] = field(default_factory=set)
+    across: list[list[int]] = field(default_factory=list)
+    """The partitions of each successful call that carried several partitions' entries."""
 
     @property
     def stored(self) -> list[str]:
@@ -124,18 +132,22 @@ class RecordingStore:
 
     def for_consumer(self, consumer: str) -> Callable[[QueuedBody], Awaitable[StoreResult]]:
         async def store(raw: QueuedBody) -> StoreResult:
-            return await self._store(consumer, raw.batch())
+            return await self._store(consumer, raw)
 
         return store
 
     async def __call__(self, raw: QueuedBody) -> StoreResult:
         """What the worker calls: the entry's serialized batch, as storage gets it."""
-        return await self._store(self.consumer, raw.batch())
+        return await self._store(self.consumer, raw)
 
-    async def _store(self, consumer: str, batch: event_pb2.QueuedBatch) -> StoreResult:
+    async def _store(self, consumer: str, raw: QueuedBody) -> StoreResult:
+        """Record the call; one carrying several partitions' entries (`run_partitions`, as
+        storage reads it) is recorded as one StoreCall per partition and in `across`."""
         if self.failures_left > 0:
             self.failures_left -= 1
             raise ConnectionError("storage down")
+        columns = event_pb2.QueuedColumns.FromString(raw.data) if raw.columnar else None
+        batch = columns_to_batch(columns) if columns is not None else raw.batch()
         first = batch.events[0].event.id
         self.entered.add(first)
         gate = self.gates.get(first)
@@ -143,9 +155,21 @@ class RecordingStore:
             await gate.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
-        self.calls.append(
-            StoreCall(consumer, batch.partition, [(q.event.key, q.event.id) for q in batch.events])
-        )
+        if columns is None or not columns.run_partitions:
+            self.calls.append(
+                StoreCall(
+                    consumer, batch.partition, [(q.event.key, q.event.id) for q in batch.events]
+                )
+            )
+            return StoreResult(inserted=len(batch.events), duplicates=0)
+        assert len(columns.run_partitions) == len(columns.run_lengths), "one partition per run"
+        partitions = expand_runs(columns.run_partitions, columns.run_lengths)
+        self.across.append(list(dict.fromkeys(columns.run_partitions)))
+        rows_of = zip(partitions, batch.events, strict=True)
+        for partition, rows in itertools.groupby(rows_of, lambda row: row[0]):
+            self.calls.append(
+                StoreCall(consumer, partition, [(q.event.key, q.event.id) for _, q in rows])
+            )
         return StoreResult(inserted=len(batch.events), duplicates=0)
 
 

@@ -132,3 +132,24 @@ async def test_connections_commit_synchronously(database_url: str, pg_schema: st
     finally:
         await engine.dispose()
         await pool.close()
+
+
+async def test_a_pool_connection_comes_back_without_an_open_transaction(
+    database_url: str, pg_schema: str
+) -> None:
+    """The pool skips asyncpg's reset query (a round trip per call) but keeps its rollback."""
+    from streammesh.mesh.postgres import create_pool
+
+    pool = await create_pool(database_url, schema=pg_schema, application_name="t", size=1)
+    try:
+        async with pool.acquire() as raw:
+            await raw.execute(f'CREATE SCHEMA IF NOT EXISTS "{pg_schema}"')
+            await raw.execute("CREATE TABLE left_open (n int)")
+            await raw.execute("BEGIN")
+            await raw.execute("INSERT INTO left_open VALUES (1)")
+        async with pool.acquire() as raw:  # the same connection: the pool holds one
+            assert not raw.is_in_transaction()
+            assert await raw.fetchval("SELECT count(*) FROM left_open") == 0
+            assert await raw.fetchval("SHOW search_path") == pg_schema
+    finally:
+        await pool.close()

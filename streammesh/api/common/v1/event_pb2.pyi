@@ -237,7 +237,11 @@ class QueuedColumns(_message.Message):
     PRODUCERS_FIELD_NUMBER: _builtins.int
     RUN_LENGTHS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
+    RUN_PARTITIONS_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
+    """The partition of the events of a message that holds one partition's entries (ingest sets
+    it on every entry).
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -275,6 +279,17 @@ class QueuedColumns(_message.Message):
     def producers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def run_lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def run_partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The partition of each run, when the message holds the entries of several partitions (a
+        processor sends a round's small groups of every partition in one StoreEvents call): one
+        value per run, in run order, and then `partition` is ignored. Empty: every run is in
+        `partition`. Ingest leaves it empty (it writes one run per entry, so a processor appends
+        the entry's partition to each entry's bytes; concatenation keeps one value per run). Such a
+        processor sets `partition` to 4294967295, which a storage that predates this field refuses,
+        so that it never files the rows of several partitions under one.
+        """
+
     def __init__(
         self,
         *,
@@ -290,10 +305,11 @@ class QueuedColumns(_message.Message):
         producers: _abc.Iterable[_builtins.str] | None = ...,
         run_lengths: _abc.Iterable[_builtins.int] | None = ...,
         partition: _builtins.int = ...,
+        run_partitions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "run_lengths", b"run_lengths", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "run_lengths", b"run_lengths", "run_partitions", b"run_partitions", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

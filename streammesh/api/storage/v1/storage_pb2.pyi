@@ -29,7 +29,10 @@ class StoreEventsRequest(_message.Message):
     @_builtins.property
     def batch(self) -> _event_pb2.QueuedBatch:
         """The events, in one of the queue's two forms: `columns` (what ingest writes) or `batch`
-        (entries written before); a request setting both is refused (INVALID_ARGUMENT).
+        (entries written before); a request setting both is refused (INVALID_ARGUMENT). `columns`
+        may hold the entries of several partitions, each row's partition given by
+        `columns.run_partitions` (one per run, else INVALID_ARGUMENT); they are stored in one
+        transaction, in order.
         """
 
     @_builtins.property
