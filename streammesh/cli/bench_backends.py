@@ -17,7 +17,7 @@ from pathlib import Path
 
 from streammesh.cli.bench_load import connect_postgres, proc_cpu_seconds
 
-__all__ = ["backend_pids_of", "backends_cpu_seconds"]
+__all__ = ["backend_cpu_between", "backend_pids_of", "backends_cpu"]
 
 
 def _local_ports(pid: int) -> set[int]:
@@ -59,9 +59,23 @@ async def backend_pids_of(database_url: str, pid: int | None) -> list[int] | Non
     return [int(row["pid"]) for row in rows] or None
 
 
-def backends_cpu_seconds(pids: Sequence[int] | None) -> float | None:
-    """CPU seconds so far of these backends (None when one of them is gone or unknown)."""
+def backends_cpu(pids: Sequence[int] | None) -> dict[int, float] | None:
+    """CPU seconds so far of each backend (None when none is known or one is gone)."""
     if not pids:
         return None
-    seconds = [proc_cpu_seconds(pid) for pid in pids]
-    return None if None in seconds else sum(s for s in seconds if s is not None)
+    seconds = {pid: proc_cpu_seconds(pid) for pid in pids}
+    if None in seconds.values():
+        return None
+    return {pid: value for pid, value in seconds.items() if value is not None}
+
+
+def backend_cpu_between(
+    before: dict[int, float] | None, after: dict[int, float] | None
+) -> float | None:
+    """CPU seconds the backends spent between two readings of `backends_cpu`, each taken with
+    the backends found at that moment: a pool connects on demand, so backends opened in
+    between count whole (their CPU is all from the interval). None when a backend of the first
+    reading is gone by the second (its last CPU is lost) or either reading failed."""
+    if before is None or after is None or not before.keys() <= after.keys():
+        return None
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items())

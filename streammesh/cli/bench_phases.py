@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.cli import bench_load as load
-from streammesh.cli.bench_backends import backend_pids_of, backends_cpu_seconds
+from streammesh.cli.bench_backends import backend_cpu_between, backend_pids_of, backends_cpu
 from streammesh.cli.bench_raw import MAX_GROUP_EVENTS, RawPath, raw_batches
 from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import StackConfig
@@ -206,15 +206,16 @@ async def closed_phase(s: Session) -> dict[str, Any]:
     print(f"closed loop: {args.streams} streams x {args.window} batches of "
           f"{args.closed_batch_size} in flight, {args.closed_duration:g}s", flush=True)  # fmt: skip
     templates = load.request_templates(s.events("closed", "c", args.closed_batch_size))
-    backends = await backend_pids_of(s.bench.database_url, s.pids.get("storage"))
-    backends_before = backends_cpu_seconds(backends)
+    storage_pid = s.pids.get("storage")
+    backends_before = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
     before = await load.sample_cpu(s.pids, s.redis)
     cl = await load.closed_loop(
         s.publish, s.metadata, templates, streams=args.streams, window=args.window,
         duration=args.closed_duration, drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
     drained, stored, after = await s.caught_up("closed")
-    backends_after = backends_cpu_seconds(backends)
+    backends_after = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
+    backends_seconds = backend_cpu_between(backends_before, backends_after)
     print(f"  {cl.acked:,} acknowledged, {stored:,} stored", flush=True)
     end = drained if drained is not None else asyncio.get_running_loop().time()
     return {
@@ -236,9 +237,7 @@ async def closed_phase(s: Session) -> dict[str, Any]:
         "cpu_us_per_event": load.cpu_per_event(before, after, cl.acked),
         # Storage's own backends, per stored event like the raw path's (None when unknown).
         "storage_backends_cpu_us_per_event": (
-            None
-            if backends_before is None or backends_after is None
-            else (backends_after - backends_before) * 1e6 / max(stored, 1)
+            None if backends_seconds is None else backends_seconds * 1e6 / max(stored, 1)
         ),
         "stamp_us_per_event": _stamp_cost(templates[0]),
     }

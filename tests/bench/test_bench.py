@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import random
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli import bench_raw
 from streammesh.cli.bench import add_bench_command, cmd_bench
+from streammesh.cli.bench_backends import backend_cpu_between, backends_cpu
 from streammesh.cli.bench_columns import RawEvent, decode_group, encode_entry
 from streammesh.cli.bench_load import (
     BenchError,
@@ -535,3 +537,13 @@ async def test_bench_cleanup_creates_a_missing_database_first(
         await drop_bench_data(bench_stack_config(config))
     finally:
         await run_sql(database_url, f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_backend_cpu_counts_backends_opened_during_the_phase_and_refuses_lost_ones() -> None:
+    # Storage's pool connects on demand: a backend found only at the end spent all its CPU in
+    # the phase; one found at the start and gone at the end lost its last CPU, so no figure.
+    assert backend_cpu_between({1: 2.0}, {1: 2.5, 2: 0.75}) == pytest.approx(1.25)
+    assert backend_cpu_between({1: 2.0, 3: 1.0}, {1: 2.5}) is None
+    assert backend_cpu_between(None, {1: 1.0}) is None
+    assert backends_cpu([]) is None
+    assert backends_cpu([os.getpid()]) is not None  # this process: /proc has its CPU
