@@ -124,8 +124,9 @@ def _line_kind(line: str) -> str | None:
 
 async def _count_stored(s: Session, since: float) -> tuple[int | None, str | None]:
     """The events stored with an ingest time (their event_time: the bench sets none) from
-    `since`, the wall time before the soak's first send, to a minute from now, counted through
-    the gateway by windows of whole seconds, so that no count scans more than a window's rows
+    `since`, the wall time before the soak's first send (to the microsecond: a whole-second
+    floor would take in the closed loop's last events when the raw path between them is
+    short), to a minute from now, counted through the gateway by windows, so that no count scans more than a window's rows
     within the gateway's deadline for a storage call; a window that still runs out of time is
     counted in halves. The windows tile the span, so each event is counted once. No type
     filter: with one, the planner ANDs the type index into the bitmap and scans every soak row
@@ -133,21 +134,23 @@ async def _count_stored(s: Session, since: float) -> tuple[int | None, str | Non
     ingested) before it began, the raw path writes elsewhere, and ingest stamps on this
     machine's clock; anything else there would show as more stored than sent, not hide a loss."""
 
-    async def count(start: int, end: int) -> int:
-        window = event_pb2.EventFilter(
-            start_time=timestamp_pb2.Timestamp(seconds=start),
-            end_time=timestamp_pb2.Timestamp(seconds=end),
-        )
+    def stamp(seconds: float) -> timestamp_pb2.Timestamp:
+        micros = round(seconds * 1_000_000)
+        return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
+
+    async def count(start: float, end: float) -> int:
+        window = event_pb2.EventFilter(start_time=stamp(start), end_time=stamp(end))
         try:
             return await s.client.count(window)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED or end - start < 2:
                 raise
-            middle = (start + end) // 2
+            middle = math.floor((start + end) / 2)
             return await count(start, middle) + await count(middle, end)
 
-    edges = list(range(math.floor(since), math.ceil(time.time()) + 60, _COUNT_WINDOW))
-    edges.append(edges[-1] + _COUNT_WINDOW)
+    later = range(math.floor(since) + _COUNT_WINDOW, math.ceil(time.time()) + 60, _COUNT_WINDOW)
+    edges: list[float] = [since, *later]
+    edges.append(math.floor(edges[-1]) + _COUNT_WINDOW)
     try:
         return sum([await count(a, b) for a, b in itertools.pairwise(edges)]), None
     except grpc.aio.AioRpcError as error:
