@@ -43,7 +43,7 @@ FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
      WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
                           attributes, ingest_time, producer{partition_column}, ordinality)
 ORDER BY b.ordinality
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (tenant, id) DO NOTHING
 """
 _TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10)
 _ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}

@@ -26,7 +26,7 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
         assert (
             await migrate(engine, schema=pg_schema, migrations=MIGRATIONS)
             == VERSIONS
-            == [1, 2, 3, 4, 5, 6]
+            == [1, 2, 3, 4, 5, 6, 7]
         )
         assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == []
         async with engine.connect() as conn:
@@ -52,7 +52,11 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
                 ).all()
             }
         assert collations == {"id": "C", "key": "C", "type": "C"}
-        assert {"events_key_seq_idx", "events_type_seq_idx", "events_seq_idx"} <= indexes
+        assert {
+            "events_tenant_key_seq_idx",
+            "events_tenant_type_seq_idx",
+            "events_tenant_seq_idx",
+        } <= indexes
         assert {"dead_letters_partition_id_idx", "dead_letters_pending_id_idx"} <= indexes
     finally:
         await engine.dispose()
