@@ -38,6 +38,7 @@ from streammesh.backlog import APPEND_SCRIPT
 from streammesh.envelope import EnvelopeColumns
 from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.startup import StartupError
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import COLUMNS_FIELD, StreamLayout
 
 __all__ = ["DurabilityError", "StreamAppender", "check_durability"]
@@ -105,9 +106,10 @@ class StreamAppender:
         envelope: EnvelopeColumns | None = None,
         *,
         producer: str,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
-        """Queue the validated events; `envelope` is their columns as validation took them
-        (read from the events when not given)."""
+        """Queue the validated events of `producer` in `tenant`; `envelope` is their columns as
+        validation took them (read from the events when not given)."""
         now_ns = time.time_ns()
         if envelope is None:
             envelope = EnvelopeColumns(
@@ -120,7 +122,7 @@ class StreamAppender:
             )
         partition_for = self._layout.partition_for
         partitions = [partition_for(key) for key in envelope.keys]
-        entries = self._entries(events, envelope, partitions, producer, now_ns)
+        entries = self._entries(events, envelope, partitions, _Run(producer, tenant), now_ns)
         pressure = self._pressure
         if pressure is None:
             await self._append(entries)
@@ -161,7 +163,7 @@ class StreamAppender:
         events: Sequence[event_pb2.Event],
         envelope: EnvelopeColumns,
         partitions: list[int],
-        producer: str,
+        run: _Run,
         now_ns: int,
     ) -> list[tuple[int, bytes, int]]:
         """The queue entries of a batch as (partition, serialized QueuedColumns, events), in
@@ -198,7 +200,7 @@ class StreamAppender:
         entries: list[tuple[int, bytes, int]] = []
         for partition, indexes in slices.items():
             picked = columns if len(slices) == 1 else columns.pick(indexes)
-            self._add_entries(entries, partition, picked, ingest_micros, producer)
+            self._add_entries(entries, partition, picked, ingest_micros, run)
         return entries
 
     def _add_entries(
@@ -207,7 +209,7 @@ class StreamAppender:
         partition: int,
         columns: _Columns,
         ingest_micros: int,
-        producer: str,
+        run: _Run,
     ) -> None:
         """One entry for the partition's slice, or several in order when it is larger than
         max_entry_bytes (halved until each fits or holds one event)."""
@@ -222,18 +224,25 @@ class StreamAppender:
             event_time_micros=columns.event_time_micros,
             event_time_nanos=columns.event_time_nanos,
             ingest_time_micros=[ingest_micros],
-            producers=[producer],
+            producers=[run.producer],
             run_lengths=[count],
+            run_tenants=[run.tenant],
             partition=partition,
         ).SerializeToString()
         if len(serialized) <= self._max_entry_bytes or count == 1:
             entries.append((partition, serialized, count))
             return
         half = count // 2
-        self._add_entries(entries, partition, columns.pick(range(half)), ingest_micros, producer)
-        self._add_entries(
-            entries, partition, columns.pick(range(half, count)), ingest_micros, producer
-        )
+        self._add_entries(entries, partition, columns.pick(range(half)), ingest_micros, run)
+        self._add_entries(entries, partition, columns.pick(range(half, count)), ingest_micros, run)
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What the events of one append share: the publisher and its tenant (one run)."""
+
+    producer: str
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True)

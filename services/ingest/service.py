@@ -49,13 +49,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )
         if not refused:
-            await self._appender.append(events, columns, producer=producer)
+            await self._appender.append(events, columns, producer=producer, tenant=tenant)
             return columns.ids, len(columns.ids), []
         # The kept events' columns are read again: refusals are the rare path.
         out = {refusal.index for refusal in refused}
         kept = [event for index, event in enumerate(events) if index not in out]
         if kept:
-            await self._appender.append(kept, producer=producer)
+            await self._appender.append(kept, producer=producer, tenant=tenant)
         return columns.ids, len(kept), refused
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:

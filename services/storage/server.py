@@ -124,7 +124,12 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
-        StorageServicer(EventStore(deps.pool), limits, DeadLetterStore(deps.engine)),
+        StorageServicer(
+            EventStore(deps.pool),
+            limits,
+            DeadLetterStore(deps.engine),
+            trust_domain=settings.trust_domain,
+        ),
     )
     registry = ServiceBinding(
         schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],

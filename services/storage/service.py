@@ -34,6 +34,7 @@ from services.storage.store import EventQuery, EventStore
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
+from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
 
@@ -47,7 +48,7 @@ MAX_PAGE_SIZE = 1000
 _ELEMENT_OVERHEAD = 8
 
 
-def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
+def _query(event_filter: event_pb2.EventFilter, limits: Limits, tenant: str) -> EventQuery:
     problems = Violations()
     if len(event_filter.keys) > limits.max_filter_keys:
         problems.add("filter.keys", f"more than {limits.max_filter_keys} keys")
@@ -64,6 +65,7 @@ def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
         problems.add("filter.end_time", "before start_time")
     problems.raise_if_any()
     return EventQuery(
+        tenant=tenant,
         keys=tuple(sorted(set(event_filter.keys))),
         type=event_filter.type,
         start_time=start,
@@ -74,10 +76,18 @@ def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Handlers of streammesh.storage.v1.StorageService over an EventStore."""
 
-    def __init__(self, store: EventStore, limits: Limits, dead: DeadLetterStore) -> None:
+    def __init__(
+        self, store: EventStore, limits: Limits, dead: DeadLetterStore, *, trust_domain: str
+    ) -> None:
         self._store = store
         self._limits = limits
         self._dead = dead
+        self._trust_domain = trust_domain
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant the gateway names for the caller (x-streammesh-tenant), which every read
+        is scoped to; "default" for a call that names none (an operator's own tools)."""
+        return caller_tenant(context, trust_domain=self._trust_domain) or DEFAULT_TENANT
 
     async def StoreEvents(
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
@@ -115,7 +125,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 field_violations=[("page_size", f"{request.page_size} is out of range")],
             )
         page_size = request.page_size or DEFAULT_PAGE_SIZE
-        query = _query(request.filter, self._limits)
+        query = _query(request.filter, self._limits, self._tenant(context))
         after_seq = 0
         if request.page_token:
             try:
@@ -147,7 +157,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.CountEventsRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.CountEventsResponse:
         """How many stored events match the filter."""
-        query = _query(request.filter, self._limits)
+        query = _query(request.filter, self._limits, self._tenant(context))
         return storage_pb2.CountEventsResponse(count=await self._store.count(query))
 
     async def StoreDeadLetter(
@@ -163,7 +173,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.ListDeadLettersResponse:
         """One page of dead letters, newest first, and the token for the next page."""
-        query, page_size = dead_letters.list_query(request)
+        query, page_size = dead_letters.list_query(request, self._tenant(context))
         scope = dead_letter_scope(query.partition, query.replayed)
         before_id = None
         if request.page_token:
@@ -185,7 +195,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.GetDeadLetterResponse:
         """One dead letter with its events (or the raw fields of an undecodable entry)."""
-        found = await self._dead.get(request.id)
+        found = await self._dead.get(self._tenant(context), request.id)
         if found is None:
             raise NotFound(f"no dead letter {request.id}")
         return dead_letters.get_response(*found)
@@ -197,7 +207,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> storage_pb2.MarkDeadLetterReplayedResponse:
         """Count a replay of the dead letter, by whom and when."""
         by = dead_letters.replayed_by(request)
-        row = await self._dead.mark_replayed(request.id, by=by)
+        row = await self._dead.mark_replayed(self._tenant(context), request.id, by=by)
         if row is None:
             raise NotFound(f"no dead letter {request.id}")
         return storage_pb2.MarkDeadLetterReplayedResponse(

@@ -34,18 +34,19 @@ MIGRATIONS_PACKAGE = "services.storage.migrations"
 """The package holding storage's versioned SQL (streammesh.mesh.postgres.migrate applies it)."""
 
 _INSERT = """
-INSERT INTO events (id, key, type, event_time, event_time_nanos, payload, content_type,
+INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload, content_type,
                     attributes, partition, ingest_time, producer)
-SELECT b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload, b.content_type,
-       b.attributes::jsonb, {partition}, b.ingest_time, b.producer
+SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
+       b.content_type, b.attributes::jsonb, {partition}, b.ingest_time, b.producer
 FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
-            {p7}, {p8}, $9::timestamptz[], {p10}{p11})
+            {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
      WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer{partition_column}, ordinality)
+                          attributes, ingest_time, producer, tenant{partition_column},
+                          ordinality)
 ORDER BY b.ordinality
 ON CONFLICT (tenant, id) DO NOTHING
 """
-_TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10)
+_TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10, 12)
 _ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}
 _JOINED_TEXTS = {f"p{n}": f"string_to_array(${n}::text, E'\\x1f')" for n in _TEXT_PARAMETERS}
 # $11 is one value for the whole batch, or (the PARTITIONS statements) one per row.
@@ -64,20 +65,21 @@ _ROW_PARTITIONS = {
 INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION)
 """Parameters: $1 ids, $2 keys, $3 types, $4 event times (Postgres microseconds), $5 the
 nanoseconds below them (0..999), $6 payloads, $7 content types, $8 attributes (JSON object text),
-$9 ingest times (Postgres microseconds), $10 producers, $11 the partition; the status string's
-last word is the number of rows that were new."""
+$9 ingest times (Postgres microseconds), $10 producers, $11 the partition, $12 tenants (one per
+row: the tenant leads the primary key, so (tenant, id) is the idempotency key); the status
+string's last word is the number of rows that were new."""
 
 TEXT_SEPARATOR = "\x1f"
 """What INSERT_BATCH_JOINED's text parameters join their values with (ASCII unit separator)."""
 
-# The same statement with the six text columns each bound as ONE text, its values joined by
+# The same statement with the seven text columns each bound as ONE text, its values joined by
 # TEXT_SEPARATOR and split by string_to_array. asyncpg checks every element of an array
 # parameter against collections.abc ABCs (two Python-level isinstance calls per string); a text
 # is one value. On 2,000-row batches that took storage's client side from 2.5 to 1.3 us per
 # event, with no measurable change in the backend.
 INSERT_BATCH_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ONE_PARTITION)
-"""Parameters as INSERT_BATCH's, with $1, $2, $3, $7, $8 and $10 joined texts; only for batches
-`texts_joinable` accepts."""
+"""Parameters as INSERT_BATCH's, with $1, $2, $3, $7, $8, $10 and $12 joined texts; only for
+batches `texts_joinable` accepts."""
 
 # The two statements with the partition as one more column instead of one value for the batch:
 # the entries of several partitions in one statement (one round trip, one commit), as a

@@ -28,6 +28,7 @@ from services.storage.sql import (
 )
 from services.storage.times import TimeBound
 from streammesh.mesh.errors import Unavailable
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 
 __all__ = [
     "BatchColumns",
@@ -58,10 +59,12 @@ class BatchColumns:
     ingest_times: list[int]
     """Postgres microsecond counts."""
     producers: list[str]
+    tenants: list[str]
+    """The tenant of each event (with the id, the idempotency key)."""
 
     @classmethod
     def empty(cls) -> BatchColumns:
-        return cls([], [], [], [], [], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [], [], [], [], [])
 
     def append(
         self,
@@ -75,6 +78,7 @@ class BatchColumns:
         attributes: str,
         ingest_time: int,
         producer: str,
+        tenant: str,
     ) -> None:
         self.ids.append(id)
         self.keys.append(key)
@@ -86,6 +90,7 @@ class BatchColumns:
         self.attributes.append(attributes)
         self.ingest_times.append(ingest_time)
         self.producers.append(producer)
+        self.tenants.append(tenant)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,9 +119,11 @@ class StoredRow:
 
 @dataclass(frozen=True, slots=True)
 class EventQuery:
-    """A validated filter: any of `keys` (all when empty), `type` exactly (all when empty),
-    `start_time <= event_time < end_time` to the nanosecond (open when None)."""
+    """A validated filter inside one tenant's events (the caller's): any of `keys` (all when
+    empty), `type` exactly (all when empty), `start_time <= event_time < end_time` to the
+    nanosecond (open when None)."""
 
+    tenant: str = DEFAULT_TENANT
     keys: tuple[str, ...] = ()
     type: str = ""
     start_time: TimeBound | None = None
@@ -157,7 +164,8 @@ async def outage_is_unavailable(operation: str) -> AsyncIterator[None]:
 
 
 def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
-    """The WHERE terms of a filter and their arguments ($1, $2, ... in order)."""
+    """The WHERE terms of a filter and their arguments ($1, $2, ... in order), the tenant
+    first: every index of `events` leads with it, and no query reads across tenants."""
     where: list[str] = []
     args: list[object] = []
 
@@ -165,6 +173,7 @@ def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
         args.append(value)
         return f"${len(args)}"
 
+    where.append(f"tenant = {arg(query.tenant)}")
     if query.keys:
         # One array parameter, not an IN list: one statement text for any key count.
         where.append(f"key = ANY({arg(list(query.keys))}::text[])")
@@ -218,12 +227,13 @@ class EventStore:
             batch.content_types,
             batch.attributes,
             batch.producers,
+            batch.tenants,
         ]
         statement, joined_statement = statements
         joined = [TEXT_SEPARATOR.join(values) for values in texts]
         if texts_joinable(joined, len(batch)):
             statement, texts = joined_statement, joined
-        ids, keys, types, content_types, attributes, producers = texts
+        ids, keys, types, content_types, attributes, producers, tenants = texts
         async with (
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
@@ -241,6 +251,7 @@ class EventStore:
                 batch.ingest_times,
                 producers,
                 partition,
+                tenants,
             )
         return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 

@@ -40,6 +40,7 @@ from streammesh.cli.bench_load import (
     together,
 )
 from streammesh.mesh.postgres import checked_identifier
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import StreamLayout
 
 __all__ = ["MAX_GROUP_EVENTS", "RawPath", "RawResult", "RedisWire", "raw_batches"]
@@ -110,11 +111,16 @@ class RedisWire:
 
 
 def raw_batches(
-    templates: Sequence[Sequence[event_pb2.Event]], batches: int, *, producer: str
+    templates: Sequence[Sequence[event_pb2.Event]],
+    batches: int,
+    *,
+    producer: str,
+    tenant: str = DEFAULT_TENANT,
 ) -> Iterator[list[RawEvent]]:
     """`batches` publish batches made from the templates round-robin (as the mesh's load is),
     batch n's number stamped into each id's slot; event and ingest time = now, as ingest sets
-    them for events that carry none. Made one by one: only the packed commands are kept."""
+    them for events that carry none; in `tenant`, as the mesh stores the bench user's events.
+    Made one by one: only the packed commands are kept."""
     now_ns = time.time_ns()
     micros, nanos = (now_ns // 1000) - PG_EPOCH_SECONDS * 1_000_000, now_ns % 1000
     slot = "@" * NUMBER_WIDTH
@@ -135,6 +141,7 @@ def raw_batches(
                     attributes="{}",
                     ingest_time=micros,
                     producer=producer,
+                    tenant=tenant,
                 )
                 for e, parts in zip(events, split[n % len(templates)], strict=True)
             ]
@@ -285,8 +292,8 @@ class RawPath:
                 # groups at MAX_GROUP_EVENTS), so that trick would save nothing: it pays off only
                 # when a round holds a few events per partition, as at the open loop's low rates.
                 for group in _groups(entries):
-                    statement, columns = decode_group([fields for _, fields in group])
-                    status = await part.postgres.execute(statement, *columns, part.index)
+                    statement, columns, tenants = decode_group([fields for _, fields in group])
+                    status = await part.postgres.execute(statement, *columns, part.index, tenants)
                     new = int(status.rsplit(" ", 1)[1])
                     part.stored += new
                     part.inserts += 1
