@@ -56,9 +56,12 @@ def _stub(
     return channel, ingest_pb2_grpc.IngestServiceStub(channel)
 
 
-def _events(n: int, keys: int = 3) -> list[event_pb2.Event]:
+def _events(n: int, keys: int = 3, *, batch: int = 0) -> list[event_pb2.Event]:
+    """n events; ids "e<i>", or "b<batch>-e<i>" for the batch-th of several (an id published
+    again within the idempotency window would be a duplicate)."""
+    prefix = f"b{batch}-" if batch else ""
     return [
-        event_pb2.Event(id=f"e{i}", key=f"k{i % keys}", type="t.test", payload=b"{}")
+        event_pb2.Event(id=f"{prefix}e{i}", key=f"k{i % keys}", type="t.test", payload=b"{}")
         for i in range(n)
     ]
 
@@ -145,7 +148,8 @@ async def test_stream_acknowledges_each_batch_in_order(
 ) -> None:
     mesh, layout = ingest
     requests = [
-        ingest_pb2.PublishRequest(sequence=n, events=_events(10), producer="p") for n in range(1, 6)
+        ingest_pb2.PublishRequest(sequence=n, events=_events(10, batch=n), producer="p")
+        for n in range(1, 6)
     ]
     channel, stub = _stub(mesh.port, pki_dir)
     async with channel:

@@ -115,8 +115,9 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 @_typing.final
 class EventRefusal(_message.Message):
     """EventRefusal is one event of an acknowledged batch that was not accepted (its payload does
-    not match its type's schema, or its type has no schema under a REFUSE policy). The other
-    events of the batch were accepted; resending a refused event unchanged is refused again.
+    not match its type's schema, its type has no schema under a REFUSE policy, or its id was
+    accepted before with other content). The other events of the batch were accepted; resending
+    a refused event unchanged is refused again.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -132,7 +133,10 @@ class EventRefusal(_message.Message):
     reason: _builtins.str
     """A stable reason for tooling: "SCHEMA_VIOLATION", "SCHEMA_VERSION_UNKNOWN",
     "SCHEMA_MISSING" (REFUSE policy), "SCHEMA_UNAVAILABLE" (the registry could not be reached
-    and the type's schema is not cached: resend later).
+    and the type's schema is not cached: resend later), "ID_CONFLICT" (the tenant published
+    this id before, within ingest's idempotency window, with another key, type, content type,
+    payload, attributes or event time: the first event is the one kept; publish a new event
+    under a new id).
     """
     message: _builtins.str
     """What is wrong, for a person: JSON Pointers into the payload and why, for example
