@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -20,28 +19,6 @@ from streammesh.entries import entry_body
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
 from streammesh.streams import COLUMNS_FIELD, StreamLayout
 from tests.conftest import TRUST_DOMAIN, xrange_entries
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def ingest(
-    pki_dir: Path, redis_client: aioredis.Redis, redis_prefix: str
-) -> AsyncIterator[tuple[MeshServer, StreamLayout]]:
-    settings = IngestSettings(
-        port=0, tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, partitions=4, max_batch_events=100
-    )
-    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=4)
-    await layout.ensure_group(redis_client)
-    mesh = create_server(settings, IngestDeps(redis_client, layout))
-    await mesh.start()
-    yield mesh, layout
-    await mesh.stop(0)
 
 
 def _stub(
