@@ -23,6 +23,8 @@ from services.storage.sql import (
     INSERT_BATCH_JOINED,
     INSERT_PARTITIONS,
     INSERT_PARTITIONS_JOINED,
+    RECORD_CONFLICTS,
+    RECORD_CONFLICTS_JOINED,
     TEXT_SEPARATOR,
     texts_joinable,
 )
@@ -163,6 +165,18 @@ async def outage_is_unavailable(operation: str) -> AsyncIterator[None]:
         raise Unavailable("the event store database is unavailable; retry later") from error
 
 
+def _log_conflicts(batch: BatchColumns, recorded: int) -> None:
+    """One line per batch that held conflicts: how many, and of which tenants (no contents)."""
+    if recorded:
+        log.warning(
+            "%d event(s) of a batch of %d reuse a stored (tenant, id) with other content; the "
+            "stored events are kept and the others recorded in event_conflicts (tenants: %s)",
+            recorded,
+            len(batch),
+            ", ".join(sorted(set(batch.tenants))[:5]),
+        )
+
+
 def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
     """The WHERE terms of a filter and their arguments ($1, $2, ... in order), the tenant
     first: every index of `events` leads with it, and no query reads across tenants."""
@@ -204,7 +218,10 @@ class EventStore:
 
     async def insert_batch(self, batch: BatchColumns, *, partition: int) -> int:
         """Store the batch atomically; return how many were new (the rest were already stored
-        under the same id, including repeats inside the batch)."""
+        under the same tenant and id, including repeats inside the batch). Of those, the ones
+        whose content differs from the stored event are recorded in `event_conflicts` (and
+        logged, without contents), in a second statement that runs only when rows were
+        skipped."""
         return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED))
 
     async def insert_partitions(self, batch: BatchColumns, *, partitions: list[int]) -> int:
@@ -230,30 +247,34 @@ class EventStore:
             batch.tenants,
         ]
         statement, joined_statement = statements
+        conflicts = RECORD_CONFLICTS
         joined = [TEXT_SEPARATOR.join(values) for values in texts]
         if texts_joinable(joined, len(batch)):
-            statement, texts = joined_statement, joined
+            statement, conflicts, texts = joined_statement, RECORD_CONFLICTS_JOINED, joined
         ids, keys, types, content_types, attributes, producers, tenants = texts
+        columns = (
+            ids,
+            keys,
+            types,
+            batch.event_times,
+            batch.event_time_nanos,
+            batch.payloads,
+            content_types,
+            attributes,
+            batch.ingest_times,
+            producers,
+        )
         async with (
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
-            status = await conn.execute(
-                statement,
-                ids,
-                keys,
-                types,
-                batch.event_times,
-                batch.event_time_nanos,
-                batch.payloads,
-                content_types,
-                attributes,
-                batch.ingest_times,
-                producers,
-                partition,
-                tenants,
-            )
-        return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+            status = await conn.execute(statement, *columns, partition, tenants)
+            inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+            if inserted < len(batch):
+                # Some rows were skipped (their id is stored): the rare path checks them.
+                status = await conn.execute(conflicts, *columns, tenants)
+                _log_conflicts(batch, int(status.rsplit(" ", 1)[1]))
+        return inserted
 
     async def query(self, query: EventQuery, *, after_seq: int, limit: int) -> list[StoredRow]:
         """Up to `limit` matching rows with seq > `after_seq`, in seq order."""

@@ -4,7 +4,9 @@ know, as the baseline the mesh is measured against (mesh/raw).
 One XADD per (publish batch, partition) with a column-wise entry (bench_columns); one consumer
 task with its own Redis and Postgres connections per partition, XREADGROUP, consecutive entries
 grouped up to MAX_GROUP_EVENTS events, one INSERT_BATCH or INSERT_BATCH_JOINED (storage's own
-statements, chosen as storage chooses, from its public `services.storage.sql`) per group into a table made by storage's own migrations, timestamps bound
+statements, chosen as storage chooses, from its public `services.storage.sql`, with the tenant of
+every row, and storage's conflict check after an insert that skipped rows) per group into a
+table made by storage's own migrations, timestamps bound
 as integers, then XACK and XTRIM (the processor trims acknowledged entries too) sent with the next
 read. Every command is packed before the measured window (`RawPath.prepare`), so during it the
 bench process does only what a bare pipeline must: write the XADDs, read, decode, bind, insert,
@@ -26,7 +28,10 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from services.storage.sql import (
+    INSERT_BATCH_JOINED,
     PG_EPOCH_SECONDS,
+    RECORD_CONFLICTS,
+    RECORD_CONFLICTS_JOINED,
     event_store_ddl,
     use_integer_timestamps,
 )
@@ -295,6 +300,10 @@ class RawPath:
                     statement, columns, tenants = decode_group([fields for _, fields in group])
                     status = await part.postgres.execute(statement, *columns, part.index, tenants)
                     new = int(status.rsplit(" ", 1)[1])
+                    if new < len(columns[3]):  # skipped rows: storage checks them for conflicts
+                        joined = statement == INSERT_BATCH_JOINED
+                        conflicts = RECORD_CONFLICTS_JOINED if joined else RECORD_CONFLICTS
+                        await part.postgres.execute(conflicts, *columns, tenants)
                     part.stored += new
                     part.inserts += 1
                     stored[0] += new

@@ -57,7 +57,11 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
             "events_tenant_type_seq_idx",
             "events_tenant_seq_idx",
         } <= indexes
-        assert {"dead_letters_partition_id_idx", "dead_letters_pending_id_idx"} <= indexes
+        assert {
+            "dead_letters_tenant_partition_id_idx",
+            "dead_letters_tenant_pending_id_idx",
+            "event_conflicts_tenant_recorded_idx",
+        } <= indexes
     finally:
         await engine.dispose()
 

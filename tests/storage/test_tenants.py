@@ -1,9 +1,13 @@
 """Events and dead letters by tenant at storage, over real mTLS and a real Postgres schema:
 rows are filed under each run's tenant (`columns.run_tenants`; entries written before tenants,
 and QueuedBatch entries without one, under "default"), (tenant, id) is the idempotency key, and
-every read is scoped to the tenant the gateway names (x-streammesh-tenant)."""
+every read is scoped to the tenant the gateway names (x-streammesh-tenant); a stored id
+published again with other content is recorded in event_conflicts, the first event kept."""
 
 from __future__ import annotations
+
+import datetime as dt
+import hashlib
 
 import grpc
 import pytest
@@ -14,7 +18,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh.tenancy import TENANT_METADATA
 from streammesh.wire import varint_field
-from tests.storage.conftest import Stub, as_columns, queued
+from tests.storage.conftest import BASE_TIME, Stub, as_columns, queued
 
 _RUN_PARTITIONS = event_pb2.QueuedColumns.RUN_PARTITIONS_FIELD_NUMBER
 
@@ -162,3 +166,51 @@ async def test_dead_letters_belong_to_their_batchs_tenant(processor: Stub, gatew
             await call
         # Exactly as a dead letter that does not exist: another tenant's is not even confirmed.
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def conflicts(engine: AsyncEngine) -> list[tuple[str, str, str, int]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT tenant, id, encode(payload_sha256, 'hex'), payload_bytes"
+                " FROM event_conflicts ORDER BY recorded_at, ingest_time"
+            )
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+def columns_of(tenant: str, *events: event_pb2.QueuedEvent) -> storage_pb2.StoreEventsRequest:
+    return storage_pb2.StoreEventsRequest(
+        columns=event_pb2.QueuedColumns.FromString(entry(0, tenant, list(events)))
+    )
+
+
+async def test_a_stored_id_with_other_content_is_recorded_as_a_conflict_and_the_first_kept(
+    processor: Stub, engine: AsyncEngine
+) -> None:
+    first = queued("k", event_id="c1", payload=b'{"v":1}')
+    reply = await processor.StoreEvents(columns_of("acme", first), timeout=5)
+    assert reply.inserted == 1
+    later = BASE_TIME + dt.timedelta(seconds=90)
+    changed = queued("k", event_id="c1", payload=b'{"v":2}', ingest_time=later)
+    # The same id again: a re-delivery, a retry without an event time (it got a new ingest time,
+    # so a new event time), other content; another tenant's c1; a repeat inside one batch.
+    retry = queued("k", event_id="c1", payload=b'{"v":1}', ingest_time=later)
+    for request in (
+        columns_of("acme", first),
+        columns_of("acme", retry),
+        columns_of("acme", changed),
+        columns_of("acme", changed),  # its re-delivery records nothing more
+        columns_of("globex", changed),
+        columns_of("acme", queued("k", event_id="c2"), queued("k2", event_id="c2")),
+    ):
+        await processor.StoreEvents(request, timeout=5)
+    assert [(t, i, p) for t, i, p in await stored(engine)] == [
+        ("acme", "c1", b'{"v":1}'),
+        ("globex", "c1", b'{"v":2}'),
+        ("acme", "c2", b'{"n":1}'),
+    ]
+    assert await conflicts(engine) == [
+        ("acme", "c1", hashlib.sha256(b'{"v":2}').hexdigest(), 7),
+        ("acme", "c2", hashlib.sha256(b'{"n":1}').hexdigest(), 7),  # the key differs
+    ]

@@ -16,3 +16,26 @@ DROP INDEX dead_letters_pending_id_idx;
 CREATE INDEX dead_letters_tenant_partition_id_idx ON dead_letters (tenant, partition, id);
 CREATE INDEX dead_letters_tenant_pending_id_idx ON dead_letters (tenant, id)
     WHERE replayed_at IS NULL;
+
+-- Conflicts storage saw: an event skipped because its (tenant, id) was stored already, whose
+-- content differs from the stored one (key, type, content type, payload, attributes, or an
+-- event time the producer set). The stored event stays; this is the record that the second
+-- was not kept. Ingest refuses most of them at publish time (its idempotency window); these
+-- are the ones it could not see: beyond the window, or the id published again under another
+-- key (another partition). No payload is kept, only its SHA-256 and length. One row per
+-- refused publish: a re-delivery of the same queue entry has the same ingest time and
+-- producer, so it adds nothing.
+CREATE TABLE event_conflicts (
+    tenant         text COLLATE "C" NOT NULL,
+    id             text COLLATE "C" NOT NULL,
+    ingest_time    timestamptz NOT NULL,
+    producer       text NOT NULL,
+    key            text COLLATE "C" NOT NULL,
+    type           text COLLATE "C" NOT NULL,
+    payload_sha256 bytea NOT NULL,
+    payload_bytes  integer NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT event_conflicts_pkey PRIMARY KEY (tenant, id, ingest_time, producer)
+);
+
+CREATE INDEX event_conflicts_tenant_recorded_idx ON event_conflicts (tenant, recorded_at);
