@@ -116,11 +116,13 @@ class StreamAppender:
         *,
         producer: str,
         tenant: str = DEFAULT_TENANT,
+        guarded: bool = True,
     ) -> dict[int, int]:
         """Queue the validated events of `producer` in `tenant`; `envelope` is their columns as
         validation took them (read from the events when not given). Returns the events not
         queued because the window holds their id: index -> DUPLICATE or CONFLICT (empty
-        without a window)."""
+        without a window, or when not `guarded`: a dead-letter replay, queued whatever the
+        window holds, and not recorded in it)."""
         now_ns = time.time_ns()
         if envelope is None:
             envelope = EnvelopeColumns(
@@ -139,9 +141,10 @@ class StreamAppender:
         ingest_micros = now_ns // 1000
         columns = _batch_columns(events, envelope, ingest_micros)
         run = _Run(producer, tenant, ingest_micros)
+        window = self._window if guarded else None
         verdicts: dict[int, int] = {}
         digests: list[bytes] = []
-        if self._window is not None:
+        if window is not None:
             digests = content_digests(events, envelope)
             verdicts = repeats_in_batch(envelope.ids, digests)
             if verdicts:
@@ -162,11 +165,11 @@ class StreamAppender:
         if pressure is not None:
             pressure.admit(weights)
         try:
-            if self._window is None:
+            if window is None:
                 await self._append(built)
             else:
                 guard = _Guard(
-                    self._window, tenant, now_ns / 1e9, envelope.ids, digests, slices, verdicts
+                    window, tenant, now_ns / 1e9, envelope.ids, digests, slices, verdicts
                 )
                 while built:
                     replies = await self._append(built, guard)

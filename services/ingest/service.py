@@ -65,18 +65,25 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """None: payloads are not checked against registered schemas."""
 
     async def _accept(
-        self, events: Sequence[event_pb2.Event], *, producer: str, tenant: str
+        self,
+        events: Sequence[event_pb2.Event],
+        *,
+        producer: str,
+        tenant: str,
+        replay: bool = False,
     ) -> _Outcome:
         """Validate the batch (refused whole on an envelope violation), check payloads (refused
         per event), append the rest, less what the idempotency window holds (duplicates are
-        accepted, conflicts refused)."""
+        accepted, conflicts refused) unless it is a dead-letter `replay`."""
         columns = validate_batch(events, self._limits, producer=producer)
         refused = (
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )
         positions: Sequence[int] = range(len(events))  # in the batch, of each appended event
         if not refused:
-            seen = await self._appender.append(events, columns, producer=producer, tenant=tenant)
+            seen = await self._appender.append(
+                events, columns, producer=producer, tenant=tenant, guarded=not replay
+            )
         else:
             # The kept events' columns are read again: refusals are the rare path.
             out = {refusal.index for refusal in refused}
@@ -104,7 +111,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.PublishBatchResponse:
         outcome = await self._accept(
-            request.events, producer=request.producer, tenant=self._tenant(context)
+            request.events,
+            producer=request.producer,
+            tenant=self._tenant(context),
+            replay=request.replay,
         )
         return ingest_pb2.PublishBatchResponse(
             accepted=outcome.accepted,

@@ -182,3 +182,28 @@ async def test_digest_hashes_share_the_stream_slot_and_cost_what_the_bound_says(
     assert await redis_client.hlen(held) == 5000
     per_id = int(await redis_client.memory_usage(held, samples=0) or 0) / 5000
     assert BYTES_PER_ID * 0.7 <= per_id <= BYTES_PER_ID * 1.2, per_id
+
+
+async def test_a_dead_letter_replay_is_queued_whatever_the_window_holds(
+    ingest: tuple[MeshServer, StreamLayout], pki_dir: Path, redis_client: aioredis.Redis
+) -> None:
+    """A dead-lettered event was accepted (so remembered) but never stored: its replay (the
+    gateway's, with the first ingest time as event time) must be queued again."""
+    mesh, layout = ingest
+    replayed = event("r")
+    replayed.event_time.CopyFrom(Timestamp(seconds=1_700_000_000))
+    channel, stub = _stub(mesh.port, pki_dir)
+    async with channel:
+        await stub.PublishBatch(ingest_pb2.PublishBatchRequest(events=[event("r")]), timeout=5)
+        plain = await stub.PublishBatch(
+            ingest_pb2.PublishBatchRequest(events=[replayed]), timeout=5
+        )
+        assert [r.reason for r in plain.refused] == [CONFLICT_REASON]
+        replay = await stub.PublishBatch(
+            ingest_pb2.PublishBatchRequest(events=[replayed], replay=True), timeout=5
+        )
+    assert (replay.accepted, list(replay.refused), list(replay.duplicates)) == (1, [], [])
+    assert [(t, i) for t, i, _ in await queued(redis_client, layout)] == [
+        ("default", "r"),
+        ("default", "r"),
+    ]

@@ -105,7 +105,14 @@ class PublishBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     producer: _builtins.str
+    replay: _builtins.bool
+    """Set by the gateway for a dead-letter replay: the events are queued again even when the
+    idempotency window holds their ids (a dead-lettered event was accepted, so remembered, but
+    never stored; storage's idempotent insert still keeps each exactly once). Not in the public
+    request, so a client cannot set it.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
     def __init__(
@@ -113,10 +120,11 @@ class PublishBatchRequest(_message.Message):
         *,
         events: _abc.Iterable[_event_pb2.Event] | None = ...,
         producer: _builtins.str = ...,
+        replay: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer", "replay", b"replay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
