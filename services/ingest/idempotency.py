@@ -21,6 +21,10 @@ current and the previous bucket; the current one expires 2 x `seconds` after its
 so an id is remembered at least `seconds` (minus the clock skew between ingest replicas, which
 pick the bucket) and at most 2 x `seconds`.
 
+A dead-lettered event was accepted, so remembered: a plain retry of it within the window is
+a duplicate (it is in the dead letters, not lost); a dead-letter replay (the gateway's, which
+sets PublishBatchRequest.replay) is queued whatever the window holds, and not recorded in it.
+
 What the window does not see: an id published again with another key lands in another
 partition, so another hash; and anything beyond the window. Storage catches both when it skips
 the row (same tenant and id already stored): if the content differs it records the conflict
