@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.processor.ownership import Entry
+from services.processor.source.ownership import Entry
 from streammesh.api.common.v1 import event_pb2
 from streammesh.entries import QueuedBody, entry_body
 from streammesh.streams import COLUMNS_FIELD, COUNT_FIELD

@@ -28,7 +28,6 @@ from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from services.processor.across import Chunk, across_body, across_chunks, entry_event_count
-from services.processor.backlog import BacklogKeeper
 from services.processor.dead_letters import (
     DeadLetterRecord,
     DeadLetterSink,
@@ -38,8 +37,9 @@ from services.processor.dead_letters import (
     is_outage,
 )
 from services.processor.failpoints import Failpoint
-from services.processor.ownership import Entry, PartitionOwnership
-from services.processor.trimming import trim_partition
+from services.processor.source.backlog import BacklogKeeper
+from services.processor.source.ownership import Entry, PartitionOwnership
+from services.processor.source.trimming import trim_partition
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.processor.v1 import processor_pb2
 from streammesh.entries import QueuedBody, entry_body

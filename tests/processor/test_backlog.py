@@ -10,9 +10,9 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor import backlog as backlog_module
-from services.processor.backlog import BacklogKeeper
-from services.processor.ownership import Entry, PartitionOwnership
+from services.processor.source import backlog as backlog_module
+from services.processor.source.backlog import BacklogKeeper
+from services.processor.source.ownership import Entry, PartitionOwnership
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
 from streammesh.backlog import Backlog, entry_weight, read_backlog
 from streammesh.entries import QueuedBody

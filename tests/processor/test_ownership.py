@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor.ownership import PartitionOwnership, assign
+from services.processor.source.ownership import PartitionOwnership, assign
 from tests.processor.conftest import append, make_layout
 
 
