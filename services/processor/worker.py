@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
-from services.processor.across import Chunk, across_body, across_chunks, entry_event_count
-from services.processor.dead_letters import (
+from services.processor.delivery.across import Chunk, across_body, across_chunks, entry_event_count
+from services.processor.delivery.dead_letters import (
     DeadLetterRecord,
     DeadLetterSink,
     FailureCounter,

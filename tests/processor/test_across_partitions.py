@@ -9,7 +9,7 @@ import dataclasses
 
 import redis.asyncio as aioredis
 
-from services.processor.across import NO_PARTITION, across_body
+from services.processor.delivery.across import NO_PARTITION, across_body
 from services.processor.source.ownership import Entry
 from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2

@@ -71,7 +71,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.processor.dead_letters import attempts_key
+from services.processor.delivery.dead_letters import attempts_key
 from streammesh.backlog import entry_weight
 from streammesh.mesh.tasks import raise_if_cancelled, wait_event
 from streammesh.streams import StreamLayout
