@@ -10,11 +10,11 @@ import dataclasses
 import redis.asyncio as aioredis
 
 from services.processor.delivery.across import NO_PARTITION, across_body
-from services.processor.source.ownership import Entry
-from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker, WorkerConfig
+from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.worker import StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import Backlog, read_backlog
-from streammesh.entries import QueuedBody
+from streammesh.entries import Entry, QueuedBody
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD, COUNT_FIELD, StreamLayout
 from tests.processor.conftest import (
     ONE_OWNER,

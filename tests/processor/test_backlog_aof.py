@@ -15,8 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.processor.source.backlog import BacklogKeeper
-from services.processor.source.ownership import Entry, PartitionOwnership
+from services.processor.source.ownership import PartitionOwnership
 from streammesh.backlog import Backlog, read_backlog
+from streammesh.entries import Entry
 from streammesh.streams import StreamLayout
 from tests.faults.backends import RedisServer
 from tests.processor.conftest import append

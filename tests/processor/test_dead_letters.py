@@ -19,7 +19,8 @@ from services.processor.delivery.dead_letters import (
     is_outage,
 )
 from services.processor.delivery.storage_client import classify, store_events_request
-from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
+from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.worker import StreamWorker
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.entries import QueuedBody
