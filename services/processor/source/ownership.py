@@ -137,7 +137,11 @@ for i = 3, #ARGV, 3 do
   end
 end
 if KEYS[4] then
-  redis.call('HDEL', KEYS[4], unpack(ids))
+  -- In slices: unpack() takes at most about 8000 values (LUAI_MAXCSTACK), fewer than a
+  -- group may hold.
+  for i = 1, #ids, 1000 do
+    redis.call('HDEL', KEYS[4], unpack(ids, i, math.min(i + 999, #ids)))
+  end
 end
 -- Integers only (a Lua number turned into a string could read "-0" or "1e+15", which
 -- HINCRBY refuses), never below zero.
