@@ -57,6 +57,10 @@ class Fence(Protocol):
         """Acknowledge the entries while the partition is held; False once it is not."""
         ...
 
+    async def ack_all(self, acks: Sequence[tuple[int, Sequence[Entry]]]) -> list[bool]:
+        """`ack` for several partitions at once (one round trip), a result for each."""
+        ...
+
 
 @dataclass(frozen=True)
 class DeliveryConfig:
@@ -188,7 +192,7 @@ class Deliverer:
 
     async def _store_across(self, chunk: Chunk) -> list[Outcome | None]:
         """One store for the groups of several partitions, then each partition's fenced
-        acknowledgement; an outcome per partition, None for those to store partition by
+        acknowledgement (all in one round trip); an outcome per partition, None for those to store partition by
         partition (all of them after a failure other than an outage, or a partition no longer
         held before the call)."""
         if not all(self._fence.holds(partition) for partition, _ in chunk):
@@ -197,9 +201,7 @@ class Deliverer:
         if not isinstance(result, StoreResult):
             return [result] * len(chunk)  # an outage waits; anything else goes per partition
         self._count_stored(sum(len(group) for _, group in chunk), result)
-        acked = await _all_finished(
-            *(self._fence.ack(partition, group) for partition, group in chunk)
-        )
+        acked = await self._fence.ack_all(chunk)
         return [Outcome.DONE if ok else Outcome.LOST for ok in acked]
 
     async def _drain(self, partition: int, entries: list[Entry]) -> Outcome:

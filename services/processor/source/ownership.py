@@ -27,7 +27,8 @@ Leases. Four Lua scripts run against `<prefix>:lease:p<n>`:
   elsewhere. On a graceful stop it releases every lease;
 - ACK runs XACK only while the lease names us (fencing), and in the same step forgets the
   entry's field in the hash `forget` names, which the worker sets to the failed-attempt counts of
-  delivery (`delivery/dead_letters.py`).
+  delivery (`delivery/dead_letters.py`). The acks of one store call across partitions go to
+  Redis in one pipeline (`ack_many`): still one script, and one lease check, per partition.
 
 A crashed processor never releases its leases. They expire after lease_ttl, and then the
 processors that the assignment names acquire them.
@@ -70,14 +71,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from streammesh.backlog import entry_weight
 from streammesh.entries import Entry
 from streammesh.mesh.tasks import raise_if_cancelled, wait_event
 from streammesh.streams import StreamLayout
 
-__all__ = ["SAFETY", "PartitionOwnership", "assign"]
+__all__ = ["ACK_SCRIPT", "SAFETY", "PartitionOwnership", "assign"]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ end
 return 0
 """
 
-_ACK = """
+ACK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
 end
@@ -217,7 +218,7 @@ class PartitionOwnership:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self._ack = client.register_script(_ACK)
+        self._ack = client.register_script(ACK_SCRIPT)
         self._forget = forget
         # partition -> (local deadline, generation); the generation tells a renewal's answer
         # apart from a release + re-acquire that happened while it was on the wire.
@@ -340,6 +341,47 @@ class PartitionOwnership:
         the partition dropped) otherwise."""
         if not entries:
             return True
+        keys, args = self._ack_call(partition, entries)
+        return self._acked(partition, await self._ack(keys=keys, args=args))
+
+    async def ack_many(self, acks: Sequence[tuple[int, Sequence[Entry]]]) -> list[bool]:
+        """`ack` for several partitions in one round trip, a result per item of `acks`. Each
+        partition keeps its own ACK script, which checks its own lease atomically; the scripts
+        are pipelined, not one script or a transaction over several partitions, so that no
+        command spans two partitions' keys (a Redis Cluster puts them apart). A failed reply is
+        raised after all the others were taken in (refused leases dropped)."""
+        calls = [(index, partition) for index, (partition, entries) in enumerate(acks) if entries]
+        if len(calls) < 2:  # one script call at most: no pipeline needed
+            return [await self.ack(partition, *entries) for partition, entries in acks]
+        results = [True] * len(acks)
+        requests = [self._ack_call(partition, acks[index][1]) for index, partition in calls]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args in requests:
+                # EVALSHA itself, not the Script: a pipeline holding Scripts first asks SCRIPT
+                # EXISTS, one round trip more.
+                pipe.evalsha(self._ack.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        failure: BaseException | None = None
+        for (index, partition), (keys, args), reply in zip(calls, requests, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                # Redis lost its scripts (a restart, SCRIPT FLUSH), so this ack did not run:
+                # the Script loads it and runs it again.
+                try:
+                    reply = await self._ack(keys=keys, args=args)
+                except (RedisError, OSError) as error:
+                    reply = error
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                continue
+            results[index] = self._acked(partition, reply)
+        if failure is not None:
+            raise failure
+        return results
+
+    def _ack_call(
+        self, partition: int, entries: Sequence[Entry]
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """The ACK script's keys and arguments for the partition's entries."""
         args: list[bytes | str | int] = [self._consumer, self._layout.group]
         for entry_id, fields in entries:
             args.append(entry_id)
@@ -351,8 +393,10 @@ class PartitionOwnership:
         ]
         if self._forget is not None:
             keys.append(self._forget(partition))
-        acked = await self._ack(keys=keys, args=args)
-        if acked == -1:
+        return keys, args
+
+    def _acked(self, partition: int, reply: Any) -> bool:
+        if reply == -1:
             self.drop(partition, "the lease names another processor at acknowledgement")
             return False
         return True

@@ -179,10 +179,21 @@ class PartitionSource:
         """The fenced ack (ownership.py), counting the bytes toward the next trim."""
         if not await self.ownership.ack(partition, *entries):
             return False
+        self._count_acked(partition, entries)
+        return True
+
+    async def ack_all(self, acks: Sequence[tuple[int, Sequence[Entry]]]) -> list[bool]:
+        """`ack` for several partitions in one round trip (`PartitionOwnership.ack_many`)."""
+        results = await self.ownership.ack_many(acks)
+        for (partition, entries), acked in zip(acks, results, strict=True):
+            if acked:
+                self._count_acked(partition, entries)
+        return results
+
+    def _count_acked(self, partition: int, entries: Sequence[Entry]) -> None:
         self._acked_bytes[partition] = self._acked_bytes.get(partition, 0) + sum(
             body_bytes(fields) for _, fields in entries
         )
-        return True
 
     async def _rebalance(self) -> None:
         """Forget lost partitions, release those the assignment moved away, acquire free ones
