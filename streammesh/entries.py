@@ -22,9 +22,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from streammesh.api.common.v1 import event_pb2
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD
 
-__all__ = ["QueuedBody", "columns_agree", "columns_to_batch", "entry_body", "expand_runs"]
+__all__ = ["Entry", "QueuedBody", "columns_agree", "columns_to_batch", "entry_body", "expand_runs"]
 
 T = TypeVar("T")
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+"""A stream entry as XREADGROUP returns it: id and fields (None once deleted)."""
 
 
 @dataclass(frozen=True, slots=True)
