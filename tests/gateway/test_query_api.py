@@ -3,8 +3,11 @@ was issued to can replay, counts and aggregates, with real tokens from auth over
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,8 +15,11 @@ import pytest
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.cli.main import build_parser
+from streammesh.cli.session import Session
+from streammesh.cli.stack import StackConfig
 from streammesh.mesh import TlsMaterial, create_channel, service_config
-from tests.gateway.conftest import Stack
+from tests.gateway.conftest import Person, Stack
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +104,58 @@ async def test_counts_and_aggregates_through_the_gateway(stack: Stack, stored: s
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "column 17" in (caught.value.details() or "")
+
+
+def _cli_config(stack: Stack, person: Person, state_dir: Path) -> StackConfig:
+    """The CLI's state as `streammesh login` leaves it, for `person`, against this stack."""
+    (state_dir / "pki").symlink_to(stack.pki_dir)
+    config = StackConfig(state_dir=state_dir, gateway_port=stack.gateway_port)
+    now = time.time()
+    session = Session(
+        person.username,
+        person.access_token,
+        person.refresh_token,
+        now + 600,
+        now + 600,
+        person.roles,
+    )
+    session.save(config)
+    return config
+
+
+async def _cli(config: StackConfig, *argv: str) -> int:
+    args = build_parser().parse_args(list(argv))
+    code: int = await args.handler(config, args)
+    return code
+
+
+async def test_the_cli_prints_tables_json_and_points_at_a_bad_filter(
+    stack: Stack, stored: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _cli_config(stack, stack.people["analyst"], tmp_path)
+    assert await _cli(config, "query", "payload.amount > 30", "--key", stored) == 0
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:5] == ["seq", "event", "time", "key", "type"]
+    assert [row.split()[-1] for row in rows] == [f"{stored}-35", f"{stored}-45"]
+
+    assert await _cli(config, "query", "--key", stored, "--page-size", "2", "--json") == 0
+    first = json.loads(capsys.readouterr().out)
+    assert len(first["events"]) == 2 and first["next_page_token"]
+    assert await _cli(config, "query", "--key", stored, "--page-size", "2", "--all", "--json") == 0
+    every = json.loads(capsys.readouterr().out)
+    assert len(every["events"]) == 5 and every["next_page_token"] == ""
+
+    assert await _cli(config, "query", "--key", stored, "--count", "payload.amount < 20") == 0
+    assert capsys.readouterr().out.strip() == "count: 2"
+    argv = ("aggregate", "--key", stored, "--by", "key", "--field", "payload.amount")
+    assert await _cli(config, *argv) == 0
+    header, _, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["group", "count", "values", "sum", "min", "max", "avg"]
+    assert row.split() == [stored, "5", "5", "125", "5", "45", "25"]
+
+    assert await _cli(config, "query", "payload.amount >") == 1
+    error = capsys.readouterr().err.splitlines()
+    assert error[0].startswith("INVALID_ARGUMENT: filter: unexpected end of filter")
+    assert error[-2:] == ["  payload.amount >", "  " + " " * 16 + "^"]  # column 17
+    assert await _cli(config, "query", "--since", "yesterday") == 2
+    assert "--since: 'yesterday' is not an RFC 3339 time" in capsys.readouterr().err
