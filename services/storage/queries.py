@@ -64,10 +64,13 @@ returned, each page in its own snapshot. So, for a client that pages a query to 
   snapshot sees it, and the cursor passes its seq only on a page that holds it);
 - an event committed while the client pages is returned, at most once, when its seq is above
   the cursor at the time; one whose seq the cursor had already passed is not: paging is exact
-  over history, and live events belong to the subscription path. (A horizon below every
-  in-flight insert would close that gap, but Postgres gives a reader no cheap, sound way to
-  learn the seqs an uncommitted transaction holds: a transaction draws its seq before it has
-  an xid, and gap detection cannot tell an uncommitted seq from one ON CONFLICT spent.)
+  over history, and live events belong to the subscription path.
+A safe horizon (return only seqs below every insert still in flight) would close that gap, but
+Postgres shows a reader no seq of an uncommitted transaction, and an INSERT draws its first seq
+before it even has an xid; the sound way is to wait out every virtual transaction that was
+running when the sequence was read (what CREATE INDEX CONCURRENTLY does), which any long
+transaction in the database, related or not, would stall. Gap detection cannot tell an
+uncommitted seq from one ON CONFLICT DO NOTHING spent (every duplicate spends one).
 tests/storage/test_query_api.py pages a table while another task inserts and checks the first
 two points, and makes the third case happen on purpose."""
 """What keyset paging on seq guarantees under concurrent inserts (the README repeats it)."""

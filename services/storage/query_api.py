@@ -94,11 +94,10 @@ def _payload_path(field: str) -> tuple[str, ...]:
     return names[1:]
 
 
-def _numeric_field(field: str, scope: FieldScope) -> tuple[str, ...]:
-    """The path of `field`, which the schemas in scope must declare as a number (or, for types
-    without a schema, leave undeclared)."""
-    path = _payload_path(field)
-    declared = scope.declarations(".".join(path))
+def _check_numeric(field: str, scope: FieldScope) -> None:
+    """`field` must be a number in the schemas in scope that declare it (or, for types without
+    a schema, undeclared by all)."""
+    declared = scope.declarations(".".join(_payload_path(field)))
     wrong = sorted(
         f"{name}: {kind}" for name, kind in declared.items() if kind not in ("number", "integer")
     )
@@ -107,7 +106,7 @@ def _numeric_field(field: str, scope: FieldScope) -> tuple[str, ...]:
     elif not declared and not scope.allow_undeclared:
         reason = "no schema in scope declares it"
     else:
-        return path
+        return
     raise InvalidArgument(f"field {field}: {reason}", field_violations=[("field", reason)])
 
 
@@ -130,10 +129,12 @@ class QueryApi:
         self._clock = clock
 
     async def _selection(
-        self, tenant: str, event_filter: event_pb2.EventFilter, expression: str
-    ) -> Selection:
-        """Validate the structured filter and check the AIP-160 one against the schemas of the
-        types in scope; INVALID_ARGUMENT naming the field (or the filter's token)."""
+        self, tenant: str, event_filter: event_pb2.EventFilter, expression: str, field: str = ""
+    ) -> tuple[Selection, tuple[str, ...] | None]:
+        """Validate the structured filter, and check the AIP-160 one and the aggregated `field`
+        against the schemas of the types in scope (loaded once, only when one is given);
+        INVALID_ARGUMENT naming the field (or the filter's token). The selection, and the
+        field's payload path (None without a field)."""
         limits, problems = self._limits, Violations()
         for name, values in (("keys", event_filter.keys), ("types", event_filter.types)):
             if len(values) > limits.max_filter_keys:
@@ -155,11 +156,13 @@ class QueryApi:
         if start is not None and end is not None and end < start:
             problems.add("filter.end_time", "before start_time")
         problems.raise_if_any()
+        path = _payload_path(field) if field else None
         try:
             node = parse_filter(expression)  # before the scope: a syntax error costs no query
-            predicate = None
-            if node is not None:
-                predicate = check_filter(node, await self._queries.scope(tenant, types))
+            scope = None
+            if node is not None or field:
+                scope = await self._queries.scope(tenant, types)
+            predicate = check_filter(node, scope) if node is not None and scope else None
         except FilterError as error:  # named after this API's field
             raise FilterError(
                 error.reason,
@@ -168,7 +171,9 @@ class QueryApi:
                 detail=error.detail,
                 field="filter_expression",
             ) from None
-        return Selection(
+        if field and scope is not None:
+            _check_numeric(field, scope)
+        selection = Selection(
             tenant=tenant,
             keys=tuple(sorted(set(event_filter.keys))),
             types=tuple(types),
@@ -176,6 +181,7 @@ class QueryApi:
             end_time=end,
             predicate=predicate,
         )
+        return selection, path
 
     async def query_events(
         self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext
@@ -189,7 +195,7 @@ class QueryApi:
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         tenant = _tenant(request.tenant, context, self._trust_domain)
         principal = Principal(tenant, request.principal)
-        selection = await self._selection(tenant, request.filter, request.filter_expression)
+        selection, _ = await self._selection(tenant, request.filter, request.filter_expression)
         scope = event_page_scope(
             tenant=tenant,
             filter=request.filter_expression,
@@ -234,7 +240,7 @@ class QueryApi:
     ) -> storage_pb2.CountEventsResponse:
         """How many events match (RESOURCE_EXHAUSTED past the bounds)."""
         tenant = _tenant(request.tenant, context, self._trust_domain)
-        selection = await self._selection(tenant, request.filter, request.filter_expression)
+        selection, _ = await self._selection(tenant, request.filter, request.filter_expression)
         return storage_pb2.CountEventsResponse(count=await self._queries.count(selection))
 
     async def aggregate_events(
@@ -252,10 +258,9 @@ class QueryApi:
                 "unknown group_by", field_violations=[("group_by", str(request.group_by))]
             )
         tenant = _tenant(request.tenant, context, self._trust_domain)
-        selection = await self._selection(tenant, request.filter, request.filter_expression)
-        path = None
-        if request.field:
-            path = _numeric_field(request.field, await self._queries.scope(tenant, selection.types))
+        selection, path = await self._selection(
+            tenant, request.filter, request.filter_expression, request.field
+        )
         rows = await self._queries.aggregate(
             selection,
             group_by=group_by,

@@ -511,7 +511,10 @@ class QueryEventsRequest(_message.Message):
     page_size: _builtins.int
     """0 to 1000 events a page; 100 when 0."""
     page_token: _builtins.str
-    """next_page_token of the previous page, with the same filter; empty for the first page."""
+    """next_page_token of the previous page, with the same filter; empty for the first page. Bound
+    to the query (filter_expression, keys, types, time range) and to the caller: replayed with
+    another query or by another user it is INVALID_ARGUMENT; it expires after a day.
+    """
     filter_expression: _builtins.str
     """An AIP-160 filter (see README "Querying events"), for example
     `payload.amount > 10 AND attributes.region = "eu" AND type:"order.*"`; empty matches
@@ -548,8 +551,9 @@ class QueryEventsResponse(_message.Message):
     """Empty on the last page."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
-        """In store order. A page ends early, with a next_page_token, rather than pass the 16 MiB
-        message limit.
+        """In store order (seq, within the tenant). A page ends early, with a next_page_token, rather
+        than pass the 16 MiB message limit. Paging to the end returns every event stored before the
+        first page exactly once; one stored meanwhile at most once (README "Querying events").
         """
 
     def __init__(
