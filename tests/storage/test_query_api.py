@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 from typing import Any
 
@@ -398,3 +399,61 @@ async def test_bad_aggregate_requests_are_invalid_argument(gateway: Stub) -> Non
             await gateway.AggregateEvents(request, timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
         assert field_violations(caught.value) == [name]
+
+
+def _hostile_payloads() -> list[bytes]:
+    """Payloads labelled JSON that are not, or that Postgres' jsonb cannot hold, and random
+    bytes (a fixed seed, so a failure repeats)."""
+    rng = random.Random(9)
+    made = [
+        b"",
+        b"\x00",
+        b"{",
+        b'{"amount": 1}\x00',
+        b'{"amount": "\\u0000"}',
+        b'{"amount": 1e400000}',
+        b'{"amount": 1e1000}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"amount": ' + b"9" * 200_000 + b"}",
+        '{"amount": "\ud800"}'.encode("utf-8", "surrogatepass"),
+        b'\xef\xbb\xbf{"amount": 3}',  # a byte-order mark
+        b'{"amount": NaN}',
+        b'{"amount": [1, 2]}',
+    ]
+    made += [rng.randbytes(rng.randrange(1, 64)) for _ in range(100)]
+    return made
+
+
+async def test_no_payload_makes_a_query_count_or_aggregate_fail(
+    processor: Stub, gateway: Stub
+) -> None:
+    batch = [
+        _event(f"h{index}", "hostile", payload, content_type="application/json")
+        for index, payload in enumerate(_hostile_payloads())
+    ]
+    await processor.StoreEvents(store_request(batch), timeout=30)
+    for expression in (
+        "payload.amount > 0",
+        'payload.amount = "x"',
+        "NOT payload.amount < 1",
+        "payload.amount:*",
+        "payload:amount",
+        'payload.amount:"a*"',
+        "payload.amount = 1",
+    ):
+        found = await _ids(gateway, expression)
+        assert set(found) <= {event.event.id for event in batch}, expression
+        count = await gateway.CountEvents(
+            storage_pb2.CountEventsRequest(filter_expression=expression), timeout=10
+        )
+        assert count.count == len(found), expression
+    reply = await gateway.AggregateEvents(
+        storage_pb2.AggregateEventsRequest(group_by=GROUP_BY_KEY, field="payload.amount"),
+        timeout=10,
+    )
+    (group,) = reply.groups
+    assert group.count == len(batch)
+    # The one number among them is 1e1000: jsonb holds it, a double cannot (so the sums are
+    # infinite); 1e400000 and 200,000 digits are past numeric's range, and a byte-order mark or
+    # a NUL byte makes the rest no JSON.
+    assert group.value_count == 1 and group.max == float("inf")
