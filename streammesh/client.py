@@ -190,21 +190,47 @@ class GatewayClient:
         )
         return reply
 
-    async def count(self, event_filter: event_pb2.EventFilter) -> int:
+    async def count(
+        self, event_filter: event_pb2.EventFilter, *, filter_expression: str = ""
+    ) -> int:
+        """How many stored events match the filter and the AIP-160 `filter_expression`."""
         reply = await self._stub.CountEvents(
-            gateway_pb2.CountEventsRequest(filter=event_filter), metadata=self._auth(), timeout=30
+            gateway_pb2.CountEventsRequest(
+                filter=event_filter, filter_expression=filter_expression
+            ),
+            metadata=self._auth(),
+            timeout=30,
         )
         return int(reply.count)
 
     async def query(
-        self, event_filter: event_pb2.EventFilter, *, page_size: int = 100, page_token: str = ""
+        self,
+        event_filter: event_pb2.EventFilter,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        filter_expression: str = "",
     ) -> gateway_pb2.QueryEventsResponse:
+        """One page of matching events; pass its next_page_token (with the same filter) for
+        the next."""
         reply: gateway_pb2.QueryEventsResponse = await self._stub.QueryEvents(
             gateway_pb2.QueryEventsRequest(
-                filter=event_filter, page_size=page_size, page_token=page_token
+                filter=event_filter,
+                page_size=page_size,
+                page_token=page_token,
+                filter_expression=filter_expression,
             ),
             metadata=self._auth(),
             timeout=30,
+        )
+        return reply
+
+    async def aggregate(
+        self, request: gateway_pb2.AggregateEventsRequest
+    ) -> gateway_pb2.AggregateEventsResponse:
+        """Count (and sum/min/max/avg of a numeric payload field) per key or type."""
+        reply: gateway_pb2.AggregateEventsResponse = await self._stub.AggregateEvents(
+            request, metadata=self._auth(), timeout=60
         )
         return reply
 

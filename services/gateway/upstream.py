@@ -157,7 +157,13 @@ class Upstreams:
                 settings.storage_target,
                 "storage",
                 "streammesh.storage.v1.StorageService",
-                ["QueryEvents", "CountEvents", "ListDeadLetters", "GetDeadLetter"],
+                [
+                    "QueryEvents",
+                    "CountEvents",
+                    "AggregateEvents",
+                    "ListDeadLetters",
+                    "GetDeadLetter",
+                ],
             ),
             # Registering is idempotent too (the same document returns its version).
             channel(
