@@ -161,7 +161,8 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
     ) -> pb.StoreEngineOutputsResponse:
         outputs = engine_outputs.rows(request)
         checkpoint = engine_outputs.checkpoint(request)
-        alerts, results, late, saved = await self._outputs.store(outputs, checkpoint)
+        fence = engine_outputs.fence(request)
+        alerts, results, late, saved = await self._outputs.store(outputs, checkpoint, fence)
         return pb.StoreEngineOutputsResponse(
             alerts_written=alerts,
             window_results_written=results,

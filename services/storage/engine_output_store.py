@@ -10,7 +10,9 @@ Fencing. The checkpoint's upsert runs first in the transaction: it locks the par
 least the stored one. A lower epoch raises FailedPrecondition, which rolls the transaction back:
 a fenced-out owner's outputs are not written either. Within one epoch the checkpoint never moves
 back (a delayed retry of an earlier call stores its outputs, already stored, and keeps the
-later checkpoint). A new owner's load raises the fence to its epoch before it reads.
+later checkpoint). A new owner's load raises the fence to its epoch before it reads. Outputs
+sent without a checkpoint may name a fence (partition and epoch), checked against the stored
+epoch under a share lock, which a new owner's load waits for.
 
 Each table takes its rows as one JSON array expanded by `jsonb_to_recordset`: one statement per
 table whatever the batch size, its row count is the number of new rows, and ragged values (an
@@ -31,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from services.storage.store import outage_is_unavailable
 from streammesh.mesh.errors import FailedPrecondition
 
-__all__ = ["AlertRow", "Checkpoint", "EngineOutputStore", "Outputs", "WindowResultRow"]
+__all__ = ["AlertRow", "Checkpoint", "EngineOutputStore", "Fence", "Outputs", "WindowResultRow"]
 
 _ALERT_COLUMNS = (
     "tenant text, alert_id text, rule_id text, rule_version integer, rule_kind text, key text,"
@@ -68,6 +70,10 @@ _SAVE_CHECKPOINT = text(
 _STORED_EPOCH = text(
     "SELECT lease_epoch FROM engine_checkpoints WHERE stream = :stream AND partition = :partition"
 )
+_FENCE_EPOCH = text(
+    "SELECT lease_epoch FROM engine_checkpoints WHERE stream = :stream AND partition = :partition"
+    " FOR SHARE"
+)
 _RAISE_FENCE = text(
     "INSERT INTO engine_checkpoints AS c (stream, partition, lease_epoch, last_entry_id,"
     " entry_ms, entry_seq) VALUES (:stream, :partition, :epoch, '', -1, -1)"
@@ -93,6 +99,15 @@ class Checkpoint:
     entry: tuple[int, int]
     snapshot: bytes
     saved_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """The partition and lease epoch an outputs-only write is fenced by."""
+
+    stream: str
+    partition: int
+    lease_epoch: int
 
 
 def _stale(stream: str, partition: int, epoch: int, stored: int) -> FailedPrecondition:
@@ -147,16 +162,19 @@ class EngineOutputStore:
         self._engine = engine
 
     async def store(
-        self, outputs: Outputs, checkpoint: Checkpoint | None = None
+        self, outputs: Outputs, checkpoint: Checkpoint | None = None, fence: Fence | None = None
     ) -> tuple[int, int, int, bool]:
         """New alerts, window results and late events written (the rest existed), and whether
         the checkpoint was saved (False without one, or when the stored one is later in the
-        same epoch). FailedPrecondition, writing nothing, for a checkpoint of a stale epoch."""
+        same epoch). FailedPrecondition, writing nothing, for a checkpoint or fence of a stale
+        epoch."""
         written = []
         saved = False
         async with outage_is_unavailable("engine outputs write"), self._engine.begin() as conn:
             if checkpoint is not None:
                 saved = await self._save(conn, checkpoint)
+            elif fence is not None:
+                await self._check(conn, fence)
             for table, columns, rows in (
                 ("alerts", _ALERT_COLUMNS, outputs.alerts),
                 ("window_results", _RESULT_COLUMNS, outputs.window_results),
@@ -196,6 +214,14 @@ class EngineOutputStore:
         if stored > checkpoint.lease_epoch:
             raise _stale(checkpoint.stream, checkpoint.partition, checkpoint.lease_epoch, stored)
         return False  # the same epoch, and the stored checkpoint is further on: kept
+
+    async def _check(self, conn: AsyncConnection, fence: Fence) -> None:
+        # FOR SHARE: a new owner's fence cannot be raised between this check and the commit,
+        # so no output of an owner fenced out before the commit lands after it.
+        where = {"stream": fence.stream, "partition": fence.partition}
+        stored = (await conn.execute(_FENCE_EPOCH, where)).scalar_one_or_none()
+        if stored is not None and stored > fence.lease_epoch:
+            raise _stale(fence.stream, fence.partition, fence.lease_epoch, stored)
 
     async def load_checkpoint(
         self, stream: str, partition: int, *, lease_epoch: int = 0

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.storage import registry
-from services.storage.engine_output_store import AlertRow, Checkpoint, Outputs, WindowResultRow
+from services.storage.engine_output_store import (
+    AlertRow,
+    Checkpoint,
+    Fence,
+    Outputs,
+    WindowResultRow,
+)
 from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.mesh.errors import InvalidArgument
@@ -24,6 +30,7 @@ __all__ = [
     "checkpoint",
     "checkpoint_message",
     "checkpoint_place",
+    "fence",
     "open_position",
     "position_token",
     "result_message",
@@ -131,14 +138,30 @@ def checkpoint_place(stream: str, partition: int, field: str) -> tuple[str, int]
     return stream, partition
 
 
+def _epoch(value: int, field: str) -> int:
+    if not 1 <= value <= MAX_EPOCH:
+        raise _refuse(field, f"required, 1 to {MAX_EPOCH}")
+    return value
+
+
+def fence(request: pb.StoreEngineOutputsRequest) -> Fence | None:
+    """The partition and epoch an outputs-only call is fenced by (None: not fenced)."""
+    if not request.HasField("fence"):
+        return None
+    if request.HasField("checkpoint"):
+        raise _refuse("fence", "give a checkpoint or a fence, not both (a checkpoint fences)")
+    given = request.fence
+    stream, partition = checkpoint_place(given.stream, given.partition, "fence.")
+    return Fence(stream, partition, _epoch(given.lease_epoch, "fence.lease_epoch"))
+
+
 def checkpoint(request: pb.StoreEngineOutputsRequest) -> Checkpoint | None:
     """The request's checkpoint (None without one), or InvalidArgument naming the bad part."""
     if not request.HasField("checkpoint"):
         return None
     given = request.checkpoint
     stream, partition = checkpoint_place(given.stream, given.partition, "checkpoint.")
-    if not 1 <= given.lease_epoch <= MAX_EPOCH:
-        raise _refuse("checkpoint.lease_epoch", f"required, 1 to {MAX_EPOCH}")
+    _epoch(given.lease_epoch, "checkpoint.lease_epoch")
     match = _ENTRY_ID.match(given.last_entry_id)
     if match is None or max(int(match[1]), int(match[2])) > _MAX_ENTRY_PART:
         raise _refuse("checkpoint.last_entry_id", "required, a stream entry id <ms>-<seq>")

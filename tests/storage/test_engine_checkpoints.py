@@ -301,6 +301,33 @@ async def test_load_returns_the_latest_and_never_moves_back_within_an_epoch(
     )
 
 
+async def test_outputs_without_a_checkpoint_can_be_fenced(
+    processor: Definitions, engine: AsyncEngine
+) -> None:
+    def fenced(epoch: int, tenant: str) -> pb.StoreEngineOutputsRequest:
+        message = outputs(tenant)
+        message.fence.CopyFrom(pb.PartitionFence(stream=STREAM, partition=0, lease_epoch=epoch))
+        return message
+
+    # No checkpoint yet: nothing to be stale against.
+    assert (await processor.StoreEngineOutputs(fenced(1, "t1"))).alerts_written == 3
+    await processor.LoadEngineCheckpoint(
+        pb.LoadEngineCheckpointRequest(stream=STREAM, partition=0, lease_epoch=2)
+    )
+    error = await refused(processor.StoreEngineOutputs(fenced(1, "t2")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    async with engine.connect() as conn:
+        tenants = set((await conn.execute(text("SELECT DISTINCT tenant FROM alerts"))).scalars())
+    assert tenants == {"t1"}
+    reply = await processor.StoreEngineOutputs(fenced(2, "t2"))
+    assert reply.alerts_written == 3 and not reply.checkpoint_saved
+    both = fenced(2, "t3")
+    both.checkpoint.CopyFrom(checkpoint(2, "1-0"))
+    error = await refused(processor.StoreEngineOutputs(both))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(error)[0][0] == "fence"
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -387,6 +387,7 @@ class StoreEngineOutputsRequest(_message.Message):
     WINDOW_RESULTS_FIELD_NUMBER: _builtins.int
     LATE_EVENTS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.Alert]:
         """At most 10000 items in all; each names its tenant."""
@@ -401,6 +402,12 @@ class StoreEngineOutputsRequest(_message.Message):
         partition's state holds many tenants: checkpoints are not scoped by tenant.
         """
 
+    @_builtins.property
+    def fence(self) -> Global___PartitionFence:
+        """For a call with outputs and no checkpoint (state saved less often than outputs): fenced as
+        a checkpoint is, nothing else saved. Give at most one of checkpoint and fence.
+        """
+
     def __init__(
         self,
         *,
@@ -408,14 +415,43 @@ class StoreEngineOutputsRequest(_message.Message):
         window_results: _abc.Iterable[_definitions_pb2.WindowResult] | None = ...,
         late_events: _abc.Iterable[_definitions_pb2.LateEvent] | None = ...,
         checkpoint: Global___EngineCheckpoint | None = ...,
+        fence: Global___PartitionFence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "fence", b"fence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "checkpoint", b"checkpoint", "late_events", b"late_events", "window_results", b"window_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "checkpoint", b"checkpoint", "fence", b"fence", "late_events", b"late_events", "window_results", b"window_results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreEngineOutputsRequest: _TypeAlias = StoreEngineOutputsRequest  # noqa: Y015
+
+@_typing.final
+class PartitionFence(_message.Message):
+    """PartitionFence names a partition and the caller's lease epoch on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """As in EngineCheckpoint."""
+    partition: _builtins.int
+    lease_epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_epoch", b"lease_epoch", "partition", b"partition", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionFence: _TypeAlias = PartitionFence  # noqa: Y015
 
 @_typing.final
 class StoreEngineOutputsResponse(_message.Message):

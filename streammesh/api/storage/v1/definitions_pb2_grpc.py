@@ -154,7 +154,8 @@ class DefinitionServiceServicer:
         each is written once (by its identity), so a replayed batch changes nothing. With a
         checkpoint, the partition's engine state is saved in the same transaction, fenced by the
         lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
-        FAILED_PRECONDITION and writes nothing (its sender has lost the partition).
+        FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+        without a checkpoint can be fenced the same way (`fence`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

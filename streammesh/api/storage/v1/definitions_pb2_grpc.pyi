@@ -62,7 +62,8 @@ class DefinitionServiceStub:
     each is written once (by its identity), so a replayed batch changes nothing. With a
     checkpoint, the partition's engine state is saved in the same transaction, fenced by the
     lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
-    FAILED_PRECONDITION and writes nothing (its sender has lost the partition).
+    FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+    without a checkpoint can be fenced the same way (`fence`).
     """
     LoadEngineCheckpoint: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.LoadEngineCheckpointRequest, _definitions_pb2.LoadEngineCheckpointResponse]
     """LoadEngineCheckpoint returns a partition's latest checkpoint, for the processor that takes
@@ -111,7 +112,8 @@ class DefinitionServiceAsyncStub(DefinitionServiceStub):
     each is written once (by its identity), so a replayed batch changes nothing. With a
     checkpoint, the partition's engine state is saved in the same transaction, fenced by the
     lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
-    FAILED_PRECONDITION and writes nothing (its sender has lost the partition).
+    FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+    without a checkpoint can be fenced the same way (`fence`).
     """
     LoadEngineCheckpoint: _aio.UnaryUnaryMultiCallable[_definitions_pb2.LoadEngineCheckpointRequest, _definitions_pb2.LoadEngineCheckpointResponse]  # type: ignore[assignment]
     """LoadEngineCheckpoint returns a partition's latest checkpoint, for the processor that takes
@@ -199,7 +201,8 @@ class DefinitionServiceServicer(metaclass=_abc_1.ABCMeta):
         each is written once (by its identity), so a replayed batch changes nothing. With a
         checkpoint, the partition's engine state is saved in the same transaction, fenced by the
         lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
-        FAILED_PRECONDITION and writes nothing (its sender has lost the partition).
+        FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+        without a checkpoint can be fenced the same way (`fence`).
         """
 
     @_abc_1.abstractmethod
