@@ -87,6 +87,8 @@ POLICY: dict[str, tuple[str, ...]] = {
     f"{DEFINITION_SERVICE}/ListDefinitions": ("service/gateway", "service/processor"),
     f"{DEFINITION_SERVICE}/ListDefinitionChanges": ("service/processor",),
     f"{DEFINITION_SERVICE}/StoreEngineOutputs": ("service/processor",),
+    # A processor taking a partition over loads (and fences) the partition's engine state.
+    f"{DEFINITION_SERVICE}/LoadEngineCheckpoint": ("service/processor",),
     f"{DEFINITION_SERVICE}/ListAlerts": ("service/gateway",),
     f"{DEFINITION_SERVICE}/ListWindowResults": ("service/gateway",),
 }
