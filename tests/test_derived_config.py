@@ -13,7 +13,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
 
 import streammesh.api
-from streammesh.mesh.client import MeshClientConfig, TlsFiles
+from streammesh.mesh.client import MeshClientConfig, TlsFiles, parse_targets
 from streammesh.mesh.derived_config import RetryPolicy, derive_service_config, idempotency_level
 
 SAFE = {MethodOptions.IDEMPOTENT, MethodOptions.NO_SIDE_EFFECTS}
@@ -175,6 +175,12 @@ def test_targets(targets: tuple[str, ...], expected: str, tmp_path: Any) -> None
         server_name="x", targets=targets, tls=TlsFiles(tmp_path / "ca.pem"), services=()
     )
     assert config.target == expected
+
+
+def test_parse_targets() -> None:
+    assert parse_targets(" 10.0.0.1:1, 10.0.0.2:1 ") == ("10.0.0.1:1", "10.0.0.2:1")
+    assert parse_targets("ipv4:10.0.0.1:1,10.0.0.2:1") == ("ipv4:10.0.0.1:1,10.0.0.2:1",)
+    assert parse_targets("dns:///storage:50055") == ("dns:///storage:50055",)
 
 
 @pytest.mark.parametrize(

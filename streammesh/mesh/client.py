@@ -88,7 +88,11 @@ class TlsFiles:
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
-    """`host:port`, `dns:///name:port` or a comma-separated list of replicas as a tuple."""
+    """`host:port`, `dns:///name:port` or a comma-separated list of replicas as a tuple. A
+    gRPC address list (`ipv4:a:1,b:2`) is kept whole: it is one target already."""
+    text = text.strip()
+    if text.startswith(("ipv4:", "ipv6:")):
+        return (text,)
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
@@ -145,7 +149,7 @@ class MeshClientConfig:
     timeout_seconds: float | None = None
     """Default deadline of a unary call that sets none (None: no default). Streams live as long
     as their caller wants and get none."""
-    method_timeouts: Mapping[str, float] = field(default_factory=dict)
+    method_timeouts: Mapping[str, float] = field(default_factory=dict, hash=False)
     """Deadlines per method (`pkg.Service/Method`) that differ from `timeout_seconds`."""
     health_service: str | None = ""
     """The health service name replicas are checked for ("": the first of `services`; None:
