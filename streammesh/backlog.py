@@ -13,7 +13,7 @@ pending. The counters move in the same atomic step as the stream:
 
 - ingest appends with APPEND_SCRIPT: XADD, then HINCRBY by the entry's events and batch length;
   if the XADD fails (out of memory, wrong type) the script stops before counting;
-- the processor's fenced ack (services/processor/ownership.py) XACKs one id at a time and
+- the processor's fenced ack (services/processor/source/ownership.py) XACKs one id at a time and
   subtracts the weight of exactly those ids XACK removed from the pending list (its reply is
   1). An entry acknowledged twice, reclaimed, or dead-lettered and then acknowledged is
   therefore subtracted once. The weight comes from the entry's own fields (`entry_weight`), the
@@ -28,7 +28,7 @@ Drift. A lost AOF suffix (appendfsync everysec, power loss) cannot make them dis
 streams: a script's writes reach the AOF and replicas as one MULTI/EXEC, and Redis drops an
 incomplete one at load. What can: entries appended or acknowledged around the scripts (XADD or
 XACK by hand or by an older version, XDEL, XTRIM MAXLEN, XGROUP SETID, a deleted stream), or an
-evicted counter key. The processor corrects them (services/processor/backlog.py): exactly,
+evicted counter key. The processor corrects them (services/processor/source/backlog.py): exactly,
 when it takes a partition over, and to zero whenever it sees a partition drained.
 """
 

@@ -4,6 +4,10 @@ async with GatewayClient("127.0.0.1:50051", ca_file) as client:
     await client.login("ada", password, code)
     async for ack in client.publish(batches):
         ...
+
+The connection is a mesh client (streammesh.mesh.client): round_robin over the gateway replicas
+named (`"10.0.0.1:50051,10.0.0.2:50051"` or `"dns:///gateway.example:50051"`), retries of the
+methods the protos declare safe to retry, and a default deadline for every unary call.
 """
 
 from __future__ import annotations
@@ -20,34 +24,58 @@ import grpc
 
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import (
+    admin_pb2,
     admin_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    rules_pb2,
     rules_pb2_grpc,
+    schema_registry_pb2,
     schema_registry_pb2_grpc,
 )
 from streammesh.envelope import assign_missing_ids
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 from streammesh.refusals import is_recycled, raise_if_refused
 
-__all__ = ["GatewayClient"]
+__all__ = ["GATEWAY_SERVICES", "GatewayClient", "gateway_config"]
+
+GATEWAY_SERVICES = (
+    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+    schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
+    rules_pb2.DESCRIPTOR.services_by_name["RuleService"],
+)
+"""The services of the gateway's public listener."""
+
+
+def gateway_config(
+    target: str, ca_file: Path, *, server_name: str = "gateway", timeout_seconds: float = 30.0
+) -> MeshClientConfig:
+    """The mesh client config of a connection to the gateway: TLS verified against `ca_file`
+    (no client certificate: callers authenticate with tokens), `timeout_seconds` for each
+    unary call that sets no timeout of its own."""
+    return MeshClientConfig(
+        server_name=server_name,
+        targets=parse_targets(target),
+        tls=TlsFiles(ca_file),
+        services=GATEWAY_SERVICES,
+        timeout_seconds=timeout_seconds,
+    )
 
 
 class GatewayClient:
     """TLS to the gateway (verified against `ca_file`), bearer token after login()."""
 
     def __init__(self, target: str, ca_file: Path, *, server_name: str = "gateway") -> None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
-        self._channel = grpc.aio.secure_channel(
-            target,
-            credentials,
-            options=[("grpc.ssl_target_name_override", server_name)],
-        )
-        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
-        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        mesh = MeshClient(gateway_config(target, ca_file, server_name=server_name))
+        self.mesh = mesh
+        """The connection (its channel, service config and interceptors)."""
+        self._stub = mesh.stub(gateway_pb2_grpc.GatewayServiceStub)
+        self.admin = mesh.stub(admin_pb2_grpc.AdminServiceStub)
         """AdminService stub; pass `metadata=client.bearer()` with an admin's token."""
-        self.schemas = schema_registry_pb2_grpc.SchemaRegistryServiceStub(self._channel)
+        self.schemas = mesh.stub(schema_registry_pb2_grpc.SchemaRegistryServiceStub)
         """SchemaRegistryService stub; pass `metadata=client.bearer()`."""
-        self.rules = rules_pb2_grpc.RuleServiceStub(self._channel)
+        self.rules = mesh.stub(rules_pb2_grpc.RuleServiceStub)
         """RuleService stub (rules, windows, alerts, window results); pass `metadata=client.bearer()`."""
         self.access_token = ""
         self.refresh_token = ""
@@ -63,7 +91,7 @@ class GatewayClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._channel.close()
+        await self.mesh.close()
 
     def bearer(self) -> tuple[tuple[str, str], ...]:
         """Call metadata carrying the access token (empty before login)."""
@@ -74,7 +102,7 @@ class GatewayClient:
 
     async def register(self, username: str, password: str) -> str:
         reply = await self._stub.Register(
-            gateway_pb2.RegisterRequest(username=username, password=password), timeout=30
+            gateway_pb2.RegisterRequest(username=username, password=password)
         )
         return str(reply.user_id)
 
@@ -86,7 +114,6 @@ class GatewayClient:
             gateway_pb2.BeginTotpEnrollmentRequest(
                 username=username, password=password, tenant=tenant
             ),
-            timeout=30,
         )
         return reply
 
@@ -98,7 +125,6 @@ class GatewayClient:
             gateway_pb2.ConfirmTotpEnrollmentRequest(
                 username=username, password=password, code=code, tenant=tenant
             ),
-            timeout=30,
         )
         return list(reply.recovery_codes)
 
@@ -107,7 +133,6 @@ class GatewayClient:
         with complete_login()."""
         reply = await self._stub.StartLogin(
             gateway_pb2.StartLoginRequest(username=username, password=password, tenant=tenant),
-            timeout=30,
         )
         return str(reply.challenge)
 
@@ -120,9 +145,7 @@ class GatewayClient:
             request.recovery_code = recovery_code
         else:
             request.totp_code = totp_code
-        reply: gateway_pb2.CompleteLoginResponse = await self._stub.CompleteLogin(
-            request, timeout=30
-        )
+        reply: gateway_pb2.CompleteLoginResponse = await self._stub.CompleteLogin(request)
         self._keep(reply.tokens)
         return reply.tokens
 
@@ -136,15 +159,13 @@ class GatewayClient:
     async def refresh(self) -> gateway_pb2.SessionTokens:
         """Spend the refresh token for new tokens (the old refresh token stops working)."""
         reply: gateway_pb2.RefreshSessionResponse = await self._stub.RefreshSession(
-            gateway_pb2.RefreshSessionRequest(refresh_token=self.refresh_token), timeout=30
+            gateway_pb2.RefreshSessionRequest(refresh_token=self.refresh_token)
         )
         self._keep(reply.tokens)
         return reply.tokens
 
     async def logout(self) -> None:
-        await self._stub.Logout(
-            gateway_pb2.LogoutRequest(refresh_token=self.refresh_token), timeout=30
-        )
+        await self._stub.Logout(gateway_pb2.LogoutRequest(refresh_token=self.refresh_token))
         self.access_token = self.refresh_token = ""
 
     def _keep(self, tokens: gateway_pb2.SessionTokens) -> None:
@@ -186,25 +207,49 @@ class GatewayClient:
         self, events: Sequence[event_pb2.Event]
     ) -> gateway_pb2.PublishBatchResponse:
         reply: gateway_pb2.PublishBatchResponse = await self._stub.PublishBatch(
-            gateway_pb2.PublishBatchRequest(events=events), metadata=self._auth(), timeout=30
+            gateway_pb2.PublishBatchRequest(events=events), metadata=self._auth()
         )
         return reply
 
-    async def count(self, event_filter: event_pb2.EventFilter) -> int:
+    async def count(
+        self, event_filter: event_pb2.EventFilter, *, filter_expression: str = ""
+    ) -> int:
+        """How many stored events match the filter and the AIP-160 `filter_expression`."""
         reply = await self._stub.CountEvents(
-            gateway_pb2.CountEventsRequest(filter=event_filter), metadata=self._auth(), timeout=30
+            gateway_pb2.CountEventsRequest(
+                filter=event_filter, filter_expression=filter_expression
+            ),
+            metadata=self._auth(),
         )
         return int(reply.count)
 
     async def query(
-        self, event_filter: event_pb2.EventFilter, *, page_size: int = 100, page_token: str = ""
+        self,
+        event_filter: event_pb2.EventFilter,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        filter_expression: str = "",
     ) -> gateway_pb2.QueryEventsResponse:
+        """One page of matching events; pass its next_page_token (with the same filter) for
+        the next."""
         reply: gateway_pb2.QueryEventsResponse = await self._stub.QueryEvents(
             gateway_pb2.QueryEventsRequest(
-                filter=event_filter, page_size=page_size, page_token=page_token
+                filter=event_filter,
+                page_size=page_size,
+                page_token=page_token,
+                filter_expression=filter_expression,
             ),
             metadata=self._auth(),
-            timeout=30,
+        )
+        return reply
+
+    async def aggregate(
+        self, request: gateway_pb2.AggregateEventsRequest
+    ) -> gateway_pb2.AggregateEventsResponse:
+        """Count (and sum/min/max/avg of a numeric payload field) per key or type."""
+        reply: gateway_pb2.AggregateEventsResponse = await self._stub.AggregateEvents(
+            request, metadata=self._auth(), timeout=60
         )
         return reply
 

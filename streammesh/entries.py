@@ -24,6 +24,7 @@ from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD
 
 __all__ = [
+    "Entry",
     "QueuedBody",
     "columns_agree",
     "columns_tenant",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+"""A stream entry as XREADGROUP returns it: id and fields (None once deleted)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ Keys under the stream prefix `<prefix>` (default `streammesh:events`):
   "<failures>:<first failure ms>"; removed with the entry's XACK).
 
 Members and leases belong to the processor's ownership protocol
-(`services/processor/ownership.py`), attempts to its dead-letter policy
-(`services/processor/dead_letters.py`).
+(`services/processor/source/ownership.py`), attempts to its dead-letter policy
+(`services/processor/delivery/dead_letters.py`).
 """
 
 from __future__ import annotations

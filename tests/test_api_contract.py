@@ -156,6 +156,8 @@ RELAYED = [
     (gateway_pb2.QueryEventsResponse, storage_pb2.QueryEventsResponse),
     (gateway_pb2.CountEventsRequest, storage_pb2.CountEventsRequest),
     (gateway_pb2.CountEventsResponse, storage_pb2.CountEventsResponse),
+    (gateway_pb2.AggregateEventsRequest, storage_pb2.AggregateEventsRequest),
+    (gateway_pb2.AggregateEventsResponse, storage_pb2.AggregateEventsResponse),
     *(
         (getattr(admin_pb2, f"{method.name}{kind}"), getattr(auth_pb2, f"{method.name}{kind}"))
         for method in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods

@@ -7,9 +7,9 @@ Auth decides from its own rows, not from the token's roles: the gateway names th
 user's roles and state, so a demoted or disabled admin loses the power at once.
 
 A call from the gateway without a tenant comes from a gateway that predates tenants (a rolling
-upgrade): such a gateway lets only the `admin` role reach administration, so its caller is a
-platform admin, as it was before tenants existed. A current gateway names the tenant on every
-call it makes for a verified caller.
+upgrade), whose users all live in "default": its caller is looked up there and must hold the
+role itself, as for any other call. The missing entry grants nothing (default deny); a current
+gateway names the tenant on every call it makes for a verified caller.
 
 Another tenant, and a tenant that does not exist, look the same to a tenant admin: NOT_FOUND
 "no such tenant" (audited with the same reason), so it cannot learn which tenants exist.
@@ -53,11 +53,10 @@ async def scope_of(origin: Origin, store: AuthStore) -> Scope:
     """The scope of the administrator `origin` names; PERMISSION_DENIED for anyone else."""
     if origin.actor.startswith("operator:"):
         return Scope(origin.tenant or DEFAULT_TENANT, platform=True)
-    if origin.tenant is None:
-        # Only the gateway's metadata can make an origin: see the module docstring.
-        return Scope(DEFAULT_TENANT, platform=True)
+    # No tenant: a gateway that predates tenants (see the module docstring).
+    tenant = origin.tenant or DEFAULT_TENANT
     kind, _, username = origin.actor.partition(":")
-    user = await store.get_user(username, tenant=origin.tenant) if kind == "user" else None
+    user = await store.get_user(username, tenant=tenant) if kind == "user" else None
     if user is not None and not user.disabled and not user.tenant_disabled:
         if PLATFORM_ADMIN in user.roles and user.tenant == DEFAULT_TENANT:
             return Scope(user.tenant, platform=True)

@@ -89,6 +89,7 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{GATEWAY}/PublishBatch": roles("producer"),
     f"{GATEWAY}/QueryEvents": roles("analyst"),
     f"{GATEWAY}/CountEvents": roles("analyst"),
+    f"{GATEWAY}/AggregateEvents": roles("analyst"),
     # Public keys, for resource servers outside the mesh; served from the gateway's key cache,
     # so anonymous callers cannot make it fetch from auth more often than it does anyway.
     f"{GATEWAY}/GetJwks": PUBLIC,

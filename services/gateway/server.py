@@ -34,6 +34,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.client import TlsFiles
 from streammesh.mesh.startup import load_tls, run_service
 
 __all__ = [
@@ -154,7 +155,10 @@ def create_server(
 
 
 async def serve(settings: GatewaySettings) -> None:
-    upstreams = Upstreams(settings, load_tls(settings.tls_dir, "gateway"))
+    # Read once here so that missing or unreadable material is a StartupError, not a traceback;
+    # the mesh clients read the files again when they build their channels.
+    load_tls(settings.tls_dir, "gateway")
+    upstreams = Upstreams(settings, TlsFiles.of(settings.tls_dir, "gateway"))
     audit = create_audit_trail(settings, upstreams)
     revocations, follower = create_revocation_follower(settings, upstreams)
     follower.start()

@@ -13,11 +13,12 @@ The gateway's calls for itself (JWKS, the revocation feed, the audit trail) name
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from services.gateway.settings import GatewaySettings
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -30,8 +31,7 @@ from streammesh.api.storage.v1 import (
     storage_pb2,
     storage_pb2_grpc,
 )
-from streammesh.mesh import TlsMaterial, create_channel, service_config
-from streammesh.mesh.channel import unary_methods
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 from streammesh.mesh.errors import from_rpc_error
 from streammesh.mesh.tenancy import tenant_metadata
 
@@ -48,16 +48,11 @@ __all__ = [
     "upstream_errors",
 ]
 
-_DESCRIPTORS = {
-    d.full_name: d
-    for d in (
-        auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
-        ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
-        storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
-        schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
-        definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
-    )
-}
+AUTH = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
+INGEST = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
+STORAGE = storage_pb2.DESCRIPTOR.services_by_name["StorageService"]
+REGISTRY = schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"]
+DEFINITIONS = definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"]
 
 ACTOR_HEADER = "x-streammesh-actor"
 SOURCE_HEADER = "x-streammesh-source"
@@ -109,92 +104,48 @@ def upstream_errors(service: str) -> Iterator[None]:
 
 
 class Upstreams:
-    """One channel per internal service; each balances over that service's replicas."""
+    """One mesh client per internal service; each balances over that service's replicas and
+    retries what the protos declare safe to retry (streammesh.mesh.derived_config)."""
 
-    def __init__(self, settings: GatewaySettings, tls: TlsMaterial) -> None:
-        timeout = settings.upstream_timeout_seconds
-        self._audit_timeout = settings.audit_timeout_seconds
-
-        def channel(target: str, name: str, service: str, retry: Sequence[str]) -> grpc.aio.Channel:
-            descriptor = _DESCRIPTORS[service]
-            config = service_config(
-                service,
-                retry_methods=retry,
-                unary_methods=unary_methods(descriptor),
-                timeout_seconds=timeout,
+    def __init__(self, settings: GatewaySettings, tls: TlsFiles) -> None:
+        def client(
+            target: str,
+            name: str,
+            services: tuple[ServiceDescriptor, ...],
+            method_timeouts: dict[str, float] | None = None,
+        ) -> MeshClient:
+            return MeshClient(
+                MeshClientConfig(
+                    server_name=name,
+                    targets=parse_targets(target),
+                    tls=tls,
+                    services=services,
+                    timeout_seconds=settings.upstream_timeout_seconds,
+                    method_timeouts=method_timeouts or {},
+                    max_message_bytes=settings.max_message_bytes,
+                )
             )
-            return create_channel(
-                target,
-                tls,
-                server_name=name,
-                config=config,
-                max_message_bytes=settings.max_message_bytes,
-            )
 
-        # Only idempotent calls are retried: publishing is (event ids), reads and JWKS are;
-        # MarkDeadLetterReplayed is not (it counts replays).
-        self._channels = [
-            channel(
+        self.clients = (
+            client(
                 settings.auth_target,
                 "auth",
-                "streammesh.auth.v1.AuthService",
-                [
-                    "GetJwks",
-                    "ListUsers",
-                    "ListSigningKeys",
-                    "ListAuditEvents",
-                    "ListTenants",
-                    "GetTenant",
-                ],
+                (AUTH,),
+                # An audit event waits in a bounded queue behind this call: a slow auth must
+                # not hold it for the default upstream timeout.
+                {f"{AUTH.full_name}/RecordAuditEvent": settings.audit_timeout_seconds},
             ),
-            channel(
-                settings.ingest_target,
-                "ingest",
-                "streammesh.ingest.v1.IngestService",
-                ["PublishBatch"],
-            ),
-            channel(
-                settings.storage_target,
-                "storage",
-                "streammesh.storage.v1.StorageService",
-                ["QueryEvents", "CountEvents", "ListDeadLetters", "GetDeadLetter"],
-            ),
-            # Registering is idempotent too (the same document returns its version).
-            channel(
-                settings.storage_target,
-                "storage",
-                "streammesh.storage.v1.SchemaRegistryService",
-                [
-                    "RegisterSchema",
-                    "CheckCompatibility",
-                    "GetSchema",
-                    "ListSubjects",
-                    "ListSchemaVersions",
-                    "SetCompatibility",
-                    "GetSchemaPolicy",
-                    "SetSchemaPolicy",
-                ],
-            ),
-            # Creating and updating are not retried: a lost reply would add a second version
-            # (or answer ALREADY_EXISTS); enabling is (the same value again writes nothing).
-            channel(
-                settings.storage_target,
-                "storage",
-                "streammesh.storage.v1.DefinitionService",
-                [
-                    "SetDefinitionEnabled",
-                    "GetDefinition",
-                    "ListDefinitions",
-                    "ListAlerts",
-                    "ListWindowResults",
-                ],
-            ),
-        ]
-        self.auth = auth_pb2_grpc.AuthServiceStub(self._channels[0])
-        self.ingest = ingest_pb2_grpc.IngestServiceStub(self._channels[1])
-        self.storage = storage_pb2_grpc.StorageServiceStub(self._channels[2])
-        self.registry = schema_registry_pb2_grpc.SchemaRegistryServiceStub(self._channels[3])
-        self.definitions = definitions_pb2_grpc.DefinitionServiceStub(self._channels[4])
+            client(settings.ingest_target, "ingest", (INGEST,)),
+            # One channel to storage's replicas for the three services they host.
+            client(settings.storage_target, "storage", (STORAGE, REGISTRY, DEFINITIONS)),
+        )
+        """The mesh clients to auth, ingest and storage."""
+        auth, ingest, storage = self.clients
+        self.auth = auth.stub(auth_pb2_grpc.AuthServiceStub)
+        self.ingest = ingest.stub(ingest_pb2_grpc.IngestServiceStub)
+        self.storage = storage.stub(storage_pb2_grpc.StorageServiceStub)
+        self.registry = storage.stub(schema_registry_pb2_grpc.SchemaRegistryServiceStub)
+        self.definitions = storage.stub(definitions_pb2_grpc.DefinitionServiceStub)
 
     async def fetch_jwks(self) -> list[auth_pb2.JsonWebKey]:
         """Auth's published keys. Fetched for every client at once, so on the gateway's own
@@ -225,10 +176,9 @@ class Upstreams:
         or cannot be reached (the audit trail counts it as dropped)."""
         await self.auth.RecordAuditEvent(
             auth_pb2.RecordAuditEventRequest(event=event),
-            timeout=self._audit_timeout,
             metadata=caller_metadata(event.actor or ANONYMOUS, event.source),
         )
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        for client in self.clients:
+            await client.close()

@@ -26,7 +26,7 @@ batch into an empty queue. Redis memory for the queue is then at most
     (max_bytes + partitions x (trim_after_bytes + one read)) x overhead
 above Redis's own baseline: acknowledged entries stay until their partition is trimmed, which
 the processor does after `trim_after_bytes` acknowledged bytes (default 2 MiB) or a read of
-`read_count` entries more (services/processor/worker.py); the overhead of a stream per batch
+`read_count` entries more (services/processor/source/partitions.py); the overhead of a stream per batch
 byte is at most 1.2 for entries of 2 kB or more (1.3 at 500 B; MEMORY USAGE, printed by
 tests/ingest/test_backpressure.py). With the defaults (32 MiB, 8 partitions) and entries of
 about 40 kB (a read of 32 is 1.3 MB; the bench's are about 30 kB) that is

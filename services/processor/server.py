@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from services.processor.delivery.storage_client import StorageWriter
 from services.processor.service import ProcessorServicer
 from services.processor.settings import ProcessorSettings
-from services.processor.storage_client import StorageWriter
 from services.processor.worker import StreamWorker, WorkerConfig
 from streammesh.api.processor.v1 import processor_pb2, processor_pb2_grpc
 from streammesh.mesh import (

@@ -28,7 +28,12 @@ class ProcessorSettings(ServiceSettings):
         description="this worker's consumer name; unique per replica; default <hostname>-<pid>",
     )
     storage_target: str = Field("127.0.0.1:50055", description="storage replicas (host:port,...)")
-    read_count: int = Field(32, ge=1, description="entries per partition per read")
+    read_count: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="entries per partition per read (bounded: a read is held in memory)",
+    )
     store_max_events: int = Field(
         2000, ge=1, le=10_000, description="events per StoreEvents call (consecutive entries)"
     )

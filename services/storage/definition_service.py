@@ -159,9 +159,33 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
     async def StoreEngineOutputs(
         self, request: pb.StoreEngineOutputsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StoreEngineOutputsResponse:
-        alerts, results, late = await self._outputs.store(engine_outputs.rows(request))
+        outputs = engine_outputs.rows(request)
+        checkpoint = engine_outputs.checkpoint(request)
+        fence = engine_outputs.fence(request)
+        alerts, results, late, saved = await self._outputs.store(outputs, checkpoint, fence)
         return pb.StoreEngineOutputsResponse(
-            alerts_written=alerts, window_results_written=results, late_events_written=late
+            alerts_written=alerts,
+            window_results_written=results,
+            late_events_written=late,
+            checkpoint_saved=saved,
+        )
+
+    async def LoadEngineCheckpoint(
+        self, request: pb.LoadEngineCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadEngineCheckpointResponse:
+        stream, partition = engine_outputs.checkpoint_place(request.stream, request.partition, "")
+        if request.lease_epoch > engine_outputs.MAX_EPOCH:
+            raise InvalidArgument(
+                f"lease_epoch: at most {engine_outputs.MAX_EPOCH}",
+                field_violations=[("lease_epoch", f"at most {engine_outputs.MAX_EPOCH}")],
+            )
+        saved = await self._outputs.load_checkpoint(
+            stream, partition, lease_epoch=request.lease_epoch
+        )
+        if saved is None:
+            return pb.LoadEngineCheckpointResponse(found=False)
+        return pb.LoadEngineCheckpointResponse(
+            found=True, checkpoint=engine_outputs.checkpoint_message(saved)
         )
 
     async def ListAlerts(

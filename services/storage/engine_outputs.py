@@ -5,20 +5,32 @@ of stored rows, and the listings' keyset page tokens."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from services.storage import registry
-from services.storage.engine_output_store import AlertRow, Outputs, WindowResultRow
+from services.storage.engine_output_store import (
+    AlertRow,
+    Checkpoint,
+    Fence,
+    Outputs,
+    WindowResultRow,
+)
 from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = [
     "ALERT_POSITION",
+    "MAX_EPOCH",
     "MAX_OUTPUTS",
     "RESULT_POSITION",
     "alert_message",
+    "checkpoint",
+    "checkpoint_message",
+    "checkpoint_place",
+    "fence",
     "open_position",
     "position_token",
     "result_message",
@@ -28,6 +40,11 @@ __all__ = [
 MAX_OUTPUTS = 10_000
 """Items (alerts, results and late events together) in one StoreEngineOutputs call."""
 _SOURCES = {common.DEFINITION_KIND_RULE: "rule", common.DEFINITION_KIND_WINDOW: "window"}
+_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_MAX_STREAM_CHARS = 256
+_MAX_PARTITION = 2**31 - 1
+MAX_EPOCH = 2**63 - 1
+_MAX_ENTRY_PART = 2**64 - 1
 
 
 def _refuse(field: str, problem: str) -> InvalidArgument:
@@ -110,6 +127,65 @@ def rows(request: pb.StoreEngineOutputsRequest) -> Outputs:
             }
         )
     return outputs
+
+
+def checkpoint_place(stream: str, partition: int, field: str) -> tuple[str, int]:
+    """A checkpoint's (stream, partition), or InvalidArgument naming the bad part."""
+    if not stream or "\x00" in stream or len(stream) > _MAX_STREAM_CHARS:
+        raise _refuse(f"{field}stream", f"required, at most {_MAX_STREAM_CHARS} characters, no NUL")
+    if partition > _MAX_PARTITION:
+        raise _refuse(f"{field}partition", f"at most {_MAX_PARTITION}")
+    return stream, partition
+
+
+def _epoch(value: int, field: str) -> int:
+    if not 1 <= value <= MAX_EPOCH:
+        raise _refuse(field, f"required, 1 to {MAX_EPOCH}")
+    return value
+
+
+def fence(request: pb.StoreEngineOutputsRequest) -> Fence | None:
+    """The partition and epoch an outputs-only call is fenced by (None: not fenced)."""
+    if not request.HasField("fence"):
+        return None
+    if request.HasField("checkpoint"):
+        raise _refuse("fence", "give a checkpoint or a fence, not both (a checkpoint fences)")
+    given = request.fence
+    stream, partition = checkpoint_place(given.stream, given.partition, "fence.")
+    return Fence(stream, partition, _epoch(given.lease_epoch, "fence.lease_epoch"))
+
+
+def checkpoint(request: pb.StoreEngineOutputsRequest) -> Checkpoint | None:
+    """The request's checkpoint (None without one), or InvalidArgument naming the bad part."""
+    if not request.HasField("checkpoint"):
+        return None
+    given = request.checkpoint
+    stream, partition = checkpoint_place(given.stream, given.partition, "checkpoint.")
+    _epoch(given.lease_epoch, "checkpoint.lease_epoch")
+    match = _ENTRY_ID.match(given.last_entry_id)
+    if match is None or max(int(match[1]), int(match[2])) > _MAX_ENTRY_PART:
+        raise _refuse("checkpoint.last_entry_id", "required, a stream entry id <ms>-<seq>")
+    return Checkpoint(
+        stream,
+        partition,
+        given.lease_epoch,
+        given.last_entry_id,
+        (int(match[1]), int(match[2])),
+        given.snapshot,
+    )
+
+
+def checkpoint_message(saved: Checkpoint) -> pb.EngineCheckpoint:
+    message = pb.EngineCheckpoint(
+        stream=saved.stream,
+        partition=saved.partition,
+        lease_epoch=saved.lease_epoch,
+        last_entry_id=saved.last_entry_id,
+        snapshot=saved.snapshot,
+    )
+    if saved.saved_at is not None:
+        message.save_time.FromDatetime(saved.saved_at)
+    return message
 
 
 def alert_message(row: AlertRow) -> common.Alert:

@@ -1,17 +1,14 @@
-"""Opaque keyset page tokens: urlsafe base64 of `{"s": position, "f": filter_hash}`, where the
-position is the last seq of an events page or the last id of a dead-letters page.
+"""Page-token scopes and the unkeyed dead-letter tokens.
 
-The hash ties a token to the filter it was issued for, so a client cannot carry a position from
-one filter into another and silently skip or repeat events. Tokens are not secret: forging one
-only moves the caller's own cursor over data it may read anyway.
+QueryEvents pages with streammesh.mesh.paging.PageTokens (HMAC, bound to the principal too)
+over `event_page_scope`; services.storage.queries.PAGING_GUARANTEE says what its keyset on seq
+guarantees while writers commit.
 
-Superseded: the query API of issue 9 pages with streammesh.mesh.paging.PageTokens (HMAC, bound
-to the principal too) over `event_page_scope`; the unkeyed tokens below stay until QueryEvents
-and ListDeadLetters are wired to it, then go.
-
-Caveat: seq is drawn when a row is inserted, not when its transaction commits, so a reader paging
-while writers commit may pass a seq whose row becomes visible later. Paging history is exact;
-tailing live data this way can skip rows (live delivery belongs to the subscription path).
+ListDeadLetters still uses the older unkeyed tokens: urlsafe base64 of `{"s": position, "f":
+scope}`, the position the last id of a page and the scope a fingerprint of the filter, which
+ties a token to the filter it was issued for. They are not secret: forging one only moves an
+admin's own cursor over data it may read anyway. They go when ListDeadLetters moves to
+PageTokens.
 """
 
 from __future__ import annotations
@@ -22,18 +19,14 @@ import hashlib
 import json
 from collections.abc import Iterable
 
-from services.storage.store import EventQuery
-from services.storage.times import TimeBound, unix_micros
+from services.storage.times import TimeBound
 
 __all__ = [
     "MAX_TOKEN_CHARS",
     "dead_letter_scope",
-    "decode_page_token",
     "decode_position",
-    "encode_page_token",
     "encode_position",
     "event_page_scope",
-    "filter_hash",
 ]
 
 MAX_TOKEN_CHARS = 256
@@ -41,24 +34,6 @@ MAX_TOKEN_CHARS = 256
 
 
 _MAX_SEQ = 2**63 - 1
-
-
-def _instant(value: TimeBound | None) -> int | list[int] | None:
-    # Unix microseconds, as tokens issued before nanosecond bounds existed; [micros, nanos]
-    # only when a bound has nanoseconds below its microsecond.
-    if value is None:
-        return None
-    micros, nanos = value
-    return [unix_micros(micros), nanos] if nanos else unix_micros(micros)
-
-
-def filter_hash(query: EventQuery) -> str:
-    """A short, stable fingerprint of the filter (keys as a set, times to the nanosecond)."""
-    canonical = json.dumps(
-        [sorted(set(query.keys)), query.type, _instant(query.start_time), _instant(query.end_time)],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def event_page_scope(
@@ -89,17 +64,6 @@ def dead_letter_scope(partition: int | None, replayed: bool | None) -> str:
     """The fingerprint of a dead-letter filter (partition, replayed state)."""
     canonical = json.dumps(["dead_letters", partition, replayed], separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def encode_page_token(last_seq: int, query: EventQuery) -> str:
-    """The token that continues after `last_seq` under the same filter."""
-    return encode_position(last_seq, filter_hash(query))
-
-
-def decode_page_token(token: str, query: EventQuery) -> int:
-    """The seq to continue after; ValueError (with a client-facing reason) when the token does
-    not decode or was issued for another filter."""
-    return decode_position(token, filter_hash(query))
 
 
 def encode_position(position: int, scope: str) -> str:

@@ -11,6 +11,7 @@ INVALID_ARGUMENT everywhere in this API.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -43,8 +44,12 @@ class SchemaRegistryServicer(pb_grpc.SchemaRegistryServiceServicer):
         event_type = registry.checked_event_type(request.event_type)
         document = registry.parse_document(request.schema_json)
 
-        def decide(mode: str, previous: Sequence[VersionRow]) -> None:
-            report = registry.compatibility_report(document, CompatibilityMode(mode), previous)
+        async def decide(mode: str, previous: Sequence[VersionRow]) -> None:
+            # The check can take a second of CPU on a large schema history: off the event
+            # loop, so the storage replica keeps serving StoreEvents meanwhile.
+            report = await asyncio.to_thread(
+                registry.compatibility_report, document, CompatibilityMode(mode), previous
+            )
             if not report.compatible:
                 raise registry.incompatible(report)
 
@@ -71,8 +76,8 @@ class SchemaRegistryServicer(pb_grpc.SchemaRegistryServiceServicer):
         subject = await self._store.subject(tenant, event_type)
         versions = await self._store.versions(tenant, event_type) if subject else []
         mode = asked or (CompatibilityMode(subject.compatibility) if subject else None)
-        report = registry.compatibility_report(
-            document, mode or CompatibilityMode.BACKWARD, versions
+        report = await asyncio.to_thread(
+            registry.compatibility_report, document, mode or CompatibilityMode.BACKWARD, versions
         )
         same = [v.version for v in versions if v.fingerprint == document.fingerprint]
         return pb.CheckCompatibilityResponse(

@@ -11,7 +11,7 @@ the other committed, so a version is never checked against a stale history.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,9 +75,9 @@ async def _record_change(conn: AsyncConnection, tenant: str, event_type: str) ->
     )
 
 
-Decide = Callable[[str, Sequence[VersionRow]], None]
+Decide = Callable[[str, Sequence[VersionRow]], Awaitable[None]]
 """Called with the subject's mode and its versions (oldest first) before a new version is
-written; raises to refuse it."""
+written, and awaited; raises to refuse it."""
 
 
 class RegistryStore:
@@ -163,7 +163,7 @@ class RegistryStore:
             for existing in previous:
                 if existing.fingerprint == fingerprint:
                     return existing, False, subject.compatibility
-            decide(subject.compatibility, previous)
+            await decide(subject.compatibility, previous)
             number = subject.latest_version + 1
             created = (
                 (

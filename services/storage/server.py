@@ -11,6 +11,8 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.queries import EventQueries, QueryBounds
+from services.storage.query_api import QueryApi, page_tokens
 from services.storage.registry_service import SchemaRegistryServicer
 from services.storage.registry_store import RegistryStore
 from services.storage.service import Limits, StorageServicer
@@ -57,6 +59,7 @@ POLICY: dict[str, tuple[str, ...]] = {
     # Reads reach storage through the gateway, which has already checked the user's token.
     f"{SERVICE}/QueryEvents": ("service/gateway",),
     f"{SERVICE}/CountEvents": ("service/gateway",),
+    f"{SERVICE}/AggregateEvents": ("service/gateway",),
     # The processor records a dead letter before it acknowledges the entry; admins read and
     # replay dead letters through the gateway (which checked the admin role).
     f"{SERVICE}/StoreDeadLetter": ("service/processor",),
@@ -84,6 +87,8 @@ POLICY: dict[str, tuple[str, ...]] = {
     f"{DEFINITION_SERVICE}/ListDefinitions": ("service/gateway", "service/processor"),
     f"{DEFINITION_SERVICE}/ListDefinitionChanges": ("service/processor",),
     f"{DEFINITION_SERVICE}/StoreEngineOutputs": ("service/processor",),
+    # A processor taking a partition over loads (and fences) the partition's engine state.
+    f"{DEFINITION_SERVICE}/LoadEngineCheckpoint": ("service/processor",),
     f"{DEFINITION_SERVICE}/ListAlerts": ("service/gateway",),
     f"{DEFINITION_SERVICE}/ListWindowResults": ("service/gateway",),
 }
@@ -128,6 +133,21 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             EventStore(deps.pool),
             limits,
             DeadLetterStore(deps.engine),
+            QueryApi(
+                EventQueries(
+                    deps.pool,
+                    QueryBounds(
+                        statement_timeout_ms=settings.query_timeout_ms,
+                        max_rows=settings.query_max_rows,
+                    ),
+                ),
+                page_tokens(
+                    settings.page_token_secret_file,
+                    max_age_seconds=settings.page_token_max_age_seconds,
+                ),
+                limits,
+                trust_domain=settings.trust_domain,
+            ),
             trust_domain=settings.trust_domain,
         ),
     )

@@ -1,4 +1,5 @@
-"""The StorageService handlers: validate requests, translate protobuf <-> store rows, page.
+"""The StorageService handlers: validate requests, translate protobuf <-> store rows, page
+(the query calls are services.storage.query_api's).
 
 Anything the database would refuse (NUL characters, out-of-range timestamps or partitions,
 oversized strings) is refused here as INVALID_ARGUMENT with field violations, so bad input never
@@ -8,85 +9,43 @@ UNAVAILABLE, which the store raises for database outages.
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 
 from services.storage import dead_letters
-from services.storage.batch import (
-    Limits,
-    Violations,
-    batch_columns,
-    checked_time,
-    queued_columns,
-    row_partitions,
-)
+from services.storage.batch import Limits, batch_columns, queued_columns, row_partitions
 from services.storage.dead_letter_store import DeadLetterStore
-from services.storage.paging import (
-    dead_letter_scope,
-    decode_page_token,
-    decode_position,
-    encode_page_token,
-    encode_position,
-)
-from services.storage.rows import stored_event
-from services.storage.store import EventQuery, EventStore
-from streammesh.api.common.v1 import event_pb2
+from services.storage.paging import dead_letter_scope, decode_position, encode_position
+from services.storage.query_api import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, QueryApi
+from services.storage.store import EventStore
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
 from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
 
-log = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 100
-"""Page size when the request leaves it 0."""
-MAX_PAGE_SIZE = 1000
-"""Largest page a client may ask for."""
-# Framing of one repeated element (tag + length varint), counted against the response budget.
-_ELEMENT_OVERHEAD = 8
-
-
-def _query(event_filter: event_pb2.EventFilter, limits: Limits, tenant: str) -> EventQuery:
-    problems = Violations()
-    if len(event_filter.keys) > limits.max_filter_keys:
-        problems.add("filter.keys", f"more than {limits.max_filter_keys} keys")
-    else:
-        for index, key in enumerate(event_filter.keys):
-            problems.text(f"filter.keys[{index}]", key, limits.max_text_chars)
-    problems.text("filter.type", event_filter.type, limits.max_text_chars)
-    start = end = None
-    if event_filter.HasField("start_time"):
-        start = checked_time(event_filter.start_time, "filter.start_time", problems)
-    if event_filter.HasField("end_time"):
-        end = checked_time(event_filter.end_time, "filter.end_time", problems)
-    if start is not None and end is not None and end < start:
-        problems.add("filter.end_time", "before start_time")
-    problems.raise_if_any()
-    return EventQuery(
-        tenant=tenant,
-        keys=tuple(sorted(set(event_filter.keys))),
-        type=event_filter.type,
-        start_time=start,
-        end_time=end,
-    )
-
 
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Handlers of streammesh.storage.v1.StorageService over an EventStore."""
 
     def __init__(
-        self, store: EventStore, limits: Limits, dead: DeadLetterStore, *, trust_domain: str
+        self,
+        store: EventStore,
+        limits: Limits,
+        dead: DeadLetterStore,
+        queries: QueryApi,
+        *,
+        trust_domain: str,
     ) -> None:
         self._store = store
         self._limits = limits
         self._dead = dead
+        self._queries = queries
         self._trust_domain = trust_domain
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        """The tenant the gateway names for the caller (x-streammesh-tenant), which every read
-        is scoped to; "default" for a call that names none (an operator's own tools)."""
+        """The tenant the gateway names for the caller (x-streammesh-tenant), which every
+        dead-letter read is scoped to; "default" for a call that names none (an operator's own
+        tools)."""
         return caller_tenant(context, trust_domain=self._trust_domain) or DEFAULT_TENANT
 
     async def StoreEvents(
@@ -119,46 +78,19 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.QueryEventsResponse:
         """One page of matching events in seq order, and the token for the next page."""
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})",
-                field_violations=[("page_size", f"{request.page_size} is out of range")],
-            )
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        query = _query(request.filter, self._limits, self._tenant(context))
-        after_seq = 0
-        if request.page_token:
-            try:
-                after_seq = decode_page_token(request.page_token, query)
-            except ValueError as error:
-                raise InvalidArgument(
-                    f"invalid page_token: {error}", field_violations=[("page_token", str(error))]
-                ) from error
-        # One row beyond the page tells whether another page exists without a second query.
-        rows = await self._store.query(query, after_seq=after_seq, limit=page_size + 1)
-        response = storage_pb2.QueryEventsResponse()
-        budget = self._limits.max_response_bytes
-        odd: list[str] = []
-        for row in rows[:page_size]:
-            stored, problems = stored_event(row)
-            budget -= stored.ByteSize() + _ELEMENT_OVERHEAD
-            if budget < 0 and response.events:
-                break
-            response.events.append(stored)
-            if problems:
-                odd.append(f"{row.id!r} (seq {row.seq}): {'; '.join(problems)}")
-        if odd:
-            log.warning("rendered %d stored row(s) the API cannot carry: %s", len(odd), odd[:5])
-        if len(rows) > len(response.events):
-            response.next_page_token = encode_page_token(response.events[-1].sequence, query)
-        return response
+        return await self._queries.query_events(request, context)
 
     async def CountEvents(
         self, request: storage_pb2.CountEventsRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.CountEventsResponse:
         """How many stored events match the filter."""
-        query = _query(request.filter, self._limits, self._tenant(context))
-        return storage_pb2.CountEventsResponse(count=await self._store.count(query))
+        return await self._queries.count_events(request, context)
+
+    async def AggregateEvents(
+        self, request: storage_pb2.AggregateEventsRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.AggregateEventsResponse:
+        """Count, and sum/min/max/avg of a numeric payload field, per key or type."""
+        return await self._queries.aggregate_events(request, context)
 
     async def StoreDeadLetter(
         self, request: storage_pb2.StoreDeadLetterRequest, context: grpc.aio.ServicerContext

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -34,3 +36,17 @@ class StorageSettings(ServiceSettings):
         256, ge=1, le=600, description="key, type, content_type, producer and filter strings"
     )
     max_filter_keys: int = Field(100, ge=1, description="keys in an EventFilter, at most")
+    page_token_secret_file: Path | None = Field(
+        None,
+        description="mode-0600 file of page-token secrets, one a line (the first signs, all "
+        "verify); unset: a random key per process (tokens hold on that replica only)",
+    )
+    page_token_max_age_seconds: float = Field(
+        86_400, gt=0, description="a QueryEvents page token expires after this long"
+    )
+    query_timeout_ms: int = Field(
+        5000, ge=100, le=600_000, description="statement timeout of a query, count or aggregate"
+    )
+    query_max_rows: int = Field(
+        1_000_000, ge=1, description="events a count or an aggregate reads, at most"
+    )

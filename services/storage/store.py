@@ -30,7 +30,6 @@ from services.storage.sql import (
 )
 from services.storage.times import TimeBound
 from streammesh.mesh.errors import Unavailable
-from streammesh.mesh.tenancy import DEFAULT_TENANT
 
 __all__ = [
     "BatchColumns",
@@ -121,11 +120,9 @@ class StoredRow:
 
 @dataclass(frozen=True, slots=True)
 class EventQuery:
-    """A validated filter inside one tenant's events (the caller's): any of `keys` (all when
-    empty), `type` exactly (all when empty), `start_time <= event_time < end_time` to the
-    nanosecond (open when None)."""
+    """A validated filter: any of `keys` (all when empty), `type` exactly (all when empty),
+    `start_time <= event_time < end_time` to the nanosecond (open when None)."""
 
-    tenant: str = DEFAULT_TENANT
     keys: tuple[str, ...] = ()
     type: str = ""
     start_time: TimeBound | None = None
@@ -178,8 +175,7 @@ def _log_conflicts(batch: BatchColumns, recorded: int) -> None:
 
 
 def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
-    """The WHERE terms of a filter and their arguments ($1, $2, ... in order), the tenant
-    first: every index of `events` leads with it, and no query reads across tenants."""
+    """The WHERE terms of a filter and their arguments ($1, $2, ... in order)."""
     where: list[str] = []
     args: list[object] = []
 
@@ -187,7 +183,6 @@ def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
         args.append(value)
         return f"${len(args)}"
 
-    where.append(f"tenant = {arg(query.tenant)}")
     if query.keys:
         # One array parameter, not an IN list: one statement text for any key count.
         where.append(f"key = ANY({arg(list(query.keys))}::text[])")

@@ -23,7 +23,7 @@ from streammesh.cli.output import print_reply
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
-from streammesh.mesh import TlsMaterial, create_channel
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 
 __all__ = [
     "TENANT_OPTION",
@@ -237,19 +237,19 @@ async def create_user_as_operator(
     config: StackConfig, username: str, password: str, roles: list[str]
 ) -> auth_pb2.User:
     """Create an account by calling auth directly with the operator certificate."""
-    channel = create_channel(
-        config.address("auth"),
-        TlsMaterial.load(config.pki_dir, "admin"),
-        server_name="auth",
-        config={"methodConfig": []},
-    )
-    async with channel:
-        reply: auth_pb2.CreateUserResponse = await auth_pb2_grpc.AuthServiceStub(
-            channel
-        ).CreateUser(
-            auth_pb2.CreateUserRequest(username=username, password=password, roles=roles),
-            timeout=30,
+    mesh = MeshClient(
+        MeshClientConfig(
+            server_name="auth",
+            targets=parse_targets(config.address("auth")),
+            tls=TlsFiles.of(config.pki_dir, "admin"),
+            services=(auth_pb2.DESCRIPTOR.services_by_name["AuthService"],),
+            timeout_seconds=30,
         )
+    )
+    async with mesh:
+        reply: auth_pb2.CreateUserResponse = await mesh.stub(
+            auth_pb2_grpc.AuthServiceStub
+        ).CreateUser(auth_pb2.CreateUserRequest(username=username, password=password, roles=roles))
     return reply.user
 
 

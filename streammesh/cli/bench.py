@@ -75,7 +75,8 @@ from streammesh.cli.stack import (
     recorded_pid,
     shut_down,
 )
-from streammesh.client import GatewayClient
+from streammesh.client import GatewayClient, gateway_config
+from streammesh.mesh.client import MeshClient
 
 __all__ = ["add_bench_command", "cmd_bench"]
 
@@ -90,13 +91,9 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
         )
         redis = aioredis.Redis.from_url(bench.redis_url)
         stack.push_async_callback(redis.aclose)
-        # The load's own channel, as GatewayClient makes it, to send pre-serialized requests.
-        channel = grpc.aio.secure_channel(
-            bench.address("gateway"),
-            grpc.ssl_channel_credentials((bench.pki_dir / "ca.pem").read_bytes()),
-            options=[("grpc.ssl_target_name_override", "gateway")],
-        )
-        stack.push_async_callback(channel.close)
+        # The load's own connection, as GatewayClient makes it, to send pre-serialized requests.
+        load_client = MeshClient(gateway_config(bench.address("gateway"), bench.pki_dir / "ca.pem"))
+        stack.push_async_callback(load_client.close)
         machine = await load.machine_facts(bench.database_url, redis)
         user = await login(client, bench, run)
         await stack.enter_async_context(keep_fresh(client))
@@ -106,7 +103,7 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
             run=run,
             client=client,
             redis=redis,
-            publish=load.publish_call(channel),
+            publish=load.publish_call(load_client.channel),
             metadata=client.bearer,  # the token keep_fresh renews
             pids={name: recorded_pid(bench, name) for name in MEASURED},
         )

@@ -292,7 +292,7 @@ class RawPath:
                     continue
                 ((_, entries),) = replies[-1]
                 # The mesh's processor also shares one INSERT among the small groups of several
-                # partitions (services/processor/across.py). Here each partition has its own
+                # partitions (services/processor/delivery/across.py). Here each partition has its own
                 # consumer and the bench's closed loop keeps every read full (READ_COUNT entries,
                 # groups at MAX_GROUP_EVENTS), so that trick would save nothing: it pays off only
                 # when a round holds a few events per partition, as at the open loop's low rates.

@@ -23,6 +23,7 @@ from streammesh.cli.admin import add_admin_commands, create_user_as_operator
 from streammesh.cli.bench import add_bench_command
 from streammesh.cli.demo import run_demo
 from streammesh.cli.errors import describe_rpc_error
+from streammesh.cli.query import add_query_commands
 from streammesh.cli.rules import add_rule_commands
 from streammesh.cli.schemas import add_schema_commands
 from streammesh.cli.session import NotLoggedIn
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tenant_commands(commands)
     add_schema_commands(commands)
     add_rule_commands(commands)
+    add_query_commands(commands)
     add_bench_command(commands)
     return parser
 

@@ -1,7 +1,7 @@
 """How the CLI prints replies: tables for people, `--json` with every field for scripts.
 
 People get one table per list of records (tenants, users, keys, audit events, dead letters,
-events), and
+events, aggregate groups), and
 `name: value` lines for everything else; a next page is announced on stderr so that the rows on
 stdout stay clean for `head`, `grep` or `awk`.
 
@@ -54,6 +54,18 @@ def _set_time(record: Message, field: str) -> str:
 def _nanos_time(nanos: int) -> str:
     """An event time in nanoseconds since the epoch, as UTC to the second (nanos kept in --json)."""
     return datetime.fromtimestamp(nanos / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _payload_text(payload: bytes) -> str:
+    """A payload as text when it is UTF-8 (JSON, usually), else its size."""
+    try:
+        return _text(payload.decode(), 60)
+    except UnicodeDecodeError:
+        return f"{len(payload)} bytes"
+
+
+def _number(record: Message, field: str) -> str:
+    return f"{getattr(record, field):.6g}" if record.HasField(field) else "-"
 
 
 def _yes(value: bool) -> str:
@@ -176,6 +188,24 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("id", lambda r: r.event_id),
         Column("reason", lambda r: r.reason),
         Column("message", lambda r: _text(r.message, 100)),
+    ),
+    "streammesh.common.v1.StoredEvent": (
+        Column("seq", lambda s: str(s.sequence)),
+        Column("event time", lambda s: _set_time(s.event, "event_time")),
+        Column("key", lambda s: _text(s.event.key, 30)),
+        Column("type", lambda s: _text(s.event.type, 30)),
+        Column("payload", lambda s: _payload_text(s.event.payload)),
+        Column("producer", lambda s: s.producer or "-"),
+        Column("id", lambda s: s.event.id),
+    ),
+    "streammesh.common.v1.AggregateGroup": (
+        Column("group", lambda g: _text(g.group, 40) or "(all)"),
+        Column("count", lambda g: str(g.count)),
+        Column("values", lambda g: str(g.value_count)),
+        Column("sum", lambda g: _number(g, "sum")),
+        Column("min", lambda g: _number(g, "min")),
+        Column("max", lambda g: _number(g, "max")),
+        Column("avg", lambda g: _number(g, "avg")),
     ),
     "streammesh.common.v1.QueuedEvent": (
         Column("id", lambda q: q.event.id),

@@ -30,7 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streammesh.mesh import TlsMaterial, create_channel, default_state_dir, init_pki
+from streammesh.mesh import default_state_dir, init_pki
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 from streammesh.mesh.identity import DEFAULT_TRUST_DOMAIN
 from streammesh.mesh.settings import write_secret_file
 
@@ -246,20 +247,25 @@ def _port_is_free(host: str, port: int) -> bool:
 
 async def check_health(config: StackConfig, name: str, timeout: float = 2.0) -> str:
     """SERVING / NOT_SERVING / UNREACHABLE, asked over mTLS with the admin certificate."""
-    tls = TlsMaterial.load(config.pki_dir, "admin")
-    channel = create_channel(
-        config.address(name), tls, server_name=name, config={"methodConfig": []}
+    mesh = MeshClient(
+        MeshClientConfig(
+            server_name=name,
+            targets=parse_targets(config.address(name)),
+            tls=TlsFiles.of(config.pki_dir, "admin"),
+            services=(health_pb2.DESCRIPTOR.services_by_name["Health"],),
+            # The question is the health itself: a NOT_SERVING replica must answer it.
+            health_service=None,
+        )
     )
     try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = await stub.Check(
+        reply = await mesh.stub(health_pb2_grpc.HealthStub).Check(
             health_pb2.HealthCheckRequest(service=GRPC_SERVICE[name]), timeout=timeout
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     except grpc.aio.AioRpcError:
         return "UNREACHABLE"
     finally:
-        await channel.close()
+        await mesh.close()
 
 
 async def stack_status(config: StackConfig) -> list[ServiceState]:

@@ -1,7 +1,8 @@
 """The mesh runtime shared by every StreamMesh service: identity, PKI, settings, servers,
-channels, authorization policy, errors and logging."""
+channels and the mesh client, authorization policy, errors and logging."""
 
 from streammesh.mesh.channel import create_channel, service_config
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles
 from streammesh.mesh.errors import StreamMeshError
 from streammesh.mesh.identity import operator_id, peer_identity, service_id
 from streammesh.mesh.logs import configure_logging
@@ -17,11 +18,14 @@ from streammesh.mesh.settings import ServiceSettings, default_state_dir
 
 __all__ = [
     "ANY_PEER",
+    "MeshClient",
+    "MeshClientConfig",
     "MeshServer",
     "PeerPolicy",
     "ServiceBinding",
     "ServiceSettings",
     "StreamMeshError",
+    "TlsFiles",
     "TlsMaterial",
     "configure_logging",
     "create_channel",

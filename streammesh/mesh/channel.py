@@ -1,5 +1,10 @@
 """The channel factory: mTLS with this service's own certificate, the peer pinned by name, and
-load balancing, health checking, retries and timeouts declared in the gRPC service config."""
+load balancing, health checking, retries and timeouts declared in the gRPC service config.
+
+New callers use `streammesh.mesh.client.MeshClient`, which derives the service config from the
+protos. `service_config` (methods to retry listed by the caller, timeouts in the service config,
+which grpcio shortens: see streammesh.mesh.derived_config) stays only for the processor's
+storage client until it moves to MeshClient."""
 
 from __future__ import annotations
 
@@ -12,7 +17,13 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from streammesh.mesh.pki import TlsMaterial
 
-__all__ = ["create_channel", "normalize_target", "service_config", "unary_methods"]
+__all__ = [
+    "channel_options",
+    "create_channel",
+    "normalize_target",
+    "service_config",
+    "unary_methods",
+]
 
 DEFAULT_RETRY_POLICY: dict[str, Any] = {
     "maxAttempts": 4,
@@ -91,7 +102,16 @@ def create_channel(
         private_key=tls.private_key,
         certificate_chain=tls.certificate_chain,
     )
-    options: list[tuple[str, Any]] = [
+    options = channel_options(server_name, config, max_message_bytes=max_message_bytes)
+    return grpc.aio.secure_channel(normalize_target(target), credentials, options=options)
+
+
+def channel_options(
+    server_name: str, config: dict[str, Any], *, max_message_bytes: int
+) -> list[tuple[str, Any]]:
+    """The channel arguments every mesh channel has: the server pinned by name, the service
+    config, retries on, message limits, keepalive and a short reconnect backoff."""
+    return [
         ("grpc.ssl_target_name_override", server_name),
         ("grpc.default_authority", server_name),
         ("grpc.service_config", json.dumps(config)),
@@ -106,4 +126,3 @@ def create_channel(
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 3_000),
     ]
-    return grpc.aio.secure_channel(normalize_target(target), credentials, options=options)

@@ -15,9 +15,10 @@ from sqlalchemy import text
 
 from services.auth.server import AuthDependencies, build_dependencies, create_server
 from services.auth.settings import AuthSettings
+from streammesh.api.auth.v1 import auth_pb2
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
 from streammesh.mesh.settings import write_secret_file
-from tests.auth.flows import FakeClock, Stub, async_stub
+from tests.auth.flows import PASSWORD, FakeClock, Stub, async_stub
 from tests.conftest import TRUST_DOMAIN
 
 AUTH_SERVICE = "streammesh.auth.v1.AuthService"
@@ -158,3 +159,15 @@ async def audit_rows(deps: AuthDependencies, **where: str) -> list[dict[str, Any
             where,
         )
         return [dict(row._mapping) for row in rows]
+
+
+@pytest.fixture
+async def platform_admins(auth: Auth) -> None:
+    """The platform admins the admin tests act as (`user:root-admin`, `user:keymaster`), made
+    by the operator: auth checks every administrator against its own rows."""
+    operator = auth.stub("admin")
+    for name in ("root-admin", "keymaster"):
+        await operator.CreateUser(
+            auth_pb2.CreateUserRequest(username=name, password=PASSWORD, roles=["admin"]),
+            timeout=10,
+        )

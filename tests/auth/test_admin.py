@@ -31,6 +31,7 @@ from tests.auth.flows import (
 )
 
 ADMIN = as_user("user:root-admin", "192.0.2.1")
+pytestmark = pytest.mark.usefixtures("platform_admins")
 
 
 def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
@@ -79,7 +80,9 @@ async def test_create_user_with_roles_then_enrol_and_log_in(
     assert row["details"] == {"roles": "admin"}
 
     default = await stub.CreateUser(
-        auth_pb2.CreateUserRequest(username=unique_name(), password=PASSWORD), timeout=10
+        auth_pb2.CreateUserRequest(username=unique_name(), password=PASSWORD),
+        metadata=ADMIN,
+        timeout=10,
     )
     assert list(default.user.roles) == []  # the default: none
 
@@ -99,9 +102,12 @@ async def test_create_user_validates_like_registration(stub: Stub) -> None:
             {"roles"},
         ),
     ):
-        assert violated_fields(await failure(stub.CreateUser(request, timeout=10))) == fields
+        assert (
+            violated_fields(await failure(stub.CreateUser(request, metadata=ADMIN, timeout=10)))
+            == fields
+        )
     duplicate = auth_pb2.CreateUserRequest(username=username.upper(), password=PASSWORD)
-    error = await failure(stub.CreateUser(duplicate, timeout=10))
+    error = await failure(stub.CreateUser(duplicate, metadata=ADMIN, timeout=10))
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -118,9 +124,13 @@ async def test_set_roles(stub: Stub, deps: AuthDependencies) -> None:
     assert_admin_row(row, username)
     assert row["details"] == {"roles": "admin,analyst", "previous": ""}
     bad = auth_pb2.SetUserRolesRequest(username=username, roles=["analyst", "superuser"])
-    assert violated_fields(await failure(stub.SetUserRoles(bad, timeout=10))) == {"roles"}
+    assert violated_fields(await failure(stub.SetUserRoles(bad, metadata=ADMIN, timeout=10))) == {
+        "roles"
+    }
     # Empty is a valid (empty) set.
-    none = await stub.SetUserRoles(auth_pb2.SetUserRolesRequest(username=username), timeout=10)
+    none = await stub.SetUserRoles(
+        auth_pb2.SetUserRolesRequest(username=username), metadata=ADMIN, timeout=10
+    )
     assert list(none.user.roles) == []
 
 
@@ -251,14 +261,20 @@ async def test_list_users_pages_by_username(stub: Stub, deps: AuthDependencies) 
     row = await last_audit(deps, "list_users")
     assert (row["actor"], row["outcome"]) == ("user:root-admin", "success")
 
-    first = await stub.ListUsers(auth_pb2.ListUsersRequest(page_size=1, username_prefix=prefix))
+    first = await stub.ListUsers(
+        auth_pb2.ListUsersRequest(page_size=1, username_prefix=prefix), metadata=ADMIN
+    )
     other_query = auth_pb2.ListUsersRequest(page_token=first.next_page_token, username_prefix="x")
-    assert violated_fields(await failure(stub.ListUsers(other_query))) == {"page_token"}
+    assert violated_fields(await failure(stub.ListUsers(other_query, metadata=ADMIN))) == {
+        "page_token"
+    }
     assert violated_fields(
-        await failure(stub.ListUsers(auth_pb2.ListUsersRequest(page_size=501)))
+        await failure(stub.ListUsers(auth_pb2.ListUsersRequest(page_size=501), metadata=ADMIN))
     ) == {"page_size"}
     wildcard = auth_pb2.ListUsersRequest(username_prefix="%")
-    assert violated_fields(await failure(stub.ListUsers(wildcard))) == {"username_prefix"}
+    assert violated_fields(await failure(stub.ListUsers(wildcard, metadata=ADMIN))) == {
+        "username_prefix"
+    }
 
 
 async def test_list_audit_events_filters_newest_first_and_pages(
@@ -281,7 +297,9 @@ async def test_list_audit_events_filters_newest_first_and_pages(
     assert rest.next_page_token == ""
 
     everything = await stub.ListAuditEvents(
-        auth_pb2.ListAuditEventsRequest(subject=username, outcome="success"), timeout=10
+        auth_pb2.ListAuditEventsRequest(subject=username, outcome="success"),
+        metadata=ADMIN,
+        timeout=10,
     )
     assert [e.action for e in everything.events] == ["register"]
     assert everything.events[0].actor == "anonymous"
@@ -289,19 +307,22 @@ async def test_list_audit_events_filters_newest_first_and_pages(
     # Time range: [start, end).
     first = reply.events[1].time
     window = auth_pb2.ListAuditEventsRequest(subject=username, start_time=first, end_time=first)
-    assert list((await stub.ListAuditEvents(window, timeout=10)).events) == []
+    assert list((await stub.ListAuditEvents(window, metadata=ADMIN, timeout=10)).events) == []
     window.end_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
-    newer = await stub.ListAuditEvents(window, timeout=10)
+    newer = await stub.ListAuditEvents(window, metadata=ADMIN, timeout=10)
     assert [e.source for e in newer.events] == ["203.0.113.4", "203.0.113.3"]
 
     mismatched = auth_pb2.ListAuditEventsRequest(
         subject="someone-else", page_token=reply.next_page_token
     )
-    assert violated_fields(await failure(stub.ListAuditEvents(mismatched))) == {"page_token"}
+    assert violated_fields(await failure(stub.ListAuditEvents(mismatched, metadata=ADMIN))) == {
+        "page_token"
+    }
     by_actor = await stub.ListAuditEvents(
-        auth_pb2.ListAuditEventsRequest(actor="user:root-admin", action="list_audit_events")
+        auth_pb2.ListAuditEventsRequest(actor="user:root-admin", action="list_audit_events"),
+        metadata=ADMIN,
     )
-    assert len(by_actor.events) == 2
+    assert len(by_actor.events) == 5
 
 
 async def test_operators_act_as_themselves(
@@ -323,8 +344,18 @@ async def test_operators_act_as_themselves(
 async def test_without_metadata_the_gateway_itself_is_the_origin(
     stub: Stub, deps: AuthDependencies
 ) -> None:
-    await stub.ListSigningKeys(auth_pb2.ListSigningKeysRequest(), timeout=10)
-    row = await last_audit(deps, "list_signing_keys")
+    # The gateway acting for itself is no administrator (it never needs to be one).
+    error = await failure(stub.ListSigningKeys(auth_pb2.ListSigningKeysRequest(), timeout=10))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    await stub.RecordAuditEvent(
+        auth_pb2.RecordAuditEventRequest(
+            event=auth_pb2.AuditEvent(
+                event_id=str(uuid.uuid4()), action="access_denied", outcome="denied"
+            )
+        ),
+        timeout=10,
+    )
+    row = await last_audit(deps, "access_denied")
     # Every such caller shares the gateway's address as source: stricter throttling, not looser.
     assert (row["actor"], row["source"]) == ("service:gateway", "127.0.0.1")
 
@@ -424,4 +455,6 @@ async def test_audit_query_with_an_invalid_timestamp_names_the_field(
 @pytest.mark.parametrize("kid", ["\x00", "a\x00b", "a b", "\u00e9", "x" * 129, ""])
 async def test_retire_with_a_kid_no_key_can_have_is_invalid(stub: Stub, kid: str) -> None:
     request = auth_pb2.RetireSigningKeyRequest(kid=kid)
-    assert violated_fields(await failure(stub.RetireSigningKey(request, timeout=10))) == {"kid"}
+    assert violated_fields(
+        await failure(stub.RetireSigningKey(request, metadata=ADMIN, timeout=10))
+    ) == {"kid"}

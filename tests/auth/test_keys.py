@@ -17,6 +17,7 @@ from tests.auth.conftest import AuthFactory, audit_rows
 from tests.auth.flows import FakeClock, Stub, as_user, enrol, failure, login, register, unique_name
 
 ADMIN = as_user("user:keymaster", "192.0.2.10")
+pytestmark = pytest.mark.usefixtures("platform_admins")
 
 
 async def fresh_tokens(stub: Stub, clock: FakeClock) -> auth_pb2.SessionTokens:
@@ -93,11 +94,15 @@ async def test_retired_keys_leave_the_jwks(
     new_kid = (await rotate(stub)).active.kid
 
     error = await failure(
-        stub.RetireSigningKey(auth_pb2.RetireSigningKeyRequest(kid=new_kid), timeout=10)
+        stub.RetireSigningKey(
+            auth_pb2.RetireSigningKeyRequest(kid=new_kid), metadata=ADMIN, timeout=10
+        )
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     error = await failure(
-        stub.RetireSigningKey(auth_pb2.RetireSigningKeyRequest(kid="no-such-kid"), timeout=10)
+        stub.RetireSigningKey(
+            auth_pb2.RetireSigningKeyRequest(kid="no-such-kid"), metadata=ADMIN, timeout=10
+        )
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
@@ -109,7 +114,9 @@ async def test_retired_keys_leave_the_jwks(
     assert set(published) == {new_kid}
     assert not verifies(before.access_token, published)
     # Retiring again changes nothing.
-    again = await stub.RetireSigningKey(auth_pb2.RetireSigningKeyRequest(kid=old_kid), timeout=10)
+    again = await stub.RetireSigningKey(
+        auth_pb2.RetireSigningKeyRequest(kid=old_kid), metadata=ADMIN, timeout=10
+    )
     assert again.key.retired_at == reply.key.retired_at
     retired = await audit_rows(deps, action="key_retired")
     assert [(r["outcome"], r["reason"]) for r in retired] == [

@@ -30,6 +30,7 @@ from tests.auth.flows import (
 WRONG_PASSWORD = "wrong horse battery staple"
 
 
+@pytest.mark.usefixtures("platform_admins")
 async def test_no_secret_reaches_the_audit_log_redis_or_logs(
     auth: Auth, clock: FakeClock, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,7 +18,7 @@ from streammesh.api.auth.v1 import auth_pb2
 from tests.auth.conftest import Auth, AuthFactory
 from tests.auth.flows import FakeClock, Stub, as_user, enrol, failure, login, register, unique_name
 
-ADMIN = as_user("user:root")
+ADMIN = as_user("user:root-admin")
 SESSION = auth_pb2.REVOCATION_KIND_SESSION
 USER_TOKENS = auth_pb2.REVOCATION_KIND_USER_TOKENS
 
@@ -60,6 +60,7 @@ async def test_only_the_gateway_may_follow_the_feed(auth: Auth) -> None:
     assert response.snapshot and response.heartbeat.ToTimedelta() > dt.timedelta(0)
 
 
+@pytest.mark.usefixtures("platform_admins")
 async def test_each_revoking_change_is_announced_in_commit_order(
     stub: Stub, clock: FakeClock
 ) -> None:

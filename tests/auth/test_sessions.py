@@ -8,6 +8,7 @@ import hashlib
 
 import grpc
 import jwt
+import pytest
 from sqlalchemy import text
 
 from services.auth.server import AuthDependencies
@@ -26,6 +27,7 @@ from tests.auth.flows import (
 )
 
 REFRESH_REFUSED = "invalid or expired refresh token"
+ADMIN = as_user("user:root-admin")
 
 
 async def logged_in(stub: Stub, clock: FakeClock) -> tuple[str, auth_pb2.SessionTokens]:
@@ -51,6 +53,7 @@ def sid(tokens: auth_pb2.SessionTokens) -> str:
     return str(jwt.decode(tokens.access_token, options={"verify_signature": False})["sid"])
 
 
+@pytest.mark.usefixtures("platform_admins")
 async def test_refresh_rotates_the_token_and_keeps_the_session(
     stub: Stub, deps: AuthDependencies, clock: FakeClock
 ) -> None:
@@ -63,7 +66,9 @@ async def test_refresh_rotates_the_token_and_keeps_the_session(
     assert 0 < second.refresh_expires_in.seconds <= 30 * 86400
     # Refresh picks up role changes made since the login.
     await stub.SetUserRoles(
-        auth_pb2.SetUserRolesRequest(username=username, roles=["analyst"]), timeout=10
+        auth_pb2.SetUserRolesRequest(username=username, roles=["analyst"]),
+        metadata=ADMIN,
+        timeout=10,
     )
     third = await refresh(stub, second.refresh_token)
     assert list(third.roles) == ["analyst"]
@@ -153,6 +158,7 @@ async def test_logout_with_a_spent_token_revokes_the_family(
     assert row["reason"] == "reuse_detected"
 
 
+@pytest.mark.usefixtures("platform_admins")
 async def test_disabled_users_cannot_refresh_or_log_in(
     stub: Stub, deps: AuthDependencies, clock: FakeClock
 ) -> None:
@@ -162,7 +168,9 @@ async def test_disabled_users_cannot_refresh_or_log_in(
     tokens = await login(stub, username, secret, clock)
     challenge = await start(stub, username)
     await stub.SetUserDisabled(
-        auth_pb2.SetUserDisabledRequest(username=username, disabled=True), timeout=10
+        auth_pb2.SetUserDisabledRequest(username=username, disabled=True),
+        metadata=ADMIN,
+        timeout=10,
     )
     assert_refused(await failure(refresh(stub, tokens.refresh_token)))
     error = await failure(start(stub, username))
@@ -179,7 +187,9 @@ async def test_disabled_users_cannot_refresh_or_log_in(
     assert {"session_revoked", "user_disabled"} <= reasons
     # Re-enabling does not bring the revoked sessions back, but allows logging in.
     await stub.SetUserDisabled(
-        auth_pb2.SetUserDisabledRequest(username=username, disabled=False), timeout=10
+        auth_pb2.SetUserDisabledRequest(username=username, disabled=False),
+        metadata=ADMIN,
+        timeout=10,
     )
     assert_refused(await failure(refresh(stub, tokens.refresh_token)))
     await login(stub, username, secret, clock)

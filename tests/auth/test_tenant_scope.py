@@ -60,6 +60,23 @@ async def test_the_caller_is_checked_against_auths_own_rows(auth: Auth, stub: St
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_a_call_without_a_tenant_grants_nothing_by_itself(auth: Auth, stub: Stub) -> None:
+    # A gateway that predates tenants names no tenant: its caller is looked up in "default"
+    # and must be an administrator there; the missing entry is no platform grant.
+    operator = auth.stub("admin")
+    analyst = f"analyst-{uuid.uuid4().hex[:6]}"
+    await operator.CreateUser(
+        auth_pb2.CreateUserRequest(username=analyst, password=PASSWORD, roles=["analyst"]),
+        timeout=10,
+    )
+    for actor in (f"user:{analyst}", "user:nobody-at-all", "anonymous"):
+        for call in (
+            stub.ListTenants(auth_pb2.ListTenantsRequest(), metadata=as_user(actor)),
+            stub.ListUsers(auth_pb2.ListUsersRequest(), metadata=as_user(actor)),
+        ):
+            assert (await failure(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_a_tenant_named_by_another_service_is_refused(auth: Auth) -> None:
     # The policy admits only the gateway and operators; the helper refuses anyone else's header.
     error = await failure(

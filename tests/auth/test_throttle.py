@@ -54,6 +54,7 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float:
     return nanoseconds / 1e9
 
 
+@pytest.mark.usefixtures("platform_admins")
 async def test_brute_force_locks_the_account_until_an_admin_unlocks_it(
     auth_factory: AuthFactory, clock: FakeClock
 ) -> None:
@@ -73,10 +74,12 @@ async def test_brute_force_locks_the_account_until_an_admin_unlocks_it(
         ("login_password", "locked"),
     ]
 
-    listed = await stub.ListUsers(auth_pb2.ListUsersRequest(username_prefix=username), timeout=10)
+    admin = as_user("user:root-admin", "192.0.2.1")
+    listed = await stub.ListUsers(
+        auth_pb2.ListUsersRequest(username_prefix=username), metadata=admin, timeout=10
+    )
     assert listed.users[0].HasField("locked_until")
 
-    admin = as_user("user:root-admin", "192.0.2.1")
     reply = await stub.UnlockUser(
         auth_pb2.UnlockUserRequest(username=username), metadata=admin, timeout=10
     )

@@ -46,6 +46,7 @@ from services.storage.settings import StorageSettings
 from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
+from streammesh.mesh.client import TlsFiles
 from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 from streammesh.mesh.settings import write_secret_file
 from streammesh.streams import StreamLayout
@@ -212,7 +213,7 @@ async def _gateway_parts(
     settings: GatewaySettings, pki_dir: Path, exit_stack: contextlib.AsyncExitStack
 ) -> tuple[Upstreams, AuditTrail, RevocationList, RevocationFollower]:
     """A gateway's channels, audit trail and live revocation feed, closed by `exit_stack`."""
-    upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
+    upstreams = Upstreams(settings, TlsFiles.of(pki_dir, "gateway"))
     exit_stack.push_async_callback(upstreams.close)
     audit = create_audit_trail(settings, upstreams)
     exit_stack.push_async_callback(audit.close, 5)

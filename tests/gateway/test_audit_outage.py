@@ -22,7 +22,7 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import INVALID_TOKEN
 from services.gateway.upstream import Upstreams
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from streammesh.mesh import TlsMaterial
+from streammesh.mesh.client import TlsFiles
 from tests.conftest import TRUST_DOMAIN
 from tests.gateway.conftest import gateway_channel
 
@@ -47,7 +47,7 @@ async def lonely_gateway(pki_dir: Path) -> AsyncIterator[tuple[grpc.aio.Channel,
         audit_queue_size=5,
         audit_timeout_seconds=0.5,
     )
-    upstreams = Upstreams(settings, TlsMaterial.load(pki_dir, "gateway"))
+    upstreams = Upstreams(settings, TlsFiles.of(pki_dir, "gateway"))
     audit = create_audit_trail(settings, upstreams)
     revocations, follower = create_revocation_follower(settings, upstreams)
     follower.start()

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, cast
 import grpc
 import pytest
 
-from services.processor.storage_client import StorageWriter
-from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
+from services.processor.delivery.storage_client import StorageWriter
+from services.processor.delivery.store import StoreResult
+from services.processor.worker import StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc

@@ -48,6 +48,7 @@ NEEDS = {
     "PublishBatch": {"producer", "admin"},
     "QueryEvents": {"analyst", "admin"},
     "CountEvents": {"analyst", "admin"},
+    "AggregateEvents": {"analyst", "admin"},
 }
 _SCHEMA_READERS = {"producer", "analyst", "schema-admin", "admin"}
 SCHEMA_NEEDS = {

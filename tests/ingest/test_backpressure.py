@@ -23,10 +23,11 @@ from services.ingest.pressure import BackPressure, PressureLimits
 from services.ingest.queue import DurabilityError, StreamAppender, check_durability
 from services.ingest.server import IngestDeps, create_server, pressure_limits, serve
 from services.ingest.settings import IngestSettings
-from services.processor.ownership import Entry, PartitionOwnership
+from services.processor.source.ownership import PartitionOwnership
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.backlog import Backlog, read_backlog
+from streammesh.entries import Entry
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
 from streammesh.mesh.errors import ResourceExhausted
 from streammesh.streams import COUNT_FIELD, StreamLayout, body_bytes

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor.worker import StoreResult, StreamWorker, WorkerConfig
+from services.processor.delivery.store import StoreResult
+from services.processor.worker import StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import APPEND_SCRIPT
 from streammesh.entries import QueuedBody, columns_to_batch, expand_runs

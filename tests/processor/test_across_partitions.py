@@ -6,15 +6,18 @@ counts; an outage keeps them all for the retry; old-form entries stay partition 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
-from services.processor.across import NO_PARTITION, across_body
-from services.processor.ownership import Entry
-from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker, WorkerConfig
+from services.processor.delivery.across import NO_PARTITION, across_body
+from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.source import ownership as ownership_module
+from services.processor.worker import StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import Backlog, read_backlog
-from streammesh.entries import QueuedBody
+from streammesh.entries import Entry, QueuedBody
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD, COUNT_FIELD, StreamLayout
 from tests.processor.conftest import (
     ONE_OWNER,
@@ -68,6 +71,51 @@ async def test_one_round_of_several_partitions_shares_calls_within_the_limits(
     assert sorted(store.stored) == ["a1", "a2", "a3", "a4", "b1", "c1", "d1"]
     # Every entry acknowledged once: the back-pressure counters are back to nothing.
     assert await read_backlog(redis_client, layout) == [Backlog()] * 4
+
+
+class AckCounter(aioredis.Connection):
+    """A real connection that counts the writes carrying the fenced ack (the ACK script's
+    EVALSHA): `sends` writes to Redis, `calls` scripts in them."""
+
+    sha = (
+        hashlib.sha1(ownership_module.ACK_SCRIPT.encode(), usedforsecurity=False)
+        .hexdigest()
+        .encode()
+    )
+    sends = calls = 0
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        packed = command.encode() if isinstance(command, str) else command
+        data = packed if isinstance(packed, bytes) else b"".join(packed)
+        if self.sha in data:
+            AckCounter.sends += 1
+            AckCounter.calls += data.count(self.sha)
+        await super().send_packed_command(command, check_health)
+
+
+async def test_the_partitions_of_a_call_are_acknowledged_in_one_round_trip(
+    redis_url: str, redis_client: aioredis.Redis, redis_prefix: str, running: Running
+) -> None:
+    """Each partition's fenced ack is its own script (its own lease checked), but the acks of
+    one call across partitions go to Redis together."""
+    layout = await make_layout(redis_client, redis_prefix, 8)
+    for partition in range(8):
+        await append(redis_client, layout, partition, [f"e{partition}"])
+    counting = aioredis.Redis.from_url(redis_url, connection_class=AckCounter)
+    AckCounter.sends = AckCounter.calls = 0
+    try:
+        wide = dataclasses.replace(ONE_OWNER, store_across_max_events=500)
+        store = RecordingStore()
+        running.start(StreamWorker(counting, layout, consumer="c1", store=store, config=wide))
+        await settle(redis_client, layout, store, 8)
+        await running.stop("c1")
+    finally:
+        await counting.aclose()
+    assert store.across == [list(range(8))]
+    assert (AckCounter.calls, AckCounter.sends) == (8, 1)
+    assert await read_backlog(redis_client, layout) == [Backlog()] * 8
 
 
 async def test_a_refused_call_across_partitions_is_retried_partition_by_partition(

@@ -10,12 +10,13 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor import backlog as backlog_module
-from services.processor.backlog import BacklogKeeper
-from services.processor.ownership import Entry, PartitionOwnership
-from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
+from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.source import backlog as backlog_module
+from services.processor.source.backlog import BacklogKeeper
+from services.processor.source.ownership import PartitionOwnership
+from services.processor.worker import StreamWorker
 from streammesh.backlog import Backlog, entry_weight, read_backlog
-from streammesh.entries import QueuedBody
+from streammesh.entries import Entry, QueuedBody
 from streammesh.streams import BATCH_FIELD, StreamLayout, body_bytes
 from tests.conftest import StreamEntries, xrange_entries
 from tests.processor.conftest import (

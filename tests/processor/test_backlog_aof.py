@@ -14,9 +14,10 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor.backlog import BacklogKeeper
-from services.processor.ownership import Entry, PartitionOwnership
+from services.processor.source.backlog import BacklogKeeper
+from services.processor.source.ownership import PartitionOwnership
 from streammesh.backlog import Backlog, read_backlog
+from streammesh.entries import Entry
 from streammesh.streams import StreamLayout
 from tests.faults.backends import RedisServer
 from tests.processor.conftest import append

@@ -12,14 +12,15 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor.dead_letters import (
+from services.processor.delivery.dead_letters import (
     DeadLetterRecord,
     StoreUnavailable,
     attempts_key,
     is_outage,
 )
-from services.processor.storage_client import classify, store_events_request
-from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
+from services.processor.delivery.storage_client import classify, store_events_request
+from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.worker import StreamWorker
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.entries import QueuedBody

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from services.processor.trimming import format_id, parse_id, safe_trim_point, trim_partition
+from services.processor.source.trimming import format_id, parse_id, safe_trim_point, trim_partition
 from tests.conftest import xrange_entries
 from tests.processor.conftest import append, make_layout
 

@@ -11,7 +11,8 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from services.processor.worker import PermanentStoreError, StoreResult, StreamWorker
+from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.worker import StreamWorker
 from streammesh.api.common.v1 import event_pb2
 from streammesh.entries import QueuedBody
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD

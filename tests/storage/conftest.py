@@ -3,6 +3,7 @@ and mTLS clients that present a chosen identity."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
@@ -14,10 +15,12 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.storage.server import SERVICE, StorageDeps, create_event_pool, create_server
 from services.storage.settings import StorageSettings
+from services.storage.times import use_integer_timestamps
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
@@ -75,6 +78,25 @@ async def engine(database_url: str, pg_schema: str) -> AsyncIterator[AsyncEngine
     )
     yield engine
     await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def schema_connection(database_url: str, schema: str) -> AsyncIterator[Any]:
+    """A plain asyncpg connection whose search_path is `schema` (timestamps as integers, as
+    storage's pool exchanges them); closed on leaving."""
+    url = make_url(database_url)
+    connection = await asyncpg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        database=url.database,
+        server_settings={"search_path": schema},
+    )
+    try:
+        await use_integer_timestamps(connection)
+        yield connection
+    finally:
+        await connection.close()
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.storage.filters import (
@@ -23,7 +21,8 @@ from services.storage.filters import (
     compile_filter,
     payload_fields,
 )
-from services.storage.times import PG_EPOCH_SECONDS, use_integer_timestamps
+from services.storage.times import PG_EPOCH_SECONDS
+from tests.storage.conftest import schema_connection
 
 ORDER_CREATED = {
     "type": "object",
@@ -196,23 +195,12 @@ def _micros(rfc3339: str) -> tuple[int, int]:
 async def conn(engine: AsyncEngine, database_url: str, pg_schema: str) -> AsyncIterator[Any]:
     """A connection to the migrated schema, whose events table has the filter's jsonb column
     and the indexes the compiler's SQL is written for, filled with ROWS."""
-    url = make_url(database_url)
-    connection = await asyncpg.connect(
-        host=url.host,
-        port=url.port,
-        user=url.username,
-        database=url.database,
-        server_settings={"search_path": pg_schema},
-    )
-    try:
+    async with schema_connection(database_url, pg_schema) as connection:
         await _fill(connection)
         yield connection
-    finally:
-        await connection.close()
 
 
 async def _fill(connection: Any) -> None:
-    await use_integer_timestamps(connection)
     await connection.execute(
         "ALTER TABLE events ADD COLUMN payload_json jsonb;"
         "CREATE INDEX events_payload_json_idx ON events USING gin (payload_json jsonb_path_ops);"

@@ -87,6 +87,20 @@ class PatternEngine:
             for m in self._rules.matchers
         }
 
+    def rules_reading(self, event: EngineEvent) -> list[Rule]:
+        """The running rule versions that would take this event (its tenant and type, and its
+        time within the version's activation): whom a late event concerns."""
+        by_type = self._rules.index.get(event.tenant)
+        if by_type is None:
+            return []
+        typed, anything = by_type
+        t = event.event_time_nanos
+        return [
+            matcher.rule
+            for matcher in typed.get(event.type, anything)
+            if matcher.activation <= t < matcher.stop_at
+        ]
+
     def apply_rules(self, rules: Iterable[Rule]) -> None:
         """Run exactly these rules from now on (see ruleset.py for what a version change does).
         Raises RuleSetError, leaving the engine unchanged, for a contradictory set."""
@@ -166,6 +180,11 @@ class PatternEngine:
         """The whole state as bytes (JSON): the held events, the recent ids, each rule
         version with its effective activation and partial matches. Restoring it and feeding
         the same inputs gives the same outputs as the engine it was taken from."""
+        # Swept first (which changes no output): expired partial matches are dropped now
+        # rather than whenever the last sweep ran, so equal states give equal bytes, and a
+        # restored engine sweeps on the same schedule as the one it was taken from.
+        for running in self._rules.matchers:
+            running.compact(min(self._watermark, running.stop_at - 1))
         versions = []
         for known_versions in self._rules.versions.values():
             for _, known in sorted(known_versions.items()):
@@ -211,6 +230,8 @@ class PatternEngine:
             if known.matcher is not None:
                 known.matcher.restore_state(item["state"])
         engine._rules.refresh()
+        for matcher in engine._rules.matchers:
+            matcher.schedule_sweep(min(engine._watermark, matcher.stop_at - 1))
         return engine
 
 

@@ -103,6 +103,17 @@ class Matcher:
             self.sweep(watermark)
             self._next_sweep = watermark + self.sweep_every()
 
+    def compact(self, watermark: int) -> None:
+        """Sweep now and schedule the next sweep from here, as `on_watermark` would: called
+        before a snapshot, so that the saved state does not depend on when sweeps last ran."""
+        self.sweep(watermark)
+        self.schedule_sweep(watermark)
+
+    def schedule_sweep(self, watermark: int) -> None:
+        """The next sweep as if one ran at `watermark` (a restored matcher's state was swept
+        there by `compact`)."""
+        self._next_sweep = watermark + self.sweep_every()
+
     def sweep(self, watermark: int) -> None:
         """Drop state that has expired for every event after `watermark`."""
 

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,26 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AggregateGroupBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AggregateGroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AggregateGroupBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGGREGATE_GROUP_BY_UNSPECIFIED: _AggregateGroupBy.ValueType  # 0
+    """One group over every matching event (its `group` is empty)."""
+    AGGREGATE_GROUP_BY_KEY: _AggregateGroupBy.ValueType  # 1
+    AGGREGATE_GROUP_BY_TYPE: _AggregateGroupBy.ValueType  # 2
+
+class AggregateGroupBy(_AggregateGroupBy, metaclass=_AggregateGroupByEnumTypeWrapper):
+    """AggregateGroupBy says what AggregateEvents groups by."""
+
+AGGREGATE_GROUP_BY_UNSPECIFIED: AggregateGroupBy.ValueType  # 0
+"""One group over every matching event (its `group` is empty)."""
+AGGREGATE_GROUP_BY_KEY: AggregateGroupBy.ValueType  # 1
+AGGREGATE_GROUP_BY_TYPE: AggregateGroupBy.ValueType  # 2
+Global___AggregateGroupBy: _TypeAlias = AggregateGroupBy  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
@@ -390,8 +411,11 @@ class EventFilter(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
     type: _builtins.str
-    """Match this event type exactly; at most 256 characters."""
+    """Match this event type exactly; at most 256 characters. Combined with `types` (both must
+    match) when both are set.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Match any of these keys; at most 100, each at most 256 characters."""
@@ -406,6 +430,10 @@ class EventFilter(_message.Message):
         before start_time.
         """
 
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Match any of these event types exactly; at most 100, each at most 256 characters."""
+
     def __init__(
         self,
         *,
@@ -413,14 +441,73 @@ class EventFilter(_message.Message):
         type: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "keys", b"keys", "start_time", b"start_time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "keys", b"keys", "start_time", b"start_time", "type", b"type", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventFilter: _TypeAlias = EventFilter  # noqa: Y015
+
+@_typing.final
+class AggregateGroup(_message.Message):
+    """AggregateGroup is one group of an AggregateEvents reply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    VALUE_COUNT_FIELD_NUMBER: _builtins.int
+    SUM_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    AVG_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The key or the type of the group's events; empty without grouping."""
+    count: _builtins.int
+    """Matching events in the group."""
+    value_count: _builtins.int
+    """Events of the group whose `field` holds a JSON number (the rest count in `count` only)."""
+    sum: _builtins.float
+    """Over those numbers; unset when `field` is empty or value_count is 0."""
+    min: _builtins.float
+    max: _builtins.float
+    avg: _builtins.float
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        count: _builtins.int = ...,
+        value_count: _builtins.int = ...,
+        sum: _builtins.float | None = ...,
+        min: _builtins.float | None = ...,
+        max: _builtins.float | None = ...,
+        avg: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_avg", b"_avg", "_max", b"_max", "_min", b"_min", "_sum", b"_sum", "avg", b"avg", "max", b"max", "min", b"min", "sum", b"sum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_avg", b"_avg", "_max", b"_max", "_min", b"_min", "_sum", b"_sum", "avg", b"avg", "count", b"count", "group", b"group", "max", b"max", "min", b"min", "sum", b"sum", "value_count", b"value_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__avg: _TypeAlias = _typing.Literal["avg"]  # noqa: Y015
+    _WhichOneofArgType__avg: _TypeAlias = _typing.Literal["_avg", b"_avg"]  # noqa: Y015
+    _WhichOneofReturnType__max: _TypeAlias = _typing.Literal["max"]  # noqa: Y015
+    _WhichOneofArgType__max: _TypeAlias = _typing.Literal["_max", b"_max"]  # noqa: Y015
+    _WhichOneofReturnType__min: _TypeAlias = _typing.Literal["min"]  # noqa: Y015
+    _WhichOneofArgType__min: _TypeAlias = _typing.Literal["_min", b"_min"]  # noqa: Y015
+    _WhichOneofReturnType__sum: _TypeAlias = _typing.Literal["sum"]  # noqa: Y015
+    _WhichOneofArgType__sum: _TypeAlias = _typing.Literal["_sum", b"_sum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__avg) -> _WhichOneofReturnType__avg | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max) -> _WhichOneofReturnType__max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min) -> _WhichOneofReturnType__min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__sum) -> _WhichOneofReturnType__sum | None: ...
+
+Global___AggregateGroup: _TypeAlias = AggregateGroup  # noqa: Y015
 
 @_typing.final
 class PublishRefusal(_message.Message):

@@ -523,22 +523,35 @@ class QueryEventsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """0 to 1000 events a page; 100 when 0."""
     page_token: _builtins.str
-    """next_page_token of the previous page, with the same filter; empty for the first page."""
+    """next_page_token of the previous page, with the same filter; empty for the first page. Bound
+    to the query (filter_expression, keys, types, time range) and to the caller: replayed with
+    another query or by another user it is INVALID_ARGUMENT; it expires after a day.
+    """
+    filter_expression: _builtins.str
+    """An AIP-160 filter (see README "Querying events"), for example
+    `payload.amount > 10 AND attributes.region = "eu" AND type:"order.*"`; empty matches
+    everything. A filter that does not parse, or names a field or an operator the schemas of
+    the types in scope do not allow, is INVALID_ARGUMENT naming the token and its column.
+    """
     @_builtins.property
-    def filter(self) -> _event_pb2.EventFilter: ...
+    def filter(self) -> _event_pb2.EventFilter:
+        """Keys, types and time range; combined with `filter_expression` (both must match)."""
+
     def __init__(
         self,
         *,
         filter: _event_pb2.EventFilter | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,8 +567,9 @@ class QueryEventsResponse(_message.Message):
     """Empty on the last page."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
-        """In store order. A page ends early, with a next_page_token, rather than pass the 16 MiB
-        message limit.
+        """In store order (seq, within the tenant). A page ends early, with a next_page_token, rather
+        than pass the 16 MiB message limit. Paging to the end returns every event stored before the
+        first page exactly once; one stored meanwhile at most once (README "Querying events").
         """
 
     def __init__(
@@ -577,20 +591,86 @@ class CountEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    filter_expression: _builtins.str
+    """An AIP-160 filter, as in QueryEventsRequest."""
     @_builtins.property
     def filter(self) -> _event_pb2.EventFilter: ...
     def __init__(
         self,
         *,
         filter: _event_pb2.EventFilter | None = ...,
+        filter_expression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "filter_expression", b"filter_expression"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountEventsRequest: _TypeAlias = CountEventsRequest  # noqa: Y015
+
+@_typing.final
+class AggregateEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    MAX_GROUPS_FIELD_NUMBER: _builtins.int
+    filter_expression: _builtins.str
+    """An AIP-160 filter, as in QueryEventsRequest."""
+    group_by: _event_pb2.AggregateGroupBy.ValueType
+    field: _builtins.str
+    """A numeric payload field to sum, min, max and average, as a filter names it
+    ("payload.amount"); empty counts only. It must be a number or an integer in the schemas in
+    scope (or undeclared by all of them, for types without a schema).
+    """
+    max_groups: _builtins.int
+    """Groups returned at most: 0 means 100, at most 1000. More groups match: RESOURCE_EXHAUSTED."""
+    @_builtins.property
+    def filter(self) -> _event_pb2.EventFilter:
+        """Keys, types and time range, as in QueryEventsRequest."""
+
+    def __init__(
+        self,
+        *,
+        filter: _event_pb2.EventFilter | None = ...,
+        filter_expression: _builtins.str = ...,
+        group_by: _event_pb2.AggregateGroupBy.ValueType = ...,
+        field: _builtins.str = ...,
+        max_groups: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "filter", b"filter", "filter_expression", b"filter_expression", "group_by", b"group_by", "max_groups", b"max_groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateEventsRequest: _TypeAlias = AggregateEventsRequest  # noqa: Y015
+
+@_typing.final
+class AggregateEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.AggregateGroup]:
+        """Largest count first (then by group)."""
+
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[_event_pb2.AggregateGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateEventsResponse: _TypeAlias = AggregateEventsResponse  # noqa: Y015
 
 @_typing.final
 class CountEventsResponse(_message.Message):

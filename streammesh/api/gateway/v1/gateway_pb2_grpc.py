@@ -97,6 +97,11 @@ class GatewayServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsResponse.FromString,
                 _registered_method=True)
+        self.AggregateEvents = channel.unary_unary(
+                '/streammesh.gateway.v1.GatewayService/AggregateEvents',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.AggregateEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.AggregateEventsResponse.FromString,
+                _registered_method=True)
         self.GetJwks = channel.unary_unary(
                 '/streammesh.gateway.v1.GatewayService/GetJwks',
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.GetJwksRequest.SerializeToString,
@@ -208,6 +213,17 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AggregateEvents(self, request, context):
+        """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+        numeric payload field, per key or type, over the filter (keys, types, time range and
+        filter_expression). Role: analyst. Bounded: a query that would aggregate more events than
+        storage's limit, take longer than its statement timeout, or make more than max_groups
+        groups is RESOURCE_EXHAUSTED with a hint (narrow the time range, name keys or types).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJwks(self, request, context):
         """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
         outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
@@ -275,6 +291,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.CountEvents,
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsResponse.SerializeToString,
+            ),
+            'AggregateEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AggregateEvents,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.AggregateEventsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.AggregateEventsResponse.SerializeToString,
             ),
             'GetJwks': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJwks,
@@ -587,6 +608,33 @@ class GatewayService:
             '/streammesh.gateway.v1.GatewayService/CountEvents',
             streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AggregateEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.GatewayService/AggregateEvents',
+            streammesh_dot_gateway_dot_v1_dot_gateway__pb2.AggregateEventsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_gateway__pb2.AggregateEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

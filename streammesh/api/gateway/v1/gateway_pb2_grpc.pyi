@@ -83,6 +83,13 @@ class GatewayServiceStub:
     """QueryEvents pages through stored events. Role: analyst."""
     CountEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]
     """CountEvents counts stored events matching a filter. Role: analyst."""
+    AggregateEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.AggregateEventsRequest, _gateway_pb2.AggregateEventsResponse]
+    """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+    numeric payload field, per key or type, over the filter (keys, types, time range and
+    filter_expression). Role: analyst. Bounded: a query that would aggregate more events than
+    storage's limit, take longer than its statement timeout, or make more than max_groups
+    groups is RESOURCE_EXHAUSTED with a hint (narrow the time range, name keys or types).
+    """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetJwksRequest, _gateway_pb2.GetJwksResponse]
     """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
     outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
@@ -145,6 +152,13 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """QueryEvents pages through stored events. Role: analyst."""
     CountEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]  # type: ignore[assignment]
     """CountEvents counts stored events matching a filter. Role: analyst."""
+    AggregateEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.AggregateEventsRequest, _gateway_pb2.AggregateEventsResponse]  # type: ignore[assignment]
+    """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+    numeric payload field, per key or type, over the filter (keys, types, time range and
+    filter_expression). Role: analyst. Bounded: a query that would aggregate more events than
+    storage's limit, take longer than its statement timeout, or make more than max_groups
+    groups is RESOURCE_EXHAUSTED with a hint (narrow the time range, name keys or types).
+    """
     GetJwks: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetJwksRequest, _gateway_pb2.GetJwksResponse]  # type: ignore[assignment]
     """GetJwks returns the public keys that verify StreamMesh access tokens, for resource servers
     outside the mesh. No token needed. Served from the gateway's own cache of auth's keys, so
@@ -270,6 +284,19 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.CountEventsResponse, _abc.Awaitable[_gateway_pb2.CountEventsResponse]]:
         """CountEvents counts stored events matching a filter. Role: analyst."""
+
+    @_abc_1.abstractmethod
+    def AggregateEvents(
+        self,
+        request: _gateway_pb2.AggregateEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.AggregateEventsResponse, _abc.Awaitable[_gateway_pb2.AggregateEventsResponse]]:
+        """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+        numeric payload field, per key or type, over the filter (keys, types, time range and
+        filter_expression). Role: analyst. Bounded: a query that would aggregate more events than
+        storage's limit, take longer than its statement timeout, or make more than max_groups
+        groups is RESOURCE_EXHAUSTED with a hint (narrow the time range, name keys or types).
+        """
 
     @_abc_1.abstractmethod
     def GetJwks(

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'streammesh/processor/v1/processor.proto\x12\x17streammesh.processor.v1\"\x12\n\x10GetStatusRequest\"\x84\x02\n\x11GetStatusResponse\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12<\n\npartitions\x18\x03 \x03(\x0b\x32(.streammesh.processor.v1.PartitionStatus\x12\x16\n\x0e\x62\x61tches_stored\x18\x04 \x01(\x04\x12\x15\n\revents_stored\x18\x05 \x01(\x04\x12\x18\n\x10\x65vents_duplicate\x18\x06 \x01(\x04\x12\x16\n\x0estore_failures\x18\x07 \x01(\x04\x12\x15\n\rdead_lettered\x18\x08 \x01(\x04\x12\x18\n\x10\x63ounted_failures\x18\t \x01(\x04\"U\n\x0fPartitionStatus\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x32v\n\x10ProcessorService\x12\x62\n\tGetStatus\x12).streammesh.processor.v1.GetStatusRequest\x1a*.streammesh.processor.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'streammesh/processor/v1/processor.proto\x12\x17streammesh.processor.v1\"\x12\n\x10GetStatusRequest\"\x84\x02\n\x11GetStatusResponse\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12<\n\npartitions\x18\x03 \x03(\x0b\x32(.streammesh.processor.v1.PartitionStatus\x12\x16\n\x0e\x62\x61tches_stored\x18\x04 \x01(\x04\x12\x15\n\revents_stored\x18\x05 \x01(\x04\x12\x18\n\x10\x65vents_duplicate\x18\x06 \x01(\x04\x12\x16\n\x0estore_failures\x18\x07 \x01(\x04\x12\x15\n\rdead_lettered\x18\x08 \x01(\x04\x12\x18\n\x10\x63ounted_failures\x18\t \x01(\x04\"U\n\x0fPartitionStatus\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x32{\n\x10ProcessorService\x12g\n\tGetStatus\x12).streammesh.processor.v1.GetStatusRequest\x1a*.streammesh.processor.v1.GetStatusResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streammesh.api.processor.v1.processor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PROCESSORSERVICE'].methods_by_name['GetStatus']._loaded_options = None
+  _globals['_PROCESSORSERVICE'].methods_by_name['GetStatus']._serialized_options = b'\220\002\001'
   _globals['_GETSTATUSREQUEST']._serialized_start=68
   _globals['_GETSTATUSREQUEST']._serialized_end=86
   _globals['_GETSTATUSRESPONSE']._serialized_start=89
@@ -38,5 +40,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARTITIONSTATUS']._serialized_start=351
   _globals['_PARTITIONSTATUS']._serialized_end=436
   _globals['_PROCESSORSERVICE']._serialized_start=438
-  _globals['_PROCESSORSERVICE']._serialized_end=556
+  _globals['_PROCESSORSERVICE']._serialized_end=561
 # @@protoc_insertion_point(module_scope)

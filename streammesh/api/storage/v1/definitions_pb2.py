@@ -22,54 +22,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from streammesh.api.common.v1 import definitions_pb2 as streammesh_dot_common_dot_v1_dot_definitions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'streammesh/storage/v1/definitions.proto\x12\x15streammesh.storage.v1\x1a&streammesh/common/v1/definitions.proto\"\x8a\x01\n\x17\x43reateDefinitionRequest\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x01 \x01(\t\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x12\n\ncreated_by\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"P\n\x18\x43reateDefinitionResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\"\x96\x01\n\x17UpdateDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x02 \x01(\t\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x12\n\ncreated_by\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"P\n\x18UpdateDefinitionResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\"\x92\x01\n\x1bSetDefinitionEnabledRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x12\n\ncreated_by\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"e\n\x1cSetDefinitionEnabledResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"w\n\x14GetDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"e\n\x15GetDefinitionResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\x12\x16\n\x0elatest_version\x18\x02 \x01(\r\"\x83\x01\n\x16ListDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"i\n\x17ListDefinitionsResponse\x12\x35\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32 .streammesh.common.v1.Definition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x1cListDefinitionChangesRequest\x12\x17\n\x0f\x61\x66ter_change_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\"\x86\x01\n\x10\x44\x65\x66initionChange\x12\x11\n\tchange_id\x18\x01 \x01(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x32\n\x04kind\x18\x03 \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\n\n\x02id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\"\x7f\n\x1dListDefinitionChangesResponse\x12\x38\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\'.streammesh.storage.v1.DefinitionChange\x12\x16\n\x0ehead_change_id\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xba\x01\n\x19StoreEngineOutputsRequest\x12+\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1b.streammesh.common.v1.Alert\x12:\n\x0ewindow_results\x18\x02 \x03(\x0b\x32\".streammesh.common.v1.WindowResult\x12\x34\n\x0blate_events\x18\x03 \x03(\x0b\x32\x1f.streammesh.common.v1.LateEvent\"q\n\x1aStoreEngineOutputsResponse\x12\x16\n\x0e\x61lerts_written\x18\x01 \x01(\r\x12\x1e\n\x16window_results_written\x18\x02 \x01(\r\x12\x1b\n\x13late_events_written\x18\x03 \x01(\r\"[\n\x11ListAlertsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07rule_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"Z\n\x12ListAlertsResponse\x12+\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1b.streammesh.common.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"d\n\x18ListWindowResultsRequest\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"p\n\x19ListWindowResultsResponse\x12:\n\x0ewindow_results\x18\x01 \x03(\x0b\x32\".streammesh.common.v1.WindowResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb7\x08\n\x11\x44\x65\x66initionService\x12s\n\x10\x43reateDefinition\x12..streammesh.storage.v1.CreateDefinitionRequest\x1a/.streammesh.storage.v1.CreateDefinitionResponse\x12s\n\x10UpdateDefinition\x12..streammesh.storage.v1.UpdateDefinitionRequest\x1a/.streammesh.storage.v1.UpdateDefinitionResponse\x12\x7f\n\x14SetDefinitionEnabled\x12\x32.streammesh.storage.v1.SetDefinitionEnabledRequest\x1a\x33.streammesh.storage.v1.SetDefinitionEnabledResponse\x12j\n\rGetDefinition\x12+.streammesh.storage.v1.GetDefinitionRequest\x1a,.streammesh.storage.v1.GetDefinitionResponse\x12p\n\x0fListDefinitions\x12-.streammesh.storage.v1.ListDefinitionsRequest\x1a..streammesh.storage.v1.ListDefinitionsResponse\x12\x82\x01\n\x15ListDefinitionChanges\x12\x33.streammesh.storage.v1.ListDefinitionChangesRequest\x1a\x34.streammesh.storage.v1.ListDefinitionChangesResponse\x12y\n\x12StoreEngineOutputs\x12\x30.streammesh.storage.v1.StoreEngineOutputsRequest\x1a\x31.streammesh.storage.v1.StoreEngineOutputsResponse\x12\x61\n\nListAlerts\x12(.streammesh.storage.v1.ListAlertsRequest\x1a).streammesh.storage.v1.ListAlertsResponse\x12v\n\x11ListWindowResults\x12/.streammesh.storage.v1.ListWindowResultsRequest\x1a\x30.streammesh.storage.v1.ListWindowResultsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'streammesh/storage/v1/definitions.proto\x12\x15streammesh.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&streammesh/common/v1/definitions.proto\"\x8a\x01\n\x17\x43reateDefinitionRequest\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x01 \x01(\t\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x12\n\ncreated_by\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"P\n\x18\x43reateDefinitionResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\"\x96\x01\n\x17UpdateDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x02 \x01(\t\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x12\n\ncreated_by\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"P\n\x18UpdateDefinitionResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\"\x92\x01\n\x1bSetDefinitionEnabledRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x12\n\ncreated_by\x18\r \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"e\n\x1cSetDefinitionEnabledResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"w\n\x14GetDefinitionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"e\n\x15GetDefinitionResponse\x12\x34\n\ndefinition\x18\x01 \x01(\x0b\x32 .streammesh.common.v1.Definition\x12\x16\n\x0elatest_version\x18\x02 \x01(\r\"\x83\x01\n\x16ListDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x32\n\x04kind\x18\x0c \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"i\n\x17ListDefinitionsResponse\x12\x35\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32 .streammesh.common.v1.Definition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x1cListDefinitionChangesRequest\x12\x17\n\x0f\x61\x66ter_change_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\x05\"\x86\x01\n\x10\x44\x65\x66initionChange\x12\x11\n\tchange_id\x18\x01 \x01(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x32\n\x04kind\x18\x03 \x01(\x0e\x32$.streammesh.common.v1.DefinitionKind\x12\n\n\x02id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\r\"\x7f\n\x1dListDefinitionChangesResponse\x12\x38\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\'.streammesh.storage.v1.DefinitionChange\x12\x16\n\x0ehead_change_id\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xad\x02\n\x19StoreEngineOutputsRequest\x12+\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1b.streammesh.common.v1.Alert\x12:\n\x0ewindow_results\x18\x02 \x03(\x0b\x32\".streammesh.common.v1.WindowResult\x12\x34\n\x0blate_events\x18\x03 \x03(\x0b\x32\x1f.streammesh.common.v1.LateEvent\x12;\n\ncheckpoint\x18\x04 \x01(\x0b\x32\'.streammesh.storage.v1.EngineCheckpoint\x12\x34\n\x05\x66\x65nce\x18\x05 \x01(\x0b\x32%.streammesh.storage.v1.PartitionFence\"H\n\x0ePartitionFence\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\"\x8b\x01\n\x1aStoreEngineOutputsResponse\x12\x16\n\x0e\x61lerts_written\x18\x01 \x01(\r\x12\x1e\n\x16window_results_written\x18\x02 \x01(\r\x12\x1b\n\x13late_events_written\x18\x03 \x01(\r\x12\x18\n\x10\x63heckpoint_saved\x18\x04 \x01(\x08\"\xa2\x01\n\x10\x45ngineCheckpoint\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\x12\x15\n\rlast_entry_id\x18\x04 \x01(\t\x12\x10\n\x08snapshot\x18\x05 \x01(\x0c\x12-\n\tsave_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x1bLoadEngineCheckpointRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\"j\n\x1cLoadEngineCheckpointResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12;\n\ncheckpoint\x18\x02 \x01(\x0b\x32\'.streammesh.storage.v1.EngineCheckpoint\"[\n\x11ListAlertsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07rule_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"Z\n\x12ListAlertsResponse\x12+\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x1b.streammesh.common.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"d\n\x18ListWindowResultsRequest\x12\x11\n\twindow_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"p\n\x19ListWindowResultsResponse\x12:\n\x0ewindow_results\x18\x01 \x03(\x0b\x32\".streammesh.common.v1.WindowResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe2\t\n\x11\x44\x65\x66initionService\x12s\n\x10\x43reateDefinition\x12..streammesh.storage.v1.CreateDefinitionRequest\x1a/.streammesh.storage.v1.CreateDefinitionResponse\x12s\n\x10UpdateDefinition\x12..streammesh.storage.v1.UpdateDefinitionRequest\x1a/.streammesh.storage.v1.UpdateDefinitionResponse\x12\x84\x01\n\x14SetDefinitionEnabled\x12\x32.streammesh.storage.v1.SetDefinitionEnabledRequest\x1a\x33.streammesh.storage.v1.SetDefinitionEnabledResponse\"\x03\x90\x02\x02\x12o\n\rGetDefinition\x12+.streammesh.storage.v1.GetDefinitionRequest\x1a,.streammesh.storage.v1.GetDefinitionResponse\"\x03\x90\x02\x01\x12u\n\x0fListDefinitions\x12-.streammesh.storage.v1.ListDefinitionsRequest\x1a..streammesh.storage.v1.ListDefinitionsResponse\"\x03\x90\x02\x01\x12\x87\x01\n\x15ListDefinitionChanges\x12\x33.streammesh.storage.v1.ListDefinitionChangesRequest\x1a\x34.streammesh.storage.v1.ListDefinitionChangesResponse\"\x03\x90\x02\x01\x12~\n\x12StoreEngineOutputs\x12\x30.streammesh.storage.v1.StoreEngineOutputsRequest\x1a\x31.streammesh.storage.v1.StoreEngineOutputsResponse\"\x03\x90\x02\x02\x12\x84\x01\n\x14LoadEngineCheckpoint\x12\x32.streammesh.storage.v1.LoadEngineCheckpointRequest\x1a\x33.streammesh.storage.v1.LoadEngineCheckpointResponse\"\x03\x90\x02\x02\x12\x66\n\nListAlerts\x12(.streammesh.storage.v1.ListAlertsRequest\x1a).streammesh.storage.v1.ListAlertsResponse\"\x03\x90\x02\x01\x12{\n\x11ListWindowResults\x12/.streammesh.storage.v1.ListWindowResultsRequest\x1a\x30.streammesh.storage.v1.ListWindowResultsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streammesh.api.storage.v1.definitions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEDEFINITIONREQUEST']._serialized_start=107
-  _globals['_CREATEDEFINITIONREQUEST']._serialized_end=245
-  _globals['_CREATEDEFINITIONRESPONSE']._serialized_start=247
-  _globals['_CREATEDEFINITIONRESPONSE']._serialized_end=327
-  _globals['_UPDATEDEFINITIONREQUEST']._serialized_start=330
-  _globals['_UPDATEDEFINITIONREQUEST']._serialized_end=480
-  _globals['_UPDATEDEFINITIONRESPONSE']._serialized_start=482
-  _globals['_UPDATEDEFINITIONRESPONSE']._serialized_end=562
-  _globals['_SETDEFINITIONENABLEDREQUEST']._serialized_start=565
-  _globals['_SETDEFINITIONENABLEDREQUEST']._serialized_end=711
-  _globals['_SETDEFINITIONENABLEDRESPONSE']._serialized_start=713
-  _globals['_SETDEFINITIONENABLEDRESPONSE']._serialized_end=814
-  _globals['_GETDEFINITIONREQUEST']._serialized_start=816
-  _globals['_GETDEFINITIONREQUEST']._serialized_end=935
-  _globals['_GETDEFINITIONRESPONSE']._serialized_start=937
-  _globals['_GETDEFINITIONRESPONSE']._serialized_end=1038
-  _globals['_LISTDEFINITIONSREQUEST']._serialized_start=1041
-  _globals['_LISTDEFINITIONSREQUEST']._serialized_end=1172
-  _globals['_LISTDEFINITIONSRESPONSE']._serialized_start=1174
-  _globals['_LISTDEFINITIONSRESPONSE']._serialized_end=1279
-  _globals['_LISTDEFINITIONCHANGESREQUEST']._serialized_start=1281
-  _globals['_LISTDEFINITIONCHANGESREQUEST']._serialized_end=1351
-  _globals['_DEFINITIONCHANGE']._serialized_start=1354
-  _globals['_DEFINITIONCHANGE']._serialized_end=1488
-  _globals['_LISTDEFINITIONCHANGESRESPONSE']._serialized_start=1490
-  _globals['_LISTDEFINITIONCHANGESRESPONSE']._serialized_end=1617
-  _globals['_STOREENGINEOUTPUTSREQUEST']._serialized_start=1620
-  _globals['_STOREENGINEOUTPUTSREQUEST']._serialized_end=1806
-  _globals['_STOREENGINEOUTPUTSRESPONSE']._serialized_start=1808
-  _globals['_STOREENGINEOUTPUTSRESPONSE']._serialized_end=1921
-  _globals['_LISTALERTSREQUEST']._serialized_start=1923
-  _globals['_LISTALERTSREQUEST']._serialized_end=2014
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2016
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2106
-  _globals['_LISTWINDOWRESULTSREQUEST']._serialized_start=2108
-  _globals['_LISTWINDOWRESULTSREQUEST']._serialized_end=2208
-  _globals['_LISTWINDOWRESULTSRESPONSE']._serialized_start=2210
-  _globals['_LISTWINDOWRESULTSRESPONSE']._serialized_end=2322
-  _globals['_DEFINITIONSERVICE']._serialized_start=2325
-  _globals['_DEFINITIONSERVICE']._serialized_end=3404
+  _globals['_DEFINITIONSERVICE'].methods_by_name['SetDefinitionEnabled']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['SetDefinitionEnabled']._serialized_options = b'\220\002\002'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['GetDefinition']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['GetDefinition']._serialized_options = b'\220\002\001'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListDefinitions']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListDefinitions']._serialized_options = b'\220\002\001'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListDefinitionChanges']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListDefinitionChanges']._serialized_options = b'\220\002\001'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['StoreEngineOutputs']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['StoreEngineOutputs']._serialized_options = b'\220\002\002'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['LoadEngineCheckpoint']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['LoadEngineCheckpoint']._serialized_options = b'\220\002\002'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListAlerts']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListAlerts']._serialized_options = b'\220\002\001'
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListWindowResults']._loaded_options = None
+  _globals['_DEFINITIONSERVICE'].methods_by_name['ListWindowResults']._serialized_options = b'\220\002\001'
+  _globals['_CREATEDEFINITIONREQUEST']._serialized_start=140
+  _globals['_CREATEDEFINITIONREQUEST']._serialized_end=278
+  _globals['_CREATEDEFINITIONRESPONSE']._serialized_start=280
+  _globals['_CREATEDEFINITIONRESPONSE']._serialized_end=360
+  _globals['_UPDATEDEFINITIONREQUEST']._serialized_start=363
+  _globals['_UPDATEDEFINITIONREQUEST']._serialized_end=513
+  _globals['_UPDATEDEFINITIONRESPONSE']._serialized_start=515
+  _globals['_UPDATEDEFINITIONRESPONSE']._serialized_end=595
+  _globals['_SETDEFINITIONENABLEDREQUEST']._serialized_start=598
+  _globals['_SETDEFINITIONENABLEDREQUEST']._serialized_end=744
+  _globals['_SETDEFINITIONENABLEDRESPONSE']._serialized_start=746
+  _globals['_SETDEFINITIONENABLEDRESPONSE']._serialized_end=847
+  _globals['_GETDEFINITIONREQUEST']._serialized_start=849
+  _globals['_GETDEFINITIONREQUEST']._serialized_end=968
+  _globals['_GETDEFINITIONRESPONSE']._serialized_start=970
+  _globals['_GETDEFINITIONRESPONSE']._serialized_end=1071
+  _globals['_LISTDEFINITIONSREQUEST']._serialized_start=1074
+  _globals['_LISTDEFINITIONSREQUEST']._serialized_end=1205
+  _globals['_LISTDEFINITIONSRESPONSE']._serialized_start=1207
+  _globals['_LISTDEFINITIONSRESPONSE']._serialized_end=1312
+  _globals['_LISTDEFINITIONCHANGESREQUEST']._serialized_start=1314
+  _globals['_LISTDEFINITIONCHANGESREQUEST']._serialized_end=1384
+  _globals['_DEFINITIONCHANGE']._serialized_start=1387
+  _globals['_DEFINITIONCHANGE']._serialized_end=1521
+  _globals['_LISTDEFINITIONCHANGESRESPONSE']._serialized_start=1523
+  _globals['_LISTDEFINITIONCHANGESRESPONSE']._serialized_end=1650
+  _globals['_STOREENGINEOUTPUTSREQUEST']._serialized_start=1653
+  _globals['_STOREENGINEOUTPUTSREQUEST']._serialized_end=1954
+  _globals['_PARTITIONFENCE']._serialized_start=1956
+  _globals['_PARTITIONFENCE']._serialized_end=2028
+  _globals['_STOREENGINEOUTPUTSRESPONSE']._serialized_start=2031
+  _globals['_STOREENGINEOUTPUTSRESPONSE']._serialized_end=2170
+  _globals['_ENGINECHECKPOINT']._serialized_start=2173
+  _globals['_ENGINECHECKPOINT']._serialized_end=2335
+  _globals['_LOADENGINECHECKPOINTREQUEST']._serialized_start=2337
+  _globals['_LOADENGINECHECKPOINTREQUEST']._serialized_end=2422
+  _globals['_LOADENGINECHECKPOINTRESPONSE']._serialized_start=2424
+  _globals['_LOADENGINECHECKPOINTRESPONSE']._serialized_end=2530
+  _globals['_LISTALERTSREQUEST']._serialized_start=2532
+  _globals['_LISTALERTSREQUEST']._serialized_end=2623
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2625
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2715
+  _globals['_LISTWINDOWRESULTSREQUEST']._serialized_start=2717
+  _globals['_LISTWINDOWRESULTSREQUEST']._serialized_end=2817
+  _globals['_LISTWINDOWRESULTSRESPONSE']._serialized_start=2819
+  _globals['_LISTWINDOWRESULTSRESPONSE']._serialized_end=2931
+  _globals['_DEFINITIONSERVICE']._serialized_start=2934
+  _globals['_DEFINITIONSERVICE']._serialized_end=4184
 # @@protoc_insertion_point(module_scope)

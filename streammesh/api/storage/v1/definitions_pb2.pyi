@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from streammesh.api.common.v1 import definitions_pb2 as _definitions_pb2
 import builtins as _builtins
@@ -385,6 +386,8 @@ class StoreEngineOutputsRequest(_message.Message):
     ALERTS_FIELD_NUMBER: _builtins.int
     WINDOW_RESULTS_FIELD_NUMBER: _builtins.int
     LATE_EVENTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.Alert]:
         """At most 10000 items in all; each names its tenant."""
@@ -393,20 +396,62 @@ class StoreEngineOutputsRequest(_message.Message):
     def window_results(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.WindowResult]: ...
     @_builtins.property
     def late_events(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.LateEvent]: ...
+    @_builtins.property
+    def checkpoint(self) -> Global___EngineCheckpoint:
+        """The state of the partition that emitted the outputs, saved with them (optional). A
+        partition's state holds many tenants: checkpoints are not scoped by tenant.
+        """
+
+    @_builtins.property
+    def fence(self) -> Global___PartitionFence:
+        """For a call with outputs and no checkpoint (state saved less often than outputs): fenced as
+        a checkpoint is, nothing else saved. Give at most one of checkpoint and fence.
+        """
+
     def __init__(
         self,
         *,
         alerts: _abc.Iterable[_definitions_pb2.Alert] | None = ...,
         window_results: _abc.Iterable[_definitions_pb2.WindowResult] | None = ...,
         late_events: _abc.Iterable[_definitions_pb2.LateEvent] | None = ...,
+        checkpoint: Global___EngineCheckpoint | None = ...,
+        fence: Global___PartitionFence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "fence", b"fence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "late_events", b"late_events", "window_results", b"window_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "checkpoint", b"checkpoint", "fence", b"fence", "late_events", b"late_events", "window_results", b"window_results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreEngineOutputsRequest: _TypeAlias = StoreEngineOutputsRequest  # noqa: Y015
+
+@_typing.final
+class PartitionFence(_message.Message):
+    """PartitionFence names a partition and the caller's lease epoch on it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """As in EngineCheckpoint."""
+    partition: _builtins.int
+    lease_epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_epoch", b"lease_epoch", "partition", b"partition", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionFence: _TypeAlias = PartitionFence  # noqa: Y015
 
 @_typing.final
 class StoreEngineOutputsResponse(_message.Message):
@@ -415,24 +460,132 @@ class StoreEngineOutputsResponse(_message.Message):
     ALERTS_WRITTEN_FIELD_NUMBER: _builtins.int
     WINDOW_RESULTS_WRITTEN_FIELD_NUMBER: _builtins.int
     LATE_EVENTS_WRITTEN_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SAVED_FIELD_NUMBER: _builtins.int
     alerts_written: _builtins.int
     """How many of each were new (the rest were stored before)."""
     window_results_written: _builtins.int
     late_events_written: _builtins.int
+    checkpoint_saved: _builtins.bool
+    """With a checkpoint: false when the stored one was already later (the same lease epoch and
+    a later entry id: a delayed retry of an earlier call), which is kept.
+    """
     def __init__(
         self,
         *,
         alerts_written: _builtins.int = ...,
         window_results_written: _builtins.int = ...,
         late_events_written: _builtins.int = ...,
+        checkpoint_saved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_written", b"alerts_written", "late_events_written", b"late_events_written", "window_results_written", b"window_results_written"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts_written", b"alerts_written", "checkpoint_saved", b"checkpoint_saved", "late_events_written", b"late_events_written", "window_results_written", b"window_results_written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoreEngineOutputsResponse: _TypeAlias = StoreEngineOutputsResponse  # noqa: Y015
+
+@_typing.final
+class EngineCheckpoint(_message.Message):
+    """EngineCheckpoint is one partition's engine state (open windows, partial matches, watermark)
+    and the queue position it covers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    LAST_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    SAVE_TIME_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """The queue (the stream key prefix, "streammesh:events") and the partition; required."""
+    partition: _builtins.int
+    lease_epoch: _builtins.int
+    """The writer's lease epoch on the partition, at least 1; it grows with every new owner."""
+    last_entry_id: _builtins.str
+    """The last queue entry id ("<milliseconds>-<sequence>") whose events the snapshot includes;
+    a new owner resumes after it.
+    """
+    snapshot: _builtins.bytes
+    """The engine's snapshot (opaque to storage); the whole request is bounded by the server's
+    message size (max_message_bytes, 16 MiB by default).
+    """
+    @_builtins.property
+    def save_time(self) -> _timestamp_pb2.Timestamp:
+        """When storage saved it (output only)."""
+
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+        last_entry_id: _builtins.str = ...,
+        snapshot: _builtins.bytes = ...,
+        save_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["save_time", b"save_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_entry_id", b"last_entry_id", "lease_epoch", b"lease_epoch", "partition", b"partition", "save_time", b"save_time", "snapshot", b"snapshot", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineCheckpoint: _TypeAlias = EngineCheckpoint  # noqa: Y015
+
+@_typing.final
+class LoadEngineCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """Required."""
+    partition: _builtins.int
+    lease_epoch: _builtins.int
+    """The caller's lease epoch on the partition (0: read without fencing)."""
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        lease_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_epoch", b"lease_epoch", "partition", b"partition", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadEngineCheckpointRequest: _TypeAlias = LoadEngineCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class LoadEngineCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False when the partition has no saved state (start from its first entry)."""
+    @_builtins.property
+    def checkpoint(self) -> Global___EngineCheckpoint:
+        """With found; its lease_epoch is the fence as it stands after this call."""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        checkpoint: Global___EngineCheckpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "found", b"found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadEngineCheckpointResponse: _TypeAlias = LoadEngineCheckpointResponse  # noqa: Y015
 
 @_typing.final
 class ListAlertsRequest(_message.Message):

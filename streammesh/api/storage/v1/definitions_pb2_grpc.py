@@ -77,6 +77,11 @@ class DefinitionServiceStub:
                 request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.StoreEngineOutputsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.StoreEngineOutputsResponse.FromString,
                 _registered_method=True)
+        self.LoadEngineCheckpoint = channel.unary_unary(
+                '/streammesh.storage.v1.DefinitionService/LoadEngineCheckpoint',
+                request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.LoadEngineCheckpointRequest.SerializeToString,
+                response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.LoadEngineCheckpointResponse.FromString,
+                _registered_method=True)
         self.ListAlerts = channel.unary_unary(
                 '/streammesh.storage.v1.DefinitionService/ListAlerts',
                 request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsRequest.SerializeToString,
@@ -146,7 +151,21 @@ class DefinitionServiceServicer:
 
     def StoreEngineOutputs(self, request, context):
         """StoreEngineOutputs stores alerts, window results and late events in one transaction;
-        each is written once (by its identity), so a replayed batch changes nothing.
+        each is written once (by its identity), so a replayed batch changes nothing. With a
+        checkpoint, the partition's engine state is saved in the same transaction, fenced by the
+        lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
+        FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+        without a checkpoint can be fenced the same way (`fence`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadEngineCheckpoint(self, request, context):
+        """LoadEngineCheckpoint returns a partition's latest checkpoint, for the processor that takes
+        the partition over (`found` false when none was saved). Given the new owner's lease epoch,
+        it first raises the partition's fence to it, so the previous owner's later writes are
+        refused; an epoch lower than the stored one is refused with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +223,11 @@ def add_DefinitionServiceServicer_to_server(servicer, server):
                     servicer.StoreEngineOutputs,
                     request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.StoreEngineOutputsRequest.FromString,
                     response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.StoreEngineOutputsResponse.SerializeToString,
+            ),
+            'LoadEngineCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadEngineCheckpoint,
+                    request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.LoadEngineCheckpointRequest.FromString,
+                    response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.LoadEngineCheckpointResponse.SerializeToString,
             ),
             'ListAlerts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAlerts,
@@ -413,6 +437,33 @@ class DefinitionService:
             '/streammesh.storage.v1.DefinitionService/StoreEngineOutputs',
             streammesh_dot_storage_dot_v1_dot_definitions__pb2.StoreEngineOutputsRequest.SerializeToString,
             streammesh_dot_storage_dot_v1_dot_definitions__pb2.StoreEngineOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadEngineCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.storage.v1.DefinitionService/LoadEngineCheckpoint',
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.LoadEngineCheckpointRequest.SerializeToString,
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.LoadEngineCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,7 +59,17 @@ class DefinitionServiceStub:
     """
     StoreEngineOutputs: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.StoreEngineOutputsRequest, _definitions_pb2.StoreEngineOutputsResponse]
     """StoreEngineOutputs stores alerts, window results and late events in one transaction;
-    each is written once (by its identity), so a replayed batch changes nothing.
+    each is written once (by its identity), so a replayed batch changes nothing. With a
+    checkpoint, the partition's engine state is saved in the same transaction, fenced by the
+    lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
+    FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+    without a checkpoint can be fenced the same way (`fence`).
+    """
+    LoadEngineCheckpoint: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.LoadEngineCheckpointRequest, _definitions_pb2.LoadEngineCheckpointResponse]
+    """LoadEngineCheckpoint returns a partition's latest checkpoint, for the processor that takes
+    the partition over (`found` false when none was saved). Given the new owner's lease epoch,
+    it first raises the partition's fence to it, so the previous owner's later writes are
+    refused; an epoch lower than the stored one is refused with FAILED_PRECONDITION.
     """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.ListAlertsRequest, _definitions_pb2.ListAlertsResponse]
     """ListAlerts pages through a tenant's alerts, newest first."""
@@ -99,7 +109,17 @@ class DefinitionServiceAsyncStub(DefinitionServiceStub):
     """
     StoreEngineOutputs: _aio.UnaryUnaryMultiCallable[_definitions_pb2.StoreEngineOutputsRequest, _definitions_pb2.StoreEngineOutputsResponse]  # type: ignore[assignment]
     """StoreEngineOutputs stores alerts, window results and late events in one transaction;
-    each is written once (by its identity), so a replayed batch changes nothing.
+    each is written once (by its identity), so a replayed batch changes nothing. With a
+    checkpoint, the partition's engine state is saved in the same transaction, fenced by the
+    lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
+    FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+    without a checkpoint can be fenced the same way (`fence`).
+    """
+    LoadEngineCheckpoint: _aio.UnaryUnaryMultiCallable[_definitions_pb2.LoadEngineCheckpointRequest, _definitions_pb2.LoadEngineCheckpointResponse]  # type: ignore[assignment]
+    """LoadEngineCheckpoint returns a partition's latest checkpoint, for the processor that takes
+    the partition over (`found` false when none was saved). Given the new owner's lease epoch,
+    it first raises the partition's fence to it, so the previous owner's later writes are
+    refused; an epoch lower than the stored one is refused with FAILED_PRECONDITION.
     """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_definitions_pb2.ListAlertsRequest, _definitions_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """ListAlerts pages through a tenant's alerts, newest first."""
@@ -178,7 +198,23 @@ class DefinitionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_definitions_pb2.StoreEngineOutputsResponse, _abc.Awaitable[_definitions_pb2.StoreEngineOutputsResponse]]:
         """StoreEngineOutputs stores alerts, window results and late events in one transaction;
-        each is written once (by its identity), so a replayed batch changes nothing.
+        each is written once (by its identity), so a replayed batch changes nothing. With a
+        checkpoint, the partition's engine state is saved in the same transaction, fenced by the
+        lease epoch: a write whose epoch is lower than the stored checkpoint's is refused with
+        FAILED_PRECONDITION and writes nothing (its sender has lost the partition). Outputs sent
+        without a checkpoint can be fenced the same way (`fence`).
+        """
+
+    @_abc_1.abstractmethod
+    def LoadEngineCheckpoint(
+        self,
+        request: _definitions_pb2.LoadEngineCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_definitions_pb2.LoadEngineCheckpointResponse, _abc.Awaitable[_definitions_pb2.LoadEngineCheckpointResponse]]:
+        """LoadEngineCheckpoint returns a partition's latest checkpoint, for the processor that takes
+        the partition over (`found` false when none was saved). Given the new owner's lease epoch,
+        it first raises the partition's fence to it, so the previous owner's later writes are
+        refused; an epoch lower than the stored one is refused with FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

@@ -82,22 +82,41 @@ class QueryEventsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """0 to 1000; 100 when 0."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first page."""
+    filter_expression: _builtins.str
+    """An AIP-160 filter (see README "Querying events"), for example
+    `payload.amount > 10 AND attributes.region = "eu" AND type:"order.*"`; empty matches
+    everything. A filter that does not parse, or names a field or an operator the schemas of
+    the types in scope do not allow, is INVALID_ARGUMENT naming the token and its column.
+    """
+    tenant: _builtins.str
+    """The caller's tenant and principal (JWT subject); the gateway fills both, a client never
+    does. The page token is bound to them.
+    """
+    principal: _builtins.str
     @_builtins.property
-    def filter(self) -> _event_pb2.EventFilter: ...
+    def filter(self) -> _event_pb2.EventFilter:
+        """Keys, types and time range; combined with `filter_expression` (both must match)."""
+
     def __init__(
         self,
         *,
         filter: _event_pb2.EventFilter | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,20 +151,94 @@ class CountEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILTER_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    filter_expression: _builtins.str
+    """An AIP-160 filter, as in QueryEventsRequest."""
+    tenant: _builtins.str
+    """The caller's tenant; the gateway fills it."""
     @_builtins.property
     def filter(self) -> _event_pb2.EventFilter: ...
     def __init__(
         self,
         *,
         filter: _event_pb2.EventFilter | None = ...,
+        filter_expression: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "filter_expression", b"filter_expression", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountEventsRequest: _TypeAlias = CountEventsRequest  # noqa: Y015
+
+@_typing.final
+class AggregateEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    MAX_GROUPS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    filter_expression: _builtins.str
+    """An AIP-160 filter, as in QueryEventsRequest."""
+    group_by: _event_pb2.AggregateGroupBy.ValueType
+    field: _builtins.str
+    """A numeric payload field to sum, min, max and average, as a filter names it
+    ("payload.amount"); empty counts only. It must be a number or an integer in the schemas in
+    scope (or undeclared by all of them, for types without a schema).
+    """
+    max_groups: _builtins.int
+    """Groups returned at most: 0 means 100, at most 1000. More groups match: RESOURCE_EXHAUSTED."""
+    tenant: _builtins.str
+    """The caller's tenant; the gateway fills it."""
+    @_builtins.property
+    def filter(self) -> _event_pb2.EventFilter:
+        """Keys, types and time range, as in QueryEventsRequest."""
+
+    def __init__(
+        self,
+        *,
+        filter: _event_pb2.EventFilter | None = ...,
+        filter_expression: _builtins.str = ...,
+        group_by: _event_pb2.AggregateGroupBy.ValueType = ...,
+        field: _builtins.str = ...,
+        max_groups: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "filter", b"filter", "filter_expression", b"filter_expression", "group_by", b"group_by", "max_groups", b"max_groups", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateEventsRequest: _TypeAlias = AggregateEventsRequest  # noqa: Y015
+
+@_typing.final
+class AggregateEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.AggregateGroup]:
+        """Largest count first (then by group)."""
+
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[_event_pb2.AggregateGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateEventsResponse: _TypeAlias = AggregateEventsResponse  # noqa: Y015
 
 @_typing.final
 class CountEventsResponse(_message.Message):

@@ -54,6 +54,11 @@ class StorageServiceStub:
                 request_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.CountEventsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.CountEventsResponse.FromString,
                 _registered_method=True)
+        self.AggregateEvents = channel.unary_unary(
+                '/streammesh.storage.v1.StorageService/AggregateEvents',
+                request_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsResponse.FromString,
+                _registered_method=True)
         self.StoreDeadLetter = channel.unary_unary(
                 '/streammesh.storage.v1.StorageService/StoreDeadLetter',
                 request_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.StoreDeadLetterRequest.SerializeToString,
@@ -105,6 +110,14 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AggregateEvents(self, request, context):
+        """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+        numeric payload field, per key or type; bounded (see the gateway's twin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StoreDeadLetter(self, request, context):
         """StoreDeadLetter records a queue entry the processor gave up on, before it acknowledges the
         entry. Idempotent on (stream, entry_id): a repeat returns the first record unchanged.
@@ -151,6 +164,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.CountEvents,
                     request_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.CountEventsRequest.FromString,
                     response_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.CountEventsResponse.SerializeToString,
+            ),
+            'AggregateEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AggregateEvents,
+                    request_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsRequest.FromString,
+                    response_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsResponse.SerializeToString,
             ),
             'StoreDeadLetter': grpc.unary_unary_rpc_method_handler(
                     servicer.StoreDeadLetter,
@@ -259,6 +277,33 @@ class StorageService:
             '/streammesh.storage.v1.StorageService/CountEvents',
             streammesh_dot_storage_dot_v1_dot_storage__pb2.CountEventsRequest.SerializeToString,
             streammesh_dot_storage_dot_v1_dot_storage__pb2.CountEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AggregateEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.storage.v1.StorageService/AggregateEvents',
+            streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsRequest.SerializeToString,
+            streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class StorageServiceStub:
     """QueryEvents pages through stored events in store order."""
     CountEvents: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CountEventsRequest, _storage_pb2.CountEventsResponse]
     """CountEvents counts stored events matching a filter."""
+    AggregateEvents: _grpc.UnaryUnaryMultiCallable[_storage_pb2.AggregateEventsRequest, _storage_pb2.AggregateEventsResponse]
+    """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+    numeric payload field, per key or type; bounded (see the gateway's twin).
+    """
     StoreDeadLetter: _grpc.UnaryUnaryMultiCallable[_storage_pb2.StoreDeadLetterRequest, _storage_pb2.StoreDeadLetterResponse]
     """StoreDeadLetter records a queue entry the processor gave up on, before it acknowledges the
     entry. Idempotent on (stream, entry_id): a repeat returns the first record unchanged.
@@ -71,6 +75,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """QueryEvents pages through stored events in store order."""
     CountEvents: _aio.UnaryUnaryMultiCallable[_storage_pb2.CountEventsRequest, _storage_pb2.CountEventsResponse]  # type: ignore[assignment]
     """CountEvents counts stored events matching a filter."""
+    AggregateEvents: _aio.UnaryUnaryMultiCallable[_storage_pb2.AggregateEventsRequest, _storage_pb2.AggregateEventsResponse]  # type: ignore[assignment]
+    """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+    numeric payload field, per key or type; bounded (see the gateway's twin).
+    """
     StoreDeadLetter: _aio.UnaryUnaryMultiCallable[_storage_pb2.StoreDeadLetterRequest, _storage_pb2.StoreDeadLetterResponse]  # type: ignore[assignment]
     """StoreDeadLetter records a queue entry the processor gave up on, before it acknowledges the
     entry. Idempotent on (stream, entry_id): a repeat returns the first record unchanged.
@@ -113,6 +121,16 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.CountEventsResponse, _abc.Awaitable[_storage_pb2.CountEventsResponse]]:
         """CountEvents counts stored events matching a filter."""
+
+    @_abc_1.abstractmethod
+    def AggregateEvents(
+        self,
+        request: _storage_pb2.AggregateEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.AggregateEventsResponse, _abc.Awaitable[_storage_pb2.AggregateEventsResponse]]:
+        """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
+        numeric payload field, per key or type; bounded (see the gateway's twin).
+        """
 
     @_abc_1.abstractmethod
     def StoreDeadLetter(

@@ -4,7 +4,7 @@ A processor reads all its partitions in one XREADGROUP, and ingest writes one en
 (publish batch, partition): at a low rate a round holds a small group in each partition, and one
 call and one commit per partition cost more than the rows. So the leading group of each
 partition goes to storage together with the others' (as few calls as the limits allow), and
-each partition is then acknowledged on its own (fenced, ownership.py).
+each partition is then acknowledged on its own (fenced, source/ownership.py).
 
 The entries stay undecoded: serialized QueuedColumns concatenate into one message, and after
 each entry's bytes the processor appends field 13 (`run_partitions`) with that entry's
@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.processor.ownership import Entry
 from streammesh.api.common.v1 import event_pb2
-from streammesh.entries import QueuedBody, entry_body
+from streammesh.entries import Entry, QueuedBody, entry_body
 from streammesh.streams import COLUMNS_FIELD, COUNT_FIELD
 from streammesh.wire import varint_field
 

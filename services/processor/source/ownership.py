@@ -25,8 +25,10 @@ Leases. Four Lua scripts run against `<prefix>:lease:p<n>`:
 - RELEASE deletes the lease only if it names us. The worker releases a partition at a round
   boundary, when nothing of that partition is in flight, after the assignment has moved it
   elsewhere. On a graceful stop it releases every lease;
-- ACK runs XACK only while the lease names us (fencing), and forgets the entry's failed-attempt
-  count (`dead_letters.py`) in the same step.
+- ACK runs XACK only while the lease names us (fencing), and in the same step forgets the
+  entry's field in the hash `forget` names, which the worker sets to the failed-attempt counts of
+  delivery (`delivery/dead_letters.py`). The acks of one store call across partitions go to
+  Redis in one pipeline (`ack_many`): still one script, and one lease check, per partition.
 
 A crashed processor never releases its leases. They expire after lease_ttl, and then the
 processors that the assignment names acquire them.
@@ -65,23 +67,20 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from services.processor.dead_letters import attempts_key
 from streammesh.backlog import entry_weight
+from streammesh.entries import Entry
 from streammesh.mesh.tasks import raise_if_cancelled, wait_event
 from streammesh.streams import StreamLayout
 
-__all__ = ["SAFETY", "Entry", "PartitionOwnership", "assign"]
+__all__ = ["ACK_SCRIPT", "SAFETY", "PartitionOwnership", "assign"]
 
 log = logging.getLogger(__name__)
-
-Entry = tuple[bytes, dict[bytes, bytes] | None]
-"""A stream entry as XREADGROUP returns it: id and fields (None once deleted)."""
 
 SAFETY = 0.2
 """Share of the lease TTL by which the local deadline precedes the lease's expiry in Redis."""
@@ -123,7 +122,7 @@ end
 return 0
 """
 
-_ACK = """
+ACK_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
 end
@@ -138,18 +137,27 @@ for i = 3, #ARGV, 3 do
     bytes = bytes + tonumber(ARGV[i + 2])
   end
 end
-redis.call('HDEL', KEYS[3], unpack(ids))
+if KEYS[4] then
+  -- In slices: unpack() takes at most about 8000 values (LUAI_MAXCSTACK), fewer than a
+  -- group may hold.
+  for i = 1, #ids, 1000 do
+    redis.call('HDEL', KEYS[4], unpack(ids, i, math.min(i + 999, #ids)))
+  end
+end
 -- Integers only (a Lua number turned into a string could read "-0" or "1e+15", which
 -- HINCRBY refuses), never below zero.
 for field, amount in pairs({events = events, bytes = bytes}) do
   if amount > 0 then
-    if redis.call('HINCRBY', KEYS[4], field, string.format('%d', -amount)) < 0 then
-      redis.call('HSET', KEYS[4], field, 0)
+    if redis.call('HINCRBY', KEYS[3], field, string.format('%d', -amount)) < 0 then
+      redis.call('HSET', KEYS[3], field, 0)
     end
   end
 end
 return acked
 """
+"""KEYS: lease, stream, backlog counters, and the hash to forget the entries in (optional);
+ARGV: consumer, group, then id, events, bytes for each entry. -1 when the lease names another
+consumer (nothing changed), else how many entries XACK took out of the pending list."""
 
 
 def _rank(member: str, partition: int) -> bytes:
@@ -193,7 +201,11 @@ class PartitionOwnership:
         *,
         lease_ttl_ms: int = 10_000,
         heartbeat_ms: int = 2_000,
+        forget: Callable[[int], str] | None = None,
     ) -> None:
+        """`forget(partition)` names a hash whose fields, named by entry id, the fenced ack
+        deletes with the XACK (the worker passes delivery's failed-attempt counts); None for
+        none."""
         if not 0 < heartbeat_ms * 2 <= lease_ttl_ms:
             raise ValueError("heartbeat_ms must be positive and at most half of lease_ttl_ms")
         self._client = client
@@ -206,7 +218,8 @@ class PartitionOwnership:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self._ack = client.register_script(_ACK)
+        self._ack = client.register_script(ACK_SCRIPT)
+        self._forget = forget
         # partition -> (local deadline, generation); the generation tells a renewal's answer
         # apart from a release + re-acquire that happened while it was on the wire.
         self._leases: dict[int, tuple[float, int]] = {}
@@ -323,25 +336,67 @@ class PartitionOwnership:
         log.info("released partitions %s", freed)
 
     async def ack(self, partition: int, *entries: Entry) -> bool:
-        """XACK the entries (and forget their failure counts, and subtract their weight from
-        the backlog counters) only while the lease names us, all in one script; False (and the
-        partition dropped) otherwise."""
+        """XACK the entries (and forget them in the `forget` hash, and subtract their weight
+        from the backlog counters) only while the lease names us, all in one script; False (and
+        the partition dropped) otherwise."""
         if not entries:
             return True
+        keys, args = self._ack_call(partition, entries)
+        return self._acked(partition, await self._ack(keys=keys, args=args))
+
+    async def ack_many(self, acks: Sequence[tuple[int, Sequence[Entry]]]) -> list[bool]:
+        """`ack` for several partitions in one round trip, a result per item of `acks`. Each
+        partition keeps its own ACK script, which checks its own lease atomically; the scripts
+        are pipelined, not one script or a transaction over several partitions, so that no
+        command spans two partitions' keys (a Redis Cluster puts them apart). A failed reply is
+        raised after all the others were taken in (refused leases dropped)."""
+        calls = [(index, partition) for index, (partition, entries) in enumerate(acks) if entries]
+        if len(calls) < 2:  # one script call at most: no pipeline needed
+            return [await self.ack(partition, *entries) for partition, entries in acks]
+        results = [True] * len(acks)
+        requests = [self._ack_call(partition, acks[index][1]) for index, partition in calls]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args in requests:
+                # EVALSHA itself, not the Script: a pipeline holding Scripts first asks SCRIPT
+                # EXISTS, one round trip more.
+                pipe.evalsha(self._ack.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        failure: BaseException | None = None
+        for (index, partition), (keys, args), reply in zip(calls, requests, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                # Redis lost its scripts (a restart, SCRIPT FLUSH), so this ack did not run:
+                # the Script loads it and runs it again.
+                try:
+                    reply = await self._ack(keys=keys, args=args)
+                except (RedisError, OSError) as error:
+                    reply = error
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                continue
+            results[index] = self._acked(partition, reply)
+        if failure is not None:
+            raise failure
+        return results
+
+    def _ack_call(
+        self, partition: int, entries: Sequence[Entry]
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """The ACK script's keys and arguments for the partition's entries."""
         args: list[bytes | str | int] = [self._consumer, self._layout.group]
         for entry_id, fields in entries:
             args.append(entry_id)
             args.extend(entry_weight(fields))
-        acked = await self._ack(
-            keys=[
-                self._layout.lease_key(partition),
-                self._layout.stream(partition),
-                attempts_key(self._layout, partition),
-                self._layout.unacked_key(partition),
-            ],
-            args=args,
-        )
-        if acked == -1:
+        keys = [
+            self._layout.lease_key(partition),
+            self._layout.stream(partition),
+            self._layout.unacked_key(partition),
+        ]
+        if self._forget is not None:
+            keys.append(self._forget(partition))
+        return keys, args
+
+    def _acked(self, partition: int, reply: Any) -> bool:
+        if reply == -1:
             self.drop(partition, "the lease names another processor at acknowledgement")
             return False
         return True

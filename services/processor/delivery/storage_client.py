@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import grpc
 
-from services.processor.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
-from services.processor.worker import PermanentStoreError, StoreResult
+from services.processor.delivery.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
+from services.processor.delivery.store import PermanentStoreError, StoreResult
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.entries import QueuedBody
 from streammesh.mesh import TlsMaterial, create_channel, service_config

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from services.processor.trimming import EntryId, format_id, parse_id
+from services.processor.source.trimming import EntryId, format_id, parse_id
 from streammesh.backlog import BYTES, EVENTS, Backlog, entry_weight
 from streammesh.streams import StreamLayout, body_bytes
 

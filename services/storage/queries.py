@@ -1,0 +1,373 @@
+"""The SQL of the query API: pages of events, counts and aggregates over one tenant's events,
+selected by keys, types, a time range and a checked AIP-160 filter (services.storage.filters).
+
+Every statement names one tenant first and walks a tenant-led btree index of migration 0007:
+(tenant, seq) for pages, (tenant, key, seq) / (tenant, type, seq) when keys or types are named,
+(tenant, event_time, event_time_nanos) for a time range (tests/storage/test_query_plans.py
+checks each shape's plan). Payload fields are read at query time through `payload_jsonb`
+(migration 0009, which says why there is no payload column), joined laterally so that it runs
+once per row the index range selected, and only when the filter reads the payload.
+
+Bounds: each statement runs in a read-only transaction under `statement_timeout`; counts and
+aggregates read at most `max_rows` matching events. Past either, the call is
+RESOURCE_EXHAUSTED with a hint, never a partial answer.
+
+Paging is keyset on seq within the tenant (`EventQueries.page`); what that guarantees while
+writers commit is in `PAGING_GUARANTEE`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+
+from services.storage.filters import EventColumns, FieldScope, payload_fields
+from services.storage.filters.check import (
+    AllOf,
+    AnyOf,
+    Contains,
+    Negation,
+    Payload,
+    Predicate,
+)
+from services.storage.filters.sql import render_sql
+from services.storage.store import StoredRow, outage_is_unavailable
+from services.storage.times import TimeBound
+from streammesh.mesh.errors import ResourceExhausted
+
+__all__ = [
+    "NARROW_HINT",
+    "PAGING_GUARANTEE",
+    "SESSION_SETTINGS",
+    "AggregateRow",
+    "EventQueries",
+    "GroupBy",
+    "QueryBounds",
+    "Selection",
+    "aggregate_sql",
+    "count_sql",
+    "page_sql",
+    "reads_payload",
+]
+
+PAGING_GUARANTEE = """\
+seq is drawn from an identity when a row is inserted, and a transaction that drew a lower seq
+can commit after one that drew a higher seq. Pages continue strictly after the last seq they
+returned, each page in its own snapshot. So, for a client that pages a query to its end:
+- no event is returned twice (seq is unique and the cursor only moves forward);
+- every event committed before the first page was asked for is returned (every later page's
+  snapshot sees it, and the cursor passes its seq only on a page that holds it);
+- an event committed while the client pages is returned, at most once, when its seq is above
+  the cursor at the time; one whose seq the cursor had already passed is not: paging is exact
+  over history, and live events belong to the subscription path.
+A safe horizon (return only seqs below every insert still in flight) would close that gap, but
+Postgres shows a reader no seq of an uncommitted transaction, and an INSERT draws its first seq
+before it even has an xid; the sound way is to wait out every virtual transaction that was
+running when the sequence was read (what CREATE INDEX CONCURRENTLY does), which any long
+transaction in the database, related or not, would stall. Gap detection cannot tell an
+uncommitted seq from one ON CONFLICT DO NOTHING spent (every duplicate spends one).
+tests/storage/test_query_api.py pages a table while another task inserts and checks the first
+two points, and makes the third case happen on purpose."""
+"""What keyset paging on seq guarantees under concurrent inserts (the README repeats it)."""
+
+NARROW_HINT = "narrow the time range, or name keys or types"
+
+GroupBy = Literal["", "key", "type"]
+
+COLUMNS = EventColumns(
+    id="e.id",
+    key="e.key",
+    type="e.type",
+    event_time="e.event_time",
+    event_time_nanos="e.event_time_nanos",
+    attributes="e.attributes",
+    payload_json="p.payload_json",
+)
+"""The filter compiler's names for the events table `e` and the lateral parse `p`."""
+
+# OFFSET 0 keeps the subquery from being pulled up: pulled up, every reference to
+# payload_json would call payload_jsonb again (a parse per reference instead of per row).
+_PAYLOAD_JOIN = (
+    " CROSS JOIN LATERAL"
+    " (SELECT payload_jsonb(e.content_type, e.payload) AS payload_json OFFSET 0) AS p"
+)
+_SELECTED = (
+    "e.seq, e.id, e.key, e.type, e.event_time, e.event_time_nanos, e.payload, e.content_type,"
+    " e.attributes::text, e.partition, e.ingest_time, e.store_time, e.producer"
+)
+# Every query names a tenant, and each shape has a tenant-led index (migration 0007). When one
+# tenant holds a large share of the table the planner would still pick a sequential scan, which
+# reads every other tenant's rows too (and, once the table is distributed by tenant, every
+# shard): the query transaction turns that plan off, so a tenant's query costs what its own
+# index range costs. tests/storage/test_query_plans.py checks the plans with this setting.
+SESSION_SETTINGS = (
+    "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)"
+)
+"""Run first in a query's transaction, with the statement timeout in milliseconds."""
+_MAX_SCHEMAS = 1000
+"""Schemas loaded into one query's scope, at most (a tenant's types, the newest first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryBounds:
+    """Limits of one query statement."""
+
+    statement_timeout_ms: int = 5000
+    """Postgres cancels a statement past this; the call is RESOURCE_EXHAUSTED."""
+    max_rows: int = 1_000_000
+    """Matching events a count or an aggregate reads, at most."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which events of one tenant: any of `keys` and of `types` (all when empty), within
+    `start_time <= event_time < end_time` (open when None), matching `predicate` (a checked
+    filter; None matches all)."""
+
+    tenant: str
+    keys: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    start_time: TimeBound | None = None
+    end_time: TimeBound | None = None
+    predicate: Predicate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateRow:
+    """One group: its key or type ('' without grouping), events, events with a number in the
+    field, and the number's sum, min, max and average (None when there is none)."""
+
+    group: str
+    count: int
+    value_count: int
+    sum: float | None
+    min: float | None
+    max: float | None
+    avg: float | None
+
+
+def reads_payload(predicate: Predicate | None) -> bool:
+    """Whether a checked filter reads the payload (and so needs the lateral parse)."""
+    if predicate is None:
+        return False
+    if isinstance(predicate, AllOf | AnyOf):
+        return any(reads_payload(item) for item in predicate.items)
+    if isinstance(predicate, Negation):
+        return reads_payload(predicate.item)
+    if isinstance(predicate, Contains):
+        return True
+    return isinstance(predicate.target, Payload)
+
+
+class _Statement:
+    """Parameters in order, and the `$n` that names each."""
+
+    def __init__(self) -> None:
+        self.args: list[object] = []
+
+    def arg(self, value: object, sql_type: str) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}::{sql_type}"
+
+
+def _from_where(selection: Selection, statement: _Statement, *, payload: bool = False) -> str:
+    """`FROM events e ... WHERE ...` of a selection (the lateral parse when `payload`)."""
+    where = [f"e.tenant = {statement.arg(selection.tenant, 'text')}"]
+    if selection.keys:
+        # One array parameter, not an IN list: one statement text for any key count.
+        where.append(f"e.key = ANY({statement.arg(list(selection.keys), 'text[]')})")
+    if selection.types:
+        where.append(f"e.type = ANY({statement.arg(list(selection.types), 'text[]')})")
+    # Row comparisons order by the microsecond, then the nanoseconds below it: the order of the
+    # (tenant, event_time, event_time_nanos) index.
+    for bound, op in ((selection.start_time, ">="), (selection.end_time, "<")):
+        if bound is not None:
+            micros = statement.arg(bound[0], "timestamptz")
+            nanos = statement.arg(bound[1], "int2")
+            where.append(f"(e.event_time, e.event_time_nanos) {op} ({micros}, {nanos})")
+    joined = payload or reads_payload(selection.predicate)
+    if selection.predicate is not None:
+        compiled = render_sql(selection.predicate, COLUMNS, first_param=len(statement.args) + 1)
+        statement.args.extend(compiled.params)
+        where.append(compiled.sql)
+    return f"FROM events e{_PAYLOAD_JOIN if joined else ''} WHERE {' AND '.join(where)}"
+
+
+def _numeric(path: Sequence[str], statement: _Statement) -> str:
+    """The number at `path` of the payload, NULL when it holds anything else."""
+    at = f"p.payload_json #> {statement.arg(list(path), 'text[]')}"
+    return f"CASE WHEN jsonb_typeof({at}) = 'number' THEN ({at})::numeric END"
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def page_sql(selection: Selection, *, after_seq: int, limit: int) -> tuple[str, list[object]]:
+    """The statement (and its arguments) of a page: up to `limit` matching events with
+    seq > `after_seq`, in seq order."""
+    statement = _Statement()
+    source = _from_where(selection, statement)
+    after = statement.arg(after_seq, "int8")
+    size = statement.arg(limit, "int8")
+    sql = f"SELECT {_SELECTED} {source} AND e.seq > {after} ORDER BY e.seq LIMIT {size}"
+    return sql, statement.args
+
+
+def count_sql(selection: Selection, *, max_rows: int) -> tuple[str, list[object]]:
+    """The statement of a count that stops one event past `max_rows`."""
+    statement = _Statement()
+    source = _from_where(selection, statement)
+    cap = statement.arg(max_rows + 1, "int8")
+    sql = f"SELECT count(*) FROM (SELECT 1 {source} LIMIT {cap}) AS matched"  # noqa: S608 (fixed terms)
+    return sql, statement.args
+
+
+def aggregate_sql(
+    selection: Selection,
+    *,
+    group_by: GroupBy,
+    field: Sequence[str] | None,
+    max_rows: int,
+    max_groups: int,
+) -> tuple[str, list[object]]:
+    """The statement of an aggregate: per group (largest first) the group, its events, and
+    count, sum, min, max and average of the numbers at payload `field`, then the events of all
+    groups (to tell whether `max_rows` was passed); at most max_groups + 1 groups."""
+    statement = _Statement()
+    value = _numeric(field, statement) if field else "NULL::numeric"
+    group = {"": "''", "key": "e.key", "type": "e.type"}[group_by]
+    source = _from_where(selection, statement, payload=bool(field))
+    cap = statement.arg(max_rows + 1, "int8")
+    groups = statement.arg(max_groups + 1, "int8")
+    # The inner LIMIT stops the scan one event past the bound; the window total tells whether
+    # it was reached (windows run before the outer ORDER BY and LIMIT).
+    sql = (
+        "SELECT g, count(*), count(v), sum(v), min(v), max(v), avg(v), sum(count(*)) OVER ()"  # noqa: S608 (fixed terms)
+        f" FROM (SELECT {group} AS g, {value} AS v {source} LIMIT {cap}) AS matched"
+        f" GROUP BY g ORDER BY count(*) DESC, g LIMIT {groups}"
+    )
+    return sql, statement.args
+
+
+class EventQueries:
+    """Reads of the `events` table (and the schema registry's tables, for a filter's scope) over
+    storage's asyncpg pool (timestamps as integers)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        bounds: QueryBounds | None = None,
+        *,
+        acquire_timeout: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._bounds = bounds or QueryBounds()
+        self._acquire_timeout = acquire_timeout
+
+    @property
+    def bounds(self) -> QueryBounds:
+        return self._bounds
+
+    @asynccontextmanager
+    async def _reading(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a read-only transaction under the statement timeout; a cancelled
+        statement is RESOURCE_EXHAUSTED (checked before the outage mapping, which counts
+        SQLSTATE class 57 as an outage)."""
+        async with (
+            outage_is_unavailable(operation),
+            self._pool.acquire(timeout=self._acquire_timeout) as conn,
+        ):
+            try:
+                async with conn.transaction(readonly=True):
+                    await conn.execute(SESSION_SETTINGS, str(self._bounds.statement_timeout_ms))
+                    yield conn
+            except asyncpg.QueryCanceledError as error:
+                seconds = self._bounds.statement_timeout_ms / 1000
+                raise ResourceExhausted(
+                    f"the {operation} took longer than {seconds:g} s; {NARROW_HINT}"
+                ) from error
+
+    async def scope(self, tenant: str, types: Sequence[str]) -> FieldScope:
+        """The payload fields a filter may name: the latest schema of each of `types` (of every
+        type of the tenant when empty). Undeclared fields are allowed, typed by their literal,
+        when some type in scope may lack a schema: a named type without one, or no types named
+        (a tenant's events may have types it never registered)."""
+        statement = (
+            "SELECT s.event_type, v.schema_text FROM schema_subjects s"
+            " JOIN schema_versions v ON v.tenant = s.tenant AND v.event_type = s.event_type"
+            " AND v.version = s.latest_version"
+            " WHERE s.tenant = $1 AND ($2::text[] IS NULL OR s.event_type = ANY($2::text[]))"
+            " ORDER BY s.updated_at DESC LIMIT $3"
+        )
+        async with self._reading("query") as conn:
+            rows = await conn.fetch(statement, tenant, list(types) or None, _MAX_SCHEMAS)
+        schemas = {row[0]: payload_fields(json.loads(row[1])) for row in rows}
+        undeclared = not types or any(name not in schemas for name in types)
+        return FieldScope(schemas, allow_undeclared=undeclared)
+
+    async def page(self, selection: Selection, *, after_seq: int, limit: int) -> list[StoredRow]:
+        """Up to `limit` matching events with seq > `after_seq`, in seq order."""
+        sql, args = page_sql(selection, after_seq=after_seq, limit=limit)
+        async with self._reading("query") as conn:
+            records = await conn.fetch(sql, *args)
+        return [StoredRow(*record) for record in records]
+
+    def _too_many(self, what: str) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the {what} matches more than {self._bounds.max_rows:,} events; {NARROW_HINT}"
+        )
+
+    async def count(self, selection: Selection) -> int:
+        """How many events match; RESOURCE_EXHAUSTED past `max_rows`."""
+        sql, args = count_sql(selection, max_rows=self._bounds.max_rows)
+        async with self._reading("count") as conn:
+            found = int(await conn.fetchval(sql, *args))
+        if found > self._bounds.max_rows:
+            raise self._too_many("count")
+        return found
+
+    async def aggregate(
+        self,
+        selection: Selection,
+        *,
+        group_by: GroupBy,
+        field: Sequence[str] | None,
+        max_groups: int,
+    ) -> list[AggregateRow]:
+        """Per group (largest first): events, and over the numbers at payload `field` their
+        count, sum, min, max and average. RESOURCE_EXHAUSTED past `max_rows` events or
+        `max_groups` groups."""
+        sql, args = aggregate_sql(
+            selection,
+            group_by=group_by,
+            field=field,
+            max_rows=self._bounds.max_rows,
+            max_groups=max_groups,
+        )
+        async with self._reading("aggregate") as conn:
+            records = await conn.fetch(sql, *args)
+        if records and int(records[0][7]) > self._bounds.max_rows:
+            raise self._too_many("aggregate")
+        if len(records) > max_groups:
+            raise ResourceExhausted(
+                f"the aggregate makes more than {max_groups} groups; raise max_groups"
+                f" (at most 1000), or {NARROW_HINT}"
+            )
+        return [
+            AggregateRow(
+                group=record[0],
+                count=int(record[1]),
+                value_count=int(record[2]),
+                sum=_float(record[3]),
+                min=_float(record[4]),
+                max=_float(record[5]),
+                avg=_float(record[6]),
+            )
+            for record in records
+        ]

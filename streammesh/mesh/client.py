@@ -1,0 +1,275 @@
+"""The mesh client: one object per upstream service, built from a typed frozen config.
+
+    client = MeshClient(MeshClientConfig(
+        server_name="storage",
+        targets=parse_targets("10.0.0.5:50055,10.0.0.6:50055"),
+        tls=TlsFiles.of(tls_dir, "processor"),
+        services=(storage_pb2.DESCRIPTOR.services_by_name["StorageService"],),
+        timeout_seconds=10,
+    ))
+    stub = client.stub(storage_pb2_grpc.StorageServiceStub)
+    ...
+    await client.close()
+
+The client owns the channel to every replica of the service (round_robin, health-checked), the
+service config derived from the protos' idempotency options (streammesh.mesh.derived_config),
+per-method timeouts and the client interceptors. Callers hold stubs, never channels or
+retry lists. A caller that sends pre-serialized bytes takes `client.channel` for its own
+multi-callable (the processor's StoreEvents does).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from streammesh.mesh.channel import channel_options
+from streammesh.mesh.derived_config import RetryPolicy, derive_service_config
+from streammesh.mesh.pki import CA_FILE
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DefaultTimeouts",
+    "MeshClient",
+    "MeshClientConfig",
+    "TlsFiles",
+    "parse_targets",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_Stub = TypeVar("_Stub")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where a channel's TLS material lives. Read when a channel is built, so that a channel
+    built after a certificate rotation presents the new certificate."""
+
+    ca_file: Path
+    """The CA bundle the server's certificate must chain to."""
+    certificate_file: Path | None = None
+    """This process's certificate chain (None: no client certificate, as for the gateway's
+    public listener)."""
+    key_file: Path | None = None
+    """The private key of `certificate_file`."""
+
+    def __post_init__(self) -> None:
+        if (self.certificate_file is None) != (self.key_file is None):
+            raise ValueError("certificate_file and key_file go together")
+
+    @classmethod
+    def of(cls, tls_dir: Path, identity: str) -> TlsFiles:
+        """`<dir>/ca.pem`, `<dir>/<identity>.pem` and `<dir>/<identity>-key.pem` (the PKI
+        layout of streammesh.mesh.pki)."""
+        return cls(tls_dir / CA_FILE, tls_dir / f"{identity}.pem", tls_dir / f"{identity}-key.pem")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials from the files as they are now; FileNotFoundError names a
+        missing file."""
+        try:
+            ca = self.ca_file.read_bytes()
+            chain = None if self.certificate_file is None else self.certificate_file.read_bytes()
+            key = None if self.key_file is None else self.key_file.read_bytes()
+        except FileNotFoundError as missing:
+            raise FileNotFoundError(
+                f"TLS material missing ({missing.filename}); run `streammesh pki init`"
+            ) from missing
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=chain
+        )
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """`host:port`, `dns:///name:port` or a comma-separated list of replicas as a tuple. A
+    gRPC address list (`ipv4:a:1,b:2`) is kept whole: it is one target already."""
+    text = text.strip()
+    if text.startswith(("ipv4:", "ipv6:")):
+        return (text,)
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _grpc_target(targets: Sequence[str]) -> str:
+    """One gRPC target string: a single target as it is (gRPC resolves `host:port` and
+    `dns:///` names itself), several replicas as an `ipv4:` or `ipv6:` address list."""
+    if not targets:
+        raise ValueError("no target: name a host:port, a dns:/// target or replica addresses")
+    if len(targets) == 1:
+        return targets[0]
+    families = set()
+    for target in targets:
+        host, sep, port = target.rpartition(":")
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            address = None
+        if address is None or not sep or not port.isdigit():
+            raise ValueError(
+                f"replica {target!r}: a list of replicas takes ip:port addresses (or [ipv6]:port);"
+                " for a name that resolves to the replicas use one dns:///name:port target"
+            )
+        families.add(address.version)
+    if len(families) > 1:
+        raise ValueError("a list of replicas is either all IPv4 or all IPv6")
+    return f"ipv{families.pop()}:" + ",".join(targets)
+
+
+def _method_paths(services: Sequence[ServiceDescriptor]) -> dict[str, bool]:
+    """`pkg.Service/Method` of every method of `services`, mapped to whether it is unary."""
+    return {
+        f"{service.full_name}/{method.name}": not (
+            method.client_streaming or method.server_streaming
+        )
+        for service in services
+        for method in service.methods
+    }
+
+
+@dataclass(frozen=True)
+class MeshClientConfig:
+    """Everything one mesh client needs: where the replicas are, how to trust them, what is
+    called and how long a call may take."""
+
+    server_name: str
+    """The name the server's certificate must carry as a DNS SAN (the service's name, e.g.
+    "storage"); it is also the channel's authority."""
+    targets: tuple[str, ...]
+    """One `host:port` or `dns:///name:port`, or several `ip:port` replicas."""
+    tls: TlsFiles
+    """The trust anchor and, on the internal listeners, this process's certificate."""
+    services: tuple[ServiceDescriptor, ...]
+    """The services called through this client; their protos say what is retried."""
+    timeout_seconds: float | None = None
+    """Default deadline of a unary call that sets none (None: no default). Streams live as long
+    as their caller wants and get none."""
+    method_timeouts: Mapping[str, float] = field(default_factory=dict, hash=False)
+    """Deadlines per method (`pkg.Service/Method`) that differ from `timeout_seconds`."""
+    health_service: str | None = ""
+    """The health service name replicas are checked for ("": the first of `services`; None:
+    no health checking, every connected replica takes calls)."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retry pacing and budget for the methods the protos declare safe to retry."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest message sent or received."""
+    interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
+    """Client interceptors, outermost first, after the default-timeout one."""
+
+    def __post_init__(self) -> None:
+        _grpc_target(self.targets)
+        paths = _method_paths(self.services)
+        for path, seconds in self.method_timeouts.items():
+            if path not in paths:
+                raise ValueError(f"method_timeouts: {path!r} is not a method of this client")
+            if not paths[path]:
+                raise ValueError(f"method_timeouts: {path!r} is a stream (streams get none)")
+            if seconds <= 0:
+                raise ValueError(f"method_timeouts: {path!r} must be positive")
+        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
+        # Frozen all the way down: the mapping cannot change under a running client.
+        object.__setattr__(self, "method_timeouts", MappingProxyType(dict(self.method_timeouts)))
+
+    @property
+    def target(self) -> str:
+        """The gRPC target string of the replicas."""
+        return _grpc_target(self.targets)
+
+    def service_config(self) -> dict[str, Any]:
+        """The channel's service config (derived from the protos; see derived_config.py)."""
+        health = self.health_service
+        if health == "":
+            health = self.services[0].full_name if self.services else None
+        return derive_service_config(self.services, retry=self.retry, health_service=health)
+
+    def timeouts(self) -> dict[str, float]:
+        """The deadline of each unary method (`/pkg.Service/Method`, as gRPC names calls)."""
+        out = {}
+        for path, unary in _method_paths(self.services).items():
+            seconds = self.method_timeouts.get(path, self.timeout_seconds)
+            if unary and seconds is not None:
+                out[f"/{path}"] = seconds
+        return out
+
+
+class DefaultTimeouts(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Gives a unary call that names no timeout its method's default. Per call rather than
+    in the service config, whose timeouts grpcio shortens by about a second."""
+
+    def __init__(self, timeouts: Mapping[str, float]) -> None:
+        self._timeouts = dict(timeouts)
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        if client_call_details.timeout is None:
+            method = client_call_details.method
+            name = method.decode() if isinstance(method, bytes) else method
+            seconds = self._timeouts.get(name)
+            if seconds is not None:
+                client_call_details = grpc.aio.ClientCallDetails(
+                    client_call_details.method,
+                    seconds,
+                    client_call_details.metadata,
+                    client_call_details.credentials,
+                    client_call_details.wait_for_ready,
+                )
+        return await continuation(client_call_details, request)
+
+
+class MeshClient:
+    """The channel to every replica of one service, with its service config and interceptors.
+    Close it (or use `async with`) when done."""
+
+    def __init__(self, config: MeshClientConfig) -> None:
+        self.config = config
+        self.service_config = config.service_config()
+        """The service config the channel was built with."""
+        interceptors: list[grpc.aio.ClientInterceptor] = []
+        timeouts = config.timeouts()
+        if timeouts:
+            interceptors.append(DefaultTimeouts(timeouts))
+        interceptors.extend(config.interceptors)
+        self._channel = grpc.aio.secure_channel(
+            config.target,
+            config.tls.credentials(),
+            options=channel_options(
+                config.server_name,
+                self.service_config,
+                max_message_bytes=config.max_message_bytes,
+            ),
+            interceptors=interceptors or None,
+        )
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel, for a caller that builds its own multi-callable."""
+        return self._channel
+
+    def stub(self, stub_type: Callable[[grpc.aio.Channel], _Stub]) -> _Stub:
+        """A generated stub (`XServiceStub`) over this client's channel."""
+        return stub_type(self._channel)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; calls still running get `grace` seconds (None: cancelled now)."""
+        await self._channel.close(grace)
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
