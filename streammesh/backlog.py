@@ -46,7 +46,9 @@ from streammesh.streams import COUNT_FIELD, StreamLayout, body_bytes
 __all__ = [
     "APPEND_SCRIPT",
     "BYTES",
+    "DIGEST_BYTES",
     "EVENTS",
+    "IDEMPOTENT_APPEND_SCRIPT",
     "Backlog",
     "entry_weight",
     "parse_backlog",
@@ -68,6 +70,64 @@ return id
 """KEYS: the stream, its counters; ARGV: the serialized events, their count, and the entry field
 that holds them (COLUMNS_FIELD as ingest writes; BATCH_FIELD for the form of earlier releases).
 Returns the entry id."""
+
+DIGEST_BYTES = 8
+"""Length of one content digest in IDEMPOTENT_APPEND_SCRIPT's digests."""
+_CHUNK = 2000  # values per HMGET/HSET call: Lua's unpack takes at most about 8,000
+
+IDEMPOTENT_APPEND_SCRIPT = f"""
+local ids = {{}}
+for id in string.gmatch(ARGV[3], '([^%z]+)') do ids[#ids + 1] = id end
+local digests, size, n = ARGV[4], {DIGEST_BYTES}, #ids
+local seen, none = {{}}, {{}}
+-- The previous bucket is gone after its expiry; the current one is new once per bucket.
+local has_now = redis.call('EXISTS', KEYS[3]) == 1
+local has_before = redis.call('EXISTS', KEYS[4]) == 1
+for first = 1, n, {_CHUNK} do
+  local last = math.min(first + {_CHUNK} - 1, n)
+  local now = has_now and redis.call('HMGET', KEYS[3], unpack(ids, first, last)) or none
+  local before = has_before and redis.call('HMGET', KEYS[4], unpack(ids, first, last)) or none
+  for i = first, last do
+    local held = now[i - first + 1] or before[i - first + 1]
+    if held then
+      seen[#seen + 1] = i - 1
+      seen[#seen + 1] = (held == string.sub(digests, (i - 1) * size + 1, i * size)) and 1 or 2
+    end
+  end
+end
+if #seen > 0 then return seen end
+local appended = 0
+for at = 5, #ARGV, 2 do
+  redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[at], '{COUNT_FIELD.decode()}', ARGV[at + 1])
+  redis.call('HINCRBY', KEYS[2], '{EVENTS.decode()}', ARGV[at + 1])
+  redis.call('HINCRBY', KEYS[2], '{BYTES.decode()}', string.len(ARGV[at]))
+  appended = appended + 1
+end
+for first = 1, n, {_CHUNK} do
+  local last = math.min(first + {_CHUNK} - 1, n)
+  local fields = {{}}
+  for i = first, last do
+    fields[#fields + 1] = ids[i]
+    fields[#fields + 1] = string.sub(digests, (i - 1) * size + 1, i * size)
+  end
+  redis.call('HSET', KEYS[3], unpack(fields))
+end
+redis.call('EXPIREAT', KEYS[3], ARGV[2])
+return appended
+"""
+"""APPEND_SCRIPT for all the entries of one partition of one publish batch, guarded by the
+tenant's idempotency window (services/ingest/idempotency.py), in one atomic step.
+
+KEYS: the stream, its counters, the window's current and previous digest hashes (field: event
+id, value: its DIGEST_BYTES content digest). ARGV: the entry field (COLUMNS_FIELD), when the
+current hash expires (Unix seconds), the events' ids joined by NUL (ids never hold one), their
+digests concatenated, then each entry's serialized events and count, in append order.
+
+If any id is in either hash, nothing is written and the reply is a flat list of (index of the
+event among the ids, 1 if its digest is the same (a duplicate), 2 if not (a conflict)); the
+caller drops those events and calls again with the rest. Else every entry is appended and
+counted as APPEND_SCRIPT does, every digest is recorded in the current hash, and the reply is
+the number of entries appended."""
 
 
 def entry_weight(fields: dict[bytes, bytes] | None) -> tuple[int, int]:

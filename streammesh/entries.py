@@ -20,9 +20,19 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from streammesh.api.common.v1 import event_pb2
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import BATCH_FIELD, COLUMNS_FIELD
 
-__all__ = ["Entry", "QueuedBody", "columns_agree", "columns_to_batch", "entry_body", "expand_runs"]
+__all__ = [
+    "Entry",
+    "QueuedBody",
+    "columns_agree",
+    "columns_tenant",
+    "columns_to_batch",
+    "entry_body",
+    "expand_runs",
+    "run_tenants",
+]
 
 T = TypeVar("T")
 
@@ -76,8 +86,26 @@ def columns_agree(columns: event_pb2.QueuedColumns) -> bool:
         == len(columns.event_time_nanos)
         == count
         and len(columns.ingest_time_micros) == len(columns.producers) == runs
+        and len(columns.run_tenants) in (0, runs)
         and sum(columns.run_lengths) == count
     )
+
+
+def run_tenants(columns: event_pb2.QueuedColumns) -> list[str]:
+    """The tenant of each run: run_tenants with an empty value as "default" (DEFAULT_TENANT),
+    and "default" for every run of an entry written before tenants. Call it on columns that
+    `columns_agree`."""
+    runs = len(columns.run_lengths)
+    if not columns.run_tenants:
+        return [DEFAULT_TENANT] * runs
+    return [tenant or DEFAULT_TENANT for tenant in columns.run_tenants]
+
+
+def columns_tenant(columns: event_pb2.QueuedColumns) -> str | None:
+    """The one tenant of every run (ingest writes one run, so one tenant, per entry), or None
+    when the runs belong to several (a processor's concatenation of entries)."""
+    tenants = set(run_tenants(columns)) or {DEFAULT_TENANT}
+    return tenants.pop() if len(tenants) == 1 else None
 
 
 def expand_runs(values: Sequence[T], run_lengths: Sequence[int]) -> list[T]:
@@ -98,7 +126,8 @@ def _attributes(text: str) -> dict[str, str]:
 
 
 def columns_to_batch(columns: event_pb2.QueuedColumns) -> event_pb2.QueuedBatch:
-    """The same events event by event (the rare path: dead letters, naming a violation);
+    """The same events event by event (the rare path: dead letters, naming a violation), with
+    their tenant when they have one;
     ValueError when the columns cannot describe events: lists of different lengths, nanoseconds
     outside 0..999, attributes that are not a JSON object of strings."""
     if not columns_agree(columns):
@@ -107,7 +136,10 @@ def columns_to_batch(columns: event_pb2.QueuedColumns) -> event_pb2.QueuedBatch:
         raise ValueError("event_time_nanos outside 0..999")
     ingest_times = expand_runs(columns.ingest_time_micros, columns.run_lengths)
     producers = expand_runs(columns.producers, columns.run_lengths)
-    batch = event_pb2.QueuedBatch(partition=columns.partition)
+    tenant = columns_tenant(columns)
+    # Events of several tenants have no one tenant in this form ("" = default): only a
+    # processor's concatenation holds several, and it is never kept as one batch.
+    batch = event_pb2.QueuedBatch(partition=columns.partition, tenant=tenant or "")
     for index, event_id in enumerate(columns.ids):
         attributes = columns.attributes[index]
         batch.events.append(

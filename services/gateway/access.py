@@ -1,9 +1,9 @@
 """Who may call which gateway method: a declared table, default deny.
 
 Account calls are public (they are how a person gets a token); every other method names the
-roles that may call it. Administration has two levels: PLATFORM methods (tenants, signing keys,
-dead letters) are for the platform admin (role `admin`, which counts only in tenant "default";
-see tokens.Principal), TENANT_ADMINS methods (a tenant's users and audit log) also for a tenant
+roles that may call it. Administration has two levels: PLATFORM methods (tenants, signing keys)
+are for the platform admin (role `admin`, which counts only in tenant "default";
+see tokens.Principal), TENANT_ADMINS methods (a tenant's users, audit log and dead letters) also for a tenant
 admin (`tenant-admin`), whom auth then confines to its own tenant. A method missing from the
 table is refused for everyone. Every refusal is reported to the audit trail.
 """
@@ -130,10 +130,12 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{ADMIN}/ListSigningKeys": PLATFORM,
     f"{ADMIN}/RotateSigningKey": PLATFORM,
     f"{ADMIN}/RetireSigningKey": PLATFORM,
-    # Dead letters hold every tenant's events (until the event side is scoped by tenant).
-    f"{ADMIN}/ListDeadLetters": PLATFORM,
-    f"{ADMIN}/GetDeadLetter": PLATFORM,
-    f"{ADMIN}/ReplayDeadLetter": PLATFORM,
+    # Dead letters belong to the tenant of their events, and storage scopes every call to the
+    # caller's tenant: a tenant admin sees and replays its own, a platform admin those of
+    # "default" (its tenant, which also holds the entries whose tenant could not be read).
+    f"{ADMIN}/ListDeadLetters": TENANT_ADMINS,
+    f"{ADMIN}/GetDeadLetter": TENANT_ADMINS,
+    f"{ADMIN}/ReplayDeadLetter": TENANT_ADMINS,
     f"{ADMIN}/CreateTenant": PLATFORM,
     f"{ADMIN}/ListTenants": PLATFORM,
     f"{ADMIN}/GetTenant": PLATFORM,

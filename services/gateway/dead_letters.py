@@ -62,7 +62,7 @@ def replay_batches(
         if not event.HasField("event_time") and queued.HasField("ingest_time"):
             event.event_time.CopyFrom(queued.ingest_time)
         if not batches or batches[-1].producer != queued.producer:
-            batches.append(ingest_pb2.PublishBatchRequest(producer=queued.producer))
+            batches.append(ingest_pb2.PublishBatchRequest(producer=queued.producer, replay=True))
         batches[-1].events.append(event)
     return batches
 

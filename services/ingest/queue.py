@@ -28,16 +28,19 @@ import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from services.ingest.idempotency import IdempotencyWindow, content_digests, repeats_in_batch
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
-from streammesh.backlog import APPEND_SCRIPT
+from streammesh.backlog import APPEND_SCRIPT, IDEMPOTENT_APPEND_SCRIPT
 from streammesh.envelope import EnvelopeColumns
 from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.startup import StartupError
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import COLUMNS_FIELD, StreamLayout
 
 __all__ = ["DurabilityError", "StreamAppender", "check_durability"]
@@ -83,6 +86,11 @@ class StreamAppender:
     with the backlog counters' APPEND_SCRIPT (streammesh/backlog.py): the XADD and the count of
     its events and bytes in one atomic step.
 
+    With `window`, each partition's entries go in one IDEMPOTENT_APPEND_SCRIPT instead, which
+    also checks and records the events' content digests (services/ingest/idempotency.py):
+    events already accepted within the window are dropped and reported (duplicates and
+    conflicts), and the rest of their partition is appended in a second call.
+
     With `pressure`, a batch is refused whole (ResourceExhausted) before anything is appended
     if it would take the unacknowledged events or bytes past a limit, or Redis is too full."""
 
@@ -93,11 +101,13 @@ class StreamAppender:
         pressure: BackPressure | None = None,
         *,
         max_entry_bytes: int = 1024 * 1024,
+        window: IdempotencyWindow | None = None,
     ) -> None:
         self._client = client
         self._layout = layout
         self._pressure = pressure
         self._max_entry_bytes = max_entry_bytes
+        self._window = window
 
     async def append(
         self,
@@ -105,9 +115,14 @@ class StreamAppender:
         envelope: EnvelopeColumns | None = None,
         *,
         producer: str,
-    ) -> None:
-        """Queue the validated events; `envelope` is their columns as validation took them
-        (read from the events when not given)."""
+        tenant: str = DEFAULT_TENANT,
+        guarded: bool = True,
+    ) -> dict[int, int]:
+        """Queue the validated events of `producer` in `tenant`; `envelope` is their columns as
+        validation took them (read from the events when not given). Returns the events not
+        queued because the window holds their id: index -> DUPLICATE or CONFLICT (empty
+        without a window, or when not `guarded`: a dead-letter replay, queued whatever the
+        window holds, and not recorded in it)."""
         now_ns = time.time_ns()
         if envelope is None:
             envelope = EnvelopeColumns(
@@ -119,98 +134,115 @@ class StreamAppender:
                 carriers=list(range(len(events))),
             )
         partition_for = self._layout.partition_for
-        partitions = [partition_for(key) for key in envelope.keys]
-        entries = self._entries(events, envelope, partitions, producer, now_ns)
+        slices: dict[int, list[int]] = {}
+        for index, key in enumerate(envelope.keys):
+            slices.setdefault(partition_for(key), []).append(index)
+        # An event without its own time takes the ingest time, kept to the microsecond.
+        ingest_micros = now_ns // 1000
+        columns = _batch_columns(events, envelope, ingest_micros)
+        run = _Run(producer, tenant, ingest_micros)
+        window = self._window if guarded else None
+        verdicts: dict[int, int] = {}
+        digests: list[bytes] = []
+        if window is not None:
+            digests = content_digests(events, envelope)
+            verdicts = repeats_in_batch(envelope.ids, digests)
+            if verdicts:
+                slices = {p: [i for i in kept if i not in verdicts] for p, kept in slices.items()}
+        whole = len(slices) == 1 and not verdicts
+        built = {
+            partition: self._partition_entries(
+                partition, columns if whole else columns.pick(kept), run
+            )
+            for partition, kept in slices.items()
+            if kept
+        }
+        weights = {
+            partition: (sum(count for _, count in items), sum(len(body) for body, _ in items))
+            for partition, items in built.items()
+        }
         pressure = self._pressure
-        if pressure is None:
-            await self._append(entries)
-            return
-        weights: dict[int, tuple[int, int]] = {}
-        for partition, serialized, count in entries:
-            held = weights.get(partition, (0, 0))
-            weights[partition] = (held[0] + count, held[1] + len(serialized))
-        pressure.admit(weights)
+        if pressure is not None:
+            pressure.admit(weights)
         try:
-            await self._append(entries)
+            if window is None:
+                await self._append(built)
+            else:
+                guard = _Guard(
+                    window, tenant, now_ns / 1e9, envelope.ids, digests, slices, verdicts
+                )
+                while built:
+                    replies = await self._append(built, guard)
+                    built = {
+                        partition: self._partition_entries(partition, columns.pick(kept), run)
+                        for partition, kept in guard.settle(replies).items()
+                    }
         finally:
-            pressure.settled(weights)
+            if pressure is not None:
+                pressure.settled(weights)
+        return verdicts
 
-    async def _append(self, entries: list[tuple[int, bytes, int]]) -> None:
+    async def _append(
+        self, built: dict[int, list[tuple[bytes, int]]], guard: _Guard | None = None
+    ) -> dict[int, Any]:
+        """Run each partition's script in one pipeline; the replies by partition."""
+        layout = self._layout
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for partition, serialized, count in entries:
+                for partition, items in built.items():
+                    stream = layout.stream(partition)
                     # EVAL, not EVALSHA: redis-py checks a pipeline's scripts with an extra
                     # SCRIPT EXISTS round trip per execute, and EVALSHA alone fails with
                     # NOSCRIPT after a Redis restart. Redis caches the compiled script; the
                     # text is a few hundred bytes beside a batch of kilobytes.
+                    if guard is None:
+                        for serialized, count in items:
+                            pipe.eval(
+                                APPEND_SCRIPT,
+                                2,
+                                stream,
+                                layout.unacked_key(partition),
+                                serialized,
+                                count,
+                                COLUMNS_FIELD,
+                            )
+                        continue
+                    current, previous, expires = guard.keys(layout, partition)
+                    bodies: list[bytes | int] = [part for item in items for part in item]
+                    ids, digests = guard.arguments(partition)
                     pipe.eval(
-                        APPEND_SCRIPT,
-                        2,
-                        self._layout.stream(partition),
-                        self._layout.unacked_key(partition),
-                        serialized,
-                        count,
+                        IDEMPOTENT_APPEND_SCRIPT,
+                        4,
+                        stream,
+                        layout.unacked_key(partition),
+                        current,
+                        previous,
                         COLUMNS_FIELD,
+                        expires,
+                        ids,
+                        digests,
+                        *bodies,
                     )
-                await pipe.execute()
+                replies = await pipe.execute()
         except (RedisError, OSError) as error:
             raise Unavailable(f"the event queue is unavailable ({type(error).__name__})") from error
+        if guard is None:
+            return {}
+        return dict(zip(built, replies, strict=True))
 
-    def _entries(
-        self,
-        events: Sequence[event_pb2.Event],
-        envelope: EnvelopeColumns,
-        partitions: list[int],
-        producer: str,
-        now_ns: int,
-    ) -> list[tuple[int, bytes, int]]:
-        """The queue entries of a batch as (partition, serialized QueuedColumns, events), in
-        append order: per partition, events keep publish order across entries. The columns
-        are validation's; only the events that carry attributes or an event time are read
-        again, and each partition's slice is picked out with C-level itemgetters."""
-        # An event without its own time takes the ingest time, which is kept to the microsecond.
-        ingest_micros = now_ns // 1000
-        count = len(envelope.ids)
-        event_times = [ingest_micros] * count
-        event_nanos = [0] * count
-        attributes = ["{}"] * count
-        for index in envelope.carriers:
-            event = events[index]
-            if event.attributes:
-                attributes[index] = _json(dict(event.attributes))
-            if event.HasField("event_time"):
-                stamp = event.event_time
-                event_times[index] = stamp.seconds * 1_000_000 + stamp.nanos // 1000
-                event_nanos[index] = stamp.nanos % 1000
-        columns = _Columns(
-            ids=envelope.ids,
-            keys=envelope.keys,
-            types=envelope.types,
-            payloads=envelope.payloads,
-            content_types=envelope.content_types,
-            attributes=attributes,
-            event_time_micros=event_times,
-            event_time_nanos=event_nanos,
-        )
-        slices: dict[int, list[int]] = {}
-        for index, partition in enumerate(partitions):
-            slices.setdefault(partition, []).append(index)
-        entries: list[tuple[int, bytes, int]] = []
-        for partition, indexes in slices.items():
-            picked = columns if len(slices) == 1 else columns.pick(indexes)
-            self._add_entries(entries, partition, picked, ingest_micros, producer)
+    def _partition_entries(
+        self, partition: int, columns: _Columns, run: _Run
+    ) -> list[tuple[bytes, int]]:
+        """One partition's events as entries (serialized QueuedColumns, events), in append
+        order: one, or several in order when it is larger than max_entry_bytes (halved until
+        each fits or holds one event)."""
+        entries: list[tuple[bytes, int]] = []
+        self._add_entries(entries, partition, columns, run)
         return entries
 
     def _add_entries(
-        self,
-        entries: list[tuple[int, bytes, int]],
-        partition: int,
-        columns: _Columns,
-        ingest_micros: int,
-        producer: str,
+        self, entries: list[tuple[bytes, int]], partition: int, columns: _Columns, run: _Run
     ) -> None:
-        """One entry for the partition's slice, or several in order when it is larger than
-        max_entry_bytes (halved until each fits or holds one event)."""
         count = len(columns.ids)
         serialized = event_pb2.QueuedColumns(
             ids=columns.ids,
@@ -221,19 +253,107 @@ class StreamAppender:
             attributes=columns.attributes,
             event_time_micros=columns.event_time_micros,
             event_time_nanos=columns.event_time_nanos,
-            ingest_time_micros=[ingest_micros],
-            producers=[producer],
+            ingest_time_micros=[run.ingest_micros],
+            producers=[run.producer],
             run_lengths=[count],
+            run_tenants=[run.tenant],
             partition=partition,
         ).SerializeToString()
         if len(serialized) <= self._max_entry_bytes or count == 1:
-            entries.append((partition, serialized, count))
+            entries.append((serialized, count))
             return
         half = count // 2
-        self._add_entries(entries, partition, columns.pick(range(half)), ingest_micros, producer)
-        self._add_entries(
-            entries, partition, columns.pick(range(half, count)), ingest_micros, producer
-        )
+        self._add_entries(entries, partition, columns.pick(range(half)), run)
+        self._add_entries(entries, partition, columns.pick(range(half, count)), run)
+
+
+def _batch_columns(
+    events: Sequence[event_pb2.Event], envelope: EnvelopeColumns, ingest_micros: int
+) -> _Columns:
+    """The batch's per-event columns of QueuedColumns. They are validation's; only the events
+    that carry attributes or an event time are read again."""
+    count = len(envelope.ids)
+    event_times = [ingest_micros] * count
+    event_nanos = [0] * count
+    attributes = ["{}"] * count
+    for index in envelope.carriers:
+        event = events[index]
+        if event.attributes:
+            attributes[index] = _json(dict(event.attributes))
+        if event.HasField("event_time"):
+            stamp = event.event_time
+            event_times[index] = stamp.seconds * 1_000_000 + stamp.nanos // 1000
+            event_nanos[index] = stamp.nanos % 1000
+    return _Columns(
+        ids=envelope.ids,
+        keys=envelope.keys,
+        types=envelope.types,
+        payloads=envelope.payloads,
+        content_types=envelope.content_types,
+        attributes=attributes,
+        event_time_micros=event_times,
+        event_time_nanos=event_nanos,
+    )
+
+
+class _Guard:
+    """One batch's way through the idempotency window: its keys, the ids and digests of each
+    partition's remaining events, and the verdicts so far (batch index -> verdict)."""
+
+    def __init__(
+        self,
+        window: IdempotencyWindow,
+        tenant: str,
+        now_seconds: float,
+        ids: Sequence[str],
+        digests: list[bytes],
+        slices: dict[int, list[int]],
+        verdicts: dict[int, int],
+    ) -> None:
+        self._window = window
+        self._tenant = tenant
+        self._now = now_seconds
+        self._ids = ids
+        self._digests = digests
+        self._slices = slices
+        self.verdicts = verdicts
+
+    def keys(self, layout: StreamLayout, partition: int) -> tuple[str, str, int]:
+        return self._window.keys(layout, partition, self._tenant, self._now)
+
+    def arguments(self, partition: int) -> tuple[str, bytes]:
+        """The partition's remaining ids joined by NUL (ids hold none), and their digests
+        concatenated."""
+        kept = self._slices[partition]
+        ids, digests = self._ids, self._digests
+        if len(kept) == len(ids):  # the whole batch is in this partition
+            return "\x00".join(ids), b"".join(digests)
+        return "\x00".join([ids[i] for i in kept]), b"".join([digests[i] for i in kept])
+
+    def settle(self, replies: dict[int, Any]) -> dict[int, list[int]]:
+        """Record the verdicts of the replies that appended nothing; the partitions to try
+        again, with the events left (none when all of a partition's were seen)."""
+        again: dict[int, list[int]] = {}
+        for partition, reply in replies.items():
+            if not isinstance(reply, list):
+                continue  # appended
+            kept = self._slices[partition]
+            for at in range(0, len(reply), 2):
+                self.verdicts[kept[int(reply[at])]] = int(reply[at + 1])
+            left = [i for i in kept if i not in self.verdicts]
+            self._slices[partition] = left
+            if left:
+                again[partition] = left
+        return again
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What the events of one append share: the publisher, its tenant and the ingest time."""
+
+    producer: str
+    tenant: str
+    ingest_micros: int
 
 
 @dataclass(frozen=True, slots=True)

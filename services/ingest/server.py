@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from services.ingest.idempotency import IdempotencyWindow
 from services.ingest.pressure import BackPressure, PressureLimits
 from services.ingest.queue import StreamAppender, check_durability
 from services.ingest.registry_client import RegistryClient
@@ -82,8 +83,13 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
         max_batch_events=settings.max_batch_events,
         envelope=EnvelopeLimits(max_payload_bytes=settings.max_payload_bytes),
     )
+    window = settings.idempotency_window_seconds
     appender = StreamAppender(
-        deps.redis, deps.layout, deps.pressure, max_entry_bytes=settings.max_entry_bytes
+        deps.redis,
+        deps.layout,
+        deps.pressure,
+        max_entry_bytes=settings.max_entry_bytes,
+        window=IdempotencyWindow(window) if window else None,
     )
     servicer = IngestServicer(appender, limits, deps.schemas, trust_domain=settings.trust_domain)
     return create_mesh_server(

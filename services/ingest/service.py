@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 
+from services.ingest.idempotency import CONFLICT, CONFLICT_REASON, DUPLICATE
 from services.ingest.payload_check import refused_events
 from services.ingest.queue import StreamAppender
 from services.ingest.schema_cache import SchemaCache
@@ -21,6 +23,30 @@ from streammesh.refusals import (
 )
 
 __all__ = ["IngestServicer"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A batch's acknowledgement: every id, how many were accepted (duplicates included), the
+    refused events and the duplicates (indexes)."""
+
+    ids: list[str]
+    accepted: int
+    refused: list[event_pb2.EventRefusal]
+    duplicates: list[int]
+
+
+def _conflict(index: int, event_id: str) -> event_pb2.EventRefusal:
+    return event_pb2.EventRefusal(
+        index=index,
+        event_id=event_id,
+        reason=CONFLICT_REASON,
+        message=(
+            "this id was published before with other content (key, type, content type, "
+            "payload, attributes or event time); the first event is kept: publish a new event "
+            "under a new id"
+        ),
+    )
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -39,24 +65,42 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """None: payloads are not checked against registered schemas."""
 
     async def _accept(
-        self, events: Sequence[event_pb2.Event], *, producer: str, tenant: str
-    ) -> tuple[list[str], int, list[event_pb2.EventRefusal]]:
+        self,
+        events: Sequence[event_pb2.Event],
+        *,
+        producer: str,
+        tenant: str,
+        replay: bool = False,
+    ) -> _Outcome:
         """Validate the batch (refused whole on an envelope violation), check payloads (refused
-        per event), append the rest; the ids of every event, how many were appended, and the
-        refused ones."""
+        per event), append the rest, less what the idempotency window holds (duplicates are
+        accepted, conflicts refused) unless it is a dead-letter `replay`."""
         columns = validate_batch(events, self._limits, producer=producer)
         refused = (
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )
+        positions: Sequence[int] = range(len(events))  # in the batch, of each appended event
         if not refused:
-            await self._appender.append(events, columns, producer=producer)
-            return columns.ids, len(columns.ids), []
-        # The kept events' columns are read again: refusals are the rare path.
-        out = {refusal.index for refusal in refused}
-        kept = [event for index, event in enumerate(events) if index not in out]
-        if kept:
-            await self._appender.append(kept, producer=producer)
-        return columns.ids, len(kept), refused
+            seen = await self._appender.append(
+                events, columns, producer=producer, tenant=tenant, guarded=not replay
+            )
+        else:
+            # The kept events' columns are read again: refusals are the rare path.
+            out = {refusal.index for refusal in refused}
+            positions = [index for index in range(len(events)) if index not in out]
+            kept = [events[index] for index in positions]
+            seen = (
+                await self._appender.append(kept, producer=producer, tenant=tenant) if kept else {}
+            )
+        duplicates = sorted(positions[i] for i, verdict in seen.items() if verdict == DUPLICATE)
+        conflicts = sorted(positions[i] for i, verdict in seen.items() if verdict == CONFLICT)
+        if conflicts:
+            refused = sorted(
+                [*refused, *(_conflict(index, columns.ids[index]) for index in conflicts)],
+                key=lambda refusal: refusal.index,
+            )
+        accepted = len(positions) - len(conflicts)
+        return _Outcome(columns.ids, accepted, refused, duplicates)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the gateway names for the caller (x-streammesh-tenant); DEFAULT_TENANT
@@ -66,10 +110,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def PublishBatch(
         self, request: ingest_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.PublishBatchResponse:
-        ids, accepted, refused = await self._accept(
-            request.events, producer=request.producer, tenant=self._tenant(context)
+        outcome = await self._accept(
+            request.events,
+            producer=request.producer,
+            tenant=self._tenant(context),
+            replay=request.replay,
         )
-        return ingest_pb2.PublishBatchResponse(accepted=accepted, event_ids=ids, refused=refused)
+        return ingest_pb2.PublishBatchResponse(
+            accepted=outcome.accepted,
+            event_ids=outcome.ids,
+            refused=outcome.refused,
+            duplicates=outcome.duplicates,
+        )
 
     async def Publish(
         self,
@@ -83,7 +135,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         tenant = self._tenant(context)
         async for request in request_iterator:
             try:
-                ids, accepted, refused = await self._accept(
+                outcome = await self._accept(
                     request.events, producer=request.producer, tenant=tenant
                 )
             except StreamMeshError as refusal:
@@ -91,5 +143,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 await drain_until_half_close(request_iterator, REFUSAL_LINGER_SECONDS)
                 raise
             yield ingest_pb2.PublishResponse(
-                sequence=request.sequence, accepted=accepted, event_ids=ids, refused=refused
+                sequence=request.sequence,
+                accepted=outcome.accepted,
+                event_ids=outcome.ids,
+                refused=outcome.refused,
+                duplicates=outcome.duplicates,
             )

@@ -96,6 +96,16 @@ class IngestSettings(ServiceSettings):
     retry_after_seconds: float = Field(
         1.0, gt=0, description="retry delay suggested with RESOURCE_EXHAUSTED"
     )
+    idempotency_window_seconds: int = Field(
+        60,
+        ge=0,
+        le=86_400,
+        description="how long each accepted (tenant, event id) and its content digest are "
+        "remembered in Redis, so that publishing the id again is acknowledged as a duplicate "
+        "(same content, not queued again) or refused per event as ID_CONFLICT (other "
+        "content); about 100 bytes of Redis per id (a UUID) for up to twice this long; 0 = off "
+        "(storage still keeps the first event of an id and records conflicts it sees)",
+    )
     validate_payloads: bool = Field(
         True, description="check JSON payloads against the schema registry (storage)"
     )

@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from services.storage.store import BatchColumns
 from services.storage.times import PG_EPOCH_SECONDS, TimeBound, pg_micros, time_bound
 from streammesh.api.common.v1 import event_pb2
-from streammesh.entries import columns_agree, columns_to_batch, expand_runs
+from streammesh.entries import columns_agree, columns_to_batch, expand_runs, run_tenants
 from streammesh.envelope import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -29,6 +29,7 @@ from streammesh.envelope import (
     timestamp_problem,
 )
 from streammesh.mesh.errors import InvalidArgument
+from streammesh.mesh.tenancy import DEFAULT_TENANT, canonical_tenant
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
@@ -110,7 +111,9 @@ def batch_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns:
             f"a batch holds at most {limits.max_batch_events} events, got {len(batch.events)}",
             field_violations=[("batch.events", f"more than {limits.max_batch_events}")],
         )
-    columns = _fast_columns(batch, limits) if batch.partition <= MAX_PARTITION else None
+    tenant = batch.tenant or DEFAULT_TENANT  # "" in entries written before tenants
+    fast = batch.partition <= MAX_PARTITION and canonical_tenant(tenant) == tenant
+    columns = _fast_columns(batch, limits) if fast else None
     if columns is None:
         columns = _checked_columns(batch, limits)  # raises with the violations
     return columns
@@ -128,7 +131,7 @@ def queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColu
     if not columns_agree(queued):
         raise InvalidArgument(
             "the columns of a batch must have one element per event (per run for ingest "
-            "times and producers) and runs that add up to the events",
+            "times, producers and tenants, or no tenants) and runs that add up to the events",
             field_violations=[("columns", "lists of different lengths")],
         )
     # With run_partitions, `partition` is ignored (row_partitions checks those instead).
@@ -146,7 +149,21 @@ def queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> BatchColu
         if queued.run_partitions:
             batch.partition = 0
         columns = _checked_columns(batch, limits)  # raises with the violations
+        # The event-by-event form has one tenant for all; the runs may have several.
+        columns.tenants = expand_runs(_checked_tenants(queued), queued.run_lengths)
     return columns
+
+
+def _checked_tenants(queued: event_pb2.QueuedColumns) -> list[str]:
+    """The tenant of each run ("default" for entries written before tenants); InvalidArgument
+    for one that is not a well-formed tenant id in its stored form."""
+    tenants = run_tenants(queued)
+    if any(canonical_tenant(tenant) != tenant for tenant in set(tenants)):
+        raise InvalidArgument(
+            "columns.run_tenants holds a malformed tenant id",
+            field_violations=[("columns.run_tenants", "not a lower-case tenant id")],
+        )
+    return tenants
 
 
 def row_partitions(queued: event_pb2.QueuedColumns) -> list[int] | None:
@@ -201,6 +218,7 @@ def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> Bat
         return None
     offset = _PG_EPOCH_MICROS
     runs = list(queued.run_lengths)
+    tenants = _checked_tenants(queued)
     return BatchColumns(
         ids=ids,
         keys=keys,
@@ -212,6 +230,7 @@ def _fast_queued_columns(queued: event_pb2.QueuedColumns, limits: Limits) -> Bat
         attributes=attributes,
         ingest_times=expand_runs([micros - offset for micros in ingest_micros], runs),
         producers=expand_runs(producers, runs),
+        tenants=expand_runs(tenants, runs),
     )
 
 
@@ -277,6 +296,7 @@ def _fast_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColumns 
         attributes=[_json(dict(e.attributes)) if e.attributes else "{}" for e in events],
         ingest_times=ingest_times,
         producers=producers,
+        tenants=[batch.tenant or DEFAULT_TENANT] * len(events),
     )
 
 
@@ -285,9 +305,12 @@ def _checked_columns(batch: event_pb2.QueuedBatch, limits: Limits) -> BatchColum
     problems = Violations()
     if batch.partition > MAX_PARTITION:
         problems.add("batch.partition", f"larger than {MAX_PARTITION}")
+    tenant = batch.tenant or DEFAULT_TENANT
+    if canonical_tenant(tenant) != tenant:
+        problems.add("batch.tenant", "not a lower-case tenant id")
     columns = BatchColumns.empty()
     for index, queued in enumerate(batch.events):
-        _check_event(queued, index, limits, problems, columns)
+        _check_event(queued, index, limits, problems, columns, tenant)
     problems.raise_if_any()
     return columns
 
@@ -298,6 +321,7 @@ def _check_event(
     limits: Limits,
     problems: Violations,
     columns: BatchColumns,
+    tenant: str,
 ) -> None:
     event = queued.event
     for name, reason in event_violations(event, limits.envelope, require_id=True):
@@ -326,4 +350,5 @@ def _check_event(
         attributes=_json(dict(event.attributes)) if event.attributes else "{}",
         ingest_time=ingest_time[0],
         producer=queued.producer,
+        tenant=tenant,
     )

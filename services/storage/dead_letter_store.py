@@ -1,4 +1,5 @@
-"""All SQL of the `dead_letters` table (migrations/0002_dead_letters.sql): the idempotent record
+"""All SQL of the `dead_letters` table (migrations/0002_dead_letters.sql, 0008 for the tenant
+that every read is scoped to): the idempotent record
 the processor writes before it acknowledges a poison entry, the newest-first keyset listing, and
 the replay mark. SQLAlchemy Core over asyncpg; plain dataclasses in and out.
 
@@ -46,10 +47,12 @@ __all__ = [
 
 _metadata = MetaData()
 
-# Mirrors migrations/0002_dead_letters.sql. No schema: connections resolve names via search_path.
+# Mirrors migrations/0002_dead_letters.sql and 0008. No schema: connections resolve names via
+# search_path.
 dead_letters = Table(
     "dead_letters",
     _metadata,
+    Column("tenant", Text, primary_key=True),
     Column("id", BigInteger, Identity(always=True), primary_key=True),
     Column("stream", Text, nullable=False),
     Column("partition", Integer, nullable=False),
@@ -74,6 +77,8 @@ RawFields = tuple[tuple[bytes, bytes], ...]
 class NewDeadLetter:
     """A dead letter to record, already validated."""
 
+    tenant: str
+    """The tenant of the entry's events ("default" when unknown)."""
     stream: str
     partition: int
     entry_id: str
@@ -116,8 +121,10 @@ class DeadLetterBody:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetterQuery:
-    """A listing filter: one partition (all when None), replayed or not (both when None)."""
+    """A listing filter: one tenant's dead letters, of one partition (all when None), replayed
+    or not (both when None)."""
 
+    tenant: str
     partition: int | None = None
     replayed: bool | None = None
 
@@ -177,7 +184,7 @@ def _decode_raw(stored: Any) -> RawFields:
 
 
 def _conditions(query: DeadLetterQuery) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
+    where: list[ColumnElement[bool]] = [dead_letters.c.tenant == query.tenant]
     if query.partition is not None:
         where.append(dead_letters.c.partition == query.partition)
     if query.replayed is True:
@@ -199,6 +206,7 @@ class DeadLetterStore:
         statement = (
             pg_insert(dead_letters)
             .values(
+                tenant=new.tenant,
                 stream=new.stream,
                 partition=new.partition,
                 entry_id=new.entry_id,
@@ -236,10 +244,12 @@ class DeadLetterStore:
         async with outage_is_unavailable("dead letter list"), self._engine.connect() as conn:
             return [_row(row) for row in (await conn.execute(statement)).mappings()]
 
-    async def get(self, dead_letter_id: int) -> tuple[DeadLetterRow, DeadLetterBody] | None:
-        """One dead letter with its body, or None."""
+    async def get(
+        self, tenant: str, dead_letter_id: int
+    ) -> tuple[DeadLetterRow, DeadLetterBody] | None:
+        """One dead letter of `tenant` with its body, or None (also for another tenant's)."""
         statement = select(*_SUMMARY, dead_letters.c.batch, dead_letters.c.raw_fields).where(
-            dead_letters.c.id == dead_letter_id
+            dead_letters.c.tenant == tenant, dead_letters.c.id == dead_letter_id
         )
         async with outage_is_unavailable("dead letter get"), self._engine.connect() as conn:
             found = (await conn.execute(statement)).mappings().first()
@@ -247,11 +257,13 @@ class DeadLetterStore:
             return None
         return _row(found), DeadLetterBody(found["batch"], _decode_raw(found["raw_fields"]))
 
-    async def mark_replayed(self, dead_letter_id: int, *, by: str) -> DeadLetterRow | None:
-        """Count one more replay, by `by`, now; None when there is no such dead letter."""
+    async def mark_replayed(
+        self, tenant: str, dead_letter_id: int, *, by: str
+    ) -> DeadLetterRow | None:
+        """Count one more replay, by `by`, now; None when `tenant` has no such dead letter."""
         statement = (
             update(dead_letters)
-            .where(dead_letters.c.id == dead_letter_id)
+            .where(dead_letters.c.tenant == tenant, dead_letters.c.id == dead_letter_id)
             .values(
                 replayed_at=func.now(),
                 replay_count=dead_letters.c.replay_count + 1,

@@ -27,6 +27,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.envelope import timestamp_in_range
 from streammesh.mesh.errors import InvalidArgument
+from streammesh.mesh.tenancy import DEFAULT_TENANT, canonical_tenant
 
 __all__ = [
     "DEFAULT_DEAD_LETTER_PAGE",
@@ -75,7 +76,8 @@ def _time(
 
 
 def new_dead_letter(request: storage_pb2.StoreDeadLetterRequest) -> NewDeadLetter:
-    """The row to insert; InvalidArgument naming every field that cannot be stored."""
+    """The row to insert, in the tenant its batch names ("default" for a batch written before
+    tenants, or without a batch); InvalidArgument naming every field that cannot be stored."""
     problems: list[tuple[str, str]] = []
     for name, value in (("stream", request.stream), ("entry_id", request.entry_id)):
         reason = _name_problem(value)
@@ -85,9 +87,12 @@ def new_dead_letter(request: storage_pb2.StoreDeadLetterRequest) -> NewDeadLette
         problems.append(("entry_id", "not a stream entry id (<milliseconds>-<sequence>)"))
     if request.partition > MAX_PARTITION:
         problems.append(("partition", f"larger than {MAX_PARTITION}"))
+    tenant = DEFAULT_TENANT
     if request.batch:
         try:
-            event_pb2.QueuedBatch.FromString(request.batch)
+            # A malformed tenant is content, not identity: the record goes to "default".
+            named = event_pb2.QueuedBatch.FromString(request.batch).tenant
+            tenant = canonical_tenant(named) or DEFAULT_TENANT
         except DecodeError:
             problems.append(("batch", "not a serialized streammesh.common.v1.QueuedBatch"))
     now = dt.datetime.now(dt.UTC)
@@ -105,6 +110,7 @@ def new_dead_letter(request: storage_pb2.StoreDeadLetterRequest) -> NewDeadLette
             field_violations=problems,
         )
     return NewDeadLetter(
+        tenant=tenant,
         stream=request.stream,
         partition=request.partition,
         entry_id=request.entry_id,
@@ -118,8 +124,10 @@ def new_dead_letter(request: storage_pb2.StoreDeadLetterRequest) -> NewDeadLette
     )
 
 
-def list_query(request: storage_pb2.ListDeadLettersRequest) -> tuple[DeadLetterQuery, int]:
-    """The filter and the page size of a listing."""
+def list_query(
+    request: storage_pb2.ListDeadLettersRequest, tenant: str
+) -> tuple[DeadLetterQuery, int]:
+    """The filter (inside `tenant`, the caller's) and the page size of a listing."""
     if not 0 <= request.page_size <= MAX_DEAD_LETTER_PAGE:
         raise InvalidArgument(
             f"page_size must be 0..{MAX_DEAD_LETTER_PAGE} (0 means {DEFAULT_DEAD_LETTER_PAGE})",
@@ -132,7 +140,7 @@ def list_query(request: storage_pb2.ListDeadLettersRequest) -> tuple[DeadLetterQ
             field_violations=[("partition", f"larger than {MAX_PARTITION}")],
         )
     replayed = request.replayed if request.HasField("replayed") else None
-    query = DeadLetterQuery(partition=partition, replayed=replayed)
+    query = DeadLetterQuery(tenant=tenant, partition=partition, replayed=replayed)
     return query, request.page_size or DEFAULT_DEAD_LETTER_PAGE
 
 

@@ -148,6 +148,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
                 limits,
                 trust_domain=settings.trust_domain,
             ),
+            trust_domain=settings.trust_domain,
         ),
     )
     registry = ServiceBinding(

@@ -19,6 +19,7 @@ from services.storage.query_api import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, QueryAp
 from services.storage.store import EventStore
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
+from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
 
@@ -27,12 +28,25 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Handlers of streammesh.storage.v1.StorageService over an EventStore."""
 
     def __init__(
-        self, store: EventStore, limits: Limits, dead: DeadLetterStore, queries: QueryApi
+        self,
+        store: EventStore,
+        limits: Limits,
+        dead: DeadLetterStore,
+        queries: QueryApi,
+        *,
+        trust_domain: str,
     ) -> None:
         self._store = store
         self._limits = limits
         self._dead = dead
         self._queries = queries
+        self._trust_domain = trust_domain
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant the gateway names for the caller (x-streammesh-tenant), which every
+        dead-letter read is scoped to; "default" for a call that names none (an operator's own
+        tools)."""
+        return caller_tenant(context, trust_domain=self._trust_domain) or DEFAULT_TENANT
 
     async def StoreEvents(
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
@@ -91,7 +105,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.ListDeadLettersResponse:
         """One page of dead letters, newest first, and the token for the next page."""
-        query, page_size = dead_letters.list_query(request)
+        query, page_size = dead_letters.list_query(request, self._tenant(context))
         scope = dead_letter_scope(query.partition, query.replayed)
         before_id = None
         if request.page_token:
@@ -113,7 +127,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: storage_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.GetDeadLetterResponse:
         """One dead letter with its events (or the raw fields of an undecodable entry)."""
-        found = await self._dead.get(request.id)
+        found = await self._dead.get(self._tenant(context), request.id)
         if found is None:
             raise NotFound(f"no dead letter {request.id}")
         return dead_letters.get_response(*found)
@@ -125,7 +139,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> storage_pb2.MarkDeadLetterReplayedResponse:
         """Count a replay of the dead letter, by whom and when."""
         by = dead_letters.replayed_by(request)
-        row = await self._dead.mark_replayed(request.id, by=by)
+        row = await self._dead.mark_replayed(self._tenant(context), request.id, by=by)
         if row is None:
             raise NotFound(f"no dead letter {request.id}")
         return storage_pb2.MarkDeadLetterReplayedResponse(

@@ -8,6 +8,9 @@ same durable work outside storage (the bench's raw path) without importing stora
   (`TEXT_SEPARATOR`, `texts_joinable`), which storage runs whenever it can;
 - `INSERT_PARTITIONS` / `INSERT_PARTITIONS_JOINED`: the same two with the partition bound per
   row, for a request holding the entries of several partitions;
+- `RECORD_CONFLICTS` / `RECORD_CONFLICTS_JOINED`: what storage runs after an insert that
+  skipped rows (and only then): the skipped rows whose content differs from the stored event,
+  recorded in `event_conflicts`;
 - `use_integer_timestamps`: the asyncpg codec INSERT_BATCH is bound with (timestamps as Postgres
   microsecond counts), and `PG_EPOCH_SECONDS` to compute those counts.
 """
@@ -24,6 +27,8 @@ __all__ = [
     "INSERT_PARTITIONS_JOINED",
     "MIGRATIONS_PACKAGE",
     "PG_EPOCH_SECONDS",
+    "RECORD_CONFLICTS",
+    "RECORD_CONFLICTS_JOINED",
     "TEXT_SEPARATOR",
     "event_store_ddl",
     "texts_joinable",
@@ -34,18 +39,19 @@ MIGRATIONS_PACKAGE = "services.storage.migrations"
 """The package holding storage's versioned SQL (streammesh.mesh.postgres.migrate applies it)."""
 
 _INSERT = """
-INSERT INTO events (id, key, type, event_time, event_time_nanos, payload, content_type,
+INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload, content_type,
                     attributes, partition, ingest_time, producer)
-SELECT b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload, b.content_type,
-       b.attributes::jsonb, {partition}, b.ingest_time, b.producer
+SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
+       b.content_type, b.attributes::jsonb, {partition}, b.ingest_time, b.producer
 FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
-            {p7}, {p8}, $9::timestamptz[], {p10}{p11})
+            {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
      WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer{partition_column}, ordinality)
+                          attributes, ingest_time, producer, tenant{partition_column},
+                          ordinality)
 ORDER BY b.ordinality
 ON CONFLICT (tenant, id) DO NOTHING
 """
-_TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10)
+_TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10, 12)
 _ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}
 _JOINED_TEXTS = {f"p{n}": f"string_to_array(${n}::text, E'\\x1f')" for n in _TEXT_PARAMETERS}
 # $11 is one value for the whole batch, or (the PARTITIONS statements) one per row.
@@ -64,20 +70,21 @@ _ROW_PARTITIONS = {
 INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION)
 """Parameters: $1 ids, $2 keys, $3 types, $4 event times (Postgres microseconds), $5 the
 nanoseconds below them (0..999), $6 payloads, $7 content types, $8 attributes (JSON object text),
-$9 ingest times (Postgres microseconds), $10 producers, $11 the partition; the status string's
-last word is the number of rows that were new."""
+$9 ingest times (Postgres microseconds), $10 producers, $11 the partition, $12 tenants (one per
+row: the tenant leads the primary key, so (tenant, id) is the idempotency key); the status
+string's last word is the number of rows that were new."""
 
 TEXT_SEPARATOR = "\x1f"
 """What INSERT_BATCH_JOINED's text parameters join their values with (ASCII unit separator)."""
 
-# The same statement with the six text columns each bound as ONE text, its values joined by
+# The same statement with the seven text columns each bound as ONE text, its values joined by
 # TEXT_SEPARATOR and split by string_to_array. asyncpg checks every element of an array
 # parameter against collections.abc ABCs (two Python-level isinstance calls per string); a text
 # is one value. On 2,000-row batches that took storage's client side from 2.5 to 1.3 us per
 # event, with no measurable change in the backend.
 INSERT_BATCH_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ONE_PARTITION)
-"""Parameters as INSERT_BATCH's, with $1, $2, $3, $7, $8 and $10 joined texts; only for batches
-`texts_joinable` accepts."""
+"""Parameters as INSERT_BATCH's, with $1, $2, $3, $7, $8, $10 and $12 joined texts; only for
+batches `texts_joinable` accepts."""
 
 # The two statements with the partition as one more column instead of one value for the batch:
 # the entries of several partitions in one statement (one round trip, one commit), as a
@@ -88,6 +95,40 @@ INSERT_PARTITIONS = _INSERT.format(**_ARRAY_TEXTS, **_ROW_PARTITIONS)
 
 INSERT_PARTITIONS_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ROW_PARTITIONS)
 """Parameters as INSERT_BATCH_JOINED's, but $11 is the partition of each row (int4[])."""
+
+
+_CONFLICTS = """
+INSERT INTO event_conflicts (tenant, id, ingest_time, producer, key, type, payload_sha256,
+                             payload_bytes)
+SELECT b.tenant, b.id, b.ingest_time, b.producer, b.key, b.type, sha256(b.payload),
+       length(b.payload)
+FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
+            {p7}, {p8}, $9::timestamptz[], {p10}, {p11})
+     AS b(id, key, type, event_time, event_time_nanos, payload, content_type, attributes,
+          ingest_time, producer, tenant)
+JOIN events e ON e.tenant = b.tenant AND e.id = b.id
+WHERE (e.key, e.type, e.payload, e.content_type, e.attributes)
+          IS DISTINCT FROM (b.key, b.type, b.payload, b.content_type, b.attributes::jsonb)
+   OR ((e.event_time, e.event_time_nanos) IS DISTINCT FROM (b.event_time, b.event_time_nanos)
+       AND NOT (e.event_time = e.ingest_time AND e.event_time_nanos = 0
+                AND b.event_time = b.ingest_time AND b.event_time_nanos = 0))
+ON CONFLICT DO NOTHING
+"""
+_CONFLICT_TEXTS = {**_ARRAY_TEXTS, "p11": "$11::text[]"}
+_CONFLICT_JOINED = {**_JOINED_TEXTS, "p11": "string_to_array($11::text, E'\\x1f')"}
+
+# Run only after an insert whose count says it skipped rows, so an insert of new events pays
+# nothing. It joins the batch with the stored rows of the same (tenant, id): the rows this
+# insert wrote match themselves, a re-delivery matches, and what remains is a second event
+# under a stored id. An event time equal to the ingest time (to the microsecond) on both sides
+# is the one ingest gives an event published without one, and is not compared: a retry of
+# such an event gets a new one.
+RECORD_CONFLICTS = _CONFLICTS.format(**_CONFLICT_TEXTS)
+"""Parameters as INSERT_BATCH's without the partition: $1..$10 the same, $11 the tenants; the
+status string's last word is the number of conflicts recorded."""
+
+RECORD_CONFLICTS_JOINED = _CONFLICTS.format(**_CONFLICT_JOINED)
+"""Parameters as RECORD_CONFLICTS's, the text ones joined as INSERT_BATCH_JOINED's."""
 
 
 def texts_joinable(joined: list[str], count: int) -> bool:

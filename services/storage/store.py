@@ -23,6 +23,8 @@ from services.storage.sql import (
     INSERT_BATCH_JOINED,
     INSERT_PARTITIONS,
     INSERT_PARTITIONS_JOINED,
+    RECORD_CONFLICTS,
+    RECORD_CONFLICTS_JOINED,
     TEXT_SEPARATOR,
     texts_joinable,
 )
@@ -58,10 +60,12 @@ class BatchColumns:
     ingest_times: list[int]
     """Postgres microsecond counts."""
     producers: list[str]
+    tenants: list[str]
+    """The tenant of each event (with the id, the idempotency key)."""
 
     @classmethod
     def empty(cls) -> BatchColumns:
-        return cls([], [], [], [], [], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [], [], [], [], [])
 
     def append(
         self,
@@ -75,6 +79,7 @@ class BatchColumns:
         attributes: str,
         ingest_time: int,
         producer: str,
+        tenant: str,
     ) -> None:
         self.ids.append(id)
         self.keys.append(key)
@@ -86,6 +91,7 @@ class BatchColumns:
         self.attributes.append(attributes)
         self.ingest_times.append(ingest_time)
         self.producers.append(producer)
+        self.tenants.append(tenant)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,6 +162,18 @@ async def outage_is_unavailable(operation: str) -> AsyncIterator[None]:
         raise Unavailable("the event store database is unavailable; retry later") from error
 
 
+def _log_conflicts(batch: BatchColumns, recorded: int) -> None:
+    """One line per batch that held conflicts: how many, and of which tenants (no contents)."""
+    if recorded:
+        log.warning(
+            "%d event(s) of a batch of %d reuse a stored (tenant, id) with other content; the "
+            "stored events are kept and the others recorded in event_conflicts (tenants: %s)",
+            recorded,
+            len(batch),
+            ", ".join(sorted(set(batch.tenants))[:5]),
+        )
+
+
 def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
     """The WHERE terms of a filter and their arguments ($1, $2, ... in order)."""
     where: list[str] = []
@@ -195,7 +213,10 @@ class EventStore:
 
     async def insert_batch(self, batch: BatchColumns, *, partition: int) -> int:
         """Store the batch atomically; return how many were new (the rest were already stored
-        under the same id, including repeats inside the batch)."""
+        under the same tenant and id, including repeats inside the batch). Of those, the ones
+        whose content differs from the stored event are recorded in `event_conflicts` (and
+        logged, without contents), in a second statement that runs only when rows were
+        skipped."""
         return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED))
 
     async def insert_partitions(self, batch: BatchColumns, *, partitions: list[int]) -> int:
@@ -218,31 +239,37 @@ class EventStore:
             batch.content_types,
             batch.attributes,
             batch.producers,
+            batch.tenants,
         ]
         statement, joined_statement = statements
+        conflicts = RECORD_CONFLICTS
         joined = [TEXT_SEPARATOR.join(values) for values in texts]
         if texts_joinable(joined, len(batch)):
-            statement, texts = joined_statement, joined
-        ids, keys, types, content_types, attributes, producers = texts
+            statement, conflicts, texts = joined_statement, RECORD_CONFLICTS_JOINED, joined
+        ids, keys, types, content_types, attributes, producers, tenants = texts
+        columns = (
+            ids,
+            keys,
+            types,
+            batch.event_times,
+            batch.event_time_nanos,
+            batch.payloads,
+            content_types,
+            attributes,
+            batch.ingest_times,
+            producers,
+        )
         async with (
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
-            status = await conn.execute(
-                statement,
-                ids,
-                keys,
-                types,
-                batch.event_times,
-                batch.event_time_nanos,
-                batch.payloads,
-                content_types,
-                attributes,
-                batch.ingest_times,
-                producers,
-                partition,
-            )
-        return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+            status = await conn.execute(statement, *columns, partition, tenants)
+            inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
+            if inserted < len(batch):
+                # Some rows were skipped (their id is stored): the rare path checks them.
+                status = await conn.execute(conflicts, *columns, tenants)
+                _log_conflicts(batch, int(status.rsplit(" ", 1)[1]))
+        return inserted
 
     async def query(self, query: EventQuery, *, after_seq: int, limit: int) -> list[StoredRow]:
         """Up to `limit` matching rows with seq > `after_seq`, in seq order."""

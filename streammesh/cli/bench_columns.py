@@ -2,7 +2,8 @@
 handful of C-level calls per group of entries instead of per-event Python work.
 
 Fields, in this order (the reader relies on it): `n` the number of events; `id`, `key`, `type`,
-`ct` (content type), `attr` (attributes as JSON object text) and `prod` (producer), each the
+`ct` (content type), `attr` (attributes as JSON object text), `prod` (producer) and `ten`
+(tenant), each the
 column's UTF-8 text joined by NUL (text a Postgres text column can hold never contains NUL, and
 JSON text never does); `pay` the payloads concatenated and `plen` their lengths (uint32); `et` the
 event times and `it` the ingest times as Postgres microsecond counts (int64) and `etn` the
@@ -40,8 +41,9 @@ FIELDS = (
     b"et",
     b"etn",
     b"it",
+    b"ten",
 )
-_TEXT = {b"id", b"key", b"type", b"ct", b"attr", b"prod"}
+_TEXT = {b"id", b"key", b"type", b"ct", b"attr", b"prod", b"ten"}
 _ARRAYS = {b"plen": "I", b"et": "q", b"etn": "h", b"it": "q"}
 
 
@@ -59,6 +61,7 @@ class RawEvent:
     attributes: str
     ingest_time: int
     producer: str
+    tenant: str
 
 
 def encode_entry(events: Sequence[RawEvent]) -> list[bytes]:
@@ -80,6 +83,7 @@ def encode_entry(events: Sequence[RawEvent]) -> list[bytes]:
         array("q", [e.event_time for e in events]).tobytes(),
         array("h", [e.event_time_nanos for e in events]).tobytes(),
         array("q", [e.ingest_time for e in events]).tobytes(),
+        text(e.tenant for e in events),
     ]
     return [item for pair in zip(FIELDS, values, strict=True) for item in pair]
 
@@ -89,10 +93,11 @@ def entry_events(fields: Sequence[bytes]) -> int:
     return int(fields[1])
 
 
-def decode_group(entries: Sequence[Sequence[bytes]]) -> tuple[str, tuple[Any, ...]]:
-    """Consecutive entries' field/value lists as the statement to run and its columns, in
+def decode_group(entries: Sequence[Sequence[bytes]]) -> tuple[str, tuple[Any, ...], Any]:
+    """Consecutive entries' field/value lists as the statement to run, its columns in
     INSERT_BATCH's parameter order ($1..$10): ids, keys, types, event times, nanos, payloads,
-    content types, attributes, ingest times, producers. The text columns are joined texts for
+    content types, attributes, ingest times, producers, and its $12, the tenants ($11 is the
+    partition, the caller's). The text columns are joined texts for
     INSERT_BATCH_JOINED whenever storage would bind them so too (`texts_joinable`), else lists
     for INSERT_BATCH. Raises ValueError when a column's length disagrees."""
     count = sum(int(fields[1]) for fields in entries)
@@ -131,4 +136,4 @@ def decode_group(entries: Sequence[Sequence[bytes]]) -> tuple[str, tuple[Any, ..
     numeric = (columns[3], columns[4], columns[5], columns[8])
     if any(len(values) != count for values in numeric) or (ends and ends[-1] != len(blob)):
         raise ValueError(f"an entry group of {count} events has columns of other lengths")
-    return (INSERT_BATCH_JOINED if joined else INSERT_BATCH), columns
+    return (INSERT_BATCH_JOINED if joined else INSERT_BATCH), columns, text(b"ten")

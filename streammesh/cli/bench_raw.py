@@ -4,7 +4,9 @@ know, as the baseline the mesh is measured against (mesh/raw).
 One XADD per (publish batch, partition) with a column-wise entry (bench_columns); one consumer
 task with its own Redis and Postgres connections per partition, XREADGROUP, consecutive entries
 grouped up to MAX_GROUP_EVENTS events, one INSERT_BATCH or INSERT_BATCH_JOINED (storage's own
-statements, chosen as storage chooses, from its public `services.storage.sql`) per group into a table made by storage's own migrations, timestamps bound
+statements, chosen as storage chooses, from its public `services.storage.sql`, with the tenant of
+every row, and storage's conflict check after an insert that skipped rows) per group into a
+table made by storage's own migrations, timestamps bound
 as integers, then XACK and XTRIM (the processor trims acknowledged entries too) sent with the next
 read. Every command is packed before the measured window (`RawPath.prepare`), so during it the
 bench process does only what a bare pipeline must: write the XADDs, read, decode, bind, insert,
@@ -26,7 +28,10 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from services.storage.sql import (
+    INSERT_BATCH_JOINED,
     PG_EPOCH_SECONDS,
+    RECORD_CONFLICTS,
+    RECORD_CONFLICTS_JOINED,
     event_store_ddl,
     use_integer_timestamps,
 )
@@ -40,6 +45,7 @@ from streammesh.cli.bench_load import (
     together,
 )
 from streammesh.mesh.postgres import checked_identifier
+from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import StreamLayout
 
 __all__ = ["MAX_GROUP_EVENTS", "RawPath", "RawResult", "RedisWire", "raw_batches"]
@@ -110,11 +116,16 @@ class RedisWire:
 
 
 def raw_batches(
-    templates: Sequence[Sequence[event_pb2.Event]], batches: int, *, producer: str
+    templates: Sequence[Sequence[event_pb2.Event]],
+    batches: int,
+    *,
+    producer: str,
+    tenant: str = DEFAULT_TENANT,
 ) -> Iterator[list[RawEvent]]:
     """`batches` publish batches made from the templates round-robin (as the mesh's load is),
     batch n's number stamped into each id's slot; event and ingest time = now, as ingest sets
-    them for events that carry none. Made one by one: only the packed commands are kept."""
+    them for events that carry none; in `tenant`, as the mesh stores the bench user's events.
+    Made one by one: only the packed commands are kept."""
     now_ns = time.time_ns()
     micros, nanos = (now_ns // 1000) - PG_EPOCH_SECONDS * 1_000_000, now_ns % 1000
     slot = "@" * NUMBER_WIDTH
@@ -135,6 +146,7 @@ def raw_batches(
                     attributes="{}",
                     ingest_time=micros,
                     producer=producer,
+                    tenant=tenant,
                 )
                 for e, parts in zip(events, split[n % len(templates)], strict=True)
             ]
@@ -285,9 +297,13 @@ class RawPath:
                 # groups at MAX_GROUP_EVENTS), so that trick would save nothing: it pays off only
                 # when a round holds a few events per partition, as at the open loop's low rates.
                 for group in _groups(entries):
-                    statement, columns = decode_group([fields for _, fields in group])
-                    status = await part.postgres.execute(statement, *columns, part.index)
+                    statement, columns, tenants = decode_group([fields for _, fields in group])
+                    status = await part.postgres.execute(statement, *columns, part.index, tenants)
                     new = int(status.rsplit(" ", 1)[1])
+                    if new < len(columns[3]):  # skipped rows: storage checks them for conflicts
+                        joined = statement == INSERT_BATCH_JOINED
+                        conflicts = RECORD_CONFLICTS_JOINED if joined else RECORD_CONFLICTS
+                        await part.postgres.execute(conflicts, *columns, tenants)
                     part.stored += new
                     part.inserts += 1
                     stored[0] += new

@@ -128,6 +128,7 @@ def _raw_event(n: int, payload: bytes) -> RawEvent:
         id=f"id-{n}", key=f"k\u00e9y-{n % 3}", type="t", event_time=n * 1_000_003 - 10**15,
         event_time_nanos=n % 1000, payload=payload, content_type="application/json",
         attributes='{"a":"\\u0000"}' if n % 2 else "{}", ingest_time=n, producer="p",
+        tenant="acme" if n % 4 else "default",
     )  # fmt: skip
 
 
@@ -137,7 +138,7 @@ def test_column_entries_decode_to_the_insert_columns_across_a_group() -> None:
     events = [_raw_event(n, payloads[n % len(payloads)]) for n in range(23)]
     entries = [encode_entry(events[:1]), encode_entry(events[1:9]), encode_entry(events[9:])]
     # As XREADGROUP returns them: [name, value, name, value, ...].
-    statement, columns = decode_group(entries)
+    statement, columns, tenants = decode_group(entries)
     expected: tuple[list[Any], ...] = (
         [e.id for e in events], [e.key for e in events], [e.type for e in events],
         [e.event_time for e in events], [e.event_time_nanos for e in events],
@@ -151,11 +152,13 @@ def test_column_entries_decode_to_the_insert_columns_across_a_group() -> None:
         TEXT_SEPARATOR.join(values) if at in (0, 1, 2, 6, 7, 9) else values
         for at, values in enumerate(expected)
     )
+    assert tenants == TEXT_SEPARATOR.join(e.tenant for e in events)
     # A separator inside a value: lists for INSERT_BATCH.
     odd = [dataclasses.replace(events[0], key="a\x1fb"), *events[1:]]
-    statement, columns = decode_group([encode_entry(odd)])
+    statement, columns, tenants = decode_group([encode_entry(odd)])
     assert statement == INSERT_BATCH
     assert columns[1] == [e.key for e in odd]
+    assert tenants == [e.tenant for e in odd]
     broken = list(entries[1])
     broken[1] = b"9"  # says 9 events, holds 8
     with pytest.raises(ValueError, match="columns of other lengths"):

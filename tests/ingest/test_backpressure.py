@@ -211,7 +211,11 @@ async def test_byte_and_total_limits_name_the_limit_and_the_figure(
          r"4,\d{3} bytes, over the limit of 10,000 bytes in all; retry later"),
     ]  # fmt: skip
     for limits, accepted_batches, refusal in cases:
+        # Each case publishes the same ids: forget them (the idempotency window) as well.
+        remembered = [key async for key in redis_client.scan_iter(f"{layout.prefix}:idem:*")]
         await redis_client.delete(*layout.streams(), *map(layout.unacked_key, range(4)))
+        if remembered:
+            await redis_client.delete(*remembered)
         await layout.ensure_group(redis_client)
         async with _ingest(_settings(pki_dir, **limits), redis_client, layout) as ingest:
             channel, stub = _stub(ingest.mesh.port, pki_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,28 +21,6 @@ from streammesh.streams import COLUMNS_FIELD, StreamLayout
 from tests.conftest import TRUST_DOMAIN, xrange_entries
 
 
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def ingest(
-    pki_dir: Path, redis_client: aioredis.Redis, redis_prefix: str
-) -> AsyncIterator[tuple[MeshServer, StreamLayout]]:
-    settings = IngestSettings(
-        port=0, tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, partitions=4, max_batch_events=100
-    )
-    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=4)
-    await layout.ensure_group(redis_client)
-    mesh = create_server(settings, IngestDeps(redis_client, layout))
-    await mesh.start()
-    yield mesh, layout
-    await mesh.stop(0)
-
-
 def _stub(
     port: int, pki_dir: Path, who: str = "gateway"
 ) -> tuple[grpc.aio.Channel, ingest_pb2_grpc.IngestServiceStub]:
@@ -56,9 +33,12 @@ def _stub(
     return channel, ingest_pb2_grpc.IngestServiceStub(channel)
 
 
-def _events(n: int, keys: int = 3) -> list[event_pb2.Event]:
+def _events(n: int, keys: int = 3, *, batch: int = 0) -> list[event_pb2.Event]:
+    """n events; ids "e<i>", or "b<batch>-e<i>" for the batch-th of several (an id published
+    again within the idempotency window would be a duplicate)."""
+    prefix = f"b{batch}-" if batch else ""
     return [
-        event_pb2.Event(id=f"e{i}", key=f"k{i % keys}", type="t.test", payload=b"{}")
+        event_pb2.Event(id=f"{prefix}e{i}", key=f"k{i % keys}", type="t.test", payload=b"{}")
         for i in range(n)
     ]
 
@@ -145,7 +125,8 @@ async def test_stream_acknowledges_each_batch_in_order(
 ) -> None:
     mesh, layout = ingest
     requests = [
-        ingest_pb2.PublishRequest(sequence=n, events=_events(10), producer="p") for n in range(1, 6)
+        ingest_pb2.PublishRequest(sequence=n, events=_events(10, batch=n), producer="p")
+        for n in range(1, 6)
     ]
     channel, stub = _stub(mesh.port, pki_dir)
     async with channel:

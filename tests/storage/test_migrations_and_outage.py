@@ -26,7 +26,7 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
         assert (
             await migrate(engine, schema=pg_schema, migrations=MIGRATIONS)
             == VERSIONS
-            == [1, 2, 3, 4, 5, 6, 7, 9, 10]  # 8 comes with h/tenants
+            == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
         )
         assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == []
         async with engine.connect() as conn:
@@ -57,7 +57,11 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
             "events_tenant_type_seq_idx",
             "events_tenant_seq_idx",
         } <= indexes
-        assert {"dead_letters_partition_id_idx", "dead_letters_pending_id_idx"} <= indexes
+        assert {
+            "dead_letters_tenant_partition_id_idx",
+            "dead_letters_tenant_pending_id_idx",
+            "event_conflicts_tenant_recorded_idx",
+        } <= indexes
     finally:
         await engine.dispose()
 

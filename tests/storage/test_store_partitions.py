@@ -128,6 +128,7 @@ async def test_rows_whose_texts_cannot_be_joined_take_the_array_statement(
             attributes="{}",
             ingest_time=0,
             producer="p",
+            tenant="default",
         )
         assert await store.insert_partitions(columns, partitions=[9]) == 1
         assert await store.insert_partitions(columns, partitions=[9]) == 0

@@ -136,8 +136,9 @@ Global___Event: _TypeAlias = Event  # noqa: Y015
 @_typing.final
 class EventRefusal(_message.Message):
     """EventRefusal is one event of an acknowledged batch that was not accepted (its payload does
-    not match its type's schema, or its type has no schema under a REFUSE policy). The other
-    events of the batch were accepted; resending a refused event unchanged is refused again.
+    not match its type's schema, its type has no schema under a REFUSE policy, or its id was
+    accepted before with other content). The other events of the batch were accepted; resending
+    a refused event unchanged is refused again.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -153,7 +154,10 @@ class EventRefusal(_message.Message):
     reason: _builtins.str
     """A stable reason for tooling: "SCHEMA_VIOLATION", "SCHEMA_VERSION_UNKNOWN",
     "SCHEMA_MISSING" (REFUSE policy), "SCHEMA_UNAVAILABLE" (the registry could not be reached
-    and the type's schema is not cached: resend later).
+    and the type's schema is not cached: resend later), "ID_CONFLICT" (the tenant published
+    this id before, within ingest's idempotency window, with another key, type, content type,
+    payload, attributes or event time: the first event is the one kept; publish a new event
+    under a new id).
     """
     message: _builtins.str
     """What is wrong, for a person: JSON Pointers into the payload and why, for example
@@ -218,7 +222,12 @@ class QueuedBatch(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
+    tenant: _builtins.str
+    """The tenant of every event; "" (entries written before tenants) is "default". Set when a
+    QueuedColumns entry of one tenant is decoded into this form (a dead letter keeps it).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueuedEvent]: ...
     def __init__(
@@ -226,10 +235,11 @@ class QueuedBatch(_message.Message):
         *,
         events: _abc.Iterable[Global___QueuedEvent] | None = ...,
         partition: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "partition", b"partition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "partition", b"partition", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,6 +269,7 @@ class QueuedColumns(_message.Message):
     RUN_LENGTHS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     RUN_PARTITIONS_FIELD_NUMBER: _builtins.int
+    RUN_TENANTS_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     """The partition of the events of a message that holds one partition's entries (ingest sets
     it on every entry).
@@ -311,6 +322,15 @@ class QueuedColumns(_message.Message):
         so that it never files the rows of several partitions under one.
         """
 
+    @_builtins.property
+    def run_tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenant of each run (the tenant the gateway named for the publisher), one value per
+        run like producers, so concatenated entries keep one per run. Empty: every run belongs to
+        tenant "default" (entries written before tenants); an empty value is "default" too.
+        Entries with and without it concatenated leave fewer values than runs: storage refuses
+        such a message (INVALID_ARGUMENT), and a processor then stores its entries one by one.
+        """
+
     def __init__(
         self,
         *,
@@ -327,10 +347,11 @@ class QueuedColumns(_message.Message):
         run_lengths: _abc.Iterable[_builtins.int] | None = ...,
         partition: _builtins.int = ...,
         run_partitions: _abc.Iterable[_builtins.int] | None = ...,
+        run_tenants: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "run_lengths", b"run_lengths", "run_partitions", b"run_partitions", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content_types", b"content_types", "event_time_micros", b"event_time_micros", "event_time_nanos", b"event_time_nanos", "ids", b"ids", "ingest_time_micros", b"ingest_time_micros", "keys", b"keys", "partition", b"partition", "payloads", b"payloads", "producers", b"producers", "run_lengths", b"run_lengths", "run_partitions", b"run_partitions", "run_tenants", b"run_tenants", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

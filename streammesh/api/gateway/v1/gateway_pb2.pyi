@@ -414,6 +414,7 @@ class PublishResponse(_message.Message):
     EVENT_IDS_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     accepted: _builtins.int
     @_builtins.property
@@ -430,6 +431,12 @@ class PublishResponse(_message.Message):
         counts the others, and event_ids still lists every event of the batch.
         """
 
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Events of the batch whose id was accepted before with the same content, within the
+        idempotency window (a retry), by index: counted in `accepted` and not queued again.
+        """
+
     def __init__(
         self,
         *,
@@ -438,10 +445,11 @@ class PublishResponse(_message.Message):
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
         refusal: _event_pb2.PublishRefusal | None = ...,
         refused: _abc.Iterable[_event_pb2.EventRefusal] | None = ...,
+        duplicates: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refusal", b"refusal", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "event_ids", b"event_ids", "refusal", b"refusal", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,6 +484,7 @@ class PublishBatchResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     EVENT_IDS_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     @_builtins.property
     def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -485,16 +494,23 @@ class PublishBatchResponse(_message.Message):
         counts the others, and event_ids still lists every event of the batch.
         """
 
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Events of the batch whose id was accepted before with the same content, within the
+        idempotency window (a retry), by index: counted in `accepted` and not queued again.
+        """
+
     def __init__(
         self,
         *,
         accepted: _builtins.int = ...,
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
         refused: _abc.Iterable[_event_pb2.EventRefusal] | None = ...,
+        duplicates: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "event_ids", b"event_ids", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streammesh.api.common.v1 import event_pb2 as streammesh_dot_common_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streammesh/ingest/v1/ingest.proto\x12\x14streammesh.ingest.v1\x1a streammesh/common/v1/event.proto\"a\n\x0ePublishRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.streammesh.common.v1.Event\x12\x10\n\x08producer\x18\x03 \x01(\t\"\xb4\x01\n\x0fPublishResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x11\n\tevent_ids\x18\x03 \x03(\t\x12\x35\n\x07refusal\x18\x04 \x01(\x0b\x32$.streammesh.common.v1.PublishRefusal\x12\x33\n\x07refused\x18\x05 \x03(\x0b\x32\".streammesh.common.v1.EventRefusal\"T\n\x13PublishBatchRequest\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.streammesh.common.v1.Event\x12\x10\n\x08producer\x18\x02 \x01(\t\"p\n\x14PublishBatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12\x33\n\x07refused\x18\x03 \x03(\x0b\x32\".streammesh.common.v1.EventRefusal2\xdc\x01\n\rIngestService\x12_\n\x07Publish\x12$.streammesh.ingest.v1.PublishRequest\x1a%.streammesh.ingest.v1.PublishResponse\"\x03\x90\x02\x02(\x01\x30\x01\x12j\n\x0cPublishBatch\x12).streammesh.ingest.v1.PublishBatchRequest\x1a*.streammesh.ingest.v1.PublishBatchResponse\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streammesh/ingest/v1/ingest.proto\x12\x14streammesh.ingest.v1\x1a streammesh/common/v1/event.proto\"a\n\x0ePublishRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.streammesh.common.v1.Event\x12\x10\n\x08producer\x18\x03 \x01(\t\"\xc8\x01\n\x0fPublishResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x11\n\tevent_ids\x18\x03 \x03(\t\x12\x35\n\x07refusal\x18\x04 \x01(\x0b\x32$.streammesh.common.v1.PublishRefusal\x12\x33\n\x07refused\x18\x05 \x03(\x0b\x32\".streammesh.common.v1.EventRefusal\x12\x12\n\nduplicates\x18\x06 \x03(\r\"d\n\x13PublishBatchRequest\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.streammesh.common.v1.Event\x12\x10\n\x08producer\x18\x02 \x01(\t\x12\x0e\n\x06replay\x18\x03 \x01(\x08\"\x84\x01\n\x14PublishBatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x11\n\tevent_ids\x18\x02 \x03(\t\x12\x33\n\x07refused\x18\x03 \x03(\x0b\x32\".streammesh.common.v1.EventRefusal\x12\x12\n\nduplicates\x18\x04 \x03(\r2\xdc\x01\n\rIngestService\x12_\n\x07Publish\x12$.streammesh.ingest.v1.PublishRequest\x1a%.streammesh.ingest.v1.PublishResponse\"\x03\x90\x02\x02(\x01\x30\x01\x12j\n\x0cPublishBatch\x12).streammesh.ingest.v1.PublishBatchRequest\x1a*.streammesh.ingest.v1.PublishBatchResponse\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,11 +39,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHREQUEST']._serialized_start=93
   _globals['_PUBLISHREQUEST']._serialized_end=190
   _globals['_PUBLISHRESPONSE']._serialized_start=193
-  _globals['_PUBLISHRESPONSE']._serialized_end=373
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=375
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=459
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=461
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=573
-  _globals['_INGESTSERVICE']._serialized_start=576
-  _globals['_INGESTSERVICE']._serialized_end=796
+  _globals['_PUBLISHRESPONSE']._serialized_end=393
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=395
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=495
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=498
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=630
+  _globals['_INGESTSERVICE']._serialized_start=633
+  _globals['_INGESTSERVICE']._serialized_end=853
 # @@protoc_insertion_point(module_scope)

@@ -56,6 +56,7 @@ class PublishResponse(_message.Message):
     EVENT_IDS_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     accepted: _builtins.int
     @_builtins.property
@@ -74,6 +75,12 @@ class PublishResponse(_message.Message):
         counts the others, and event_ids still lists every event of the batch.
         """
 
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Events of the batch whose id was accepted before with the same content, within the
+        idempotency window (a retry), by index: counted in `accepted` and not queued again.
+        """
+
     def __init__(
         self,
         *,
@@ -82,10 +89,11 @@ class PublishResponse(_message.Message):
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
         refusal: _event_pb2.PublishRefusal | None = ...,
         refused: _abc.Iterable[_event_pb2.EventRefusal] | None = ...,
+        duplicates: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refusal", b"refusal", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "event_ids", b"event_ids", "refusal", b"refusal", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,7 +105,14 @@ class PublishBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     producer: _builtins.str
+    replay: _builtins.bool
+    """Set by the gateway for a dead-letter replay: the events are queued again even when the
+    idempotency window holds their ids (a dead-lettered event was accepted, so remembered, but
+    never stored; storage's idempotent insert still keeps each exactly once). Not in the public
+    request, so a client cannot set it.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]: ...
     def __init__(
@@ -105,10 +120,11 @@ class PublishBatchRequest(_message.Message):
         *,
         events: _abc.Iterable[_event_pb2.Event] | None = ...,
         producer: _builtins.str = ...,
+        replay: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "producer", b"producer", "replay", b"replay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -121,6 +137,7 @@ class PublishBatchResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     EVENT_IDS_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     @_builtins.property
     def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -130,16 +147,23 @@ class PublishBatchResponse(_message.Message):
         counts the others, and event_ids still lists every event of the batch.
         """
 
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Events of the batch whose id was accepted before with the same content, within the
+        idempotency window (a retry), by index: counted in `accepted` and not queued again.
+        """
+
     def __init__(
         self,
         *,
         accepted: _builtins.int = ...,
         event_ids: _abc.Iterable[_builtins.str] | None = ...,
         refused: _abc.Iterable[_event_pb2.EventRefusal] | None = ...,
+        duplicates: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "event_ids", b"event_ids", "refused", b"refused"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "event_ids", b"event_ids", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
