@@ -12,7 +12,8 @@ from services.ingest.schema_cache import SchemaCache
 from services.ingest.validation import BatchLimits, validate_batch
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from streammesh.mesh.errors import StreamMeshError
+from streammesh.mesh.errors import ResourceExhausted, StreamMeshError
+from streammesh.mesh.metrics.pipeline import IngestMetrics
 from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 from streammesh.refusals import (
     REFUSAL_LINGER_SECONDS,
@@ -31,8 +32,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         schemas: SchemaCache | None = None,
         *,
         trust_domain: str,
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self._appender = appender
+        self._metrics = metrics or IngestMetrics()
         self._limits = limits
         self._trust_domain = trust_domain
         self._schemas = schemas
@@ -48,15 +51,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         refused = (
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )
-        if not refused:
-            await self._appender.append(events, columns, producer=producer)
-            return columns.ids, len(columns.ids), []
-        # The kept events' columns are read again: refusals are the rare path.
-        out = {refusal.index for refusal in refused}
-        kept = [event for index, event in enumerate(events) if index not in out]
-        if kept:
-            await self._appender.append(kept, producer=producer)
-        return columns.ids, len(kept), refused
+        try:
+            if not refused:
+                await self._appender.append(events, columns, producer=producer)
+                self._metrics.events_accepted.inc(len(columns.ids))
+                return columns.ids, len(columns.ids), []
+            # The kept events' columns are read again: refusals are the rare path.
+            self._metrics.events_refused.inc(len(refused))
+            out = {refusal.index for refusal in refused}
+            kept = [event for index, event in enumerate(events) if index not in out]
+            if kept:
+                await self._appender.append(kept, producer=producer)
+                self._metrics.events_accepted.inc(len(kept))
+            return columns.ids, len(kept), refused
+        except ResourceExhausted:  # only back-pressure refuses a valid batch so
+            self._metrics.backpressure_refusals.inc()
+            raise
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the gateway names for the caller (x-streammesh-tenant); DEFAULT_TENANT

@@ -32,6 +32,8 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.metrics import ServiceMetrics
+from streammesh.mesh.metrics.pipeline import StorageMetrics
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 from streammesh.mesh.startup import reaching, run_service
 
@@ -121,10 +123,16 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         # Leave room for the response envelope and the next_page_token.
         max_response_bytes=settings.max_message_bytes * 9 // 10,
     )
+    metrics = ServiceMetrics("storage")
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
-        StorageServicer(EventStore(deps.pool), limits, DeadLetterStore(deps.engine)),
+        StorageServicer(
+            EventStore(deps.pool),
+            limits,
+            DeadLetterStore(deps.engine),
+            StorageMetrics(metrics.registry),
+        ),
     )
     registry = ServiceBinding(
         schema_registry_pb2.DESCRIPTOR.services_by_name["SchemaRegistryService"],
@@ -141,6 +149,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         identity="storage",
         bindings=[binding, registry, rules],
         guard=PeerPolicy.build(settings.trust_domain, POLICY),
+        metrics=metrics,
     )
 
 

@@ -34,6 +34,7 @@ from services.storage.store import EventQuery, EventStore
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
+from streammesh.mesh.metrics.pipeline import StorageMetrics
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
 
@@ -74,10 +75,22 @@ def _query(event_filter: event_pb2.EventFilter, limits: Limits) -> EventQuery:
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Handlers of streammesh.storage.v1.StorageService over an EventStore."""
 
-    def __init__(self, store: EventStore, limits: Limits, dead: DeadLetterStore) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        limits: Limits,
+        dead: DeadLetterStore,
+        metrics: StorageMetrics | None = None,
+    ) -> None:
         self._store = store
         self._limits = limits
         self._dead = dead
+        self._metrics = metrics or StorageMetrics()
+
+    def _stored(self, batch: int, inserted: int) -> storage_pb2.StoreEventsResponse:
+        self._metrics.events_stored.inc(inserted)
+        self._metrics.events_duplicate.inc(batch - inserted)
+        return storage_pb2.StoreEventsResponse(inserted=inserted, duplicates=batch - inserted)
 
     async def StoreEvents(
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
@@ -93,17 +106,13 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             partitions = row_partitions(request.columns)
             if partitions is not None:  # the entries of several partitions (a processor's round)
                 inserted = await self._store.insert_partitions(columns, partitions=partitions)
-                return storage_pb2.StoreEventsResponse(
-                    inserted=inserted, duplicates=len(columns) - inserted
-                )
+                return self._stored(len(columns), inserted)
             partition = request.columns.partition
         else:
             columns = batch_columns(request.batch, self._limits)
             partition = request.batch.partition
         inserted = await self._store.insert_batch(columns, partition=partition)
-        return storage_pb2.StoreEventsResponse(
-            inserted=inserted, duplicates=len(columns) - inserted
-        )
+        return self._stored(len(columns), inserted)
 
     async def QueryEvents(
         self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext
@@ -155,6 +164,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> storage_pb2.StoreDeadLetterResponse:
         """Record an entry the processor gave up on; a repeat returns the first record."""
         row, created = await self._dead.insert(dead_letters.new_dead_letter(request))
+        if created:
+            self._metrics.dead_letters.inc()
         return storage_pb2.StoreDeadLetterResponse(
             dead_letter=dead_letters.dead_letter_message(row), created=created
         )
