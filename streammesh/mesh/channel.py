@@ -4,7 +4,7 @@ load balancing, health checking, retries and timeouts declared in the gRPC servi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -83,9 +83,12 @@ def create_channel(
     server_name: str,
     config: dict[str, Any],
     max_message_bytes: int = 16 * 1024 * 1024,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """Open a channel to `target` that only trusts a server presenting `server_name` as a DNS
-    SAN signed by our CA: the dev PKI puts each service's name in its own certificate only."""
+    SAN signed by our CA: the dev PKI puts each service's name in its own certificate only.
+    `interceptors` are grpc.aio client interceptors, such as
+    `streammesh.mesh.metrics.client_interceptors(metrics.grpc_client)`."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca,
         private_key=tls.private_key,
@@ -106,4 +109,9 @@ def create_channel(
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 3_000),
     ]
-    return grpc.aio.secure_channel(normalize_target(target), credentials, options=options)
+    return grpc.aio.secure_channel(
+        normalize_target(target),
+        credentials,
+        options=options,
+        interceptors=list(interceptors) or None,
+    )

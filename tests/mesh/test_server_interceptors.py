@@ -249,3 +249,34 @@ async def test_a_custom_list_wraps_every_arity_with_one_helper(pki_dir: Path) ->
         ("enter", "NotFound"),
         ("leave", "NotFound"),
     ]
+
+
+async def test_client_and_server_count_the_same_calls_over_mtls(
+    mesh: MeshServer, pki_dir: Path
+) -> None:
+    from streammesh.mesh import TlsMaterial, create_channel
+    from streammesh.mesh.metrics import ServiceMetrics, client_interceptors
+
+    gateway = ServiceMetrics("gateway")
+    channel = create_channel(
+        f"127.0.0.1:{mesh.port}",
+        TlsMaterial.load(pki_dir, "gateway"),
+        server_name="processor",
+        config={"methodConfig": []},
+        interceptors=client_interceptors(gateway.grpc_client),
+    )
+    async with channel:
+        await call(channel, "StreamStream", ["a", "b"])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(channel, "NotFound")
+    labels = {"grpc_type": "bidi_stream", "grpc_service": SERVICE, "grpc_method": "StreamStream"}
+    client = gateway.registry.get_sample_value
+    assert client("grpc_client_handled_total", {**labels, "grpc_code": "OK"}) == 1
+    assert client("grpc_client_msg_sent_total", labels) == 2
+    assert client("grpc_client_msg_received_total", labels) == 2
+    not_found = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "NotFound"}
+    assert client("grpc_client_handled_total", {**not_found, "grpc_code": "NotFound"}) == 1
+    await settled(
+        lambda: sample(mesh, "grpc_server_handled_total", "NotFound", grpc_code="NotFound") == 1
+    )
+    assert sample(mesh, "grpc_server_msg_received_total", "StreamStream") == 2
