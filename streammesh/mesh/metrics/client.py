@@ -39,7 +39,9 @@ class _ClientMetrics:
         self._metrics = metrics
         self._methods: dict[tuple[str, bool, bool], MethodMetrics] = {}
 
-    def of(self, details: grpc.aio.ClientCallDetails, requests: bool, responses: bool) -> Any:
+    def of(
+        self, details: grpc.aio.ClientCallDetails, requests: bool, responses: bool
+    ) -> MethodMetrics:
         method = details.method
         # grpc.aio hands the method over as bytes (grpc/grpc#31092); accept both.
         name = method.decode() if isinstance(method, bytes) else str(method)
@@ -47,14 +49,13 @@ class _ClientMetrics:
         found = self._methods.get(key)
         if found is None:
             service, _, short = name.lstrip("/").rpartition("/")
-            found = MethodMetrics(self._metrics, Rpc(name, service, short, requests, responses))
+            found = self._metrics.method(Rpc(name, service, short, requests, responses))
             self._methods[key] = found
         return found
 
 
 def _done(m: MethodMetrics, code: grpc.StatusCode, started: float) -> None:
-    m.seconds.observe(time.perf_counter() - started)
-    m.handled_child(code).inc()
+    m.done(code, time.perf_counter() - started)
 
 
 async def _unary_response(m: MethodMetrics, started: float, call: Any) -> Any:
@@ -66,7 +67,7 @@ async def _unary_response(m: MethodMetrics, started: float, call: Any) -> Any:
         _done(m, grpc.StatusCode.CANCELLED, started)
         raise
     if code is grpc.StatusCode.OK:
-        m.received.inc()
+        m.received += 1
     _done(m, code, started)
     return call
 
@@ -75,7 +76,7 @@ async def _streamed_responses(m: MethodMetrics, started: float, call: Any) -> As
     code: grpc.StatusCode | None = None
     try:
         async for response in call:
-            m.received.inc()
+            m.received += 1
             yield response
         code = await call.code()
     except grpc.aio.AioRpcError as error:
@@ -98,13 +99,13 @@ def _counted(requests: Any, m: MethodMetrics) -> Any:
 
 async def _counted_async(requests: AsyncIterable[Any], m: MethodMetrics) -> AsyncIterator[Any]:
     async for request in requests:
-        m.sent.inc()
+        m.sent += 1
         yield request
 
 
 def _counted_sync(requests: Iterable[Any], m: MethodMetrics) -> Iterable[Any]:
     for request in requests:
-        m.sent.inc()
+        m.sent += 1
         yield request
 
 
@@ -137,11 +138,11 @@ class _MetricsInterceptor:
     ) -> Any:
         m = self._metrics.of(details, requests, responses)
         started = time.perf_counter()
-        m.started.inc()
+        m.started += 1
         if requests:
             request = _counted(request, m)
         else:
-            m.sent.inc()
+            m.sent += 1
         call = await _failed_to_start(m, started, continuation(details, request))
         if responses:
             return _streamed_responses(m, started, call)

@@ -7,18 +7,28 @@
     grpc_<side>_msg_sent_total{grpc_type, grpc_service, grpc_method}
 
 grpc_type is unary, client_stream, server_stream or bidi_stream; grpc_code is Go's name of the
-status ("OK", "InvalidArgument", ...). A method's label children are looked up once
-(`MethodMetrics`), so a call costs a few increments and one histogram observation.
+status ("OK", "InvalidArgument", ...).
+
+A call adds to plain integers of its method's `MethodMetrics` (one event loop writes them), and
+the families are built from them when Prometheus scrapes: prometheus_client's own Counter and
+Histogram take a lock per increment and per bucket, and four increments and an observation made
+the metrics' own work about 2.5 µs of a unary call instead of 0.7 (best of 40 rounds, on this
+2-core machine, scripts/bench_interceptors.py and the layer alone). The scrape runs in the endpoint's thread; under the GIL
+it reads whole integers, and a histogram's count is taken from its buckets, so each family is
+consistent in itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import bisect
+from collections.abc import Iterable, Iterator
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from streammesh.mesh.interceptors.base import Rpc
 from streammesh.mesh.metrics.codes import GO_CODE_NAMES
@@ -45,44 +55,48 @@ HANDLING_BUCKETS = (
 our unary calls end."""
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
+_BOUNDS = [floatToGoString(bound) for bound in HANDLING_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
 
 
-class GrpcMetrics:
-    """The five metric families of one side ("server" or "client"), registered in `registry`."""
+class MethodMetrics:
+    """One method's counts on one side."""
+
+    __slots__ = ("buckets", "handled", "labels", "received", "seconds", "sent", "started")
+
+    def __init__(self, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.started = 0
+        self.received = 0
+        self.sent = 0
+        self.handled: dict[grpc.StatusCode, int] = {}
+        self.buckets = [0] * len(_BOUNDS)
+        """Observations per bucket (not cumulative); the last is +Inf."""
+        self.seconds = 0.0
+        """The sum of the observed handling times."""
+
+    def done(self, code: grpc.StatusCode, seconds: float) -> None:
+        """A call ended with `code` after `seconds`."""
+        self.handled[code] = self.handled.get(code, 0) + 1
+        # bisect_left: a time equal to a bound belongs to that bound's bucket (le).
+        self.buckets[bisect.bisect_left(HANDLING_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+
+class GrpcMetrics(Collector):
+    """The five families of one side ("server" or "client"), registered in `registry`."""
 
     def __init__(self, registry: CollectorRegistry, *, side: str = "server") -> None:
-        prefix = f"grpc_{side}"
-        self.started = Counter(
-            f"{prefix}_started_total",
-            f"RPCs started on the {side}.",
-            _LABELS,
-            registry=registry,
-        )
-        self.handled = Counter(
-            f"{prefix}_handled_total",
-            f"RPCs completed on the {side}, whatever their status.",
-            (*_LABELS, "grpc_code"),
-            registry=registry,
-        )
-        self.handling_seconds = Histogram(
-            f"{prefix}_handling_seconds",
-            f"Response latency (seconds) of RPCs until completed on the {side}.",
-            _LABELS,
-            buckets=HANDLING_BUCKETS,
-            registry=registry,
-        )
-        self.msg_received = Counter(
-            f"{prefix}_msg_received_total",
-            f"Stream messages received on the {side} (1 per unary request or response).",
-            _LABELS,
-            registry=registry,
-        )
-        self.msg_sent = Counter(
-            f"{prefix}_msg_sent_total",
-            f"Stream messages sent on the {side} (1 per unary request or response).",
-            _LABELS,
-            registry=registry,
-        )
+        self._side = side
+        self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
+        registry.register(self)
+
+    def method(self, rpc: Rpc) -> MethodMetrics:
+        """`rpc`'s counts, created at 0 on first use."""
+        labels = (rpc.grpc_type, rpc.service, rpc.name)
+        found = self._methods.get(labels)
+        if found is None:
+            found = self._methods[labels] = MethodMetrics(labels)
+        return found
 
     def initialize(self, services: Iterable[ServiceDescriptor]) -> None:
         """Create every method's series at 0 (go-grpc-prometheus' InitializeMetrics), so that
@@ -96,37 +110,57 @@ class GrpcMetrics:
                     method.client_streaming,
                     method.server_streaming,
                 )
-                MethodMetrics(self, rpc).handled_child(grpc.StatusCode.OK)
+                self.method(rpc).handled.setdefault(grpc.StatusCode.OK, 0)
 
+    def _families(self) -> tuple[CounterMetricFamily, ...]:
+        side = self._side
+        return (
+            CounterMetricFamily(
+                f"grpc_{side}_started_total", f"RPCs started on the {side}.", labels=_LABELS
+            ),
+            CounterMetricFamily(
+                f"grpc_{side}_handled_total",
+                f"RPCs completed on the {side}, whatever their status.",
+                labels=(*_LABELS, "grpc_code"),
+            ),
+            CounterMetricFamily(
+                f"grpc_{side}_msg_received_total",
+                f"Messages received on the {side} (1 per unary request or response).",
+                labels=_LABELS,
+            ),
+            CounterMetricFamily(
+                f"grpc_{side}_msg_sent_total",
+                f"Messages sent on the {side} (1 per unary request or response).",
+                labels=_LABELS,
+            ),
+        )
 
-class MethodMetrics:
-    """One method's label children, looked up once."""
+    def _histogram(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            f"grpc_{self._side}_handling_seconds",
+            f"Response latency (seconds) of RPCs until completed on the {self._side}.",
+            labels=_LABELS,
+        )
 
-    __slots__ = (
-        "_handled",
-        "_labels",
-        "_metrics",
-        "handled_by_code",
-        "received",
-        "seconds",
-        "sent",
-        "started",
-    )
+    def describe(self) -> Iterator[Metric]:
+        """The family names, for the registry's check against duplicates."""
+        yield from self._families()
+        yield self._histogram()
 
-    def __init__(self, metrics: GrpcMetrics, rpc: Rpc) -> None:
-        labels = (rpc.grpc_type, rpc.service, rpc.name)
-        self._labels = labels
-        self._metrics = metrics
-        self.started = metrics.started.labels(*labels)
-        self.received = metrics.msg_received.labels(*labels)
-        self.sent = metrics.msg_sent.labels(*labels)
-        self.seconds = metrics.handling_seconds.labels(*labels)
-        self.handled_by_code: dict[grpc.StatusCode, Any] = {}
-
-    def handled_child(self, code: grpc.StatusCode) -> Any:
-        """The handled counter of this method for `code`."""
-        child = self.handled_by_code.get(code)
-        if child is None:
-            child = self._metrics.handled.labels(*self._labels, GO_CODE_NAMES[code])
-            self.handled_by_code[code] = child
-        return child
+    def collect(self) -> Iterator[Metric]:
+        started, handled, received, sent = self._families()
+        seconds = self._histogram()
+        for m in list(self._methods.values()):  # list(): one step under the GIL
+            labels = m.labels
+            started.add_metric(labels, m.started)
+            received.add_metric(labels, m.received)
+            sent.add_metric(labels, m.sent)
+            for code, count in list(m.handled.items()):
+                handled.add_metric((*labels, GO_CODE_NAMES[code]), count)
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(_BOUNDS, list(m.buckets), strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            seconds.add_metric(labels, buckets, m.seconds)
+        yield from (started, handled, seconds, received, sent)

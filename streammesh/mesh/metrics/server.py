@@ -22,18 +22,18 @@ __all__ = ["ServerMetricsInterceptor"]
 class _CountedRequests:
     """A request stream that counts each message it hands on."""
 
-    __slots__ = ("_counter", "_raw")
+    __slots__ = ("_m", "_raw")
 
-    def __init__(self, raw: AsyncIterator[Any], counter: Any) -> None:
+    def __init__(self, raw: AsyncIterator[Any], m: MethodMetrics) -> None:
         self._raw = raw
-        self._counter = counter
+        self._m = m
 
     def __aiter__(self) -> _CountedRequests:
         return self
 
     async def __anext__(self) -> Any:
         message = await self._raw.__anext__()
-        self._counter.inc()
+        self._m.received += 1
         return message
 
 
@@ -46,22 +46,20 @@ class _ServerMetricsLayer(Layer):
 
     async def enter(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, Any]:
         m = self._m
-        m.started.inc()
+        m.started += 1
         if self._streaming:
-            request = _CountedRequests(request, m.received)
+            request = _CountedRequests(request, m)
         else:
-            m.received.inc()
+            m.received += 1
         return request, time.perf_counter()
 
     def sent(self, state: float) -> None:
-        self._m.sent.inc()
+        self._m.sent += 1
 
     async def leave(
         self, state: float, context: grpc.aio.ServicerContext, error: BaseException | None
     ) -> bool:
-        m = self._m
-        m.seconds.observe(time.perf_counter() - state)
-        m.handled_child(call_code(context, error)).inc()
+        self._m.done(call_code(context, error), time.perf_counter() - state)
         return False
 
 
@@ -74,4 +72,4 @@ class ServerMetricsInterceptor(LayerInterceptor):
         self._metrics = metrics
 
     def layer(self, rpc: Rpc, handler: grpc.RpcMethodHandler) -> Layer:
-        return _ServerMetricsLayer(MethodMetrics(self._metrics, rpc), rpc.request_streaming)
+        return _ServerMetricsLayer(self._metrics.method(rpc), rpc.request_streaming)
