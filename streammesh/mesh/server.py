@@ -75,7 +75,8 @@ class MeshServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.metrics_endpoint is not None:
-            self.metrics_endpoint.stop()
+            # Its serving thread notices the shutdown within half a second: not on the loop.
+            await asyncio.to_thread(self.metrics_endpoint.stop)
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
