@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.streammesh-installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv install backends test check proto docs up demo bench down clean distclean
+.PHONY: help venv install backends prometheus test check proto docs up demo bench down clean distclean
 
 help: ## Show this list
 	@echo "usage: make <target>   (variables: PYTEST_ARGS='-k name -x', PYTHON=python3.11)"
@@ -40,7 +40,11 @@ install: $(STAMP) ## Install the package and dev tools into .venv (again only wh
 backends: ## Make sure PostgreSQL and Redis answer locally (start or install them if not)
 	@scripts/ensure-backends.sh
 
+prometheus: ## Make sure the prometheus and promtool binaries exist (apt-get install if not)
+	@scripts/ensure-prometheus.sh
+
 test: install backends ## Run the test suite (pass options with PYTEST_ARGS=...)
+	@scripts/ensure-prometheus.sh || echo "make: no Prometheus; tests/mesh/test_prometheus.py will skip" >&2
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: install ## Lint, format check, type check, buf lint/breaking, generated-code freshness

@@ -24,7 +24,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh.decoding import DecodedRequests, LogThrottle, RequestDecoder
-from streammesh.mesh.interceptors import GuardInterceptor
+from streammesh.mesh.interceptors import DecodeInterceptor
 
 
 class _Context:
@@ -112,7 +112,7 @@ async def _lookup_figure(rounds: int) -> None:
         request_deserializer=storage_pb2.CountEventsRequest.FromString,
         response_serializer=storage_pb2.CountEventsResponse.SerializeToString,
     )
-    interceptor = GuardInterceptor(None)
+    interceptor = DecodeInterceptor(throttle=LogThrottle(logging.getLogger("bench")))
 
     async def continuation(details: Any) -> Any:
         return handler

@@ -25,6 +25,8 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.metrics import ServiceMetrics
+from streammesh.mesh.metrics.pipeline import IngestMetrics, QueueBacklogCollector
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import load_tls, reaching, run_service
 from streammesh.streams import StreamLayout
@@ -91,7 +93,16 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
         max_entry_bytes=settings.max_entry_bytes,
         window=IdempotencyWindow(window) if window else None,
     )
-    servicer = IngestServicer(appender, limits, deps.schemas, trust_domain=settings.trust_domain)
+    metrics = ServiceMetrics("ingest")
+    if deps.pressure is not None:
+        metrics.registry.register(QueueBacklogCollector(deps.pressure, deps.layout.partitions))
+    servicer = IngestServicer(
+        appender,
+        limits,
+        deps.schemas,
+        trust_domain=settings.trust_domain,
+        metrics=IngestMetrics(metrics.registry),
+    )
     return create_mesh_server(
         settings,
         identity="ingest",
@@ -103,6 +114,7 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
             )
         ],
         guard=PeerPolicy.build(settings.trust_domain, POLICY_RULES),
+        metrics=metrics,
     )
 
 

@@ -14,7 +14,8 @@ from services.ingest.schema_cache import SchemaCache
 from services.ingest.validation import BatchLimits, validate_batch
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from streammesh.mesh.errors import StreamMeshError
+from streammesh.mesh.errors import ResourceExhausted, StreamMeshError
+from streammesh.mesh.metrics.pipeline import IngestMetrics
 from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 from streammesh.refusals import (
     REFUSAL_LINGER_SECONDS,
@@ -57,8 +58,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         schemas: SchemaCache | None = None,
         *,
         trust_domain: str,
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self._appender = appender
+        self._metrics = metrics or IngestMetrics()
         self._limits = limits
         self._trust_domain = trust_domain
         self._schemas = schemas
@@ -80,18 +83,26 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             [] if self._schemas is None else await refused_events(events, tenant, self._schemas)
         )
         positions: Sequence[int] = range(len(events))  # in the batch, of each appended event
-        if not refused:
-            seen = await self._appender.append(
-                events, columns, producer=producer, tenant=tenant, guarded=not replay
-            )
-        else:
-            # The kept events' columns are read again: refusals are the rare path.
-            out = {refusal.index for refusal in refused}
-            positions = [index for index in range(len(events)) if index not in out]
-            kept = [events[index] for index in positions]
-            seen = (
-                await self._appender.append(kept, producer=producer, tenant=tenant) if kept else {}
-            )
+        try:
+            if not refused:
+                seen = await self._appender.append(
+                    events, columns, producer=producer, tenant=tenant, guarded=not replay
+                )
+            else:
+                # The kept events' columns are read again: refusals are the rare path.
+                out = {refusal.index for refusal in refused}
+                positions = [index for index in range(len(events)) if index not in out]
+                kept = [events[index] for index in positions]
+                seen = (
+                    await self._appender.append(
+                        kept, producer=producer, tenant=tenant, guarded=not replay
+                    )
+                    if kept
+                    else {}
+                )
+        except ResourceExhausted:  # only back-pressure refuses a valid batch so
+            self._metrics.backpressure_refusals.inc()
+            raise
         duplicates = sorted(positions[i] for i, verdict in seen.items() if verdict == DUPLICATE)
         conflicts = sorted(positions[i] for i, verdict in seen.items() if verdict == CONFLICT)
         if conflicts:
@@ -100,6 +111,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 key=lambda refusal: refusal.index,
             )
         accepted = len(positions) - len(conflicts)
+        self._metrics.events_accepted.inc(accepted)
+        if refused:
+            self._metrics.events_refused.inc(len(refused))
         return _Outcome(columns.ids, accepted, refused, duplicates)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:

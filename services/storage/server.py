@@ -34,6 +34,8 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.metrics import ServiceMetrics
+from streammesh.mesh.metrics.pipeline import StorageMetrics
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 from streammesh.mesh.startup import reaching, run_service
 
@@ -126,6 +128,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         # Leave room for the response envelope and the next_page_token.
         max_response_bytes=settings.max_message_bytes * 9 // 10,
     )
+    metrics = ServiceMetrics("storage")
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
@@ -149,6 +152,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
                 trust_domain=settings.trust_domain,
             ),
             trust_domain=settings.trust_domain,
+            metrics=StorageMetrics(metrics.registry),
         ),
     )
     registry = ServiceBinding(
@@ -166,6 +170,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         identity="storage",
         bindings=[binding, registry, rules],
         guard=PeerPolicy.build(settings.trust_domain, POLICY),
+        metrics=metrics,
     )
 
 

@@ -19,6 +19,7 @@ from services.storage.query_api import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, QueryAp
 from services.storage.store import EventStore
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
+from streammesh.mesh.metrics.pipeline import StorageMetrics
 from streammesh.mesh.tenancy import DEFAULT_TENANT, caller_tenant
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Limits", "StorageServicer"]
@@ -35,18 +36,25 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         queries: QueryApi,
         *,
         trust_domain: str,
+        metrics: StorageMetrics | None = None,
     ) -> None:
         self._store = store
         self._limits = limits
         self._dead = dead
         self._queries = queries
         self._trust_domain = trust_domain
+        self._metrics = metrics or StorageMetrics()
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the gateway names for the caller (x-streammesh-tenant), which every
         dead-letter read is scoped to; "default" for a call that names none (an operator's own
         tools)."""
         return caller_tenant(context, trust_domain=self._trust_domain) or DEFAULT_TENANT
+
+    def _stored(self, batch: int, inserted: int) -> storage_pb2.StoreEventsResponse:
+        self._metrics.events_stored.inc(inserted)
+        self._metrics.events_duplicate.inc(batch - inserted)
+        return storage_pb2.StoreEventsResponse(inserted=inserted, duplicates=batch - inserted)
 
     async def StoreEvents(
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
@@ -62,17 +70,13 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             partitions = row_partitions(request.columns)
             if partitions is not None:  # the entries of several partitions (a processor's round)
                 inserted = await self._store.insert_partitions(columns, partitions=partitions)
-                return storage_pb2.StoreEventsResponse(
-                    inserted=inserted, duplicates=len(columns) - inserted
-                )
+                return self._stored(len(columns), inserted)
             partition = request.columns.partition
         else:
             columns = batch_columns(request.batch, self._limits)
             partition = request.batch.partition
         inserted = await self._store.insert_batch(columns, partition=partition)
-        return storage_pb2.StoreEventsResponse(
-            inserted=inserted, duplicates=len(columns) - inserted
-        )
+        return self._stored(len(columns), inserted)
 
     async def QueryEvents(
         self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext
@@ -97,6 +101,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> storage_pb2.StoreDeadLetterResponse:
         """Record an entry the processor gave up on; a repeat returns the first record."""
         row, created = await self._dead.insert(dead_letters.new_dead_letter(request))
+        if created:
+            self._metrics.dead_letters.inc()
         return storage_pb2.StoreDeadLetterResponse(
             dead_letter=dead_letters.dead_letter_message(row), created=created
         )

@@ -81,6 +81,13 @@ class StackConfig(BaseSettings):
     ingest_port: int = Field(50053, description="ingest's port")
     processor_port: int = Field(50054, description="the processor's port")
     storage_port: int = Field(50055, description="storage's port")
+    gateway_metrics_port: int = Field(
+        9551, description="the gateway's Prometheus /metrics port (HTTP, on host); 0: none"
+    )
+    auth_metrics_port: int = Field(9552, description="auth's /metrics port; 0: none")
+    ingest_metrics_port: int = Field(9553, description="ingest's /metrics port; 0: none")
+    processor_metrics_port: int = Field(9554, description="the processor's /metrics port; 0: none")
+    storage_metrics_port: int = Field(9555, description="storage's /metrics port; 0: none")
     database_url: str = Field(
         "postgresql+asyncpg://postgres@127.0.0.1:5432/streammesh",
         description="the PostgreSQL database of storage and auth (created if missing)",
@@ -123,6 +130,10 @@ class StackConfig(BaseSettings):
     def address(self, name: str) -> str:
         return f"{self.host}:{self.port(name)}"
 
+    def metrics_port(self, name: str) -> int:
+        """`name`'s /metrics port; 0 when it has none."""
+        return int(getattr(self, f"{name}_metrics_port"))
+
     def service_env(self, name: str) -> dict[str, str]:
         """The STREAMMESH_<SERVICE>_* variables one service process gets."""
         prefix = f"STREAMMESH_{name.upper()}_"
@@ -132,6 +143,10 @@ class StackConfig(BaseSettings):
             "TLS_DIR": str(self.pki_dir),
             "TRUST_DOMAIN": self.trust_domain,
             "LOG_LEVEL": self.log_level,
+            # On the services' own host, as the gRPC port: loopback for a local stack. A port
+            # another stack holds only costs this one its /metrics (a warning in its log).
+            "METRICS_HOST": self.host,
+            "METRICS_PORT": str(self.metrics_port(name)),
         }
         if name in ("storage", "auth"):
             env["DATABASE_URL"] = self.database_url
@@ -539,6 +554,11 @@ def write_stack_file(config: StackConfig) -> Path:
         json.dumps(
             {
                 "services": {name: config.address(name) for name in START_ORDER},
+                "metrics": {
+                    name: f"http://{config.host}:{config.metrics_port(name)}/metrics"
+                    for name in START_ORDER
+                    if config.metrics_port(name)
+                },
                 "pki_dir": str(config.pki_dir),
                 "logs_dir": str(config.state_dir / "logs"),
             },

@@ -9,7 +9,7 @@ storage client until it moves to MeshClient."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -94,16 +94,24 @@ def create_channel(
     server_name: str,
     config: dict[str, Any],
     max_message_bytes: int = 16 * 1024 * 1024,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """Open a channel to `target` that only trusts a server presenting `server_name` as a DNS
-    SAN signed by our CA: the dev PKI puts each service's name in its own certificate only."""
+    SAN signed by our CA: the dev PKI puts each service's name in its own certificate only.
+    `interceptors` are grpc.aio client interceptors, such as
+    `streammesh.mesh.metrics.client_interceptors(metrics.grpc_client)`."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca,
         private_key=tls.private_key,
         certificate_chain=tls.certificate_chain,
     )
     options = channel_options(server_name, config, max_message_bytes=max_message_bytes)
-    return grpc.aio.secure_channel(normalize_target(target), credentials, options=options)
+    return grpc.aio.secure_channel(
+        normalize_target(target),
+        credentials,
+        options=options,
+        interceptors=list(interceptors) or None,
+    )
 
 
 def channel_options(

@@ -1,5 +1,6 @@
 """The server factory every service uses: grpc.aio, TLS (mutual on internal listeners), health,
-reflection, limits, the guard interceptor, and a graceful drain on SIGTERM."""
+reflection, limits, the interceptor list (metrics, errors, deadline, guard, decoding), the
+/metrics endpoint, and a graceful drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,12 +16,26 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from streammesh.mesh.interceptors import Guard, GuardInterceptor
+from streammesh.mesh.interceptors import (
+    DeadlineInterceptor,
+    DecodeInterceptor,
+    ErrorInterceptor,
+    Guard,
+    GuardInterceptor,
+)
+from streammesh.mesh.logs import LogThrottle
+from streammesh.mesh.metrics import MetricsEndpoint, ServerMetricsInterceptor, ServiceMetrics
 from streammesh.mesh.pki import TlsMaterial
 from streammesh.mesh.settings import ServiceSettings
 from streammesh.mesh.startup import StartupError, listen_problem, load_tls
 
-__all__ = ["MeshServer", "ServiceBinding", "create_mesh_server", "run_until_signalled"]
+__all__ = [
+    "MeshServer",
+    "ServiceBinding",
+    "create_mesh_server",
+    "run_until_signalled",
+    "standard_interceptors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +55,28 @@ class MeshServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    metrics: ServiceMetrics
+    """The service's registry: the gRPC families, build info, and what the service adds."""
+    metrics_endpoint: MetricsEndpoint | None = None
+    """/metrics over HTTP, when the metrics_port setting asks for it."""
 
     async def start(self) -> None:
-        """Start serving and report SERVING for each hosted service and overall ("")."""
+        """Start serving (and /metrics) and report SERVING for each hosted service and
+        overall ("")."""
         await self.server.start()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING first so balancers move away, then let in-flight calls finish."""
+        """Report NOT_SERVING first so balancers move away, then let in-flight calls finish;
+        /metrics goes last, so a scrape can see the drain."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics_endpoint is not None:
+            # Its serving thread notices the shutdown within half a second: not on the loop.
+            await asyncio.to_thread(self.metrics_endpoint.stop)
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -72,6 +98,26 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
+def standard_interceptors(
+    settings: ServiceSettings,
+    *,
+    guard: Guard | None,
+    metrics: ServiceMetrics,
+    throttle: LogThrottle | None = None,
+) -> list[grpc.aio.ServerInterceptor]:
+    """The list every service runs, outermost first: metrics (they see the status each call
+    ended with), errors (the one place exceptions become statuses), deadline, guard. The
+    server factory appends the decoding layer, which must come last."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ServerMetricsInterceptor(metrics.grpc_server),
+        ErrorInterceptor(throttle=throttle),
+        DeadlineInterceptor(settings.default_deadline_seconds),
+    ]
+    if guard is not None:
+        interceptors.append(GuardInterceptor(guard))
+    return interceptors
+
+
 def create_mesh_server(
     settings: ServiceSettings,
     *,
@@ -80,21 +126,37 @@ def create_mesh_server(
     guard: Guard | None,
     require_client_cert: bool = True,
     tls: TlsMaterial | None = None,
+    metrics: ServiceMetrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
 ) -> MeshServer:
     """Build (not start) a server for `identity` (the certificate's file name, e.g. "storage").
 
     Internal services pass `require_client_cert=True` and a PeerPolicy guard; only the public
     gateway listener accepts clients without a certificate, and it guards with tokens instead.
+    `metrics` is the service's registry (a new one when not given); `interceptors` replaces
+    `standard_interceptors(settings, guard=guard, metrics=metrics)` (`guard` is then unused),
+    and the decoding layer is appended to either: handlers are registered without their
+    request deserializer and rely on it.
     """
     material = tls or load_tls(settings.tls_dir, identity)
+    metrics = metrics or ServiceMetrics(identity)
+    metrics.certificate(identity, material.certificate_chain)
+    throttle = LogThrottle(logging.getLogger("streammesh.mesh.interceptors"))
+    chosen = (
+        list(interceptors)
+        if interceptors is not None
+        else standard_interceptors(settings, guard=guard, metrics=metrics, throttle=throttle)
+    )
     server = grpc.aio.server(
-        interceptors=[GuardInterceptor(guard)], options=server_options(settings)
+        interceptors=[*chosen, DecodeInterceptor(throttle=throttle)],
+        options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(binding.descriptor.full_name for binding in bindings)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
+    metrics.grpc_server.initialize(binding.descriptor for binding in bindings)
     reflection.enable_server_reflection(
         (
             *names,
@@ -114,7 +176,19 @@ def create_mesh_server(
         problem = listen_problem(settings.host, settings.port, settings.tls_dir)
         env = settings.model_config.get("env_prefix", "STREAMMESH_")
         raise StartupError(f"{problem} (settings {env}HOST, {env}PORT)") from error
-    return MeshServer(server=server, port=port, health=health_servicer, service_names=names)
+    endpoint = (
+        MetricsEndpoint(metrics.registry, settings.metrics_host, settings.metrics_port)
+        if settings.metrics_port
+        else None
+    )
+    return MeshServer(
+        server=server,
+        port=port,
+        health=health_servicer,
+        service_names=names,
+        metrics=metrics,
+        metrics_endpoint=endpoint,
+    )
 
 
 async def run_until_signalled(

@@ -62,6 +62,24 @@ class ServiceSettings(BaseSettings):
         description="calls still open on a connection that got its max-age GOAWAY are cut "
         "(UNAVAILABLE) this long after it",
     )
+    default_deadline_seconds: float = Field(
+        30,
+        ge=0,
+        description="a call with one response whose client set no deadline ends with "
+        "DEADLINE_EXCEEDED after this long (streams get none); 0: no default",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address of the Prometheus /metrics HTTP listener; loopback unless a "
+        "Prometheus on another host must scrape it (the endpoint has no TLS or auth)",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of the /metrics HTTP listener; 0: no listener (`streammesh up` "
+        "gives each service one, 9551-9555)",
+    )
     log_level: str = Field("INFO", description="root log level")
     log_json: bool = Field(True, description="one JSON object per log line")
     event_loop: Literal["asyncio", "uvloop"] = Field(
