@@ -87,14 +87,16 @@ transaction, a commit stalled on a slow disk or a synchronous standby: each hold
 it is visible), and it needs no timeout. What it assumes: the database clock does not step
 backwards while a write is in flight (clock_timestamp() and a transaction's start are read from
 it; NTP normally slews), store_time is left to its default (a row written by hand with a future
-store_time holds pages back until then), the identity keeps CACHE 1 (tested), pages are read
-on the primary (a standby's pg_locks does not show the primary's writers), and storage's role
+store_time holds pages back until then), seq is drawn only by the identity of an INSERT into
+`events` itself (GENERATED ALWAYS; a writer that went to a partition directly, once the table is
+partitioned, would not lock `events`), the identity keeps CACHE 1 (tested), pages are read on
+the primary (a standby's pg_locks does not show the primary's writers), and storage's role
 sees its own sessions' xact_start (track_activities on, the default; a writer whose start it
 cannot see, as a prepared transaction or another role's session, counts as infinitely old:
 pages wait for it, never skip it). The cost is freshness, not correctness: an event is returned
 once every write that started before it was stored has ended, typically a batch insert's
 duration; any open write transaction on the table holds every tenant's pages back until it
-ends. tests/storage/test_query_api.py commits a lower seq late on purpose and pages a table
+ends. tests/storage/test_query_paging.py commits a lower seq late on purpose and pages a table
 while writers insert concurrently, some holding their transaction open, and checks both points."""
 """What keyset paging on seq guarantees under concurrent inserts (the README repeats it)."""
 
