@@ -77,6 +77,23 @@ async def test_a_lower_seq_rolled_back_holds_pages_only_while_in_flight(
     assert ids == ["after"] and token == ""
 
 
+async def test_only_writes_to_the_events_table_hold_pages_back(
+    processor: Stub, gateway: Stub, database_url: str, pg_schema: str
+) -> None:
+    """An open transaction that wrote another table (or only read events) does not."""
+    async with schema_connection(database_url, pg_schema) as other:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute(
+            "INSERT INTO schema_subjects (tenant, event_type, latest_version) VALUES ('t', 'e', 1)"
+        )
+        await other.fetchval("SELECT count(*) FROM events")
+        await processor.StoreEvents(store_request([queued("k", event_id="after")]), timeout=5)
+        ids, token = await _page(gateway, size=10)
+        await transaction.rollback()
+    assert ids == ["after"] and token == ""
+
+
 async def _paging_pass(gateway: Stub) -> list[tuple[str, int]]:
     """One client paging from the first event to a page without a token: (id, seq) of each
     event returned, in order."""
@@ -103,7 +120,9 @@ async def test_pages_taken_while_writers_commit_skip_and_repeat_nothing(
     the first event to a page without a token, pass after pass. Once the writers are done,
     each pass's union is every stored event at or below its final cursor, in seq order, once."""
     rng = random.Random(158)
-    await processor.StoreEvents(store_request([queued(f"k{i % 7}") for i in range(100)]))
+    await processor.StoreEvents(
+        store_request([queued(f"k{i % 7}") for i in range(100)]), timeout=10
+    )
     inversions = 0  # commits of a seq lower than one committed before
 
     async def batches() -> None:
@@ -144,7 +163,8 @@ async def test_pages_taken_while_writers_commit_skip_and_repeat_nothing(
     assert len(passes) >= 2  # one at least while the writers ran
     for returned in passes:
         expected = [row for row in stored if row[1] <= returned[-1][1]]
-        skipped = [row for row in expected if row not in set(returned)]
+        got = set(returned)
+        skipped = [row for row in expected if row not in got]
         assert not skipped, f"skipped {len(skipped)} of {inversions} late: {skipped[:3]}"
         assert returned == expected  # each once, in seq order
     assert passes[-1] == stored  # after the writers, the last page leaves nothing behind
