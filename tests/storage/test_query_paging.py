@@ -7,7 +7,10 @@ and the table keeps what the guarantee rests on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -27,6 +30,15 @@ _BY_HAND = (
 )
 
 
+@contextlib.asynccontextmanager
+async def _open_transaction(database_url: str, pg_schema: str) -> AsyncIterator[tuple[Any, Any]]:
+    """A connection of its own on the test's schema, in a transaction the test ends."""
+    async with schema_connection(database_url, pg_schema) as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        yield conn, transaction
+
+
 async def _page(stub: Stub, token: str = "", size: int = 1) -> tuple[list[str], str]:
     page = await stub.QueryEvents(
         storage_pb2.QueryEventsRequest(page_size=size, page_token=token), timeout=5
@@ -41,9 +53,7 @@ async def test_a_lower_seq_committed_late_is_returned_on_a_later_page(
     page stops before the higher one (empty, with a token) until the lower one is decided:
     committed, it comes next and then the higher one; nothing is skipped or repeated."""
     await processor.StoreEvents(store_request([queued("k", event_id="first")]), timeout=5)
-    async with schema_connection(database_url, pg_schema) as slow:
-        transaction = slow.transaction()
-        await transaction.start()
+    async with _open_transaction(database_url, pg_schema) as (slow, transaction):
         late_seq = await slow.fetchval(_BY_HAND, "late")
         await processor.StoreEvents(store_request([queued("k", event_id="after")]), timeout=5)
         ids, token = await _page(gateway)
@@ -65,9 +75,7 @@ async def test_a_lower_seq_committed_late_is_returned_on_a_later_page(
 async def test_a_lower_seq_rolled_back_holds_pages_only_while_in_flight(
     processor: Stub, gateway: Stub, database_url: str, pg_schema: str
 ) -> None:
-    async with schema_connection(database_url, pg_schema) as slow:
-        transaction = slow.transaction()
-        await transaction.start()
+    async with _open_transaction(database_url, pg_schema) as (slow, transaction):
         await slow.fetchval(_BY_HAND, "never")
         await processor.StoreEvents(store_request([queued("k", event_id="after")]), timeout=5)
         ids, token = await _page(gateway, size=10)
@@ -81,9 +89,7 @@ async def test_only_writes_to_the_events_table_hold_pages_back(
     processor: Stub, gateway: Stub, database_url: str, pg_schema: str
 ) -> None:
     """An open transaction that wrote another table (or only read events) does not."""
-    async with schema_connection(database_url, pg_schema) as other:
-        transaction = other.transaction()
-        await transaction.start()
+    async with _open_transaction(database_url, pg_schema) as (other, transaction):
         await other.execute(
             "INSERT INTO schema_subjects (tenant, event_type, latest_version) VALUES ('t', 'e', 1)"
         )
