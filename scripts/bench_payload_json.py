@@ -79,7 +79,7 @@ def _batches(rows: int, size: int) -> list[list[object]]:
             TEXT_SEPARATOR.join(ids), TEXT_SEPARATOR.join(keys), TEXT_SEPARATOR.join(types),
             times, [0] * count, payloads, TEXT_SEPARATOR.join(["application/json"] * count),
             TEXT_SEPARATOR.join(['{"region":"eu"}'] * count), times,
-            TEXT_SEPARATOR.join(["bench"] * count), 0,
+            TEXT_SEPARATOR.join(["bench"] * count), 0, TEXT_SEPARATOR.join(["default"] * count),
         ])  # fmt: skip
     return out
 

@@ -202,7 +202,7 @@ async def test_the_table_keeps_what_paging_rests_on(database_url: str, pg_schema
             "SELECT seqcache FROM pg_sequence"
             " WHERE seqrelid = pg_get_serial_sequence('events', 'seq')::regclass"
         )
-        one = [["x"], ["k"], ["t"], [0], [0], [b""], [""], ["{}"], [0], ["p"], 0]
+        one = [["x"], ["k"], ["t"], [0], [0], [b""], [""], ["{}"], [0], ["p"], 0, ["default"]]
         plan = "\n".join(
             row[0] for row in await conn.fetch("EXPLAIN (VERBOSE, COSTS OFF)" + INSERT_BATCH, *one)
         )
