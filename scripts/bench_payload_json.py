@@ -79,7 +79,7 @@ def _batches(rows: int, size: int) -> list[list[object]]:
             TEXT_SEPARATOR.join(ids), TEXT_SEPARATOR.join(keys), TEXT_SEPARATOR.join(types),
             times, [0] * count, payloads, TEXT_SEPARATOR.join(["application/json"] * count),
             TEXT_SEPARATOR.join(['{"region":"eu"}'] * count), times,
-            TEXT_SEPARATOR.join(["bench"] * count), 0,
+            TEXT_SEPARATOR.join(["bench"] * count), 0, TEXT_SEPARATOR.join(["default"] * count),
         ])  # fmt: skip
     return out
 
@@ -103,14 +103,20 @@ async def _run(dsn: str, layout: list[str], batches: list[list[object]]) -> tupl
         await conn.close()
 
 
-async def _main(dsn: str, rows: int, rounds: int) -> None:
+async def _main(
+    dsn: str, rows: int, rounds: int, layouts: dict[str, list[str]] | None = None
+) -> None:
+    """Each layout (statements run after the migrations; the first is the baseline) `rounds`
+    times, interleaved; one line per layout (scripts/bench_store_time.py passes its own)."""
+    layouts = _LAYOUTS if layouts is None else layouts
     batches = _batches(rows, 2000)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in _LAYOUTS}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in layouts}
     for _ in range(rounds):
-        for name, layout in _LAYOUTS.items():  # interleaved, so drift hits every layout alike
+        for name, layout in layouts.items():  # interleaved, so drift hits every layout alike
             results[name].append(await _run(dsn, layout, batches))
-    base_wall = statistics.median(w for w, _ in results["none"])
-    base_cpu = statistics.median(c for _, c in results["none"])
+    base = next(iter(results.values()))
+    base_wall = statistics.median(w for w, _ in base)
+    base_cpu = statistics.median(c for _, c in base)
     for name, runs in results.items():
         wall = statistics.median(w for w, _ in runs)
         cpu = statistics.median(c for _, c in runs)

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -37,7 +37,7 @@ from streammesh.envelope import assign_missing_ids
 from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 from streammesh.refusals import is_recycled, raise_if_refused
 
-__all__ = ["GATEWAY_SERVICES", "GatewayClient", "gateway_config"]
+__all__ = ["GATEWAY_SERVICES", "GatewayClient", "SettlingWait", "gateway_config"]
 
 GATEWAY_SERVICES = (
     gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
@@ -61,6 +61,44 @@ def gateway_config(
         services=GATEWAY_SERVICES,
         timeout_seconds=timeout_seconds,
     )
+
+
+class SettlingWait:
+    """The pauses of a reader that follows QueryEvents' next_page_token: a page that comes
+    back empty with a token ends at events not settled yet (a write that started before they
+    were stored is still in flight; README "Querying events"), so the reader asks again after a
+    pause, from `first` doubling to `longest`, for at most `budget` seconds of empty pages in a
+    row (a page with events starts over). `next(page)` says whether to ask for another page."""
+
+    def __init__(
+        self,
+        *,
+        first: float = 0.05,
+        longest: float = 1.0,
+        budget: float = 10.0,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self._first, self._longest, self._budget, self._sleep = first, longest, budget, sleep
+        self._pause, self._waited = first, 0.0
+        self.gave_up = False
+        """True once `next` refused a page that had a token: the budget was spent."""
+
+    async def next(self, page: gateway_pb2.QueryEventsResponse) -> bool:
+        """After `page`: False at the end (no token) or when the budget is spent; else True,
+        after a pause when the page was empty."""
+        if not page.next_page_token:
+            return False
+        if page.events:
+            self._pause, self._waited = self._first, 0.0
+            return True
+        if self._waited >= self._budget:
+            self.gave_up = True
+            return False
+        pause = min(self._pause, self._budget - self._waited)
+        await self._sleep(pause)
+        self._waited += pause
+        self._pause = min(self._pause * 2, self._longest)
+        return True
 
 
 class GatewayClient:
@@ -254,17 +292,25 @@ class GatewayClient:
         return reply
 
     async def query_all(
-        self, event_filter: event_pb2.EventFilter, *, page_size: int = 1000
+        self,
+        event_filter: event_pb2.EventFilter,
+        *,
+        page_size: int = 1000,
+        wait: SettlingWait | None = None,
     ) -> AsyncIterator[event_pb2.StoredEvent]:
-        """Every stored event matching the filter, page after page, in store order."""
-        token = ""
+        """Every stored event matching the filter, page after page, in store order, waiting
+        (`wait`, SettlingWait() by default) on pages that are empty until the newest events
+        settle; TimeoutError when they stay unsettled past its budget."""
+        token, wait = "", wait or SettlingWait()
         while True:
             page = await self.query(event_filter, page_size=page_size, page_token=token)
             for event in page.events:
                 yield event
-            token = page.next_page_token
-            if not token:
+            if not await wait.next(page):
+                if wait.gave_up:
+                    raise TimeoutError("stored events stayed unsettled: a write is still open")
                 return
+            token = page.next_page_token
 
 
 class _PublishBooks:

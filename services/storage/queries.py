@@ -12,8 +12,9 @@ Bounds: each statement runs in a read-only transaction under `statement_timeout`
 aggregates read at most `max_rows` matching events. Past either, the call is
 RESOURCE_EXHAUSTED with a hint, never a partial answer.
 
-Paging is keyset on seq within the tenant (`EventQueries.page`); what that guarantees while
-writers commit is in `PAGING_GUARANTEE`.
+Paging is keyset on seq within the tenant (`EventQueries.page`), up to a horizon that every
+write still in flight started after (`PAGE_SETTINGS`); what that guarantees while writers
+commit, and why, is in `PAGING_GUARANTEE`.
 """
 
 from __future__ import annotations
@@ -42,37 +43,61 @@ from streammesh.mesh.errors import ResourceExhausted
 
 __all__ = [
     "NARROW_HINT",
+    "PAGE_SETTINGS",
     "PAGING_GUARANTEE",
     "SESSION_SETTINGS",
     "AggregateRow",
     "EventQueries",
     "GroupBy",
+    "Page",
     "QueryBounds",
     "Selection",
     "aggregate_sql",
     "count_sql",
     "page_sql",
     "reads_payload",
+    "settled_prefix",
 ]
 
 PAGING_GUARANTEE = """\
-seq is drawn from an identity when a row is inserted, and a transaction that drew a lower seq
-can commit after one that drew a higher seq. Pages continue strictly after the last seq they
-returned, each page in its own snapshot. So, for a client that pages a query to its end:
+seq is drawn from an identity (CACHE 1, so in the order of real time) while a row is inserted,
+and a transaction that drew a lower seq can commit after one that drew a higher seq. So a page
+returns a row only once it is settled: when no transaction that could still commit a lower seq
+is running. Each page first reads the start of every transaction that holds a write lock on
+`events` (pg_locks and pg_stat_activity, about 0.1 ms), the horizon being the earliest of them
+or, with none, the page statement's own start; then, in a new snapshot (read committed), it
+reads the rows after the cursor in seq order and stops at the first row whose store_time is
+not before the horizon (stops, not skips: store_time does not grow with seq across
+transactions). store_time is each row's clock_timestamp(), read after its seq was drawn
+(migration 0011). Why a returned row R leaves nothing behind it: a transaction G with a lower
+seq drew it before R drew its own, so before store_time(R), which is before the horizon, which
+is at most the moment pg_locks was read. G takes its lock before it draws a seq and keeps it
+until its commit is visible. Had G held it at that moment, the horizon would be at most G's
+start, before G's seq: a contradiction. So G had finished: committed (the page's later snapshot
+sees it) or rolled back (never visible). So, for a client that pages a query to its end:
 - no event is returned twice (seq is unique and the cursor only moves forward);
-- every event committed before the first page was asked for is returned (every later page's
-  snapshot sees it, and the cursor passes its seq only on a page that holds it);
-- an event committed while the client pages is returned, at most once, when its seq is above
-  the cursor at the time; one whose seq the cursor had already passed is not: paging is exact
-  over history, and live events belong to the subscription path.
-A safe horizon (return only seqs below every insert still in flight) would close that gap, but
-Postgres shows a reader no seq of an uncommitted transaction, and an INSERT draws its first seq
-before it even has an xid; the sound way is to wait out every virtual transaction that was
-running when the sequence was read (what CREATE INDEX CONCURRENTLY does), which any long
-transaction in the database, related or not, would stall. Gap detection cannot tell an
-uncommitted seq from one ON CONFLICT DO NOTHING spent (every duplicate spends one).
-tests/storage/test_query_api.py pages a table while another task inserts and checks the first
-two points, and makes the third case happen on purpose."""
+- no event is skipped: every event that is ever committed with a seq at or below a page's
+  cursor was visible to that page or an earlier one, and returned there;
+- the last page (no next_page_token) leaves no committed event above its cursor: every event
+  committed before the last page was asked for is returned exactly once. A page that reached
+  a row not settled yet ends there with a next_page_token, and may hold no events at all: the
+  client asks again shortly (the CLI's --all and GatewayClient.query_all wait, bounded).
+It holds whatever the writers are (storage's one-statement batches, an operator's open
+transaction, a commit stalled on a slow disk or a synchronous standby: each holds its lock until
+it is visible), and it needs no timeout. What it assumes: the database clock does not step
+backwards while a write is in flight (clock_timestamp() and a transaction's start are read from
+it; NTP normally slews), store_time is left to its default (a row written by hand with a future
+store_time holds pages back until then), seq is drawn only by the identity of an INSERT into
+`events` itself (GENERATED ALWAYS; a writer that went to a partition directly, once the table is
+partitioned, would not lock `events`), the identity keeps CACHE 1 (tested), pages are read on
+the primary (a standby's pg_locks does not show the primary's writers), and storage's role
+sees its own sessions' xact_start (track_activities on, the default; a writer whose start it
+cannot see, as a prepared transaction or another role's session, counts as infinitely old:
+pages wait for it, never skip it). The cost is freshness, not correctness: an event is returned
+once every write that started before it was stored has ended, typically a batch insert's
+duration; any open write transaction on the table holds every tenant's pages back until it
+ends. tests/storage/test_query_paging.py commits a lower seq late on purpose and pages a table
+while writers insert concurrently, some holding their transaction open, and checks both points."""
 """What keyset paging on seq guarantees under concurrent inserts (the README repeats it)."""
 
 NARROW_HINT = "narrow the time range, or name keys or types"
@@ -109,6 +134,23 @@ SESSION_SETTINGS = (
     "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)"
 )
 """Run first in a query's transaction, with the statement timeout in milliseconds."""
+# The paging horizon (PAGING_GUARANTEE): the start of the earliest transaction holding a lock on
+# `events` that lets it write rows, else this statement's start (read before pg_locks is). A
+# writer whose start is not visible here (no pg_stat_activity row, as a prepared transaction,
+# or a NULL xact_start, as another role's session or a backend read between two transactions)
+# counts as -infinity: pages wait for it rather than guess. Run as its own statement, before
+# the page's: the page needs a snapshot taken after the locks were read (read committed).
+_HORIZON = (
+    "(SELECT least(statement_timestamp(), min(coalesce(a.xact_start, '-infinity')))"
+    " FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"
+    " WHERE l.locktype = 'relation' AND l.relation = 'events'::regclass"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.mode IN"
+    " ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))"
+)
+PAGE_SETTINGS = SESSION_SETTINGS + ", " + _HORIZON
+"""SESSION_SETTINGS for a page, and as its third column the paging horizon (a timestamptz): a
+row whose store_time is before it is settled."""
 _MAX_SCHEMAS = 1000
 """Schemas loaded into one query's scope, at most (a tenant's types, the newest first)."""
 
@@ -149,6 +191,25 @@ class AggregateRow:
     min: float | None
     max: float | None
     avg: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """The settled rows of a page, in seq order, and whether more may follow: a matching row
+    past them exists, settled (beyond the page size) or not (the next page returns it once it
+    is; until then a page may hold no rows at all)."""
+
+    rows: list[StoredRow]
+    more: bool
+
+
+def settled_prefix(rows: Sequence[StoredRow], horizon: int, limit: int) -> Page:
+    """The rows before the first one stored at or after `horizon`, at most `limit` of them: a
+    row past an unsettled one is not returned even when settled itself, or the cursor would
+    pass the unsettled one for good (store_time does not grow with seq across transactions)."""
+    end = next((i for i, row in enumerate(rows) if row.store_time >= horizon), len(rows))
+    kept = list(rows[: min(end, limit)])
+    return Page(kept, more=len(rows) > len(kept))
 
 
 def reads_payload(predicate: Predicate | None) -> bool:
@@ -275,18 +336,22 @@ class EventQueries:
         return self._bounds
 
     @asynccontextmanager
-    async def _reading(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in a read-only transaction under the statement timeout; a cancelled
-        statement is RESOURCE_EXHAUSTED (checked before the outage mapping, which counts
-        SQLSTATE class 57 as an outage)."""
+    async def _reading(
+        self, operation: str, settings: str = SESSION_SETTINGS
+    ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
+        """A connection in a read-only transaction under the statement timeout, and the row
+        `settings` returned; a cancelled statement is RESOURCE_EXHAUSTED (checked before the
+        outage mapping, which counts SQLSTATE class 57 as an outage). Read committed whatever
+        the server's default: a page's statement must take its snapshot after PAGE_SETTINGS."""
         async with (
             outage_is_unavailable(operation),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
             try:
-                async with conn.transaction(readonly=True):
-                    await conn.execute(SESSION_SETTINGS, str(self._bounds.statement_timeout_ms))
-                    yield conn
+                async with conn.transaction(isolation="read_committed", readonly=True):
+                    timeout = str(self._bounds.statement_timeout_ms)
+                    # A SELECT of expressions only: exactly one row.
+                    yield conn, (await conn.fetch(settings, timeout))[0]
             except asyncpg.QueryCanceledError as error:
                 seconds = self._bounds.statement_timeout_ms / 1000
                 raise ResourceExhausted(
@@ -305,18 +370,20 @@ class EventQueries:
             " WHERE s.tenant = $1 AND ($2::text[] IS NULL OR s.event_type = ANY($2::text[]))"
             " ORDER BY s.updated_at DESC LIMIT $3"
         )
-        async with self._reading("query") as conn:
+        async with self._reading("query") as (conn, _):
             rows = await conn.fetch(statement, tenant, list(types) or None, _MAX_SCHEMAS)
         schemas = {row[0]: payload_fields(json.loads(row[1])) for row in rows}
         undeclared = not types or any(name not in schemas for name in types)
         return FieldScope(schemas, allow_undeclared=undeclared)
 
-    async def page(self, selection: Selection, *, after_seq: int, limit: int) -> list[StoredRow]:
-        """Up to `limit` matching events with seq > `after_seq`, in seq order."""
-        sql, args = page_sql(selection, after_seq=after_seq, limit=limit)
-        async with self._reading("query") as conn:
+    async def page(self, selection: Selection, *, after_seq: int, limit: int) -> Page:
+        """Up to `limit` settled matching events with seq > `after_seq`, in seq order, ending
+        before the first one not settled yet (PAGING_GUARANTEE)."""
+        # One row beyond the page tells whether more follow without a second query.
+        sql, args = page_sql(selection, after_seq=after_seq, limit=limit + 1)
+        async with self._reading("query", PAGE_SETTINGS) as (conn, settings):
             records = await conn.fetch(sql, *args)
-        return [StoredRow(*record) for record in records]
+        return settled_prefix([StoredRow(*record) for record in records], settings[2], limit)
 
     def _too_many(self, what: str) -> ResourceExhausted:
         return ResourceExhausted(
@@ -326,7 +393,7 @@ class EventQueries:
     async def count(self, selection: Selection) -> int:
         """How many events match; RESOURCE_EXHAUSTED past `max_rows`."""
         sql, args = count_sql(selection, max_rows=self._bounds.max_rows)
-        async with self._reading("count") as conn:
+        async with self._reading("count") as (conn, _):
             found = int(await conn.fetchval(sql, *args))
         if found > self._bounds.max_rows:
             raise self._too_many("count")
@@ -350,7 +417,7 @@ class EventQueries:
             max_rows=self._bounds.max_rows,
             max_groups=max_groups,
         )
-        async with self._reading("aggregate") as conn:
+        async with self._reading("aggregate") as (conn, _):
             records = await conn.fetch(sql, *args)
         if records and int(records[0][7]) > self._bounds.max_rows:
             raise self._too_many("aggregate")

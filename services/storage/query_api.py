@@ -186,7 +186,8 @@ class QueryApi:
     async def query_events(
         self, request: storage_pb2.QueryEventsRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.QueryEventsResponse:
-        """One page of matching events in seq order, and the token for the next page."""
+        """One page of matching events in seq order, up to the first one not settled yet
+        (services.storage.queries.PAGING_GUARANTEE), and the token for the next page."""
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(
                 f"page_size must be 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})",
@@ -214,12 +215,11 @@ class QueryApi:
                     "invalid page_token", field_violations=[("page_token", "no position")]
                 )
             after_seq = seq
-        # One row beyond the page tells whether another page exists without a second query.
-        rows = await self._queries.page(selection, after_seq=after_seq, limit=page_size + 1)
+        page = await self._queries.page(selection, after_seq=after_seq, limit=page_size)
         response = storage_pb2.QueryEventsResponse()
         budget = self._limits.max_response_bytes
         odd: list[str] = []
-        for row in rows[:page_size]:
+        for row in page.rows:
             stored, problems = stored_event(row)
             budget -= stored.ByteSize() + _ELEMENT_OVERHEAD
             if budget < 0 and response.events:
@@ -229,9 +229,11 @@ class QueryApi:
                 odd.append(f"{row.id!r} (seq {row.seq}): {'; '.join(problems)}")
         if odd:
             log.warning("rendered %d stored row(s) the API cannot carry: %s", len(odd), odd[:5])
-        if len(rows) > len(response.events):
+        if page.more or len(page.rows) > len(response.events):
+            # An empty page continues from where it started: its rows are not settled yet.
+            last = response.events[-1].sequence if response.events else after_seq
             response.next_page_token = self._tokens.issue(
-                {"seq": response.events[-1].sequence}, scope=scope, principal=principal, now=now
+                {"seq": last}, scope=scope, principal=principal, now=now
             )
         return response
 

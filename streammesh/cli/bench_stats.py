@@ -22,7 +22,7 @@ _QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
 
 def latency_summary(values_ms: Iterable[float]) -> dict[str, float]:
     """p50, p90, p99, p99.9 and max in milliseconds, `count`, and `below_zero`: values under 0,
-    counted as 0 (ack-to-stored can be, as store_time is when the storing transaction began).
+    counted as 0 (ack-to-stored can be: store_time is read from the database's clock).
     NaN percentiles when there are no values."""
     histogram = HdrHistogram(1, HIGHEST_US, SIGNIFICANT_DIGITS)
     below = 0

@@ -9,7 +9,9 @@ saved session (role analyst).
 
 The filter is AIP-160 (README "Querying events"); a filter the service refuses is printed again
 with a caret under the column it names. Without --all one page is printed and the next page's
-token goes to stderr; --all follows the pages (up to --max-events). Every command takes --json.
+token goes to stderr; --all follows the pages (up to --max-events), waiting up to --settle-wait
+seconds on pages that come back empty with a token (the newest events are not settled while a
+write that started before them is in flight). Every command takes --json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.output import print_reply
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
-from streammesh.client import GatewayClient
+from streammesh.client import GatewayClient, SettlingWait
 
 __all__ = ["add_query_commands", "filter_pointer"]
 
@@ -87,16 +89,25 @@ async def _query(client: GatewayClient, args: argparse.Namespace) -> Any:
     )
     if not args.all:
         return page
-    # Follow the pages into one reply (one table, one JSON document), up to --max-events.
-    while page.next_page_token and len(page.events) < args.max_events:
+    # Follow the pages into one reply (one table, one JSON document), up to --max-events,
+    # waiting a little on empty pages (events not settled yet); past that wait the reply keeps
+    # the token, which is printed for --page-token.
+    wait, following = SettlingWait(budget=args.settle_wait), page
+    while len(page.events) < args.max_events and await wait.next(following):
         following = await client.query(
             selected,
             page_size=args.page_size,
-            page_token=page.next_page_token,
+            page_token=following.next_page_token,
             filter_expression=args.filter,
         )
         page.events.extend(following.events)
         page.next_page_token = following.next_page_token
+    if wait.gave_up:
+        print(
+            f"the newest events did not settle within {args.settle_wait:g} s (a write is still"
+            " in flight); continue later with --page-token",
+            file=sys.stderr,
+        )
     return page
 
 
@@ -159,6 +170,12 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     query.add_argument("--all", action="store_true", help="follow the pages to the end")
     query.add_argument(
         "--max-events", type=int, default=10_000, help="with --all, stop after about this many"
+    )
+    query.add_argument(
+        "--settle-wait",
+        type=float,
+        default=10.0,
+        help="with --all, seconds to wait in a row on empty pages (events not settled yet)",
     )
     query.add_argument("--count", action="store_true", help="only count the matching events")
     query.set_defaults(handler=_run(_query))

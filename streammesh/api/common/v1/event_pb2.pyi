@@ -381,7 +381,7 @@ class StoredEvent(_message.Message):
 
     @_builtins.property
     def store_time(self) -> _timestamp_pb2.Timestamp:
-        """When storage wrote it (the database's clock), to the microsecond."""
+        """When storage wrote it (the database's clock when the row was written), to the microsecond."""
 
     def __init__(
         self,

@@ -564,12 +564,16 @@ class QueryEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Empty on the last page."""
+    """Empty on the last page. Set whenever more events match, settled or not: a page may hold no
+    events and still carry a token (the next events are not settled yet); ask again shortly.
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
         """In store order (seq, within the tenant). A page ends early, with a next_page_token, rather
-        than pass the 16 MiB message limit. Paging to the end returns every event stored before the
-        first page exactly once; one stored meanwhile at most once (README "Querying events").
+        than pass the 16 MiB message limit, and before the first event that is not settled yet
+        (a write to the store that started before it was stored is still in flight). Paging to the
+        end returns every event committed before the last page was asked for exactly once, and no
+        event twice, while events are being stored (README "Querying events").
         """
 
     def __init__(

@@ -129,9 +129,13 @@ class QueryEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Empty on the last page."""
+    """Empty on the last page; may be set on a page without events (see `events`)."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
+        """In seq order, up to the first event not settled yet (the gateway's QueryEventsResponse says
+        what that means; services/storage/queries.py PAGING_GUARANTEE says why it suffices).
+        """
+
     def __init__(
         self,
         *,
