@@ -162,8 +162,11 @@ def test_a_wrong_entry_is_named_with_its_line(
         ),
         (
             '[storage.deny]\n"streammesh.storage.v1.StorageService/StoreEvents" = "no"\n',
-            "denied here but allowed by an allow rule "
-            "(streammesh.storage.v1.StorageService/StoreEvents)",
+            "denied here but allowed on storage (streammesh.storage.v1.StorageService/StoreEvents)",
+        ),
+        (
+            '[all.deny]\n"grpc.health.v1.Health/List" = "no"\n',
+            '[all.deny] "grpc.health.v1.Health/List": denied here but allowed on auth',
         ),
         (
             '[processor.deny]\n"streammesh.processor.v1.ProcessorService/GetStatus" = ""\n',
@@ -172,7 +175,14 @@ def test_a_wrong_entry_is_named_with_its_line(
         ("[storage.permit]\n", "holds only [<service>.allow] and .deny tables"),
         ("[auth.allow\n", "not valid TOML"),
     ],
-    ids=["unknown-destination", "deny-and-allow", "deny-without-reason", "unknown-table", "toml"],
+    ids=[
+        "unknown-destination",
+        "deny-and-allow",
+        "deny-everywhere-and-allow",
+        "deny-without-reason",
+        "unknown-table",
+        "toml",
+    ],
 )
 def test_a_wrong_table_is_refused(tmp_path: Path, extra: str, problem: str) -> None:
     path = _write(tmp_path, SHIPPED + "\n" + extra)

@@ -263,20 +263,21 @@ class _Reader:
             allow[destination] = self.allow(destination, tables.get("allow", {}))
             deny[destination] = self.deny(destination, tables.get("deny", {}))
         policy = PolicyFile(self.path, allow, deny)
-        for destination in known:
+        for destination in HOSTED:
             rules = policy.rules_for(destination)
-            for pattern in deny.get(destination, {}):
-                overlap = [
-                    method
-                    for method in _methods(destination)
-                    if _matches(method, rules) and _matches(method, {pattern: None})
-                ]
-                if overlap:
-                    raise self.error(
-                        f"{destination}.deny",
-                        pattern,
-                        f"denied here but allowed by an allow rule ({', '.join(overlap)})",
-                    )
+            for table in (EVERY_SERVICE, destination):
+                for pattern in deny.get(table, {}):
+                    overlap = [
+                        method
+                        for method in _methods(destination)
+                        if _matches(method, rules) and _matches(method, {pattern: None})
+                    ]
+                    if overlap:
+                        raise self.error(
+                            f"{table}.deny",
+                            pattern,
+                            f"denied here but allowed on {destination} ({', '.join(overlap)})",
+                        )
         return policy
 
 
