@@ -42,22 +42,27 @@ class EchoIdentity(processor_pb2_grpc.ProcessorServiceServicer):
         return processor_pb2.GetStatusResponse(consumer=identity)
 
 
-@pytest.fixture
-async def server(pki_dir: Path) -> AsyncIterator[MeshServer]:
-    policy = PeerPolicy.build(
-        TRUST_DOMAIN, {f"{SERVICE}/GetStatus": ["service/gateway", "service/storage"]}
-    )
+def echo_server(pki_dir: Path, policy: PeerPolicy) -> MeshServer:
+    """A processor listener (built, not started) whose GetStatus echoes the caller's id."""
     binding = ServiceBinding(
         processor_pb2.DESCRIPTOR.services_by_name["ProcessorService"],
         processor_pb2_grpc.add_ProcessorServiceServicer_to_server,
         EchoIdentity(),
     )
-    mesh = create_mesh_server(
+    return create_mesh_server(
         ServiceSettings(tls_dir=pki_dir, trust_domain=TRUST_DOMAIN),
         identity="processor",
         bindings=[binding],
         guard=policy,
     )
+
+
+@pytest.fixture
+async def server(pki_dir: Path) -> AsyncIterator[MeshServer]:
+    policy = PeerPolicy.build(
+        TRUST_DOMAIN, {f"{SERVICE}/GetStatus": ["service/gateway", "service/storage"]}
+    )
+    mesh = echo_server(pki_dir, policy)
     await mesh.start()
     yield mesh
     await mesh.stop(0)
@@ -88,9 +93,23 @@ async def test_allowed_peer_sees_its_spiffe_id(server: MeshServer, pki_dir: Path
     assert response.consumer == f"spiffe://{TRUST_DOMAIN}/service/gateway"
 
 
-async def test_operator_may_call_declared_methods(server: MeshServer, pki_dir: Path) -> None:
-    response = await _status(_channel(server.port, pki_dir, "admin"))
-    assert response.consumer == f"spiffe://{TRUST_DOMAIN}/operator/admin"
+async def test_operator_is_allowed_only_what_a_rule_names(
+    server: MeshServer, pki_dir: Path
+) -> None:
+    # The fixture's rule names two services, not the operator: nothing is implied for it.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _status(_channel(server.port, pki_dir, "admin"))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "operator/admin may not call" in (caught.value.details() or "")
+    mesh = echo_server(
+        pki_dir, PeerPolicy.build(TRUST_DOMAIN, {f"{SERVICE}/GetStatus": ["operator/admin"]})
+    )
+    await mesh.start()
+    try:
+        response = await _status(_channel(mesh.port, pki_dir, "admin"))
+        assert response.consumer == f"spiffe://{TRUST_DOMAIN}/operator/admin"
+    finally:
+        await mesh.stop(0)
 
 
 async def test_undeclared_peer_is_denied(server: MeshServer, pki_dir: Path) -> None:

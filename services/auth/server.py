@@ -37,18 +37,15 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
-from streammesh.mesh.identity import service_id
 from streammesh.mesh.postgres import create_engine
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import reaching, run_service
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task
 
 __all__ = [
-    "POLICY_RULES",
     "SESSION_RETENTION_SECONDS",
     "AuthDependencies",
     "build_dependencies",
-    "build_policy",
     "create_server",
     "main",
     "run_maintenance",
@@ -59,26 +56,10 @@ log = logging.getLogger(__name__)
 
 SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
 
-POLICY_RULES: dict[str, tuple[str, ...]] = {
-    # Only the gateway talks to auth: people reach it through the public edge, never directly.
-    # (Operators with the admin certificate may call everything too; see PeerPolicy.)
-    f"{SERVICE.full_name}/*": ("service/gateway",),
-}
-GATEWAY_ONLY = (f"{SERVICE.full_name}/WatchRevocations",)
-"""Methods for the gateway's identity alone, not for operators: the feed is machinery between
-services, and nothing an operator needs."""
-
 SESSION_RETENTION_SECONDS = 7 * 86_400
 """Ended sessions (and their token hashes) are deleted this long after they ended."""
 SESSION_SWEEP_SECONDS = 3600
 """How often the maintenance task looks for such sessions."""
-
-
-def build_policy(settings: AuthSettings) -> PeerPolicy:
-    """Default-deny peer policy for this trust domain."""
-    policy = PeerPolicy.build(settings.trust_domain, POLICY_RULES)
-    gateway = frozenset({service_id(settings.trust_domain, "gateway")})
-    return PeerPolicy({**policy.rules, **dict.fromkeys(GATEWAY_ONLY, gateway)})
 
 
 @dataclass(frozen=True)
@@ -225,7 +206,11 @@ def create_server(settings: AuthSettings, deps: AuthDependencies) -> MeshServer:
     )
     binding = ServiceBinding(SERVICE, auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer)
     return create_mesh_server(
-        settings, identity="auth", bindings=[binding], guard=build_policy(settings)
+        settings,
+        identity="auth",
+        bindings=[binding],
+        # Who may call what: the `auth` table of the policy file (streammesh/mesh/policy.toml).
+        guard=PeerPolicy.load(settings, "auth"),
     )
 
 

@@ -32,7 +32,6 @@ from streammesh.mesh.startup import load_tls, reaching, run_service
 from streammesh.streams import StreamLayout
 
 __all__ = [
-    "POLICY_RULES",
     "IngestDeps",
     "create_server",
     "layout_from",
@@ -43,11 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-POLICY_RULES = {
-    "streammesh.ingest.v1.IngestService/Publish": ["service/gateway"],
-    "streammesh.ingest.v1.IngestService/PublishBatch": ["service/gateway"],
-}
 
 
 @dataclass(frozen=True)
@@ -113,7 +107,8 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
                 servicer,
             )
         ],
-        guard=PeerPolicy.build(settings.trust_domain, POLICY_RULES),
+        # Who may call what: the `ingest` table of the policy file (streammesh/mesh/policy.toml).
+        guard=PeerPolicy.load(settings, "ingest"),
         metrics=metrics,
     )
 

@@ -28,12 +28,9 @@ from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import load_tls, run_service
 from streammesh.streams import StreamLayout
 
-__all__ = ["POLICY_RULES", "ProcessorDeps", "build_worker", "create_server", "main", "serve"]
+__all__ = ["ProcessorDeps", "build_worker", "create_server", "main", "serve"]
 
 log = logging.getLogger(__name__)
-
-# Status is for operators only (they are allowed wherever a rule exists).
-POLICY_RULES: dict[str, list[str]] = {"streammesh.processor.v1.ProcessorService/GetStatus": []}
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,8 @@ def create_server(settings: ProcessorSettings, deps: ProcessorDeps) -> MeshServe
                 ProcessorServicer(deps.worker, settings.group),
             )
         ],
-        guard=PeerPolicy.build(settings.trust_domain, POLICY_RULES),
+        # Who may call what: the `processor` table of the policy file (streammesh/mesh/policy.toml).
+        guard=PeerPolicy.load(settings, "processor"),
     )
 
 

@@ -1,4 +1,4 @@
-"""Wiring of the storage service: policy, dependencies, server, and the process entry point."""
+"""Wiring of the storage service: dependencies, server, and the process entry point."""
 
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ from streammesh.mesh.startup import reaching, run_service
 
 __all__ = [
     "DEFINITION_SERVICE",
-    "POLICY",
     "REGISTRY_SERVICE",
     "SERVICE",
     "StorageDeps",
@@ -54,47 +53,6 @@ __all__ = [
 SERVICE = "streammesh.storage.v1.StorageService"
 REGISTRY_SERVICE = "streammesh.storage.v1.SchemaRegistryService"
 DEFINITION_SERVICE = "streammesh.storage.v1.DefinitionService"
-
-POLICY: dict[str, tuple[str, ...]] = {
-    # Only the processor writes: it acknowledges the queue once storage confirmed the batch.
-    f"{SERVICE}/StoreEvents": ("service/processor",),
-    # Reads reach storage through the gateway, which has already checked the user's token.
-    f"{SERVICE}/QueryEvents": ("service/gateway",),
-    f"{SERVICE}/CountEvents": ("service/gateway",),
-    f"{SERVICE}/AggregateEvents": ("service/gateway",),
-    # The processor records a dead letter before it acknowledges the entry; admins read and
-    # replay dead letters through the gateway (which checked the admin role).
-    f"{SERVICE}/StoreDeadLetter": ("service/processor",),
-    f"{SERVICE}/ListDeadLetters": ("service/gateway",),
-    f"{SERVICE}/GetDeadLetter": ("service/gateway",),
-    f"{SERVICE}/MarkDeadLetterReplayed": ("service/gateway",),
-    # The schema registry: clients reach it through the gateway (which checked the role and
-    # fills the tenant); ingest reads schemas and policies and follows the change log.
-    f"{REGISTRY_SERVICE}/RegisterSchema": ("service/gateway",),
-    f"{REGISTRY_SERVICE}/CheckCompatibility": ("service/gateway",),
-    f"{REGISTRY_SERVICE}/GetSchema": ("service/gateway", "service/ingest"),
-    f"{REGISTRY_SERVICE}/ListSubjects": ("service/gateway",),
-    f"{REGISTRY_SERVICE}/ListSchemaVersions": ("service/gateway",),
-    f"{REGISTRY_SERVICE}/SetCompatibility": ("service/gateway",),
-    f"{REGISTRY_SERVICE}/GetSchemaPolicy": ("service/gateway", "service/ingest"),
-    f"{REGISTRY_SERVICE}/SetSchemaPolicy": ("service/gateway",),
-    f"{REGISTRY_SERVICE}/ListSchemaChanges": ("service/ingest",),
-    # Rules and windows: clients manage them through the gateway (which checked the role and
-    # fills tenant and author); the processors follow the change log, read the versions it
-    # names and store what their engines emit. Alerts and results are read through the gateway.
-    f"{DEFINITION_SERVICE}/CreateDefinition": ("service/gateway",),
-    f"{DEFINITION_SERVICE}/UpdateDefinition": ("service/gateway",),
-    f"{DEFINITION_SERVICE}/SetDefinitionEnabled": ("service/gateway",),
-    f"{DEFINITION_SERVICE}/GetDefinition": ("service/gateway", "service/processor"),
-    f"{DEFINITION_SERVICE}/ListDefinitions": ("service/gateway", "service/processor"),
-    f"{DEFINITION_SERVICE}/ListDefinitionChanges": ("service/processor",),
-    f"{DEFINITION_SERVICE}/StoreEngineOutputs": ("service/processor",),
-    # A processor taking a partition over loads (and fences) the partition's engine state.
-    f"{DEFINITION_SERVICE}/LoadEngineCheckpoint": ("service/processor",),
-    f"{DEFINITION_SERVICE}/ListAlerts": ("service/gateway",),
-    f"{DEFINITION_SERVICE}/ListWindowResults": ("service/gateway",),
-}
-"""Who may call which method; anything else is denied (operators are added by PeerPolicy)."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +127,8 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         settings,
         identity="storage",
         bindings=[binding, registry, rules],
-        guard=PeerPolicy.build(settings.trust_domain, POLICY),
+        # Who may call what: the `storage` table of the policy file (streammesh/mesh/policy.toml).
+        guard=PeerPolicy.load(settings, "storage"),
         metrics=metrics,
     )
 

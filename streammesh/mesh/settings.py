@@ -48,6 +48,12 @@ class ServiceSettings(BaseSettings):
         "$STREAMMESH_STATE_DIR/pki",
     )
     trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain")
+    policy_file: Path | None = Field(
+        None,
+        description="the peer policy (TOML: which mTLS identity may call which method) of the "
+        "internal listeners; default the one shipped in the package (streammesh/mesh/policy.toml). "
+        "The gateway's public listener guards with tokens and does not read it",
+    )
     grace_seconds: float = Field(5.0, ge=0, description="drain time on SIGTERM")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="per message, both ways")
     max_connection_age_seconds: float = Field(

@@ -328,17 +328,26 @@ async def test_list_audit_events_filters_newest_first_and_pages(
 async def test_operators_act_as_themselves(
     auth: Auth, deps: AuthDependencies, clock: FakeClock
 ) -> None:
+    # CreateUser is the operator's one auth method (the break-glass bootstrap; see the peer
+    # policy file): an operator cannot pose as someone else through metadata.
     operator = auth.stub("admin")
     username = unique_name()
-    await register(auth.stub(), username)
-    # An operator cannot pose as someone else through metadata.
-    await operator.UnlockUser(
-        auth_pb2.UnlockUserRequest(username=username),
+    await operator.CreateUser(
+        auth_pb2.CreateUserRequest(username=username, password=PASSWORD, roles=["analyst"]),
         metadata=as_user("user:somebody-else", "10.9.9.9"),
         timeout=10,
     )
-    row = await last_audit(deps, "unlock")
-    assert (row["actor"], row["source"]) == ("operator:admin", "127.0.0.1")
+    row = await last_audit(deps, "user_created")
+    assert (row["actor"], row["source"], row["subject"]) == (
+        "operator:admin",
+        "127.0.0.1",
+        username,
+    )
+    # Every other administration call is the gateway's, on behalf of a person.
+    error = await failure(
+        operator.UnlockUser(auth_pb2.UnlockUserRequest(username=username), timeout=10)
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_without_metadata_the_gateway_itself_is_the_origin(

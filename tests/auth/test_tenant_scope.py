@@ -17,10 +17,23 @@ def in_tenant(actor: str, tenant: str) -> tuple[tuple[str, str], ...]:
     return (*as_user(actor), ("x-streammesh-tenant", tenant))
 
 
+async def platform_admin(auth: Auth) -> tuple[tuple[str, str], ...]:
+    """The metadata of a new platform admin (made by the operator, the bootstrap path)."""
+    root = f"root-{uuid.uuid4().hex[:6]}"
+    await auth.stub("admin").CreateUser(
+        auth_pb2.CreateUserRequest(username=root, password=PASSWORD, roles=["admin"]),
+        timeout=10,
+    )
+    return in_tenant(f"user:{root}", "default")
+
+
 async def test_the_caller_is_checked_against_auths_own_rows(auth: Auth, stub: Stub) -> None:
     operator = auth.stub("admin")
+    platform = await platform_admin(auth)
     tenant = f"t-{uuid.uuid4().hex[:6]}"
-    await operator.CreateTenant(auth_pb2.CreateTenantRequest(tenant_id=tenant), timeout=10)
+    await stub.CreateTenant(
+        auth_pb2.CreateTenantRequest(tenant_id=tenant), metadata=platform, timeout=10
+    )
     boss, worker = f"boss-{uuid.uuid4().hex[:6]}", f"worker-{uuid.uuid4().hex[:6]}"
     for name, roles in ((boss, ["tenant-admin"]), (worker, ["analyst"])):
         await operator.CreateUser(
@@ -51,8 +64,10 @@ async def test_the_caller_is_checked_against_auths_own_rows(auth: Auth, stub: St
     ):
         assert (await failure(call)).code() == grpc.StatusCode.PERMISSION_DENIED
     # Disabled, it is no administrator any more, at once.
-    await operator.SetUserDisabled(
-        auth_pb2.SetUserDisabledRequest(username=boss, disabled=True, tenant=tenant), timeout=10
+    await stub.SetUserDisabled(
+        auth_pb2.SetUserDisabledRequest(username=boss, disabled=True, tenant=tenant),
+        metadata=platform,
+        timeout=10,
     )
     error = await failure(
         stub.ListUsers(auth_pb2.ListUsersRequest(), metadata=in_tenant(f"user:{boss}", tenant))
@@ -78,7 +93,8 @@ async def test_a_call_without_a_tenant_grants_nothing_by_itself(auth: Auth, stub
 
 
 async def test_a_tenant_named_by_another_service_is_refused(auth: Auth) -> None:
-    # The policy admits only the gateway and operators; the helper refuses anyone else's header.
+    # The peer policy admits only the gateway (and the operator to CreateUser); auth's helper
+    # refuses anyone else's header besides.
     error = await failure(
         auth.stub("processor").ListUsers(
             auth_pb2.ListUsersRequest(), metadata=(("x-streammesh-tenant", "default"),)
@@ -116,8 +132,10 @@ async def test_signing_key_calls_are_platform_rows_not_rows_of_tenant_default(
     )
     key_actions = {"key_rotation", "key_retired", "list_signing_keys"}
     assert [event.action for event in seen.events if event.action in key_actions] == []
-    everything = await operator.ListAuditEvents(
-        auth_pb2.ListAuditEventsRequest(actor=f"user:{root}", page_size=100), timeout=10
+    everything = await stub.ListAuditEvents(
+        auth_pb2.ListAuditEventsRequest(actor=f"user:{root}", page_size=100),
+        metadata=platform,
+        timeout=10,
     )
     rows = [event for event in everything.events if event.action in key_actions]
     assert {event.action for event in rows} == key_actions

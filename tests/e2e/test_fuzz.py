@@ -29,6 +29,7 @@ from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.stack import GRPC_SERVICE, START_ORDER, StackConfig, check_health
 from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel
+from streammesh.mesh.policy_file import ANY_PEER, load_policy_file
 from tests.e2e.conftest import new_stack_config, running_stack
 from tests.fuzzing import FuzzCase, decodes, fuzz_cases, hosted_methods, load_descriptors
 
@@ -73,6 +74,8 @@ class Target:
     label: str
     channel: grpc.aio.Channel
     metadata: tuple[tuple[str, str], ...] = ()
+    only: frozenset[str] = frozenset()
+    """When set, the methods (`pkg.Service/Method`) this target calls; else every one hosted."""
 
 
 @dataclass(frozen=True)
@@ -111,21 +114,39 @@ async def _admin_token(stack: StackConfig) -> str:
     return str(tokens.access_token)
 
 
-def _channel(stack: StackConfig, name: str) -> grpc.aio.Channel:
+def _channel(stack: StackConfig, name: str, caller: str = "admin") -> grpc.aio.Channel:
     if name == "gateway":
         return grpc.aio.secure_channel(
             stack.address(name),
             grpc.ssl_channel_credentials((stack.pki_dir / "ca.pem").read_bytes()),
             options=[("grpc.ssl_target_name_override", "gateway")],
         )
-    # The operator certificate: every policy admits it to every declared method, so the fuzz
-    # reaches decoding and the handlers of the internal services.
     return create_channel(
         stack.address(name),
-        TlsMaterial.load(stack.pki_dir, "admin"),
+        TlsMaterial.load(stack.pki_dir, caller),
         server_name=name,
         config={"methodConfig": []},
     )
+
+
+def _callers(
+    stack: StackConfig, name: str, methods: Sequence[MethodDescriptor]
+) -> dict[str, set[str]]:
+    """Per certificate (file name), the methods of internal service `name` the peer policy
+    grants it, so that the fuzz reaches decoding and the handlers: each method is called as
+    one identity it allows (the operator for those open to every peer)."""
+    rules = load_policy_file(None, trust_domain=stack.trust_domain).rules_for(name)
+    callers: dict[str, set[str]] = {}
+    for method in methods:
+        path = f"{method.containing_service.full_name}/{method.name}"
+        allowed = rules.get(path, frozenset()) | rules.get(
+            f"{method.containing_service.full_name}/*", frozenset()
+        )
+        if not allowed:
+            continue  # nobody may call it: nothing behind the guard to fuzz
+        caller = "admin" if ANY_PEER in allowed else sorted(allowed)[0].rpartition("/")[2]
+        callers.setdefault(caller, set()).add(path)
+    return callers
 
 
 async def _call(
@@ -241,7 +262,14 @@ async def test_fuzzed_requests_never_break_a_service(stack: StackConfig) -> None
     started = time.monotonic()
     try:
         hosted = {name: await _hosted_services(channels[name]) for name in START_ORDER}
-        targets = [Target(name, channels[name]) for name in START_ORDER]
+        targets = [Target("gateway", channels["gateway"])]
+        for name in START_ORDER:
+            if name == "gateway":
+                continue
+            for caller, paths in _callers(stack, name, hosted_methods(hosted[name])).items():
+                label = f"{name}+{caller}-cert"
+                channels[label] = _channel(stack, name, caller)
+                targets.append(Target(label, channels[label], only=frozenset(paths)))
         targets.append(
             Target(
                 "gateway+admin-token", channels["gateway"], (("authorization", f"Bearer {token}"),)
@@ -252,6 +280,12 @@ async def test_fuzzed_requests_never_break_a_service(stack: StackConfig) -> None
         outcomes: list[Outcome] = []
         for target in targets:
             methods = hosted_methods(hosted[target.label.split("+")[0]])
+            if target.only:
+                methods = [
+                    m
+                    for m in methods
+                    if f"{m.containing_service.full_name}/{m.name}" in target.only
+                ]
             outcomes += await _fuzz_target(target, methods, rng, limit)
     finally:
         for channel in channels.values():

@@ -362,10 +362,12 @@ async def test_policy_separates_writers_from_readers(server: MeshServer, connect
         processor.QueryEvents(storage_pb2.QueryEventsRequest(), timeout=5),
         processor.CountEvents(storage_pb2.CountEventsRequest(), timeout=5),
         connect(server.port, "ingest").CountEvents(storage_pb2.CountEventsRequest(), timeout=5),
+        # The operator certificate is granted nothing in storage (nothing is implied for it).
+        connect(server.port, "admin").CountEvents(storage_pb2.CountEventsRequest(), timeout=5),
+        connect(server.port, "admin").StoreEvents(store_request([queued()]), timeout=5),
     ]
     for call in denied:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    admin = connect(server.port, "admin")
-    assert (await admin.CountEvents(storage_pb2.CountEventsRequest(), timeout=5)).count == 0
+    assert (await gateway.CountEvents(storage_pb2.CountEventsRequest(), timeout=5)).count == 0
