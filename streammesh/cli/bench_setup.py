@@ -20,6 +20,7 @@ import grpc
 import pyotp
 import redis.asyncio as aioredis
 
+from streammesh.backlog import WINDOW_BYTES_PER_ID
 from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.bench_load import connect_postgres
 from streammesh.cli.errors import describe_rpc_error
@@ -48,6 +49,9 @@ BACKLOG_LIMITS = {
         "STREAMMESH_INGEST_MAX_UNACKED_BYTES": str(32 * MiB),
         "STREAMMESH_INGEST_MAX_PARTITION_UNACKED_EVENTS": "100000",
         "STREAMMESH_INGEST_MAX_PARTITION_UNACKED_BYTES": str(16 * MiB),
+        "STREAMMESH_INGEST_MAX_BATCH_EVENTS": "10000",
+        "STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": "60",
+        "STREAMMESH_INGEST_IDEMPOTENCY_MAX_IDS": "100000",
     },
     "processor": {"STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES": str(2 * MiB)},
 }
@@ -64,8 +68,9 @@ STREAM_OVERHEAD = 1.2
 
 
 def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
-    """The limits as set, and the Redis memory bound above the baseline they give the queue
-    for the closed loop's entries (estimated from its batch and payload sizes)."""
+    """The limits as set, and the Redis memory bound above the baseline they give: the queue
+    for the closed loop's entries (estimated from its batch and payload sizes) plus the
+    idempotency window's fixed term (its ids held per partition at most, whatever the rate)."""
     ingest, processor = BACKLOG_LIMITS["ingest"], BACKLOG_LIMITS["processor"]
     limits = {name.removeprefix("STREAMMESH_").lower(): int(v) for name, v in ingest.items()}
     trim_after = int(processor["STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES"])
@@ -73,7 +78,18 @@ def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
     bound = (
         limits["ingest_max_unacked_bytes"] + partitions * (trim_after + READ_COUNT * entry)
     ) * STREAM_OVERHEAD
-    return limits | {"processor_trim_after_bytes": trim_after, "redis_bound_bytes": int(bound)}
+    window_ids = 0
+    if limits["ingest_idempotency_window_seconds"]:
+        # Two hashes per partition, each at most half the ids or one batch's slice.
+        held = max(limits["ingest_idempotency_max_ids"], 2 * limits["ingest_max_batch_events"])
+        window_ids = partitions * held
+    window_bytes = window_ids * WINDOW_BYTES_PER_ID
+    return limits | {
+        "processor_trim_after_bytes": trim_after,
+        "redis_queue_bound_bytes": int(bound),
+        "redis_window_bound_bytes": window_bytes,
+        "redis_bound_bytes": int(bound) + window_bytes,
+    }
 
 
 BENCH_ROLES = ["producer", "analyst"]
