@@ -125,7 +125,14 @@ def render(report: dict[str, Any]) -> list[str]:
     ]
     if "closed" in resources:
         bound = p.get("backpressure", {}).get("redis_bound_bytes")
-        lines.append(redis_memory_line("closed loop", resources["closed"], bound))
+        lines.append(
+            redis_memory_line(
+                "closed loop",
+                resources["closed"],
+                bound,
+                baseline=report.get("redis_baseline_bytes"),
+            )
+        )
     lines += [
         f"  closed stored {num(cl['stored_eps'])}/s   target >= "
         f"{t['closed_stored_eps_min']:,} {met['closed_stored_eps_min']}",

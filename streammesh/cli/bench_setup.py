@@ -39,6 +39,8 @@ __all__ = [
     "exclusive",
     "keep_fresh",
     "login",
+    "redis_baseline",
+    "stack_limits",
 ]
 
 
@@ -55,8 +57,9 @@ BACKLOG_LIMITS = {
     },
     "processor": {"STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES": str(2 * MiB)},
 }
-"""The back-pressure the bench stack runs with, set explicitly (over the caller's environment),
-so that the closed loop cannot grow the Redis backlog past a bound this run chose and printed
+"""The back-pressure and idempotency window the bench stack runs with, set explicitly (over the
+caller's environment; the window's length from --idempotency-window, see stack_limits), so that
+the closed loop cannot grow Redis past a bound this run chose and printed
 (services/ingest/pressure.py states the bound)."""
 READ_COUNT = 32
 """The processor's read_count (its default): a partition's acknowledged entries wait at most
@@ -67,11 +70,18 @@ STREAM_OVERHEAD = 1.2
 """Redis memory per batch byte for entries of 2 kB or more (services/ingest/pressure.py)."""
 
 
+def stack_limits(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """BACKLOG_LIMITS with the idempotency window of --idempotency-window (0: off)."""
+    window = {"STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": str(args.idempotency_window)}
+    return BACKLOG_LIMITS | {"ingest": BACKLOG_LIMITS["ingest"] | window}
+
+
 def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
     """The limits as set, and the Redis memory bound above the baseline they give: the queue
     for the closed loop's entries (estimated from its batch and payload sizes) plus the
     idempotency window's fixed term (its ids held per partition at most, whatever the rate)."""
-    ingest, processor = BACKLOG_LIMITS["ingest"], BACKLOG_LIMITS["processor"]
+    env = stack_limits(args)
+    ingest, processor = env["ingest"], env["processor"]
     limits = {name.removeprefix("STREAMMESH_").lower(): int(v) for name, v in ingest.items()}
     trim_after = int(processor["STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES"])
     entry = args.closed_batch_size / partitions * (args.payload_bytes + QUEUED_EVENT_OVERHEAD)
@@ -90,6 +100,16 @@ def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
         "redis_window_bound_bytes": window_bytes,
         "redis_bound_bytes": int(bound) + window_bytes,
     }
+
+
+async def redis_baseline(bench: StackConfig) -> int:
+    """Redis's used_memory with the bench stack up and none of its events written yet: what
+    the printed bound stands on (its data was dropped before the stack came up)."""
+    client = aioredis.Redis.from_url(bench.redis_url)
+    try:
+        return int((await client.info("memory"))["used_memory"])
+    finally:
+        await client.aclose()
 
 
 BENCH_ROLES = ["producer", "analyst"]
