@@ -30,6 +30,14 @@ ids (or one batch's slice of a partition, if that is larger). Hence an id is rem
   100,000 and 60 s: the full minute up to 833 events/s per partition, 6,700/s over 8
   partitions; at 4,000/s per partition, 12.5 s).
 A retry that comes later than that is not seen here; storage still catches it (below).
+The clock is read inside the script (TIME), which Redis 7 allows because it replicates a
+script's effects, not the script.
+
+Upgrading from the per-tenant, per-bucket keys of the previous release
+(`...:<tenant>:<bucket>`): they are no longer read and expire on their own within two windows;
+an id accepted before the upgrade and retried after it is queued again, and storage keeps the
+first event, as beyond the window. Replicas of both releases side by side likewise do not see
+each other's ids.
 
 A dead-lettered event was accepted, so remembered: a plain retry of it within the window is
 a duplicate (it is in the dead letters, not lost); a dead-letter replay (the gateway's, which

@@ -323,6 +323,9 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     bench.add_argument("--idempotency-window", type=_positive(int, 0, 86_400), default=60,
                        metavar="SECONDS", help="ingest's idempotency window (default 60, as "
                        "ingest's default; 0: off, to measure what it costs)")  # fmt: skip
+    bench.add_argument("--idempotency-max-ids", type=_positive(int, 2, 100_000_000),
+                       default=100_000, metavar="IDS", help="ids the window holds per partition "
+                       "at most (default 100000, as ingest's default)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
     bench.set_defaults(handler=cmd_bench)

@@ -58,7 +58,8 @@ BACKLOG_LIMITS = {
     "processor": {"STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES": str(2 * MiB)},
 }
 """The back-pressure and idempotency window the bench stack runs with, set explicitly (over the
-caller's environment; the window's length from --idempotency-window, see stack_limits), so that
+caller's environment; the window from --idempotency-window and --idempotency-max-ids, see
+stack_limits), so that
 the closed loop cannot grow Redis past a bound this run chose and printed
 (services/ingest/pressure.py states the bound)."""
 READ_COUNT = 32
@@ -71,8 +72,12 @@ STREAM_OVERHEAD = 1.2
 
 
 def stack_limits(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    """BACKLOG_LIMITS with the idempotency window of --idempotency-window (0: off)."""
-    window = {"STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": str(args.idempotency_window)}
+    """BACKLOG_LIMITS with the idempotency window of --idempotency-window (0: off) and
+    --idempotency-max-ids."""
+    window = {
+        "STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": str(args.idempotency_window),
+        "STREAMMESH_INGEST_IDEMPOTENCY_MAX_IDS": str(args.idempotency_max_ids),
+    }
     return BACKLOG_LIMITS | {"ingest": BACKLOG_LIMITS["ingest"] | window}
 
 
