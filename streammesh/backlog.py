@@ -49,6 +49,9 @@ __all__ = [
     "DIGEST_BYTES",
     "EVENTS",
     "IDEMPOTENT_APPEND_SCRIPT",
+    "ID_FIELD_BYTES",
+    "START_FIELD",
+    "WINDOW_BYTES_PER_ID",
     "Backlog",
     "entry_weight",
     "parse_backlog",
@@ -73,14 +76,24 @@ Returns the entry id."""
 
 DIGEST_BYTES = 8
 """Length of one content digest in IDEMPOTENT_APPEND_SCRIPT's digests."""
+ID_FIELD_BYTES = 12
+"""Length of one id field in IDEMPOTENT_APPEND_SCRIPT's fields: a hash of (tenant, event id).
+12 bytes cost Redis what 8 do (both fit jemalloc's 16-byte class with the string's header)."""
+WINDOW_BYTES_PER_ID = 80
+"""Redis memory per id an idempotency window hash holds, at most (measured and explained in
+services/ingest/idempotency.py, BYTES_PER_ID)."""
+START_FIELD = b"t"
+"""The field of a window hash that holds when it began (Unix seconds, Redis's clock); never an
+id field, which is ID_FIELD_BYTES long."""
 _CHUNK = 2000  # values per HMGET/HSET call: Lua's unpack takes at most about 8,000
 
 IDEMPOTENT_APPEND_SCRIPT = f"""
+local size, fsize = {DIGEST_BYTES}, {ID_FIELD_BYTES}
+local fields, digests = ARGV[4], ARGV[5]
+local n = #fields / fsize
 local ids = {{}}
-for id in string.gmatch(ARGV[3], '([^%z]+)') do ids[#ids + 1] = id end
-local digests, size, n = ARGV[4], {DIGEST_BYTES}, #ids
+for i = 1, n do ids[i] = string.sub(fields, (i - 1) * fsize + 1, i * fsize) end
 local seen, none = {{}}, {{}}
--- The previous bucket is gone after its expiry; the current one is new once per bucket.
 local has_now = redis.call('EXISTS', KEYS[3]) == 1
 local has_before = redis.call('EXISTS', KEYS[4]) == 1
 for first = 1, n, {_CHUNK} do
@@ -96,38 +109,56 @@ for first = 1, n, {_CHUNK} do
   end
 end
 if #seen > 0 then return seen end
+-- Redis's clock, not the callers': every ingest replica rotates by the same one.
+local clock = tonumber(redis.call('TIME')[1])
+local window, half = tonumber(ARGV[2]), tonumber(ARGV[3])
+if has_now then
+  local began = tonumber(redis.call('HGET', KEYS[3], '{START_FIELD.decode()}') or 0)
+  if clock - began >= window or redis.call('HLEN', KEYS[3]) - 1 + n > half then
+    -- UNLINK frees a large hash in the background; RENAME onto a key would free it here.
+    if has_before then redis.call('UNLINK', KEYS[4]) end
+    redis.call('RENAME', KEYS[3], KEYS[4])
+    has_now = false
+  end
+end
 local appended = 0
-for at = 5, #ARGV, 2 do
+for at = 6, #ARGV, 2 do
   redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[at], '{COUNT_FIELD.decode()}', ARGV[at + 1])
   redis.call('HINCRBY', KEYS[2], '{EVENTS.decode()}', ARGV[at + 1])
   redis.call('HINCRBY', KEYS[2], '{BYTES.decode()}', string.len(ARGV[at]))
   appended = appended + 1
 end
+if not has_now then
+  redis.call('HSET', KEYS[3], '{START_FIELD.decode()}', clock)
+  redis.call('EXPIRE', KEYS[3], 2 * window)
+end
 for first = 1, n, {_CHUNK} do
   local last = math.min(first + {_CHUNK} - 1, n)
-  local fields = {{}}
+  local kv = {{}}
   for i = first, last do
-    fields[#fields + 1] = ids[i]
-    fields[#fields + 1] = string.sub(digests, (i - 1) * size + 1, i * size)
+    kv[#kv + 1] = ids[i]
+    kv[#kv + 1] = string.sub(digests, (i - 1) * size + 1, i * size)
   end
-  redis.call('HSET', KEYS[3], unpack(fields))
+  redis.call('HSET', KEYS[3], unpack(kv))
 end
-redis.call('EXPIREAT', KEYS[3], ARGV[2])
 return appended
 """
 """APPEND_SCRIPT for all the entries of one partition of one publish batch, guarded by the
-tenant's idempotency window (services/ingest/idempotency.py), in one atomic step.
+partition's idempotency window (services/ingest/idempotency.py), in one atomic step.
 
-KEYS: the stream, its counters, the window's current and previous digest hashes (field: event
-id, value: its DIGEST_BYTES content digest). ARGV: the entry field (COLUMNS_FIELD), when the
-current hash expires (Unix seconds), the events' ids joined by NUL (ids never hold one), their
-digests concatenated, then each entry's serialized events and count, in append order.
+KEYS: the stream, its counters, the window's current and previous hashes (field: the
+ID_FIELD_BYTES hash of (tenant, event id), value: its DIGEST_BYTES content digest; plus
+START_FIELD in the current one). ARGV: the entry field (COLUMNS_FIELD), the window in seconds,
+the ids one hash holds at most, the events' id fields concatenated, their digests
+concatenated, then each entry's serialized events and count, in append order.
 
 If any id is in either hash, nothing is written and the reply is a flat list of (index of the
 event among the ids, 1 if its digest is the same (a duplicate), 2 if not (a conflict)); the
-caller drops those events and calls again with the rest. Else every entry is appended and
-counted as APPEND_SCRIPT does, every digest is recorded in the current hash, and the reply is
-the number of entries appended."""
+caller drops those events and calls again with the rest. Else the current hash is rotated
+first when it began a window ago or these ids would take it past its share (it becomes the
+previous one, the previous one is dropped), every entry is appended and counted as
+APPEND_SCRIPT does, every digest is recorded in the current hash, and the reply is the number
+of entries appended. A new current hash expires 2 windows after it began."""
 
 
 def entry_weight(fields: dict[bytes, bytes] | None) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """The idempotency window: per (tenant, event id), the digest of the content ingest accepted,
-kept in Redis for `seconds`, so that publishing an id again is told apart at once:
+kept in Redis for a while, so that publishing an id again is told apart at once:
 
 - the same content: a duplicate (a retry). It is acknowledged as accepted and listed in the
   acknowledgement's `duplicates`, and not queued again;
@@ -11,15 +11,33 @@ The digests are written by the same script as the XADD of the events
 queued: a crash cannot leave an acknowledged event without one, nor a digest without its
 event (which would turn the retry of a lost event into a "duplicate" that is never stored).
 
-Keys. Per partition stream and tenant, one hash per time bucket of `seconds`:
-`<prefix>:idem:{<prefix>:p<n>}:<tenant>:<bucket>`, field = event id, value = DIGEST_BYTES of
-content digest. The hash tag is the stream's own name, so each hash lives in the Redis Cluster
-slot of its stream (the stream key, which has no braces, hashes by its whole name), and the
-key starts with the prefix like every other key of the stack (a scan for `<prefix>:*` finds
-it). A lookup reads the
-current and the previous bucket; the current one expires 2 x `seconds` after its bucket began,
-so an id is remembered at least `seconds` (minus the clock skew between ingest replicas, which
-pick the bucket) and at most 2 x `seconds`.
+Keys. Per partition stream, two hashes: `<prefix>:idem:{<prefix>:p<n>}:now` and `...:before`.
+Field: ID_FIELD_BYTES of blake2b over (tenant, event id), so one hash serves every tenant and
+its size does not grow with the number of tenants; value: DIGEST_BYTES of content digest. The
+hash tag is the stream's own name, so both hashes live in the Redis Cluster slot of their
+stream (the stream key, which has no braces, hashes by its whole name), and the keys start with
+the prefix like every other key of the stack (a scan for `<prefix>:*` finds them).
+
+How long an id is remembered. A lookup reads both hashes; new ids go into `now`. `now` is
+rotated (it becomes `before`, and the old `before` is dropped) when it began `seconds` ago, or
+when the batch's ids would take it past `max_ids` / 2, so each hash holds at most max_ids / 2
+ids (or one batch's slice of a partition, if that is larger). Hence an id is remembered
+- at least min(`seconds`, the time its partition takes to accept about max_ids / 2 more ids),
+  and at most 2 x `seconds` (`now` expires 2 x `seconds` after it began; time is Redis's own
+  clock, read by the script, so ingest replicas with skewed clocks agree);
+- so up to max_ids / 2 / `seconds` accepted events/s per partition the window is the whole
+  `seconds`; above that it shrinks to at least max_ids / 2 / rate seconds (with the defaults,
+  100,000 and 60 s: the full minute up to 833 events/s per partition, 6,700/s over 8
+  partitions; at 4,000/s per partition, 12.5 s).
+A retry that comes later than that is not seen here; storage still catches it (below).
+The clock is read inside the script (TIME), which Redis 7 allows because it replicates a
+script's effects, not the script.
+
+Upgrading from the per-tenant, per-bucket keys of the previous release
+(`...:<tenant>:<bucket>`): they are no longer read and expire on their own within two windows;
+an id accepted before the upgrade and retried after it is queued again, and storage keeps the
+first event, as beyond the window. Replicas of both releases side by side likewise do not see
+each other's ids.
 
 A dead-lettered event was accepted, so remembered: a plain retry of it within the window is
 a duplicate (it is in the dead letters, not lost); a dead-letter replay (the gateway's, which
@@ -34,11 +52,14 @@ Content is what storage keeps of an event: key, type, content type ("" read as
 application/json), payload, attributes (in key order) and the event time the producer set
 (none is not the ingest time: a retry gets a new one). The digest is blake2b, 8 bytes: a
 collision (2^-64 per pair of contents of one id) would report a conflict as a duplicate, and
-only to the tenant that published both.
+only to the tenant that published both. Two (tenant, id) pairs whose 96-bit fields collide
+(about held ids / 2^96 per new id: 10^-24 with the defaults) are taken for one id, and then
+almost surely reported as a conflict (their digests differ), not dropped as a duplicate.
 
-Memory: about BYTES_PER_ID bytes per remembered id (measured with MEMORY USAGE for UUID ids;
-longer ids cost their extra length), so at R accepted events/s at most R x 2 x `seconds` x
-BYTES_PER_ID (see services/ingest/pressure.py for the whole bound).
+Memory: at most BYTES_PER_ID bytes per id held, so at most
+    partitions x max(max_ids, 2 x the largest slice of a batch) x BYTES_PER_ID
+whatever the rate or the number of tenants (see services/ingest/pressure.py for the whole
+bound). With the defaults, 8 x 100,000 x 80 = 61 MiB.
 """
 
 from __future__ import annotations
@@ -50,7 +71,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streammesh.api.common.v1 import event_pb2
-from streammesh.backlog import DIGEST_BYTES
+from streammesh.backlog import DIGEST_BYTES, ID_FIELD_BYTES, WINDOW_BYTES_PER_ID
 from streammesh.envelope import EnvelopeColumns
 from streammesh.streams import StreamLayout
 
@@ -58,9 +79,11 @@ __all__ = [
     "BYTES_PER_ID",
     "CONFLICT",
     "CONFLICT_REASON",
+    "DEFAULT_MAX_IDS",
     "DUPLICATE",
     "IdempotencyWindow",
     "content_digests",
+    "id_fields",
     "repeats_in_batch",
 ]
 
@@ -70,31 +93,47 @@ CONFLICT = 2
 """Verdict: the id was accepted before with other content."""
 CONFLICT_REASON = "ID_CONFLICT"
 """EventRefusal.reason of a conflict."""
-BYTES_PER_ID = 100
-"""Redis memory per remembered UUID id (hash field, 8-byte value, hash table entry): 98.5,
-measured on Redis 7.0 with MEMORY USAGE over 100,000 ids (scripts/bench_idempotency.py)."""
+BYTES_PER_ID = WINDOW_BYTES_PER_ID
+"""Redis memory per id held, at most, whatever the id's length: a dict entry (24), the 12-byte
+field and the 8-byte value (16 each, with their string headers, in jemalloc's classes) and the
+hash table's share of its bucket arrays (8 to 16 bytes: the table doubles at powers of two;
+up to 24 while it rehashes into the doubled one). Measured on Redis 7.0 with MEMORY USAGE:
+66.5 at 50,000 and 100,000 ids, 75.7 at 10,000 (scripts/bench_idempotency.py); with the event
+id itself as the field it was 98.5 for a UUID."""
+DEFAULT_MAX_IDS = 100_000
+"""Ids held per partition at most, by default (see IdempotencyWindow.max_ids)."""
 _DEFAULT_CONTENT_TYPE = "application/json"
 _sorted_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 @dataclass(frozen=True)
 class IdempotencyWindow:
-    """How long ingest remembers each accepted (tenant, id) with its content digest."""
+    """How long, and how many, accepted (tenant, id)s ingest remembers with their content
+    digest, per partition."""
 
     seconds: int
+    """An id is remembered this long (up to twice), unless its partition's rate is higher
+    than max_ids / 2 per `seconds`: then at least max_ids / 2 / rate seconds."""
+    max_ids: int = DEFAULT_MAX_IDS
+    """Ids held per partition at most (each of its two hashes holds half), so that Redis
+    memory does not grow with the rate; a batch's slice of a partition larger than half goes
+    into a hash of its own."""
 
     def __post_init__(self) -> None:
         if self.seconds < 1:
             raise ValueError("the idempotency window is at least 1 second")
+        if self.max_ids < 2:
+            raise ValueError("the idempotency window holds at least 2 ids per partition")
 
-    def keys(
-        self, layout: StreamLayout, partition: int, tenant: str, now_seconds: float
-    ) -> tuple[str, str, int]:
-        """The current and previous digest hashes of `tenant` on the partition's stream, and
-        when the current one expires (Unix seconds)."""
-        bucket = int(now_seconds // self.seconds)
-        base = f"{layout.prefix}:idem:{{{layout.stream(partition)}}}:{tenant}:"
-        return f"{base}{bucket}", f"{base}{bucket - 1}", (bucket + 2) * self.seconds
+    @property
+    def hash_ids(self) -> int:
+        """Ids one hash holds at most (its share of max_ids)."""
+        return self.max_ids // 2
+
+    def keys(self, layout: StreamLayout, partition: int) -> tuple[str, str]:
+        """The current and previous digest hashes of the partition's stream."""
+        base = f"{layout.prefix}:idem:{{{layout.stream(partition)}}}:"
+        return f"{base}now", f"{base}before"
 
 
 def content_digests(events: Sequence[event_pb2.Event], envelope: EnvelopeColumns) -> list[bytes]:
@@ -121,6 +160,19 @@ def content_digests(events: Sequence[event_pb2.Event], envelope: EnvelopeColumns
         blob = b"\x00".join((heads[index], b"%d" % len(extra), extra, envelope.payloads[index]))
         digests[index] = blake2b(blob, digest_size=DIGEST_BYTES, person=b"carrier").digest()
     return digests
+
+
+def id_fields(tenant: str, ids: Sequence[str]) -> list[bytes]:
+    """Each id's field in the window's hashes (ID_FIELD_BYTES of blake2b over tenant, NUL,
+    id), in batch order: fixed-size and shorter than a UUID, and per tenant, as idempotency
+    is. Tenants and ids hold no NUL, so no two pairs hash the same bytes."""
+    if not ids:
+        return []
+    head = tenant.encode() + b"\x00"
+    blake2b = hashlib.blake2b
+    # All ids in one join and one encode (they hold no NUL), then one hash each.
+    encoded = "\x00".join(ids).encode().split(b"\x00")
+    return [blake2b(head + raw, digest_size=ID_FIELD_BYTES).digest() for raw in encoded]
 
 
 def repeats_in_batch(ids: Sequence[str], digests: Sequence[bytes]) -> dict[int, int]:

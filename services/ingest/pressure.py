@@ -31,12 +31,12 @@ byte is at most 1.2 for entries of 2 kB or more (1.3 at 500 B; MEMORY USAGE, pri
 tests/ingest/test_backpressure.py). With the defaults (32 MiB, 8 partitions) and entries of
 about 40 kB (a read of 32 is 1.3 MB; the bench's are about 30 kB) that is
 (32 + 8 x 3.3) x 1.2 = 70 MiB.
-The idempotency window (services/ingest/idempotency.py) adds its digests to that: about
-BYTES_PER_ID (100) bytes per accepted id for up to 2 x `idempotency_window_seconds`, so at most
-    accepted events/s x 2 x window x 100 bytes
-(at 10,000 events/s and the default 60 s, 120 MB; at 100,000 events/s, 1.2 GB: size the
-window to the rate, or turn it off with 0). It grows with the rate, not with the backlog, so
-the backlog limits do not bound it.
+The idempotency window (services/ingest/idempotency.py) adds a fixed term: its two hashes per
+partition hold at most `idempotency_max_ids` ids (or two batches' slices, if larger), each at
+most BYTES_PER_ID (80) bytes, whatever the rate or the number of tenants:
+    partitions x max(idempotency_max_ids, 2 x max_batch_events) x 80 bytes
+(8 x 100,000 x 80 = 61 MiB with the defaults; under a higher rate the window shrinks instead).
+So the whole bound with the defaults is 70 + 61 = 131 MiB above the baseline.
 `max_redis_memory_bytes` (or maxmemory) is the second line of defence for both. Retention
 (`trim_retention_seconds`) keeps acknowledged entries on purpose and is outside this bound.
 

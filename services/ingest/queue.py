@@ -33,7 +33,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from services.ingest.idempotency import IdempotencyWindow, content_digests, repeats_in_batch
+from services.ingest.idempotency import (
+    IdempotencyWindow,
+    content_digests,
+    id_fields,
+    repeats_in_batch,
+)
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
 from streammesh.backlog import APPEND_SCRIPT, IDEMPOTENT_APPEND_SCRIPT
@@ -144,8 +149,10 @@ class StreamAppender:
         window = self._window if guarded else None
         verdicts: dict[int, int] = {}
         digests: list[bytes] = []
+        fields: list[bytes] = []
         if window is not None:
             digests = content_digests(events, envelope)
+            fields = id_fields(tenant, envelope.ids)
             verdicts = repeats_in_batch(envelope.ids, digests)
             if verdicts:
                 slices = {p: [i for i in kept if i not in verdicts] for p, kept in slices.items()}
@@ -168,9 +175,7 @@ class StreamAppender:
             if window is None:
                 await self._append(built)
             else:
-                guard = _Guard(
-                    window, tenant, now_ns / 1e9, envelope.ids, digests, slices, verdicts
-                )
+                guard = _Guard(window, fields, digests, slices, verdicts)
                 while built:
                     replies = await self._append(built, guard)
                     built = {
@@ -207,9 +212,10 @@ class StreamAppender:
                                 COLUMNS_FIELD,
                             )
                         continue
-                    current, previous, expires = guard.keys(layout, partition)
+                    window = guard.window
+                    current, previous = window.keys(layout, partition)
                     bodies: list[bytes | int] = [part for item in items for part in item]
-                    ids, digests = guard.arguments(partition)
+                    fields, digests = guard.arguments(partition)
                     pipe.eval(
                         IDEMPOTENT_APPEND_SCRIPT,
                         4,
@@ -218,8 +224,9 @@ class StreamAppender:
                         current,
                         previous,
                         COLUMNS_FIELD,
-                        expires,
-                        ids,
+                        window.seconds,
+                        window.hash_ids,
+                        fields,
                         digests,
                         *bodies,
                     )
@@ -297,38 +304,31 @@ def _batch_columns(
 
 
 class _Guard:
-    """One batch's way through the idempotency window: its keys, the ids and digests of each
+    """One batch's way through the idempotency window: the id fields and digests of each
     partition's remaining events, and the verdicts so far (batch index -> verdict)."""
 
     def __init__(
         self,
         window: IdempotencyWindow,
-        tenant: str,
-        now_seconds: float,
-        ids: Sequence[str],
+        fields: list[bytes],
         digests: list[bytes],
         slices: dict[int, list[int]],
         verdicts: dict[int, int],
     ) -> None:
-        self._window = window
-        self._tenant = tenant
-        self._now = now_seconds
-        self._ids = ids
+        self.window = window
+        self._fields = fields
         self._digests = digests
         self._slices = slices
         self.verdicts = verdicts
 
-    def keys(self, layout: StreamLayout, partition: int) -> tuple[str, str, int]:
-        return self._window.keys(layout, partition, self._tenant, self._now)
-
-    def arguments(self, partition: int) -> tuple[str, bytes]:
-        """The partition's remaining ids joined by NUL (ids hold none), and their digests
-        concatenated."""
+    def arguments(self, partition: int) -> tuple[bytes, bytes]:
+        """The partition's remaining id fields and their digests, each concatenated (both
+        fixed-size, so the script cuts them apart by length)."""
         kept = self._slices[partition]
-        ids, digests = self._ids, self._digests
-        if len(kept) == len(ids):  # the whole batch is in this partition
-            return "\x00".join(ids), b"".join(digests)
-        return "\x00".join([ids[i] for i in kept]), b"".join([digests[i] for i in kept])
+        fields, digests = self._fields, self._digests
+        if len(kept) == len(fields):  # the whole batch is in this partition
+            return b"".join(fields), b"".join(digests)
+        return b"".join([fields[i] for i in kept]), b"".join([digests[i] for i in kept])
 
     def settle(self, replies: dict[int, Any]) -> dict[int, list[int]]:
         """Record the verdicts of the replies that appended nothing; the partitions to try

@@ -14,11 +14,12 @@ import grpc
 from streammesh.api.common.v1 import schema_registry_pb2 as common
 from streammesh.api.storage.v1 import schema_registry_pb2 as pb
 from streammesh.api.storage.v1 import schema_registry_pb2_grpc as pb_grpc
-from streammesh.mesh import TlsMaterial, create_channel, service_config
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 
-__all__ = ["REGISTRY_SERVICE", "Change", "RegistryClient", "RegistryUnavailable", "StoredSchema"]
+__all__ = ["REGISTRY", "Change", "RegistryClient", "RegistryUnavailable", "StoredSchema"]
 
-REGISTRY_SERVICE = "streammesh.storage.v1.SchemaRegistryService"
+REGISTRY = pb.DESCRIPTOR.services_by_name["SchemaRegistryService"]
+"""The service called; its protos say which methods are retried (all ingest calls are reads)."""
 
 
 class RegistryUnavailable(Exception):
@@ -40,29 +41,28 @@ class Change:
 
 
 class RegistryClient:
-    """Calls storage's SchemaRegistryService over mTLS as `ingest` (reads only, retried)."""
+    """Calls storage's SchemaRegistryService over mTLS as `ingest`, through one mesh client:
+    balanced over storage's replicas (`target` may name several), each call with a deadline of
+    `timeout_seconds`, retried as the protos declare (GetSchema, GetSchemaPolicy and
+    ListSchemaChanges have no side effects)."""
 
-    def __init__(self, target: str, tls: TlsMaterial, *, timeout_seconds: float) -> None:
-        self._channel = create_channel(
-            target,
-            tls,
-            server_name="storage",
-            config=service_config(
-                REGISTRY_SERVICE,
-                retry_methods=["GetSchema", "GetSchemaPolicy", "ListSchemaChanges"],
-            ),
+    def __init__(self, target: str, tls: TlsFiles, *, timeout_seconds: float) -> None:
+        self._client = MeshClient(
+            MeshClientConfig(
+                server_name="storage",
+                targets=parse_targets(target),
+                tls=tls,
+                services=(REGISTRY,),
+                timeout_seconds=timeout_seconds,
+            )
         )
-        # Per call rather than in the service config: there, a timeout of 1 s or less made
-        # every call fail at once with DEADLINE_EXCEEDED (grpcio 1.85, seen in tests).
-        self._timeout = timeout_seconds
-        self._stub = pb_grpc.SchemaRegistryServiceStub(self._channel)
+        self._stub = self._client.stub(pb_grpc.SchemaRegistryServiceStub)
 
     async def schema(self, tenant: str, event_type: str, version: int) -> StoredSchema | None:
         """The version (0: the latest), or None when the type has no schema or no such version."""
         try:
             reply = await self._stub.GetSchema(
                 pb.GetSchemaRequest(tenant=tenant, event_type=event_type, version=version),
-                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
@@ -76,9 +76,7 @@ class RegistryClient:
 
     async def refuses_unknown_types(self, tenant: str) -> bool:
         try:
-            reply = await self._stub.GetSchemaPolicy(
-                pb.GetSchemaPolicyRequest(tenant=tenant), timeout=self._timeout
-            )
+            reply = await self._stub.GetSchemaPolicy(pb.GetSchemaPolicyRequest(tenant=tenant))
         except grpc.aio.AioRpcError as error:
             raise RegistryUnavailable(f"{error.code().name}: {error.details()}") from error
         return bool(reply.unknown_types == common.UNKNOWN_TYPE_POLICY_REFUSE)
@@ -88,7 +86,6 @@ class RegistryClient:
         try:
             reply = await self._stub.ListSchemaChanges(
                 pb.ListSchemaChangesRequest(after_change_id=after, limit=limit),
-                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
             raise RegistryUnavailable(f"{error.code().name}: {error.details()}") from error
@@ -96,4 +93,4 @@ class RegistryClient:
         return changes, reply.head_change_id, reply.more
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._client.close()

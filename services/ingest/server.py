@@ -25,10 +25,11 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.client import TlsFiles
 from streammesh.mesh.metrics import ServiceMetrics
 from streammesh.mesh.metrics.pipeline import IngestMetrics, QueueBacklogCollector
 from streammesh.mesh.redis_client import connect_redis
-from streammesh.mesh.startup import load_tls, reaching, run_service
+from streammesh.mesh.startup import reaching, run_service
 from streammesh.streams import StreamLayout
 
 __all__ = [
@@ -85,7 +86,7 @@ def create_server(settings: IngestSettings, deps: IngestDeps) -> MeshServer:
         deps.layout,
         deps.pressure,
         max_entry_bytes=settings.max_entry_bytes,
-        window=IdempotencyWindow(window) if window else None,
+        window=IdempotencyWindow(window, settings.idempotency_max_ids) if window else None,
     )
     metrics = ServiceMetrics("ingest")
     if deps.pressure is not None:
@@ -145,7 +146,7 @@ async def serve(settings: IngestSettings) -> None:
     if settings.validate_payloads:
         registry = RegistryClient(
             settings.storage_target,
-            load_tls(settings.tls_dir, "ingest"),
+            TlsFiles.of(settings.tls_dir, "ingest"),
             timeout_seconds=settings.registry_timeout_seconds,
         )
         schemas = schema_cache(settings, registry)

@@ -10,7 +10,8 @@ take the events or bytes appended and not yet acknowledged past `max_unacked_eve
 `max_partition_unacked_bytes` (a partition it writes to), or while Redis memory is at its limit.
 With the defaults, one ingest replica and entries of about 40 kB, the queue's Redis memory
 stays within about 70 MiB above Redis's baseline for the default 8 partitions (the formula is in
-`services/ingest/pressure.py`).
+`services/ingest/pressure.py`); the idempotency window adds at most
+partitions x `idempotency_max_ids` x 80 bytes (61 MiB with the defaults).
 
 Payload schemas: JSON payloads are checked against the tenant's schema registry in storage,
 through a cache that follows storage's change log; see `services/ingest/schema_cache.py`.
@@ -101,10 +102,18 @@ class IngestSettings(ServiceSettings):
         ge=0,
         le=86_400,
         description="how long each accepted (tenant, event id) and its content digest are "
-        "remembered in Redis, so that publishing the id again is acknowledged as a duplicate "
-        "(same content, not queued again) or refused per event as ID_CONFLICT (other "
-        "content); about 100 bytes of Redis per id (a UUID) for up to twice this long; 0 = off "
-        "(storage still keeps the first event of an id and records conflicts it sees)",
+        "remembered in Redis (up to twice this long), so that publishing the id again is "
+        "acknowledged as a duplicate (same content, not queued again) or refused per event as "
+        "ID_CONFLICT (other content); shorter when a partition accepts more than "
+        "idempotency_max_ids / 2 per this many seconds; 0 = off (storage still keeps the first "
+        "event of an id and records conflicts it sees)",
+    )
+    idempotency_max_ids: int = Field(
+        100_000,
+        ge=2,
+        description="ids the idempotency window holds per partition at most (at most 80 bytes "
+        "of Redis each), so that its memory is bounded whatever the rate: a partition that "
+        "accepts R events/s remembers each id at least min(window, this / 2 / R) seconds",
     )
     validate_payloads: bool = Field(
         True, description="check JSON payloads against the schema registry (storage)"

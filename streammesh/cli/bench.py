@@ -48,7 +48,6 @@ from streammesh.cli.bench_phases import (
 from streammesh.cli.bench_report import TARGETS, correctness, finite, render, targets_met
 from streammesh.cli.bench_resources import ResourceSampler, resource_summary
 from streammesh.cli.bench_setup import (
-    BACKLOG_LIMITS,
     backlog_bound,
     bench_schemas,
     bench_stack_config,
@@ -57,6 +56,8 @@ from streammesh.cli.bench_setup import (
     exclusive,
     keep_fresh,
     login,
+    redis_baseline,
+    stack_limits,
 )
 from streammesh.cli.bench_soak import (
     default_soak_warmup,
@@ -181,8 +182,10 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
             shut_down(bench)  # a previous bench killed hard may have left its services behind
             await drop_bench_data(bench)
             print(f"starting the bench stack in {bench.state_dir} (mTLS, auth on)", flush=True)
-            await bring_up(bench, timeout=90, extra_env=BACKLOG_LIMITS)
+            await bring_up(bench, timeout=90, extra_env=stack_limits(args))
+            baseline = await redis_baseline(bench)
             results = await _phases(bench, args, run)
+            results["redis_baseline_bytes"] = baseline
         except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,
                 asyncpg.PostgresError) as error:  # fmt: skip
             detail = describe_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
@@ -317,6 +320,12 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
                        "the closed loop's, so are its batches)")  # fmt: skip
     bench.add_argument("--soak-warmup", type=_positive(float, 0, 3600), default=None,
                        help="soak: seconds before RSS counts (default a tenth of --soak, at most 60)")  # fmt: skip
+    bench.add_argument("--idempotency-window", type=_positive(int, 0, 86_400), default=60,
+                       metavar="SECONDS", help="ingest's idempotency window (default 60, as "
+                       "ingest's default; 0: off, to measure what it costs)")  # fmt: skip
+    bench.add_argument("--idempotency-max-ids", type=_positive(int, 2, 100_000_000),
+                       default=100_000, metavar="IDS", help="ids the window holds per partition "
+                       "at most (default 100000, as ingest's default)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
     bench.set_defaults(handler=cmd_bench)

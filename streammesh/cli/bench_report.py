@@ -66,8 +66,12 @@ def backpressure_line(limits: dict[str, Any], closed: dict[str, Any]) -> str:
         f"unacknowledged events or {limits['ingest_max_unacked_bytes'] / MiB:g} MiB "
         f"({limits['ingest_max_partition_unacked_events']:,} / "
         f"{limits['ingest_max_partition_unacked_bytes'] / MiB:g} MiB per partition), trim "
-        f"after {limits['processor_trim_after_bytes'] / MiB:g} MiB acknowledged: queue memory "
-        f"<= ~{limits['redis_bound_bytes'] / MiB:.0f} MiB above Redis's baseline; closed loop "
+        f"after {limits['processor_trim_after_bytes'] / MiB:g} MiB acknowledged, idempotency "
+        f"window of {limits.get('ingest_idempotency_window_seconds', 0)} s holding "
+        f"{limits.get('ingest_idempotency_max_ids', 0):,} ids per partition at most: Redis "
+        f"memory <= ~{limits['redis_bound_bytes'] / MiB:.0f} MiB above its baseline (queue "
+        f"{limits.get('redis_queue_bound_bytes', limits['redis_bound_bytes']) / MiB:.0f} + "
+        f"window {limits.get('redis_window_bound_bytes', 0) / MiB:.0f}); closed loop "
         f"refused {closed.get('refused', 0)} times"
     )
 
@@ -121,7 +125,14 @@ def render(report: dict[str, Any]) -> list[str]:
     ]
     if "closed" in resources:
         bound = p.get("backpressure", {}).get("redis_bound_bytes")
-        lines.append(redis_memory_line("closed loop", resources["closed"], bound))
+        lines.append(
+            redis_memory_line(
+                "closed loop",
+                resources["closed"],
+                bound,
+                baseline=report.get("redis_baseline_bytes"),
+            )
+        )
     lines += [
         f"  closed stored {num(cl['stored_eps'])}/s   target >= "
         f"{t['closed_stored_eps_min']:,} {met['closed_stored_eps_min']}",

@@ -186,16 +186,23 @@ def mib(value: int | float | None) -> str:
 
 
 def redis_memory_line(
-    phase: str, resources: Mapping[str, Any], bound_above_start: int | None = None
+    phase: str,
+    resources: Mapping[str, Any],
+    bound_above_start: int | None = None,
+    *,
+    baseline: int | None = None,
 ) -> str:
     """The one line that states Redis memory against its bound for a phase: the measured max,
-    and, when the stack runs with back-pressure, the bound it gives (the phase's starting
-    memory plus what the limits let the queue hold)."""
+    and, when the stack runs with back-pressure, the bound it gives (what the limits let the
+    queue and the idempotency window hold, above `baseline`: Redis's memory before the bench
+    wrote anything, or else the phase's starting memory)."""
     used = resources["redis_used_memory_bytes"]
+    base = used["first"] if baseline is None else baseline
     bound = (
         ""
         if bound_above_start is None
-        else f" against a bound of {mib(used['first'] + bound_above_start)} MiB"
+        else f" against a bound of {mib(base + bound_above_start)} MiB"
+        + ("" if baseline is None else f" (baseline {mib(baseline)})")
     )
     return (
         f"  Redis used_memory during the {phase}: max {mib(used['max'])} MiB{bound} (start "

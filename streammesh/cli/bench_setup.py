@@ -20,6 +20,7 @@ import grpc
 import pyotp
 import redis.asyncio as aioredis
 
+from streammesh.backlog import WINDOW_BYTES_PER_ID
 from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.bench_load import connect_postgres
 from streammesh.cli.errors import describe_rpc_error
@@ -38,6 +39,8 @@ __all__ = [
     "exclusive",
     "keep_fresh",
     "login",
+    "redis_baseline",
+    "stack_limits",
 ]
 
 
@@ -48,11 +51,16 @@ BACKLOG_LIMITS = {
         "STREAMMESH_INGEST_MAX_UNACKED_BYTES": str(32 * MiB),
         "STREAMMESH_INGEST_MAX_PARTITION_UNACKED_EVENTS": "100000",
         "STREAMMESH_INGEST_MAX_PARTITION_UNACKED_BYTES": str(16 * MiB),
+        "STREAMMESH_INGEST_MAX_BATCH_EVENTS": "10000",
+        "STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": "60",
+        "STREAMMESH_INGEST_IDEMPOTENCY_MAX_IDS": "100000",
     },
     "processor": {"STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES": str(2 * MiB)},
 }
-"""The back-pressure the bench stack runs with, set explicitly (over the caller's environment),
-so that the closed loop cannot grow the Redis backlog past a bound this run chose and printed
+"""The back-pressure and idempotency window the bench stack runs with, set explicitly (over the
+caller's environment; the window from --idempotency-window and --idempotency-max-ids, see
+stack_limits), so that
+the closed loop cannot grow Redis past a bound this run chose and printed
 (services/ingest/pressure.py states the bound)."""
 READ_COUNT = 32
 """The processor's read_count (its default): a partition's acknowledged entries wait at most
@@ -63,17 +71,50 @@ STREAM_OVERHEAD = 1.2
 """Redis memory per batch byte for entries of 2 kB or more (services/ingest/pressure.py)."""
 
 
+def stack_limits(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """BACKLOG_LIMITS with the idempotency window of --idempotency-window (0: off) and
+    --idempotency-max-ids."""
+    window = {
+        "STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": str(args.idempotency_window),
+        "STREAMMESH_INGEST_IDEMPOTENCY_MAX_IDS": str(args.idempotency_max_ids),
+    }
+    return BACKLOG_LIMITS | {"ingest": BACKLOG_LIMITS["ingest"] | window}
+
+
 def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
-    """The limits as set, and the Redis memory bound above the baseline they give the queue
-    for the closed loop's entries (estimated from its batch and payload sizes)."""
-    ingest, processor = BACKLOG_LIMITS["ingest"], BACKLOG_LIMITS["processor"]
+    """The limits as set, and the Redis memory bound above the baseline they give: the queue
+    for the closed loop's entries (estimated from its batch and payload sizes) plus the
+    idempotency window's fixed term (its ids held per partition at most, whatever the rate)."""
+    env = stack_limits(args)
+    ingest, processor = env["ingest"], env["processor"]
     limits = {name.removeprefix("STREAMMESH_").lower(): int(v) for name, v in ingest.items()}
     trim_after = int(processor["STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES"])
     entry = args.closed_batch_size / partitions * (args.payload_bytes + QUEUED_EVENT_OVERHEAD)
     bound = (
         limits["ingest_max_unacked_bytes"] + partitions * (trim_after + READ_COUNT * entry)
     ) * STREAM_OVERHEAD
-    return limits | {"processor_trim_after_bytes": trim_after, "redis_bound_bytes": int(bound)}
+    window_ids = 0
+    if limits["ingest_idempotency_window_seconds"]:
+        # Two hashes per partition, each at most half the ids or one batch's slice.
+        held = max(limits["ingest_idempotency_max_ids"], 2 * limits["ingest_max_batch_events"])
+        window_ids = partitions * held
+    window_bytes = window_ids * WINDOW_BYTES_PER_ID
+    return limits | {
+        "processor_trim_after_bytes": trim_after,
+        "redis_queue_bound_bytes": int(bound),
+        "redis_window_bound_bytes": window_bytes,
+        "redis_bound_bytes": int(bound) + window_bytes,
+    }
+
+
+async def redis_baseline(bench: StackConfig) -> int:
+    """Redis's used_memory with the bench stack up and none of its events written yet: what
+    the printed bound stands on (its data was dropped before the stack came up)."""
+    client = aioredis.Redis.from_url(bench.redis_url)
+    try:
+        return int((await client.info("memory"))["used_memory"])
+    finally:
+        await client.aclose()
 
 
 BENCH_ROLES = ["producer", "analyst"]

@@ -314,7 +314,7 @@ async def stack(
         )
         registry = RegistryClient(
             ingest_settings.storage_target,
-            TlsMaterial.load(pki_dir, "ingest"),
+            TlsFiles.of(pki_dir, "ingest"),
             timeout_seconds=ingest_settings.registry_timeout_seconds,
         )
         exit_stack.push_async_callback(registry.close)

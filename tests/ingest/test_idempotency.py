@@ -5,7 +5,6 @@ ids; the digests live in the stream's hash slot and are counted in bytes per id.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -15,15 +14,19 @@ from redis.crc import key_slot
 
 from services.ingest.idempotency import (
     BYTES_PER_ID,
+    CONFLICT,
     CONFLICT_REASON,
+    DUPLICATE,
     IdempotencyWindow,
     content_digests,
+    id_fields,
 )
 from services.ingest.queue import StreamAppender
 from services.ingest.settings import IngestSettings
 from services.ingest.validation import BatchLimits, validate_batch
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.ingest.v1 import ingest_pb2
+from streammesh.backlog import ID_FIELD_BYTES, START_FIELD
 from streammesh.entries import entry_body, run_tenants
 from streammesh.mesh import MeshServer
 from streammesh.mesh.tenancy import TENANT_METADATA
@@ -166,22 +169,112 @@ async def test_digest_hashes_share_the_stream_slot_and_cost_what_the_bound_says(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=2)
-    current, previous, expires = IdempotencyWindow(60).keys(layout, 1, "acme", time.time())
-    assert current.startswith(f"{layout.prefix}:idem:{{{layout.stream(1)}}}:acme:")
-    assert int(previous.rsplit(":", 1)[1]) == int(current.rsplit(":", 1)[1]) - 1
-    assert 60 <= expires - time.time() <= 120
+    window = IdempotencyWindow(60, max_ids=20_000)
+    current, previous = window.keys(layout, 1)
+    assert current.startswith(f"{layout.prefix}:idem:{{{layout.stream(1)}}}:")
     # The hash tag is the stream's name: Redis Cluster puts both in one slot.
     assert key_slot(current.encode()) == key_slot(layout.stream(1).encode())
+    assert key_slot(previous.encode()) == key_slot(layout.stream(1).encode())
     assert key_slot(current.encode()) != key_slot(layout.stream(0).encode())
-    # What the memory bound counts per id (services/ingest/pressure.py).
-    appender = StreamAppender(redis_client, layout, window=IdempotencyWindow(60))
-    for _ in range(5):
+    # What the memory bound counts per id (services/ingest/pressure.py), at the hash's share.
+    appender = StreamAppender(redis_client, layout, window=window)
+    for _ in range(10):
         batch = [event(str(uuid.uuid4()), "one-key") for _ in range(1000)]
         assert await appender.append(batch, producer="p", tenant="acme") == {}
-    (held,) = [key async for key in redis_client.scan_iter(f"{layout.prefix}:idem:*")]
-    assert await redis_client.hlen(held) == 5000
-    per_id = int(await redis_client.memory_usage(held, samples=0) or 0) / 5000
-    assert BYTES_PER_ID * 0.7 <= per_id <= BYTES_PER_ID * 1.2, per_id
+    held = await window_hashes(redis_client, layout)
+    assert sorted(held.values()) == [10_000]  # one hash, not yet rotated
+    (key,) = held
+    assert 60 <= await redis_client.ttl(key) <= 120
+    per_id = int(await redis_client.memory_usage(key, samples=0) or 0) / 10_000
+    assert BYTES_PER_ID * 0.8 <= per_id <= BYTES_PER_ID, per_id
+
+
+async def window_hashes(client: aioredis.Redis, layout: StreamLayout) -> dict[str, int]:
+    """Each window hash of the layout -> the ids it holds."""
+    keys = [key.decode() async for key in client.scan_iter(f"{layout.prefix}:idem:*")]
+    return {key: await client.hlen(key) - 1 for key in keys}  # less its START_FIELD
+
+
+async def test_the_window_holds_at_most_max_ids_per_partition_whatever_the_rate(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Each hash holds at most max_ids / 2: the current one rotates early when a batch would
+    take it past that, so the oldest ids are forgotten sooner (and queued again, as new)."""
+    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=1)
+    window = IdempotencyWindow(3600, max_ids=2000)
+    appender = StreamAppender(redis_client, layout, window=window)
+    batches = [[event(f"b{n}-{i}") for i in range(400)] for n in range(6)]
+    for number, batch in enumerate(batches):
+        assert await appender.append(batch, producer="p", tenant="acme") == {}
+        held = await window_hashes(redis_client, layout)
+        assert max(held.values()) <= window.hash_ids, (number, held)
+        assert sum(held.values()) <= window.max_ids
+    now, before = window.keys(layout, 0)
+    # 6 x 400 ids: [b0 b1] rotated out by b4's rotation, [b2 b3] before, [b4 b5] now.
+    assert await window_hashes(redis_client, layout) == {now: 800, before: 800}
+    again = await appender.append([batches[2][0], batches[5][0]], producer="p", tenant="acme")
+    assert again == {0: DUPLICATE, 1: DUPLICATE}
+    forgotten = await appender.append([batches[1][0]], producer="p", tenant="acme")
+    assert forgotten == {}  # beyond the window: queued again (storage keeps the first)
+    assert len(await queued(redis_client, layout)) == 6 * 400 + 1
+
+
+async def test_a_batch_larger_than_a_hash_share_goes_whole_into_a_new_hash(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=1)
+    window = IdempotencyWindow(3600, max_ids=100)
+    appender = StreamAppender(redis_client, layout, window=window)
+    assert await appender.append([event("small")], producer="p", tenant="acme") == {}
+    big = [event(f"big-{i}") for i in range(300)]
+    assert await appender.append(big, producer="p", tenant="acme") == {}
+    now, before = window.keys(layout, 0)
+    assert await window_hashes(redis_client, layout) == {now: 300, before: 1}
+    verdicts = await appender.append([big[7], event("small")], producer="p", tenant="acme")
+    assert verdicts == {0: DUPLICATE, 1: DUPLICATE}
+
+
+async def test_the_current_hash_rotates_a_window_after_it_began_by_redis_clock(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=1)
+    window = IdempotencyWindow(60)
+    appender = StreamAppender(redis_client, layout, window=window)
+    now, before = window.keys(layout, 0)
+
+    async def age_current_hash() -> None:
+        """As if the current hash began a window ago (by Redis's clock, as the script reads)."""
+        clock, _ = await redis_client.time()
+        began = int(await redis_client.hget(now, START_FIELD) or 0)
+        assert abs(began - clock) <= 2
+        await redis_client.hset(now, START_FIELD, clock - 60)
+
+    assert await appender.append([event("first")], producer="p", tenant="acme") == {}
+    await age_current_hash()
+    assert await appender.append([event("second")], producer="p", tenant="acme") == {}
+    assert await window_hashes(redis_client, layout) == {now: 1, before: 1}
+    seen = await appender.append([event("first"), event("second")], producer="p", tenant="acme")
+    assert seen == {0: DUPLICATE, 1: DUPLICATE}  # a window after: still remembered
+    await age_current_hash()
+    assert await appender.append([event("third")], producer="p", tenant="acme") == {}
+    assert await appender.append([event("first")], producer="p", tenant="acme") == {}  # 2 windows
+    assert await appender.append([event("second")], producer="p", tenant="acme") == {0: DUPLICATE}
+
+
+async def test_tenants_share_the_hashes_but_not_the_ids(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=1)
+    appender = StreamAppender(redis_client, layout, window=IdempotencyWindow(60))
+    assert await appender.append([event("x")], producer="p", tenant="acme") == {}
+    assert await appender.append([event("x", payload=b"[]")], producer="p", tenant="beta") == {}
+    again = await appender.append([event("x", payload=b"[]")], producer="p", tenant="acme")
+    assert again == {0: CONFLICT}
+    assert id_fields("acme", ["x"]) != id_fields("beta", ["x"])
+    assert id_fields("ac", ["mex"]) != id_fields("acm", ["ex"])
+    assert [len(f) for f in id_fields("acme", ["", "x", "y" * 500])] == [ID_FIELD_BYTES] * 3
+    assert id_fields("acme", []) == []
+    assert sorted((await window_hashes(redis_client, layout)).values()) == [2]
 
 
 async def test_a_dead_letter_replay_is_queued_whatever_the_window_holds(

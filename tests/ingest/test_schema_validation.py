@@ -31,6 +31,7 @@ from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.api.storage.v1 import schema_registry_pb2 as pb
 from streammesh.api.storage.v1 import schema_registry_pb2_grpc as pb_grpc
 from streammesh.mesh import MeshServer, TlsMaterial, create_channel, service_config
+from streammesh.mesh.client import TlsFiles
 from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 from streammesh.mesh.tenancy import tenant_metadata
 from streammesh.streams import StreamLayout
@@ -80,7 +81,7 @@ async def rig(
         schema_poll_ms=100,
     )
     client = RegistryClient(
-        settings.storage_target, TlsMaterial.load(pki_dir, "ingest"), timeout_seconds=1.0
+        settings.storage_target, TlsFiles.of(pki_dir, "ingest"), timeout_seconds=1.0
     )
     cache = schema_cache(settings, client)
     await cache.poll_once()  # first contact (which empties the cache) before any lookup
