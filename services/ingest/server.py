@@ -24,6 +24,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.health import redis_check
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import load_tls, reaching, run_service
 from streammesh.streams import StreamLayout
@@ -146,6 +147,8 @@ async def serve(settings: IngestSettings) -> None:
         await client.aclose()
 
     mesh = create_server(settings, IngestDeps(client, layout, pressure, schemas))
+    # Without Redis nothing can be acknowledged; storage (schemas) has its own outage rules.
+    mesh.watch_dependencies(redis_check(settings.redis_url))
     await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop)
 
 

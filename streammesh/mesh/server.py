@@ -1,5 +1,14 @@
 """The server factory every service uses: grpc.aio, TLS (mutual on internal listeners), health,
-reflection, limits, the guard interceptor, and a graceful drain on SIGTERM."""
+reflection, limits, the guard interceptor, and a graceful drain on SIGTERM.
+
+The drain, in order: health NOT_SERVING for every hosted service (health-checked round_robin
+clients stop picking this replica), a short propagation delay (`drain_delay_seconds`: calls
+still arriving meanwhile are served), then gRPC's graceful stop (new calls are refused, calls and
+streams in flight get `grace_seconds` to finish, then are cancelled), then the service's own
+`on_stop`. (Clients' health Watch streams do not hold the graceful stop: measured, a stop with
+a watching client and no call in flight returns at once.)
+Health also follows the service's dependencies (`watch_dependencies`, streammesh.mesh.health).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -15,6 +24,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from streammesh.mesh.health import DependencyCheck, DependencyWatcher
 from streammesh.mesh.interceptors import Guard, GuardInterceptor
 from streammesh.mesh.pki import TlsMaterial
 from streammesh.mesh.settings import ServiceSettings
@@ -40,16 +50,40 @@ class MeshServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    drain_delay: float = 0.0
+    """Seconds between NOT_SERVING and the graceful stop on SIGTERM."""
+    probe_interval: float = 1.0
+    probe_timeout: float = 1.0
+    watcher: DependencyWatcher | None = field(default=None)
+
+    def watch_dependencies(self, *checks: DependencyCheck) -> DependencyWatcher:
+        """Report NOT_SERVING while any of `checks` fails, from `start` until the stop."""
+        self.watcher = DependencyWatcher(
+            self.health,
+            self.service_names,
+            checks,
+            interval=self.probe_interval,
+            timeout=self.probe_timeout,
+        )
+        return self.watcher
 
     async def start(self) -> None:
         """Start serving and report SERVING for each hosted service and overall ("")."""
         await self.server.start()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.watcher is not None:
+            self.watcher.start()
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING first so balancers move away, then let in-flight calls finish."""
+    async def stop(self, grace: float, *, delay: float = 0.0) -> None:
+        """Report NOT_SERVING first so balancers move away, wait `delay` seconds for that to
+        reach them (calls arriving meanwhile are served), then let in-flight calls finish
+        within `grace`."""
         await self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.server.stop(grace)
 
 
@@ -114,7 +148,15 @@ def create_mesh_server(
         problem = listen_problem(settings.host, settings.port, settings.tls_dir)
         env = settings.model_config.get("env_prefix", "STREAMMESH_")
         raise StartupError(f"{problem} (settings {env}HOST, {env}PORT)") from error
-    return MeshServer(server=server, port=port, health=health_servicer, service_names=names)
+    return MeshServer(
+        server=server,
+        port=port,
+        health=health_servicer,
+        service_names=names,
+        drain_delay=settings.drain_delay_seconds,
+        probe_interval=settings.health_interval_seconds,
+        probe_timeout=settings.health_timeout_seconds,
+    )
 
 
 async def run_until_signalled(
@@ -123,8 +165,9 @@ async def run_until_signalled(
     grace: float,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING, in-flight calls finish
-    within `grace`, then `on_stop` (background workers, pools) runs."""
+    """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING, the server's drain
+    delay, in-flight calls finish within `grace`, then `on_stop` (background workers, pools)
+    runs."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,8 +175,8 @@ async def run_until_signalled(
     await mesh.start()
     log.info("serving %s on port %d", ", ".join(mesh.service_names), mesh.port)
     await stop.wait()
-    log.info("draining (grace %.1fs)", grace)
-    await mesh.stop(grace)
+    log.info("draining (NOT_SERVING for %.1fs, then grace %.1fs)", mesh.drain_delay, grace)
+    await mesh.stop(grace, delay=mesh.drain_delay)
     if on_stop is not None:
         await on_stop()
     log.info("stopped")
