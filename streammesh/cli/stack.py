@@ -161,11 +161,15 @@ def plan_replicas(config: StackConfig, counts: Mapping[str, int]) -> dict[str, l
     """Where every replica listens: replica 1 on the configured port, the others on their
     recorded ports (the callers already running know those), else on fresh free ports."""
     run = config.state_dir / "run"
+
+    def known_port(name: str, number: int) -> int:
+        if number == 1:
+            return config.port(name)
+        return read_port(run, name, replica_instance(number)) or 0
+
     plan = {
         name: [
-            Replica(name, number, config.port(name) if number == 1 else 0)
-            if number == 1
-            else Replica(name, number, read_port(run, name, replica_instance(number)) or 0)
+            Replica(name, number, known_port(name, number))
             for number in range(1, counts.get(name, 1) + 1)
         ]
         for name in START_ORDER

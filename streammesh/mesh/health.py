@@ -49,8 +49,9 @@ class DependencyCheck:
 
 
 def postgres_check(database_url: str) -> DependencyCheck:
-    """`SELECT 1` over one connection of the check's own, opened on demand and dropped (to be
-    opened again) after any failure, so that a Postgres that came back is seen at once."""
+    """`SELECT 1` over one connection of the check's own, opened on demand, opened anew when
+    the server closed it (an idle timeout, a restart) and dropped after any failure, so that a
+    Postgres that came back is seen at once."""
     url = make_url(database_url)
     held: list[asyncpg.Connection] = []
 
@@ -62,6 +63,8 @@ def postgres_check(database_url: str) -> DependencyCheck:
 
     async def probe(timeout: float) -> None:
         try:
+            if held and held[0].is_closed():
+                await drop()
             if not held:
                 held.append(
                     await asyncpg.connect(
@@ -83,27 +86,26 @@ def postgres_check(database_url: str) -> DependencyCheck:
 
 
 def redis_check(redis_url: str) -> DependencyCheck:
-    """`PING` over a client of the check's own: no retries (the next round is the retry) and
-    socket timeouts as short as the probe's."""
-    clients: dict[float, aioredis.Redis] = {}
-
-    def client(timeout: float) -> aioredis.Redis:
-        if timeout not in clients:
-            clients[timeout] = aioredis.Redis.from_url(
-                redis_url,
-                socket_connect_timeout=timeout,
-                socket_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-        return clients[timeout]
+    """`PING` over a client of the check's own, made at the first probe with socket timeouts
+    as short as the probe's and one immediate retry (a pooled connection the server closed is
+    replaced at once; the next round is the retry of anything else)."""
+    held: list[aioredis.Redis] = []
 
     async def probe(timeout: float) -> None:
-        await client(timeout).ping()
+        if not held:
+            held.append(
+                aioredis.Redis.from_url(
+                    redis_url,
+                    socket_connect_timeout=timeout,
+                    socket_timeout=timeout,
+                    retry=Retry(NoBackoff(), 1),
+                )
+            )
+        await held[0].ping()
 
     async def close() -> None:
-        for each in clients.values():
-            await each.aclose()
-        clients.clear()
+        while held:
+            await held.pop().aclose()
 
     return DependencyCheck(f"Redis at {redact_url(redis_url)}", probe, close)
 

@@ -252,6 +252,19 @@ async def test_up_with_replicas_status_lists_each_then_down(tmp_path: Path) -> N
             variable = f"STREAMMESH_{caller.split('@')[0].upper()}_STORAGE_TARGET"
             target = _environ(int(listed[caller][1]))[variable]
             assert set(target.split(",")) == storage, caller
+        # A replica that died is started again by a plain `up`, on the port its callers know.
+        crashed = int(listed["storage@2"][1])
+        assert signal_service(config, "storage", signal.SIGKILL, instance="2") == crashed
+        deadline = time.monotonic() + 10
+        while running_pid(config, "storage", instance="2") is not None:
+            assert time.monotonic() < deadline, "storage@2 survived SIGKILL"
+            await asyncio.sleep(0.1)
+        code, out, err = await run_cli(env, "up")
+        assert code == 0, err
+        again = {line.split()[0]: line.split() for line in out.splitlines()[1:-2]}
+        assert again["storage@2"][2] == listed["storage@2"][2]
+        assert again["storage@2"][1] != str(crashed) and again["storage@2"][3] == "SERVING"
+        listed["storage@2"] = again["storage@2"]
         # A second `up` with another count is refused while the stack runs.
         code, out, err = await run_cli(env, "up", "--replicas", "storage=3")
         assert code == 1 and "storage runs with 2 replica(s), not 3" in err
