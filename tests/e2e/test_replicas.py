@@ -1,6 +1,8 @@
 """Replicas as real processes: health-checked round_robin over two storage replicas, one of which
 loses its Postgres (through a TCP proxy the test cuts; the shared server is untouched) or is
-SIGTERMed under load, and `streammesh up --replicas` / `status` / `down` from the command line.
+SIGTERMed under load; ingest, processor and auth processes whose Redis goes away (NOT_SERVING,
+then SERVING, in the same process); and `streammesh up --replicas` / `status` / `down` from the
+command line.
 
 Every loop is bounded in calls and seconds; only processes started here are stopped.
 """
@@ -279,4 +281,37 @@ async def test_up_with_replicas_status_lists_each_then_down(tmp_path: Path) -> N
         assert code == 1 and "storage@2" not in out
     finally:
         shut_down(config)
+        await drop_test_data(config)
+
+
+@pytest.mark.parametrize("name", ["ingest", "processor", "auth"])
+async def test_service_without_redis_reports_not_serving_until_it_is_back(
+    tmp_path: Path, name: str
+) -> None:
+    """The wiring of each Redis user's watcher, in its real process."""
+    config = new_stack_config(tmp_path / "state")
+    prepare_state(config)
+    await ensure_database(config.database_url)
+    redis = make_url(config.redis_url)
+    proxy = TcpProxy(redis.host or "127.0.0.1", redis.port or 6379)
+    await proxy.start()
+    prefix = f"STREAMMESH_{name.upper()}_"
+    env = {
+        f"{prefix}REDIS_URL": redis.set(port=proxy.port).render_as_string(hide_password=False),
+        f"{prefix}HEALTH_INTERVAL_SECONDS": "0.2",
+        f"{prefix}HEALTH_TIMEOUT_SECONDS": "0.5",
+    }
+    try:
+        state = await start_service(config, name, instance="a", extra_env=env)
+        for cut, wanted in ((True, "NOT_SERVING"), (False, "SERVING")):
+            await (proxy.cut() if cut else proxy.restore())
+            deadline = time.monotonic() + 10
+            while (health := await check_health(config, name, address=state.address)) != wanted:
+                assert time.monotonic() < deadline, f"{name} still {health}"
+                await asyncio.sleep(0.1)
+        assert running_pid(config, name, instance="a") == state.pid  # it rode the outage out
+    finally:
+        outcome = await asyncio.to_thread(shut_down, config, names=[name], grace=15)
+        assert "killed" not in outcome.values(), outcome
+        await proxy.close()
         await drop_test_data(config)
