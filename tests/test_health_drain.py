@@ -72,12 +72,12 @@ def _server(
     )
 
 
-def _channel(pki_dir: Path, port: int) -> grpc.aio.Channel:
+def _channel(pki_dir: Path, port: int, *, health_checked: bool = False) -> grpc.aio.Channel:
     return create_channel(
         f"127.0.0.1:{port}",
         TlsMaterial.load(pki_dir, "gateway"),
         server_name="processor",
-        config=service_config(SERVICE, health_checked=False),
+        config=service_config(SERVICE, health_checked=health_checked),
     )
 
 
@@ -158,9 +158,12 @@ async def test_drain_says_not_serving_then_finishes_calls_in_flight(pki_dir: Pat
     servicer = SlowStatus(delay=1.0)
     mesh = _server(pki_dir, servicer)
     await mesh.start()
-    channel = _channel(pki_dir, mesh.port)
+    # A health-checked channel, as services build them: its Watch stream makes the drain wait.
+    channel = _channel(pki_dir, mesh.port, health_checked=True)
     stub = processor_pb2_grpc.ProcessorServiceStub(channel)
     try:
+        await stub.GetStatus(processor_pb2.GetStatusRequest(), wait_for_ready=True, timeout=5)
+        assert mesh.health.watching == 1
         in_flight = asyncio.ensure_future(
             stub.GetStatus(processor_pb2.GetStatusRequest(), timeout=10)
         )
@@ -168,20 +171,45 @@ async def test_drain_says_not_serving_then_finishes_calls_in_flight(pki_dir: Pat
         started = time.monotonic()
         stopping = asyncio.create_task(mesh.stop(5, delay=0.5))
         await asyncio.sleep(0.1)
-        # During the drain delay: NOT_SERVING, yet a call that arrives is still served.
-        assert await _health(channel) == "NOT_SERVING"
-        servicer.delay = 0.0
-        late = await stub.GetStatus(processor_pb2.GetStatusRequest(), timeout=5)
+        # During the drain delay: NOT_SERVING, yet a call that arrives is still served (from
+        # a client that does not check health: the health-checked channel no longer picks it).
+        late_channel = _channel(pki_dir, mesh.port)
+        try:
+            assert await _health(late_channel) == "NOT_SERVING"
+            servicer.delay = 0.0
+            late = await processor_pb2_grpc.ProcessorServiceStub(late_channel).GetStatus(
+                processor_pb2.GetStatusRequest(), timeout=5
+            )
+        finally:
+            await late_channel.close()
         assert late.consumer == "slow"
+        with pytest.raises(grpc.aio.AioRpcError) as unpicked:
+            await stub.GetStatus(processor_pb2.GetStatusRequest(), timeout=2)
+        assert "backend unhealthy" in str(unpicked.value.details())
         assert (await in_flight).consumer == "slow"
-        await stopping
+        assert await stopping == 0.5
         took = time.monotonic() - started
         # The stop waited for the call in flight (0.8 s left of it) and the delay, not the
-        # whole 5 s grace: nothing else (no health watch, no idle connection) held it.
+        # whole 5 s grace: the open health watch stream did not hold it.
         assert 0.5 <= took < 2.5, took
-        assert servicer.finished == 2
+        assert servicer.finished == 3
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.GetStatus(processor_pb2.GetStatusRequest(), timeout=2)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+
+
+async def test_drain_skips_its_delay_when_no_client_watches_health(pki_dir: Path) -> None:
+    mesh = _server(pki_dir, SlowStatus())
+    await mesh.start()
+    channel = _channel(pki_dir, mesh.port)  # calls, but no health-checked balancing
+    try:
+        stub = processor_pb2_grpc.ProcessorServiceStub(channel)
+        await stub.GetStatus(processor_pb2.GetStatusRequest(), timeout=5)
+        assert mesh.health.watching == 0
+        started = time.monotonic()
+        assert await mesh.stop(5, delay=3) == 0.0
+        assert time.monotonic() - started < 1.5
     finally:
         await channel.close()

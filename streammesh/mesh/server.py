@@ -5,8 +5,10 @@ The drain, in order: health NOT_SERVING for every hosted service (health-checked
 clients stop picking this replica), a short propagation delay (`drain_delay_seconds`: calls
 still arriving meanwhile are served), then gRPC's graceful stop (new calls are refused, calls and
 streams in flight get `grace_seconds` to finish, then are cancelled), then the service's own
-`on_stop`. (Clients' health Watch streams do not hold the graceful stop: measured, a stop with
-a watching client and no call in flight returns at once.)
+`on_stop`. The delay is skipped when no client has a health Watch open (only health-checking
+balancers act on NOT_SERVING), so a stack that stops edge first does not wait it out at every
+tier. (Clients' Watch streams do not hold the graceful stop: measured, a stop with a watching
+client and no call in flight returns at once.)
 Health also follows the service's dependencies (`watch_dependencies`, streammesh.mesh.health).
 """
 
@@ -30,7 +32,13 @@ from streammesh.mesh.pki import TlsMaterial
 from streammesh.mesh.settings import ServiceSettings
 from streammesh.mesh.startup import StartupError, listen_problem, load_tls
 
-__all__ = ["MeshServer", "ServiceBinding", "create_mesh_server", "run_until_signalled"]
+__all__ = [
+    "HealthServicer",
+    "MeshServer",
+    "ServiceBinding",
+    "create_mesh_server",
+    "run_until_signalled",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +52,32 @@ class ServiceBinding:
     servicer: object
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    """grpc_health's servicer, counting the Watch streams open on it: a client balancing with
+    health checks keeps one open per connection, so with none open no balancer needs the
+    drain delay to learn of NOT_SERVING."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        self.watching += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watching -= 1
+
+
 @dataclass
 class MeshServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     service_names: tuple[str, ...]
     drain_delay: float = 0.0
-    """Seconds between NOT_SERVING and the graceful stop on SIGTERM."""
+    """Seconds between NOT_SERVING and the graceful stop on SIGTERM, while a client watches
+    this server's health."""
     probe_interval: float = 1.0
     probe_timeout: float = 1.0
     watcher: DependencyWatcher | None = field(default=None)
@@ -75,16 +101,19 @@ class MeshServer:
         if self.watcher is not None:
             self.watcher.start()
 
-    async def stop(self, grace: float, *, delay: float = 0.0) -> None:
+    async def stop(self, grace: float, *, delay: float = 0.0) -> float:
         """Report NOT_SERVING first so balancers move away, wait `delay` seconds for that to
-        reach them (calls arriving meanwhile are served), then let in-flight calls finish
-        within `grace`."""
+        reach them (calls arriving meanwhile are served; no wait when no client watches our
+        health: no balancer is left to tell), then let in-flight calls finish within `grace`.
+        Returns the delay waited."""
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             await self.watcher.stop()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        waited = delay if delay > 0 and self.health.watching else 0.0
+        if waited:
+            await asyncio.sleep(waited)
         await self.server.stop(grace)
+        return waited
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -124,7 +153,7 @@ def create_mesh_server(
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(guard)], options=server_options(settings)
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(binding.descriptor.full_name for binding in bindings)
     for binding in bindings:
@@ -175,7 +204,12 @@ async def run_until_signalled(
     await mesh.start()
     log.info("serving %s on port %d", ", ".join(mesh.service_names), mesh.port)
     await stop.wait()
-    log.info("draining (NOT_SERVING for %.1fs, then grace %.1fs)", mesh.drain_delay, grace)
+    log.info(
+        "draining: NOT_SERVING (%d health watchers), up to %.1fs, then grace %.1fs",
+        mesh.health.watching,
+        mesh.drain_delay,
+        grace,
+    )
     await mesh.stop(grace, delay=mesh.drain_delay)
     if on_stop is not None:
         await on_stop()
