@@ -37,6 +37,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.health import postgres_check, redis_check
 from streammesh.mesh.postgres import create_engine
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import reaching, run_service
@@ -245,6 +246,10 @@ async def serve(settings: AuthSettings) -> None:
     maintenance = asyncio.create_task(run_maintenance(settings, deps), name="auth-maintenance")
     try:
         mesh = create_server(settings, deps)
+        # Logins need both: users and sessions in Postgres, throttle state in Redis.
+        mesh.watch_dependencies(
+            postgres_check(settings.database_url), redis_check(settings.redis_url)
+        )
         await run_until_signalled(mesh, grace=settings.grace_seconds)
     finally:
         await stop_task(maintenance)

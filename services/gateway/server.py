@@ -61,10 +61,11 @@ class GatewayServer(MeshServer):
             await self.jwks_http.start()
         await super().start()
 
-    async def stop(self, grace: float) -> None:
-        await super().stop(grace)
+    async def stop(self, grace: float, *, delay: float = 0.0) -> float:
+        waited = await super().stop(grace, delay=delay)
         if self.jwks_http is not None:
             await self.jwks_http.stop()
+        return waited
 
 
 def relay_limits(settings: GatewaySettings) -> RelayLimits:

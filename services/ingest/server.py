@@ -26,6 +26,7 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 from streammesh.mesh.client import TlsFiles
+from streammesh.mesh.health import redis_check
 from streammesh.mesh.metrics import ServiceMetrics
 from streammesh.mesh.metrics.pipeline import IngestMetrics, QueueBacklogCollector
 from streammesh.mesh.redis_client import connect_redis
@@ -160,6 +161,8 @@ async def serve(settings: IngestSettings) -> None:
         await client.aclose()
 
     mesh = create_server(settings, IngestDeps(client, layout, pressure, schemas))
+    # Without Redis nothing can be acknowledged; storage (schemas) has its own outage rules.
+    mesh.watch_dependencies(redis_check(settings.redis_url))
     await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop)
 
 

@@ -24,6 +24,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.health import redis_check
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import load_tls, run_service
 from streammesh.streams import StreamLayout
@@ -106,6 +107,9 @@ async def serve(settings: ProcessorSettings) -> None:
         await client.aclose()
 
     mesh = create_server(settings, ProcessorDeps(worker))
+    # Reports only: the worker rides out a Redis outage on its own (README, "Replicas and
+    # health").
+    mesh.watch_dependencies(redis_check(settings.redis_url))
     await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=stop_worker)
 
 

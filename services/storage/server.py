@@ -34,6 +34,7 @@ from streammesh.mesh import (
     create_mesh_server,
     run_until_signalled,
 )
+from streammesh.mesh.health import postgres_check
 from streammesh.mesh.metrics import ServiceMetrics
 from streammesh.mesh.metrics.pipeline import StorageMetrics
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
@@ -162,6 +163,8 @@ async def serve(settings: StorageSettings) -> None:
                 size=settings.pool_size,
             )
         mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
+        # Without Postgres no storage RPC can succeed: NOT_SERVING moves clients elsewhere.
+        mesh.watch_dependencies(postgres_check(settings.database_url))
         await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=close)
     except BaseException:
         # Startup failed (database down, port taken): close the pools before the error ends us.

@@ -1,8 +1,8 @@
 """`streammesh`: the operator's command line.
 
 streammesh pki init [--force]   make the dev CA and certificates
-streammesh up                   start the stack as local processes, wait for SERVING
-streammesh status               what runs, with health
+streammesh up [--replicas S=N]  start the stack as local processes, wait for SERVING
+streammesh status               every replica, with pid, port and health
 streammesh down                 drain and stop what `up` started
 streammesh demo                 push one real session through the stack
 """
@@ -28,26 +28,18 @@ from streammesh.cli.rules import add_rule_commands
 from streammesh.cli.schemas import add_schema_commands
 from streammesh.cli.session import NotLoggedIn
 from streammesh.cli.stack import (
-    ServiceState,
     StackConfig,
     StartError,
     bring_up,
     prepare_state,
     shut_down,
     stack_status,
-    write_stack_file,
 )
+from streammesh.cli.stack_commands import add_stack_commands
 from streammesh.cli.tenants import add_tenant_commands
 from streammesh.client import GatewayClient
 
 __all__ = ["main"]
-
-
-def _print_states(config: StackConfig, states: list[ServiceState]) -> None:
-    print(f"{'service':<10} {'pid':>8}  {'health':<12} endpoint")
-    for state in states:
-        print(f"{state.name:<10} {state.pid or '-':>8}  {state.health:<12} {state.address}")
-    print(f"state folder: {config.state_dir}  (logs in {config.state_dir / 'logs'})")
 
 
 def cmd_pki_init(config: StackConfig, args: argparse.Namespace) -> int:
@@ -56,30 +48,6 @@ def cmd_pki_init(config: StackConfig, args: argparse.Namespace) -> int:
         print(f"wrote {', '.join(written)} in {config.state_dir}")
     else:
         print(f"PKI already present in {config.pki_dir} (use --force to replace it)")
-    return 0
-
-
-def cmd_up(config: StackConfig, args: argparse.Namespace) -> int:
-    try:
-        states = asyncio.run(bring_up(config, timeout=args.timeout))
-    except StartError as error:
-        print(f"streammesh up failed: {error}", file=sys.stderr)
-        return 1
-    write_stack_file(config)
-    _print_states(config, states)
-    print(f"public endpoint: {config.address('gateway')} (TLS, CA {config.pki_dir / 'ca.pem'})")
-    return 0
-
-
-def cmd_status(config: StackConfig, args: argparse.Namespace) -> int:
-    states = asyncio.run(stack_status(config))
-    _print_states(config, states)
-    return 0 if all(s.health == "SERVING" for s in states) else 1
-
-
-def cmd_down(config: StackConfig, args: argparse.Namespace) -> int:
-    for name, outcome in shut_down(config, grace=args.grace).items():
-        print(f"{name:<10} {outcome}")
     return 0
 
 
@@ -127,15 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="replace an existing PKI")
     init.set_defaults(handler=cmd_pki_init)
 
-    up = commands.add_parser("up", help="start the stack as local processes")
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for SERVING")
-    up.set_defaults(handler=cmd_up)
-
-    commands.add_parser("status", help="show processes and health").set_defaults(handler=cmd_status)
-
-    down = commands.add_parser("down", help="drain and stop the stack")
-    down.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL")
-    down.set_defaults(handler=cmd_down)
+    add_stack_commands(commands)
 
     demo = commands.add_parser("demo", help="push one real session through the stack")
     demo.add_argument("--events", type=int, default=5000)

@@ -1,8 +1,14 @@
 """The whole stack as local processes: start, watch, stop.
 
 Each service runs as `python -m services.<name>` in its own session (so a terminal's Ctrl-C does not
-reach it), logs to `<state>/logs/<name>.log` and is recorded in `<state>/run/<name>.pid`. Stopping
-signals only PIDs recorded here whose command line is still that service.
+reach it), logs to `<state>/logs/<name>.log` and is recorded in `<state>/run/<name>.pid` (and its
+port in `run/<name>.port`). Stopping signals only PIDs recorded here whose command line is still
+that service.
+
+`bring_up(replicas={"storage": 2, ...})` runs several processes of a service: replica k >= 2 is
+the extra instance `k` (`run/<name>@k.pid`, `logs/<name>@k.log`, a port of its own recorded in
+`run/<name>@k.port`; see streammesh.cli.replicas), and every service that calls it is given the
+addresses of all its replicas as one comma-separated target (round_robin, health-checked).
 
 Fault tests and operators can also start one service on its own (`start_service`), with extra
 `STREAMMESH_*` variables (a failpoint, a lower limit) or as an extra instance beside the stack's
@@ -13,174 +19,84 @@ signal it (`signal_service`, `stop_service`). `shut_down` stops extra instances 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import re
 import signal
-import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streammesh.mesh import default_state_dir, init_pki
+from streammesh.cli.processes import (
+    exited,
+    free_ports,
+    is_our_process,
+    port_is_free,
+    process_alive,
+    reap,
+    stop_processes,
+    tail,
+)
+from streammesh.cli.replicas import (
+    Replica,
+    label,
+    port_file,
+    read_port,
+    replica_instance,
+    replica_numbers,
+)
+from streammesh.cli.stack_config import GRPC_SERVICE, START_ORDER, StackConfig
+from streammesh.mesh import init_pki
 from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
-from streammesh.mesh.identity import DEFAULT_TRUST_DOMAIN
 from streammesh.mesh.settings import write_secret_file
 
 __all__ = [
+    "GRPC_SERVICE",
     "START_ORDER",
     "ServiceState",
     "StackConfig",
     "StartError",
     "bring_up",
+    "check_health",
     "free_ports",
     "log_file",
+    "plan_replicas",
+    "prepare_state",
     "process_alive",
+    "recorded_pid",
+    "recorded_replicas",
     "running_pid",
     "shut_down",
     "signal_service",
     "stack_status",
     "start_service",
     "stop_service",
+    "write_stack_file",
 ]
-
-START_ORDER = ("storage", "auth", "ingest", "processor", "gateway")
-GRPC_SERVICE = {
-    "gateway": "streammesh.gateway.v1.GatewayService",
-    "auth": "streammesh.auth.v1.AuthService",
-    "ingest": "streammesh.ingest.v1.IngestService",
-    "processor": "streammesh.processor.v1.ProcessorService",
-    "storage": "streammesh.storage.v1.StorageService",
-}
-
-
-class StackConfig(BaseSettings):
-    """What the CLI starts, stops and calls: `streammesh up`, `status`, `down` and every
-    command that talks to the stack (env prefix STREAMMESH_)."""
-
-    model_config = SettingsConfigDict(env_prefix="STREAMMESH_", frozen=True, extra="ignore")
-
-    state_dir: Path = Field(
-        default_factory=default_state_dir,
-        description="the CLI's folder: pki/, secrets/, logs/, run/, stack.json, session.json; "
-        "default $XDG_STATE_HOME/streammesh, else ~/.local/state/streammesh",
-    )
-    host: str = Field(
-        "127.0.0.1", description="the address every service listens on and the CLI calls"
-    )
-    gateway_port: int = Field(50051, description="the gateway's port (the public endpoint)")
-    auth_port: int = Field(50052, description="auth's port")
-    ingest_port: int = Field(50053, description="ingest's port")
-    processor_port: int = Field(50054, description="the processor's port")
-    storage_port: int = Field(50055, description="storage's port")
-    gateway_metrics_port: int = Field(
-        9551, description="the gateway's Prometheus /metrics port (HTTP, on host); 0: none"
-    )
-    auth_metrics_port: int = Field(9552, description="auth's /metrics port; 0: none")
-    ingest_metrics_port: int = Field(9553, description="ingest's /metrics port; 0: none")
-    processor_metrics_port: int = Field(9554, description="the processor's /metrics port; 0: none")
-    storage_metrics_port: int = Field(9555, description="storage's /metrics port; 0: none")
-    database_url: str = Field(
-        "postgresql+asyncpg://postgres@127.0.0.1:5432/streammesh",
-        description="the PostgreSQL database of storage and auth (created if missing)",
-    )
-    db_schema_prefix: str = Field(
-        "",
-        description="storage and auth use the schemas <prefix>storage and <prefix>auth, so "
-        "several stacks can share one database",
-    )
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="the Redis of ingest, processor and auth"
-    )
-    trust_domain: str = Field(
-        DEFAULT_TRUST_DOMAIN, description="the SPIFFE trust domain of the certificates"
-    )
-    stream_prefix: str = Field(
-        "streammesh:events",
-        description="Redis keys of the event streams: <prefix>:p<n>, one per partition",
-    )
-    auth_redis_prefix: str = Field(
-        "streammesh:auth:",
-        description="the start of every Redis key auth writes (throttle, challenges)",
-    )
-    partitions: int = Field(
-        8, description="stream partitions; ingest and processor must agree, so set it here"
-    )
-    log_level: str = Field("INFO", description="every service's log level")
-
-    @property
-    def pki_dir(self) -> Path:
-        return self.state_dir / "pki"
-
-    @property
-    def secret_key_file(self) -> Path:
-        return self.state_dir / "secrets" / "auth-secret-key"
-
-    def port(self, name: str) -> int:
-        return int(getattr(self, f"{name}_port"))
-
-    def address(self, name: str) -> str:
-        return f"{self.host}:{self.port(name)}"
-
-    def metrics_port(self, name: str) -> int:
-        """`name`'s /metrics port; 0 when it has none."""
-        return int(getattr(self, f"{name}_metrics_port"))
-
-    def service_env(self, name: str) -> dict[str, str]:
-        """The STREAMMESH_<SERVICE>_* variables one service process gets."""
-        prefix = f"STREAMMESH_{name.upper()}_"
-        env = {
-            "HOST": self.host,
-            "PORT": str(self.port(name)),
-            "TLS_DIR": str(self.pki_dir),
-            "TRUST_DOMAIN": self.trust_domain,
-            "LOG_LEVEL": self.log_level,
-            # On the services' own host, as the gRPC port: loopback for a local stack. A port
-            # another stack holds only costs this one its /metrics (a warning in its log).
-            "METRICS_HOST": self.host,
-            "METRICS_PORT": str(self.metrics_port(name)),
-        }
-        if name in ("storage", "auth"):
-            env["DATABASE_URL"] = self.database_url
-            env["DB_SCHEMA"] = f"{self.db_schema_prefix}{name}"
-        if name == "auth":
-            env |= {
-                "SECRET_KEY_FILE": str(self.secret_key_file),
-                "REDIS_URL": self.redis_url,
-                "REDIS_PREFIX": self.auth_redis_prefix,
-            }
-        if name in ("ingest", "processor"):
-            env |= {
-                "REDIS_URL": self.redis_url,
-                "STREAM_PREFIX": self.stream_prefix,
-                "PARTITIONS": str(self.partitions),
-            }
-        if name in ("processor", "ingest"):
-            env["STORAGE_TARGET"] = self.address("storage")
-        if name == "gateway":
-            env |= {
-                "AUTH_TARGET": self.address("auth"),
-                "INGEST_TARGET": self.address("ingest"),
-                "STORAGE_TARGET": self.address("storage"),
-            }
-        return {prefix + key: value for key, value in env.items()}
 
 
 @dataclass(frozen=True)
 class ServiceState:
+    """One process of the stack as `status` shows it."""
+
     name: str
+    """The label: `storage` for replica 1, `storage@2` for replica 2 (or a test's instance)."""
     pid: int | None
     running: bool
     health: str
     address: str
+
+    @property
+    def service(self) -> str:
+        return self.name.split("@", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
 
 
 def prepare_state(config: StackConfig, *, force_pki: bool = False) -> list[str]:
@@ -192,42 +108,22 @@ def prepare_state(config: StackConfig, *, force_pki: bool = False) -> list[str]:
     return made
 
 
-_INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-
-
-def _label(name: str, instance: str | None) -> str:
-    """`name` for the stack's own process, `name@instance` for an extra one."""
-    if name not in GRPC_SERVICE:
-        raise ValueError(f"unknown service {name!r}; expected one of {', '.join(START_ORDER)}")
-    if instance is None:
-        return name
-    if not _INSTANCE.match(instance):
-        raise ValueError(f"instance {instance!r}: use [a-z0-9][a-z0-9_-]*, at most 32 characters")
-    return f"{name}@{instance}"
-
-
 def _pid_file(config: StackConfig, name: str, instance: str | None = None) -> Path:
-    return config.state_dir / "run" / f"{_label(name, instance)}.pid"
+    return config.state_dir / "run" / f"{label(name, instance)}.pid"
 
 
 def log_file(config: StackConfig, name: str, instance: str | None = None) -> Path:
     """Where a service (or one of its instances) writes its log."""
-    return config.state_dir / "logs" / f"{_label(name, instance)}.log"
+    return config.state_dir / "logs" / f"{label(name, instance)}.log"
 
 
 def _instances(config: StackConfig, name: str) -> list[str]:
-    """Extra instances of `name` with a pid file (running or not)."""
+    """Extra instances of `name` with a pid file (running or not): replicas in number order,
+    then a test's named instances."""
     run = config.state_dir / "run"
-    return sorted(path.stem.split("@", 1)[1] for path in run.glob(f"{name}@*.pid"))
-
-
-def _is_our_process(pid: int, name: str) -> bool:
-    """True only if `pid` is alive and is still `python -m services.<name>` (PIDs get reused)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"services.{name}".encode() in cmdline
+    found = [path.stem.split("@", 1)[1] for path in run.glob(f"{name}@*.pid")]
+    numbered = [str(number) for number in replica_numbers(found)]
+    return numbered + sorted(set(found) - set(numbered))
 
 
 def recorded_pid(config: StackConfig, name: str, *, instance: str | None = None) -> int | None:
@@ -243,29 +139,59 @@ def running_pid(config: StackConfig, name: str, *, instance: str | None = None) 
     pid = recorded_pid(config, name, instance=instance)
     if pid is None:
         return None
-    _reap(pid)
-    return pid if _is_our_process(pid, name) else None
+    reap(pid)
+    return pid if is_our_process(pid, name) else None
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    """Whether a service could listen on `port`. SO_REUSEADDR, as gRPC servers set it: a
-    listener makes the bind fail, while connections in TIME_WAIT left by a process that just
-    exited (a restart, `down` then `up`) do not."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+def _port(config: StackConfig, name: str, instance: str | None) -> int:
+    """Where one process listens: its recorded port, else the service's configured one."""
+    recorded = read_port(config.state_dir / "run", name, instance)
+    return recorded if recorded is not None else config.port(name)
 
 
-async def check_health(config: StackConfig, name: str, timeout: float = 2.0) -> str:
-    """SERVING / NOT_SERVING / UNREACHABLE, asked over mTLS with the admin certificate."""
+def recorded_replicas(config: StackConfig) -> dict[str, int]:
+    """Replicas per service as the pid files record them (1 where there is no extra)."""
+    counts = {}
+    for name in START_ORDER:
+        numbers = replica_numbers(_instances(config, name))
+        counts[name] = max(numbers, default=1)
+    return counts
+
+
+def plan_replicas(config: StackConfig, counts: Mapping[str, int]) -> dict[str, list[Replica]]:
+    """Where every replica listens: replica 1 on the configured port, the others on their
+    recorded ports (the callers already running know those), else on fresh free ports."""
+    run = config.state_dir / "run"
+
+    def known_port(name: str, number: int) -> int:
+        if number == 1:
+            return config.port(name)
+        return read_port(run, name, replica_instance(number)) or 0
+
+    plan = {
+        name: [
+            Replica(name, number, known_port(name, number))
+            for number in range(1, counts.get(name, 1) + 1)
+        ]
+        for name in START_ORDER
+    }
+    unplaced = [replica for replicas in plan.values() for replica in replicas if not replica.port]
+    fresh = iter(free_ports(config.host, len(unplaced)))
+    return {
+        name: [replica if replica.port else replace(replica, port=next(fresh)) for replica in rs]
+        for name, rs in plan.items()
+    }
+
+
+async def check_health(
+    config: StackConfig, name: str, timeout: float = 2.0, *, address: str | None = None
+) -> str:
+    """SERVING / NOT_SERVING / UNREACHABLE, asked over mTLS with the admin certificate, of the
+    process at `address` (default: the service's configured port)."""
     mesh = MeshClient(
         MeshClientConfig(
             server_name=name,
-            targets=parse_targets(config.address(name)),
+            targets=parse_targets(address or config.address(name)),
             tls=TlsFiles.of(config.pki_dir, "admin"),
             services=(health_pb2.DESCRIPTOR.services_by_name["Health"],),
             # The question is the health itself: a NOT_SERVING replica must answer it.
@@ -283,34 +209,37 @@ async def check_health(config: StackConfig, name: str, timeout: float = 2.0) -> 
         await mesh.close()
 
 
+async def _state(config: StackConfig, name: str, instance: str | None) -> ServiceState:
+    pid = running_pid(config, name, instance=instance)
+    address = f"{config.host}:{_port(config, name, instance)}"
+    health = await check_health(config, name, address=address) if pid is not None else "STOPPED"
+    return ServiceState(label(name, instance), pid, pid is not None, health, address)
+
+
 async def stack_status(config: StackConfig) -> list[ServiceState]:
-    states = []
-    for name in START_ORDER:
-        pid = running_pid(config, name)
-        health = await check_health(config, name) if pid is not None else "STOPPED"
-        states.append(ServiceState(name, pid, pid is not None, health, config.address(name)))
-    return states
+    """Every process of the stack (each replica and extra instance), with its health; asked
+    all at once, so a stack of many replicas answers as fast as one."""
+    members = [
+        (name, instance) for name in START_ORDER for instance in (None, *_instances(config, name))
+    ]
+    return list(await asyncio.gather(*(_state(config, *member) for member in members)))
 
 
 class StartError(RuntimeError):
     """A service did not come up; the message says which and shows its log's tail."""
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _spawn(
     config: StackConfig,
     name: str,
     *,
+    port: int,
     extra_env: Mapping[str, str] | None = None,
     instance: str | None = None,
+    targets: Mapping[str, Sequence[str]] | None = None,
 ) -> int:
-    """Start one service detached (own session, stdin from /dev/null, output to its log).
+    """Start one service detached (own session, stdin from /dev/null, output to its log),
+    listening on `port`; `targets` as in `StackConfig.service_env`.
 
     posix_spawn rather than Popen: the process outlives the CLI, and no Popen object is left
     behind to be waited on (or warned about) in a caller that keeps running, such as a test.
@@ -319,7 +248,15 @@ def _spawn(
     log_path = log_file(config, name, instance)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _pid_file(config, name, instance).parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **config.service_env(name), **(extra_env or {})}
+    env = {
+        **os.environ,
+        **config.service_env(name, targets),
+        f"STREAMMESH_{name.upper()}_PORT": str(port),
+        f"STREAMMESH_{name.upper()}_METRICS_PORT": str(
+            config.metrics_port(name, int(instance) if instance and instance.isdigit() else 1)
+        ),
+        **(extra_env or {}),
+    }
     pid = os.posix_spawn(
         sys.executable,
         [sys.executable, "-m", f"services.{name}"],
@@ -332,114 +269,144 @@ def _spawn(
         setsid=True,
     )
     _pid_file(config, name, instance).write_text(f"{pid}\n")
+    port_file(config.state_dir / "run", name, instance).write_text(f"{port}\n")
     return pid
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status if `pid` is our own child (the CLI in a test); else a no-op."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _exited(pid: int, name: str) -> bool:
-    """Whether the process `pid`, just started as `name`, has exited. A child of ours is asked
-    with waitpid (which also reaps it): its /proc/<pid>/cmdline reads empty for a moment while
-    it is still in execve, which `_is_our_process` would take for an exit. A process started
-    elsewhere (an earlier `up`) is checked by its command line."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return not _is_our_process(pid, name)
-    return done == pid
-
-
-async def _wait_serving(config: StackConfig, names: Iterable[str], timeout: float) -> None:
+async def _wait_serving(config: StackConfig, replicas: Iterable[Replica], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    waiting = list(names)
+    waiting = list(replicas)
     while waiting:
-        for name in list(waiting):
-            pid = recorded_pid(config, name)
-            if pid is None or _exited(pid, name):
+        for replica in list(waiting):
+            name, instance = replica.service, replica.instance
+            pid = recorded_pid(config, name, instance=instance)
+            if pid is None or exited(pid, name):
                 raise StartError(
-                    f"{name} exited during start-up; last lines of {log_file(config, name)}:\n"
-                    + _tail(log_file(config, name))
+                    f"{replica.label} exited during start-up; last lines of "
+                    f"{log_file(config, name, instance)}:\n"
+                    + tail(log_file(config, name, instance))
                 )
-            if await check_health(config, name, timeout=1.0) == "SERVING":
-                waiting.remove(name)
+            address = f"{config.host}:{replica.port}"
+            if await check_health(config, name, timeout=1.0, address=address) == "SERVING":
+                waiting.remove(replica)
         if waiting and time.monotonic() > deadline:
-            raise StartError(f"not SERVING after {timeout:.0f}s: {', '.join(waiting)}")
+            labels = ", ".join(replica.label for replica in waiting)
+            raise StartError(f"not SERVING after {timeout:.0f}s: {labels}")
         if waiting:
             await asyncio.sleep(0.2)
+
+
+def _replica_counts(config: StackConfig, replicas: Mapping[str, int] | None) -> dict[str, int]:
+    """The counts to run: those asked for (1 for a service not named), else the recorded ones.
+    A running service keeps its count: its callers were given its replicas' addresses."""
+    recorded = recorded_replicas(config)
+    if replicas is None:
+        return recorded
+    wanted = {name: replicas.get(name, 1) for name in START_ORDER}
+    for name in START_ORDER:
+        members = (None, *_instances(config, name))
+        running = any(running_pid(config, name, instance=each) is not None for each in members)
+        if running and wanted[name] != recorded[name]:
+            raise StartError(
+                f"{name} runs with {recorded[name]} replica(s), not {wanted[name]}: the services "
+                "that call it know only those; run `streammesh down` first to change the count"
+            )
+    return wanted
 
 
 async def bring_up(
     config: StackConfig,
     *,
+    replicas: Mapping[str, int] | None = None,
     timeout: float = 60.0,
     extra_env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[ServiceState]:
-    """Start every service that is not already running and wait until all report SERVING.
+    """Start every replica that is not already running and wait until all report SERVING.
 
-    `extra_env` maps a service name to variables added to that service's environment only
-    (tests use it for short lease timings, for example)."""
+    `replicas` maps a service to its number of processes (default: what runs already, else 1
+    each). `extra_env` maps a service name to variables added to that service's environment
+    only (tests use it for short lease timings, for example)."""
     from streammesh.mesh.postgres import ensure_database
 
     prepare_state(config)
     await ensure_database(config.database_url)
+    plan = plan_replicas(config, _replica_counts(config, replicas))
+    _forget_stale(config, plan)
+    targets = {
+        name: [f"{config.host}:{replica.port}" for replica in members]
+        for name, members in plan.items()
+    }
     to_start = []
     for name in START_ORDER:
-        if running_pid(config, name) is not None:
-            continue
-        if not _port_is_free(config.host, config.port(name)):
-            raise StartError(
-                f"port {config.port(name)} for {name} is taken by another process; "
-                f"choose another with STREAMMESH_{name.upper()}_PORT"
-            )
-        to_start.append(name)
-    for name in to_start:
-        _spawn(config, name, extra_env=(extra_env or {}).get(name))
+        for replica in plan[name]:
+            if running_pid(config, name, instance=replica.instance) is not None:
+                continue
+            if not port_is_free(config.host, replica.port):
+                hint = f"; choose another with STREAMMESH_{name.upper()}_PORT"
+                raise StartError(
+                    f"port {replica.port} for {replica.label} is taken by another process"
+                    + (hint if replica.number == 1 else "")
+                )
+            to_start.append(replica)
+    for replica in to_start:
+        _spawn(
+            config,
+            replica.service,
+            port=replica.port,
+            instance=replica.instance,
+            extra_env=(extra_env or {}).get(replica.service),
+            targets=targets,
+        )
     try:
-        await _wait_serving(config, START_ORDER, timeout)
+        await _wait_serving(config, [r for members in plan.values() for r in members], timeout)
     except StartError:
-        shut_down(config, names=to_start)
+        _stop_members(config, [(r.service, r.instance) for r in to_start], grace=15.0)
         raise
     return await stack_status(config)
 
 
-def _signal_and_wait(pid: int, name: str, grace: float) -> bool:
-    """SIGTERM, wait up to `grace`, then SIGKILL; True if it exited on SIGTERM. SIGCONT follows
-    the SIGTERM so that a stopped process (SIGSTOP, a debugger) drains too instead of waiting
-    out the grace period."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        os.kill(pid, signal.SIGCONT)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not _is_our_process(pid, name):  # a zombie has no command line: it has exited
-            return True
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(0.1)
-    _reap(pid)
-    return False
+def _forget_stale(config: StackConfig, plan: Mapping[str, list[Replica]]) -> None:
+    """Drop the files of replicas beyond the plan that no longer run (a stack that crashed
+    with more replicas than it is now started with), so `status` does not list them."""
+    for name, members in plan.items():
+        for number in replica_numbers(_instances(config, name)):
+            instance = replica_instance(number)
+            if number > len(members) and running_pid(config, name, instance=instance) is None:
+                _pid_file(config, name, instance).unlink(missing_ok=True)
+                port_file(config.state_dir / "run", name, instance).unlink(missing_ok=True)
+
+
+def _stop_members(
+    config: StackConfig, members: Sequence[tuple[str, str | None]], grace: float
+) -> dict[str, str]:
+    """Drain and stop these processes side by side; forget their pid and port files. Returns
+    "stopped", "killed" or "not running" per label."""
+    pids = {}
+    for name, instance in members:
+        pid = running_pid(config, name, instance=instance)
+        if pid is not None:
+            pids[pid] = (name, instance)
+    drained = stop_processes({pid: name for pid, (name, _) in pids.items()}, grace)
+    outcome = dict.fromkeys((label(*member) for member in members), "not running")
+    for pid, member in pids.items():
+        outcome[label(*member)] = "stopped" if drained[pid] else "killed"
+    for name, instance in members:
+        _pid_file(config, name, instance).unlink(missing_ok=True)
+        port_file(config.state_dir / "run", name, instance).unlink(missing_ok=True)
+    return outcome
 
 
 def shut_down(
     config: StackConfig, *, names: Iterable[str] | None = None, grace: float = 15.0
 ) -> dict[str, str]:
-    """Drain and stop services, edge first so no new work arrives while the rest finish."""
+    """Drain and stop services, edge first so no new work arrives while the rest finish; the
+    replicas (and extra instances) of one service drain side by side."""
     chosen = set(names) if names is not None else set(START_ORDER)
-    outcome = {}
+    outcome: dict[str, str] = {}
     for name in reversed(START_ORDER):
-        if name not in chosen:
-            continue
-        for instance in _instances(config, name):
-            outcome[_label(name, instance)] = stop_service(
-                config, name, instance=instance, grace=grace
-            )
-        outcome[name] = stop_service(config, name, grace=grace)
+        if name in chosen:
+            members = [(name, instance) for instance in (None, *_instances(config, name))]
+            outcome |= _stop_members(config, members, grace)
     stack_file = config.state_dir / "stack.json"
     if names is None:
         stack_file.unlink(missing_ok=True)
@@ -451,13 +418,7 @@ def stop_service(
 ) -> str:
     """Drain and stop one service process (SIGTERM, SIGKILL after `grace`) and forget its pid
     file; returns "stopped", "killed" or "not running"."""
-    pid = running_pid(config, name, instance=instance)
-    if pid is None:
-        outcome = "not running"
-    else:
-        outcome = "stopped" if _signal_and_wait(pid, name, grace) else "killed"
-    _pid_file(config, name, instance).unlink(missing_ok=True)
-    return outcome
+    return _stop_members(config, [(name, instance)], grace)[label(name, instance)]
 
 
 def signal_service(
@@ -492,68 +453,55 @@ async def start_service(
     processor's consumer name). A process that exits or is not SERVING in time is stopped, and
     StartError shows its log's tail.
     """
-    label = _label(name, instance)
+    label_ = label(name, instance)
     running = running_pid(config, name, instance=instance)
     if running is not None:
-        raise StartError(f"{label} is already running (pid {running})")
+        raise StartError(f"{label_} is already running (pid {running})")
     env = dict(extra_env or {})
     port_variable = f"STREAMMESH_{name.upper()}_PORT"
     if port_variable in env:
-        port = int(env[port_variable])
+        port = int(env.pop(port_variable))
     elif instance is None:
         port = config.port(name)
     else:
         port = free_ports(config.host)[0]
-        env[port_variable] = str(port)
-    if not _port_is_free(config.host, port):
-        raise StartError(f"port {port} for {label} is taken by another process")
-    pid = _spawn(config, name, extra_env=env, instance=instance)
-    probe = config.model_copy(update={f"{name}_port": port})
+    if not port_is_free(config.host, port):
+        raise StartError(f"port {port} for {label_} is taken by another process")
+    pid = _spawn(config, name, port=port, extra_env=env, instance=instance)
+    address = f"{config.host}:{port}"
     deadline = time.monotonic() + timeout
     while True:
-        if _exited(pid, name):
+        if exited(pid, name):
             _pid_file(config, name, instance).unlink(missing_ok=True)
             raise StartError(
-                f"{label} exited during start-up; last lines of "
-                f"{log_file(config, name, instance)}:\n" + _tail(log_file(config, name, instance))
+                f"{label_} exited during start-up; last lines of "
+                f"{log_file(config, name, instance)}:\n" + tail(log_file(config, name, instance))
             )
-        if await check_health(probe, name, timeout=1.0) == "SERVING":
-            return ServiceState(label, pid, True, "SERVING", probe.address(name))
+        if await check_health(config, name, timeout=1.0, address=address) == "SERVING":
+            return ServiceState(label_, pid, True, "SERVING", address)
         if time.monotonic() > deadline:
             stop_service(config, name, instance=instance, grace=5.0)
-            raise StartError(f"{label} not SERVING after {timeout:.0f}s")
+            raise StartError(f"{label_} not SERVING after {timeout:.0f}s")
         await asyncio.sleep(0.1)
 
 
-def free_ports(host: str, count: int = 1) -> list[int]:
-    """`count` distinct ports free on `host` now. Every probe stays bound until all are chosen,
-    so the kernel cannot hand out the same port twice."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.ExitStack() as probes:
-        ports = []
-        for _ in range(count):
-            probe = probes.enter_context(socket.socket(family))
-            probe.bind((host, 0))
-            ports.append(int(probe.getsockname()[1]))
-    return ports
-
-
-def process_alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie waiting for its parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def write_stack_file(config: StackConfig) -> Path:
-    """Endpoints for tools and people: `<state>/stack.json`."""
+    """Endpoints for tools and people: `<state>/stack.json` (`services`: replica 1 of each;
+    `replicas`: every replica's address)."""
     path = config.state_dir / "stack.json"
+    replicas = {
+        name: [
+            f"{config.host}:{_port(config, name, instance)}"
+            for instance in (None, *_instances(config, name))
+            if instance is None or instance.isdigit()
+        ]
+        for name in START_ORDER
+    }
     path.write_text(
         json.dumps(
             {
                 "services": {name: config.address(name) for name in START_ORDER},
+                "replicas": replicas,
                 "metrics": {
                     name: f"http://{config.host}:{config.metrics_port(name)}/metrics"
                     for name in START_ORDER

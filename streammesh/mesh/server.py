@@ -1,6 +1,17 @@
 """The server factory every service uses: grpc.aio, TLS (mutual on internal listeners), health,
 reflection, limits, the interceptor list (metrics, errors, deadline, guard, decoding), the
-/metrics endpoint, and a graceful drain on SIGTERM."""
+/metrics endpoint, and a graceful drain on SIGTERM.
+
+The drain, in order: health NOT_SERVING for every hosted service (health-checked round_robin
+clients stop picking this replica), a short propagation delay (`drain_delay_seconds`: calls
+still arriving meanwhile are served), then gRPC's graceful stop (new calls are refused, calls and
+streams in flight get `grace_seconds` to finish, then are cancelled), then the service's own
+`on_stop`. The delay is skipped when no client has a health Watch open (only health-checking
+balancers act on NOT_SERVING), so a stack that stops edge first does not wait it out at every
+tier. (Clients' Watch streams do not hold the graceful stop: measured, a stop with a watching
+client and no call in flight returns at once.)
+Health also follows the service's dependencies (`watch_dependencies`, streammesh.mesh.health).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -16,6 +27,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from streammesh.mesh.health import DependencyCheck, DependencyWatcher
 from streammesh.mesh.interceptors import (
     DeadlineInterceptor,
     DecodeInterceptor,
@@ -30,6 +42,7 @@ from streammesh.mesh.settings import ServiceSettings
 from streammesh.mesh.startup import StartupError, listen_problem, load_tls
 
 __all__ = [
+    "HealthServicer",
     "MeshServer",
     "ServiceBinding",
     "create_mesh_server",
@@ -49,16 +62,50 @@ class ServiceBinding:
     servicer: object
 
 
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    """grpc_health's servicer, counting the Watch streams open on it: a client balancing with
+    health checks keeps one open per connection, so with none open no balancer needs the
+    drain delay to learn of NOT_SERVING."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        self.watching += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watching -= 1
+
+
 @dataclass
 class MeshServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     service_names: tuple[str, ...]
     metrics: ServiceMetrics
     """The service's registry: the gRPC families, build info, and what the service adds."""
     metrics_endpoint: MetricsEndpoint | None = None
     """/metrics over HTTP, when the metrics_port setting asks for it."""
+    drain_delay: float = 0.0
+    """Seconds between NOT_SERVING and the graceful stop on SIGTERM, while a client watches
+    this server's health."""
+    probe_interval: float = 1.0
+    probe_timeout: float = 1.0
+    watcher: DependencyWatcher | None = field(default=None)
+
+    def watch_dependencies(self, *checks: DependencyCheck) -> DependencyWatcher:
+        """Report NOT_SERVING while any of `checks` fails, from `start` until the stop."""
+        self.watcher = DependencyWatcher(
+            self.health,
+            self.service_names,
+            checks,
+            interval=self.probe_interval,
+            timeout=self.probe_timeout,
+        )
+        return self.watcher
 
     async def start(self) -> None:
         """Start serving (and /metrics) and report SERVING for each hosted service and
@@ -68,15 +115,25 @@ class MeshServer:
             self.metrics_endpoint.start()
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.watcher is not None:
+            self.watcher.start()
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING first so balancers move away, then let in-flight calls finish;
-        /metrics goes last, so a scrape can see the drain."""
+    async def stop(self, grace: float, *, delay: float = 0.0) -> float:
+        """Report NOT_SERVING first so balancers move away, wait `delay` seconds for that to
+        reach them (calls arriving meanwhile are served; no wait when no client watches our
+        health: no balancer is left to tell), then let in-flight calls finish within `grace`.
+        Returns the delay waited. /metrics goes last, so a scrape can see the drain."""
         await self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        waited = delay if delay > 0 and self.health.watching else 0.0
+        if waited:
+            await asyncio.sleep(waited)
         await self.server.stop(grace)
         if self.metrics_endpoint is not None:
             # Its serving thread notices the shutdown within half a second: not on the loop.
             await asyncio.to_thread(self.metrics_endpoint.stop)
+        return waited
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -151,7 +208,7 @@ def create_mesh_server(
         interceptors=[*chosen, DecodeInterceptor(throttle=throttle)],
         options=server_options(settings),
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(binding.descriptor.full_name for binding in bindings)
     for binding in bindings:
@@ -188,6 +245,9 @@ def create_mesh_server(
         service_names=names,
         metrics=metrics,
         metrics_endpoint=endpoint,
+        drain_delay=settings.drain_delay_seconds,
+        probe_interval=settings.health_interval_seconds,
+        probe_timeout=settings.health_timeout_seconds,
     )
 
 
@@ -197,8 +257,9 @@ async def run_until_signalled(
     grace: float,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING, in-flight calls finish
-    within `grace`, then `on_stop` (background workers, pools) runs."""
+    """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING, the server's drain
+    delay, in-flight calls finish within `grace`, then `on_stop` (background workers, pools)
+    runs."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -206,8 +267,13 @@ async def run_until_signalled(
     await mesh.start()
     log.info("serving %s on port %d", ", ".join(mesh.service_names), mesh.port)
     await stop.wait()
-    log.info("draining (grace %.1fs)", grace)
-    await mesh.stop(grace)
+    log.info(
+        "draining: NOT_SERVING (%d health watchers), up to %.1fs, then grace %.1fs",
+        mesh.health.watching,
+        mesh.drain_delay,
+        grace,
+    )
+    await mesh.stop(grace, delay=mesh.drain_delay)
     if on_stop is not None:
         await on_stop()
     log.info("stopped")

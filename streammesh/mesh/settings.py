@@ -54,7 +54,29 @@ class ServiceSettings(BaseSettings):
         "internal listeners; default the one shipped in the package (streammesh/mesh/policy.toml). "
         "The gateway's public listener guards with tokens and does not read it",
     )
-    grace_seconds: float = Field(5.0, ge=0, description="drain time on SIGTERM")
+    grace_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM, calls and streams in flight get this long to finish (after "
+        "the drain delay); then they are cancelled",
+    )
+    drain_delay_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="on SIGTERM, health says NOT_SERVING this long before new calls are "
+        "refused, so that health-checked clients move to other replicas first",
+    )
+    health_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often the service probes its Postgres/Redis (SELECT 1, PING); while "
+        "one fails, its health says NOT_SERVING",
+    )
+    health_timeout_seconds: float = Field(
+        1.0, gt=0, le=30, description="a dependency probe not answered this fast has failed"
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="per message, both ways")
     max_connection_age_seconds: float = Field(
         300,
