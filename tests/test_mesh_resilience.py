@@ -253,11 +253,13 @@ class Downstream(FlakyStorage):
 
 class Relay(FlakyStorage):
     """Answers StoreEvents by calling the downstream through a mesh client whose own timeout
-    (10 s) is longer than any the test's caller gives."""
+    (10 s) is longer than any the test's caller gives. MarkDeadLetterReplayed starts a
+    background call that waits for the call that started it to end."""
 
     def __init__(self, downstream: MeshClient) -> None:
         super().__init__(0)
         self.stub = downstream.stub(storage_pb2_grpc.StorageServiceStub)
+        self.background: list[asyncio.Future[storage_pb2.StoreEventsResponse]] = []
 
     async def StoreEvents(
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
@@ -265,26 +267,44 @@ class Relay(FlakyStorage):
         reply: storage_pb2.StoreEventsResponse = await self.stub.StoreEvents(request)
         return reply
 
+    async def MarkDeadLetterReplayed(
+        self,
+        request: storage_pb2.MarkDeadLetterReplayedRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> storage_pb2.MarkDeadLetterReplayedResponse:
+        async def later() -> storage_pb2.StoreEventsResponse:
+            while not context.done():
+                await asyncio.sleep(0.01)
+            reply: storage_pb2.StoreEventsResponse = await self.stub.StoreEvents(
+                storage_pb2.StoreEventsRequest()
+            )
+            return reply
+
+        self.background.append(asyncio.ensure_future(later()))
+        return storage_pb2.MarkDeadLetterReplayedResponse()
+
 
 def relay_storage(downstream: MeshClient) -> Relay:
     return Relay(downstream)  # type: ignore[abstract]
 
 
 @asynccontextmanager
-async def relay_chain(pki_dir: Path, delay: float) -> AsyncIterator[tuple[Downstream, MeshClient]]:
-    """caller -> relay -> downstream; yields the downstream and the caller's client."""
+async def relay_chain(
+    pki_dir: Path, delay: float
+) -> AsyncIterator[tuple[Downstream, MeshClient, Relay]]:
+    """caller -> relay -> downstream; yields the downstream, the caller's client, the relay."""
     downstream = Downstream(delay)  # type: ignore[abstract]
     async with (
         replicas(pki_dir, downstream) as (down,),
         client_for(pki_dir, down.port) as to_downstream,
-        replicas(pki_dir, relay_storage(to_downstream)) as (relay,),
+        replicas(pki_dir, relay_servicer := relay_storage(to_downstream)) as (relay,),
         client_for(pki_dir, relay.port) as caller,
     ):
-        yield downstream, caller
+        yield downstream, caller, relay_servicer
 
 
 async def test_the_remaining_time_travels_downstream(pki_dir: Path) -> None:
-    async with relay_chain(pki_dir, delay=0.0) as (downstream, caller):
+    async with relay_chain(pki_dir, delay=0.0) as (downstream, caller, _):
         stub = caller.stub(storage_pb2_grpc.StorageServiceStub)
         # Two calls at once with different deadlines: each handler sees its own.
         await asyncio.gather(
@@ -301,7 +321,7 @@ async def test_the_remaining_time_travels_downstream(pki_dir: Path) -> None:
 
 
 async def test_a_cancelled_call_cancels_its_downstream_call(pki_dir: Path) -> None:
-    async with relay_chain(pki_dir, delay=5.0) as (downstream, caller):
+    async with relay_chain(pki_dir, delay=5.0) as (downstream, caller, _):
         stub = caller.stub(storage_pb2_grpc.StorageServiceStub)
         call = asyncio.ensure_future(stub.StoreEvents(storage_pb2.StoreEventsRequest()))
         while not downstream.remaining:
@@ -315,9 +335,21 @@ async def test_a_cancelled_call_cancels_its_downstream_call(pki_dir: Path) -> No
 
 
 async def test_a_deadline_passed_downstream_ends_the_downstream_call(pki_dir: Path) -> None:
-    async with relay_chain(pki_dir, delay=5.0) as (downstream, caller):
+    async with relay_chain(pki_dir, delay=5.0) as (downstream, caller, _):
         stub = caller.stub(storage_pb2_grpc.StorageServiceStub)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.StoreEvents(storage_pb2.StoreEventsRequest(), timeout=0.3)
         await asyncio.wait_for(downstream.cancelled.wait(), 1)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_a_task_outliving_its_call_is_not_bound_by_its_deadline(pki_dir: Path) -> None:
+    """A worker started from a handler (on first use, say) copies the call's context; once the
+    call is over its deadline does not hold the worker's calls."""
+    async with relay_chain(pki_dir, delay=0.0) as (downstream, caller, relay):
+        stub = caller.stub(storage_pb2_grpc.StorageServiceStub)
+        await stub.MarkDeadLetterReplayed(storage_pb2.MarkDeadLetterReplayedRequest(), timeout=0.5)
+        await asyncio.sleep(0.6)  # past the call's deadline
+        reply = await asyncio.wait_for(relay.background[0], 5)
+    assert reply.inserted == 1
+    assert downstream.remaining[0] > 9.0  # the relay client's own 10 s
