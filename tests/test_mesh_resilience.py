@@ -13,13 +13,21 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
-from streammesh.mesh import MeshServer
-from streammesh.mesh.client import MeshClient
+from streammesh.mesh import (
+    MeshServer,
+    PeerPolicy,
+    ServiceBinding,
+    ServiceSettings,
+    create_mesh_server,
+)
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles
 from streammesh.mesh.deadlines import deadline_scope
 from streammesh.mesh.ejection import EjectionPolicy
-from streammesh.mesh.errors import STATUS_DETAILS_KEY, InvalidArgument
+from streammesh.mesh.errors import STATUS_DETAILS_KEY, InvalidArgument, Unavailable
 from streammesh.mesh.limits import CONCURRENCY_LIMIT_REASON
+from tests.conftest import TRUST_DOMAIN
 from tests.test_mesh_client import (
     STORE,
     FlakyStorage,
@@ -121,6 +129,74 @@ async def test_a_method_unsafe_to_retry_is_not_sent_to_another_replica(pki_dir: 
     )
     assert codes.count(grpc.StatusCode.UNAVAILABLE) == failing.attempts["MarkDeadLetterReplayed"]
     assert failing.attempts["MarkDeadLetterReplayed"] >= 3  # round robin: its share
+
+
+INGEST = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
+
+
+class Ingest(ingest_pb2_grpc.IngestServiceServicer):
+    """Publish acknowledges every batch, or fails UNAVAILABLE before any while `broken`."""
+
+    def __init__(self, broken: bool) -> None:
+        self.broken = broken
+        self.streams = 0
+
+    async def Publish(
+        self,
+        request_iterator: AsyncIterator[ingest_pb2.PublishRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ingest_pb2.PublishResponse]:
+        self.streams += 1
+        async for request in request_iterator:
+            if self.broken:
+                raise Unavailable("this replica is broken")
+            yield ingest_pb2.PublishResponse(sequence=request.sequence, accepted=1)
+
+
+async def start_ingest(pki_dir: Path, servicer: Ingest) -> MeshServer:
+    mesh = create_mesh_server(
+        ServiceSettings(tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, host="127.0.0.1", port=0),
+        identity="ingest",
+        bindings=[
+            ServiceBinding(INGEST, ingest_pb2_grpc.add_IngestServiceServicer_to_server, servicer)
+        ],
+        guard=PeerPolicy.build(TRUST_DOMAIN, {f"{INGEST.full_name}/*": ["service/gateway"]}),
+    )
+    await mesh.start()
+    return mesh
+
+
+async def test_streams_ending_unavailable_eject_their_replica(pki_dir: Path) -> None:
+    good, broken = Ingest(broken=False), Ingest(broken=True)  # type: ignore[abstract]
+    meshes = [await start_ingest(pki_dir, good), await start_ingest(pki_dir, broken)]
+    config = MeshClientConfig(
+        server_name="ingest",
+        targets=tuple(f"127.0.0.1:{mesh.port}" for mesh in meshes),
+        tls=TlsFiles.of(pki_dir, "gateway"),
+        services=(INGEST,),
+        ejection=QUICK,
+    )
+    codes = []
+    try:
+        async with MeshClient(config) as client:
+            stub = client.stub(ingest_pb2_grpc.IngestServiceStub)
+            for sequence in range(20):
+                call = stub.Publish(timeout=5)
+                await call.write(ingest_pb2.PublishRequest(sequence=sequence))
+                await call.done_writing()
+                try:
+                    codes.append([ack.sequence async for ack in call] == [sequence])
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE
+                    codes.append(False)
+                await asyncio.sleep(0)  # the ejector reads the status in a task of its own
+            ejected = client.channel.ejector.ejected()
+    finally:
+        for mesh in meshes:
+            await mesh.stop(0)
+    assert ejected == [1]
+    assert codes.count(False) == 3  # the run that ejected it; every stream since succeeded
+    assert good.streams == 17
 
 
 async def test_application_errors_never_eject(pki_dir: Path) -> None:

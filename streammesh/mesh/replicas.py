@@ -14,7 +14,8 @@ as they would any channel. Every call picks one replica's channel:
   backoff, one deadline covering every attempt, and one `RetryBudget` (A6 retryThrottling) for
   every unary call of the client, so a failing service sees about the offered load.
 - Streams pick their replica once; gRPC's own retry policy (in that replica's channel) replays
-  them on that replica until their first response, bounded by that channel's throttling.
+  them on that replica until their first response, bounded by that channel's throttling. How
+  a stream ends feeds the ejector too (OK and UNAVAILABLE only).
 - Every unary call takes a slot of the client's ConcurrencyLimit for all its attempts.
 - Every call's timeout is `deadlines.outbound_timeout` of its own (the caller's, else the
   method's default): never past the deadline of the call being handled.
@@ -31,6 +32,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -92,6 +94,7 @@ class _Calls:
         self.budget = budget
         """None: the picker never retries (gRPC retries inside the one channel)."""
         self._turn = 0
+        self._reading: set[asyncio.Future[grpc.StatusCode]] = set()
 
     def pick(self, tried: set[int]) -> int:
         """The replica for the next attempt, avoiding those already `tried` if others are in."""
@@ -102,6 +105,23 @@ class _Calls:
         pool = [index for index in fresh if ranks[index] == best]
         self._turn += 1
         return pool[self._turn % len(pool)]
+
+    def stream_ended(self, index: int, call: grpc.aio.Call) -> None:
+        """Count how a stream on replica `index` ended (its status is read in a task: the
+        done callback cannot await)."""
+        task = asyncio.ensure_future(call.code())
+        self._reading.add(task)
+        task.add_done_callback(partial(self._stream_status, index))
+
+    def _stream_status(self, index: int, task: asyncio.Future[grpc.StatusCode]) -> None:
+        self._reading.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return
+        code = task.result()
+        # Only UNAVAILABLE: a stream's DEADLINE_EXCEEDED is its caller's chosen lifetime running
+        # out (a subscription), not a slow replica.
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE):
+            self.ejector.record(index, code)
 
     def backoff(self, attempt: int) -> float:
         """A6's jittered wait before attempt `attempt + 1`."""
@@ -251,8 +271,12 @@ class _Streaming:
         self._callables = callables
 
     def __call__(self, *args: Any, timeout: float | None = None, **options: Any) -> Any:
-        index = self._calls.pick(set())
-        return self._callables[index](*args, timeout=outbound_timeout(timeout), **options)
+        calls = self._calls
+        index = calls.pick(set())
+        call = self._callables[index](*args, timeout=outbound_timeout(timeout), **options)
+        if len(calls.channels) > 1:
+            call.add_done_callback(partial(calls.stream_ended, index))
+        return call
 
 
 def _streaming_method(kind: str) -> Callable[..., _Streaming]:
