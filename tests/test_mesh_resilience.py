@@ -249,6 +249,22 @@ async def test_a_slow_replica_is_ejected_by_its_deadlines(pki_dir: Path) -> None
     assert elapsed < 1.5  # no call waited on the slow one
 
 
+async def test_a_slow_replica_within_its_deadlines_gets_fewer_calls(pki_dir: Path) -> None:
+    """200 ms slower than its peer but inside every deadline: never ejected, yet it holds its
+    calls open longer and so gets fewer of them (fewest in flight first)."""
+    fast, slow = flaky_storage(0, delay=0.005), flaky_storage(0, delay=0.2)
+    async with (
+        replicas(pki_dir, fast, slow) as meshes,
+        client_for(pki_dir, *ports(meshes)) as client,
+    ):
+        await store(client, 4)  # both connected
+        await asyncio.gather(*(store(client, 10) for _ in range(8)))
+        assert client.channel.ejector.ejected() == []
+    total = fast.attempts["StoreEvents"] + slow.attempts["StoreEvents"]
+    assert total == 84
+    assert slow.attempts["StoreEvents"] < total * 0.25  # round robin would give it half
+
+
 async def test_retries_across_replicas_keep_one_budget(pki_dir: Path) -> None:
     """Both replicas fail every call: after the budget is spent, one attempt per call."""
     first, second = flaky_storage(10**9), flaky_storage(10**9)

@@ -5,8 +5,10 @@ as they would any channel. Every call picks one replica's channel:
 
 - Replicas the `Ejector` has taken out are skipped; of the others, the ones whose channel is
   READY come first (then IDLE, CONNECTING, and a failing one only when nothing else is left),
-  round robin among equals. A replica whose health is NOT_SERVING has no ready connection in
-  its own health-checked channel, so it gets no calls either.
+  and of those the one with the fewest unary attempts in flight (round robin among equals): a
+  replica that answers slowly, though within the deadlines, holds more calls open and so gets
+  fewer new ones. A replica whose health is NOT_SERVING has no ready connection in its own
+  health-checked channel, so it gets no calls either.
 - Unary calls are retried here, across replicas, not by gRPC inside one channel (a channel of
   one replica would retry on the replica that just failed): a method the protos declare safe
   to retry (derived_config.retryable_codes) is tried again on UNAVAILABLE on another replica,
@@ -93,6 +95,8 @@ class _Calls:
         self.retry = retry
         self.budget = budget
         """None: the picker never retries (gRPC retries inside the one channel)."""
+        self.in_flight = [0] * len(channels)
+        """Unary attempts in flight on each replica."""
         self._turn = 0
         self._reading: set[asyncio.Future[grpc.StatusCode]] = set()
 
@@ -103,6 +107,8 @@ class _Calls:
         ranks = {i: _RANK[self.channels[i].get_state(try_to_connect=True)] for i in fresh}
         best = min(ranks.values())
         pool = [index for index in fresh if ranks[index] == best]
+        least = min(self.in_flight[index] for index in pool)
+        pool = [index for index in pool if self.in_flight[index] == least]
         self._turn += 1
         return pool[self._turn % len(pool)]
 
@@ -205,6 +211,16 @@ class _UnaryCall:
         finally:
             calls.limit.release()
 
+    async def _send(self, index: int, timeout: float | None) -> Any:
+        """One attempt on replica `index`, counted in flight while it runs."""
+        in_flight = self._calls.in_flight
+        self._attempt = self._callables[index](self._request, timeout=timeout, **self._options)
+        in_flight[index] += 1
+        try:
+            return await self._attempt
+        finally:
+            in_flight[index] -= 1
+
     async def _attempts(self) -> Any:
         calls = self._calls
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -213,9 +229,8 @@ class _UnaryCall:
         while True:
             index = calls.pick(tried)
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            self._attempt = self._callables[index](self._request, timeout=left, **self._options)
             try:
-                response = await self._attempt
+                response = await self._send(index, left)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 calls.ejector.record(index, code, attempt_seconds=left)
