@@ -76,10 +76,10 @@ def flaky_storage(
     return FlakyStorage(failures, error, delay)  # type: ignore[abstract]
 
 
-async def start_storage(pki_dir: Path, servicer: FlakyStorage) -> MeshServer:
+async def start_storage(pki_dir: Path, servicer: FlakyStorage, port: int = 0) -> MeshServer:
     policy = PeerPolicy.build(TRUST_DOMAIN, {f"{SERVICE.full_name}/*": ["service/processor"]})
     mesh = create_mesh_server(
-        ServiceSettings(tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, host="127.0.0.1", port=0),
+        ServiceSettings(tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, host="127.0.0.1", port=port),
         identity="storage",
         bindings=[
             ServiceBinding(SERVICE, storage_pb2_grpc.add_StorageServiceServicer_to_server, servicer)

@@ -53,6 +53,13 @@ class GatewaySettings(ServiceSettings):
         ),
     )
     upstream_timeout_seconds: float = Field(10, gt=0, description="default per upstream call")
+    upstream_max_in_flight: int | None = Field(
+        256,
+        ge=1,
+        description="unary calls in flight to each upstream service (auth, ingest, storage) at "
+        "most; past it a call fails at once with UNAVAILABLE (ErrorInfo reason "
+        "UPSTREAM_CONCURRENCY_LIMIT, RetryInfo 0.1 s) instead of queueing; unset: no limit",
+    )
     audit_queue_size: int = Field(
         10_000,
         ge=1,

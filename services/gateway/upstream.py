@@ -123,6 +123,7 @@ class Upstreams:
                     timeout_seconds=settings.upstream_timeout_seconds,
                     method_timeouts=method_timeouts or {},
                     max_message_bytes=settings.max_message_bytes,
+                    max_in_flight=settings.upstream_max_in_flight,
                 )
             )
 

@@ -11,9 +11,12 @@
     ...
     await client.close()
 
-The client owns the channel to every replica of the service (round_robin, health-checked), the
-service config derived from the protos' idempotency options (streammesh.mesh.derived_config),
-per-method timeouts and the client interceptors. Callers hold stubs, never channels or
+The client owns a channel to every replica of the service (health-checked; one channel per
+replica when several are listed, so that it can eject a failing one: streammesh.mesh.replicas
+and streammesh.mesh.ejection), the service config derived from the protos' idempotency options
+(streammesh.mesh.derived_config), per-method timeouts bounded by the deadline of the call being
+handled (streammesh.mesh.deadlines), a limit on calls in flight (streammesh.mesh.limits) and
+the client interceptors. Callers hold stubs, never channels or
 retry lists. A caller that sends pre-serialized bytes takes `client.channel` for its own
 multi-callable (the processor's StoreEvents does).
 """
@@ -31,12 +34,15 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from streammesh.mesh.channel import channel_options
-from streammesh.mesh.derived_config import RetryPolicy, derive_service_config
+from streammesh.mesh.derived_config import RetryPolicy, derive_service_config, retryable_codes
+from streammesh.mesh.ejection import EjectionPolicy, Ejector
+from streammesh.mesh.limits import ConcurrencyLimit
 from streammesh.mesh.pki import CA_FILE
+from streammesh.mesh.replicas import ReplicaChannel
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
-    "DefaultTimeouts",
+    "DEFAULT_TIMEOUT_SECONDS",
     "MeshClient",
     "MeshClientConfig",
     "TlsFiles",
@@ -44,6 +50,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_TIMEOUT_SECONDS = 30.0
 
 _Stub = TypeVar("_Stub")
 
@@ -146,9 +153,10 @@ class MeshClientConfig:
     """The trust anchor and, on the internal listeners, this process's certificate."""
     services: tuple[ServiceDescriptor, ...]
     """The services called through this client; their protos say what is retried."""
-    timeout_seconds: float | None = None
-    """Default deadline of a unary call that sets none (None: no default). Streams live as long
-    as their caller wants and get none."""
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    """Deadline of a unary call that sets none: every unary call has one. Streams live as long
+    as their caller wants and get none of their own (but never outlive the deadline of the
+    call being handled: streammesh.mesh.deadlines)."""
     method_timeouts: Mapping[str, float] = field(default_factory=dict, hash=False)
     """Deadlines per method (`pkg.Service/Method`) that differ from `timeout_seconds`."""
     health_service: str | None = ""
@@ -159,7 +167,12 @@ class MeshClientConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message sent or received."""
     interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
-    """Client interceptors, outermost first, after the default-timeout one."""
+    """Client interceptors, outermost first; with several replicas they run per attempt."""
+    ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
+    """When a replica of several is taken out of rotation (streammesh.mesh.ejection)."""
+    max_in_flight: int | None = None
+    """Unary calls in flight to this service at most; past it a call fails at once with
+    UNAVAILABLE (streammesh.mesh.limits). None: no limit."""
 
     def __post_init__(self) -> None:
         _grpc_target(self.targets)
@@ -171,8 +184,10 @@ class MeshClientConfig:
                 raise ValueError(f"method_timeouts: {path!r} is a stream (streams get none)")
             if seconds <= 0:
                 raise ValueError(f"method_timeouts: {path!r} must be positive")
-        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
+        if self.timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1 (None: no limit)")
         # Frozen all the way down: the mapping cannot change under a running client.
         object.__setattr__(self, "method_timeouts", MappingProxyType(dict(self.method_timeouts)))
 
@@ -181,78 +196,81 @@ class MeshClientConfig:
         """The gRPC target string of the replicas."""
         return _grpc_target(self.targets)
 
+    @property
+    def per_replica(self) -> bool:
+        """Whether each replica gets a channel of its own (several replicas listed), so that
+        the mesh client picks, ejects and retries across them; else one channel, which gRPC
+        balances and retries over the addresses it resolves."""
+        return len(self.targets) > 1
+
     def service_config(self) -> dict[str, Any]:
-        """The channel's service config (derived from the protos; see derived_config.py)."""
+        """The service config of each channel (derived from the protos; see derived_config.py).
+        A replica's own channel leaves unary retries to the mesh client."""
         health = self.health_service
         if health == "":
             health = self.services[0].full_name if self.services else None
-        return derive_service_config(self.services, retry=self.retry, health_service=health)
+        return derive_service_config(
+            self.services,
+            retry=self.retry,
+            health_service=health,
+            unary_retries=not self.per_replica,
+        )
+
+    def retried_codes(self) -> dict[str, frozenset[grpc.StatusCode]]:
+        """The codes each unary method (`/pkg.Service/Method`) is retried on (the protos say)."""
+        out = {}
+        for service in self.services:
+            for method in service.methods:
+                codes = retryable_codes(method)
+                if codes and not (method.client_streaming or method.server_streaming):
+                    out[f"/{service.full_name}/{method.name}"] = frozenset(
+                        grpc.StatusCode[code] for code in codes
+                    )
+        return out
 
     def timeouts(self) -> dict[str, float]:
         """The deadline of each unary method (`/pkg.Service/Method`, as gRPC names calls)."""
         out = {}
         for path, unary in _method_paths(self.services).items():
-            seconds = self.method_timeouts.get(path, self.timeout_seconds)
-            if unary and seconds is not None:
-                out[f"/{path}"] = seconds
+            if unary:
+                out[f"/{path}"] = self.method_timeouts.get(path, self.timeout_seconds)
         return out
 
 
-class DefaultTimeouts(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Gives a unary call that names no timeout its method's default. Per call rather than
-    in the service config, whose timeouts grpcio shortens by about a second."""
-
-    def __init__(self, timeouts: Mapping[str, float]) -> None:
-        self._timeouts = dict(timeouts)
-
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        if client_call_details.timeout is None:
-            method = client_call_details.method
-            name = method.decode() if isinstance(method, bytes) else method
-            seconds = self._timeouts.get(name)
-            if seconds is not None:
-                client_call_details = grpc.aio.ClientCallDetails(
-                    client_call_details.method,
-                    seconds,
-                    client_call_details.metadata,
-                    client_call_details.credentials,
-                    client_call_details.wait_for_ready,
-                )
-        return await continuation(client_call_details, request)
-
-
 class MeshClient:
-    """The channel to every replica of one service, with its service config and interceptors.
-    Close it (or use `async with`) when done."""
+    """The channels to every replica of one service, with their service config, the picker
+    that ejects and retries across replicas, the concurrency limit, deadlines and the
+    interceptors. Close it (or use `async with`) when done."""
 
     def __init__(self, config: MeshClientConfig) -> None:
         self.config = config
         self.service_config = config.service_config()
-        """The service config the channel was built with."""
-        interceptors: list[grpc.aio.ClientInterceptor] = []
-        timeouts = config.timeouts()
-        if timeouts:
-            interceptors.append(DefaultTimeouts(timeouts))
-        interceptors.extend(config.interceptors)
-        self._channel = grpc.aio.secure_channel(
-            config.target,
-            config.tls.credentials(),
-            options=channel_options(
-                config.server_name,
-                self.service_config,
-                max_message_bytes=config.max_message_bytes,
-            ),
-            interceptors=interceptors or None,
+        """The service config each channel was built with."""
+        credentials = config.tls.credentials()
+        options = channel_options(
+            config.server_name, self.service_config, max_message_bytes=config.max_message_bytes
+        )
+        targets = config.targets if config.per_replica else (config.target,)
+        channels = [
+            grpc.aio.secure_channel(
+                target, credentials, options=options, interceptors=config.interceptors or None
+            )
+            for target in targets
+        ]
+        self._channel = ReplicaChannel(
+            channels,
+            ejector=Ejector(len(channels), config.ejection),
+            limit=ConcurrencyLimit(config.server_name, config.max_in_flight),
+            retry=config.retry,
+            retried_codes=config.retried_codes(),
+            timeouts=config.timeouts(),
+            retry_across_replicas=config.per_replica,
         )
 
     @property
-    def channel(self) -> grpc.aio.Channel:
-        """The channel, for a caller that builds its own multi-callable."""
+    def channel(self) -> ReplicaChannel:
+        """The channel over every replica, for a caller that builds its own multi-callable
+        (its calls are picked, retried, limited and timed as a stub's are)."""
         return self._channel
 
     def stub(self, stub_type: Callable[[grpc.aio.Channel], _Stub]) -> _Stub:

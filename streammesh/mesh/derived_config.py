@@ -19,6 +19,10 @@ lists methods:
   the offered load, not `max_attempts` times it.
 - Streams get a retry policy too when their level allows: gRPC retries a stream only until its
   first response arrives (the call is then committed), resending the messages it buffered.
+- When a mesh client names several replicas, each gets a channel of its own and the unary
+  retries leave the service config (`unary_retries=False`): gRPC would retry on the replica
+  that just failed. The mesh client retries them on another replica with the same policy and
+  one budget (streammesh.mesh.replicas); `retryable_codes` is the one source for both.
 
 Timeouts are not put in the service config: grpcio (seen on 1.85.1, and reported as
 grpc/grpc#34547 and #40633) cuts a service-config timeout by about 1.2-1.4 s, so a timeout of
@@ -120,18 +124,22 @@ def derive_service_config(
     retry: RetryPolicy | None = None,
     health_service: str | None = None,
     load_balancing: str = "round_robin",
+    unary_retries: bool = True,
 ) -> dict[str, Any]:
     """The service config of a channel calling `services`: `load_balancing` over every address
     of the target, skipping replicas whose health for `health_service` is not SERVING (None:
     no health checking), a retry policy for each method its proto declares safe to retry (one
     method config per set of codes, every method named: never a whole service), and retry
-    throttling."""
+    throttling. `unary_retries=False` leaves unary methods out of the retry policy: the channel
+    of one replica of several, whose unary calls the mesh client retries on another replica
+    (streammesh.mesh.replicas)."""
     retry = retry or RetryPolicy()
     by_codes: dict[tuple[str, ...], list[dict[str, str]]] = {}
     for service in services:
         for method in service.methods:
             codes = retryable_codes(method)
-            if codes:
+            unary = not (method.client_streaming or method.server_streaming)
+            if codes and (unary_retries or not unary):
                 name = {"service": service.full_name, "method": method.name}
                 by_codes.setdefault(codes, []).append(name)
     config: dict[str, Any] = {

@@ -27,17 +27,23 @@ __all__ = ["DeadlineInterceptor", "time_remaining"]
 # gRPC reports "no deadline" as a remaining time of centuries.
 _NO_DEADLINE = 1e8
 
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "streammesh_call_deadline", default=None
+_deadline: contextvars.ContextVar[tuple[float, grpc.aio.ServicerContext] | None] = (
+    contextvars.ContextVar("streammesh_call_deadline", default=None)
 )
-"""The current call's deadline on the event loop's clock; None when it has none."""
+"""The current call's deadline on the event loop's clock, and the call; None when it has none."""
 
 
 def time_remaining() -> float | None:
     """Seconds left before the current call's deadline (never below 0), or None when the call
-    has none (a stream whose client set none) or this is not inside a call."""
-    deadline = _deadline.get()
-    if deadline is None:
+    has none (a stream whose client set none) or this is not inside a call. A task that
+    outlives the call it was started from (a worker started on first use, like the gateway's
+    audit trail) copied the call's context but no longer works for it: once the call is done,
+    its deadline no longer applies."""
+    current = _deadline.get()
+    if current is None:
+        return None
+    deadline, context = current
+    if context.done():
         return None
     return max(0.0, deadline - asyncio.get_running_loop().time())
 
@@ -55,11 +61,11 @@ class _DeadlineLayer(Layer):
         remaining = context.time_remaining()
         scope = None
         if remaining is not None and remaining < _NO_DEADLINE:
-            _deadline.set(now + remaining)
+            _deadline.set((now + remaining, context))
         elif self._default is not None:
             scope = asyncio.timeout_at(now + self._default)
             await scope.__aenter__()
-            _deadline.set(now + self._default)
+            _deadline.set((now + self._default, context))
         # Not reset afterwards: gRPC runs each call in a task (and so a context) of its own.
         return request, scope
 
