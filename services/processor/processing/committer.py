@@ -217,6 +217,16 @@ class EngineCommitter:
         if now < self._next_idle_poll:
             return
         self._next_idle_poll = now + self._config.idle_poll_seconds
+        if self._definitions.is_ready() and self._definitions.active_tenants():
+            # A partition taken over without new entries still has open windows and patterns
+            # to close by idleness: load its state too.
+            for partition in sorted(self._source.active() - self._partitions.keys()):
+                epoch = self._ownership.epoch(partition)
+                if epoch:
+                    try:
+                        await self._load(partition, epoch)
+                    except CommitDeferred as error:
+                        log.warning("partition %d: %s (retried)", partition, error)
         quiet = [p for p in sorted(self._partitions) if p not in busy]
         acks: list[tuple[int, Sequence[Entry]]] = []
         for partition in quiet:
