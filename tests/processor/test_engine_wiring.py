@@ -7,6 +7,7 @@ no-definitions path that decodes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -20,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.processor.definition_follower import DefinitionFollower, DefinitionStub
+from services.processor.delivery.engine_outputs import outputs_request
 from services.processor.delivery.engine_storage import EngineStorage, definitions_channel
 from services.processor.delivery.storage_client import StorageWriter
 from services.processor.engine.clock import ClockConfig
@@ -388,3 +390,71 @@ async def test_a_rule_created_at_runtime_alerts_within_two_seconds(
                 seen = time.monotonic() - created
     print(f"\n[definitions] rule created -> first alert stored: {seen * 1000:.0f} ms")
     assert seen < 2.0
+
+
+async def test_a_new_owner_acknowledges_what_the_checkpoint_covers_without_processing_it(
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    storage: Storage,
+    engine: AsyncEngine,
+    make_worker: Callable[..., StreamWorker],
+    running: Running,
+) -> None:
+    """The old owner saved a checkpoint after entry 10 and died before its XACK: 10 entries
+    covered and still pending (more than one read), then 6 it never processed."""
+    await define(storage, WINDOWS, RULES)
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    events = Events()
+    ids = [
+        await events.append(redis_client, layout, 0, readings("r", n * 5, 5, "k", 10**9))
+        for n in range(16)
+    ]
+    await redis_client.xreadgroup(layout.group, "dead", {layout.stream(0): ">"}, count=100)
+    covered = events.by_partition[0][:50]
+    old = PartitionEngine(0, CLOCK, *reference_definitions())
+    old_outputs = old.process(covered, 0, last_entry_id=ids[9].decode())
+    async with storage_stub(storage, "processor") as stub:
+        await stub.StoreEngineOutputs(
+            outputs_request(
+                old_outputs,
+                checkpoint=pb.EngineCheckpoint(
+                    stream=layout.prefix,
+                    partition=0,
+                    lease_epoch=1,
+                    last_entry_id=old.last_entry_id,
+                    snapshot=old.snapshot(),
+                ),
+            )
+        )
+    await redis_client.set(epoch_key(layout, 0), 1)  # the dead owner's epoch
+    end = await events.append(redis_client, layout, 0, [("end", "z", "tick", 2 * 10**9, {})])
+    worker = running.start(make_worker(layout, "w2", checkpoint_batches=2))
+    committer = worker.committer
+    assert committer is not None
+    await wait_for(lambda: committer.position(0).encode() == end, limit=10)
+    await running.stop("w2")
+    assert committer.events_processed == 31  # 6 entries of 5 after the checkpoint, and the end
+    assert await pending(redis_client, layout, 0) == 0
+    assert await stored(engine) == expected(events.reference())
+
+
+def reference_definitions() -> tuple[list[Any], list[Any]]:
+    return (
+        [parse_window_def({"version": 1, "tenant": "default", **w}) for w in WINDOWS],
+        [parse_rule({"version": 1, "tenant": "default", **r}) for r in RULES],
+    )
+
+
+@contextlib.asynccontextmanager
+async def storage_stub(storage: Storage, who: str) -> AsyncIterator[Any]:
+    from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
+    from streammesh.mesh import create_channel, service_config
+
+    channel = create_channel(
+        f"127.0.0.1:{storage.port}",
+        TlsMaterial.load(storage.pki_dir, who),
+        server_name="storage",
+        config=service_config("streammesh.storage.v1.DefinitionService", health_checked=False),
+    )
+    async with channel:
+        yield pb_grpc.DefinitionServiceStub(channel)

@@ -99,6 +99,10 @@ class _Partition:
     """The definitions version the engine runs."""
     checkpoint_entry: tuple[int, int]
     """The last entry a saved checkpoint covers."""
+    scanned: str = ""
+    """Every pending entry up to this one has been seen by this owner: acknowledged, or held
+    in `uncovered`. Re-reads start after it (after a restore, entries up to the checkpoint
+    may still be pending, unseen: they are read and acknowledged first)."""
     uncovered: dict[bytes, Entry] = field(default_factory=dict)
     """Entries processed (in the state) but in no saved checkpoint: acknowledged after the next."""
     outputs: PartitionOutputs = field(default_factory=PartitionOutputs)
@@ -186,9 +190,7 @@ class EngineCommitter:
         """Where a re-read of the partition's pending entries starts: after what its engine
         already holds (those wait, pending, for the next checkpoint), or from the start."""
         state = self._partitions.get(partition)
-        if state is None or not state.engine.last_entry_id:
-            return "0"
-        return state.engine.last_entry_id
+        return "0" if state is None or not state.scanned else state.scanned
 
     def forget(self, partition: int) -> None:
         """The partition was lost or taken over anew: its state in memory is no longer ours."""
@@ -284,7 +286,12 @@ class EngineCommitter:
             else:
                 fresh.append(entry)
         if fresh:
-            events = engine_events(fresh, partition)
+            # Only the entries of tenants with definitions are decoded (none, when no tenant
+            # has any): the others' events never reach the engine, here or in a replay.
+            active = self._definitions.active_tenants()
+            events = engine_events(
+                [e for e in fresh if not active.isdisjoint(entry_tenants(e[1]))], partition
+            )
             self.events_processed += len(events)
             self._merge(
                 state,
@@ -300,6 +307,11 @@ class EngineCommitter:
                 ackable.extend(await self._commit(partition, state, checkpoint=due))
             except _Lost:
                 return None
+        # Only now (a failure above re-reads these entries, which is harmless: they are
+        # acknowledged or held again as they are, not processed twice).
+        last = entries[-1][0].decode()
+        if entry_id_key(last) > entry_id_key(state.scanned):
+            state.scanned = last
         return ackable
 
     def _needs_engine(self, entries: Sequence[Entry]) -> bool:
