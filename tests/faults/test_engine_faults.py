@@ -281,3 +281,22 @@ async def test_a_second_processor_joins_then_the_first_leaves(
         assert await stack.wait_exit("processor", 15)
 
     await run_and_compare(stack, redis_client, producer, join_then_leave, f"join, {leave.name}")
+
+
+async def test_redis_killed_and_restarted_mid_window(
+    engine_stack: FaultStack, redis_client: aioredis.Redis, producer: Metadata
+) -> None:
+    stack = engine_stack
+    server = stack.redis
+    if server is None:
+        pytest.skip("redis-server is not on PATH: the stack runs on a shared Redis")
+
+    async def restart_redis() -> None:
+        # Longer than the lease TTL: leases lapse and are taken again (epochs grow, from the
+        # AOF), and processed entries waiting for a checkpoint come back pending.
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(server.stop, signal.SIGKILL)
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(server.start)
+
+    await run_and_compare(stack, redis_client, producer, restart_redis, "Redis kill -9")
