@@ -88,7 +88,7 @@ class ProcessorSettings(ServiceSettings):
         10_000, ge=1, description="the dead-letter stream is capped near this many entries"
     )
     engine_checkpoint_batches: int = Field(
-        20,
+        200,
         ge=1,
         le=10_000,
         description="a partition's engine state is saved (and the entries it covers "

@@ -48,16 +48,29 @@ ENGINE_ENV = {
 CLOCK = ClockConfig(OUT_OF_ORDERNESS_MS * 1_000_000, IDLE_MS * 1_000_000)
 
 
-def definitions(event_type: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def definitions(
+    event_type: str, *, quiet: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """3 windows and 5 rules over the load's events (payload.n counts each key's events), their
-    ids led by the run's (definitions of earlier runs stay in the session's storage)."""
+    ids led by the run's (definitions of earlier runs stay in the session's storage). The fault
+    tests want many outputs; `quiet` ones fire rarely, as production rules do (for the cost)."""
     count = [{"name": "n", "fn": "count"}, {"name": "total", "fn": "sum", "field": "payload.n"}]
+    size, step, gap = ("2s", "1s", "500ms") if quiet else ("600ms", "200ms", "100ms")
     windows: list[dict[str, Any]] = [
-        {"id": "tumble", "kind": "tumbling", "size": "300ms", "aggregates": count},
-        {"id": "hop", "kind": "hopping", "size": "600ms", "step": "200ms", "aggregates": count},
-        {"id": "visits", "kind": "session", "gap": "100ms", "group_by": "key", "aggregates": count},
+        {"id": "tumble", "kind": "tumbling", "size": step, "aggregates": count},
+        {"id": "hop", "kind": "hopping", "size": size, "step": step, "aggregates": count},
+        {"id": "visits", "kind": "session", "gap": gap, "group_by": "key", "aggregates": count},
     ]
-    match = {"type": event_type}
+    match: dict[str, Any] = {"type": event_type}
+
+    def at(n: int) -> dict[str, Any]:  # the n-th event of a key only (quiet rules)
+        return {**match, "where": [{"field": "payload.n", "op": "eq", "value": n}]}
+
+    if quiet:
+        pair, three, first, absent = [at(10), at(11)], [at(20), at(21), at(22)], at(30), at(99)
+    else:
+        pair, three, first, absent = [match] * 2, [match] * 3, match, match
+    within = ("1s", "1s", "1s") if quiet else ("30ms", "80ms", "150ms")
     rules: list[dict[str, Any]] = [
         {
             "id": "big",
@@ -65,12 +78,18 @@ def definitions(event_type: str) -> tuple[list[dict[str, Any]], list[dict[str, A
             "match": match,
             "field": "payload.n",
             "op": "gt",
-            "value": 40,
+            "value": 5000 if quiet else 40,
         },
-        {"id": "burst", "kind": "rate", "match": match, "count": 12, "within": "100ms"},
-        {"id": "pair", "kind": "sequence", "steps": [match, match], "within": "30ms"},
-        {"id": "three", "kind": "sequence", "steps": [match, match, match], "within": "80ms"},
-        {"id": "quiet", "kind": "absence", "first": match, "absent": match, "within": "150ms"},
+        {
+            "id": "burst",
+            "kind": "rate",
+            "match": match,
+            "count": 500 if quiet else 12,
+            "within": "100ms",
+        },
+        {"id": "pair", "kind": "sequence", "steps": pair, "within": within[0]},
+        {"id": "three", "kind": "sequence", "steps": three, "within": within[1]},
+        {"id": "quiet", "kind": "absence", "first": first, "absent": absent, "within": within[2]},
     ]
     run = event_type.rsplit(".", 1)[-1]
     return (
@@ -79,7 +98,7 @@ def definitions(event_type: str) -> tuple[list[dict[str, Any]], list[dict[str, A
     )
 
 
-async def define(stack: FaultStack, event_type: str) -> None:
+async def define(stack: FaultStack, event_type: str, *, quiet: bool = False) -> None:
     channel = create_channel(
         stack.config.address("storage"),
         TlsMaterial.load(stack.config.pki_dir, "gateway"),
@@ -88,7 +107,7 @@ async def define(stack: FaultStack, event_type: str) -> None:
     )
     async with channel:
         stub = pb_grpc.DefinitionServiceStub(channel)
-        windows, rules = definitions(event_type)
+        windows, rules = definitions(event_type, quiet=quiet)
         for kind, documents in (
             (common.DEFINITION_KIND_WINDOW, windows),
             (common.DEFINITION_KIND_RULE, rules),

@@ -80,7 +80,7 @@ class EngineConfig:
     """When state is saved, and the engines' clocks."""
 
     clock: ClockConfig
-    checkpoint_batches: int = 20
+    checkpoint_batches: int = 200
     """A checkpoint after this many processed groups of a partition..."""
     checkpoint_seconds: float = 2.0
     """...or this long after the last one, whichever comes first (and before a release)."""
