@@ -101,11 +101,12 @@ def create_server(settings: ProcessorSettings, deps: ProcessorDeps) -> MeshServe
 
 
 def _exit_if_worker_died(task: asyncio.Task[None]) -> None:
-    """A processor whose worker died must not keep reporting SERVING: drain and exit so the
-    supervisor restarts it (its pending entries are re-read by the next life or reclaimed)."""
+    """A processor whose worker (or definition follower, which would leave its engines on
+    stale definitions) died must not keep reporting SERVING: drain and exit so the supervisor
+    restarts it (its pending entries are re-read by the next life or reclaimed)."""
     if task.cancelled() or task.exception() is None:
         return
-    log.critical("stream worker died", exc_info=task.exception())
+    log.critical("%s died", task.get_name(), exc_info=task.exception())
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -122,6 +123,7 @@ async def serve(settings: ProcessorSettings) -> None:
         DefinitionStub(channel), poll_interval=settings.definitions_poll_seconds
     )
     following = asyncio.create_task(follower.run(), name="definition-follower")
+    following.add_done_callback(_exit_if_worker_died)
     engine = EngineSetup(EngineStorage(channel), follower, engine_config(settings))
     worker = build_worker(settings, client, writer, engine)
     task = asyncio.create_task(worker.run(), name="stream-worker")

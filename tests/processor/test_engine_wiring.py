@@ -197,7 +197,9 @@ async def make_worker(
     tls = TlsMaterial.load(storage.pki_dir, "processor")
     target = f"127.0.0.1:{storage.port}"
 
-    def build(layout: StreamLayout, consumer: str, **engine: Any) -> StreamWorker:
+    def build(
+        layout: StreamLayout, consumer: str, *, claim_idle_ms: int = 60_000, **engine: Any
+    ) -> StreamWorker:
         writer = StorageWriter(target, tls, timeout_seconds=5)
         channel = definitions_channel(target, tls, timeout_seconds=5)
         follower = DefinitionFollower(DefinitionStub(channel), poll_interval=0.2)
@@ -210,7 +212,9 @@ async def make_worker(
             consumer=consumer,
             store=writer.store,
             dead_letters=writer.record_dead_letter,
-            config=dataclasses.replace(ONE_OWNER, store_max_events=2000, read_count=4),
+            config=dataclasses.replace(
+                ONE_OWNER, store_max_events=2000, read_count=4, claim_idle_ms=claim_idle_ms
+            ),
             engine=EngineSetup(EngineStorage(channel), follower, config),
         )
 
@@ -458,3 +462,29 @@ async def storage_stub(storage: Storage, who: str) -> AsyncIterator[Any]:
     )
     async with channel:
         yield pb_grpc.DefinitionServiceStub(channel)
+
+
+async def test_processed_entries_waiting_for_a_checkpoint_are_not_reclaimed_as_stale(
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    storage: Storage,
+    make_worker: Callable[..., StreamWorker],
+    running: Running,
+) -> None:
+    await define(storage, WINDOWS, RULES)
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    events = Events()
+    worker = running.start(make_worker(layout, "w1", claim_idle_ms=200))
+    committer = worker.committer
+    assert committer is not None
+    for n in range(3):
+        await events.append(redis_client, layout, 0, readings("r", n * 10, 10, "k", 10**9))
+    await wait_for(lambda: committer.events_processed == 30)
+    stored_before = worker.stats.batches_stored
+    await asyncio.sleep(1.0)  # five idle periods: the reclaim ran several times
+    assert worker.stats.entries_claimed == 0
+    assert worker.stats.batches_stored == stored_before  # not read and stored again
+    assert await pending(redis_client, layout, 0) == 3  # still waiting for the checkpoint
+    assert await redis_client.hlen(f"{layout.prefix}:attempts:p0") == 0
+    await running.stop("w1")
+    assert await pending(redis_client, layout, 0) == 0
