@@ -158,17 +158,10 @@ class Storage:
 
 @pytest.fixture
 async def storage(server: MeshServer, pki_dir: Path) -> AsyncIterator[Storage]:
-    from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
-    from streammesh.mesh import create_channel, service_config
-
-    channel = create_channel(
-        f"127.0.0.1:{server.port}",
-        TlsMaterial.load(pki_dir, "gateway"),
-        server_name="storage",
-        config=service_config("streammesh.storage.v1.DefinitionService", health_checked=False),
-    )
-    yield Storage(server.port, pki_dir, pb_grpc.DefinitionServiceStub(channel))
-    await channel.close()
+    found = Storage(server.port, pki_dir, None)
+    async with storage_stub(found, "gateway") as gateway:
+        found.gateway = gateway
+        yield found
 
 
 async def define(storage: Storage, windows: list[Any], rules: list[Any]) -> None:
