@@ -8,6 +8,12 @@ a claim, a failed round or a queue error, so that its entries are stored in ID o
 (`ownership.py`, Handover). Between rounds, with nothing in flight, `prepare` rebalances, and
 reclaims and trims what is due; `ack` is the fenced acknowledgement, counting the bytes toward
 the next trim.
+
+With the engine on (`Processing`, the committer), entries it processed stay pending until a
+checkpoint covers them. The backlog read and the idle reclaim then start after the last entry
+the engine's side has seen (`Processing.position`) instead of from the start: those entries are
+in hand, not stale, and must not be stored or processed again. A takeover tells it to forget
+the partition's state, and a release waits for its final checkpoint.
 """
 
 from __future__ import annotations
