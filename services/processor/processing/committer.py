@@ -55,12 +55,19 @@ class Definitions(Protocol):
     """What the engines read their definitions from (`DefinitionFollower` is one)."""
 
     version: int
+    """Grows with every change (an engine takes the definitions anew when it moved)."""
 
-    def windows_and_rules(self) -> tuple[list[WindowDef], list[Rule]]: ...
+    def windows_and_rules(self) -> tuple[list[WindowDef], list[Rule]]:
+        """The enabled windows, and every rule version."""
+        ...
 
-    def active_tenants(self) -> frozenset[str]: ...
+    def active_tenants(self) -> frozenset[str]:
+        """Tenants with something enabled to run."""
+        ...
 
-    def is_ready(self) -> bool: ...
+    def is_ready(self) -> bool:
+        """Whether the definitions were read once (nothing is processed before)."""
+        ...
 
 
 class EngineStore(Protocol):
@@ -68,11 +75,13 @@ class EngineStore(Protocol):
 
     async def load(
         self, stream: str, partition: int, lease_epoch: int
-    ) -> pb.EngineCheckpoint | None: ...
+    ) -> pb.EngineCheckpoint | None:
+        """The checkpoint after raising the fence to `lease_epoch`; Fenced, StoreUnavailable."""
+        ...
 
-    async def store(
-        self, request: pb.StoreEngineOutputsRequest
-    ) -> pb.StoreEngineOutputsResponse: ...
+    async def store(self, request: pb.StoreEngineOutputsRequest) -> pb.StoreEngineOutputsResponse:
+        """Outputs (and a checkpoint) in one transaction; Fenced, StoreUnavailable."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class EngineCommitter:
     # --- the Fence delivery calls -------------------------------------------------------------
 
     def holds(self, partition: int) -> bool:
+        """Whether work on the partition may start now (the source's lease)."""
         return self._source.holds(partition)
 
     async def ack(self, partition: int, entries: Sequence[Entry]) -> bool:
