@@ -319,3 +319,25 @@ async def test_redis_killed_and_restarted_mid_window(
         await asyncio.to_thread(server.start)
 
     await run_and_compare(stack, redis_client, producer, restart_redis, "Redis kill -9")
+
+
+async def test_a_frozen_owner_past_its_lease_is_fenced_out(
+    engine_stack: FaultStack, redis_client: aioredis.Redis, producer: Metadata
+) -> None:
+    stack = engine_stack
+
+    async def freeze_past_the_lease() -> None:
+        await asyncio.sleep(0.5)
+        second = f"engine-b-{uuid.uuid4().hex[:6]}"
+        await stack.start(
+            "processor", {**ENGINE_ENV, "STREAMMESH_PROCESSOR_CONSUMER": second}, instance="b"
+        )
+        await asyncio.sleep(1.5)
+        # Frozen mid-work for twice the lease TTL (1.5 s): the second takes every partition
+        # over (its loads raise the fences); when the first wakes, anything it still sends
+        # under its old epochs is refused, and it takes its share back as a new owner.
+        stack.signal("processor", signal.SIGSTOP)
+        await asyncio.sleep(3.0)
+        stack.signal("processor", signal.SIGCONT)
+
+    await run_and_compare(stack, redis_client, producer, freeze_past_the_lease, "frozen owner")
