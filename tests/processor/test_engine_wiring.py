@@ -481,3 +481,33 @@ async def test_processed_entries_waiting_for_a_checkpoint_are_not_reclaimed_as_s
     assert await redis_client.hlen(f"{layout.prefix}:attempts:p0") == 0
     await running.stop("w1")
     assert await pending(redis_client, layout, 0) == 0
+
+
+async def test_an_epoch_redis_lost_is_moved_past_storage_fence(
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    storage: Storage,
+    engine: AsyncEngine,
+    make_worker: Callable[..., StreamWorker],
+    running: Running,
+) -> None:
+    """Redis came back without its data: its epoch counter starts again below the fence that
+    storage keeps. The owner (the Redis lease names it) raises its epoch past the fence."""
+    await define(storage, WINDOWS, RULES)
+    layout = await make_layout(redis_client, redis_prefix, 1)
+    async with storage_stub(storage, "processor") as stub:
+        await stub.LoadEngineCheckpoint(
+            pb.LoadEngineCheckpointRequest(stream=layout.prefix, partition=0, lease_epoch=5)
+        )
+    events = Events()
+    worker = running.start(make_worker(layout, "w1", checkpoint_batches=1))
+    committer = worker.committer
+    assert committer is not None
+    await events.append(redis_client, layout, 0, readings("r", 0, 10, "k", 10**9))
+    await wait_for(lambda: committer.checkpoints == 1)
+    assert worker.ownership.epoch(0) == 6
+    assert await redis_client.get(epoch_key(layout, 0)) == b"6"
+    await wait_for_async(lambda: pending(redis_client, layout, 0), 0)
+    async with engine.connect() as conn:
+        epoch = (await conn.execute(text("SELECT lease_epoch FROM engine_checkpoints"))).scalar()
+    assert epoch == 6
