@@ -12,8 +12,10 @@ Rules are kept by version, as the pattern engine applies versions by activation 
 version stops the older ones); windows by id, the latest version only (the window engine runs
 one definition per id; a disabled window is not run).
 
-Not wired into the worker yet: the per-partition engines, their checkpoints and the fenced
-commit order are the next step; this is what they will read their definitions from.
+The worker's engines (`processing/committer.py`) read `version` before each batch and take the
+definitions anew (`windows_and_rules`) when it moved, so a change reaches every partition at its
+next batch boundary without a restart. `active_tenants` lets the engine skip (not even decode)
+the entries of tenants that have nothing to run.
 """
 
 from __future__ import annotations
@@ -77,6 +79,38 @@ class DefinitionFollower:
         """(tenant, rule id, version) -> the rule version."""
         self.windows: dict[tuple[str, str], FollowedWindow] = {}
         """(tenant, window id) -> its latest version."""
+        self.version = 0
+        """Grows with every change applied (the engines compare it with what they run)."""
+        self._active: frozenset[str] = frozenset()
+        self.ready = asyncio.Event()
+        """Set after the first complete poll (the whole log read once)."""
+
+    def is_ready(self) -> bool:
+        """Whether the whole log was read once (the engines wait for it, so that a restarted
+        processor never runs its first batches without the definitions)."""
+        return self.ready.is_set()
+
+    def windows_and_rules(self) -> tuple[list[WindowDef], list[Rule]]:
+        """What every partition's engine runs: the enabled windows, and every rule version
+        (disabled ones too: they stop the older versions at their activation)."""
+        return self.enabled_windows(), list(self.rules.values())
+
+    def active_tenants(self) -> frozenset[str]:
+        """Tenants with an enabled window or a rule whose latest version is enabled: the only
+        ones whose events the engine needs to see."""
+        return self._active
+
+    def _recompute(self) -> None:
+        latest: dict[tuple[str, str], Rule] = {}
+        for (tenant, rule_id, version), rule in self.rules.items():
+            known = latest.get((tenant, rule_id))
+            if known is None or known.version < version:
+                latest[(tenant, rule_id)] = rule
+        self._active = frozenset(
+            {tenant for (tenant, _), rule in latest.items() if rule.enabled}
+            | {tenant for (tenant, _), window in self.windows.items() if window.enabled}
+        )
+        self.version += 1
 
     def enabled_windows(self) -> list[WindowDef]:
         return [w.definition for w in self.windows.values() if w.enabled]
@@ -85,19 +119,24 @@ class DefinitionFollower:
         """Apply every change after the cursor; the number applied. Raises AioRpcError when
         storage cannot be reached (the cursor stays at the last change applied)."""
         applied = 0
-        more = True
-        while more:
-            reply = await self._stub.ListDefinitionChanges(
-                pb.ListDefinitionChangesRequest(
-                    after_change_id=self.cursor, limit=_CHANGES_PER_CALL
-                ),
-                timeout=self._timeout,
-            )
-            for change in reply.changes:
-                await self._apply(change)
-                self.cursor = change.change_id
-                applied += 1
-            more = reply.more
+        try:
+            more = True
+            while more:
+                reply = await self._stub.ListDefinitionChanges(
+                    pb.ListDefinitionChangesRequest(
+                        after_change_id=self.cursor, limit=_CHANGES_PER_CALL
+                    ),
+                    timeout=self._timeout,
+                )
+                for change in reply.changes:
+                    await self._apply(change)
+                    self.cursor = change.change_id
+                    applied += 1
+                more = reply.more
+        finally:
+            if applied:  # also those applied before a failure
+                self._recompute()
+        self.ready.set()
         return applied
 
     async def _apply(self, change: pb.DefinitionChange) -> None:

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from services.processor.definition_follower import DefinitionFollower, DefinitionStub
+from services.processor.delivery.engine_storage import EngineStorage, definitions_channel
 from services.processor.delivery.storage_client import StorageWriter
+from services.processor.engine.clock import ClockConfig
+from services.processor.processing.committer import EngineConfig
 from services.processor.service import ProcessorServicer
 from services.processor.settings import ProcessorSettings
-from services.processor.worker import StreamWorker, WorkerConfig
+from services.processor.worker import EngineSetup, StreamWorker, WorkerConfig
 from streammesh.api.processor.v1 import processor_pb2, processor_pb2_grpc
 from streammesh.mesh import (
     MeshServer,
@@ -27,6 +31,7 @@ from streammesh.mesh import (
 from streammesh.mesh.health import redis_check
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import load_tls, run_service
+from streammesh.mesh.tasks import stop_task
 from streammesh.streams import StreamLayout
 
 __all__ = ["ProcessorDeps", "build_worker", "create_server", "main", "serve"]
@@ -46,8 +51,23 @@ def worker_config(settings: ProcessorSettings) -> WorkerConfig:
     )
 
 
+def engine_config(settings: ProcessorSettings) -> EngineConfig:
+    """The engine's settings (checkpoint cadence, watermark clock)."""
+    return EngineConfig(
+        clock=ClockConfig(
+            out_of_orderness_nanos=settings.engine_out_of_orderness_ms * 1_000_000,
+            idle_timeout_nanos=settings.engine_idle_timeout_ms * 1_000_000,
+        ),
+        checkpoint_batches=settings.engine_checkpoint_batches,
+        checkpoint_seconds=settings.engine_checkpoint_seconds,
+    )
+
+
 def build_worker(
-    settings: ProcessorSettings, client: aioredis.Redis, writer: StorageWriter
+    settings: ProcessorSettings,
+    client: aioredis.Redis,
+    writer: StorageWriter,
+    engine: EngineSetup | None = None,
 ) -> StreamWorker:
     layout = StreamLayout(
         prefix=settings.stream_prefix, partitions=settings.partitions, group=settings.group
@@ -59,6 +79,7 @@ def build_worker(
         store=writer.store,
         dead_letters=writer.record_dead_letter,
         config=worker_config(settings),
+        engine=engine,
     )
 
 
@@ -79,11 +100,12 @@ def create_server(settings: ProcessorSettings, deps: ProcessorDeps) -> MeshServe
 
 
 def _exit_if_worker_died(task: asyncio.Task[None]) -> None:
-    """A processor whose worker died must not keep reporting SERVING: drain and exit so the
-    supervisor restarts it (its pending entries are re-read by the next life or reclaimed)."""
+    """A processor whose worker (or definition follower, which would leave its engines on
+    stale definitions) died must not keep reporting SERVING: drain and exit so the supervisor
+    restarts it (its pending entries are re-read by the next life or reclaimed)."""
     if task.cancelled() or task.exception() is None:
         return
-    log.critical("stream worker died", exc_info=task.exception())
+    log.critical("%s died", task.get_name(), exc_info=task.exception())
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -93,7 +115,16 @@ async def serve(settings: ProcessorSettings) -> None:
     writer = StorageWriter(
         settings.storage_target, tls, timeout_seconds=settings.store_timeout_seconds
     )
-    worker = build_worker(settings, client, writer)
+    channel = definitions_channel(
+        settings.storage_target, tls, timeout_seconds=settings.store_timeout_seconds
+    )
+    follower = DefinitionFollower(
+        DefinitionStub(channel), poll_interval=settings.definitions_poll_seconds
+    )
+    following = asyncio.create_task(follower.run(), name="definition-follower")
+    following.add_done_callback(_exit_if_worker_died)
+    engine = EngineSetup(EngineStorage(channel), follower, engine_config(settings))
+    worker = build_worker(settings, client, writer, engine)
     task = asyncio.create_task(worker.run(), name="stream-worker")
     task.add_done_callback(_exit_if_worker_died)
 
@@ -103,6 +134,8 @@ async def serve(settings: ProcessorSettings) -> None:
         worker.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=settings.store_timeout_seconds + 2)
+        await stop_task(following)
+        await channel.close()
         await writer.close()
         await client.aclose()
 

@@ -87,6 +87,36 @@ class ProcessorSettings(ServiceSettings):
     dead_letter_maxlen: int = Field(
         10_000, ge=1, description="the dead-letter stream is capped near this many entries"
     )
+    engine_checkpoint_batches: int = Field(
+        200,
+        ge=1,
+        le=10_000,
+        description="a partition's engine state is saved (and the entries it covers "
+        "acknowledged) after this many processed batches...",
+    )
+    engine_checkpoint_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="...or this long after its last save, and before its lease is released; "
+        "it bounds what a new owner replays and how long processed entries stay pending",
+    )
+    engine_out_of_orderness_ms: int = Field(
+        2_000, ge=0, description="watermark = largest event time seen on a partition - this"
+    )
+    engine_idle_timeout_ms: int = Field(
+        10_000,
+        ge=1,
+        description="a partition without events this long (processing time) has its "
+        "watermark advance with the clock, so its windows close",
+    )
+    definitions_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=5,
+        description="how often rule and window changes are fetched from storage (a change "
+        "runs on every processor within this plus two calls)",
+    )
     failpoint: str = Field(
         "",
         description="test-only fault injection: crash-before-store[:N] or crash-after-store[:N]",

@@ -18,6 +18,10 @@ Guarantees:
   (`max_deliveries`); at the limit the entry is recorded as a dead letter in storage and then
   acknowledged, so the entries behind it flow. Outages never count
   (`delivery/dead_letters.py`).
+- With the engine on (`engine=`), delivery acknowledges through the engine's committer
+  (`processing/committer.py`): stored entries are processed by their partition's engine, its
+  outputs stored fenced by the lease epoch, and an entry is acknowledged only once a saved
+  checkpoint covers it (docs/processor-checkpoints.md).
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ from services.processor.delivery.deliverer import (
     Outcome,
 )
 from services.processor.delivery.store import StoreBatch
+from services.processor.processing.committer import (
+    Definitions,
+    EngineCommitter,
+    EngineConfig,
+    EngineStore,
+)
 from services.processor.source.ownership import PartitionOwnership
 from services.processor.source.partitions import (
     PartitionSource,
@@ -49,7 +59,7 @@ from streammesh.api.processor.v1 import processor_pb2
 from streammesh.mesh.tasks import raise_if_cancelled, stop_task, wait_event
 from streammesh.streams import StreamLayout
 
-__all__ = ["StreamWorker", "WorkerConfig", "WorkerStats"]
+__all__ = ["EngineSetup", "StreamWorker", "WorkerConfig", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +78,15 @@ class WorkerStats(SourceStats, DeliveryStats):
     """Both parts' counters in one object (each part counts into it)."""
 
 
+@dataclass(frozen=True)
+class EngineSetup:
+    """What the engine needs: storage's engine calls, the definitions, and its settings."""
+
+    store: EngineStore
+    definitions: Definitions
+    config: EngineConfig
+
+
 class StreamWorker:
     """One consumer of the group: its source and delivery, and the loop that runs them."""
 
@@ -80,9 +99,11 @@ class StreamWorker:
         store: StoreBatch,
         config: WorkerConfig | None = None,
         dead_letters: RecordDeadLetter | None = None,
+        engine: EngineSetup | None = None,
     ) -> None:
         """`dead_letters` records a dead letter in storage before its entry is acknowledged;
-        without it (tests, tools) the dead-letter stream entry is the only record."""
+        without it (tests, tools) the dead-letter stream entry is the only record. `engine`
+        runs the windows and rules on what is stored; without it entries are only stored."""
         self._client = client
         self._layout = layout
         self._consumer = consumer
@@ -98,11 +119,21 @@ class StreamWorker:
             forget=functools.partial(attempts_key, layout),
             top_up=config.store_across_max_events > 0,
         )
+        self.committer: EngineCommitter | None = None
+        if engine is not None:
+            self.committer = EngineCommitter(
+                self._source,
+                stream=layout.prefix,
+                store=engine.store,
+                definitions=engine.definitions,
+                config=engine.config,
+            )
+            self._source.set_processing(self.committer)
         self._delivery = Deliverer(
             client,
             layout,
             store=store,
-            fence=self._source,
+            fence=self.committer or self._source,
             config=config,
             stats=self.stats,
             dead_letters=dead_letters,
@@ -136,6 +167,12 @@ class StreamWorker:
         try:
             await self.ownership.wait_first_heartbeat(self._config.heartbeat_ms / 1000)
             await self._consume()
+            if self.committer is not None:
+                # A graceful stop: save the state, so the next owners replay nothing.
+                try:
+                    await self.committer.release(sorted(self._source.active()))
+                except (RedisError, OSError) as error:
+                    log.warning("could not acknowledge the last checkpoint's entries: %s", error)
         finally:
             self._leaving.set()
             await stop_task(heartbeats)
@@ -161,6 +198,8 @@ class StreamWorker:
             await wait_event(self._stopping, self._source.tick)
             return
         outcomes = await self._delivery.drain(work)
+        if self.committer is not None:
+            await self.committer.tick([partition for partition, _ in work])
         retry = [p for p, outcome in outcomes.items() if outcome is Outcome.RETRY]
         if retry:
             self._source.read_pending_first(retry)

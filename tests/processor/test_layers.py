@@ -18,6 +18,9 @@ WIRING = [f"{PACKAGE}.{name}" for name in ("worker", "server", "service", "__mai
 FORBIDDEN = {
     "source": [f"{PACKAGE}.delivery", f"{PACKAGE}.engine", *WIRING],
     "delivery": [f"{PACKAGE}.source", *WIRING],
+    # The engine's side sits between the two (it acknowledges through the source's fence
+    # after delivery stored), and is wired like them.
+    "processing": WIRING,
 }
 """Per part, the packages and modules none of its modules may import (at any nesting)."""
 

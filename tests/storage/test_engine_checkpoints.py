@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.processor.delivery.engine_outputs import outputs_request
 from services.processor.engine.clock import ClockConfig
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.partition import PartitionEngine, PartitionOutputs
-from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from tests.processor.engine.test_partition import rules, windows
 from tests.storage import test_definitions as definitions_tests
@@ -42,73 +42,6 @@ def checkpoint(epoch: int, entry: str, snapshot: bytes = b"state", partition: in
         last_entry_id=entry,
         snapshot=snapshot,
     )
-
-
-def request(out: PartitionOutputs, saved: pb.EngineCheckpoint) -> pb.StoreEngineOutputsRequest:
-    """What the worker will send for one batch: the outputs as protobuf, and the checkpoint."""
-    message = pb.StoreEngineOutputsRequest(checkpoint=saved)
-    for a in out.alerts:
-        message.alerts.append(
-            common.Alert(
-                alert_id=a.alert_id,
-                tenant=a.tenant,
-                rule_id=a.rule_id,
-                rule_version=a.rule_version,
-                rule_kind=a.kind,
-                key=a.key,
-                first_event_time_unix_nanos=a.first_event_time_nanos,
-                last_event_time_unix_nanos=a.last_event_time_nanos,
-                event_ids=a.event_ids,
-                detail_json=json.dumps(dict(a.detail)),
-            )
-        )
-    for r in out.window_results:
-        message.window_results.append(
-            common.WindowResult(
-                tenant=r.tenant,
-                window_id=r.window_id,
-                window_version=r.window_version,
-                partition=r.partition,
-                group=r.group,
-                start_unix_nanos=r.start_nanos,
-                end_unix_nanos=r.end_nanos,
-                revision=r.revision,
-                values_json=json.dumps(dict(r.values)),
-                watermark_unix_nanos=r.watermark_nanos,
-                retracted=r.retracted,
-            )
-        )
-    for w in out.window_late:
-        message.late_events.append(
-            common.LateEvent(
-                tenant=w.tenant,
-                source=common.DEFINITION_KIND_WINDOW,
-                definition_id=w.window_id,
-                definition_version=w.window_version,
-                event_id=w.event_id,
-                event_key=w.event_key,
-                event_time_unix_nanos=w.event_time_nanos,
-                watermark_unix_nanos=w.watermark_nanos,
-                window_start_unix_nanos=w.window_start_nanos,
-                window_end_unix_nanos=w.window_end_nanos,
-                reason=w.reason,
-            )
-        )
-    for x in out.rule_late:
-        message.late_events.append(
-            common.LateEvent(
-                tenant=x.tenant,
-                source=common.DEFINITION_KIND_RULE,
-                definition_id=x.rule_id,
-                definition_version=x.rule_version,
-                event_id=x.event_id,
-                event_key=x.event_key,
-                event_time_unix_nanos=x.event_time_nanos,
-                watermark_unix_nanos=x.watermark_nanos,
-                reason=x.reason,
-            )
-        )
-    return message
 
 
 def stream_events(count: int) -> list[EngineEvent]:
@@ -198,11 +131,13 @@ async def test_a_takeover_mid_stream_stores_every_output_exactly_once(
     for i in range(0, 150, 25):
         out = first.process(events[i : i + 25], 0, last_entry_id=entry(i + 24))
         reply = await processor.StoreEngineOutputs(
-            request(out, checkpoint(1, first.last_entry_id, first.snapshot()))
+            outputs_request(out, checkpoint=checkpoint(1, first.last_entry_id, first.snapshot()))
         )
         assert reply.checkpoint_saved
     in_flight = first.process(events[150:175], 0, last_entry_id=entry(174))
-    late_write = request(in_flight, checkpoint(1, first.last_entry_id, first.snapshot()))
+    late_write = outputs_request(
+        in_flight, checkpoint=checkpoint(1, first.last_entry_id, first.snapshot())
+    )
     assert len(in_flight) > 0, "the refused write must have had outputs to lose"
 
     # The new owner (epoch 2) loads, which fences epoch 1 out; its late write is refused whole.
@@ -223,7 +158,9 @@ async def test_a_takeover_mid_stream_stores_every_output_exactly_once(
     for i in range(resume, 400, 40):
         batch = events[i : i + 40]
         out = second.process(batch, 0, last_entry_id=entry(i + len(batch) - 1))
-        message = request(out, checkpoint(2, second.last_entry_id, second.snapshot()))
+        message = outputs_request(
+            out, checkpoint=checkpoint(2, second.last_entry_id, second.snapshot())
+        )
         await processor.StoreEngineOutputs(message)
         if i == resume:
             again = await processor.StoreEngineOutputs(message)  # a retry: nothing new
@@ -232,7 +169,7 @@ async def test_a_takeover_mid_stream_stores_every_output_exactly_once(
     for now in (0, 10**12):
         out = second.process([], now)
         await processor.StoreEngineOutputs(
-            request(out, checkpoint(2, second.last_entry_id, second.snapshot()))
+            outputs_request(out, checkpoint=checkpoint(2, second.last_entry_id, second.snapshot()))
         )
     final = await stored(engine)
     want = expected(reference_outs)

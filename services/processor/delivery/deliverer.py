@@ -40,14 +40,21 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.entries import Entry, QueuedBody, entry_body
 from streammesh.streams import StreamLayout
 
-__all__ = ["Deliverer", "DeliveryConfig", "DeliveryStats", "Fence", "Outcome"]
+__all__ = ["CommitDeferred", "Deliverer", "DeliveryConfig", "DeliveryStats", "Fence", "Outcome"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class CommitDeferred(Exception):
+    """Raised by a `Fence`'s ack when what the acknowledgement waits for (the engine's outputs
+    or its checkpoint) could not be committed yet: the entries stay pending and the partition's
+    round is retried after a pause (an outage, never counted against the entries)."""
+
+
 class Fence(Protocol):
-    """What delivery needs of the source (`source.partitions.PartitionSource` is one)."""
+    """What delivery needs of the source (`source.partitions.PartitionSource` is one, the
+    engine's `processing.committer.EngineCommitter`, which runs the engine first, another)."""
 
     def holds(self, partition: int) -> bool:
         """Whether work on the partition may start now (checked before each store)."""
@@ -59,6 +66,10 @@ class Fence(Protocol):
 
     async def ack_all(self, acks: Sequence[tuple[int, Sequence[Entry]]]) -> list[bool]:
         """`ack` for several partitions at once (one round trip), a result for each."""
+        ...
+
+    async def discard(self, partition: int, entries: Sequence[Entry]) -> bool:
+        """Acknowledge entries whose events were not stored (dead letters), unprocessed."""
         ...
 
 
@@ -201,7 +212,11 @@ class Deliverer:
         if not isinstance(result, StoreResult):
             return [result] * len(chunk)  # an outage waits; anything else goes per partition
         self._count_stored(sum(len(group) for _, group in chunk), result)
-        acked = await self._fence.ack_all(chunk)
+        try:
+            acked = await self._fence.ack_all(chunk)
+        except CommitDeferred as error:
+            self.stats.last_error = str(error)
+            return [Outcome.RETRY] * len(chunk)
         return [Outcome.DONE if ok else Outcome.LOST for ok in acked]
 
     async def _drain(self, partition: int, entries: list[Entry]) -> Outcome:
@@ -241,9 +256,7 @@ class Deliverer:
         if not isinstance(result, StoreResult):
             return result  # an outage waits; anything else is sorted out per entry
         self._count_stored(len(group), result)
-        if not await self._fence.ack(partition, group):
-            return Outcome.LOST
-        return Outcome.DONE
+        return await self._ack(partition, group)
 
     async def _store_several(self, body: Callable[[], QueuedBody]) -> StoreResult | Outcome | None:
         """Store the entries of `body` in one call: its result, or after a failure RETRY (an
@@ -303,11 +316,19 @@ class Deliverer:
             )
             if not await self._dead_letter(record):
                 return Outcome.RETRY
-        else:
-            self._count_stored(1, result)
-        if not await self._fence.ack(partition, [(entry_id, fields)]):
-            return Outcome.LOST
-        return Outcome.DONE
+            if not await self._fence.discard(partition, [(entry_id, fields)]):
+                return Outcome.LOST
+            return Outcome.DONE
+        self._count_stored(1, result)
+        return await self._ack(partition, [(entry_id, fields)])
+
+    async def _ack(self, partition: int, entries: list[Entry]) -> Outcome:
+        """The fence's acknowledgement of stored entries, as an outcome."""
+        try:
+            return Outcome.DONE if await self._fence.ack(partition, entries) else Outcome.LOST
+        except CommitDeferred as error:
+            self.stats.last_error = str(error)
+            return Outcome.RETRY
 
     def _count_stored(self, entries: int, result: StoreResult) -> None:
         self.stats.batches_stored += entries

@@ -6,7 +6,10 @@ scale-out and failover. With this protocol a processor reads, stores, acknowledg
 trims only the partitions it holds a lease on. Keys (see `streammesh.streams`):
 
 - `<prefix>:members`: sorted set, consumer name -> expiry (Redis clock, ms);
-- `<prefix>:lease:p<n>`: string, the owner's consumer name, with a PX expiry of `lease_ttl`.
+- `<prefix>:lease:p<n>`: string, the owner's consumer name, with a PX expiry of `lease_ttl`;
+- `<prefix>:epoch:p<n>`: integer, the partition's lease epoch (no expiry): ACQUIRE increments
+  it whenever a consumer newly takes the partition, and the engine's outputs and checkpoints are
+  fenced in storage by it (docs/processor-checkpoints.md).
 
 Membership. Every `heartbeat` a processor runs HEARTBEAT: ZADD itself with expiry now + lease_ttl,
 drop the members whose expiry has passed, and read the rest. A processor that stops heartbeating
@@ -19,7 +22,9 @@ member joins or leaves.
 
 Leases. Four Lua scripts run against `<prefix>:lease:p<n>`:
 - ACQUIRE sets the lease if it is absent, or extends it if it already names us. A live lease is
-  never taken from its owner: a partition moves only after the owner releases it or the lease expires;
+  never taken from its owner: a partition moves only after the owner releases it or the lease expires.
+  It returns the partition's lease epoch, incremented when the lease was absent (or named us
+  without this process holding it: a restart under the same name), 0 when refused;
 - RENEW runs on every heartbeat for every lease we hold. It extends the lease only if it still names
   us (compare-and-set). If it answers 0, the partition is dropped at once;
 - RELEASE deletes the lease only if it names us. The worker releases a partition at a round
@@ -55,8 +60,8 @@ Invariants:
    pending, and the new owner stores it again before anything newer. The idempotent store turns
    the repeat into a no-op.
 
-Limits. A store call that is already in flight when the lease is lost still completes, because no
-fencing token reaches storage. By (4) this can only repeat an entry that the new owner also
+Limits. A StoreEvents call that is already in flight when the lease is lost still completes,
+because no fencing token reaches StoreEvents (the engine's outputs are fenced by the epoch). By (4) this can only repeat an entry that the new owner also
 stores, in order. A process paused between `holds()` and the store it guards for longer than the
 margin could start one stale store. A fencing token checked by storage would close that gap.
 """
@@ -78,7 +83,7 @@ from streammesh.entries import Entry
 from streammesh.mesh.tasks import raise_if_cancelled, wait_event
 from streammesh.streams import StreamLayout
 
-__all__ = ["ACK_SCRIPT", "SAFETY", "PartitionOwnership", "assign"]
+__all__ = ["ACK_SCRIPT", "SAFETY", "PartitionOwnership", "assign", "epoch_key"]
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +104,32 @@ _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
 if holder == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+  -- A new owner: the partition's lease epoch grows (storage fences the older owners with it).
+  return redis.call('INCR', KEYS[2])
 end
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+  -- ARGV[3] '0': the lease names us but this life of the process did not hold it (a restart
+  -- under the same consumer name): a new owner too.
+  if epoch == 0 or ARGV[3] == '0' then
+    epoch = redis.call('INCR', KEYS[2])
+  end
+  return epoch
 end
 return 0
+"""
+
+_RAISE_EPOCH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+if epoch < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return tonumber(ARGV[2])
+end
+return epoch
 """
 
 _RENEW = """
@@ -158,6 +182,12 @@ return acked
 """KEYS: lease, stream, backlog counters, and the hash to forget the entries in (optional);
 ARGV: consumer, group, then id, events, bytes for each entry. -1 when the lease names another
 consumer (nothing changed), else how many entries XACK took out of the pending list."""
+
+
+def epoch_key(layout: StreamLayout, partition: int) -> str:
+    """Partition n's lease epoch counter, `<prefix>:epoch:p<n>` (the lease key's naming; no
+    hash tag, as none of the partition's keys has one yet: the ACQUIRE script touches both)."""
+    return f"{layout.prefix}:epoch:p{partition}"
 
 
 def _rank(member: str, partition: int) -> bytes:
@@ -218,11 +248,13 @@ class PartitionOwnership:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._raise_epoch = client.register_script(_RAISE_EPOCH)
         self._ack = client.register_script(ACK_SCRIPT)
         self._forget = forget
         # partition -> (local deadline, generation); the generation tells a renewal's answer
         # apart from a release + re-acquire that happened while it was on the wire.
         self._leases: dict[int, tuple[float, int]] = {}
+        self._epochs: dict[int, int] = {}
         self._generation = 0
         self._members: tuple[str, ...] = ()
         self._desired: frozenset[int] = frozenset()
@@ -299,7 +331,8 @@ class PartitionOwnership:
             await wait_event(stop, self._heartbeat_s)
 
     async def acquire(self, partitions: Iterable[int]) -> list[int]:
-        """Try to take free (absent or expired) leases; returns the partitions now held."""
+        """Try to take free (absent or expired) leases; returns the partitions now held. Each
+        one newly taken gets the next lease epoch of its partition (`epoch`)."""
         wanted = sorted(partitions)
         if not wanted:
             return []
@@ -307,18 +340,37 @@ class PartitionOwnership:
         async with self._client.pipeline(transaction=False) as pipe:
             for partition in wanted:
                 await self._acquire(
-                    keys=[self._layout.lease_key(partition)],
-                    args=[self._consumer, self._ttl_ms],
+                    keys=[self._layout.lease_key(partition), epoch_key(self._layout, partition)],
+                    args=[self._consumer, self._ttl_ms, int(partition in self._leases)],
                     client=pipe,
                 )
             replies: list[Any] = await pipe.execute()
-        acquired = [p for p, ok in zip(wanted, replies, strict=True) if ok]
-        for partition in acquired:
+        acquired = [(p, int(epoch)) for p, epoch in zip(wanted, replies, strict=True) if epoch]
+        for partition, epoch in acquired:
             self._generation += 1
             self._leases[partition] = (started + self._trusted_s, self._generation)
+            self._epochs[partition] = epoch
         if acquired:
             log.info("acquired partitions %s", acquired)
-        return acquired
+        return [partition for partition, _ in acquired]
+
+    def epoch(self, partition: int) -> int:
+        """The lease epoch of a partition we hold (0 for one we do not): it grows with every
+        new owner, and storage fences the engine outputs of older ones with it."""
+        return self._epochs.get(partition, 0) if partition in self._leases else 0
+
+    async def raise_epoch(self, partition: int, at_least: int) -> int:
+        """Move the partition's epoch up to `at_least` while we hold its lease (Redis lost its
+        counter, and storage's fence is higher); the epoch after the call, 0 if not held."""
+        epoch = int(
+            await self._raise_epoch(
+                keys=[self._layout.lease_key(partition), epoch_key(self._layout, partition)],
+                args=[self._consumer, at_least],
+            )
+        )
+        if epoch and partition in self._leases:
+            self._epochs[partition] = epoch
+        return epoch
 
     async def release(self, partitions: Iterable[int]) -> None:
         """Give leases back (only those still naming us); call with nothing of them in flight."""

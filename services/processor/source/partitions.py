@@ -8,6 +8,12 @@ a claim, a failed round or a queue error, so that its entries are stored in ID o
 (`ownership.py`, Handover). Between rounds, with nothing in flight, `prepare` rebalances, and
 reclaims and trims what is due; `ack` is the fenced acknowledgement, counting the bytes toward
 the next trim.
+
+With the engine on (`Processing`, the committer), entries it processed stay pending until a
+checkpoint covers them. The backlog read and the idle reclaim then start after the last entry
+the engine's side has seen (`Processing.position`) instead of from the start: those entries are
+in hand, not stale, and must not be stored or processed again. A takeover tells it to forget
+the partition's state, and a release waits for its final checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 
@@ -27,7 +33,15 @@ from streammesh.api.processor.v1 import processor_pb2
 from streammesh.entries import Entry
 from streammesh.streams import StreamLayout, body_bytes
 
-__all__ = ["PartitionSource", "SourceConfig", "SourceStats", "Work", "partition_status"]
+__all__ = [
+    "PartitionSource",
+    "Processing",
+    "SourceConfig",
+    "SourceStats",
+    "Work",
+    "after",
+    "partition_status",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +51,30 @@ Work = list[tuple[int, list[Entry]]]
 _CLAIM_PAGE = 500
 _MAX_CLAIM_PAGES = 10_000
 """Bounds one sweep over a pending list (5 million entries); the next sweep continues."""
+
+
+class Processing(Protocol):
+    """What the source asks of the engine's side (`processing.committer.EngineCommitter`):
+    entries it processed stay pending until a checkpoint covers them, so re-reads and reclaims
+    start after them, and a lease is released only after its state is saved."""
+
+    def position(self, partition: int) -> str:
+        """The last entry id the partition's engine holds ("0" for none)."""
+        ...
+
+    def forget(self, partition: int) -> None:
+        """The partition was lost, or is taken over anew."""
+        ...
+
+    async def release(self, partitions: Sequence[int]) -> None:
+        """Save the partitions' state before their leases are given back."""
+        ...
+
+
+def after(entry_id: str) -> str:
+    """The least entry id after `entry_id` (XAUTOCLAIM's start is inclusive)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +125,7 @@ class PartitionSource:
         stats: SourceStats,
         forget: Callable[[int], str] | None = None,
         top_up: bool = False,
+        processing: Processing | None = None,
     ) -> None:
         """`forget` goes to the fenced ack (`PartitionOwnership`). With `top_up`, a blocked
         read that returned entries of some partitions reads the others once more without
@@ -97,6 +136,7 @@ class PartitionSource:
         self._consumer_bytes = consumer.encode()
         self._config = config
         self._top_up = top_up
+        self._processing = processing
         self.stats = stats
         self.ownership = PartitionOwnership(
             client,
@@ -122,6 +162,17 @@ class PartitionSource:
     def holds(self, partition: int) -> bool:
         """Whether work on `partition` may start now (checked before each store)."""
         return self.ownership.holds(partition)
+
+    def set_processing(self, processing: Processing) -> None:
+        """Follow the engine's positions and save its state before releases (see Processing)."""
+        self._processing = processing
+
+    def _position(self, partition: int) -> str:
+        return "0" if self._processing is None else self._processing.position(partition)
+
+    def active(self) -> frozenset[int]:
+        """Partitions taken over and still held."""
+        return frozenset(self._active)
 
     async def prepare(self) -> None:
         """Between rounds: the consumer group (again after Redis lost it), the rebalance, and
@@ -182,6 +233,10 @@ class PartitionSource:
         self._count_acked(partition, entries)
         return True
 
+    async def discard(self, partition: int, entries: Sequence[Entry]) -> bool:
+        """`ack` of entries that were not stored (dead letters)."""
+        return await self.ack(partition, entries)
+
     async def ack_all(self, acks: Sequence[tuple[int, Sequence[Entry]]]) -> list[bool]:
         """`ack` for several partitions in one round trip (`PartitionOwnership.ack_many`)."""
         results = await self.ownership.ack_many(acks)
@@ -200,10 +255,15 @@ class PartitionSource:
         it gives us, and take over what we acquired."""
         ownership = self.ownership
         held = ownership.held()
+        for partition in self._active - held:
+            if self._processing is not None:
+                self._processing.forget(partition)
         self._active &= held
         self._backlog &= held
         surplus = held - ownership.desired
         if surplus:
+            if self._processing is not None:
+                await self._processing.release(sorted(surplus & self._active))
             await ownership.release(surplus)
             self._active -= surplus
             self._backlog -= surplus
@@ -216,6 +276,8 @@ class PartitionSource:
             self.stats.backlog_corrections += bool(drift.events or drift.bytes)
             self._acked_bytes[partition] = 0
             claimed = await self._claim_foreign(partition)
+            if self._processing is not None:
+                self._processing.forget(partition)
             self.stats.takeovers += 1
             log.info("took over partition %d (%d pending entries claimed)", partition, claimed)
             self._active.add(partition)
@@ -225,7 +287,12 @@ class PartitionSource:
         """Our pending entries ("0") of backlog partitions, new ones (">") of the others; blocks
         only when no partition has a backlog."""
         backlog = not self._backlog.isdisjoint(partitions)
-        positions = {self._layout.stream(p): "0" if p in self._backlog else ">" for p in partitions}
+        # A backlog partition reads its pending entries after those its engine holds (they stay
+        # pending until a checkpoint covers them, and must not be stored or processed again).
+        positions = {
+            self._layout.stream(p): self._position(p) if p in self._backlog else ">"
+            for p in partitions
+        }
         entries = {p: cast(list[Entry], []) for p in partitions}
         await self._read_into(entries, positions, block=not backlog)
         idle = {self._layout.stream(p): ">" for p, found in entries.items() if not found}
@@ -294,7 +361,10 @@ class PartitionSource:
             if not self.ownership.holds(partition):
                 continue
             stream = self._layout.stream(partition)
-            start: Any = "0-0"
+            # Entries the engine holds are pending, unacknowledged until the next checkpoint,
+            # and idle by design: they are not stale while we hold the lease.
+            position = self._position(partition)
+            start: Any = "0-0" if position == "0" else after(position)
             for _ in range(_MAX_CLAIM_PAGES):
                 # Not JUSTID: redis-py drops the cursor from JUSTID replies.
                 start, claimed, _ = await self._client.xautoclaim(
