@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.payload import LazyPayload
 from streammesh.api.common.v1 import event_pb2
-from streammesh.entries import Entry, entry_body
+from streammesh.entries import Entry, entry_body, expand_runs, run_tenants
 from streammesh.mesh.tenancy import DEFAULT_TENANT
 
 __all__ = ["engine_events", "entry_tenants"]
@@ -26,13 +26,16 @@ _NO_ATTRIBUTES: Mapping[str, Any] = {}
 
 
 def entry_tenants(fields: dict[bytes, bytes] | None) -> frozenset[str]:
-    """The tenants whose events an entry holds, read without decoding it. Queue entries name no
-    tenant yet: every event is the default tenant's (ingest writes one tenant per run once the
-    queue carries it, and this is the one place that reads it)."""
-    return _DEFAULT
-
-
-_DEFAULT = frozenset((DEFAULT_TENANT,))
+    """The tenants whose events an entry holds (one per run; "default" for entries written
+    before tenants). Asked only while some tenant has definitions; an entry that does not
+    decode holds none the engine could read."""
+    try:
+        body = entry_body(fields)
+        if body.columnar:
+            return frozenset(run_tenants(event_pb2.QueuedColumns.FromString(body.data)))
+        return frozenset((body.batch().tenant or DEFAULT_TENANT,))
+    except DecodeError:
+        return frozenset()
 
 
 def engine_events(entries: list[Entry], partition: int) -> list[EngineEvent]:
@@ -46,16 +49,16 @@ def engine_events(entries: list[Entry], partition: int) -> list[EngineEvent]:
                 _from_columns(body.data, partition, events)
             else:
                 _from_batch(body.batch(), partition, events)
-        except DecodeError:
+        except (DecodeError, ValueError):  # malformed columns (lists of different lengths)
             continue
     return events
 
 
 def _from_columns(data: bytes, partition: int, events: list[EngineEvent]) -> None:
     columns = event_pb2.QueuedColumns.FromString(data)
-    tenant = DEFAULT_TENANT
+    tenants = expand_runs(run_tenants(columns), columns.run_lengths)
     append = events.append
-    for event_id, key, kind, payload, content_type, attributes, micros, nanos in zip(
+    for event_id, key, kind, payload, content_type, attributes, micros, nanos, tenant in zip(
         columns.ids,
         columns.keys,
         columns.types,
@@ -64,6 +67,7 @@ def _from_columns(data: bytes, partition: int, events: list[EngineEvent]) -> Non
         columns.attributes,
         columns.event_time_micros,
         columns.event_time_nanos,
+        tenants,
         strict=True,
     ):
         append(
@@ -81,6 +85,7 @@ def _from_columns(data: bytes, partition: int, events: list[EngineEvent]) -> Non
 
 
 def _from_batch(batch: event_pb2.QueuedBatch, partition: int, events: list[EngineEvent]) -> None:
+    tenant = batch.tenant or DEFAULT_TENANT
     for queued in batch.events:
         event = queued.event
         stamp = event.event_time if event.HasField("event_time") else queued.ingest_time
@@ -91,7 +96,7 @@ def _from_batch(batch: event_pb2.QueuedBatch, partition: int, events: list[Engin
                 event.type,
                 stamp.seconds * 1_000_000_000 + stamp.nanos,
                 partition,
-                DEFAULT_TENANT,
+                tenant,
                 LazyPayload(event.payload if event.content_type in _JSON_TYPES else b""),
                 dict(event.attributes),
             )
