@@ -56,6 +56,14 @@ BACKLOG_LIMITS = {
         "STREAMMESH_INGEST_IDEMPOTENCY_MAX_IDS": "100000",
     },
     "processor": {"STREAMMESH_PROCESSOR_TRIM_AFTER_BYTES": str(2 * MiB)},
+    # The bench checks what was stored with one CountEvents over a phase's time range: a
+    # closed loop of the default 60 s stores 2 to 5 million events, past the 1,000,000 an
+    # analyst's count may read by default. Its own stack, its own bound (a count is an index
+    # scan within the statement timeout).
+    "storage": {
+        "STREAMMESH_STORAGE_QUERY_MAX_ROWS": "100000000",
+        "STREAMMESH_STORAGE_QUERY_TIMEOUT_MS": "120000",
+    },
 }
 """The back-pressure and idempotency window the bench stack runs with, set explicitly (over the
 caller's environment; the window from --idempotency-window and --idempotency-max-ids, see
