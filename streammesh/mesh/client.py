@@ -33,6 +33,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from streammesh.mesh.channel import channel_options
 from streammesh.mesh.derived_config import RetryPolicy, derive_service_config
 from streammesh.mesh.pki import CA_FILE
+from streammesh.mesh.tracing import tracing_enabled
+from streammesh.mesh.tracing_client import tracing_interceptors
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -234,7 +236,10 @@ class MeshClient:
         self.config = config
         self.service_config = config.service_config()
         """The service config the channel was built with."""
-        interceptors: list[grpc.aio.ClientInterceptor] = []
+        # Tracing outermost: its client span covers the whole call, timeouts included.
+        interceptors: list[grpc.aio.ClientInterceptor] = (
+            tracing_interceptors() if tracing_enabled() else []
+        )
         timeouts = config.timeouts()
         if timeouts:
             interceptors.append(DefaultTimeouts(timeouts))
