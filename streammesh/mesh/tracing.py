@@ -39,6 +39,7 @@ __all__ = [
     "configure_tracing",
     "context_field",
     "extract_context",
+    "flush_tracing",
     "inject_metadata",
     "shutdown_tracing",
     "span_links",
@@ -129,6 +130,14 @@ def shutdown_tracing() -> None:
     active.provider.shutdown()
     if active.output is not None:
         active.output.close()
+
+
+def flush_tracing(timeout_seconds: float = 10.0) -> bool:
+    """Export the spans buffered so far (blocks: call it from a thread in async code); True
+    when they all went out in time, or tracing is off."""
+    if _active is None:
+        return True
+    return _active.provider.force_flush(int(timeout_seconds * 1000))
 
 
 def tracing_enabled() -> bool:

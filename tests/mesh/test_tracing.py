@@ -205,3 +205,23 @@ def test_tracing_settings_are_checked() -> None:
         ServiceSettings(tracing_sample_ratio=1.5)
     config = ServiceSettings(tracing_exporter="otlp", tracing_sample_ratio=0.01).tracing()
     assert (config.exporter, config.sample_ratio) == ("otlp", 0.01)
+
+
+async def test_a_call_without_context_starts_its_own_trace(
+    traced: tuple[MeshServer, Any], spans_file: Path, pki_dir: Path
+) -> None:
+    """The server span a call made current does not outlive it: the next call, from a client
+    that sends no traceparent, is a new root (grpc.aio runs each call in its own task)."""
+    server, _ = traced
+    plain = create_channel(
+        f"127.0.0.1:{server.port}",
+        TlsMaterial.load(pki_dir, "gateway"),
+        server_name="processor",
+        config={"methodConfig": []},
+    )
+    async with plain:
+        await call(plain, "UnaryUnary")
+        await call(plain, "UnaryUnary")
+    roots = [s for s in finished_spans(spans_file) if s["name"] == f"{SERVICE}/UnaryUnary"]
+    assert [s["parent_id"] for s in roots] == [None, None]
+    assert roots[0]["context"]["trace_id"] != roots[1]["context"]["trace_id"]
