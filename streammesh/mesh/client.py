@@ -33,8 +33,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from streammesh.mesh.channel import channel_options
 from streammesh.mesh.derived_config import RetryPolicy, derive_service_config
 from streammesh.mesh.pki import CA_FILE
-from streammesh.mesh.tracing import tracing_enabled
-from streammesh.mesh.tracing_client import tracing_interceptors
+from streammesh.mesh.tracing_client import default_tracing_interceptors
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -161,7 +160,7 @@ class MeshClientConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message sent or received."""
     interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
-    """Client interceptors, outermost first, after the default-timeout one."""
+    """Client interceptors, outermost first, after the tracing (when on) and default-timeout ones."""
 
     def __post_init__(self) -> None:
         _grpc_target(self.targets)
@@ -237,9 +236,7 @@ class MeshClient:
         self.service_config = config.service_config()
         """The service config the channel was built with."""
         # Tracing outermost: its client span covers the whole call, timeouts included.
-        interceptors: list[grpc.aio.ClientInterceptor] = (
-            tracing_interceptors() if tracing_enabled() else []
-        )
+        interceptors: list[grpc.aio.ClientInterceptor] = default_tracing_interceptors()
         timeouts = config.timeouts()
         if timeouts:
             interceptors.append(DefaultTimeouts(timeouts))

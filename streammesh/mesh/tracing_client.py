@@ -20,13 +20,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 from streammesh.mesh.interceptors.tracing import rpc_attributes, set_rpc_status
-from streammesh.mesh.tracing import inject_metadata, tracer
+from streammesh.mesh.tracing import inject_metadata, tracer, tracing_enabled
 
 __all__ = [
     "StreamStreamTracingInterceptor",
     "StreamUnaryTracingInterceptor",
     "UnaryStreamTracingInterceptor",
     "UnaryUnaryTracingInterceptor",
+    "default_tracing_interceptors",
     "tracing_interceptors",
 ]
 
@@ -162,3 +163,10 @@ def tracing_interceptors(tracer_: trace.Tracer | None = None) -> list[grpc.aio.C
         StreamUnaryTracingInterceptor(chosen),
         StreamStreamTracingInterceptor(chosen),
     ]
+
+
+def default_tracing_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """`tracing_interceptors()` while tracing is on, else none (nothing to pay per call): what a
+    channel puts first in its interceptor list (MeshClient does; so should any other channel a
+    service opens to the mesh, e.g. `create_channel(..., interceptors=default_tracing_interceptors())`)."""
+    return tracing_interceptors() if tracing_enabled() else []

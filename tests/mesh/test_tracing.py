@@ -225,3 +225,17 @@ async def test_a_call_without_context_starts_its_own_trace(
     roots = [s for s in finished_spans(spans_file) if s["name"] == f"{SERVICE}/UnaryUnary"]
     assert [s["parent_id"] for s in roots] == [None, None]
     assert roots[0]["context"]["trace_id"] != roots[1]["context"]["trace_id"]
+
+
+@pytest.mark.parametrize("exporter", ["otlp", "console"])
+def test_each_exporter_is_built_and_shut_down(exporter: Any) -> None:
+    from streammesh.mesh.tracing_client import default_tracing_interceptors
+
+    assert default_tracing_interceptors() == []
+    try:
+        assert configure_tracing(TracingConfig(exporter=exporter, sample_ratio=0.5), "x")
+        assert tracing_enabled()
+        assert len(default_tracing_interceptors()) == 4
+    finally:
+        shutdown_tracing()
+    assert not tracing_enabled()
