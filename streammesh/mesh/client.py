@@ -39,6 +39,7 @@ from streammesh.mesh.ejection import EjectionPolicy, Ejector
 from streammesh.mesh.limits import ConcurrencyLimit
 from streammesh.mesh.pki import CA_FILE
 from streammesh.mesh.replicas import ReplicaChannel
+from streammesh.mesh.tracing_client import default_tracing_interceptors
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -251,9 +252,12 @@ class MeshClient:
             config.server_name, self.service_config, max_message_bytes=config.max_message_bytes
         )
         targets = config.targets if config.per_replica else (config.target,)
+        # Tracing outermost (when on): its client span covers the attempt, the caller's
+        # interceptors inside it. With several replicas each attempt is its own span.
+        interceptors = [*default_tracing_interceptors(), *config.interceptors]
         channels = [
             grpc.aio.secure_channel(
-                target, credentials, options=options, interceptors=config.interceptors or None
+                target, credentials, options=options, interceptors=interceptors or None
             )
             for target in targets
         ]

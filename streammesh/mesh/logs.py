@@ -1,4 +1,6 @@
-"""One structured-logging set-up for every service: a JSON object per line on stderr."""
+"""One structured-logging set-up for every service: a JSON object per line on stderr, with the
+trace_id and span_id (W3C hex, as trace backends show them) of the span current when the line
+was logged, if any."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+
+from opentelemetry import trace
 
 __all__ = ["LogThrottle", "configure_logging"]
 
@@ -57,6 +61,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streammesh.mesh.identity import DEFAULT_TRUST_DOMAIN
+from streammesh.mesh.tracing import TracingConfig
 
 __all__ = ["ServiceSettings", "default_state_dir", "read_secret_file", "write_secret_file"]
 
@@ -110,10 +111,45 @@ class ServiceSettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="root log level")
     log_json: bool = Field(True, description="one JSON object per log line")
+    tracing_exporter: Literal["none", "otlp", "console", "file"] = Field(
+        "none",
+        description="where OpenTelemetry spans go: none (tracing off, no cost per call), otlp "
+        "(OTLP over gRPC to tracing_endpoint), console (stdout) or file (JSON lines at "
+        "tracing_file)",
+    )
+    tracing_endpoint: str = Field(
+        "http://127.0.0.1:4317",
+        description="the OTLP gRPC receiver of the otlp exporter (http:// plaintext, https:// TLS)",
+    )
+    tracing_file: Path | None = Field(
+        None, description="the file the file exporter appends one JSON span per line to"
+    )
+    tracing_sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of new traces recorded; a call that brings a trace context follows "
+        "its caller's decision (parent-based)",
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio",
         description="the asyncio event loop implementation: asyncio's own, or uvloop (libuv)",
     )
+
+    @model_validator(mode="after")
+    def _tracing_file_given(self) -> ServiceSettings:
+        if self.tracing_exporter == "file" and self.tracing_file is None:
+            raise ValueError("tracing_exporter=file needs tracing_file")
+        return self
+
+    def tracing(self) -> TracingConfig:
+        """The tracing fields as streammesh.mesh.tracing takes them."""
+        return TracingConfig(
+            exporter=self.tracing_exporter,
+            endpoint=self.tracing_endpoint,
+            file=self.tracing_file,
+            sample_ratio=self.tracing_sample_ratio,
+        )
 
 
 def write_secret_file(path: Path, *, nbytes: int = 32) -> bool:

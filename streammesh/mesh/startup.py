@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from streammesh.mesh.logs import configure_logging
 from streammesh.mesh.pki import TlsMaterial
 from streammesh.mesh.settings import ServiceSettings
+from streammesh.mesh.tracing import configure_tracing, shutdown_tracing
 
 __all__ = [
     "EXIT_CONFIG",
@@ -202,6 +203,10 @@ def run_service(
         raise SystemExit(EXIT_CONFIG) from None
     configure_logging(service, settings.log_level, json_lines=settings.log_json)
     try:
+        try:
+            configure_tracing(settings.tracing(), service)
+        except OSError as error:
+            raise StartupError(f"cannot write traces to {settings.tracing_file}: {error}") from None
         with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
             runner.run(serve(settings))
     except StartupError as error:
@@ -209,3 +214,5 @@ def run_service(
         raise SystemExit(error.exit_code) from None
     except KeyboardInterrupt:  # before the signal handlers of the drain were installed
         raise SystemExit(130) from None
+    finally:
+        shutdown_tracing()  # export the spans still buffered
