@@ -1,8 +1,9 @@
 """The event store's SQL contract, public: what storage itself runs, for anyone who must do the
 same durable work outside storage (the bench's raw path) without importing storage's internals.
 
-- `MIGRATIONS_PACKAGE` / `event_store_ddl()`: the DDL of the `events` table and its indexes, as
-  storage's migrations create them, in order;
+- `MIGRATIONS_PACKAGE` / `event_store_ddl()`: the DDL of the `events` table (partitioned by
+  ingest_time, with `event_ids` holding each stored (tenant, id): migration 0012) and its
+  indexes, as storage's migrations create them, in order;
 - `INSERT_BATCH`: the one-statement idempotent batch insert storage runs for every batch, and
   `INSERT_BATCH_JOINED`, the same with its text columns bound as one text each
   (`TEXT_SEPARATOR`, `texts_joinable`), which storage runs whenever it can;
@@ -39,17 +40,26 @@ MIGRATIONS_PACKAGE = "services.storage.migrations"
 """The package holding storage's versioned SQL (streammesh.mesh.postgres.migrate applies it)."""
 
 _INSERT = """
+WITH b AS (
+    SELECT *
+    FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
+                {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
+         WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
+                              attributes, ingest_time, producer, tenant{partition_column},
+                              ordinality)
+), claimed AS (
+    INSERT INTO event_ids (tenant, id, ingest_time)
+    SELECT b.tenant, b.id, b.ingest_time FROM b ORDER BY b.ordinality
+    ON CONFLICT (tenant, id) DO NOTHING
+    RETURNING tenant, id, ingest_time
+)
 INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload, content_type,
                     attributes, partition, ingest_time, producer)
 SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
        b.content_type, b.attributes::jsonb, {partition}, b.ingest_time, b.producer
-FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
-            {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
-     WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer, tenant{partition_column},
-                          ordinality)
+FROM b JOIN claimed AS c ON c.tenant = b.tenant AND c.id = b.id AND c.ingest_time = b.ingest_time
 ORDER BY b.ordinality
-ON CONFLICT (tenant, id) DO NOTHING
+ON CONFLICT (tenant, id, ingest_time) DO NOTHING
 """
 _TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10, 12)
 _ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}
@@ -64,7 +74,14 @@ _ROW_PARTITIONS = {
 
 # One statement and one round trip per batch, with no BEGIN/COMMIT around it (a single statement
 # is its own transaction): identity values are handed out in batch order (ORDER BY ordinality),
-# so seq keeps per-key publish order, and re-deliveries are skipped. attributes travel as text
+# so seq keeps per-key publish order, and re-deliveries are skipped. events is partitioned by
+# ingest_time (migration 0012), so its own key is (tenant, id, ingest_time); (tenant, id) is
+# claimed first in event_ids (not partitioned), and only the rows claimed are stored: a
+# (tenant, id) stored under any ingest time, in any partition, is skipped. A repeat inside the
+# batch is claimed once (the first, in batch order) and joined on its ingest time too, so a repeat
+# with another ingest time is skipped, and one with the same is skipped by events' own key.
+# Rows go through `events` itself, never a partition directly: the paging horizon reads the
+# writers' locks on `events` (queries.py, PAGING_GUARANTEE). attributes travel as text
 # and are cast per row: asyncpg has no jsonb[] encoder for Python values. Timestamps are bound
 # as microsecond counts, so the connection needs `use_integer_timestamps`.
 INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION)
