@@ -1,15 +1,19 @@
 """What partitioning events by ingest_time (migration 0012) costs storage's insert: 100k rows in
 batches of 2,000 through the joined batch insert (services.storage.sql.INSERT_BATCH_JOINED) into
-a fresh copy of the event store, in four layouts:
+a fresh copy of the event store, in five layouts:
 
 - unpartitioned: the store as migration 0011 left it, with the insert as it was then (one
-  INSERT ... ON CONFLICT (tenant, id) DO NOTHING), the baseline;
-- partitioned: the store as the migrations make it now, with storage's insert (claims (tenant,
-  id) in event_ids, then stores the rows it claimed), one partition holding the rows;
+  INSERT ... ON CONFLICT (tenant, id) DO NOTHING on its primary key), the baseline;
+- partitioned: the store as the migrations make it now, with storage's insert (skips the ids
+  event_ids holds, stores the rest in events and their ids in event_ids), all rows in one
+  partition;
 - partitioned, 40 days: the same with 40 daily partitions attached (the rows in one of them);
-- partition-local key: partitioned, without event_ids: ON CONFLICT (tenant, id, ingest_time)
-  alone, which skips redeliveries (same ingest time) but not a second publish of an id; the
-  cheaper design storage does not ship, measured to show what event_ids costs.
+- ids claimed first: the design storage does not ship, event_ids written first (INSERT ... ON
+  CONFLICT DO NOTHING RETURNING) and only the claimed rows stored, with events keeping a
+  primary key (tenant, id, ingest_time);
+- partition-local key: no event_ids, events' primary key (tenant, id, ingest_time) alone, which
+  skips redeliveries (same ingest time) but not a second publish of an id: not sound, measured
+  as the floor.
 
 Wall time and the Postgres backend's CPU per event (from /proc, so run it on the database's
 host), medians of `--rounds` interleaved runs; the harness is scripts/bench_payload_json.py's.
@@ -35,19 +39,23 @@ from services.storage.times import use_integer_timestamps
 
 __all__ = ["main"]
 
+# The batch as rows (b), text columns joined (services.storage.sql.INSERT_BATCH_JOINED's).
+_ROWS = """
+unnest(string_to_array($1::text, E'\\x1f'), string_to_array($2::text, E'\\x1f'),
+       string_to_array($3::text, E'\\x1f'), $4::timestamptz[], $5::int2[], $6::bytea[],
+       string_to_array($7::text, E'\\x1f'), string_to_array($8::text, E'\\x1f'),
+       $9::timestamptz[], string_to_array($10::text, E'\\x1f'),
+       string_to_array($12::text, E'\\x1f'))
+WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
+                     attributes, ingest_time, producer, tenant, ordinality)
+"""
 # storage's statement up to migration 0011 (services/storage/sql.py before 0012), joined texts.
 _UNPARTITIONED_INSERT = """
 INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload, content_type,
                     attributes, partition, ingest_time, producer)
 SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
        b.content_type, b.attributes::jsonb, $11, b.ingest_time, b.producer
-FROM unnest(string_to_array($1::text, E'\\x1f'), string_to_array($2::text, E'\\x1f'),
-            string_to_array($3::text, E'\\x1f'), $4::timestamptz[], $5::int2[], $6::bytea[],
-            string_to_array($7::text, E'\\x1f'), string_to_array($8::text, E'\\x1f'),
-            $9::timestamptz[], string_to_array($10::text, E'\\x1f'),
-            string_to_array($12::text, E'\\x1f'))
-     WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer, tenant, ordinality)
+FROM {rows}
 ORDER BY b.ordinality
 ON CONFLICT ({key}) DO NOTHING
 """
@@ -63,15 +71,44 @@ async def _forty_days(conn: asyncpg.Connection) -> None:
 
 
 _ALL = len(event_store_ddl())
+_CLAIMED_FIRST = """
+WITH b AS (
+    SELECT * FROM {rows}
+), claimed AS (
+    INSERT INTO event_ids (tenant, id, ingest_time, seq)
+    SELECT b.tenant, b.id, b.ingest_time, 0 FROM b ORDER BY b.ordinality
+    ON CONFLICT (tenant, id) DO NOTHING
+    RETURNING tenant, id, ingest_time
+)
+INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload, content_type,
+                    attributes, partition, ingest_time, producer)
+SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
+       b.content_type, b.attributes::jsonb, $11, b.ingest_time, b.producer
+FROM b JOIN claimed AS c ON c.tenant = b.tenant AND c.id = b.id AND c.ingest_time = b.ingest_time
+ORDER BY b.ordinality
+ON CONFLICT (tenant, id, ingest_time) DO NOTHING
+"""
+
+
+async def _local_key(conn: asyncpg.Connection) -> None:
+    await conn.execute("ALTER TABLE events ADD PRIMARY KEY (tenant, id, ingest_time)")
+
+
+async def _local_key_only(conn: asyncpg.Connection) -> None:
+    await _local_key(conn)
+    await conn.execute("DROP TABLE event_ids")
+
+
 # name: (migrations applied, insert statement, set-up after the migrations)
 _LAYOUTS = {
-    "unpartitioned": (11, _UNPARTITIONED_INSERT.format(key="tenant, id"), None),
+    "unpartitioned": (11, _UNPARTITIONED_INSERT.format(rows=_ROWS, key="tenant, id"), None),
     "partitioned": (_ALL, INSERT_BATCH_JOINED, None),
     "partitioned, 40 days": (_ALL, INSERT_BATCH_JOINED, _forty_days),
+    "ids claimed first": (_ALL, _CLAIMED_FIRST.format(rows=_ROWS), _local_key),
     "partition-local key": (
         _ALL,
-        _UNPARTITIONED_INSERT.format(key="tenant, id, ingest_time"),
-        None,
+        _UNPARTITIONED_INSERT.format(rows=_ROWS, key="tenant, id, ingest_time"),
+        _local_key_only,
     ),
 }
 
@@ -85,8 +122,6 @@ async def _run(dsn: str, layout: str, batches: list[list[object]]) -> tuple[floa
         await conn.execute(f"SET search_path TO {schema}")
         for ddl in event_store_ddl()[:migrations]:
             await conn.execute(ddl)
-        if layout == "partition-local key":
-            await conn.execute("DROP TABLE event_ids")
         await use_integer_timestamps(conn)
         if setup is not None:
             await setup(conn)

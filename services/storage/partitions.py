@@ -190,9 +190,9 @@ async def _delete_batches(
     statement = (
         f"WITH gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY("  # noqa: S608 (our names)
         f"SELECT ctid FROM {table} WHERE {where} LIMIT ${len(args) + 1}))"
-        " RETURNING tenant, id, ingest_time),"
+        " RETURNING tenant, id, seq),"
         " freed AS (DELETE FROM event_ids AS e USING gone AS g"
-        " WHERE e.tenant = g.tenant AND e.id = g.id AND e.ingest_time = g.ingest_time)"
+        " WHERE e.tenant = g.tenant AND e.id = g.id AND e.seq = g.seq)"
         " SELECT count(*) FROM gone"
     )
     total = 0

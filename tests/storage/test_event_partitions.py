@@ -6,6 +6,7 @@ retention, one maintenance pass at a time, the paging horizon's lock on `events`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,12 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.storage.partitions import PartitionPolicy, maintain, range_partitions
+from services.storage.partitions import (
+    PartitionPolicy,
+    maintain,
+    range_partitions,
+    run_maintenance,
+)
 from services.storage.sql import INSERT_BATCH
 from services.storage.store import BatchColumns, EventStore
 from services.storage.times import PG_EPOCH_SECONDS, use_integer_timestamps
@@ -92,6 +98,34 @@ async def test_an_id_is_stored_once_across_partitions(conn: Any, pool: Any) -> N
         ("b", "x", "events_p20260302"),
     ]
     assert await conn.fetchval("SELECT count(*) FROM event_ids") == 3
+
+
+async def test_a_race_for_a_new_id_stores_it_once(conn: Any, pool: Any) -> None:
+    """Two inserts of the same new id at once (one under another ingest time, in another
+    partition): the one that commits second fails on event_ids' key and is run again by the
+    store, which then skips the id; nothing fails."""
+    store = EventStore(pool)
+    day1, day2 = DAY0 + timedelta(hours=1), DAY0 + timedelta(days=1, hours=1)
+    async with pool.acquire() as first:
+        async with first.transaction():
+            first_rows = batch(("a", "race", day1), ("a", "mine", day1))
+            await first.execute(
+                INSERT_BATCH, first_rows.ids, first_rows.keys, first_rows.types,
+                first_rows.event_times, first_rows.event_time_nanos, first_rows.payloads,
+                first_rows.content_types, first_rows.attributes, first_rows.ingest_times,
+                first_rows.producers, 0, first_rows.tenants,
+            )  # fmt: skip
+            second = asyncio.create_task(
+                store.insert_batch(batch(("a", "race", day2), ("a", "theirs", day2)), partition=0)
+            )
+            await asyncio.sleep(0.3)  # the second waits on the first's uncommitted key
+            assert not second.done()
+        assert await second == 1
+    assert await where_stored(conn) == [
+        ("a", "race", "events_p20260301"),
+        ("a", "mine", "events_p20260301"),
+        ("a", "theirs", "events_p20260302"),
+    ]
 
 
 async def test_an_insert_outside_every_partition_is_stored(conn: Any, pool: Any) -> None:
@@ -180,6 +214,25 @@ async def test_one_maintenance_pass_at_a_time(conn: Any, database_url: str, pg_s
     assert sorted(first.created + second.created) == [f"events_p202603{d:02}" for d in range(6, 11)]
     again = await maintain(conn, policy, now=DAY0)
     assert again.ran and again.created == [] and again.dropped == []
+
+
+async def test_the_background_task_keeps_the_days_ahead(conn: Any, pool: Any) -> None:
+    """What each storage replica runs (services/storage/server.py): passes on the real clock."""
+    task = asyncio.create_task(
+        run_maintenance(pool, PartitionPolicy(days_ahead=2), interval_seconds=0.05)
+    )
+    today = datetime.now(UTC)
+    wanted = {f"events_p{today + timedelta(days=n):%Y%m%d}" for n in range(3)}
+    try:
+        for _ in range(100):
+            if wanted <= set(await range_partitions(conn)):
+                break
+            await asyncio.sleep(0.05)
+        assert wanted <= set(await range_partitions(conn))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_an_insert_through_events_shows_in_its_locks(conn: Any, pool: Any) -> None:
