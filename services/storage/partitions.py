@@ -112,7 +112,8 @@ WHERE i.inhparent = 'events'::regclass AND c.relname <> $1
 _DETACHED = """
 SELECT c.relname FROM pg_class AS c
 WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
-  AND c.relname LIKE 'events\\_p%' AND NOT c.relispartition
+  AND c.relname ~ '^events_p(_before_)?[0-9]{8}$' AND NOT c.relispartition
+ORDER BY c.relname
 """
 _LOCK_KEY = "SELECT hashtext(current_schema() || '.events partition maintenance')"
 
@@ -179,6 +180,8 @@ async def _create_ahead(
             continue
         if attached:
             report.created.append(name)
+        else:  # the next pass tries again; an empty table must not pass for a detached one
+            await conn.execute(f"DROP TABLE {name}")
 
 
 async def _delete_batches(

@@ -28,6 +28,7 @@ from services.storage.times import PG_EPOCH_SECONDS, use_integer_timestamps
 from streammesh.mesh.postgres import create_engine, create_pool, load_migrations, migrate
 from tests.storage.conftest import schema_connection, storage_settings
 
+DAY = timedelta(days=1)
 DAY0 = datetime(2026, 3, 1, tzinfo=UTC)
 """The maintenance passes' `now`: their partitions are March 2026's."""
 _ids = itertools.count()
@@ -180,6 +181,37 @@ async def test_retention_drops_partitions_while_writers_insert(conn: Any, pool: 
     (old,) = [event_id for event_id, day in written[:1]]
     assert old not in stored
     assert await store.insert_batch(batch(("a", old, days[4])), partition=0) == 1
+
+
+async def test_a_drop_waits_briefly_for_a_writer_and_resumes_later(conn: Any, pool: Any) -> None:
+    """A DETACH that cannot have its lock (a write transaction stays open) gives up after its
+    tries, leaving the partition for the next pass; a table a pass detached but did not drop
+    (it stopped in between) is finished by the next one."""
+    store = EventStore(pool)
+    assert (
+        await store.insert_batch(
+            batch(("a", "old", DAY0), ("a", "new", DAY0 + 3 * DAY)), partition=0
+        )
+        == 2
+    )
+    policy = PartitionPolicy(days_ahead=4, retention_days=2, lock_timeout_ms=20, lock_attempts=2)
+    later = DAY0 + 4 * DAY
+    async with pool.acquire() as writer, writer.transaction():
+        rows = batch(("a", "open", DAY0 + 3 * DAY))
+        await writer.execute(
+            INSERT_BATCH, rows.ids, rows.keys, rows.types, rows.event_times, rows.event_time_nanos,
+            rows.payloads, rows.content_types, rows.attributes, rows.ingest_times, rows.producers,
+            0, rows.tenants,
+        )  # fmt: skip
+        held = await maintain(conn, policy, now=later)
+    # The days ahead were attached beside the open write; the drop waited, then gave up.
+    assert held.created == [f"events_p202603{day:02}" for day in range(6, 10)]
+    assert held.dropped == [] and "events_p20260301" in await range_partitions(conn)
+    await conn.execute("ALTER TABLE events DETACH PARTITION events_p20260301")  # a pass stopped
+    resumed = await maintain(conn, policy, now=later)
+    assert resumed.dropped == ["events_p20260301", "events_p20260302"]
+    assert [row[1] for row in await where_stored(conn)] == ["new", "open"]
+    assert await conn.fetchval("SELECT array_agg(id ORDER BY id) FROM event_ids") == ["new", "open"]
 
 
 async def test_a_tenant_retention_shorter_than_the_global_one(conn: Any, pool: Any) -> None:
