@@ -12,10 +12,13 @@ One pass (`maintain`) does, under a session advisory lock so that one replica at
   partition is not created (ATTACH would refuse) and stays there, logged;
 - drop: every partition whose range ends at or before now - `retention_days`: DETACHed (ACCESS
   EXCLUSIVE on `events` for an instant: taken with `lock_timeout_ms` and retried, so a write
-  waits at most that long and none fails), then its (tenant, id)s deleted from event_ids in
-  batches of `batch_rows`, each its own transaction (deleting from the detached table as it goes,
-  so an interrupted pass resumes), then the table dropped. Until its event_ids rows are gone a
+  waits at most that long and none fails; QueryEvents pages wait too, as the paging horizon
+  counts a lock asked for on `events`, granted or not), then its (tenant, id)s deleted from
+  event_ids in batches of `batch_rows`, each its own transaction (deleting from the detached
+  table as it goes, so an interrupted pass resumes), then the table dropped. Until its event_ids rows are gone a
   new event under one of its ids is still skipped as a duplicate: an id is never stored twice;
+  A redelivery of an entry whose day was dropped lands in the default partition (its
+  ingest_time has no partition any more) and is deleted there by the next pass;
 - the default partition's rows past the retention, and the rows of a tenant whose own retention
   is shorter than the global one, deleted in the same batches straight from each partition (not
   through `events`: a DELETE of a partition takes no lock on `events`, so pages are not held).
