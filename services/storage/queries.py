@@ -88,8 +88,10 @@ it is visible), and it needs no timeout. What it assumes: the database clock doe
 backwards while a write is in flight (clock_timestamp() and a transaction's start are read from
 it; NTP normally slews), store_time is left to its default (a row written by hand with a future
 store_time holds pages back until then), seq is drawn only by the identity of an INSERT into
-`events` itself (GENERATED ALWAYS; a writer that went to a partition directly, once the table is
-partitioned, would not lock `events`), the identity keeps CACHE 1 (tested), pages are read on
+`events` itself (GENERATED ALWAYS; events is partitioned by ingest_time, migration 0012, and an
+insert through `events` locks it for its whole transaction, whichever partition takes the row,
+tested; a writer that went to a partition directly would not lock `events`, and storage's
+partition maintenance only deletes from partitions directly, which draws no seq), the identity keeps CACHE 1 (tested), pages are read on
 the primary (a standby's pg_locks does not show the primary's writers), and storage's role
 sees its own sessions' xact_start (track_activities on, the default; a writer whose start it
 cannot see, as a prepared transaction or another role's session, counts as infinitely old:

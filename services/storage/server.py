@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import asyncpg
@@ -11,6 +13,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.partitions import run_maintenance
 from services.storage.queries import EventQueries, QueryBounds
 from services.storage.query_api import QueryApi, page_tokens
 from services.storage.registry_service import SchemaRegistryServicer
@@ -143,8 +146,13 @@ async def serve(settings: StorageSettings) -> None:
         pool_size=settings.pool_size,
     )
     pool: asyncpg.Pool | None = None
+    maintenance: asyncio.Task[None] | None = None
 
     async def close() -> None:
+        if maintenance is not None:  # before the pool it uses closes
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
         await engine.dispose()
         if pool is not None:
             await pool.close()
@@ -165,6 +173,14 @@ async def serve(settings: StorageSettings) -> None:
         mesh = create_server(settings, StorageDeps(engine=engine, pool=pool))
         # Without Postgres no storage RPC can succeed: NOT_SERVING moves clients elsewhere.
         mesh.watch_dependencies(postgres_check(settings.database_url))
+        # Every replica runs it; the advisory lock inside lets one pass run at a time.
+        maintenance = asyncio.create_task(
+            run_maintenance(
+                pool,
+                settings.partition_policy(),
+                interval_seconds=settings.partition_maintenance_seconds,
+            )
+        )
         await run_until_signalled(mesh, grace=settings.grace_seconds, on_stop=close)
     except BaseException:
         # Startup failed (database down, port taken): close the pools before the error ends us.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.storage.partitions import PartitionPolicy
 from streammesh.mesh.settings import ServiceSettings
 
 __all__ = ["StorageSettings"]
@@ -50,3 +52,42 @@ class StorageSettings(ServiceSettings):
     query_max_rows: int = Field(
         1_000_000, ge=1, description="events a count or an aggregate reads, at most"
     )
+    partition_days_ahead: int = Field(
+        3, ge=1, le=366, description="daily partitions of events kept created beyond today"
+    )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        description="events older than this many days (by ingest time) are dropped, a "
+        "partition at a time; unset keeps them",
+    )
+    tenant_retention_days: dict[str, int] = Field(
+        default_factory=dict,
+        description='shorter retentions of single tenants, as JSON ({"acme": 7}); their rows '
+        "are deleted in batches; at most retention_days",
+    )
+    partition_maintenance_seconds: float = Field(
+        3600, gt=0, description="how often a replica tries a partition maintenance pass"
+    )
+
+    @model_validator(mode="after")
+    def _tenant_retention_within_global(self) -> Self:
+        # Dropping a partition removes every tenant's rows, so no tenant can keep longer.
+        for tenant, days in self.tenant_retention_days.items():
+            if days < 1:
+                raise ValueError(f"tenant_retention_days[{tenant!r}] must be at least 1")
+            if self.retention_days is not None and days > self.retention_days:
+                raise ValueError(
+                    f"tenant_retention_days[{tenant!r}] = {days} is longer than retention_days "
+                    f"= {self.retention_days}: a partition dropped at the global retention "
+                    "removes every tenant's events"
+                )
+        return self
+
+    def partition_policy(self) -> PartitionPolicy:
+        """The maintenance pass these settings ask for (services.storage.partitions)."""
+        return PartitionPolicy(
+            days_ahead=self.partition_days_ahead,
+            retention_days=self.retention_days,
+            tenant_retention_days=dict(self.tenant_retention_days),
+        )

@@ -1,8 +1,9 @@
 """The event store's SQL contract, public: what storage itself runs, for anyone who must do the
 same durable work outside storage (the bench's raw path) without importing storage's internals.
 
-- `MIGRATIONS_PACKAGE` / `event_store_ddl()`: the DDL of the `events` table and its indexes, as
-  storage's migrations create them, in order;
+- `MIGRATIONS_PACKAGE` / `event_store_ddl()`: the DDL of the `events` table (partitioned by
+  ingest_time, with `event_ids` holding each stored (tenant, id): migration 0012) and its
+  indexes, as storage's migrations create them, in order;
 - `INSERT_BATCH`: the one-statement idempotent batch insert storage runs for every batch, and
   `INSERT_BATCH_JOINED`, the same with its text columns bound as one text each
   (`TEXT_SEPARATOR`, `texts_joinable`), which storage runs whenever it can;
@@ -39,17 +40,26 @@ MIGRATIONS_PACKAGE = "services.storage.migrations"
 """The package holding storage's versioned SQL (streammesh.mesh.postgres.migrate applies it)."""
 
 _INSERT = """
-INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload, content_type,
-                    attributes, partition, ingest_time, producer)
-SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
-       b.content_type, b.attributes::jsonb, {partition}, b.ingest_time, b.producer
-FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
-            {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
-     WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
-                          attributes, ingest_time, producer, tenant{partition_column},
-                          ordinality)
-ORDER BY b.ordinality
-ON CONFLICT (tenant, id) DO NOTHING
+WITH b AS (
+    SELECT *, row_number() OVER (PARTITION BY tenant, id ORDER BY ordinality) AS nth
+    FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
+                {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
+         WITH ORDINALITY AS b(id, key, type, event_time, event_time_nanos, payload, content_type,
+                              attributes, ingest_time, producer, tenant{partition_column},
+                              ordinality)
+), stored AS (
+    INSERT INTO events (tenant, id, key, type, event_time, event_time_nanos, payload,
+                        content_type, attributes, partition, ingest_time, producer)
+    SELECT b.tenant, b.id, b.key, b.type, b.event_time, b.event_time_nanos, b.payload,
+           b.content_type, b.attributes::jsonb, {partition}, b.ingest_time, b.producer
+    FROM b
+    WHERE b.nth = 1
+      AND NOT EXISTS (SELECT FROM event_ids AS i WHERE i.tenant = b.tenant AND i.id = b.id)
+    ORDER BY b.ordinality
+    RETURNING tenant, id, ingest_time, seq
+)
+INSERT INTO event_ids (tenant, id, ingest_time, seq)
+SELECT tenant, id, ingest_time, seq FROM stored
 """
 _TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10, 12)
 _ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}
@@ -64,15 +74,24 @@ _ROW_PARTITIONS = {
 
 # One statement and one round trip per batch, with no BEGIN/COMMIT around it (a single statement
 # is its own transaction): identity values are handed out in batch order (ORDER BY ordinality),
-# so seq keeps per-key publish order, and re-deliveries are skipped. attributes travel as text
+# so seq keeps per-key publish order, and re-deliveries are skipped. events is partitioned by
+# ingest_time and has no unique index (migration 0012): event_ids holds every stored (tenant,
+# id). A row is stored when event_ids does not hold its (tenant, id) and it is the first of the
+# batch with it; its (tenant, id) goes into event_ids in the same statement. Two statements that
+# store the same new (tenant, id) at once both pass the NOT EXISTS (neither sees the other's
+# uncommitted row); the later one then fails on event_ids' key, as a whole, and storage runs it
+# again (store.py), when the NOT EXISTS sees the committed row and skips it. Rows go through
+# `events` itself, never a partition directly: the paging horizon reads the
+# writers' locks on `events` (queries.py, PAGING_GUARANTEE). attributes travel as text
 # and are cast per row: asyncpg has no jsonb[] encoder for Python values. Timestamps are bound
 # as microsecond counts, so the connection needs `use_integer_timestamps`.
 INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION)
 """Parameters: $1 ids, $2 keys, $3 types, $4 event times (Postgres microseconds), $5 the
 nanoseconds below them (0..999), $6 payloads, $7 content types, $8 attributes (JSON object text),
 $9 ingest times (Postgres microseconds), $10 producers, $11 the partition, $12 tenants (one per
-row: the tenant leads the primary key, so (tenant, id) is the idempotency key); the status
-string's last word is the number of rows that were new."""
+row: (tenant, id) is the idempotency key, event_ids' primary key); the status string's last
+word is the number of rows that were new. Raises asyncpg's UniqueViolationError (on
+event_ids_pkey) when a concurrent statement stored one of its new ids first: run it again."""
 
 TEXT_SEPARATOR = "\x1f"
 """What INSERT_BATCH_JOINED's text parameters join their values with (ASCII unit separator)."""
@@ -106,7 +125,8 @@ FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
             {p7}, {p8}, $9::timestamptz[], {p10}, {p11})
      AS b(id, key, type, event_time, event_time_nanos, payload, content_type, attributes,
           ingest_time, producer, tenant)
-JOIN events e ON e.tenant = b.tenant AND e.id = b.id
+JOIN event_ids i ON i.tenant = b.tenant AND i.id = b.id
+JOIN events e ON e.tenant = i.tenant AND e.seq = i.seq AND e.ingest_time = i.ingest_time
 WHERE (e.key, e.type, e.payload, e.content_type, e.attributes)
           IS DISTINCT FROM (b.key, b.type, b.payload, b.content_type, b.attributes::jsonb)
    OR ((e.event_time, e.event_time_nanos) IS DISTINCT FROM (b.event_time, b.event_time_nanos)

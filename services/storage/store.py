@@ -203,6 +203,25 @@ def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
     return where, args
 
 
+_RACES = 5
+"""Runs of an insert that lost a race for a new (tenant, id) before the error is raised."""
+
+
+async def _insert_once_stored(conn: asyncpg.Connection, statement: str, *args: object) -> str:
+    """Run the insert; when a concurrent statement stored one of the batch's new ids first (the
+    insert fails as a whole on event_ids' key: services/storage/sql.py says why), run it again:
+    the committed ids are then skipped. Each run is its own transaction, and a race needs the
+    same new id in two batches at the same moment, so a second run is rare and a third rarer."""
+    for attempt in range(1, _RACES + 1):
+        try:
+            return str(await conn.execute(statement, *args))
+        except asyncpg.UniqueViolationError as error:
+            if error.constraint_name != "event_ids_pkey" or attempt == _RACES:
+                raise
+            log.info("an insert met a concurrent one storing the same id; run again")
+    raise AssertionError("unreachable")
+
+
 class EventStore:
     """The `events` table of one schema: the search_path of the pool, whose connections
     exchange timestamps as integers (`use_integer_timestamps` as its init)."""
@@ -263,7 +282,7 @@ class EventStore:
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
-            status = await conn.execute(statement, *columns, partition, tenants)
+            status = await _insert_once_stored(conn, statement, *columns, partition, tenants)
             inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
             if inserted < len(batch):
                 # Some rows were skipped (their id is stored): the rare path checks them.

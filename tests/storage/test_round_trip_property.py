@@ -155,8 +155,9 @@ async def test_what_ingest_accepts_comes_back_as_the_contract_promises(
     redis_client: aioredis.Redis,
 ) -> None:
     stub, layout = ingest
-    async with engine.begin() as conn:  # examples share the schema: start each one empty
-        await conn.execute(text("TRUNCATE events"))
+    async with engine.begin() as conn:  # examples share the schema: start each one empty (the
+        # ids event_ids holds, migration 0012, with the events)
+        await conn.execute(text("TRUNCATE events, event_ids"))
     # ... and the ids ingest remembers (its idempotency window)
     remembered = [key async for key in redis_client.scan_iter(f"{layout.prefix}:idem:*")]
     if remembered:
