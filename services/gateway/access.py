@@ -88,6 +88,7 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{GATEWAY}/Publish": roles("producer"),
     f"{GATEWAY}/PublishBatch": roles("producer"),
     f"{GATEWAY}/QueryEvents": roles("analyst"),
+    f"{GATEWAY}/SubscribeEvents": roles("analyst"),
     f"{GATEWAY}/CountEvents": roles("analyst"),
     f"{GATEWAY}/AggregateEvents": roles("analyst"),
     # Public keys, for resource servers outside the mesh; served from the gateway's key cache,

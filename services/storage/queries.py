@@ -385,6 +385,20 @@ class EventQueries:
             records = await conn.fetch(sql, *args)
         return settled_prefix([StoredRow(*record) for record in records], settings[2], limit)
 
+    async def settled_end(self, tenant: str) -> int:
+        """A seq at or below which every event of `tenant` that will ever commit has committed
+        (the highest settled one; 0 for none): a tail from there misses nothing stored later."""
+        # A row stored before the horizon leaves no lower seq in flight (PAGING_GUARANTEE), so
+        # the highest such row is an end; the backward scan of (tenant, seq) reads the few
+        # rows stored since the horizon before it finds one.
+        statement = (
+            "SELECT e.seq FROM events e WHERE e.tenant = $1 AND e.store_time < $2::timestamptz"
+            " ORDER BY e.seq DESC LIMIT 1"
+        )
+        async with self._reading("query", PAGE_SETTINGS) as (conn, settings):
+            found = await conn.fetchval(statement, tenant, settings[2])
+        return 0 if found is None else int(found)
+
     def _too_many(self, what: str) -> ResourceExhausted:
         return ResourceExhausted(
             f"the {what} matches more than {self._bounds.max_rows:,} events; {NARROW_HINT}"

@@ -19,6 +19,7 @@ from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
+from services.storage.subscriptions import EventSubscriptions, TailSettings
 from streammesh.api.storage.v1 import (
     definitions_pb2,
     definitions_pb2_grpc,
@@ -88,6 +89,26 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         max_response_bytes=settings.max_message_bytes * 9 // 10,
     )
     metrics = ServiceMetrics("storage")
+    queries = EventQueries(
+        deps.pool,
+        QueryBounds(
+            statement_timeout_ms=settings.query_timeout_ms, max_rows=settings.query_max_rows
+        ),
+    )
+    query_api = QueryApi(
+        queries,
+        page_tokens(
+            settings.page_token_secret_file, max_age_seconds=settings.page_token_max_age_seconds
+        ),
+        limits,
+        trust_domain=settings.trust_domain,
+    )
+    tails = TailSettings(
+        poll_seconds=settings.subscribe_poll_seconds,
+        heartbeat_seconds=settings.subscribe_heartbeat_seconds,
+        max_per_principal=settings.subscribe_max_per_principal,
+        max_per_replica=settings.subscribe_max_per_replica,
+    )
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
@@ -95,23 +116,10 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             EventStore(deps.pool),
             limits,
             DeadLetterStore(deps.engine),
-            QueryApi(
-                EventQueries(
-                    deps.pool,
-                    QueryBounds(
-                        statement_timeout_ms=settings.query_timeout_ms,
-                        max_rows=settings.query_max_rows,
-                    ),
-                ),
-                page_tokens(
-                    settings.page_token_secret_file,
-                    max_age_seconds=settings.page_token_max_age_seconds,
-                ),
-                limits,
-                trust_domain=settings.trust_domain,
-            ),
+            query_api,
             trust_domain=settings.trust_domain,
             metrics=StorageMetrics(metrics.registry),
+            subscriptions=EventSubscriptions(query_api, tails, registry=metrics.registry),
         ),
     )
     registry = ServiceBinding(

@@ -50,3 +50,15 @@ class StorageSettings(ServiceSettings):
     query_max_rows: int = Field(
         1_000_000, ge=1, description="events a count or an aggregate reads, at most"
     )
+    subscribe_poll_seconds: float = Field(
+        0.2, gt=0, le=10, description="a SubscribeEvents tail with nothing new polls this often"
+    )
+    subscribe_heartbeat_seconds: float = Field(
+        15, gt=0, le=3600, description="an idle SubscribeEvents stream sends a heartbeat this often"
+    )
+    subscribe_max_per_principal: int = Field(
+        8, ge=1, description="concurrent SubscribeEvents streams of one user on a replica"
+    )
+    subscribe_max_per_replica: int = Field(
+        256, ge=1, description="concurrent SubscribeEvents streams on a replica"
+    )

@@ -1,0 +1,131 @@
+"""SubscribeEvents through the real gateway, ingest, a stream worker and storage, with real
+tokens over mTLS: events published while subscribed arrive in order; a reconnect with the last
+resume token continues with no gap and no repeat; the filter holds; another tenant's events
+never arrive; the token belongs to the caller; a cancel at the gateway ends storage's tail."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from streammesh.api.common.v1 import event_pb2
+from streammesh.api.gateway.v1 import gateway_pb2
+from tests.gateway.conftest import Stack
+from tests.gateway.test_dead_letters import Pipeline, pipeline  # noqa: F401 (the fixture)
+from tests.gateway.test_tenants import Tenants, tenants  # noqa: F401 (the module fixture)
+
+pytestmark = pytest.mark.timeout(180)
+
+Bearer = tuple[tuple[str, str], ...]
+
+
+async def publish(stack: Stack, bearer: Bearer, key: str, *ids: str, amount: int = 1) -> None:
+    events = [
+        event_pb2.Event(id=i, key=key, type="sub.t", payload=b'{"amount": %d}' % amount)
+        for i in ids
+    ]
+    reply = await stack.gateway.PublishBatch(
+        gateway_pb2.PublishBatchRequest(events=events), metadata=bearer, timeout=10
+    )
+    assert reply.accepted == len(ids)
+
+
+async def collect(
+    call: Any, until: Callable[[list[str], bool], bool], timeout: float = 30
+) -> tuple[list[str], str]:
+    """Event ids (seq checked increasing) until `until(ids, current_seen)`, and the last token."""
+    ids: list[str] = []
+    token, current, last = "", False, 0
+    async with asyncio.timeout(timeout):
+        async for message in call:
+            token = message.resume_token
+            for stored in message.events:
+                assert stored.sequence > last
+                last = stored.sequence
+                ids.append(stored.event.id)
+            current = current or message.current
+            if until(ids, current):
+                break
+    return ids, token
+
+
+async def test_live_events_resume_and_tenants_through_the_gateway(
+    stack: Stack,
+    tenants: Tenants,  # noqa: F811 (the imported fixture)
+    pipeline: Pipeline,  # noqa: F811 (the imported fixture)
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    key = f"sub-{run}"
+    a, b = tenants.people["a-user"].bearer(), tenants.people["b-user"].bearer()
+    request = gateway_pb2.SubscribeEventsRequest(
+        filter=event_pb2.EventFilter(keys=[key]), filter_expression="payload.amount > 1"
+    )
+    ours = stack.gateway.SubscribeEvents(request, metadata=a)
+    theirs = stack.gateway.SubscribeEvents(request, metadata=b)
+    for call in (ours, theirs):
+        ids, token = await collect(call, lambda ids, current: current)
+        assert ids == [] and token
+
+    await publish(stack, b, key, f"b-{run}", amount=5)  # b's tenant: never reaches a
+    await publish(stack, a, key, f"small-{run}", amount=1)  # filtered out
+    for n in range(3):
+        await publish(stack, a, key, f"a{n}-{run}", amount=5)
+    ids, token = await collect(ours, lambda ids, _: len(ids) >= 3)
+    assert ids == [f"a{n}-{run}" for n in range(3)]
+    b_ids, _ = await collect(theirs, lambda ids, _: bool(ids))
+    assert b_ids == [f"b-{run}"]
+    theirs.cancel()
+    ours.cancel()
+
+    # Published while a is away: the resumed stream starts exactly after a2.
+    for n in range(3, 6):
+        await publish(stack, a, key, f"a{n}-{run}", amount=5)
+    resumed = stack.gateway.SubscribeEvents(
+        gateway_pb2.SubscribeEventsRequest(
+            filter=request.filter, filter_expression=request.filter_expression, resume_token=token
+        ),
+        metadata=a,
+    )
+    ids, _ = await collect(resumed, lambda ids, _: len(ids) >= 3)
+    assert ids == [f"a{n}-{run}" for n in range(3, 6)]
+    resumed.cancel()
+
+    # The token is bound to its user: another user of the same tenant is refused.
+    same = tenants.people["a-same"].bearer()
+    stolen = stack.gateway.SubscribeEvents(
+        gateway_pb2.SubscribeEventsRequest(
+            filter=request.filter, filter_expression=request.filter_expression, resume_token=token
+        ),
+        metadata=same,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stolen, lambda ids, current: current)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resume_token" in (caught.value.details() or "")
+
+
+async def test_a_cancel_at_the_gateway_ends_the_storage_tail(stack: Stack) -> None:
+    analyst = stack.people["analyst"].bearer()
+    call = stack.gateway.SubscribeEvents(gateway_pb2.SubscribeEventsRequest(), metadata=analyst)
+    first = await call.read()
+    assert first.current and first.resume_token
+    tails = await _storage_tails(stack)
+    assert tails >= 1  # ours (and any other test's still closing)
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while await _storage_tails(stack) != tails - 1:
+        assert time.monotonic() < deadline, "storage's tail outlived the client's cancel"
+        await asyncio.sleep(0.05)
+
+
+async def _storage_tails(stack: Stack) -> int:
+    """Storage's running tails (its replica's gauge)."""
+    assert stack.storage_server is not None
+    value = stack.storage_server.metrics.registry.get_sample_value("streammesh_storage_event_tails")
+    return int(value or 0)
