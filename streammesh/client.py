@@ -282,6 +282,18 @@ class GatewayClient:
         )
         return reply
 
+    async def subscribe(
+        self, request: gateway_pb2.SubscribeEventsRequest
+    ) -> AsyncIterator[gateway_pb2.SubscribeEventsResponse]:
+        """The messages of a live subscription (events, the `current` marker, heartbeats), until
+        the caller stops iterating (which cancels the call) or the stream fails."""
+        call = self._stub.SubscribeEvents(request, metadata=self._auth())
+        try:
+            async for message in call:
+                yield message
+        finally:
+            call.cancel()
+
     async def aggregate(
         self, request: gateway_pb2.AggregateEventsRequest
     ) -> gateway_pb2.AggregateEventsResponse:

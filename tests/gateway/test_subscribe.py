@@ -6,9 +6,11 @@ never arrive; the token belongs to the caller; a cancel at the gateway ends stor
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +20,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from tests.gateway.conftest import Stack
 from tests.gateway.test_dead_letters import Pipeline, pipeline  # noqa: F401 (the fixture)
+from tests.gateway.test_query_api import _cli, _cli_config
 from tests.gateway.test_tenants import Tenants, tenants  # noqa: F401 (the module fixture)
 
 pytestmark = pytest.mark.timeout(180)
@@ -129,3 +132,28 @@ async def _storage_tails(stack: Stack) -> int:
     assert stack.storage_server is not None
     value = stack.storage_server.metrics.registry.get_sample_value("streammesh_storage_event_tails")
     return int(value or 0)
+
+
+async def test_the_cli_tails_as_json_and_resumes_from_the_printed_token(
+    stack: Stack,
+    pipeline: Pipeline,  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    person = stack.people["producer+analyst"]
+    config = _cli_config(stack, person, tmp_path)
+    key = f"cli-{uuid.uuid4().hex[:8]}"
+    await publish(stack, person.bearer(), key, f"{key}-0", f"{key}-1", f"{key}-2")
+    assert await _cli(config, "tail", "--key", key, "--json", "--max-events", "3") == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    ids = [stored["event"]["id"] for line in lines for stored in line["events"]]
+    assert ids == [f"{key}-0", f"{key}-1", f"{key}-2"]
+    token = err.strip().splitlines()[-1].removeprefix("resume token: ")
+    assert token == lines[-1]["resume_token"]
+
+    await publish(stack, person.bearer(), key, f"{key}-3", f"{key}-4")
+    argv = ("tail", "--key", key, "--resume", token, "--max-events", "2")
+    assert await _cli(config, *argv) == 0
+    out = capsys.readouterr().out
+    assert f"{key}-3" in out and f"{key}-4" in out and f"{key}-2" not in out
