@@ -20,6 +20,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh import MeshServer
 from tests.storage.conftest import Connect, StartServer, Stub, queued
+from tests.storage.test_query_paging import _BY_HAND, _open_transaction
 
 Request = storage_pb2.SubscribeEventsRequest
 Stream: TypeAlias = "grpc.aio.UnaryStreamCall[Request, storage_pb2.SubscribeEventsResponse]"
@@ -263,3 +264,24 @@ async def test_a_stalled_reader_stops_its_tail(
         await asyncio.sleep(1)
         assert sent() - before == stalled_at  # the tail stopped, not reading on
     assert stalled_at < 30, stalled_at  # of the 41 messages (40 and the current marker)
+
+
+async def test_a_lower_seq_committed_late_is_delivered_before_the_higher_one(
+    processor: Stub, gateway: Stub, database_url: str, pg_schema: str
+) -> None:
+    """A transaction draws a seq and holds it while a later insert commits a higher one: the
+    tail holds the higher one back until the lower one commits, then sends both, in order."""
+    call = subscribe(gateway, tenant="default")
+    await read_until(call, lambda ids, current: current)
+    async with _open_transaction(database_url, pg_schema) as (slow, transaction):
+        await slow.fetchval(_BY_HAND, "late")
+        await store(processor, ["after"], tenant="default")
+        early = asyncio.ensure_future(read_until(call, lambda ids, _: bool(ids)))
+        await asyncio.sleep(1)  # five poll rounds
+        assert not early.done()
+        await transaction.commit()
+    ids, _, _ = await early
+    if ids == ["late"]:
+        ids += (await read_until(call, lambda ids, _: bool(ids)))[0]
+    assert ids == ["late", "after"]
+    call.cancel()
