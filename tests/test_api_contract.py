@@ -154,6 +154,8 @@ RELAYED = [
     (gateway_pb2.PublishBatchResponse, ingest_pb2.PublishBatchResponse),
     (gateway_pb2.QueryEventsRequest, storage_pb2.QueryEventsRequest),
     (gateway_pb2.QueryEventsResponse, storage_pb2.QueryEventsResponse),
+    (public_rules.SubscribeAlertsRequest, storage_definitions.SubscribeAlertsRequest),
+    (public_rules.SubscribeAlertsResponse, storage_definitions.SubscribeAlertsResponse),
     (gateway_pb2.SubscribeEventsRequest, storage_pb2.SubscribeEventsRequest),
     (gateway_pb2.SubscribeEventsResponse, storage_pb2.SubscribeEventsResponse),
     (gateway_pb2.CountEventsRequest, storage_pb2.CountEventsRequest),

@@ -6,12 +6,14 @@ handler runs. Storage validates the documents with the engine's own parser."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from services.gateway.access import current_principal
 from services.gateway.relay import call_timeout, convert
+from services.gateway.subscribe import relay_stream
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.gateway.v1 import rules_pb2 as public
@@ -171,6 +173,16 @@ class RuleServicer(public_grpc.RuleServiceServicer):
             "ListAlerts", convert(request, internal.ListAlertsRequest), context
         )
         return convert(reply, public.ListAlertsResponse)
+
+    async def SubscribeAlerts(
+        self, request: public.SubscribeAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[public.SubscribeAlertsResponse]:
+        internal_request = convert(request, internal.SubscribeAlertsRequest)
+        principal = current_principal()
+        internal_request.tenant, internal_request.principal = principal.tenant, principal.subject
+        call = self._up.definitions.SubscribeAlerts(internal_request, timeout=call_timeout(context))
+        async for message in relay_stream(call, public.SubscribeAlertsResponse):
+            yield message
 
     async def ListWindowResults(
         self, request: public.ListWindowResultsRequest, context: grpc.aio.ServicerContext

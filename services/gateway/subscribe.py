@@ -1,4 +1,5 @@
-"""The gateway's SubscribeEvents: the caller's subscription relayed from storage's tail.
+"""The gateway's subscriptions (SubscribeEvents; RuleService.SubscribeAlerts uses
+`relay_stream`): the caller's subscription relayed from storage's tail.
 
 Messages pass through one at a time: the relay reads the next from storage only after the
 client's stream took the previous one, so a slow client holds storage's tail back through flow
@@ -10,8 +11,10 @@ relay, and with it the storage call and so the tail.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from services.gateway.access import current_principal
 from services.gateway.relay import call_timeout, convert, tenant_of_caller
@@ -19,7 +22,20 @@ from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.storage.v1 import storage_pb2
 
-__all__ = ["relay_subscription"]
+__all__ = ["relay_stream", "relay_subscription"]
+
+M = TypeVar("M", bound=Message)
+
+
+async def relay_stream(call: Any, public_response: type[M]) -> AsyncIterator[M]:
+    """The messages of storage's server-streaming `call`, re-typed; the call is cancelled when
+    the relay ends for any reason (the client left, its deadline passed)."""
+    try:
+        with upstream_errors("storage"):
+            async for message in call:
+                yield convert(message, public_response)
+    finally:
+        call.cancel()
 
 
 async def relay_subscription(
@@ -35,9 +51,5 @@ async def relay_subscription(
     call = upstreams.storage.SubscribeEvents(
         internal, timeout=call_timeout(context), metadata=tenant_of_caller()
     )
-    try:
-        with upstream_errors("storage"):
-            async for message in call:
-                yield convert(message, gateway_pb2.SubscribeEventsResponse)
-    finally:
-        call.cancel()
+    async for message in relay_stream(call, gateway_pb2.SubscribeEventsResponse):
+        yield message

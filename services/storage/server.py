@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.storage.alert_subscriptions import AlertSubscriptions
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
@@ -19,7 +20,7 @@ from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
-from services.storage.subscriptions import EventSubscriptions, TailSettings
+from services.storage.subscriptions import EventSubscriptions, TailAdmissions, TailSettings
 from streammesh.api.storage.v1 import (
     definitions_pb2,
     definitions_pb2_grpc,
@@ -109,6 +110,8 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         max_per_principal=settings.subscribe_max_per_principal,
         max_per_replica=settings.subscribe_max_per_replica,
     )
+    # One count for both kinds of tail: the limits are on subscriptions, whatever they follow.
+    admissions = TailAdmissions(tails, metrics.registry)
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
@@ -119,7 +122,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             query_api,
             trust_domain=settings.trust_domain,
             metrics=StorageMetrics(metrics.registry),
-            subscriptions=EventSubscriptions(query_api, tails, registry=metrics.registry),
+            subscriptions=EventSubscriptions(query_api, admissions),
         ),
     )
     registry = ServiceBinding(
@@ -130,7 +133,11 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     rules = ServiceBinding(
         definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
         definitions_pb2_grpc.add_DefinitionServiceServicer_to_server,
-        DefinitionServicer(DefinitionStore(deps.engine), EngineOutputStore(deps.engine)),
+        DefinitionServicer(
+            DefinitionStore(deps.engine),
+            EngineOutputStore(deps.engine),
+            AlertSubscriptions(deps.engine, admissions),
+        ),
     )
     return create_mesh_server(
         settings,

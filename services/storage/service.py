@@ -19,7 +19,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.paging import dead_letter_scope, decode_position, encode_position
 from services.storage.query_api import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, QueryApi
 from services.storage.store import EventStore
-from services.storage.subscriptions import EventSubscriptions, TailSettings
+from services.storage.subscriptions import EventSubscriptions
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
 from streammesh.mesh.metrics.pipeline import StorageMetrics
@@ -40,7 +40,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         *,
         trust_domain: str,
         metrics: StorageMetrics | None = None,
-        subscriptions: EventSubscriptions | None = None,
+        subscriptions: EventSubscriptions,
     ) -> None:
         self._store = store
         self._limits = limits
@@ -48,7 +48,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self._queries = queries
         self._trust_domain = trust_domain
         self._metrics = metrics or StorageMetrics()
-        self._subscriptions = subscriptions or EventSubscriptions(queries, TailSettings())
+        self._subscriptions = subscriptions
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the gateway names for the caller (x-streammesh-tenant), which every

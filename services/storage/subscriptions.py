@@ -19,7 +19,9 @@ Bounds: a principal has at most `max_per_principal` tails on a replica, a replic
 `max_per_replica` (RESOURCE_EXHAUSTED past either). A subscriber that stops reading is not
 buffered for: a handler's `yield` waits until grpc.aio has written the message, which waits on
 HTTP/2 flow control, so a stalled reader stops its tail's polling (tested). A deadline or a
-cancel cancels the handler, which ends the tail where it waits; `active` counts the tails.
+cancel cancels the handler, which ends the tail where it waits; a gauge counts the tails.
+
+`follow` is the loop both tails share (SubscribeAlerts: services.storage.alert_subscriptions).
 """
 
 from __future__ import annotations
@@ -27,19 +29,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Gauge
 
-from services.storage.queries import Selection
-from services.storage.query_api import Cursor, QueryApi
+from services.storage.query_api import QueryApi
+from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh.errors import InvalidArgument, ResourceExhausted
 from streammesh.mesh.paging import Principal
 
-__all__ = ["EventSubscriptions", "TailSettings"]
+__all__ = [
+    "EventSubscriptions",
+    "Round",
+    "TailAdmissions",
+    "TailSettings",
+    "follow",
+    "resume_refusal",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,23 +71,16 @@ class TailSettings:
     """Concurrent tails on one replica."""
 
 
-class EventSubscriptions:
-    """The SubscribeEvents handler's logic over the query API and its queries."""
+class TailAdmissions:
+    """The tails running on this replica, by principal, within TailSettings' limits (events and
+    alerts count against the same ones), and their gauge."""
 
-    def __init__(
-        self,
-        api: QueryApi,
-        settings: TailSettings,
-        *,
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        self._api = api
-        self._queries = api.queries
-        self._settings = settings
+    def __init__(self, settings: TailSettings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
         self._by_principal: Counter[tuple[str, str]] = Counter()
         self._gauge = Gauge(
-            "streammesh_storage_event_tails",
-            "SubscribeEvents tails running on this replica.",
+            "streammesh_storage_tails",
+            "SubscribeEvents and SubscribeAlerts tails running on this replica.",
             registry=registry if registry is not None else CollectorRegistry(),
         )
 
@@ -84,9 +90,10 @@ class EventSubscriptions:
         return sum(self._by_principal.values())
 
     @contextlib.contextmanager
-    def _admitted(self, principal: Principal) -> Iterator[None]:
+    def admitted(self, principal: Principal) -> Iterator[None]:
+        """Count one tail of `principal` while inside; RESOURCE_EXHAUSTED past a limit."""
         key = (principal.tenant, principal.subject)
-        limits = self._settings
+        limits = self.settings
         if self._by_principal[key] >= limits.max_per_principal:
             raise ResourceExhausted(
                 f"at most {limits.max_per_principal} concurrent subscriptions per user;"
@@ -108,6 +115,65 @@ class EventSubscriptions:
                 del self._by_principal[key]
             self._gauge.dec()
 
+
+@dataclass(frozen=True, slots=True)
+class Round(Generic[T]):
+    """What one read of a tail found: the items to send (in seq order), the cursor after them,
+    and whether more may be read at once (settled rows left, or the message budget was hit)."""
+
+    items: list[T]
+    after: int
+    more: bool
+
+
+async def follow(
+    read: Callable[[int], Awaitable[Round[T]]],
+    message: Callable[[list[T], str, bool], R],
+    token: Callable[[int], str],
+    after: int,
+    settings: TailSettings,
+) -> AsyncIterator[R]:
+    """The rounds of a tail from `after`: each round's items as `message(items, token,
+    current=False)`; once a round finds nothing more settled, one `current` message, and after
+    that a heartbeat (no items) every heartbeat_seconds; a pause of poll_seconds between rounds
+    that leave nothing to read at once."""
+    loop = asyncio.get_running_loop()
+    current = False
+    sent = loop.time()
+    while True:
+        found = await read(after)
+        after = found.after
+        if found.items:
+            yield message(found.items, token(after), False)
+            sent = loop.time()
+            if found.more:
+                continue  # read on at once: more rows may be settled already
+        if not current and not found.more:
+            current = True
+            yield message([], token(after), True)
+            sent = loop.time()
+        elif loop.time() - sent >= settings.heartbeat_seconds:
+            yield message([], token(after), False)
+            sent = loop.time()
+        await asyncio.sleep(settings.poll_seconds)
+
+
+def resume_refusal(error: InvalidArgument) -> InvalidArgument:
+    """A page-token refusal named after the subscription's field, resume_token."""
+    return InvalidArgument(
+        error.message.replace("page_token", "resume_token"),
+        field_violations=[("resume_token", reason) for _, reason in error.field_violations],
+    )
+
+
+class EventSubscriptions:
+    """The SubscribeEvents handler's logic over the query API and its queries."""
+
+    def __init__(self, api: QueryApi, admissions: TailAdmissions) -> None:
+        self._api = api
+        self._queries = api.queries
+        self._admissions = admissions
+
     async def subscribe(
         self, request: storage_pb2.SubscribeEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[storage_pb2.SubscribeEventsResponse]:
@@ -121,43 +187,28 @@ class EventSubscriptions:
             cursor = self._api.position(
                 request.resume_token, selection, request.filter_expression, principal
             )
-        except InvalidArgument as error:  # named after this API's field
-            raise InvalidArgument(
-                error.message.replace("page_token", "resume_token"),
-                field_violations=[("resume_token", reason) for _, reason in error.field_violations],
-            ) from None
-        with self._admitted(principal):
+        except InvalidArgument as error:
+            raise resume_refusal(error) from None
+        with self._admissions.admitted(principal):
             after = cursor.after_seq
             if not request.resume_token and request.start_at_end:
                 after = await self._queries.settled_end(selection.tenant)
-            async for response in self._tail(selection, cursor, after):
-                yield response
+            batch = self._admissions.settings.batch_events
 
-    async def _tail(
-        self, selection: Selection, cursor: Cursor, after: int
-    ) -> AsyncIterator[storage_pb2.SubscribeEventsResponse]:
-        loop = asyncio.get_running_loop()
-        settings = self._settings
-        current = False
-        sent = loop.time()
-        while True:
-            page = await self._queries.page(selection, after_seq=after, limit=settings.batch_events)
-            events = self._api.render(page.rows)
-            if events:
-                after = events[-1].sequence
-                yield storage_pb2.SubscribeEventsResponse(
-                    events=events, resume_token=cursor.token(after)
+            async def read(after: int) -> Round[event_pb2.StoredEvent]:
+                page = await self._queries.page(selection, after_seq=after, limit=batch)
+                events = self._api.render(page.rows)
+                last = events[-1].sequence if events else after
+                return Round(events, last, page.more or len(events) < len(page.rows))
+
+            def message(
+                events: list[event_pb2.StoredEvent], token: str, current: bool
+            ) -> storage_pb2.SubscribeEventsResponse:
+                return storage_pb2.SubscribeEventsResponse(
+                    events=events, resume_token=token, current=current
                 )
-                sent = loop.time()
-                if page.more or len(events) < len(page.rows):
-                    continue  # read on at once: more rows may be settled already
-            if not current and not page.more:
-                current = True
-                yield storage_pb2.SubscribeEventsResponse(
-                    resume_token=cursor.token(after), current=True
-                )
-                sent = loop.time()
-            elif loop.time() - sent >= settings.heartbeat_seconds:
-                yield storage_pb2.SubscribeEventsResponse(resume_token=cursor.token(after))
-                sent = loop.time()
-            await asyncio.sleep(settings.poll_seconds)
+
+            async for response in follow(
+                read, message, cursor.token, after, self._admissions.settings
+            ):
+                yield response

@@ -130,7 +130,7 @@ async def test_a_cancel_at_the_gateway_ends_the_storage_tail(stack: Stack) -> No
 async def _storage_tails(stack: Stack) -> int:
     """Storage's running tails (its replica's gauge)."""
     assert stack.storage_server is not None
-    value = stack.storage_server.metrics.registry.get_sample_value("streammesh_storage_event_tails")
+    value = stack.storage_server.metrics.registry.get_sample_value("streammesh_storage_tails")
     return int(value or 0)
 
 

@@ -63,7 +63,7 @@ async def read_until(
 
 
 def tails(server: MeshServer) -> float:
-    value = server.metrics.registry.get_sample_value("streammesh_storage_event_tails")
+    value = server.metrics.registry.get_sample_value("streammesh_storage_tails")
     assert value is not None
     return value
 
