@@ -4,6 +4,8 @@ SubscribeEvents (role analyst), with the saved session.
     streammesh tail 'payload.amount > 10' --key k1
     streammesh tail --from-now --json > events.jsonl
     streammesh tail --resume <resume_token> 'payload.amount > 10'
+    streammesh tail --alerts [--rule hot-sensor]          # alerts, in record order
+
 
 First the matching events already stored (none with --from-now), a line when the tail is
 current, then each event as it is stored, and a rate line on stderr every --rate-every seconds.
@@ -20,10 +22,12 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from streammesh.api.gateway.v1 import gateway_pb2
+from streammesh.api.gateway.v1 import gateway_pb2, rules_pb2
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.output import print_reply, reply_to_dict
 from streammesh.cli.query import add_selection_options, event_filter, filter_pointer
@@ -33,6 +37,8 @@ from streammesh.client import GatewayClient
 
 __all__ = ["add_tail_command"]
 
+Subscribed = gateway_pb2.SubscribeEventsResponse | rules_pb2.SubscribeAlertsResponse
+"""A message of either subscription (they share resume_token and current)."""
 _RESUMES_IN_A_ROW = 5
 """UNAVAILABLE endings resumed without a message received in between, at most."""
 
@@ -46,22 +52,38 @@ class _Follower:
         self.events = 0
         self._rate_count, self._rate_since = 0, time.monotonic()
 
-    def show(self, message: gateway_pb2.SubscribeEventsResponse) -> None:
+    def show(self, message: Subscribed) -> None:
+        items: Any = getattr(message, "alerts" if self.args.alerts else "events")
         self.token = message.resume_token or self.token
-        self.events += len(message.events)
-        self._rate_count += len(message.events)
+        self.events += len(items)
+        self._rate_count += len(items)
         if self.args.json:
             print(json.dumps(reply_to_dict(message), separators=(",", ":")), flush=True)
         else:
-            if message.events:
-                print_reply(gateway_pb2.QueryEventsResponse(events=message.events), as_json=False)
+            if items and self.args.alerts:
+                print_reply(rules_pb2.ListAlertsResponse(alerts=items), as_json=False)
+            elif items:
+                print_reply(gateway_pb2.QueryEventsResponse(events=items), as_json=False)
             if message.current:
                 print("-- current: live from here --", file=sys.stderr, flush=True)
         elapsed = time.monotonic() - self._rate_since
         if not self.args.json and elapsed >= self.args.rate_every:
             rate = self._rate_count / elapsed
-            print(f"-- {rate:.1f} events/s, {self.events} in all --", file=sys.stderr, flush=True)
+            what = "alerts" if self.args.alerts else "events"
+            print(f"-- {rate:.1f} {what}/s, {self.events} in all --", file=sys.stderr, flush=True)
             self._rate_count, self._rate_since = 0, time.monotonic()
+
+    def messages(self, client: GatewayClient) -> AsyncIterator[Subscribed]:
+        """The subscription's messages from the last token on."""
+        if self.args.alerts:
+            return client.subscribe_alerts(
+                rules_pb2.SubscribeAlertsRequest(
+                    rule_id=self.args.rule,
+                    resume_token=self.token,
+                    start_at_end=self.args.from_now and not self.token,
+                )
+            )
+        return client.subscribe(self.request())
 
     def request(self) -> gateway_pb2.SubscribeEventsRequest:
         return gateway_pb2.SubscribeEventsRequest(
@@ -76,7 +98,7 @@ async def _follow(client: GatewayClient, follower: _Follower) -> None:
     resumes = 0
     while True:
         try:
-            async for message in client.subscribe(follower.request()):
+            async for message in follower.messages(client):
                 resumes = 0
                 follower.show(message)
                 if follower.args.max_events and follower.events >= follower.args.max_events:
@@ -111,6 +133,10 @@ def add_tail_command(commands: argparse._SubParsersAction) -> None:  # type: ign
     tail = commands.add_parser("tail", help="follow your tenant's matching events live")
     add_selection_options(tail)
     tail.add_argument("--resume", default="", help="continue after this resume token")
+    tail.add_argument(
+        "--alerts", action="store_true", help="follow your tenant's alerts instead of events"
+    )
+    tail.add_argument("--rule", default="", help="with --alerts: only this rule's alerts")
     tail.add_argument(
         "--from-now", action="store_true", help="skip the events stored before (no --resume)"
     )

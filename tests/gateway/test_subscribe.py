@@ -1,7 +1,8 @@
-"""SubscribeEvents through the real gateway, ingest, a stream worker and storage, with real
-tokens over mTLS: events published while subscribed arrive in order; a reconnect with the last
-resume token continues with no gap and no repeat; the filter holds; another tenant's events
-never arrive; the token belongs to the caller; a cancel at the gateway ends storage's tail."""
+"""SubscribeEvents and SubscribeAlerts through the real gateway, ingest, a stream worker and
+storage, with real tokens over mTLS: events published while subscribed arrive in order; a
+reconnect with the last resume token continues with no gap and no repeat; the filter holds;
+another tenant's events (and alerts) never arrive; the token belongs to the caller; a cancel at
+the gateway ends storage's tail; `streammesh tail` prints JSON lines and resumes."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ from typing import Any
 import grpc
 import pytest
 
+from services.storage.server import DEFINITION_SERVICE
 from streammesh.api.common.v1 import event_pb2
-from streammesh.api.gateway.v1 import gateway_pb2
+from streammesh.api.gateway.v1 import gateway_pb2, rules_pb2
+from streammesh.api.gateway.v1 import rules_pb2_grpc as rules_grpc
+from streammesh.api.storage.v1 import definitions_pb2
+from streammesh.api.storage.v1 import definitions_pb2_grpc as definitions_grpc
+from streammesh.mesh import TlsMaterial, create_channel, service_config
 from tests.gateway.conftest import Stack
 from tests.gateway.test_dead_letters import Pipeline, pipeline  # noqa: F401 (the fixture)
 from tests.gateway.test_query_api import _cli, _cli_config
+from tests.gateway.test_rules import People, people  # noqa: F401 (the module fixture)
 from tests.gateway.test_tenants import Tenants, tenants  # noqa: F401 (the module fixture)
+from tests.storage.test_alert_subscriptions import alert
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,3 +165,56 @@ async def test_the_cli_tails_as_json_and_resumes_from_the_printed_token(
     assert await _cli(config, *argv) == 0
     out = capsys.readouterr().out
     assert f"{key}-3" in out and f"{key}-4" in out and f"{key}-2" not in out
+
+
+async def test_alerts_live_through_the_rule_service_by_tenant_and_role(
+    stack: Stack,
+    people: People,  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Alerts the processor records reach the analyst of their tenant live, not the other
+    tenant's (and `streammesh tail --alerts` shows them); a producer may not subscribe."""
+    run = people.by_name["a-analyst"].username.rsplit("-", 1)[1]
+    rules = rules_grpc.RuleServiceStub(stack.gateway_channel)
+    mine = rules.SubscribeAlerts(
+        rules_pb2.SubscribeAlertsRequest(start_at_end=True),
+        metadata=people.by_name["a-analyst"].bearer(),
+    )
+    theirs = rules.SubscribeAlerts(
+        rules_pb2.SubscribeAlertsRequest(start_at_end=True),
+        metadata=people.by_name["b-rules"].bearer(),
+    )
+    for call in (mine, theirs):
+        assert (await call.read()).current
+    channel = create_channel(
+        f"127.0.0.1:{stack.storage_port}",
+        TlsMaterial.load(stack.pki_dir, "processor"),
+        server_name="storage",
+        config=service_config(DEFINITION_SERVICE, health_checked=False),
+    )
+    try:
+        processor = definitions_grpc.DefinitionServiceStub(channel)
+        await processor.StoreEngineOutputs(
+            definitions_pb2.StoreEngineOutputsRequest(
+                alerts=[alert(1, tenant=f"ra-{run}"), alert(2, tenant=f"rb-{run}")]
+            ),
+            timeout=10,
+        )
+    finally:
+        await channel.close()
+    for call, tenant in ((mine, f"ra-{run}"), (theirs, f"rb-{run}")):
+        message = await asyncio.wait_for(call.read(), 10)
+        assert [a.tenant for a in message.alerts] == [tenant]
+        call.cancel()
+    producer = rules.SubscribeAlerts(
+        rules_pb2.SubscribeAlertsRequest(), metadata=people.by_name["a-producer"].bearer()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await producer.read()
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    config = _cli_config(stack, people.by_name["a-analyst"], tmp_path)
+    assert await _cli(config, "tail", "--alerts", "--json", "--max-events", "1") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["tenant"] for line in lines for a in line["alerts"]] == [f"ra-{run}"]
