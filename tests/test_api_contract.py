@@ -156,6 +156,11 @@ RELAYED = [
     (gateway_pb2.QueryEventsResponse, storage_pb2.QueryEventsResponse),
     (public_rules.SubscribeAlertsRequest, storage_definitions.SubscribeAlertsRequest),
     (public_rules.SubscribeAlertsResponse, storage_definitions.SubscribeAlertsResponse),
+    (public_rules.SubscribeWindowResultsRequest, storage_definitions.SubscribeWindowResultsRequest),
+    (
+        public_rules.SubscribeWindowResultsResponse,
+        storage_definitions.SubscribeWindowResultsResponse,
+    ),
     (gateway_pb2.SubscribeEventsRequest, storage_pb2.SubscribeEventsRequest),
     (gateway_pb2.SubscribeEventsResponse, storage_pb2.SubscribeEventsResponse),
     (gateway_pb2.CountEventsRequest, storage_pb2.CountEventsRequest),

@@ -119,6 +119,7 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{RULES}/ListWindows": roles("analyst", "rule-admin"),
     f"{RULES}/ListAlerts": roles("analyst", "rule-admin"),
     f"{RULES}/SubscribeAlerts": roles("analyst", "rule-admin"),
+    f"{RULES}/SubscribeWindowResults": roles("analyst", "rule-admin"),
     f"{RULES}/ListWindowResults": roles("analyst", "rule-admin"),
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": TENANT_ADMINS,

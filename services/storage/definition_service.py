@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.storage import definitions, engine_outputs, registry
-from services.storage.alert_subscriptions import AlertSubscriptions
 from services.storage.definition_store import DefinitionRow, DefinitionStore, NewVersion
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.output_subscriptions import OutputSubscriptions
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
 from streammesh.mesh.errors import AlreadyExists, InvalidArgument, NotFound
@@ -33,11 +33,11 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
         self,
         store: DefinitionStore,
         outputs: EngineOutputStore,
-        alerts: AlertSubscriptions,
+        tails: OutputSubscriptions,
     ) -> None:
         self._store = store
         self._outputs = outputs
-        self._alerts = alerts
+        self._tails = tails
 
     async def CreateDefinition(
         self, request: pb.CreateDefinitionRequest, context: grpc.aio.ServicerContext
@@ -222,8 +222,15 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
     async def SubscribeAlerts(
         self, request: pb.SubscribeAlertsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeAlertsResponse]:
-        """A tenant's alerts as they are recorded (services.storage.alert_subscriptions)."""
-        async for response in self._alerts.subscribe(request, context):
+        """A tenant's alerts as they are recorded (services.storage.output_subscriptions)."""
+        async for response in self._tails.alerts(request):
+            yield response
+
+    async def SubscribeWindowResults(
+        self, request: pb.SubscribeWindowResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeWindowResultsResponse]:
+        """A tenant's window results as they are recorded."""
+        async for response in self._tails.window_results(request):
             yield response
 
     async def ListWindowResults(

@@ -137,10 +137,10 @@ SESSION_SETTINGS = (
 """Run first in a query's transaction, with the statement timeout in milliseconds."""
 
 
-def horizon_sql(table: Literal["events", "alerts"]) -> str:
+def horizon_sql(table: Literal["events", "alerts", "window_results"]) -> str:
     """The paging horizon of `table` (a fixed name of ours, never a client's) as a scalar
     subquery: the start of the earliest transaction holding a lock on it that lets it write
-    rows, else the statement's start (PAGING_GUARANTEE; SubscribeAlerts applies it to alerts)."""
+    rows, else the statement's start (PAGING_GUARANTEE; the engine outputs' tails apply it too)."""
     return (
         "(SELECT least(statement_timestamp(), min(coalesce(a.xact_start, '-infinity')))"  # noqa: S608 (a fixed name)
         " FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"

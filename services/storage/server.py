@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.storage.alert_subscriptions import AlertSubscriptions
 from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.output_subscriptions import OutputSubscriptions
 from services.storage.queries import EventQueries, QueryBounds
 from services.storage.query_api import QueryApi, page_tokens
 from services.storage.registry_service import SchemaRegistryServicer
@@ -136,7 +136,7 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         DefinitionServicer(
             DefinitionStore(deps.engine),
             EngineOutputStore(deps.engine),
-            AlertSubscriptions(deps.engine, admissions),
+            OutputSubscriptions(deps.engine, admissions),
         ),
     )
     return create_mesh_server(

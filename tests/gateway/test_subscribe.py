@@ -29,7 +29,7 @@ from tests.gateway.test_dead_letters import Pipeline, pipeline  # noqa: F401 (th
 from tests.gateway.test_query_api import _cli, _cli_config
 from tests.gateway.test_rules import People, people  # noqa: F401 (the module fixture)
 from tests.gateway.test_tenants import Tenants, tenants  # noqa: F401 (the module fixture)
-from tests.storage.test_alert_subscriptions import alert
+from tests.storage.test_output_subscriptions import alert, result
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -174,7 +174,8 @@ async def test_alerts_live_through_the_rule_service_by_tenant_and_role(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Alerts the processor records reach the analyst of their tenant live, not the other
-    tenant's (and `streammesh tail --alerts` shows them); a producer may not subscribe."""
+    tenant's (and `streammesh tail --alerts` shows them), window results likewise; a producer
+    may not subscribe."""
     run = people.by_name["a-analyst"].username.rsplit("-", 1)[1]
     rules = rules_grpc.RuleServiceStub(stack.gateway_channel)
     mine = rules.SubscribeAlerts(
@@ -197,7 +198,8 @@ async def test_alerts_live_through_the_rule_service_by_tenant_and_role(
         processor = definitions_grpc.DefinitionServiceStub(channel)
         await processor.StoreEngineOutputs(
             definitions_pb2.StoreEngineOutputsRequest(
-                alerts=[alert(1, tenant=f"ra-{run}"), alert(2, tenant=f"rb-{run}")]
+                alerts=[alert(1, tenant=f"ra-{run}"), alert(2, tenant=f"rb-{run}")],
+                window_results=[result(4, tenant=f"ra-{run}"), result(5, tenant=f"rb-{run}")],
             ),
             timeout=10,
         )
@@ -207,6 +209,13 @@ async def test_alerts_live_through_the_rule_service_by_tenant_and_role(
         message = await asyncio.wait_for(call.read(), 10)
         assert [a.tenant for a in message.alerts] == [tenant]
         call.cancel()
+    results = rules.SubscribeWindowResults(
+        rules_pb2.SubscribeWindowResultsRequest(window_id="per-minute"),
+        metadata=people.by_name["a-analyst"].bearer(),
+    )
+    message = await asyncio.wait_for(results.read(), 10)
+    assert [(r.tenant, r.partition) for r in message.window_results] == [(f"ra-{run}", 4)]
+    results.cancel()
     producer = rules.SubscribeAlerts(
         rules_pb2.SubscribeAlertsRequest(), metadata=people.by_name["a-producer"].bearer()
     )

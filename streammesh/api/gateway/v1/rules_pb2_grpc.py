@@ -118,6 +118,11 @@ class RuleServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeWindowResults = channel.unary_stream(
+                '/streammesh.gateway.v1.RuleService/SubscribeWindowResults',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsResponse.FromString,
+                _registered_method=True)
         self.ListWindowResults = channel.unary_unary(
                 '/streammesh.gateway.v1.RuleService/ListWindowResults',
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.SerializeToString,
@@ -253,6 +258,16 @@ class RuleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeWindowResults(self, request, context):
+        """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+        revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+        alerts: what was recorded before (none with start_at_end), `current`, then live, with
+        heartbeats and resume tokens. Role: analyst or rule-admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWindowResults(self, request, context):
         """ListWindowResults pages through one window's results (every version and stream
         partition), by window start. Role: analyst or rule-admin.
@@ -323,6 +338,11 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     servicer.SubscribeAlerts,
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsResponse.SerializeToString,
+            ),
+            'SubscribeWindowResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeWindowResults,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsResponse.SerializeToString,
             ),
             'ListWindowResults': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWindowResults,
@@ -678,6 +698,33 @@ class RuleService:
             '/streammesh.gateway.v1.RuleService/SubscribeAlerts',
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeWindowResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.gateway.v1.RuleService/SubscribeWindowResults',
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

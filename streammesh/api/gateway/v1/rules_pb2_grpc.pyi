@@ -109,6 +109,12 @@ class RuleServiceStub:
     one continues with no alert missed and none repeated. Limits and cancellation as for
     GatewayService.SubscribeEvents (the two count against one limit).
     """
+    SubscribeWindowResults: _grpc.UnaryStreamMultiCallable[_rules_pb2.SubscribeWindowResultsRequest, _rules_pb2.SubscribeWindowResultsResponse]
+    """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+    revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+    alerts: what was recorded before (none with start_at_end), `current`, then live, with
+    heartbeats and resume tokens. Role: analyst or rule-admin.
+    """
     ListWindowResults: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]
     """ListWindowResults pages through one window's results (every version and stream
     partition), by window start. Role: analyst or rule-admin.
@@ -194,6 +200,12 @@ class RuleServiceAsyncStub(RuleServiceStub):
     heartbeat while idle; every message carries a resume_token, and reconnecting with the last
     one continues with no alert missed and none repeated. Limits and cancellation as for
     GatewayService.SubscribeEvents (the two count against one limit).
+    """
+    SubscribeWindowResults: _aio.UnaryStreamMultiCallable[_rules_pb2.SubscribeWindowResultsRequest, _rules_pb2.SubscribeWindowResultsResponse]  # type: ignore[assignment]
+    """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+    revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+    alerts: what was recorded before (none with start_at_end), `current`, then live, with
+    heartbeats and resume tokens. Role: analyst or rule-admin.
     """
     ListWindowResults: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]  # type: ignore[assignment]
     """ListWindowResults pages through one window's results (every version and stream
@@ -349,6 +361,18 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         heartbeat while idle; every message carries a resume_token, and reconnecting with the last
         one continues with no alert missed and none repeated. Limits and cancellation as for
         GatewayService.SubscribeEvents (the two count against one limit).
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeWindowResults(
+        self,
+        request: _rules_pb2.SubscribeWindowResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rules_pb2.SubscribeWindowResultsResponse], _abc.AsyncIterator[_rules_pb2.SubscribeWindowResultsResponse]]:
+        """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+        revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+        alerts: what was recorded before (none with start_at_end), `current`, then live, with
+        heartbeats and resume tokens. Role: analyst or rule-admin.
         """
 
     @_abc_1.abstractmethod

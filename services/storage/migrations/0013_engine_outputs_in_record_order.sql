@@ -1,6 +1,6 @@
--- Alerts get a record order that a live tail can follow (SubscribeAlerts,
--- services/storage/alert_subscriptions.py). Their listing order, the last causing event's time,
--- is not one: a lagging partition records an alert about older events after a newer alert,
+-- Alerts and window results get a record order that a live tail can follow (SubscribeAlerts
+-- and SubscribeWindowResults, services/storage/output_subscriptions.py). Alerts' listing
+-- order, the last causing event's time, is not one: a lagging partition records an alert about older events after a newer alert,
 -- and a tail keyed on it would pass that alert for good. And the deterministic alert_id, which
 -- makes a redelivered batch write nothing twice, is no order at all. So, as for events
 -- (migration 0011, services/storage/queries.py PAGING_GUARANTEE): seq from an identity with
@@ -13,3 +13,9 @@ ALTER TABLE alerts
     ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY (CACHE 1),
     ADD COLUMN store_time timestamptz NOT NULL DEFAULT clock_timestamp();
 CREATE UNIQUE INDEX alerts_by_seq ON alerts (tenant, seq);
+-- Window results likewise (SubscribeWindowResults): their listing order (window start, then
+-- version, partition, group) is no record order either.
+ALTER TABLE window_results
+    ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY (CACHE 1),
+    ADD COLUMN store_time timestamptz NOT NULL DEFAULT clock_timestamp();
+CREATE UNIQUE INDEX window_results_by_seq ON window_results (tenant, seq);

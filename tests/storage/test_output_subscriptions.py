@@ -1,7 +1,8 @@
-"""SubscribeAlerts at storage over real mTLS and Postgres: alerts recorded before, the
-`current` marker, then live ones in record order (not event-time order); a replayed batch adds
-nothing; resume with the token continues with no gap and no repeat; the rule filter and the
-tenant hold; an alert committed late with a lower seq is not passed; the shared tail limit."""
+"""SubscribeAlerts and SubscribeWindowResults at storage over real mTLS and Postgres: alerts
+recorded before, the `current` marker, then live ones in record order (not event-time order); a
+replayed batch adds nothing; resume with the token continues with no gap and no repeat; the rule
+(or window) filter and the tenant hold; an alert committed late with a lower seq is not passed;
+the tail limit is shared with event subscriptions."""
 
 from __future__ import annotations
 
@@ -150,3 +151,52 @@ async def test_alert_and_event_tails_share_the_limit(
         await wait_for(lambda: tails(server) == 0)
     finally:
         await channel.close()
+
+
+def result(partition: int, *, tenant: str = "acme", window: str = "per-minute") -> Any:
+    return common.WindowResult(
+        tenant=tenant,
+        window_id=window,
+        window_version=1,
+        partition=partition,
+        group="eu",
+        start_unix_nanos=0,
+        end_unix_nanos=60_000_000_000,
+        revision=0,
+        values_json=json.dumps({"orders": partition}),
+        watermark_unix_nanos=61_000_000_000,
+    )
+
+
+async def test_window_results_tail_by_window_and_tenant_and_resume(stubs: Any) -> None:
+    gateway, processor = stubs
+    store = processor.StoreEngineOutputs
+    await store(pb.StoreEngineOutputsRequest(window_results=[result(0)]), timeout=10)
+    request = pb.SubscribeWindowResultsRequest(
+        tenant="acme", principal="ana", window_id="per-minute"
+    )
+    call = gateway.SubscribeWindowResults(request)
+    seen: list[int] = []
+    token = ""
+    async with asyncio.timeout(10):
+        async for message in call:
+            token = message.resume_token
+            seen += [r.partition for r in message.window_results]
+            if len(seen) == 3:
+                break
+            if message.current:  # then the live ones, another window's and tenant's among them
+                batch = [
+                    result(1),
+                    result(9, window="other"),
+                    result(8, tenant="globex"),
+                    result(2),
+                ]
+                await store(pb.StoreEngineOutputsRequest(window_results=batch), timeout=10)
+    call.cancel()
+    assert seen == [0, 1, 2]
+    await store(pb.StoreEngineOutputsRequest(window_results=[result(3)]), timeout=10)
+    request.resume_token = token
+    async with asyncio.timeout(10):
+        async for message in gateway.SubscribeWindowResults(request):
+            assert [r.partition for r in message.window_results] == [3]
+            break
