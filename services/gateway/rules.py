@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from services.gateway.access import current_principal
 from services.gateway.relay import call_timeout, convert
+from services.gateway.revocations import RevocationList
 from services.gateway.subscribe import relay_stream
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.common.v1 import definitions_pb2 as common
@@ -30,8 +31,9 @@ WINDOW = common.DEFINITION_KIND_WINDOW
 
 
 class RuleServicer(public_grpc.RuleServiceServicer):
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Upstreams, revocations: RevocationList) -> None:
         self._up = upstreams
+        self._revocations = revocations
 
     async def _call(self, name: str, message: Any, context: grpc.aio.ServicerContext) -> Any:
         principal = current_principal()
@@ -184,7 +186,7 @@ class RuleServicer(public_grpc.RuleServiceServicer):
         principal = current_principal()
         request.tenant, request.principal = principal.tenant, principal.subject
         call = getattr(self._up.definitions, name)(request, timeout=call_timeout(context))
-        return relay_stream(call, public_response)
+        return relay_stream(call, public_response, self._revocations)
 
     async def SubscribeAlerts(
         self, request: public.SubscribeAlertsRequest, context: grpc.aio.ServicerContext

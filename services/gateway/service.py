@@ -175,7 +175,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def SubscribeEvents(
         self, request: gateway_pb2.SubscribeEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.SubscribeEventsResponse]:
-        async for message in relay_subscription(self._up, request, context):
+        async for message in relay_subscription(self._up, self._revocations, request, context):
             yield message
 
     async def CountEvents(

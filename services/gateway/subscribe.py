@@ -10,6 +10,7 @@ relay, and with it the storage call and so the tail.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -18,6 +19,8 @@ from google.protobuf.message import Message
 
 from services.gateway.access import current_principal
 from services.gateway.relay import call_timeout, convert, tenant_of_caller
+from services.gateway.revocations import RevocationList
+from services.gateway.tokens import Reason, TokenRejected
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.api.storage.v1 import storage_pb2
@@ -26,13 +29,31 @@ __all__ = ["relay_stream", "relay_subscription"]
 
 M = TypeVar("M", bound=Message)
 
+log = logging.getLogger(__name__)
 
-async def relay_stream(call: Any, public_response: type[M]) -> AsyncIterator[M]:
-    """The messages of storage's server-streaming `call`, re-typed; the call is cancelled when
-    the relay ends for any reason (the client left, its deadline passed)."""
+
+async def relay_stream(
+    call: Any, public_response: type[M], revocations: RevocationList
+) -> AsyncIterator[M]:
+    """The messages of storage's server-streaming `call` for the current caller, re-typed,
+    for as long as the caller's token is not revoked: a subscription outlives the check of its
+    token at the start, so the list is checked before each message (heartbeats included, so an
+    idle stream ends within a heartbeat) and a revoked token ends the stream UNAUTHENTICATED, as
+    a new call would be refused. The call is cancelled when the relay ends for any reason (the
+    client left, its deadline passed)."""
+    principal = current_principal()
     try:
         with upstream_errors("storage"):
             async for message in call:
+                if revocations.revoked(
+                    principal.subject,
+                    principal.session_id,
+                    principal.generation,
+                    tenant=principal.tenant,
+                    tenant_generation=principal.tenant_generation,
+                ):
+                    log.info("subscription of session %s ended: revoked", principal.session_id)
+                    raise TokenRejected(Reason.REVOKED)
                 yield convert(message, public_response)
     finally:
         call.cancel()
@@ -40,6 +61,7 @@ async def relay_stream(call: Any, public_response: type[M]) -> AsyncIterator[M]:
 
 async def relay_subscription(
     upstreams: Upstreams,
+    revocations: RevocationList,
     request: gateway_pb2.SubscribeEventsRequest,
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[gateway_pb2.SubscribeEventsResponse]:
@@ -51,5 +73,5 @@ async def relay_subscription(
     call = upstreams.storage.SubscribeEvents(
         internal, timeout=call_timeout(context), metadata=tenant_of_caller()
     )
-    async for message in relay_stream(call, gateway_pb2.SubscribeEventsResponse):
+    async for message in relay_stream(call, gateway_pb2.SubscribeEventsResponse, revocations):
         yield message

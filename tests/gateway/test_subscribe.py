@@ -17,14 +17,16 @@ from typing import Any
 import grpc
 import pytest
 
+from services.gateway.tokens import INVALID_TOKEN
 from services.storage.server import DEFINITION_SERVICE
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, rules_pb2
 from streammesh.api.gateway.v1 import rules_pb2_grpc as rules_grpc
-from streammesh.api.storage.v1 import definitions_pb2
+from streammesh.api.storage.v1 import definitions_pb2, storage_pb2
 from streammesh.api.storage.v1 import definitions_pb2_grpc as definitions_grpc
+from streammesh.api.storage.v1 import storage_pb2_grpc as storage_grpc
 from streammesh.mesh import TlsMaterial, create_channel, service_config
-from tests.gateway.conftest import Stack
+from tests.gateway.conftest import Stack, enrol_and_login
 from tests.gateway.test_dead_letters import Pipeline, pipeline  # noqa: F401 (the fixture)
 from tests.gateway.test_query_api import _cli, _cli_config
 from tests.gateway.test_rules import People, people  # noqa: F401 (the module fixture)
@@ -227,3 +229,42 @@ async def test_alerts_live_through_the_rule_service_by_tenant_and_role(
     assert await _cli(config, "tail", "--alerts", "--json", "--max-events", "1") == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [a["tenant"] for line in lines for a in line["alerts"]] == [f"ra-{run}"]
+
+
+async def test_a_subscription_ends_when_its_session_is_revoked(stack: Stack) -> None:
+    """A subscription outlives the check of its token at the start: after a logout the next
+    message the gateway would relay ends the stream UNAUTHENTICATED instead."""
+    person = await enrol_and_login(stack, f"gw-sub-{uuid.uuid4().hex[:6]}", ("analyst",))
+    key = f"revoked-{uuid.uuid4().hex[:8]}"
+    call = stack.gateway.SubscribeEvents(
+        gateway_pb2.SubscribeEventsRequest(filter=event_pb2.EventFilter(keys=[key])),
+        metadata=person.bearer(),
+    )
+    assert (await call.read()).current
+    await stack.gateway.Logout(
+        gateway_pb2.LogoutRequest(refresh_token=person.refresh_token), timeout=10
+    )
+    channel = create_channel(
+        f"127.0.0.1:{stack.storage_port}",
+        TlsMaterial.load(stack.pki_dir, "processor"),
+        server_name="storage",
+        config=service_config("streammesh.storage.v1.StorageService", health_checked=False),
+    )
+    try:
+        processor = storage_grpc.StorageServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async with asyncio.timeout(30):
+                for n in range(300):  # an event a tick, until the gateway learnt of the logout
+                    batch = event_pb2.QueuedBatch(partition=0)
+                    queued = batch.events.add(producer="p")
+                    queued.event.id, queued.event.key, queued.event.type = f"{key}-{n}", key, "t"
+                    queued.ingest_time.GetCurrentTime()
+                    await processor.StoreEvents(
+                        storage_pb2.StoreEventsRequest(batch=batch), timeout=10
+                    )
+                    await call.read()
+                    await asyncio.sleep(0.1)
+    finally:
+        await channel.close()
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ended.value.details() == INVALID_TOKEN

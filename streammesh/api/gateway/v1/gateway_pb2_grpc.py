@@ -222,7 +222,9 @@ class GatewayServiceServicer:
         and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
         like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
         or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
-        the tail waits on the stream's flow control.
+        the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+        stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+        fresh token and the last resume_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -92,7 +92,9 @@ class GatewayServiceStub:
     and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
     like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
     or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
-    the tail waits on the stream's flow control.
+    the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+    stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+    fresh token and the last resume_token.
     """
     CountEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]
     """CountEvents counts stored events matching a filter. Role: analyst."""
@@ -174,7 +176,9 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
     like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
     or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
-    the tail waits on the stream's flow control.
+    the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+    stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+    fresh token and the last resume_token.
     """
     CountEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]  # type: ignore[assignment]
     """CountEvents counts stored events matching a filter. Role: analyst."""
@@ -319,7 +323,9 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
         like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
         or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
-        the tail waits on the stream's flow control.
+        the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+        stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+        fresh token and the last resume_token.
         """
 
     @_abc_1.abstractmethod
