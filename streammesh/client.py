@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -282,6 +283,21 @@ class GatewayClient:
         )
         return reply
 
+    async def subscribe(
+        self, request: gateway_pb2.SubscribeEventsRequest
+    ) -> AsyncIterator[gateway_pb2.SubscribeEventsResponse]:
+        """The messages of a live subscription (events, the `current` marker, heartbeats), until
+        the caller stops iterating (which cancels the call) or the stream fails."""
+        async for message in _messages(self._stub.SubscribeEvents(request, metadata=self._auth())):
+            yield message
+
+    async def subscribe_alerts(
+        self, request: rules_pb2.SubscribeAlertsRequest
+    ) -> AsyncIterator[rules_pb2.SubscribeAlertsResponse]:
+        """The messages of a live alert subscription, as `subscribe` for events."""
+        async for message in _messages(self.rules.SubscribeAlerts(request, metadata=self._auth())):
+            yield message
+
     async def aggregate(
         self, request: gateway_pb2.AggregateEventsRequest
     ) -> gateway_pb2.AggregateEventsResponse:
@@ -311,6 +327,15 @@ class GatewayClient:
                     raise TimeoutError("stored events stayed unsettled: a write is still open")
                 return
             token = page.next_page_token
+
+
+async def _messages(call: Any) -> AsyncIterator[Any]:
+    """A server stream's messages; the call is cancelled when the reader stops."""
+    try:
+        async for message in call:
+            yield message
+    finally:
+        call.cancel()
 
 
 class _PublishBooks:

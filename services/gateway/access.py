@@ -88,6 +88,7 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{GATEWAY}/Publish": roles("producer"),
     f"{GATEWAY}/PublishBatch": roles("producer"),
     f"{GATEWAY}/QueryEvents": roles("analyst"),
+    f"{GATEWAY}/SubscribeEvents": roles("analyst"),
     f"{GATEWAY}/CountEvents": roles("analyst"),
     f"{GATEWAY}/AggregateEvents": roles("analyst"),
     # Public keys, for resource servers outside the mesh; served from the gateway's key cache,
@@ -117,6 +118,8 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{RULES}/GetWindow": roles("analyst", "rule-admin"),
     f"{RULES}/ListWindows": roles("analyst", "rule-admin"),
     f"{RULES}/ListAlerts": roles("analyst", "rule-admin"),
+    f"{RULES}/SubscribeAlerts": roles("analyst", "rule-admin"),
+    f"{RULES}/SubscribeWindowResults": roles("analyst", "rule-admin"),
     f"{RULES}/ListWindowResults": roles("analyst", "rule-admin"),
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": TENANT_ADMINS,

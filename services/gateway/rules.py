@@ -6,17 +6,23 @@ handler runs. Storage validates the documents with the engine's own parser."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from services.gateway.access import current_principal
 from services.gateway.relay import call_timeout, convert
+from services.gateway.revocations import RevocationList
+from services.gateway.subscribe import relay_stream
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.gateway.v1 import rules_pb2 as public
 from streammesh.api.gateway.v1 import rules_pb2_grpc as public_grpc
 from streammesh.api.storage.v1 import definitions_pb2 as internal
+
+M = TypeVar("M", bound=Message)
 
 __all__ = ["RuleServicer"]
 
@@ -25,8 +31,9 @@ WINDOW = common.DEFINITION_KIND_WINDOW
 
 
 class RuleServicer(public_grpc.RuleServiceServicer):
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Upstreams, revocations: RevocationList) -> None:
         self._up = upstreams
+        self._revocations = revocations
 
     async def _call(self, name: str, message: Any, context: grpc.aio.ServicerContext) -> Any:
         principal = current_principal()
@@ -171,6 +178,38 @@ class RuleServicer(public_grpc.RuleServiceServicer):
             "ListAlerts", convert(request, internal.ListAlertsRequest), context
         )
         return convert(reply, public.ListAlertsResponse)
+
+    def _subscribe(
+        self, name: str, request: Any, public_response: type[M], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[M]:
+        """Storage's `name` stream for the caller (tenant and principal filled in), re-typed."""
+        principal = current_principal()
+        request.tenant, request.principal = principal.tenant, principal.subject
+        call = getattr(self._up.definitions, name)(request, timeout=call_timeout(context))
+        return relay_stream(call, public_response, self._revocations)
+
+    async def SubscribeAlerts(
+        self, request: public.SubscribeAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[public.SubscribeAlertsResponse]:
+        internal_request = convert(request, internal.SubscribeAlertsRequest)
+        relayed = self._subscribe(
+            "SubscribeAlerts", internal_request, public.SubscribeAlertsResponse, context
+        )
+        async for message in relayed:
+            yield message
+
+    async def SubscribeWindowResults(
+        self, request: public.SubscribeWindowResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[public.SubscribeWindowResultsResponse]:
+        internal_request = convert(request, internal.SubscribeWindowResultsRequest)
+        relayed = self._subscribe(
+            "SubscribeWindowResults",
+            internal_request,
+            public.SubscribeWindowResultsResponse,
+            context,
+        )
+        async for message in relayed:
+            yield message
 
     async def ListWindowResults(
         self, request: public.ListWindowResultsRequest, context: grpc.aio.ServicerContext

@@ -135,7 +135,7 @@ def create_server(
             ServiceBinding(
                 rules_pb2.DESCRIPTOR.services_by_name["RuleService"],
                 rules_pb2_grpc.add_RuleServiceServicer_to_server,
-                RuleServicer(upstreams),
+                RuleServicer(upstreams, revocations),
             ),
             ServiceBinding(
                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"],

@@ -14,6 +14,7 @@ from services.gateway.access import current_principal
 from services.gateway.publish import PublishRelay, RelayLimits
 from services.gateway.relay import auth_metadata, call_timeout, convert, relay, tenant_of_caller
 from services.gateway.revocations import RevocableStream, RevocationList
+from services.gateway.subscribe import relay_subscription
 from services.gateway.tokens import JwksCache, Reason, TokenRejected, public_keys
 from services.gateway.upstream import Upstreams, upstream_errors
 from streammesh.api.auth.v1 import auth_pb2
@@ -170,6 +171,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return await self._read_storage(
             "QueryEvents", internal, gateway_pb2.QueryEventsResponse, context
         )
+
+    async def SubscribeEvents(
+        self, request: gateway_pb2.SubscribeEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.SubscribeEventsResponse]:
+        async for message in relay_subscription(self._up, self._revocations, request, context):
+            yield message
 
     async def CountEvents(
         self, request: gateway_pb2.CountEventsRequest, context: grpc.aio.ServicerContext

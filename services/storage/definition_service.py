@@ -9,11 +9,14 @@ does not have is NOT_FOUND, whether or not another tenant has it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from services.storage import definitions, engine_outputs, registry
 from services.storage.definition_store import DefinitionRow, DefinitionStore, NewVersion
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.output_subscriptions import OutputSubscriptions
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
 from streammesh.mesh.errors import AlreadyExists, InvalidArgument, NotFound
@@ -26,9 +29,15 @@ def _not_found(kind: str, definition_id: str) -> NotFound:
 
 
 class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
-    def __init__(self, store: DefinitionStore, outputs: EngineOutputStore) -> None:
+    def __init__(
+        self,
+        store: DefinitionStore,
+        outputs: EngineOutputStore,
+        tails: OutputSubscriptions,
+    ) -> None:
         self._store = store
         self._outputs = outputs
+        self._tails = tails
 
     async def CreateDefinition(
         self, request: pb.CreateDefinitionRequest, context: grpc.aio.ServicerContext
@@ -209,6 +218,20 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
                 [last.last_event_nanos, last.alert_id], *scope
             )
         return response
+
+    async def SubscribeAlerts(
+        self, request: pb.SubscribeAlertsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeAlertsResponse]:
+        """A tenant's alerts as they are recorded (services.storage.output_subscriptions)."""
+        async for response in self._tails.alerts(request):
+            yield response
+
+    async def SubscribeWindowResults(
+        self, request: pb.SubscribeWindowResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeWindowResultsResponse]:
+        """A tenant's window results as they are recorded."""
+        async for response in self._tails.window_results(request):
+            yield response
 
     async def ListWindowResults(
         self, request: pb.ListWindowResultsRequest, context: grpc.aio.ServicerContext

@@ -54,6 +54,7 @@ __all__ = [
     "Selection",
     "aggregate_sql",
     "count_sql",
+    "horizon_sql",
     "page_sql",
     "reads_payload",
     "settled_prefix",
@@ -136,20 +137,29 @@ SESSION_SETTINGS = (
     "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)"
 )
 """Run first in a query's transaction, with the statement timeout in milliseconds."""
+
+
+def horizon_sql(table: Literal["events", "alerts", "window_results"]) -> str:
+    """The paging horizon of `table` (a fixed name of ours, never a client's) as a scalar
+    subquery: the start of the earliest transaction holding a lock on it that lets it write
+    rows, else the statement's start (PAGING_GUARANTEE; the engine outputs' tails apply it too)."""
+    return (
+        "(SELECT least(statement_timestamp(), min(coalesce(a.xact_start, '-infinity')))"  # noqa: S608 (a fixed name)
+        " FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"
+        f" WHERE l.locktype = 'relation' AND l.relation = '{table}'::regclass"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND l.mode IN"
+        " ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))"
+    )
+
+
 # The paging horizon (PAGING_GUARANTEE): the start of the earliest transaction holding a lock on
 # `events` that lets it write rows, else this statement's start (read before pg_locks is). A
 # writer whose start is not visible here (no pg_stat_activity row, as a prepared transaction,
 # or a NULL xact_start, as another role's session or a backend read between two transactions)
 # counts as -infinity: pages wait for it rather than guess. Run as its own statement, before
 # the page's: the page needs a snapshot taken after the locks were read (read committed).
-_HORIZON = (
-    "(SELECT least(statement_timestamp(), min(coalesce(a.xact_start, '-infinity')))"
-    " FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"
-    " WHERE l.locktype = 'relation' AND l.relation = 'events'::regclass"
-    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    " AND l.mode IN"
-    " ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))"
-)
+_HORIZON = horizon_sql("events")
 PAGE_SETTINGS = SESSION_SETTINGS + ", " + _HORIZON
 """SESSION_SETTINGS for a page, and as its third column the paging horizon (a timestamptz): a
 row whose store_time is before it is settled."""
@@ -386,6 +396,20 @@ class EventQueries:
         async with self._reading("query", PAGE_SETTINGS) as (conn, settings):
             records = await conn.fetch(sql, *args)
         return settled_prefix([StoredRow(*record) for record in records], settings[2], limit)
+
+    async def settled_end(self, tenant: str) -> int:
+        """A seq at or below which every event of `tenant` that will ever commit has committed
+        (the highest settled one; 0 for none): a tail from there misses nothing stored later."""
+        # A row stored before the horizon leaves no lower seq in flight (PAGING_GUARANTEE), so
+        # the highest such row is an end; the backward scan of (tenant, seq) reads the few
+        # rows stored since the horizon before it finds one.
+        statement = (
+            "SELECT e.seq FROM events e WHERE e.tenant = $1 AND e.store_time < $2::timestamptz"
+            " ORDER BY e.seq DESC LIMIT 1"
+        )
+        async with self._reading("query", PAGE_SETTINGS) as (conn, settings):
+            found = await conn.fetchval(statement, tenant, settings[2])
+        return 0 if found is None else int(found)
 
     def _too_many(self, what: str) -> ResourceExhausted:
         return ResourceExhausted(

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,7 @@ from services.storage.filters.syntax import FilterError, parse_filter
 from services.storage.paging import event_page_scope
 from services.storage.queries import EventQueries, GroupBy, Selection
 from services.storage.rows import stored_event
+from services.storage.store import StoredRow
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh.errors import InvalidArgument
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_GROUPS",
     "MAX_PAGE_SIZE",
+    "Cursor",
     "QueryApi",
     "page_tokens",
 ]
@@ -110,6 +113,24 @@ def _check_numeric(field: str, scope: FieldScope) -> None:
     raise InvalidArgument(f"field {field}: {reason}", field_violations=[("field", reason)])
 
 
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A position in one query's seq order, and the tokens of later positions."""
+
+    after_seq: int
+    """Events with a higher seq follow."""
+    _tokens: PageTokens
+    _scope: dict[str, object]
+    _principal: Principal
+    _clock: Callable[[], float]
+
+    def token(self, seq: int) -> str:
+        """The page (or resume) token that continues after `seq`."""
+        return self._tokens.issue(
+            {"seq": seq}, scope=self._scope, principal=self._principal, now=self._clock()
+        )
+
+
 class QueryApi:
     """QueryEvents, CountEvents and AggregateEvents over EventQueries."""
 
@@ -127,6 +148,11 @@ class QueryApi:
         self._limits = limits
         self._trust_domain = trust_domain
         self._clock = clock
+
+    @property
+    def queries(self) -> EventQueries:
+        """The queries this API runs."""
+        return self._queries
 
     async def _selection(
         self, tenant: str, event_filter: event_pb2.EventFilter, expression: str, field: str = ""
@@ -197,45 +223,71 @@ class QueryApi:
         tenant = _tenant(request.tenant, context, self._trust_domain)
         principal = Principal(tenant, request.principal)
         selection, _ = await self._selection(tenant, request.filter, request.filter_expression)
+        position = self.position(
+            request.page_token, selection, request.filter_expression, principal
+        )
+        after_seq = position.after_seq
+        page = await self._queries.page(selection, after_seq=after_seq, limit=page_size)
+        response = storage_pb2.QueryEventsResponse()
+        response.events.extend(self.render(page.rows))
+        if page.more or len(page.rows) > len(response.events):
+            # An empty page continues from where it started: its rows are not settled yet.
+            last = response.events[-1].sequence if response.events else after_seq
+            response.next_page_token = position.token(last)
+        return response
+
+    async def resolve(
+        self,
+        request_tenant: str,
+        event_filter: event_pb2.EventFilter,
+        expression: str,
+        context: grpc.aio.ServicerContext,
+    ) -> Selection:
+        """The caller's tenant's checked selection of a request (as QueryEvents checks it)."""
+        tenant = _tenant(request_tenant, context, self._trust_domain)
+        selection, _ = await self._selection(tenant, event_filter, expression)
+        return selection
+
+    def position(
+        self, token: str, selection: Selection, expression: str, principal: Principal
+    ) -> Cursor:
+        """Where `token` (a page or resume token of this query and principal; empty: the
+        start) continues, and how to issue the token of a later position."""
         scope = event_page_scope(
-            tenant=tenant,
-            filter=request.filter_expression,
+            tenant=selection.tenant,
+            filter=expression,
             keys=selection.keys,
             types=selection.types,
             start_time=selection.start_time,
             end_time=selection.end_time,
         )
-        now = self._clock()
-        position = self._tokens.open(request.page_token, scope=scope, principal=principal, now=now)
+        opened = self._tokens.open(token, scope=scope, principal=principal, now=self._clock())
         after_seq = 0
-        if position is not None:
-            seq = position.get("seq")
+        if opened is not None:
+            seq = opened.get("seq")
             if type(seq) is not int or seq < 0:
                 raise InvalidArgument(
                     "invalid page_token", field_violations=[("page_token", "no position")]
                 )
             after_seq = seq
-        page = await self._queries.page(selection, after_seq=after_seq, limit=page_size)
-        response = storage_pb2.QueryEventsResponse()
+        return Cursor(after_seq, self._tokens, scope, principal, self._clock)
+
+    def render(self, rows: Sequence[StoredRow]) -> list[event_pb2.StoredEvent]:
+        """The leading `rows` as messages, within the response budget (at least one row)."""
+        events: list[event_pb2.StoredEvent] = []
         budget = self._limits.max_response_bytes
         odd: list[str] = []
-        for row in page.rows:
+        for row in rows:
             stored, problems = stored_event(row)
             budget -= stored.ByteSize() + _ELEMENT_OVERHEAD
-            if budget < 0 and response.events:
+            if budget < 0 and events:
                 break
-            response.events.append(stored)
+            events.append(stored)
             if problems:
                 odd.append(f"{row.id!r} (seq {row.seq}): {'; '.join(problems)}")
         if odd:
             log.warning("rendered %d stored row(s) the API cannot carry: %s", len(odd), odd[:5])
-        if page.more or len(page.rows) > len(response.events):
-            # An empty page continues from where it started: its rows are not settled yet.
-            last = response.events[-1].sequence if response.events else after_seq
-            response.next_page_token = self._tokens.issue(
-                {"seq": last}, scope=scope, principal=principal, now=now
-            )
-        return response
+        return events
 
     async def count_events(
         self, request: storage_pb2.CountEventsRequest, context: grpc.aio.ServicerContext

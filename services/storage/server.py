@@ -13,6 +13,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.output_subscriptions import OutputSubscriptions
 from services.storage.partitions import run_maintenance
 from services.storage.queries import EventQueries, QueryBounds
 from services.storage.query_api import QueryApi, page_tokens
@@ -22,6 +23,7 @@ from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
+from services.storage.subscriptions import EventSubscriptions, TailAdmissions, TailSettings
 from streammesh.api.storage.v1 import (
     definitions_pb2,
     definitions_pb2_grpc,
@@ -91,6 +93,28 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         max_response_bytes=settings.max_message_bytes * 9 // 10,
     )
     metrics = ServiceMetrics("storage")
+    queries = EventQueries(
+        deps.pool,
+        QueryBounds(
+            statement_timeout_ms=settings.query_timeout_ms, max_rows=settings.query_max_rows
+        ),
+    )
+    query_api = QueryApi(
+        queries,
+        page_tokens(
+            settings.page_token_secret_file, max_age_seconds=settings.page_token_max_age_seconds
+        ),
+        limits,
+        trust_domain=settings.trust_domain,
+    )
+    tails = TailSettings(
+        poll_seconds=settings.subscribe_poll_seconds,
+        heartbeat_seconds=settings.subscribe_heartbeat_seconds,
+        max_per_principal=settings.subscribe_max_per_principal,
+        max_per_replica=settings.subscribe_max_per_replica,
+    )
+    # One count for both kinds of tail: the limits are on subscriptions, whatever they follow.
+    admissions = TailAdmissions(tails, metrics.registry)
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
@@ -98,23 +122,10 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             EventStore(deps.pool),
             limits,
             DeadLetterStore(deps.engine),
-            QueryApi(
-                EventQueries(
-                    deps.pool,
-                    QueryBounds(
-                        statement_timeout_ms=settings.query_timeout_ms,
-                        max_rows=settings.query_max_rows,
-                    ),
-                ),
-                page_tokens(
-                    settings.page_token_secret_file,
-                    max_age_seconds=settings.page_token_max_age_seconds,
-                ),
-                limits,
-                trust_domain=settings.trust_domain,
-            ),
+            query_api,
             trust_domain=settings.trust_domain,
             metrics=StorageMetrics(metrics.registry),
+            subscriptions=EventSubscriptions(query_api, admissions),
         ),
     )
     registry = ServiceBinding(
@@ -125,7 +136,11 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     rules = ServiceBinding(
         definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
         definitions_pb2_grpc.add_DefinitionServiceServicer_to_server,
-        DefinitionServicer(DefinitionStore(deps.engine), EngineOutputStore(deps.engine)),
+        DefinitionServicer(
+            DefinitionStore(deps.engine),
+            EngineOutputStore(deps.engine),
+            OutputSubscriptions(deps.engine, admissions),
+        ),
     )
     return create_mesh_server(
         settings,

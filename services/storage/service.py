@@ -9,6 +9,8 @@ UNAVAILABLE, which the store raises for database outages.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from services.storage import dead_letters
@@ -17,6 +19,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.paging import dead_letter_scope, decode_position, encode_position
 from services.storage.query_api import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, QueryApi
 from services.storage.store import EventStore
+from services.storage.subscriptions import EventSubscriptions
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh.errors import InvalidArgument, NotFound
 from streammesh.mesh.metrics.pipeline import StorageMetrics
@@ -37,6 +40,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         *,
         trust_domain: str,
         metrics: StorageMetrics | None = None,
+        subscriptions: EventSubscriptions,
     ) -> None:
         self._store = store
         self._limits = limits
@@ -44,6 +48,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self._queries = queries
         self._trust_domain = trust_domain
         self._metrics = metrics or StorageMetrics()
+        self._subscriptions = subscriptions
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the gateway names for the caller (x-streammesh-tenant), which every
@@ -83,6 +88,13 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> storage_pb2.QueryEventsResponse:
         """One page of matching events in seq order, and the token for the next page."""
         return await self._queries.query_events(request, context)
+
+    async def SubscribeEvents(
+        self, request: storage_pb2.SubscribeEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[storage_pb2.SubscribeEventsResponse]:
+        """Matching events as they are stored, resumable (services.storage.subscriptions)."""
+        async for response in self._subscriptions.subscribe(request, context):
+            yield response
 
     async def CountEvents(
         self, request: storage_pb2.CountEventsRequest, context: grpc.aio.ServicerContext

@@ -70,6 +70,19 @@ class StorageSettings(ServiceSettings):
         3600, gt=0, description="how often a replica tries a partition maintenance pass"
     )
 
+    subscribe_poll_seconds: float = Field(
+        0.2, gt=0, le=10, description="a SubscribeEvents tail with nothing new polls this often"
+    )
+    subscribe_heartbeat_seconds: float = Field(
+        15, gt=0, le=3600, description="an idle SubscribeEvents stream sends a heartbeat this often"
+    )
+    subscribe_max_per_principal: int = Field(
+        8, ge=1, description="concurrent SubscribeEvents streams of one user on a replica"
+    )
+    subscribe_max_per_replica: int = Field(
+        256, ge=1, description="concurrent SubscribeEvents streams on a replica"
+    )
+
     @model_validator(mode="after")
     def _tenant_retention_within_global(self) -> Self:
         # Dropping a partition removes every tenant's rows, so no tenant can keep longer.

@@ -36,6 +36,7 @@ from streammesh.cli.stack import (
     stack_status,
 )
 from streammesh.cli.stack_commands import add_stack_commands
+from streammesh.cli.tail import add_tail_command
 from streammesh.cli.tenants import add_tenant_commands
 from streammesh.client import GatewayClient
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schema_commands(commands)
     add_rule_commands(commands)
     add_query_commands(commands)
+    add_tail_command(commands)
     add_bench_command(commands)
     return parser
 
@@ -154,6 +156,8 @@ def _run(argv: list[str] | None) -> int:
     except NotLoggedIn as error:
         print(error, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C ends a long-running command (tail) without a traceback
+        return 130
     return code
 
 

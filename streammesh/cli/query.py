@@ -32,7 +32,7 @@ from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient, SettlingWait
 
-__all__ = ["add_query_commands", "filter_pointer"]
+__all__ = ["add_query_commands", "add_selection_options", "event_filter", "filter_pointer"]
 
 _GROUP_BY = {
     "none": event_pb2.AGGREGATE_GROUP_BY_UNSPECIFIED,
@@ -67,7 +67,8 @@ def _instant(text: str, option: str) -> Timestamp:
     return stamp
 
 
-def _event_filter(args: argparse.Namespace) -> event_pb2.EventFilter:
+def event_filter(args: argparse.Namespace) -> event_pb2.EventFilter:
+    """The EventFilter of the --key, --type, --since and --until options."""
     selected = event_pb2.EventFilter(keys=args.key, types=args.type)
     if args.since:
         selected.start_time.CopyFrom(_instant(args.since, "--since"))
@@ -77,7 +78,7 @@ def _event_filter(args: argparse.Namespace) -> event_pb2.EventFilter:
 
 
 async def _query(client: GatewayClient, args: argparse.Namespace) -> Any:
-    selected = _event_filter(args)
+    selected = event_filter(args)
     if args.count:
         count = await client.count(selected, filter_expression=args.filter)
         return gateway_pb2.CountEventsResponse(count=count)
@@ -114,7 +115,7 @@ async def _query(client: GatewayClient, args: argparse.Namespace) -> Any:
 async def _aggregate(client: GatewayClient, args: argparse.Namespace) -> Any:
     return await client.aggregate(
         gateway_pb2.AggregateEventsRequest(
-            filter=_event_filter(args),
+            filter=event_filter(args),
             filter_expression=args.filter,
             group_by=_GROUP_BY[args.by],
             field=args.field,
@@ -141,7 +142,7 @@ def _run(call: Any) -> Any:
     return handler
 
 
-def _selection_options(parser: argparse.ArgumentParser) -> None:
+def add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "filter",
         nargs="?",
@@ -160,7 +161,7 @@ def _selection_options(parser: argparse.ArgumentParser) -> None:
 def add_query_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`streammesh query` and `streammesh aggregate`."""
     query = commands.add_parser("query", help="stored events of your tenant, filtered")
-    _selection_options(query)
+    add_selection_options(query)
     query.add_argument(
         "--page-size", type=int, default=100, help="events a page, 1 to 1000 (default 100)"
     )
@@ -183,7 +184,7 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     aggregate = commands.add_parser(
         "aggregate", help="count, sum, min, max, avg of a payload field per key or type"
     )
-    _selection_options(aggregate)
+    add_selection_options(aggregate)
     aggregate.add_argument("--by", choices=sorted(_GROUP_BY), default="none", help="group by")
     aggregate.add_argument(
         "--field", default="", help="a numeric payload field, e.g. payload.amount"

@@ -109,6 +109,8 @@ class Stack:
     people: dict[str, Person] = field(default_factory=dict)
     ingest_server: MeshServer | None = None
     """The in-process ingest, for tests that stop it."""
+    storage_server: MeshServer | None = None
+    """The in-process storage, for tests that read its metrics."""
     schemas: SchemaCache | None = None
     """Ingest's schema cache (following storage's change log)."""
     jwks_http_port: int | None = None
@@ -372,6 +374,7 @@ async def stack(
             redis=redis_client,
             layout=layout,
             ingest_server=ingest,
+            storage_server=storage,
             schemas=schemas,
             jwks_http_port=gateway.jwks_http.port if gateway.jwks_http else None,
         )

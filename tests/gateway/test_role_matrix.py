@@ -47,6 +47,7 @@ NEEDS = {
     "Publish": {"producer", "admin"},
     "PublishBatch": {"producer", "admin"},
     "QueryEvents": {"analyst", "admin"},
+    "SubscribeEvents": {"analyst", "admin"},
     "CountEvents": {"analyst", "admin"},
     "AggregateEvents": {"analyst", "admin"},
 }
@@ -116,6 +117,14 @@ async def _call(
             )(iter([request]), metadata=metadata, timeout=10)
             async for _ in call:
                 pass
+        elif method.server_streaming:  # a subscription: its first message shows it was let in
+            stream = channel.unary_stream(
+                path,
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=response_type.FromString,
+            )(request, metadata=metadata, timeout=10)
+            await stream.read()
+            stream.cancel()
         else:
             await channel.unary_unary(
                 path,

@@ -591,6 +591,78 @@ class QueryEventsResponse(_message.Message):
 Global___QueryEventsResponse: _TypeAlias = QueryEventsResponse  # noqa: Y015
 
 @_typing.final
+class SubscribeEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    START_AT_END_FIELD_NUMBER: _builtins.int
+    filter_expression: _builtins.str
+    """An AIP-160 filter, as in QueryEventsRequest."""
+    resume_token: _builtins.str
+    """The resume_token of the last message received, with the same filter; empty to start anew.
+    A QueryEvents next_page_token of the same query works too (query, then follow).
+    """
+    start_at_end: _builtins.bool
+    """Without a resume_token: false delivers every matching event stored so far first; true
+    starts with the events stored after the call began.
+    """
+    @_builtins.property
+    def filter(self) -> _event_pb2.EventFilter:
+        """Keys, types and time range, as in QueryEventsRequest."""
+
+    def __init__(
+        self,
+        *,
+        filter: _event_pb2.EventFilter | None = ...,
+        filter_expression: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+        start_at_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "filter_expression", b"filter_expression", "resume_token", b"resume_token", "start_at_end", b"start_at_end"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Continues after the last event delivered so far (on every message, heartbeats included)."""
+    current: _builtins.bool
+    """True on one message per stream: every matching event committed before the call began has
+    been delivered; the live tail follows.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.StoredEvent]:
+        """In store order, each after every event of the earlier messages; empty on a heartbeat and on
+        the `current` marker.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_event_pb2.StoredEvent] | None = ...,
+        resume_token: _builtins.str = ...,
+        current: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "events", b"events", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeEventsResponse: _TypeAlias = SubscribeEventsResponse  # noqa: Y015
+
+@_typing.final
 class CountEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

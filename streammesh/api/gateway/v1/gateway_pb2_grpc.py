@@ -92,6 +92,11 @@ class GatewayServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.QueryEventsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.QueryEventsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/streammesh.gateway.v1.GatewayService/SubscribeEvents',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.SubscribeEventsResponse.FromString,
+                _registered_method=True)
         self.CountEvents = channel.unary_unary(
                 '/streammesh.gateway.v1.GatewayService/CountEvents',
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.CountEventsRequest.SerializeToString,
@@ -206,6 +211,25 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeEvents(self, request, context):
+        """SubscribeEvents streams the caller's tenant's matching events as they are stored, in store
+        order (seq, as QueryEvents pages them). Role: analyst. First every matching event stored
+        before the call (none with start_at_end), then one message with `current` set, then each
+        event once it is settled (the QueryEvents paging guarantee), batched, with a heartbeat
+        message (no events) after `heartbeat` seconds idle so that proxies keep the stream open.
+        Every message carries a resume_token: a client that reconnects with the last one it
+        received continues with no event missed and none repeated. The token is bound to the query
+        and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
+        like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
+        or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
+        the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+        stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+        fresh token and the last resume_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CountEvents(self, request, context):
         """CountEvents counts stored events matching a filter. Role: analyst.
         """
@@ -286,6 +310,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.QueryEvents,
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.QueryEventsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.QueryEventsResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_gateway__pb2.SubscribeEventsResponse.SerializeToString,
             ),
             'CountEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.CountEvents,
@@ -581,6 +610,33 @@ class GatewayService:
             '/streammesh.gateway.v1.GatewayService/QueryEvents',
             streammesh_dot_gateway_dot_v1_dot_gateway__pb2.QueryEventsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_gateway__pb2.QueryEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.gateway.v1.GatewayService/SubscribeEvents',
+            streammesh_dot_gateway_dot_v1_dot_gateway__pb2.SubscribeEventsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_gateway__pb2.SubscribeEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

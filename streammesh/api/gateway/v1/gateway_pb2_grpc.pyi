@@ -81,6 +81,21 @@ class GatewayServiceStub:
     """PublishBatch publishes one batch. Role: producer."""
     QueryEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.QueryEventsRequest, _gateway_pb2.QueryEventsResponse]
     """QueryEvents pages through stored events. Role: analyst."""
+    SubscribeEvents: _grpc.UnaryStreamMultiCallable[_gateway_pb2.SubscribeEventsRequest, _gateway_pb2.SubscribeEventsResponse]
+    """SubscribeEvents streams the caller's tenant's matching events as they are stored, in store
+    order (seq, as QueryEvents pages them). Role: analyst. First every matching event stored
+    before the call (none with start_at_end), then one message with `current` set, then each
+    event once it is settled (the QueryEvents paging guarantee), batched, with a heartbeat
+    message (no events) after `heartbeat` seconds idle so that proxies keep the stream open.
+    Every message carries a resume_token: a client that reconnects with the last one it
+    received continues with no event missed and none repeated. The token is bound to the query
+    and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
+    like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
+    or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
+    the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+    stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+    fresh token and the last resume_token.
+    """
     CountEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]
     """CountEvents counts stored events matching a filter. Role: analyst."""
     AggregateEvents: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.AggregateEventsRequest, _gateway_pb2.AggregateEventsResponse]
@@ -150,6 +165,21 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """PublishBatch publishes one batch. Role: producer."""
     QueryEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.QueryEventsRequest, _gateway_pb2.QueryEventsResponse]  # type: ignore[assignment]
     """QueryEvents pages through stored events. Role: analyst."""
+    SubscribeEvents: _aio.UnaryStreamMultiCallable[_gateway_pb2.SubscribeEventsRequest, _gateway_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
+    """SubscribeEvents streams the caller's tenant's matching events as they are stored, in store
+    order (seq, as QueryEvents pages them). Role: analyst. First every matching event stored
+    before the call (none with start_at_end), then one message with `current` set, then each
+    event once it is settled (the QueryEvents paging guarantee), batched, with a heartbeat
+    message (no events) after `heartbeat` seconds idle so that proxies keep the stream open.
+    Every message carries a resume_token: a client that reconnects with the last one it
+    received continues with no event missed and none repeated. The token is bound to the query
+    and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
+    like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
+    or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
+    the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+    stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+    fresh token and the last resume_token.
+    """
     CountEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CountEventsRequest, _gateway_pb2.CountEventsResponse]  # type: ignore[assignment]
     """CountEvents counts stored events matching a filter. Role: analyst."""
     AggregateEvents: _aio.UnaryUnaryMultiCallable[_gateway_pb2.AggregateEventsRequest, _gateway_pb2.AggregateEventsResponse]  # type: ignore[assignment]
@@ -276,6 +306,27 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.QueryEventsResponse, _abc.Awaitable[_gateway_pb2.QueryEventsResponse]]:
         """QueryEvents pages through stored events. Role: analyst."""
+
+    @_abc_1.abstractmethod
+    def SubscribeEvents(
+        self,
+        request: _gateway_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_gateway_pb2.SubscribeEventsResponse]]:
+        """SubscribeEvents streams the caller's tenant's matching events as they are stored, in store
+        order (seq, as QueryEvents pages them). Role: analyst. First every matching event stored
+        before the call (none with start_at_end), then one message with `current` set, then each
+        event once it is settled (the QueryEvents paging guarantee), batched, with a heartbeat
+        message (no events) after `heartbeat` seconds idle so that proxies keep the stream open.
+        Every message carries a resume_token: a client that reconnects with the last one it
+        received continues with no event missed and none repeated. The token is bound to the query
+        and the caller like a page token (another filter or user: INVALID_ARGUMENT) and expires
+        like one. Concurrent subscriptions per caller are limited (RESOURCE_EXHAUSTED); a deadline
+        or a cancel ends the stream at once; a subscriber that stops reading is not buffered for:
+        the tail waits on the stream's flow control. A revoked token (logout, role change) ends the
+        stream UNAUTHENTICATED at its next message (within a heartbeat); subscribe again with a
+        fresh token and the last resume_token.
+        """
 
     @_abc_1.abstractmethod
     def CountEvents(

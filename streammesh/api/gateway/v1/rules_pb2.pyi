@@ -506,6 +506,66 @@ class ListAlertsRequest(_message.Message):
 Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
 
 @_typing.final
+class SubscribeAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    START_AT_END_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """Only this rule's alerts (every version) when set."""
+    resume_token: _builtins.str
+    """The resume_token of the last message received, for the same rule_id; empty to start anew."""
+    start_at_end: _builtins.bool
+    """Without a resume_token: false delivers every alert recorded so far first; true starts with
+    the alerts recorded after the call began.
+    """
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+        start_at_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "rule_id", b"rule_id", "start_at_end", b"start_at_end"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeAlertsRequest: _TypeAlias = SubscribeAlertsRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Continues after the last alert delivered so far (on every message)."""
+    current: _builtins.bool
+    """True on one message per stream: every alert recorded before the call began was delivered."""
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.Alert]:
+        """In record order; empty on a heartbeat and on the `current` marker."""
+
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[_definitions_pb2.Alert] | None = ...,
+        resume_token: _builtins.str = ...,
+        current: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "current", b"current", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeAlertsResponse: _TypeAlias = SubscribeAlertsResponse  # noqa: Y015
+
+@_typing.final
 class ListAlertsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -530,6 +590,66 @@ class ListAlertsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeWindowResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    START_AT_END_FIELD_NUMBER: _builtins.int
+    window_id: _builtins.str
+    """Only this window's results (every version) when set."""
+    resume_token: _builtins.str
+    """The resume_token of the last message received, for the same window_id; empty to start anew."""
+    start_at_end: _builtins.bool
+    """Without a resume_token: false delivers every result recorded so far first; true starts
+    after the results recorded when the call began.
+    """
+    def __init__(
+        self,
+        *,
+        window_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+        start_at_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "start_at_end", b"start_at_end", "window_id", b"window_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeWindowResultsRequest: _TypeAlias = SubscribeWindowResultsRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeWindowResultsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_RESULTS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Continues after the last result delivered so far (on every message)."""
+    current: _builtins.bool
+    """True on one message per stream: every result recorded before the call began was delivered."""
+    @_builtins.property
+    def window_results(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.WindowResult]:
+        """In record order; empty on a heartbeat and on the `current` marker."""
+
+    def __init__(
+        self,
+        *,
+        window_results: _abc.Iterable[_definitions_pb2.WindowResult] | None = ...,
+        resume_token: _builtins.str = ...,
+        current: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "resume_token", b"resume_token", "window_results", b"window_results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeWindowResultsResponse: _TypeAlias = SubscribeWindowResultsResponse  # noqa: Y015
 
 @_typing.final
 class ListWindowResultsRequest(_message.Message):

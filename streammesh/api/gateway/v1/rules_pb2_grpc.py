@@ -113,6 +113,16 @@ class RuleServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeAlerts = channel.unary_stream(
+                '/streammesh.gateway.v1.RuleService/SubscribeAlerts',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsResponse.FromString,
+                _registered_method=True)
+        self.SubscribeWindowResults = channel.unary_stream(
+                '/streammesh.gateway.v1.RuleService/SubscribeWindowResults',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsResponse.FromString,
+                _registered_method=True)
         self.ListWindowResults = channel.unary_unary(
                 '/streammesh.gateway.v1.RuleService/ListWindowResults',
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.SerializeToString,
@@ -235,6 +245,29 @@ class RuleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeAlerts(self, request, context):
+        """SubscribeAlerts streams the tenant's alerts as they are recorded, in record order (not by
+        event time: an alert from a lagging partition can be recorded after a later one). Role:
+        analyst or rule-admin. First every alert recorded before the call (none with
+        start_at_end), then one message with `current`, then each new alert once settled, with a
+        heartbeat while idle; every message carries a resume_token, and reconnecting with the last
+        one continues with no alert missed and none repeated. Limits and cancellation as for
+        GatewayService.SubscribeEvents (the two count against one limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeWindowResults(self, request, context):
+        """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+        revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+        alerts: what was recorded before (none with start_at_end), `current`, then live, with
+        heartbeats and resume tokens. Role: analyst or rule-admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWindowResults(self, request, context):
         """ListWindowResults pages through one window's results (every version and stream
         partition), by window start. Role: analyst or rule-admin.
@@ -300,6 +333,16 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListAlertsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'SubscribeAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeAlerts,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsResponse.SerializeToString,
+            ),
+            'SubscribeWindowResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeWindowResults,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsResponse.SerializeToString,
             ),
             'ListWindowResults': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWindowResults,
@@ -628,6 +671,60 @@ class RuleService:
             '/streammesh.gateway.v1.RuleService/ListAlerts',
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListAlertsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.gateway.v1.RuleService/SubscribeAlerts',
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeWindowResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.gateway.v1.RuleService/SubscribeWindowResults',
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.SubscribeWindowResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,6 +100,21 @@ class RuleServiceStub:
     """ListAlerts pages through the tenant's alerts, newest first (by the time of the last event
     that caused each). Role: analyst or rule-admin.
     """
+    SubscribeAlerts: _grpc.UnaryStreamMultiCallable[_rules_pb2.SubscribeAlertsRequest, _rules_pb2.SubscribeAlertsResponse]
+    """SubscribeAlerts streams the tenant's alerts as they are recorded, in record order (not by
+    event time: an alert from a lagging partition can be recorded after a later one). Role:
+    analyst or rule-admin. First every alert recorded before the call (none with
+    start_at_end), then one message with `current`, then each new alert once settled, with a
+    heartbeat while idle; every message carries a resume_token, and reconnecting with the last
+    one continues with no alert missed and none repeated. Limits and cancellation as for
+    GatewayService.SubscribeEvents (the two count against one limit).
+    """
+    SubscribeWindowResults: _grpc.UnaryStreamMultiCallable[_rules_pb2.SubscribeWindowResultsRequest, _rules_pb2.SubscribeWindowResultsResponse]
+    """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+    revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+    alerts: what was recorded before (none with start_at_end), `current`, then live, with
+    heartbeats and resume tokens. Role: analyst or rule-admin.
+    """
     ListWindowResults: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]
     """ListWindowResults pages through one window's results (every version and stream
     partition), by window start. Role: analyst or rule-admin.
@@ -176,6 +191,21 @@ class RuleServiceAsyncStub(RuleServiceStub):
     ListAlerts: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListAlertsRequest, _rules_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """ListAlerts pages through the tenant's alerts, newest first (by the time of the last event
     that caused each). Role: analyst or rule-admin.
+    """
+    SubscribeAlerts: _aio.UnaryStreamMultiCallable[_rules_pb2.SubscribeAlertsRequest, _rules_pb2.SubscribeAlertsResponse]  # type: ignore[assignment]
+    """SubscribeAlerts streams the tenant's alerts as they are recorded, in record order (not by
+    event time: an alert from a lagging partition can be recorded after a later one). Role:
+    analyst or rule-admin. First every alert recorded before the call (none with
+    start_at_end), then one message with `current`, then each new alert once settled, with a
+    heartbeat while idle; every message carries a resume_token, and reconnecting with the last
+    one continues with no alert missed and none repeated. Limits and cancellation as for
+    GatewayService.SubscribeEvents (the two count against one limit).
+    """
+    SubscribeWindowResults: _aio.UnaryStreamMultiCallable[_rules_pb2.SubscribeWindowResultsRequest, _rules_pb2.SubscribeWindowResultsResponse]  # type: ignore[assignment]
+    """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+    revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+    alerts: what was recorded before (none with start_at_end), `current`, then live, with
+    heartbeats and resume tokens. Role: analyst or rule-admin.
     """
     ListWindowResults: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]  # type: ignore[assignment]
     """ListWindowResults pages through one window's results (every version and stream
@@ -316,6 +346,33 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rules_pb2.ListAlertsResponse, _abc.Awaitable[_rules_pb2.ListAlertsResponse]]:
         """ListAlerts pages through the tenant's alerts, newest first (by the time of the last event
         that caused each). Role: analyst or rule-admin.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeAlerts(
+        self,
+        request: _rules_pb2.SubscribeAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rules_pb2.SubscribeAlertsResponse], _abc.AsyncIterator[_rules_pb2.SubscribeAlertsResponse]]:
+        """SubscribeAlerts streams the tenant's alerts as they are recorded, in record order (not by
+        event time: an alert from a lagging partition can be recorded after a later one). Role:
+        analyst or rule-admin. First every alert recorded before the call (none with
+        start_at_end), then one message with `current`, then each new alert once settled, with a
+        heartbeat while idle; every message carries a resume_token, and reconnecting with the last
+        one continues with no alert missed and none repeated. Limits and cancellation as for
+        GatewayService.SubscribeEvents (the two count against one limit).
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeWindowResults(
+        self,
+        request: _rules_pb2.SubscribeWindowResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rules_pb2.SubscribeWindowResultsResponse], _abc.AsyncIterator[_rules_pb2.SubscribeWindowResultsResponse]]:
+        """SubscribeWindowResults streams the tenant's window results (each emission: finals,
+        revisions, retractions) as they are recorded, in record order, as SubscribeAlerts does for
+        alerts: what was recorded before (none with start_at_end), `current`, then live, with
+        heartbeats and resume tokens. Role: analyst or rule-admin.
         """
 
     @_abc_1.abstractmethod

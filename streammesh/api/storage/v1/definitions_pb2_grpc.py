@@ -87,6 +87,16 @@ class DefinitionServiceStub:
                 request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeAlerts = channel.unary_stream(
+                '/streammesh.storage.v1.DefinitionService/SubscribeAlerts',
+                request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeAlertsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeAlertsResponse.FromString,
+                _registered_method=True)
+        self.SubscribeWindowResults = channel.unary_stream(
+                '/streammesh.storage.v1.DefinitionService/SubscribeWindowResults',
+                request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeWindowResultsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeWindowResultsResponse.FromString,
+                _registered_method=True)
         self.ListWindowResults = channel.unary_unary(
                 '/streammesh.storage.v1.DefinitionService/ListWindowResults',
                 request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsRequest.SerializeToString,
@@ -178,6 +188,24 @@ class DefinitionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeAlerts(self, request, context):
+        """SubscribeAlerts streams a tenant's alerts as they are recorded, in record order (seq,
+        migration 0013): those recorded before (unless start_at_end), one `current` marker, then the
+        live tail with heartbeats; every message carries a resume token (the gateway's twin says
+        more).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeWindowResults(self, request, context):
+        """SubscribeWindowResults streams a tenant's window results as they are recorded, in record
+        order (seq, migration 0013), as SubscribeAlerts does for alerts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWindowResults(self, request, context):
         """ListWindowResults pages through one window's results (every version and partition) by
         window start, then version, partition, group, end and revision.
@@ -233,6 +261,16 @@ def add_DefinitionServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsRequest.FromString,
                     response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'SubscribeAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeAlerts,
+                    request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeAlertsRequest.FromString,
+                    response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeAlertsResponse.SerializeToString,
+            ),
+            'SubscribeWindowResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeWindowResults,
+                    request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeWindowResultsRequest.FromString,
+                    response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeWindowResultsResponse.SerializeToString,
             ),
             'ListWindowResults': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWindowResults,
@@ -491,6 +529,60 @@ class DefinitionService:
             '/streammesh.storage.v1.DefinitionService/ListAlerts',
             streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsRequest.SerializeToString,
             streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.storage.v1.DefinitionService/SubscribeAlerts',
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeAlertsRequest.SerializeToString,
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeWindowResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.storage.v1.DefinitionService/SubscribeWindowResults',
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeWindowResultsRequest.SerializeToString,
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.SubscribeWindowResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

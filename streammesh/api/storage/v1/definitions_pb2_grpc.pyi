@@ -73,6 +73,16 @@ class DefinitionServiceStub:
     """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.ListAlertsRequest, _definitions_pb2.ListAlertsResponse]
     """ListAlerts pages through a tenant's alerts, newest first."""
+    SubscribeAlerts: _grpc.UnaryStreamMultiCallable[_definitions_pb2.SubscribeAlertsRequest, _definitions_pb2.SubscribeAlertsResponse]
+    """SubscribeAlerts streams a tenant's alerts as they are recorded, in record order (seq,
+    migration 0013): those recorded before (unless start_at_end), one `current` marker, then the
+    live tail with heartbeats; every message carries a resume token (the gateway's twin says
+    more).
+    """
+    SubscribeWindowResults: _grpc.UnaryStreamMultiCallable[_definitions_pb2.SubscribeWindowResultsRequest, _definitions_pb2.SubscribeWindowResultsResponse]
+    """SubscribeWindowResults streams a tenant's window results as they are recorded, in record
+    order (seq, migration 0013), as SubscribeAlerts does for alerts.
+    """
     ListWindowResults: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.ListWindowResultsRequest, _definitions_pb2.ListWindowResultsResponse]
     """ListWindowResults pages through one window's results (every version and partition) by
     window start, then version, partition, group, end and revision.
@@ -123,6 +133,16 @@ class DefinitionServiceAsyncStub(DefinitionServiceStub):
     """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_definitions_pb2.ListAlertsRequest, _definitions_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """ListAlerts pages through a tenant's alerts, newest first."""
+    SubscribeAlerts: _aio.UnaryStreamMultiCallable[_definitions_pb2.SubscribeAlertsRequest, _definitions_pb2.SubscribeAlertsResponse]  # type: ignore[assignment]
+    """SubscribeAlerts streams a tenant's alerts as they are recorded, in record order (seq,
+    migration 0013): those recorded before (unless start_at_end), one `current` marker, then the
+    live tail with heartbeats; every message carries a resume token (the gateway's twin says
+    more).
+    """
+    SubscribeWindowResults: _aio.UnaryStreamMultiCallable[_definitions_pb2.SubscribeWindowResultsRequest, _definitions_pb2.SubscribeWindowResultsResponse]  # type: ignore[assignment]
+    """SubscribeWindowResults streams a tenant's window results as they are recorded, in record
+    order (seq, migration 0013), as SubscribeAlerts does for alerts.
+    """
     ListWindowResults: _aio.UnaryUnaryMultiCallable[_definitions_pb2.ListWindowResultsRequest, _definitions_pb2.ListWindowResultsResponse]  # type: ignore[assignment]
     """ListWindowResults pages through one window's results (every version and partition) by
     window start, then version, partition, group, end and revision.
@@ -224,6 +244,28 @@ class DefinitionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_definitions_pb2.ListAlertsResponse, _abc.Awaitable[_definitions_pb2.ListAlertsResponse]]:
         """ListAlerts pages through a tenant's alerts, newest first."""
+
+    @_abc_1.abstractmethod
+    def SubscribeAlerts(
+        self,
+        request: _definitions_pb2.SubscribeAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_definitions_pb2.SubscribeAlertsResponse], _abc.AsyncIterator[_definitions_pb2.SubscribeAlertsResponse]]:
+        """SubscribeAlerts streams a tenant's alerts as they are recorded, in record order (seq,
+        migration 0013): those recorded before (unless start_at_end), one `current` marker, then the
+        live tail with heartbeats; every message carries a resume token (the gateway's twin says
+        more).
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeWindowResults(
+        self,
+        request: _definitions_pb2.SubscribeWindowResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_definitions_pb2.SubscribeWindowResultsResponse], _abc.AsyncIterator[_definitions_pb2.SubscribeWindowResultsResponse]]:
+        """SubscribeWindowResults streams a tenant's window results as they are recorded, in record
+        order (seq, migration 0013), as SubscribeAlerts does for alerts.
+        """
 
     @_abc_1.abstractmethod
     def ListWindowResults(

@@ -59,6 +59,11 @@ class StorageServiceStub:
                 request_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsResponse.FromString,
                 _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/streammesh.storage.v1.StorageService/SubscribeEvents',
+                request_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.SubscribeEventsResponse.FromString,
+                _registered_method=True)
         self.StoreDeadLetter = channel.unary_unary(
                 '/streammesh.storage.v1.StorageService/StoreDeadLetter',
                 request_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.StoreDeadLetterRequest.SerializeToString,
@@ -118,6 +123,16 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeEvents(self, request, context):
+        """SubscribeEvents streams the matching events as they are stored, in seq order: first those
+        stored before (unless start_at_end), then one message with `current`, then the live tail,
+        with a heartbeat while idle. Every message carries a resume token (the gateway's twin says
+        more; services/storage/subscriptions.py says how it tails).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StoreDeadLetter(self, request, context):
         """StoreDeadLetter records a queue entry the processor gave up on, before it acknowledges the
         entry. Idempotent on (stream, entry_id): a repeat returns the first record unchanged.
@@ -169,6 +184,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.AggregateEvents,
                     request_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsRequest.FromString,
                     response_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=streammesh_dot_storage_dot_v1_dot_storage__pb2.SubscribeEventsResponse.SerializeToString,
             ),
             'StoreDeadLetter': grpc.unary_unary_rpc_method_handler(
                     servicer.StoreDeadLetter,
@@ -304,6 +324,33 @@ class StorageService:
             '/streammesh.storage.v1.StorageService/AggregateEvents',
             streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsRequest.SerializeToString,
             streammesh_dot_storage_dot_v1_dot_storage__pb2.AggregateEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streammesh.storage.v1.StorageService/SubscribeEvents',
+            streammesh_dot_storage_dot_v1_dot_storage__pb2.SubscribeEventsRequest.SerializeToString,
+            streammesh_dot_storage_dot_v1_dot_storage__pb2.SubscribeEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

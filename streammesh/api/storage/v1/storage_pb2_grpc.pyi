@@ -48,6 +48,12 @@ class StorageServiceStub:
     """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
     numeric payload field, per key or type; bounded (see the gateway's twin).
     """
+    SubscribeEvents: _grpc.UnaryStreamMultiCallable[_storage_pb2.SubscribeEventsRequest, _storage_pb2.SubscribeEventsResponse]
+    """SubscribeEvents streams the matching events as they are stored, in seq order: first those
+    stored before (unless start_at_end), then one message with `current`, then the live tail,
+    with a heartbeat while idle. Every message carries a resume token (the gateway's twin says
+    more; services/storage/subscriptions.py says how it tails).
+    """
     StoreDeadLetter: _grpc.UnaryUnaryMultiCallable[_storage_pb2.StoreDeadLetterRequest, _storage_pb2.StoreDeadLetterResponse]
     """StoreDeadLetter records a queue entry the processor gave up on, before it acknowledges the
     entry. Idempotent on (stream, entry_id): a repeat returns the first record unchanged.
@@ -78,6 +84,12 @@ class StorageServiceAsyncStub(StorageServiceStub):
     AggregateEvents: _aio.UnaryUnaryMultiCallable[_storage_pb2.AggregateEventsRequest, _storage_pb2.AggregateEventsResponse]  # type: ignore[assignment]
     """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
     numeric payload field, per key or type; bounded (see the gateway's twin).
+    """
+    SubscribeEvents: _aio.UnaryStreamMultiCallable[_storage_pb2.SubscribeEventsRequest, _storage_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
+    """SubscribeEvents streams the matching events as they are stored, in seq order: first those
+    stored before (unless start_at_end), then one message with `current`, then the live tail,
+    with a heartbeat while idle. Every message carries a resume token (the gateway's twin says
+    more; services/storage/subscriptions.py says how it tails).
     """
     StoreDeadLetter: _aio.UnaryUnaryMultiCallable[_storage_pb2.StoreDeadLetterRequest, _storage_pb2.StoreDeadLetterResponse]  # type: ignore[assignment]
     """StoreDeadLetter records a queue entry the processor gave up on, before it acknowledges the
@@ -130,6 +142,18 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.AggregateEventsResponse, _abc.Awaitable[_storage_pb2.AggregateEventsResponse]]:
         """AggregateEvents counts matching events, and sums, minimums, maximums and averages a
         numeric payload field, per key or type; bounded (see the gateway's twin).
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeEvents(
+        self,
+        request: _storage_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_storage_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_storage_pb2.SubscribeEventsResponse]]:
+        """SubscribeEvents streams the matching events as they are stored, in seq order: first those
+        stored before (unless start_at_end), then one message with `current`, then the live tail,
+        with a heartbeat while idle. Every message carries a resume token (the gateway's twin says
+        more; services/storage/subscriptions.py says how it tails).
         """
 
     @_abc_1.abstractmethod
