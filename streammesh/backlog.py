@@ -51,6 +51,7 @@ __all__ = [
     "IDEMPOTENT_APPEND_SCRIPT",
     "ID_FIELD_BYTES",
     "START_FIELD",
+    "TRACE_FIELD",
     "WINDOW_BYTES_PER_ID",
     "Backlog",
     "entry_weight",
@@ -65,14 +66,19 @@ BYTES = b"bytes"
 """Counter field: bytes of their batch fields."""
 
 APPEND_SCRIPT = f"""
-local id = redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[1], '{COUNT_FIELD.decode()}', ARGV[2])
+local id = redis.call(
+  'XADD', KEYS[1], '*', ARGV[3], ARGV[1], '{COUNT_FIELD.decode()}', ARGV[2], unpack(ARGV, 4))
 redis.call('HINCRBY', KEYS[2], '{EVENTS.decode()}', ARGV[2])
 redis.call('HINCRBY', KEYS[2], '{BYTES.decode()}', string.len(ARGV[1]))
 return id
 """
 """KEYS: the stream, its counters; ARGV: the serialized events, their count, and the entry field
-that holds them (COLUMNS_FIELD as ingest writes; BATCH_FIELD for the form of earlier releases).
-Returns the entry id."""
+that holds them (COLUMNS_FIELD as ingest writes; BATCH_FIELD for the form of earlier releases),
+then any more fields of the entry as name, value pairs (TRACE_FIELD). Returns the entry id."""
+
+TRACE_FIELD = b"tc"
+"""Entry field with the trace context of the span that appended it (a W3C traceparent:
+streammesh.mesh.tracing.context_field); written only while tracing records that span."""
 
 DIGEST_BYTES = 8
 """Length of one content digest in IDEMPOTENT_APPEND_SCRIPT's digests."""
@@ -122,8 +128,11 @@ if has_now then
   end
 end
 local appended = 0
-for at = 6, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[at], '{COUNT_FIELD.decode()}', ARGV[at + 1])
+local traced = ARGV[6] ~= '' and {{'{TRACE_FIELD.decode()}', ARGV[6]}} or {{}}
+for at = 7, #ARGV, 2 do
+  redis.call(
+    'XADD', KEYS[1], '*', ARGV[1], ARGV[at], '{COUNT_FIELD.decode()}', ARGV[at + 1],
+    unpack(traced))
   redis.call('HINCRBY', KEYS[2], '{EVENTS.decode()}', ARGV[at + 1])
   redis.call('HINCRBY', KEYS[2], '{BYTES.decode()}', string.len(ARGV[at]))
   appended = appended + 1
@@ -150,7 +159,8 @@ KEYS: the stream, its counters, the window's current and previous hashes (field:
 ID_FIELD_BYTES hash of (tenant, event id), value: its DIGEST_BYTES content digest; plus
 START_FIELD in the current one). ARGV: the entry field (COLUMNS_FIELD), the window in seconds,
 the ids one hash holds at most, the events' id fields concatenated, their digests
-concatenated, then each entry's serialized events and count, in append order.
+concatenated, the trace context for TRACE_FIELD ('': none), then each entry's serialized events
+and count, in append order.
 
 If any id is in either hash, nothing is written and the reply is a flat list of (index of the
 event among the ids, 1 if its digest is the same (a duplicate), 2 if not (a conflict)); the

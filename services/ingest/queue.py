@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from opentelemetry.trace import SpanKind
 from redis.exceptions import RedisError, ResponseError
 
 from services.ingest.idempotency import (
@@ -41,11 +42,12 @@ from services.ingest.idempotency import (
 )
 from services.ingest.pressure import BackPressure
 from streammesh.api.common.v1 import event_pb2
-from streammesh.backlog import APPEND_SCRIPT, IDEMPOTENT_APPEND_SCRIPT
+from streammesh.backlog import APPEND_SCRIPT, IDEMPOTENT_APPEND_SCRIPT, TRACE_FIELD
 from streammesh.envelope import EnvelopeColumns
 from streammesh.mesh.errors import Unavailable
 from streammesh.mesh.startup import StartupError
 from streammesh.mesh.tenancy import DEFAULT_TENANT
+from streammesh.mesh.tracing import context_field, tracer, tracing_enabled
 from streammesh.streams import COLUMNS_FIELD, StreamLayout
 
 __all__ = ["DurabilityError", "StreamAppender", "check_durability"]
@@ -127,7 +129,35 @@ class StreamAppender:
         validation took them (read from the events when not given). Returns the events not
         queued because the window holds their id: index -> DUPLICATE or CONFLICT (empty
         without a window, or when not `guarded`: a dead-letter replay, queued whatever the
-        window holds, and not recorded in it)."""
+        window holds, and not recorded in it).
+
+        While tracing is on, the append is a `publish` span (a child of the call's), and each
+        entry carries that span's context in TRACE_FIELD when the span is sampled, for the
+        processor's `process` span to link to. While it is off, neither costs anything."""
+        if not tracing_enabled():
+            return await self._queue(events, envelope, producer, tenant, guarded, "")
+        with tracer().start_as_current_span(
+            "publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.batch.message_count": len(events),
+            },
+        ) as span:
+            context = (context_field() or "") if span.is_recording() else ""
+            return await self._queue(events, envelope, producer, tenant, guarded, context)
+
+    async def _queue(
+        self,
+        events: Sequence[event_pb2.Event],
+        envelope: EnvelopeColumns | None,
+        producer: str,
+        tenant: str,
+        guarded: bool,
+        trace: str,
+    ) -> dict[int, int]:
+        """`append` with `trace` for TRACE_FIELD ("": none)."""
         now_ns = time.time_ns()
         if envelope is None:
             envelope = EnvelopeColumns(
@@ -173,11 +203,11 @@ class StreamAppender:
             pressure.admit(weights)
         try:
             if window is None:
-                await self._append(built)
+                await self._append(built, trace)
             else:
                 guard = _Guard(window, fields, digests, slices, verdicts)
                 while built:
-                    replies = await self._append(built, guard)
+                    replies = await self._append(built, trace, guard)
                     built = {
                         partition: self._partition_entries(partition, columns.pick(kept), run)
                         for partition, kept in guard.settle(replies).items()
@@ -188,10 +218,12 @@ class StreamAppender:
         return verdicts
 
     async def _append(
-        self, built: dict[int, list[tuple[bytes, int]]], guard: _Guard | None = None
+        self, built: dict[int, list[tuple[bytes, int]]], trace: str, guard: _Guard | None = None
     ) -> dict[int, Any]:
-        """Run each partition's script in one pipeline; the replies by partition."""
+        """Run each partition's script in one pipeline; the replies by partition. Each entry
+        carries `trace` in TRACE_FIELD unless it is empty."""
         layout = self._layout
+        traced = (TRACE_FIELD, trace) if trace else ()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for partition, items in built.items():
@@ -210,6 +242,7 @@ class StreamAppender:
                                 serialized,
                                 count,
                                 COLUMNS_FIELD,
+                                *traced,
                             )
                         continue
                     window = guard.window
@@ -228,6 +261,7 @@ class StreamAppender:
                         window.hash_ids,
                         fields,
                         digests,
+                        trace,
                         *bodies,
                     )
                 replies = await pipe.execute()

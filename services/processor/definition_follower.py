@@ -34,30 +34,17 @@ from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
 from streammesh.definitions.rule_errors import RuleError
 from streammesh.definitions.rules import Rule, parse_rule
 from streammesh.definitions.window_defs import WindowDef, WindowDefError, parse_window_def
-from streammesh.mesh import TlsMaterial, create_channel, service_config
 
 if TYPE_CHECKING:
     DefinitionStub = pb_grpc.DefinitionServiceAsyncStub
 else:
     DefinitionStub = pb_grpc.DefinitionServiceStub
 
-__all__ = ["DefinitionFollower", "DefinitionStub", "FollowedWindow", "definition_stub"]
+__all__ = ["DefinitionFollower", "DefinitionStub", "FollowedWindow"]
 
 log = logging.getLogger(__name__)
 
 _CHANGES_PER_CALL = 500
-_SERVICE = "streammesh.storage.v1.DefinitionService"
-
-
-def definition_stub(target: str, tls: TlsMaterial) -> tuple[grpc.aio.Channel, DefinitionStub]:
-    """A channel to storage's DefinitionService (reads retried) and its stub."""
-    channel = create_channel(
-        target,
-        tls,
-        server_name="storage",
-        config=service_config(_SERVICE, retry_methods=["GetDefinition", "ListDefinitionChanges"]),
-    )
-    return channel, DefinitionStub(channel)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.processor.definition_follower import DefinitionFollower, DefinitionStub
-from services.processor.delivery.engine_storage import EngineStorage, definitions_channel
-from services.processor.delivery.storage_client import StorageWriter
+from services.processor.delivery.engine_storage import EngineStorage
+from services.processor.delivery.storage_client import StorageWriter, storage_client
 from services.processor.engine.clock import ClockConfig
 from services.processor.processing.committer import EngineConfig
 from services.processor.service import ProcessorServicer
@@ -110,20 +110,19 @@ def _exit_if_worker_died(task: asyncio.Task[None]) -> None:
 
 
 async def serve(settings: ProcessorSettings) -> None:
-    tls = load_tls(settings.tls_dir, "processor")
+    load_tls(settings.tls_dir, "processor")  # a missing file is a StartupError, named
     client = connect_redis(settings.redis_url, longest_block_ms=settings.block_ms)
-    writer = StorageWriter(
-        settings.storage_target, tls, timeout_seconds=settings.store_timeout_seconds
+    # One mesh client for every call to storage (events, dead letters, engine, definitions).
+    storage = storage_client(
+        settings.storage_target, settings.tls_dir, timeout_seconds=settings.store_timeout_seconds
     )
-    channel = definitions_channel(
-        settings.storage_target, tls, timeout_seconds=settings.store_timeout_seconds
-    )
+    writer = StorageWriter(storage)
     follower = DefinitionFollower(
-        DefinitionStub(channel), poll_interval=settings.definitions_poll_seconds
+        storage.stub(DefinitionStub), poll_interval=settings.definitions_poll_seconds
     )
     following = asyncio.create_task(follower.run(), name="definition-follower")
     following.add_done_callback(_exit_if_worker_died)
-    engine = EngineSetup(EngineStorage(channel), follower, engine_config(settings))
+    engine = EngineSetup(EngineStorage(storage.channel), follower, engine_config(settings))
     worker = build_worker(settings, client, writer, engine)
     task = asyncio.create_task(worker.run(), name="stream-worker")
     task.add_done_callback(_exit_if_worker_died)
@@ -135,8 +134,7 @@ async def serve(settings: ProcessorSettings) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=settings.store_timeout_seconds + 2)
         await stop_task(following)
-        await channel.close()
-        await writer.close()
+        await storage.close()
         await client.aclose()
 
     mesh = create_server(settings, ProcessorDeps(worker))

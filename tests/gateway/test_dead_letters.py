@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 import grpc
 import pytest
 
-from services.processor.delivery.storage_client import StorageWriter
+from services.processor.delivery.storage_client import StorageWriter, storage_client
 from services.processor.delivery.store import StoreResult
 from services.processor.worker import StreamWorker, WorkerConfig
 from streammesh.api.common.v1 import event_pb2
@@ -62,11 +62,8 @@ class Pipeline:
 
 @pytest.fixture
 async def pipeline(stack: Stack) -> AsyncIterator[Pipeline]:
-    writer = StorageWriter(
-        f"127.0.0.1:{stack.storage_port}",
-        TlsMaterial.load(stack.pki_dir, "processor"),
-        timeout_seconds=5,
-    )
+    client = storage_client(f"127.0.0.1:{stack.storage_port}", stack.pki_dir, timeout_seconds=5)
+    writer = StorageWriter(client)
     poisoned: set[str] = set()
     attempts: dict[str, int] = {}
     grouped: dict[str, int] = {}
@@ -101,7 +98,7 @@ async def pipeline(stack: Stack) -> AsyncIterator[Pipeline]:
         worker.stop()
         await asyncio.wait({task}, timeout=5)  # a graceful stop releases the leases
         await stop_task(task)
-        await writer.close()
+        await client.close()
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.processor.definition_follower import DefinitionFollower, DefinitionStub
 from services.processor.delivery.engine_outputs import outputs_request
-from services.processor.delivery.engine_storage import EngineStorage, definitions_channel
-from services.processor.delivery.storage_client import StorageWriter
+from services.processor.delivery.engine_storage import EngineStorage
+from services.processor.delivery.storage_client import StorageWriter, storage_client
 from services.processor.engine.clock import ClockConfig
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.partition import PartitionEngine, PartitionOutputs
@@ -187,17 +187,17 @@ async def make_worker(
     """Workers with the engine on, each with its own storage channels and follower."""
     closers: list[Any] = []
     tasks: list[asyncio.Task[None]] = []
-    tls = TlsMaterial.load(storage.pki_dir, "processor")
     target = f"127.0.0.1:{storage.port}"
 
     def build(
         layout: StreamLayout, consumer: str, *, claim_idle_ms: int = 60_000, **engine: Any
     ) -> StreamWorker:
-        writer = StorageWriter(target, tls, timeout_seconds=5)
-        channel = definitions_channel(target, tls, timeout_seconds=5)
-        follower = DefinitionFollower(DefinitionStub(channel), poll_interval=0.2)
+        client = storage_client(target, storage.pki_dir, timeout_seconds=5)
+        writer = StorageWriter(client)
+        channel = client.channel
+        follower = DefinitionFollower(client.stub(DefinitionStub), poll_interval=0.2)
         tasks.append(asyncio.create_task(follower.run()))
-        closers.extend([writer.close, channel.close])
+        closers.append(client.close)
         config = EngineConfig(clock=CLOCK, **({"checkpoint_seconds": 3600.0} | engine))
         return StreamWorker(
             redis_client,

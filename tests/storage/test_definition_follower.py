@@ -17,10 +17,10 @@ import pytest
 from services.processor.definition_follower import (
     DefinitionFollower,
     DefinitionStub,
-    definition_stub,
 )
+from services.processor.delivery.storage_client import storage_client
 from streammesh.api.storage.v1 import definitions_pb2 as pb
-from streammesh.mesh import MeshServer, TlsMaterial
+from streammesh.mesh import MeshServer
 from tests.storage.test_definitions import (  # noqa: F401 (gateway and stub_for are fixtures)
     HOT,
     PER_MINUTE,
@@ -38,11 +38,9 @@ PROMISED_SECONDS = 2.0
 @pytest.fixture
 async def stub(pki_dir: Path, server: MeshServer) -> AsyncIterator[DefinitionStub]:
     """DefinitionService as the processor reaches it (its own certificate)."""
-    channel, stub = definition_stub(
-        f"127.0.0.1:{server.port}", TlsMaterial.load(pki_dir, "processor")
-    )
-    yield stub
-    await channel.close()
+    client = storage_client(f"127.0.0.1:{server.port}", pki_dir, timeout_seconds=5)
+    yield client.stub(DefinitionStub)
+    await client.close()
 
 
 async def test_the_follower_keeps_rule_versions_and_the_latest_window(

@@ -17,7 +17,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, cast
 
@@ -35,6 +35,7 @@ from services.processor.delivery.dead_letters import (
 )
 from services.processor.delivery.grouping import group_at, joined_body
 from services.processor.delivery.store import PermanentStoreError, StoreBatch, StoreResult
+from services.processor.delivery.traced import process_span
 from services.processor.failpoints import Failpoint
 from streammesh.api.common.v1 import event_pb2
 from streammesh.entries import Entry, QueuedBody, entry_body
@@ -208,7 +209,9 @@ class Deliverer:
         held before the call)."""
         if not all(self._fence.holds(partition) for partition, _ in chunk):
             return [None] * len(chunk)  # _drain finds out which are lost
-        result = await self._store_several(lambda: across_body(chunk))
+        result = await self._store_several(
+            lambda: across_body(chunk), (group for _, group in chunk)
+        )
         if not isinstance(result, StoreResult):
             return [result] * len(chunk)  # an outage waits; anything else goes per partition
         self._count_stored(sum(len(group) for _, group in chunk), result)
@@ -252,19 +255,23 @@ class Deliverer:
         by entry (a failure other than an outage)."""
         if not self._fence.holds(partition):
             return Outcome.LOST
-        result = await self._store_several(lambda: joined_body(group))
+        result = await self._store_several(lambda: joined_body(group), (group,))
         if not isinstance(result, StoreResult):
             return result  # an outage waits; anything else is sorted out per entry
         self._count_stored(len(group), result)
         return await self._ack(partition, group)
 
-    async def _store_several(self, body: Callable[[], QueuedBody]) -> StoreResult | Outcome | None:
-        """Store the entries of `body` in one call: its result, or after a failure RETRY (an
-        outage) or None (anything else: the caller stores them a smaller group at a time)."""
+    async def _store_several(
+        self, body: Callable[[], QueuedBody], groups: Iterable[list[Entry]]
+    ) -> StoreResult | Outcome | None:
+        """Store the entries of `body` (those of `groups`) in one call: its result, or after a
+        failure RETRY (an outage) or None (anything else: the caller stores them a smaller
+        group at a time)."""
         try:
             raw = body()
             self._failpoint.reached("before-store")
-            result = await self._store(raw)
+            with process_span(groups):
+                result = await self._store(raw)
             self._failpoint.reached("after-store")
         except Exception as error:  # classified here, acted on by the caller
             self.stats.store_failures += 1
@@ -285,7 +292,8 @@ class Deliverer:
             # decoding here too cost the processor more than all its Redis work.
             raw = entry_body(fields)
             self._failpoint.reached("before-store")
-            result = await self._store(raw)
+            with process_span(([(entry_id, fields)],)):
+                result = await self._store(raw)
             self._failpoint.reached("after-store")
         except Exception as failure:  # classified below: nothing is dropped unrecorded
             error: Exception = failure

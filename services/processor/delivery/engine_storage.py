@@ -1,5 +1,5 @@
 """The processor's view of storage's engine calls: LoadEngineCheckpoint on takeover and
-StoreEngineOutputs per batch (both idempotent, so retried by the service config), with failures
+StoreEngineOutputs per batch (both idempotent, so retried by the mesh client), with failures
 sorted as for StoreEvents: outages (`StoreUnavailable`: wait and send the same again) and a
 stale lease epoch (`Fenced`: another processor owns the partition now; drop it)."""
 
@@ -14,16 +14,13 @@ import grpc
 from services.processor.delivery.dead_letters import StoreUnavailable, is_outage
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
-from streammesh.mesh import TlsMaterial, create_channel, service_config
 
-__all__ = ["EngineStorage", "Fenced", "definitions_channel"]
+__all__ = ["EngineStorage", "Fenced"]
 
 if TYPE_CHECKING:
     DefinitionStub = pb_grpc.DefinitionServiceAsyncStub
 else:
     DefinitionStub = pb_grpc.DefinitionServiceStub
-
-_SERVICE = "streammesh.storage.v1.DefinitionService"
 
 
 class Fenced(Exception):
@@ -31,30 +28,9 @@ class Fenced(Exception):
     newer owner, and nothing was written."""
 
 
-def definitions_channel(
-    target: str, tls: TlsMaterial, *, timeout_seconds: float
-) -> grpc.aio.Channel:
-    """One channel to storage's DefinitionService for the engine's calls and the definition
-    follower (every method the processor calls is idempotent, so all are retried)."""
-    return create_channel(
-        target,
-        tls,
-        server_name="storage",
-        config=service_config(
-            _SERVICE,
-            retry_methods=[
-                "GetDefinition",
-                "ListDefinitionChanges",
-                "LoadEngineCheckpoint",
-                "StoreEngineOutputs",
-            ],
-            timeout_seconds=timeout_seconds,
-        ),
-    )
-
-
 class EngineStorage:
-    """LoadEngineCheckpoint and StoreEngineOutputs over a DefinitionService channel."""
+    """LoadEngineCheckpoint and StoreEngineOutputs over a channel to storage (the processor's
+    `storage_client`'s)."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub: DefinitionStub = DefinitionStub(channel)

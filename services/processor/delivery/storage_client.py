@@ -1,21 +1,50 @@
-"""The processor's view of storage: StoreEvents and StoreDeadLetter (both idempotent, so retried
-by the service config), with failures sorted for the worker: outages (`StoreUnavailable`, wait),
-permanent refusals (`PermanentStoreError`, dead-letter now), and the rest (counted retries)."""
+"""The processor's view of storage: one mesh client (`storage_client`) for StorageService and
+DefinitionService, and StoreEvents and StoreDeadLetter over it (both idempotent in the protos,
+so the mesh client retries them), with failures sorted for the worker: outages
+(`StoreUnavailable`, wait), permanent refusals (`PermanentStoreError`, dead-letter now), and the
+rest (counted retries)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 
 from services.processor.delivery.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
 from services.processor.delivery.store import PermanentStoreError, StoreResult
-from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
+from streammesh.api.storage.v1 import definitions_pb2, storage_pb2, storage_pb2_grpc
 from streammesh.entries import QueuedBody
-from streammesh.mesh import TlsMaterial, create_channel, service_config
+from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
 from streammesh.wire import length_delimited_field
 
-__all__ = ["StorageWriter", "classify", "dead_letter_request", "store_events_request"]
+__all__ = [
+    "StorageWriter",
+    "classify",
+    "dead_letter_request",
+    "storage_client",
+    "store_events_request",
+]
 
 STORAGE_SERVICE = "streammesh.storage.v1.StorageService"
+
+
+def storage_client(target: str, tls_dir: Path, *, timeout_seconds: float) -> MeshClient:
+    """The processor's one client to storage (every replica in `target`), for StoreEvents,
+    StoreDeadLetter and the engine's and definition follower's DefinitionService calls; what
+    is retried comes from the protos (all of these are idempotent)."""
+    return MeshClient(
+        MeshClientConfig(
+            server_name="storage",
+            targets=parse_targets(target),
+            tls=TlsFiles.of(tls_dir, "processor"),
+            services=(
+                storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
+                definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
+            ),
+            timeout_seconds=timeout_seconds,
+        )
+    )
+
 
 # A batch storage refuses for these reasons will be refused again: dead-letter it.
 _PERMANENT = {
@@ -64,20 +93,12 @@ def dead_letter_request(record: DeadLetterRecord) -> storage_pb2.StoreDeadLetter
 
 
 class StorageWriter:
-    def __init__(self, target: str, tls: TlsMaterial, *, timeout_seconds: float) -> None:
-        self._channel = create_channel(
-            target,
-            tls,
-            server_name="storage",
-            config=service_config(
-                STORAGE_SERVICE,
-                retry_methods=["StoreEvents", "StoreDeadLetter"],
-                timeout_seconds=timeout_seconds,
-            ),
-        )
-        self._stub = storage_pb2_grpc.StorageServiceStub(self._channel)
+    """StoreEvents and StoreDeadLetter over a `storage_client` (which its owner closes)."""
+
+    def __init__(self, client: MeshClient) -> None:
+        self._stub = client.stub(storage_pb2_grpc.StorageServiceStub)
         # StoreEvents taking the request already serialized: see store_events_request.
-        self._store_events = self._channel.unary_unary(
+        self._store_events = client.channel.unary_unary(
             f"/{STORAGE_SERVICE}/StoreEvents",
             request_serializer=None,
             response_deserializer=storage_pb2.StoreEventsResponse.FromString,
@@ -104,6 +125,3 @@ class StorageWriter:
                 raise StoreUnavailable(f"{error.code().name}: {error.details()}") from error
             raise
         return int(reply.dead_letter.id)
-
-    async def close(self) -> None:
-        await self._channel.close()
