@@ -26,6 +26,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -142,6 +143,8 @@ class Accounts:
         self._totp_issuer = totp_issuer
         # The clock TOTP time steps are taken from (tests move it to check drift).
         self._clock = clock
+        self.events: Counter[tuple[str, str, str]] = Counter()
+        """Audited events by (action, outcome, reason), for the metrics (no subject kept)."""
 
     async def create(
         self,
@@ -428,6 +431,7 @@ class Accounts:
         *,
         details: dict[str, str] | None = None,
     ) -> None:
+        self.events[(action, outcome, reason or "")] += 1
         await self._audit.record(
             origin.event(action, outcome, subject=subject, reason=reason or "", details=details)
         )

@@ -38,6 +38,8 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 from streammesh.mesh.health import postgres_check, redis_check
+from streammesh.mesh.metrics import ServiceMetrics
+from streammesh.mesh.metrics.security import AuthEventsCollector
 from streammesh.mesh.postgres import create_engine
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import reaching, run_service
@@ -206,12 +208,15 @@ def create_server(settings: AuthSettings, deps: AuthDependencies) -> MeshServer:
         trust_domain=settings.trust_domain,
     )
     binding = ServiceBinding(SERVICE, auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer)
+    metrics = ServiceMetrics("auth")
+    metrics.registry.register(AuthEventsCollector(deps.accounts.events))
     return create_mesh_server(
         settings,
         identity="auth",
         bindings=[binding],
         # Who may call what: the `auth` table of the policy file (streammesh/mesh/policy.toml).
         guard=PeerPolicy.load(settings, "auth"),
+        metrics=metrics,
     )
 
 

@@ -225,6 +225,7 @@ class AccessGuard:
         try:
             principal = await self._verifier.verify(bearer_token(context))
         except TokenRejected as rejected:
+            self._verifier.refusals[rejected.reason.value] += 1
             raise self._refuse(
                 context,
                 method,

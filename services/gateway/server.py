@@ -16,7 +16,7 @@ from services.gateway.rules import RuleServicer
 from services.gateway.schema_registry import SchemaRegistryServicer
 from services.gateway.service import GatewayServicer
 from services.gateway.settings import GatewaySettings
-from services.gateway.tokens import JwksCache, TokenVerifier
+from services.gateway.tokens import JwksCache, Reason, TokenVerifier
 from services.gateway.upstream import Upstreams
 from streammesh.api.gateway.v1 import (
     admin_pb2,
@@ -35,6 +35,8 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 from streammesh.mesh.client import TlsFiles
+from streammesh.mesh.metrics import ServiceMetrics
+from streammesh.mesh.metrics.security import TokenRefusalCollector
 from streammesh.mesh.startup import load_tls, run_service
 
 __all__ = [
@@ -118,9 +120,12 @@ def create_server(
         leeway=settings.token_leeway_seconds,
         revocations=revocations,
     )
+    metrics = ServiceMetrics("gateway")
+    metrics.registry.register(TokenRefusalCollector(verifier.refusals, map(str, Reason)))
     mesh = create_mesh_server(
         settings,
         identity="gateway",
+        metrics=metrics,
         bindings=[
             ServiceBinding(
                 gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -300,6 +301,9 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = leeway
         self._revocations = revocations
+        self.refusals: Counter[str] = Counter()
+        """Tokens refused at the gateway's door, by reason (the guard counts them here, for
+        the metrics)."""
 
     async def verify(self, token: str) -> Principal:
         """The principal a valid, unrevoked token names; TokenRejected (with its reason)

@@ -29,12 +29,14 @@ from streammesh.mesh import (
     run_until_signalled,
 )
 from streammesh.mesh.health import redis_check
+from streammesh.mesh.metrics import ServiceMetrics
+from streammesh.mesh.metrics.processor import PartitionLagSampler, ProcessorCollector
 from streammesh.mesh.redis_client import connect_redis
 from streammesh.mesh.startup import load_tls, run_service
 from streammesh.mesh.tasks import stop_task
 from streammesh.streams import StreamLayout
 
-__all__ = ["ProcessorDeps", "build_worker", "create_server", "main", "serve"]
+__all__ = ["ProcessorDeps", "build_worker", "create_server", "main", "serve", "stream_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ProcessorDeps:
     worker: StreamWorker
+    lag: PartitionLagSampler | None = None
+    """Samples the owned partitions' lag for the metrics (none: not reported)."""
 
 
 def worker_config(settings: ProcessorSettings) -> WorkerConfig:
@@ -63,18 +67,22 @@ def engine_config(settings: ProcessorSettings) -> EngineConfig:
     )
 
 
+def stream_layout(settings: ProcessorSettings) -> StreamLayout:
+    """The queue's partitions and consumer group, as the settings name them."""
+    return StreamLayout(
+        prefix=settings.stream_prefix, partitions=settings.partitions, group=settings.group
+    )
+
+
 def build_worker(
     settings: ProcessorSettings,
     client: aioredis.Redis,
     writer: StorageWriter,
     engine: EngineSetup | None = None,
 ) -> StreamWorker:
-    layout = StreamLayout(
-        prefix=settings.stream_prefix, partitions=settings.partitions, group=settings.group
-    )
     return StreamWorker(
         client,
-        layout,
+        stream_layout(settings),
         consumer=settings.consumer,
         store=writer.store,
         dead_letters=writer.record_dead_letter,
@@ -84,6 +92,8 @@ def build_worker(
 
 
 def create_server(settings: ProcessorSettings, deps: ProcessorDeps) -> MeshServer:
+    metrics = ServiceMetrics("processor")
+    metrics.registry.register(ProcessorCollector(deps.worker, deps.lag))
     return create_mesh_server(
         settings,
         identity="processor",
@@ -96,6 +106,7 @@ def create_server(settings: ProcessorSettings, deps: ProcessorDeps) -> MeshServe
         ],
         # Who may call what: the `processor` table of the policy file (streammesh/mesh/policy.toml).
         guard=PeerPolicy.load(settings, "processor"),
+        metrics=metrics,
     )
 
 
@@ -126,6 +137,8 @@ async def serve(settings: ProcessorSettings) -> None:
     worker = build_worker(settings, client, writer, engine)
     task = asyncio.create_task(worker.run(), name="stream-worker")
     task.add_done_callback(_exit_if_worker_died)
+    lag = PartitionLagSampler(client, stream_layout(settings), worker.ownership)
+    sampling = asyncio.create_task(lag.run(), name="partition-lag")
 
     async def stop_worker() -> None:
         # Finish the batch in hand (it is acknowledged only if stored), release the leases so
@@ -134,10 +147,11 @@ async def serve(settings: ProcessorSettings) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=settings.store_timeout_seconds + 2)
         await stop_task(following)
+        await stop_task(sampling)
         await storage.close()
         await client.aclose()
 
-    mesh = create_server(settings, ProcessorDeps(worker))
+    mesh = create_server(settings, ProcessorDeps(worker, lag))
     # Reports only: the worker rides out a Redis outage on its own (README, "Replicas and
     # health").
     mesh.watch_dependencies(redis_check(settings.redis_url))

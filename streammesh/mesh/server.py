@@ -38,7 +38,9 @@ from streammesh.mesh.interceptors import (
 from streammesh.mesh.interceptors.tracing import ServerTracingInterceptor
 from streammesh.mesh.logs import LogThrottle
 from streammesh.mesh.metrics import MetricsEndpoint, ServerMetricsInterceptor, ServiceMetrics
+from streammesh.mesh.metrics.security import PolicyDenialCollector
 from streammesh.mesh.pki import TlsMaterial
+from streammesh.mesh.policy import PeerPolicy
 from streammesh.mesh.settings import ServiceSettings
 from streammesh.mesh.startup import StartupError, listen_problem, load_tls
 from streammesh.mesh.tracing import tracing_enabled
@@ -202,6 +204,8 @@ def create_mesh_server(
     """
     material = tls or load_tls(settings.tls_dir, identity)
     metrics = metrics or ServiceMetrics(identity)
+    if isinstance(guard, PeerPolicy):
+        metrics.registry.register(PolicyDenialCollector(guard.denials.counts))
     metrics.certificate(identity, material.certificate_chain)
     throttle = LogThrottle(logging.getLogger("streammesh.mesh.interceptors"))
     chosen = (

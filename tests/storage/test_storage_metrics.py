@@ -3,6 +3,9 @@ duplicates per StoreEvents batch, dead letters once per entry."""
 
 from __future__ import annotations
 
+import grpc
+import pytest
+
 from streammesh.mesh import MeshServer
 from tests.storage.conftest import Stub, queued
 from tests.storage.test_dead_letters import dead_letter
@@ -36,3 +39,19 @@ async def test_a_dead_letter_is_counted_once(server: MeshServer, processor: Stub
     again = await processor.StoreDeadLetter(request, timeout=5)
     assert first.created and not again.created
     assert counter(server, "streammesh_storage_dead_letters_total") == 1
+
+
+async def test_a_call_the_peer_policy_refuses_is_counted_by_method_and_caller(
+    server: MeshServer, gateway: Stub
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.StoreEvents(store_request([queued("k")]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    denied = {
+        "method": "/streammesh.storage.v1.StorageService/StoreEvents",
+        "caller": "service/gateway",
+        "reason": "PEER_NOT_ALLOWED",
+    }
+    registry = server.metrics.registry
+    assert registry.get_sample_value("streammesh_policy_denials_total", denied) == 1
+    assert counter(server, "streammesh_storage_events_stored_total") == 0

@@ -151,6 +151,8 @@ class EngineCommitter:
         self.checkpoints = 0
         """Checkpoints saved (for status and tests)."""
         self.events_processed = 0
+        # Outputs stored, by kind (read by the metrics at scrape time).
+        self.window_results_stored = self.late_events_stored = self.alerts_stored = 0
 
     # --- the Fence delivery calls -------------------------------------------------------------
 
@@ -463,6 +465,9 @@ class EngineCommitter:
                     describe(error),
                 )
             raise CommitDeferred(f"engine outputs: {describe(error)}") from error
+        self.window_results_stored += len(out.window_results)
+        self.late_events_stored += len(out.window_late) + len(out.rule_late)
+        self.alerts_stored += len(out.alerts)
         state.outputs = PartitionOutputs()
         if saved is None:
             return []
