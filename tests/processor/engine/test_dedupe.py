@@ -8,12 +8,13 @@ import struct
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from services.processor.engine.dedupe import horizons
 from services.processor.engine.events import EngineEvent
-from services.processor.engine.partition import PartitionEngine, PartitionOutputs
+from services.processor.engine.partition import PartitionEngine, PartitionOutputs, SnapshotError
 from tests.processor.engine.test_partition import (
     CLOCK,
     SETTINGS,
@@ -82,10 +83,8 @@ def test_repeats_change_no_window_result(events: list[EngineEvent], data: st.Dat
     bounds = cuts(data, len(stream))
     unique = run(engine(), events, cuts(data, len(events)), 0)
     repeated = run(engine(), stream, bounds, 0)
+    # (About half the examples have results of all three kinds and nearly all drop repeats.)
     check_against_unique(unique, repeated, stream)
-    # Every window kind had results to compare (the property is not vacuous on average).
-    kinds = {r.window_id for o in unique for r in o.window_results}
-    assert kinds <= {"tumble", "hop", "visits"}
 
 
 @SETTINGS
@@ -175,3 +174,15 @@ def filter_part(snapshot: bytes) -> list[Any]:
         offset += 4 + length
     saved: list[Any] = orjson.loads(snapshot[offset + 4 :])
     return saved
+
+
+def test_a_corrupt_filter_part_is_refused() -> None:
+    engine_ = engine()
+    engine_.process([event(1, 5)], 0)
+    current = engine_.snapshot()
+    offset = len(current) - len(orjson.dumps(filter_part(current)))
+    for bad in ([["acme", "a", 0, []]], [["acme", "a", 12, [[[1], ["x"]]]]], {"x": 1}):
+        part = orjson.dumps(bad)
+        data = current[: offset - 4] + struct.pack(">I", len(part)) + part
+        with pytest.raises(SnapshotError, match="duplicate filter"):
+            PartitionEngine.restore(data, CLOCK, windows(), rules())
