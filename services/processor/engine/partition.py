@@ -35,9 +35,13 @@ does the same):
   disabled version stops the older ones at its activation and drops their partial state once the
   watermark passes it. See patterns/ruleset.py.
 
-Duplicates: the windows count every event given, so the caller gives each stream entry once
-(the checkpoint's `last_entry_id` says where to resume); the rules also ignore an event id they
-hold or took recently (patterns/engine.py).
+Duplicates: the caller gives each stream entry once (the checkpoint's `last_entry_id` says where
+to resume), but the queue can hold one event id twice (a publish retried beyond ingest's
+idempotency window, an id reused). A (tenant, type, id) repeated while it could still change a
+window is dropped before the windows and the rules (dedupe.py: ids kept per bucket of event time
+until the watermark passes the windows' horizon, in the snapshot) and counted in
+`duplicates`; a repeat beyond the horizon is late for every window and becomes a late event.
+The rules also ignore an event id they hold or took recently (patterns/engine.py).
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import orjson
+
 from services.processor.engine.clock import ClockConfig
+from services.processor.engine.dedupe import DuplicateFilter
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.patterns import Alert, PatternEngine, PatternEngineConfig
 from services.processor.engine.window_defs import WindowDef
@@ -65,8 +72,10 @@ __all__ = [
     "entry_id_key",
 ]
 
-SNAPSHOT_FORMAT = 1
-"""Bumped when the layout below changes; a snapshot of another format is refused."""
+SNAPSHOT_FORMAT = 2
+"""Bumped when the layout below changes; a snapshot of another format is refused, except format
+1 (before the duplicate filter's part), restored with no remembered ids."""
+_PARTS = {1: 3, 2: 4}
 _MAGIC = b"SMPE"
 _HEAD = struct.Struct(">4sHq")  # magic, format, partition
 _LENGTH = struct.Struct(">I")
@@ -102,7 +111,11 @@ class PartitionOutputs:
     ungrouped: int = 0
     """Events of a window's tenant and type that lacked its group-by field (not counted)."""
     duplicate_ids: list[str] = field(default_factory=list)
-    """Ids the rules had taken already (a redelivery the caller did not skip)."""
+    """Ids dropped as repeats, in stream order: by the partition's filter (before the windows
+    and rules; also counted in `duplicates`), then those the rules had taken already."""
+    duplicates: int = 0
+    """Events dropped by the partition's filter as a repeat of a (tenant, type, id) taken while
+    it could still change a window (dedupe.py)."""
 
     def __len__(self) -> int:
         """How many items there are to store."""
@@ -141,6 +154,7 @@ class PartitionEngine:
         self.partition = partition
         self._clock_config = clock
         self._windows = WindowEngine(windows, clock)
+        self._dedupe = DuplicateFilter(windows)
         self._patterns = _patterns or PatternEngine(pattern_config)
         self._patterns.apply_rules(rules)
         self.last_entry_id = ""
@@ -159,6 +173,7 @@ class PartitionEngine:
         docstring). A contradictory rule set raises RuleSetError and changes nothing."""
         self._patterns.apply_rules(rules)  # first: it is the part that can refuse
         self._windows.set_definitions(windows)
+        self._dedupe.set_definitions(windows)
 
     def process(
         self, events: Sequence[EngineEvent], now_nanos: int, *, last_entry_id: str = ""
@@ -171,24 +186,36 @@ class PartitionEngine:
         watermark, highest = clock.watermark, clock.max_event_time
         lateness = self._clock_config.out_of_orderness_nanos
         late_at: list[tuple[int, int]] = []
+        repeat = self._dedupe.seen
+        duplicates: list[str] = []
+        kept: list[EngineEvent] = []
         # The watermark each event meets on arrival, as the clock will move it (clock.observe).
-        for index, event in enumerate(events):
+        for event in events:
             if event.partition != partition:
                 raise ValueError(
                     f"event {event.id!r} is of partition {event.partition}, not {partition}"
                 )
             t = event.event_time_nanos
-            if t <= watermark:
-                late_at.append((index, watermark))
-            elif t > highest:
+            late = t <= watermark
+            if not late and t > highest:
                 highest = t
                 if t - lateness > watermark:
                     watermark = t - lateness
+            # A repeat leaves the watermark as it was: it never is a new maximum.
+            if repeat(event.tenant, event.type, event.id, t, watermark):
+                duplicates.append(event.id)
+                continue
+            if late:
+                late_at.append((len(kept), watermark))
+            kept.append(event)
+        if duplicates:
+            events = kept
         window_out = self._windows.process(events, now_nanos)
         out = PartitionOutputs(
             window_results=window_out.results,
             window_late=window_out.late,
             ungrouped=window_out.ungrouped,
+            duplicates=len(duplicates),
         )
         patterns = self._patterns
         on_time: Sequence[EngineEvent] = events
@@ -210,21 +237,23 @@ class PartitionEngine:
                     for rule in patterns.rules_reading(event)
                 )
         out.watermark_nanos = self._windows.watermark(partition)
+        self._dedupe.expire(out.watermark_nanos)
         pattern_out = patterns.process(on_time, out.watermark_nanos)
         out.alerts = pattern_out.alerts
-        out.duplicate_ids = pattern_out.duplicate_ids
+        out.duplicate_ids = duplicates + pattern_out.duplicate_ids
         if last_entry_id:
             self.last_entry_id = last_entry_id
         return out
 
     def snapshot(self) -> bytes:
-        """The whole state as bytes: format, partition, last entry id, then the windows' and
-        the rules' snapshots. The same state gives the same bytes (no processing time or
+        """The whole state as bytes: format, partition, last entry id, then the windows', the
+        rules' and the duplicate filter's snapshots. The same state gives the same bytes (no processing time or
         set order is kept), and restoring it gives the same future outputs."""
         parts = (
             self.last_entry_id.encode(),
             self._windows.snapshot(self.partition),
             self._patterns.snapshot(),
+            orjson.dumps(self._dedupe.snapshot()),
         )
         chunks = [_HEAD.pack(_MAGIC, SNAPSHOT_FORMAT, self.partition)]
         for part in parts:
@@ -247,7 +276,7 @@ class PartitionEngine:
         of window definitions no longer given is dropped; rules apply as `set_definitions`
         says). SnapshotError for bytes that are not a snapshot of this format, or of another
         partition than `partition` when that is given."""
-        saved_partition, (entry, window_state, pattern_state) = _unpack(data)
+        saved_partition, (entry, window_state, pattern_state, *filter_state) = _unpack(data)
         if partition is not None and partition != saved_partition:
             raise SnapshotError(f"snapshot of partition {saved_partition}, not {partition}")
         try:
@@ -256,6 +285,10 @@ class PartitionEngine:
             raise SnapshotError(f"partition snapshot: rules part: {error}") from None
         engine = cls(saved_partition, clock, windows, rules, _patterns=patterns)
         engine._windows.restore(saved_partition, window_state)
+        try:
+            engine._dedupe.restore(orjson.loads(filter_state[0]) if filter_state else [])
+        except (orjson.JSONDecodeError, TypeError, ValueError) as error:
+            raise SnapshotError(f"partition snapshot: duplicate filter part: {error}") from None
         try:
             engine.last_entry_id = entry.decode()
             entry_id_key(engine.last_entry_id)
@@ -270,10 +303,11 @@ def _unpack(data: bytes) -> tuple[int, list[bytes]]:
     magic, version, partition = _HEAD.unpack_from(data)
     if magic != _MAGIC:
         raise SnapshotError("not a partition engine snapshot")
-    if version != SNAPSHOT_FORMAT:
+    count = _PARTS.get(version)
+    if count is None:
         raise SnapshotError(f"partition snapshot format {version} is not {SNAPSHOT_FORMAT}")
     parts, offset = [], _HEAD.size
-    for _ in range(3):
+    for _ in range(count):
         if offset + _LENGTH.size > len(data):
             raise SnapshotError("partition snapshot: truncated")
         (length,) = _LENGTH.unpack_from(data, offset)

@@ -215,8 +215,14 @@ def test_entry_ids_compare_in_stream_order() -> None:
 def streams(draw: st.DrawFn) -> list[EngineEvent]:
     count = draw(st.integers(1, 60))
     t = 0
-    events = []
+    events: list[EngineEvent] = []
     for n in range(count):
+        if events and draw(st.integers(0, 6)) == 0:
+            # A repeat of an earlier event (same id and content: a publish retried beyond
+            # ingest's idempotency window), mostly soon after it, sometimes much later.
+            back = draw(st.integers(1, min(len(events), 40)))
+            events.append(events[-back])
+            continue
         # Mostly forward, sometimes back by more than the lateness bounds: on time, out of
         # order, revising and beyond the allowed lateness.
         step = (
