@@ -1,6 +1,7 @@
-"""All SQL of the event store: the `events` table, the one-statement batch insert, and the
-filtered keyset queries, straight on asyncpg (every event of a batch or a page passes through
-here; SQLAlchemy's bind and result processing alone cost about 1 us per event). Plain dataclasses
+"""The event store's writes: the one-statement batch insert (and its conflict record), and the
+row type the queries return (their SQL is services.storage.queries), straight on asyncpg (every
+event of a batch passes through here; SQLAlchemy's bind and result processing alone cost about
+1 us per event). Plain dataclasses
 in and out; timestamps travel as Postgres microsecond counts (services.storage.times).
 
 A database outage raises `Unavailable` (a retryable status), so the processor keeps the batch
@@ -33,7 +34,6 @@ from streammesh.mesh.errors import Unavailable
 
 __all__ = [
     "BatchColumns",
-    "EventQuery",
     "EventStore",
     "StoredRow",
     "outage_is_unavailable",
@@ -118,22 +118,6 @@ class StoredRow:
     producer: str
 
 
-@dataclass(frozen=True, slots=True)
-class EventQuery:
-    """A validated filter: any of `keys` (all when empty), `type` exactly (all when empty),
-    `start_time <= event_time < end_time` to the nanosecond (open when None)."""
-
-    keys: tuple[str, ...] = ()
-    type: str = ""
-    start_time: TimeBound | None = None
-    end_time: TimeBound | None = None
-
-
-_COLUMNS = (
-    "seq, id, key, type, event_time, event_time_nanos, payload, content_type, attributes::text,"
-    " partition, ingest_time, store_time, producer"
-)
-
 # Outages, not bad requests: connection (08), auth (28), missing database (3D), resources (53),
 # operator intervention such as shutdown (57), and serialization/deadlock aborts (40).
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57", "40"})
@@ -172,35 +156,6 @@ def _log_conflicts(batch: BatchColumns, recorded: int) -> None:
             len(batch),
             ", ".join(sorted(set(batch.tenants))[:5]),
         )
-
-
-def _conditions(query: EventQuery) -> tuple[list[str], list[object]]:
-    """The WHERE terms of a filter and their arguments ($1, $2, ... in order)."""
-    where: list[str] = []
-    args: list[object] = []
-
-    def arg(value: object) -> str:
-        args.append(value)
-        return f"${len(args)}"
-
-    if query.keys:
-        # One array parameter, not an IN list: one statement text for any key count.
-        where.append(f"key = ANY({arg(list(query.keys))}::text[])")
-    if query.type:
-        where.append(f"type = {arg(query.type)}")
-    # Row comparisons order by the microsecond, then the nanoseconds below it; the planner still
-    # uses the event_time index on their first column.
-    if query.start_time is not None:
-        micros, nanos = query.start_time
-        where.append(
-            f"(event_time, event_time_nanos) >= ({arg(micros)}::timestamptz, {arg(nanos)}::int2)"
-        )
-    if query.end_time is not None:
-        micros, nanos = query.end_time
-        where.append(
-            f"(event_time, event_time_nanos) < ({arg(micros)}::timestamptz, {arg(nanos)}::int2)"
-        )
-    return where, args
 
 
 _RACES = 5
@@ -289,31 +244,3 @@ class EventStore:
                 status = await conn.execute(conflicts, *columns, tenants)
                 _log_conflicts(batch, int(status.rsplit(" ", 1)[1]))
         return inserted
-
-    async def query(self, query: EventQuery, *, after_seq: int, limit: int) -> list[StoredRow]:
-        """Up to `limit` matching rows with seq > `after_seq`, in seq order."""
-        where, args = _conditions(query)
-        args += [after_seq, limit]
-        where.append(f"seq > ${len(args) - 1}")
-        statement = (
-            f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)}"  # noqa: S608 (fixed terms)
-            f" ORDER BY seq LIMIT ${len(args)}"
-        )
-        async with (
-            outage_is_unavailable("query"),
-            self._pool.acquire(timeout=self._acquire_timeout) as conn,
-        ):
-            records = await conn.fetch(statement, *args)
-        return [StoredRow(*record) for record in records]
-
-    async def count(self, query: EventQuery) -> int:
-        """How many rows match."""
-        where, args = _conditions(query)
-        statement = "SELECT count(*) FROM events"
-        if where:
-            statement += f" WHERE {' AND '.join(where)}"
-        async with (
-            outage_is_unavailable("count"),
-            self._pool.acquire(timeout=self._acquire_timeout) as conn,
-        ):
-            return int(await conn.fetchval(statement, *args))
