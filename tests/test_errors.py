@@ -28,10 +28,24 @@ def test_field_violations_and_retry_hint_survive_a_hop() -> None:
     assert isinstance(relayed, ResourceExhausted) and relayed.retry_after_seconds == 1.5
 
 
-def test_internal_failures_become_unavailable_without_detail() -> None:
-    relayed = from_status(grpc.StatusCode.INTERNAL, "stack trace: secret", service="storage")
+def test_upstream_bugs_stay_internal_without_detail() -> None:
+    # A deterministic upstream failure must not look retryable (UNAVAILABLE) to the client.
+    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
+        relayed = from_status(code, "stack trace: secret", service="storage")
+        assert relayed.code == grpc.StatusCode.INTERNAL
+        assert "secret" not in relayed.message and "storage" in relayed.message
+
+
+def test_other_upstream_codes_become_unavailable_without_detail() -> None:
+    relayed = from_status(grpc.StatusCode.CANCELLED, "secret detail", service="ingest")
     assert isinstance(relayed, Unavailable)
-    assert "secret" not in relayed.message and "storage" in relayed.message
+    assert "secret" not in relayed.message and "ingest" in relayed.message
+
+
+def test_out_of_range_and_aborted_pass_through() -> None:
+    for code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ABORTED):
+        relayed = from_status(code, "token past retention", service="storage")
+        assert relayed.code == code and relayed.message == "token past retention"
 
 
 def test_garbage_details_are_ignored() -> None:

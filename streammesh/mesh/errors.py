@@ -106,6 +106,25 @@ class Unavailable(StreamMeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class OutOfRange(StreamMeshError):
+    """A position (page or resume token, offset) outside what is kept: start anew from a time."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Aborted(StreamMeshError):
+    """A concurrency conflict the caller resolves at a higher level (re-read, then retry)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class UpstreamFailed(StreamMeshError):
+    """An upstream's own bug (INTERNAL, UNKNOWN, DATA_LOSS, UNIMPLEMENTED), relayed as INTERNAL
+    without its detail: a deterministic failure that retrying would only repeat."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class DeadlineExceeded(StreamMeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -120,10 +139,23 @@ _BY_CODE: dict[grpc.StatusCode, type[StreamMeshError]] = {
         AlreadyExists,
         FailedPrecondition,
         ResourceExhausted,
+        OutOfRange,
+        Aborted,
         Unavailable,
         DeadlineExceeded,
     )
 }
+
+# An upstream's bug: relayed as INTERNAL, not as a retryable UNAVAILABLE, so that clients and
+# the mesh's retry policy do not repeat a call that will fail the same way.
+_UPSTREAM_BUGS = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 
 def status_proto(error: StreamMeshError) -> status_pb2.Status:
@@ -195,8 +227,11 @@ def from_status(
     trailers: Iterable[tuple[str, str | bytes]] | None = None,
 ) -> StreamMeshError:
     """Client-caused codes pass through with their message and the details a client can act on
-    (BadRequest field violations, RetryInfo; nothing else crosses). Anything else (INTERNAL,
-    UNKNOWN, ...) becomes UNAVAILABLE naming the service, so no internal detail leaks."""
+    (BadRequest field violations, RetryInfo; nothing else crosses). An upstream's bug (INTERNAL,
+    UNKNOWN, DATA_LOSS, UNIMPLEMENTED) becomes INTERNAL naming the service, anything else
+    (CANCELLED, ...) UNAVAILABLE; neither carries the upstream's detail."""
+    if code in _UPSTREAM_BUGS:
+        return UpstreamFailed(f"{service} failed with an internal error (logged by {service})")
     cls = _BY_CODE.get(code)
     if cls is None:
         return Unavailable(f"{service} failed; try again later")
