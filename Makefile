@@ -45,7 +45,7 @@ prometheus: ## Make sure the prometheus and promtool binaries exist (apt-get ins
 
 test: install backends ## Run the test suite (pass options with PYTEST_ARGS=...)
 	@scripts/ensure-prometheus.sh || echo "make: no Prometheus; tests/mesh/test_prometheus.py will skip" >&2
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 check: install ## Lint, format check, type check, buf lint/breaking, generated-code freshness
 	@scripts/check.sh
