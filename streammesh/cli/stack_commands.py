@@ -1,7 +1,8 @@
 """`streammesh up`, `status` and `down`: the stack's processes, every replica of each service.
 
 streammesh up [--replicas gateway=2,storage=3,...]   start what does not run, wait for SERVING
-streammesh status                                    every replica: pid, port, health
+streammesh status [--window S] [--watch [S]] [--json] every replica: pid, port, health, and
+                                                     req/s, errors, p99, partitions, lag from /metrics
 streammesh down [--grace S]                          drain and stop what `up` started
 """
 
@@ -19,9 +20,9 @@ from streammesh.cli.stack import (
     StartError,
     bring_up,
     shut_down,
-    stack_status,
     write_stack_file,
 )
+from streammesh.cli.status_view import run_status
 
 __all__ = ["add_stack_commands", "print_states"]
 
@@ -59,9 +60,23 @@ def cmd_up(config: StackConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_status(config: StackConfig, args: argparse.Namespace) -> int:
-    states = asyncio.run(stack_status(config))
-    print_states(config, states)
-    return 0 if all(s.health == "SERVING" for s in states) else 1
+    try:
+        return asyncio.run(
+            run_status(config, window=args.window, watch=args.watch, as_json=args.json)
+        )
+    except KeyboardInterrupt:
+        return 0
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --window/--watch: a positive number of seconds, at most an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0.1 to 3600 seconds: {text}")
+    return value
 
 
 def cmd_down(config: StackConfig, args: argparse.Namespace) -> int:
@@ -84,7 +99,22 @@ def add_stack_commands(commands: Any) -> None:
     )
     up.set_defaults(handler=cmd_up)
 
-    status = commands.add_parser("status", help="show every replica: pid, port, health")
+    status = commands.add_parser(
+        "status", help="every replica: health, request rate, errors, p99, partitions, lag"
+    )
+    status.add_argument(
+        "--window", type=_seconds, default=1.0, help="seconds between the two metric scrapes"
+    )
+    status.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="S",
+        help="print again every S seconds (default 2) until Ctrl-C",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object per replica")
     status.set_defaults(handler=cmd_status)
 
     down = commands.add_parser("down", help="drain and stop the stack")

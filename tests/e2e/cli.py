@@ -20,6 +20,7 @@ def stack_env(config: StackConfig) -> dict[str, str]:
     env = clean_environ() | {"STREAMMESH_STATE_DIR": str(config.state_dir)}
     for name in START_ORDER:
         env[f"STREAMMESH_{name.upper()}_PORT"] = str(config.port(name))
+        env[f"STREAMMESH_{name.upper()}_METRICS_PORT"] = str(config.metrics_port(name))
     env |= {
         "STREAMMESH_HOST": config.host,
         "STREAMMESH_DATABASE_URL": config.database_url,

@@ -19,7 +19,13 @@ from tests.e2e.cli import drop_test_data
 def new_stack_config(state_dir: Path) -> StackConfig:
     """A stack of its own in `state_dir`: free ports, schemas `t_<run>_*`, keys `smtest:<run>:*`."""
     run = uuid.uuid4().hex[:10]
-    ports = dict(zip(START_ORDER, free_ports("127.0.0.1", len(START_ORDER)), strict=True))
+    chosen = free_ports("127.0.0.1", 2 * len(START_ORDER))
+    ports = dict(zip(START_ORDER, chosen, strict=False))
+    # /metrics on free ports too, so that two stacks (or a developer's own) never share one.
+    metrics = {
+        f"{name}_metrics_port": port
+        for name, port in zip(START_ORDER, chosen[len(START_ORDER) :], strict=True)
+    }
     return StackConfig(
         state_dir=state_dir,
         host="127.0.0.1",
@@ -38,6 +44,7 @@ def new_stack_config(state_dir: Path) -> StackConfig:
         ingest_port=ports["ingest"],
         processor_port=ports["processor"],
         gateway_port=ports["gateway"],
+        **metrics,
     )
 
 

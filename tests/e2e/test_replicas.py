@@ -235,7 +235,17 @@ async def test_up_with_replicas_status_lists_each_then_down(tmp_path: Path) -> N
         code, out, err = await run_cli(env, "status")
         assert code == 0, out + err
         header, *rows, folder = out.splitlines()
-        assert header.split() == ["replica", "pid", "port", "health", "endpoint"]
+        assert header.split() == [
+            "replica",
+            "pid",
+            "port",
+            "health",
+            "req/s",
+            "errors",
+            "p99(ms)",
+            "parts",
+            "lag",
+        ]
         assert folder.startswith("state folder:")
         listed = {row.split()[0]: row.split() for row in rows}
         assert set(listed) == {
