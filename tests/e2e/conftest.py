@@ -22,10 +22,7 @@ def new_stack_config(state_dir: Path) -> StackConfig:
     chosen = free_ports("127.0.0.1", 2 * len(START_ORDER))
     ports = dict(zip(START_ORDER, chosen, strict=False))
     # /metrics on free ports too, so that two stacks (or a developer's own) never share one.
-    metrics = {
-        f"{name}_metrics_port": port
-        for name, port in zip(START_ORDER, chosen[len(START_ORDER) :], strict=True)
-    }
+    metrics = dict(zip(START_ORDER, chosen[len(START_ORDER) :], strict=True))
     return StackConfig(
         state_dir=state_dir,
         host="127.0.0.1",
@@ -44,7 +41,11 @@ def new_stack_config(state_dir: Path) -> StackConfig:
         ingest_port=ports["ingest"],
         processor_port=ports["processor"],
         gateway_port=ports["gateway"],
-        **metrics,
+        storage_metrics_port=metrics["storage"],
+        auth_metrics_port=metrics["auth"],
+        ingest_metrics_port=metrics["ingest"],
+        processor_metrics_port=metrics["processor"],
+        gateway_metrics_port=metrics["gateway"],
     )
 
 
