@@ -71,9 +71,10 @@ def test_the_alerting_rules_pass_promtool() -> None:
 
 
 class Prometheus:
-    """A Prometheus process on a free loopback port, scraping `target` every second."""
+    """A Prometheus process on a free loopback port, scraping its targets every second."""
 
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, targets: dict[str, str]) -> None:
+        """`targets`: each service's /metrics address (host:port), labelled `service`."""
         self.port = free_port()
         self.workdir = workdir
         config = {
@@ -82,7 +83,10 @@ class Prometheus:
             "scrape_configs": [
                 {
                     "job_name": "streammesh",
-                    "static_configs": [{"targets": [target], "labels": {"service": "ingest"}}],
+                    "static_configs": [
+                        {"targets": [target], "labels": {"service": service}}
+                        for service, target in targets.items()
+                    ],
                 }
             ],
         }
@@ -182,7 +186,7 @@ async def ingest(pki_dir: Path, redis_url: str, redis_prefix: str) -> AsyncItera
 @pytest.fixture
 async def prometheus(ingest: MeshServer, tmp_path: Path) -> AsyncIterator[Prometheus]:
     assert ingest.metrics_endpoint is not None and ingest.metrics_endpoint.port
-    server = Prometheus(tmp_path, f"127.0.0.1:{ingest.metrics_endpoint.port}")
+    server = Prometheus(tmp_path, {"ingest": f"127.0.0.1:{ingest.metrics_endpoint.port}"})
     try:
         await server.start()
         yield server
