@@ -35,6 +35,7 @@ from streammesh.cli.stack import (
     shut_down,
     stack_status,
 )
+from streammesh.cli.report import add_report_command
 from streammesh.cli.stack_commands import add_stack_commands
 from streammesh.cli.tail import add_tail_command
 from streammesh.cli.tenants import add_tenant_commands
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_commands(commands)
     add_tail_command(commands)
     add_bench_command(commands)
+    add_report_command(commands)
     return parser
 
 
