@@ -22,6 +22,7 @@ __all__ = ["SEVERITIES", "Analysis", "Finding", "analyse"]
 SEVERITIES = ("critical", "high", "medium", "low")
 CERT_WARNING = dt.timedelta(hours=6)  # as the shipped TLSCertificateExpiresSoon alert
 KEY_AGE_WARNING = dt.timedelta(days=90)
+PIPELINE = ("gateway", "ingest", "processor", "storage")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,10 @@ def _throughput(seen: Observation, out: Analysis) -> None:
         cpu_by_service[state.service] += cpu
         busiest = max(busiest, (cpu / window, state.name))
     if stored > 0:
-        out.cpu_us_per_event = {s: c / stored * 1e6 for s, c in cpu_by_service.items()}
+        # Auth is not a stage of the event path: its CPU is logins and token work.
+        out.cpu_us_per_event = {
+            s: c / stored * 1e6 for s, c in cpu_by_service.items() if s in PIPELINE
+        }
         for service, us in sorted(out.cpu_us_per_event.items(), key=lambda kv: -kv[1]):
             lines.append((f"CPU per stored event: {service}", f"{us:.1f} us"))
         bottleneck = max(out.cpu_us_per_event, key=out.cpu_us_per_event.__getitem__)
