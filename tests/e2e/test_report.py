@@ -95,17 +95,19 @@ async def _report(env: dict[str, str], folder: Path, *args: str) -> str:
     return out
 
 
+def _number(pattern: str, text: str) -> int:
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in:\n{text}"
+    return int(found[1].replace(",", ""))
+
+
 async def test_throughput_matches_the_load_and_files_are_written(
     report_env: tuple[StackConfig, dict[str, str]], tmp_path: Path
 ) -> None:
     _, env = report_env
     out = await _report(env, tmp_path, "--window", "6", "--load", "1000")
-    driven = int(re.search(r"([\d,]+) events acknowledged in", out)[1].replace(",", ""))  # type: ignore[index]
-    counted = int(
-        re.search(r"acknowledged \(in\)\s+[\d,]+/s \(([\d,]+) in the window\)", out)[1].replace(
-            ",", ""
-        )
-    )  # type: ignore[index]
+    driven = _number(r"([\d,]+) events acknowledged in", out)
+    counted = _number(r"acknowledged \(in\)\s+[\d,]+/s \(([\d,]+) in the window\)", out)
     assert driven >= 4000
     assert abs(counted - driven) <= 0.1 * driven, out
     assert "bottleneck stage" in out and "ack-to-stored ms" in out
