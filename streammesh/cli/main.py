@@ -24,6 +24,7 @@ from streammesh.cli.bench import add_bench_command
 from streammesh.cli.demo import run_demo
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.query import add_query_commands
+from streammesh.cli.report import add_report_command
 from streammesh.cli.rules import add_rule_commands
 from streammesh.cli.schemas import add_schema_commands
 from streammesh.cli.session import NotLoggedIn
@@ -35,7 +36,6 @@ from streammesh.cli.stack import (
     shut_down,
     stack_status,
 )
-from streammesh.cli.report import add_report_command
 from streammesh.cli.stack_commands import add_stack_commands
 from streammesh.cli.tail import add_tail_command
 from streammesh.cli.tenants import add_tenant_commands

@@ -17,7 +17,7 @@ from typing import TypeVar
 import grpc
 
 from streammesh.api.gateway.v1 import gateway_pb2
-from streammesh.cli.stack import StackConfig
+from streammesh.cli.stack import StackConfig, replica_addresses
 from streammesh.client import GatewayClient
 
 __all__ = ["NotLoggedIn", "Session", "gateway_client", "logged_in_client", "with_session"]
@@ -82,7 +82,10 @@ class Session:
 
 
 def gateway_client(config: StackConfig) -> GatewayClient:
-    return GatewayClient(config.address("gateway"), config.pki_dir / "ca.pem")
+    """A client of every gateway replica the stack records (balanced round_robin, health-checked
+    by the mesh client), so that one replica draining or gone does not fail the command."""
+    targets = ",".join(replica_addresses(config, "gateway"))
+    return GatewayClient(targets, config.pki_dir / "ca.pem")
 
 
 @asynccontextmanager

@@ -69,6 +69,7 @@ __all__ = [
     "process_alive",
     "recorded_pid",
     "recorded_replicas",
+    "replica_addresses",
     "running_pid",
     "shut_down",
     "signal_service",
@@ -485,18 +486,21 @@ async def start_service(
         await asyncio.sleep(0.1)
 
 
+def replica_addresses(config: StackConfig, name: str) -> list[str]:
+    """Every numbered replica of `name` as this state folder records it (replica 1 first);
+    just the configured address when none is recorded."""
+    return [
+        f"{config.host}:{_port(config, name, instance)}"
+        for instance in (None, *_instances(config, name))
+        if instance is None or instance.isdigit()
+    ]
+
+
 def write_stack_file(config: StackConfig) -> Path:
     """Endpoints for tools and people: `<state>/stack.json` (`services`: replica 1 of each;
     `replicas`: every replica's address)."""
     path = config.state_dir / "stack.json"
-    replicas = {
-        name: [
-            f"{config.host}:{_port(config, name, instance)}"
-            for instance in (None, *_instances(config, name))
-            if instance is None or instance.isdigit()
-        ]
-        for name in START_ORDER
-    }
+    replicas = {name: replica_addresses(config, name) for name in START_ORDER}
     path.write_text(
         json.dumps(
             {

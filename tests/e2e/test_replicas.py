@@ -224,6 +224,7 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
+@pytest.mark.timeout(300)  # eight processes started, two killed and restarted
 async def test_up_with_replicas_status_lists_each_then_down(tmp_path: Path) -> None:
     config = new_stack_config(tmp_path / "state")
     env = stack_env(config)
@@ -281,6 +282,22 @@ async def test_up_with_replicas_status_lists_each_then_down(tmp_path: Path) -> N
         assert again["storage@2"][2] == listed["storage@2"][2]
         assert again["storage@2"][1] != str(crashed) and again["storage@2"][3] == "SERVING"
         listed["storage@2"] = again["storage@2"]
+        # The CLI calls every gateway replica: with replica 1 gone, a login still reaches auth
+        # through gateway@2 (refused as a failed login, not UNAVAILABLE).
+        gone = int(listed["gateway"][1])
+        assert signal_service(config, "gateway", signal.SIGKILL) == gone
+        deadline = time.monotonic() + 10
+        while running_pid(config, "gateway") is not None:
+            assert time.monotonic() < deadline, "gateway survived SIGKILL"
+            await asyncio.sleep(0.1)
+        code, out, err = await run_cli(
+            env, "login", "nobody", "--password-stdin", "--code", "000000", stdin="not it"
+        )
+        assert code == 1 and err.startswith("UNAUTHENTICATED"), err
+        code, out, err = await run_cli(env, "up")
+        assert code == 0, err
+        again = {line.split()[0]: line.split() for line in out.splitlines()[1:-2]}
+        listed["gateway"] = again["gateway"]
         # A second `up` with another count is refused while the stack runs.
         code, out, err = await run_cli(env, "up", "--replicas", "storage=3")
         assert code == 1 and "storage runs with 2 replica(s), not 3" in err
