@@ -19,7 +19,6 @@ commit, and why, is in `PAGING_GUARANTEE`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from services.storage.filters import EventColumns, FieldScope, payload_fields
+from services.storage.filters import EventColumns, FieldScope
 from services.storage.filters.check import (
     AllOf,
     AnyOf,
@@ -38,6 +37,7 @@ from services.storage.filters.check import (
 )
 from services.storage.filters.sql import render_sql
 from services.storage.retention import GENERATION_SQL, fell_off, read_horizon
+from services.storage.schema_scopes import SchemaScopes
 from services.storage.store import StoredRow, outage_is_unavailable
 from services.storage.times import TimeBound
 from streammesh.mesh.errors import ResourceExhausted
@@ -165,8 +165,6 @@ PAGE_SETTINGS = SESSION_SETTINGS + ", " + _HORIZON + ", " + GENERATION_SQL
 """SESSION_SETTINGS for a page, as its third column the paging horizon (a timestamptz): a row
 whose store_time is before it is settled; as its fourth the retention horizon's generation of
 the tenant ($2), read before the page's rows (services.storage.retention)."""
-_MAX_SCHEMAS = 1000
-"""Schemas loaded into one query's scope, at most (a tenant's types, the newest first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +345,7 @@ class EventQueries:
         self._pool = pool
         self._bounds = bounds or QueryBounds()
         self._acquire_timeout = acquire_timeout
+        self._scopes = SchemaScopes(pool, acquire_timeout=acquire_timeout)
 
     @property
     def bounds(self) -> QueryBounds:
@@ -376,22 +375,9 @@ class EventQueries:
                 ) from error
 
     async def scope(self, tenant: str, types: Sequence[str]) -> FieldScope:
-        """The payload fields a filter may name: the latest schema of each of `types` (of every
-        type of the tenant when empty). Undeclared fields are allowed, typed by their literal,
-        when some type in scope may lack a schema: a named type without one, or no types named
-        (a tenant's events may have types it never registered)."""
-        statement = (
-            "SELECT s.event_type, v.schema_text FROM schema_subjects s"
-            " JOIN schema_versions v ON v.tenant = s.tenant AND v.event_type = s.event_type"
-            " AND v.version = s.latest_version"
-            " WHERE s.tenant = $1 AND ($2::text[] IS NULL OR s.event_type = ANY($2::text[]))"
-            " ORDER BY s.updated_at DESC LIMIT $3"
-        )
-        async with self._reading("query") as (conn, _):
-            rows = await conn.fetch(statement, tenant, list(types) or None, _MAX_SCHEMAS)
-        schemas = {row[0]: payload_fields(json.loads(row[1])) for row in rows}
-        undeclared = not types or any(name not in schemas for name in types)
-        return FieldScope(schemas, allow_undeclared=undeclared)
+        """The payload fields a filter may name (SchemaScopes.scope: cached on this replica,
+        fresh as of the registry's change log)."""
+        return await self._scopes.scope(tenant, types)
 
     async def page(
         self,
