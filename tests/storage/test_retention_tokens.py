@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from services.storage.partitions import MaintenanceReport, PartitionPolicy, maintain
+from services.storage.retention import Horizon, fell_off
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from tests.storage.conftest import BASE_TIME, Stub, queued, schema_connection
@@ -176,3 +177,17 @@ async def test_a_tail_the_retention_passes_is_cut_with_out_of_range(
     error = await refusal(read_until(call, lambda ids, _: "n1" in ids))
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "resume_token" in (error.details() or "")
+
+
+def test_the_refusal_rule() -> None:
+    """Refused only when something was removed since the token (the generation moved) and
+    the highest removed seq is past its position; a token without a generation (issued before
+    tokens carried one) counts as generation 0."""
+    horizon = Horizon(generation=3, removed_through_seq=100, removed_before=0, removed_at=0)
+    assert fell_off(None, after_seq=5, generation=0, field="page_token") is None
+    assert fell_off(horizon, after_seq=5, generation=3, field="page_token") is None
+    assert fell_off(horizon, after_seq=100, generation=2, field="page_token") is None
+    refused = fell_off(horizon, after_seq=99, generation=2, field="resume_token")
+    assert refused is not None and refused.code == grpc.StatusCode.OUT_OF_RANGE
+    assert refused.field_violations[0][0] == "resume_token"
+    assert fell_off(horizon, after_seq=99, generation=0, field="page_token") is not None
