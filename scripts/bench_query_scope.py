@@ -1,7 +1,10 @@
 """What the schema scope of a filtered query costs (EventQueries.scope: the payload fields a
 filter may name, from the latest schema of each type in scope), per query, for a tenant with
-50 registered types of 10 properties each: one type named, and none named (all 50 in scope);
-and a whole filtered page (scope, filter check, page) beside it. Uses a schema of its own in
+50 registered types of 10 properties each: one type named, and none named (all 50 in scope),
+read as every query read it before the cache (a read-only transaction under the query
+settings, the join, a parse of each schema) and through the cache (services/storage/
+schema_scopes.py: the change log's head, then a dict); and a whole filtered page (scope,
+filter check, page) beside it. Uses a schema of its own in
 the local `test` database, dropped after. Prints wall and storage-process CPU per query.
 
     .venv/bin/python scripts/bench_query_scope.py
@@ -15,11 +18,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from storage_bench_schema import storage_bench_schema
 
+from services.storage.filters import FieldScope, payload_fields
 from services.storage.filters.check import check_filter
 from services.storage.filters.syntax import parse_filter
-from services.storage.queries import EventQueries, Selection
+from services.storage.queries import SESSION_SETTINGS, EventQueries, Selection
+from services.storage.schema_scopes import MAX_SCHEMAS, SCOPE_SQL
 
 TYPES = 50
 _SCHEMA = {
@@ -64,6 +70,15 @@ async def _time(name: str, call: Callable[[], Awaitable[object]], rounds: int) -
     print(f"{name}: {wall * 1e6:.0f} us wall, {cpu * 1e6:.0f} us storage CPU per query")
 
 
+async def uncached_scope(pool: asyncpg.Pool, tenant: str, types: list[str]) -> FieldScope:
+    """The scope as each query read it before the cache."""
+    async with pool.acquire() as conn, conn.transaction(isolation="read_committed", readonly=True):
+        await conn.fetch(SESSION_SETTINGS, "5000")
+        rows = await conn.fetch(SCOPE_SQL, tenant, types or None, MAX_SCHEMAS)
+    schemas = {row[0]: payload_fields(json.loads(row[1])) for row in rows}
+    return FieldScope(schemas, allow_undeclared=not types)
+
+
 async def main(rounds: int = 2000) -> None:
     async with storage_bench_schema("scope") as (_, pool):
         async with pool.acquire() as conn:
@@ -79,8 +94,11 @@ async def main(rounds: int = 2000) -> None:
             selection = Selection(tenant="acme", types=("t0",), predicate=predicate)
             await queries.page(selection, after_seq=0, limit=100)
 
-        await _time("scope, one type named", lambda: queries.scope("acme", ["t0"]), rounds)
-        await _time(f"scope, no type named ({TYPES})", lambda: queries.scope("acme", []), rounds)
+        for name, types in (("one type named", ["t0"]), (f"no type named ({TYPES})", [])):
+            await _time(
+                f"scope, {name}, uncached", lambda t=types: uncached_scope(pool, "acme", t), rounds
+            )
+            await _time(f"scope, {name}, cached", lambda t=types: queries.scope("acme", t), rounds)
         await _time("filtered page of 100 (scope + check + page)", filtered_page, rounds // 4)
 
 

@@ -35,7 +35,7 @@ import asyncpg
 from services.storage.filters import FieldScope, payload_fields
 from services.storage.store import outage_is_unavailable
 
-__all__ = ["MAX_SCHEMAS", "SchemaScopes"]
+__all__ = ["MAX_SCHEMAS", "SCOPE_SQL", "SchemaScopes"]
 
 MAX_SCHEMAS = 1000
 """Schemas loaded into one query's scope, at most (a tenant's types, the newest first)."""
@@ -45,7 +45,7 @@ _CHANGED_TENANTS = (
     " (SELECT tenant FROM schema_changes WHERE change_id > $1 AND change_id <= $2"
     "  ORDER BY change_id LIMIT $3) AS changed"
 )
-_SCOPE = (
+SCOPE_SQL = (
     "SELECT s.event_type, v.schema_text FROM schema_subjects s"
     " JOIN schema_versions v ON v.tenant = s.tenant AND v.event_type = s.event_type"
     " AND v.version = s.latest_version"
@@ -95,7 +95,7 @@ class SchemaScopes:
                 cached.move_to_end(key)
                 return cached[key]
             epoch = self._epoch
-            rows = await conn.fetch(_SCOPE, tenant, list(key) or None, MAX_SCHEMAS)
+            rows = await conn.fetch(SCOPE_SQL, tenant, list(key) or None, MAX_SCHEMAS)
         self.loads += 1
         schemas = {row[0]: payload_fields(json.loads(row[1])) for row in rows}
         undeclared = not key or any(name not in schemas for name in key)
