@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
-from sqlalchemy import text
+from storage_bench_schema import storage_bench_schema
 
 from services.storage.queries import EventQueries, Selection
-from services.storage.server import create_event_pool
-from streammesh.mesh.postgres import create_engine, load_migrations, migrate
 
-URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 _FILL = (
     "INSERT INTO events (tenant, id, key, type, event_time, payload, content_type, attributes,"
     " partition, ingest_time, producer) SELECT 'acme', 'e' || g, 'k' || (g % 100), 't', now(),"
@@ -26,11 +22,7 @@ _FILL = (
 
 
 async def main(rounds: int = 2000) -> None:
-    schema = f"bench_subscribe_{uuid.uuid4().hex[:6]}"
-    engine = create_engine(URL, schema=schema, application_name="bench-subscribe")
-    await migrate(engine, schema=schema, migrations=load_migrations("services.storage.migrations"))
-    pool = await create_event_pool(URL, schema=schema, application_name="bench-subscribe", size=2)
-    try:
+    async with storage_bench_schema("subscribe") as (_, pool):
         async with pool.acquire() as conn:
             await conn.execute(_FILL)
             await conn.execute("ANALYZE events")
@@ -48,11 +40,6 @@ async def main(rounds: int = 2000) -> None:
             wall = (time.perf_counter() - wall) / rounds
             cpu = (time.process_time() - cpu) / rounds
             print(f"{name}: idle round {wall * 1e3:.3f} ms wall, {cpu * 1e3:.3f} ms storage CPU")
-    finally:
-        await pool.close()
-        async with engine.begin() as conn:
-            await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        await engine.dispose()
 
 
 if __name__ == "__main__":

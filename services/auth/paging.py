@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from streammesh.mesh import paging
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "decode_token", "encode_token", "page_size"]
@@ -25,14 +26,9 @@ _MAX_TOKEN_CHARS = 1024
 
 
 def page_size(requested: int) -> int:
-    """1 to 500; 0 means 100."""
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    if not 1 <= requested <= MAX_PAGE_SIZE:
-        raise InvalidArgument(
-            "invalid page size", field_violations=[("page_size", f"1 to {MAX_PAGE_SIZE}, or 0")]
-        )
-    return requested
+    """0 means 100, above 500 is lowered to 500, negative is refused (AIP-158, the rule of
+    streammesh.mesh.paging)."""
+    return paging.page_size(requested, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
 
 
 def _fingerprint(scope: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.envelope import timestamp_in_range
 from streammesh.mesh.errors import InvalidArgument
+from streammesh.mesh.paging import page_size
 from streammesh.mesh.tenancy import DEFAULT_TENANT, canonical_tenant
 
 __all__ = [
@@ -128,11 +129,9 @@ def list_query(
     request: storage_pb2.ListDeadLettersRequest, tenant: str
 ) -> tuple[DeadLetterQuery, int]:
     """The filter (inside `tenant`, the caller's) and the page size of a listing."""
-    if not 0 <= request.page_size <= MAX_DEAD_LETTER_PAGE:
-        raise InvalidArgument(
-            f"page_size must be 0..{MAX_DEAD_LETTER_PAGE} (0 means {DEFAULT_DEAD_LETTER_PAGE})",
-            field_violations=[("page_size", f"{request.page_size} is out of range")],
-        )
+    size = page_size(
+        request.page_size, default=DEFAULT_DEAD_LETTER_PAGE, maximum=MAX_DEAD_LETTER_PAGE
+    )
     partition = request.partition if request.HasField("partition") else None
     if partition is not None and partition > MAX_PARTITION:
         raise InvalidArgument(
@@ -141,7 +140,7 @@ def list_query(
         )
     replayed = request.replayed if request.HasField("replayed") else None
     query = DeadLetterQuery(tenant=tenant, partition=partition, replayed=replayed)
-    return query, request.page_size or DEFAULT_DEAD_LETTER_PAGE
+    return query, size
 
 
 def replayed_by(request: storage_pb2.MarkDeadLetterReplayedRequest) -> str:

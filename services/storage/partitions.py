@@ -24,6 +24,10 @@ One pass (`maintain`) does, under a session advisory lock so that one replica at
   through `events`: a DELETE of a partition takes no lock on `events`, so pages are not held).
   A tenant's retention cannot be longer than the global one (dropping a partition removes every
   tenant's rows): the settings refuse it.
+
+Every removal raises the retention horizons of the tenants it removed events of, in the
+transaction that removes them (the DETACH's, each batch DELETE's): services.storage.retention,
+which refuses a token whose position the retention passed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+
+from services.storage.retention import record_removed_sql
 
 __all__ = [
     "DEFAULT_PARTITION",
@@ -131,20 +137,38 @@ async def range_partitions(conn: asyncpg.Connection) -> list[str]:
 
 
 async def _with_lock_retries(
-    conn: asyncpg.Connection, policy: PartitionPolicy, statement: str
+    conn: asyncpg.Connection, policy: PartitionPolicy, statement: str, *then: str
 ) -> bool:
-    """Run a DDL statement that needs a lock on `events`, waiting at most lock_timeout_ms each
-    try, so writers queued behind it wait no longer than that; False if every try timed out."""
+    """Run a DDL statement that needs a lock on `events` (and the statements `then`, in the
+    same transaction), waiting at most lock_timeout_ms each try, so writers queued behind it
+    wait no longer than that; False if every try timed out."""
     for attempt in range(policy.lock_attempts):
         try:
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = {int(policy.lock_timeout_ms)}")
                 await conn.execute(statement)
+                for following in then:
+                    await conn.execute(following)
             return True
         except asyncpg.LockNotAvailableError:
             await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
     log.warning("gave up for this pass, the lock was not free: %s", statement)
     return False
+
+
+def _detached_horizons(name: str, removed_before: datetime) -> str:
+    """The horizons of the tenants in the just-detached partition `name` (services.storage.
+    retention): each tenant's highest seq, found by a skip scan of its (tenant, seq) index,
+    a few index probes per tenant, so the DETACH's lock on `events` is held for no longer."""
+    return (
+        "WITH RECURSIVE tenants(tenant) AS ("  # noqa: S608 (our names)
+        f"(SELECT tenant FROM {name} ORDER BY tenant LIMIT 1) UNION ALL"
+        f" SELECT (SELECT t.tenant FROM {name} AS t WHERE t.tenant > tenants.tenant"
+        " ORDER BY t.tenant LIMIT 1) FROM tenants WHERE tenants.tenant IS NOT NULL),"
+        f" removed AS (SELECT tenants.tenant, (SELECT max(x.seq) FROM {name} AS x"
+        " WHERE x.tenant = tenants.tenant) AS seq FROM tenants WHERE tenants.tenant IS NOT NULL) "
+        + record_removed_sql("removed", f"'{removed_before.isoformat()}'::timestamptz")
+    )
 
 
 async def _create_ahead(
@@ -188,17 +212,28 @@ async def _create_ahead(
 
 
 async def _delete_batches(
-    conn: asyncpg.Connection, table: str, where: str, args: list[object], batch_rows: int
+    conn: asyncpg.Connection,
+    table: str,
+    where: str,
+    args: list[object],
+    batch_rows: int,
+    *,
+    removed_before: str | None,
 ) -> int:
     """Delete the rows of `table` (a partition, or a detached one) matching `where`, with their
     event_ids rows, `batch_rows` per statement (each its own transaction, so no long lock or
-    snapshot); how many were deleted."""
+    snapshot); how many were deleted. `removed_before` (the SQL of an ingest time), for rows
+    still in `events`: the same statement raises their tenants' retention horizons
+    (services.storage.retention), so no reader sees them gone without the horizon."""
+    horizon = ""
+    if removed_before is not None:
+        horizon = f", horizon AS ({record_removed_sql('gone', removed_before)})"
     statement = (
         f"WITH gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY("  # noqa: S608 (our names)
         f"SELECT ctid FROM {table} WHERE {where} LIMIT ${len(args) + 1}))"
         " RETURNING tenant, id, seq),"
         " freed AS (DELETE FROM event_ids AS e USING gone AS g"
-        " WHERE e.tenant = g.tenant AND e.id = g.id AND e.seq = g.seq)"
+        f" WHERE e.tenant = g.tenant AND e.id = g.id AND e.seq = g.seq){horizon}"
         " SELECT count(*) FROM gone"
     )
     total = 0
@@ -216,11 +251,13 @@ async def _drop_expired(
             partition = _Partition.read(row)
             if partition.upper is not None and partition.upper <= cutoff:
                 detach = f"ALTER TABLE events DETACH PARTITION {partition.name}"
-                if await _with_lock_retries(conn, policy, detach):
+                horizons = _detached_horizons(partition.name, partition.upper)
+                if await _with_lock_retries(conn, policy, detach, horizons):
                     log.info("detached %s (ends %s)", partition.name, partition.upper)
     # Every detached table, this pass's and any an earlier pass left: free its ids, drop it.
     for name in [row[0] for row in await conn.fetch(_DETACHED)]:
-        await _delete_batches(conn, name, "true", [], policy.batch_rows)
+        # Their horizons were raised with the DETACH: these rows left `events` then.
+        await _delete_batches(conn, name, "true", [], policy.batch_rows, removed_before=None)
         await conn.execute(f"DROP TABLE {name}")
         report.dropped.append(name)
     if policy.retention_days is not None:
@@ -231,6 +268,7 @@ async def _drop_expired(
             "ingest_time < $1::text::timestamptz",
             [cutoff.isoformat()],
             policy.batch_rows,
+            removed_before="$1::text::timestamptz",
         )
 
 
@@ -248,6 +286,7 @@ async def _tenant_retention(
                 "tenant = $1 AND ingest_time < $2::text::timestamptz",
                 [tenant, cutoff.isoformat()],
                 policy.batch_rows,
+                removed_before="$2::text::timestamptz",
             )
 
 

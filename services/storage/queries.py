@@ -19,7 +19,6 @@ commit, and why, is in `PAGING_GUARANTEE`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from services.storage.filters import EventColumns, FieldScope, payload_fields
+from services.storage.filters import EventColumns, FieldScope
 from services.storage.filters.check import (
     AllOf,
     AnyOf,
@@ -37,6 +36,8 @@ from services.storage.filters.check import (
     Predicate,
 )
 from services.storage.filters.sql import render_sql
+from services.storage.retention import GENERATION_SQL, fell_off, read_horizon
+from services.storage.schema_scopes import SchemaScopes
 from services.storage.store import StoredRow, outage_is_unavailable
 from services.storage.times import TimeBound
 from streammesh.mesh.errors import ResourceExhausted
@@ -160,11 +161,10 @@ def horizon_sql(table: Literal["events", "alerts", "window_results"]) -> str:
 # counts as -infinity: pages wait for it rather than guess. Run as its own statement, before
 # the page's: the page needs a snapshot taken after the locks were read (read committed).
 _HORIZON = horizon_sql("events")
-PAGE_SETTINGS = SESSION_SETTINGS + ", " + _HORIZON
-"""SESSION_SETTINGS for a page, and as its third column the paging horizon (a timestamptz): a
-row whose store_time is before it is settled."""
-_MAX_SCHEMAS = 1000
-"""Schemas loaded into one query's scope, at most (a tenant's types, the newest first)."""
+PAGE_SETTINGS = SESSION_SETTINGS + ", " + _HORIZON + ", " + GENERATION_SQL
+"""SESSION_SETTINGS for a page, as its third column the paging horizon (a timestamptz): a row
+whose store_time is before it is settled; as its fourth the retention horizon's generation of
+the tenant ($2), read before the page's rows (services.storage.retention)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +213,9 @@ class Page:
 
     rows: list[StoredRow]
     more: bool
+    generation: int = 0
+    """The tenant's retention generation read before the rows: the token of a later position
+    carries it (services.storage.retention)."""
 
 
 def settled_prefix(rows: Sequence[StoredRow], horizon: int, limit: int) -> Page:
@@ -342,6 +345,7 @@ class EventQueries:
         self._pool = pool
         self._bounds = bounds or QueryBounds()
         self._acquire_timeout = acquire_timeout
+        self._scopes = SchemaScopes(pool, acquire_timeout=acquire_timeout)
 
     @property
     def bounds(self) -> QueryBounds:
@@ -349,7 +353,7 @@ class EventQueries:
 
     @asynccontextmanager
     async def _reading(
-        self, operation: str, settings: str = SESSION_SETTINGS
+        self, operation: str, settings: str = SESSION_SETTINGS, *settings_args: object
     ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
         """A connection in a read-only transaction under the statement timeout, and the row
         `settings` returned; a cancelled statement is RESOURCE_EXHAUSTED (checked before the
@@ -363,7 +367,7 @@ class EventQueries:
                 async with conn.transaction(isolation="read_committed", readonly=True):
                     timeout = str(self._bounds.statement_timeout_ms)
                     # A SELECT of expressions only: exactly one row.
-                    yield conn, (await conn.fetch(settings, timeout))[0]
+                    yield conn, (await conn.fetch(settings, timeout, *settings_args))[0]
             except asyncpg.QueryCanceledError as error:
                 seconds = self._bounds.statement_timeout_ms / 1000
                 raise ResourceExhausted(
@@ -371,35 +375,43 @@ class EventQueries:
                 ) from error
 
     async def scope(self, tenant: str, types: Sequence[str]) -> FieldScope:
-        """The payload fields a filter may name: the latest schema of each of `types` (of every
-        type of the tenant when empty). Undeclared fields are allowed, typed by their literal,
-        when some type in scope may lack a schema: a named type without one, or no types named
-        (a tenant's events may have types it never registered)."""
-        statement = (
-            "SELECT s.event_type, v.schema_text FROM schema_subjects s"
-            " JOIN schema_versions v ON v.tenant = s.tenant AND v.event_type = s.event_type"
-            " AND v.version = s.latest_version"
-            " WHERE s.tenant = $1 AND ($2::text[] IS NULL OR s.event_type = ANY($2::text[]))"
-            " ORDER BY s.updated_at DESC LIMIT $3"
-        )
-        async with self._reading("query") as (conn, _):
-            rows = await conn.fetch(statement, tenant, list(types) or None, _MAX_SCHEMAS)
-        schemas = {row[0]: payload_fields(json.loads(row[1])) for row in rows}
-        undeclared = not types or any(name not in schemas for name in types)
-        return FieldScope(schemas, allow_undeclared=undeclared)
+        """The payload fields a filter may name (SchemaScopes.scope: cached on this replica,
+        fresh as of the registry's change log)."""
+        return await self._scopes.scope(tenant, types)
 
-    async def page(self, selection: Selection, *, after_seq: int, limit: int) -> Page:
+    async def page(
+        self,
+        selection: Selection,
+        *,
+        after_seq: int,
+        limit: int,
+        generation: int | None = None,
+        position_field: str = "page_token",
+    ) -> Page:
         """Up to `limit` settled matching events with seq > `after_seq`, in seq order, ending
-        before the first one not settled yet (PAGING_GUARANTEE)."""
+        before the first one not settled yet (PAGING_GUARANTEE). `generation`: the retention
+        generation of the token that continues at `after_seq` (None for no token); OUT_OF_RANGE
+        (naming `position_field`) when the retention removed events past it since."""
         # One row beyond the page tells whether more follow without a second query.
         sql, args = page_sql(selection, after_seq=after_seq, limit=limit + 1)
-        async with self._reading("query", PAGE_SETTINGS) as (conn, settings):
+        tenant = selection.tenant
+        async with self._reading("query", PAGE_SETTINGS, tenant) as (conn, settings):
             records = await conn.fetch(sql, *args)
-        return settled_prefix([StoredRow(*record) for record in records], settings[2], limit)
+            if generation is not None:
+                # After the rows: a removal they do not show anything of is seen here.
+                horizon = await read_horizon(conn, tenant)
+                refusal = fell_off(
+                    horizon, after_seq=after_seq, generation=generation, field=position_field
+                )
+                if refusal is not None:
+                    raise refusal
+        page = settled_prefix([StoredRow(*record) for record in records], settings[2], limit)
+        return Page(page.rows, page.more, int(settings[3]))
 
-    async def settled_end(self, tenant: str) -> int:
+    async def settled_end(self, tenant: str) -> tuple[int, int]:
         """A seq at or below which every event of `tenant` that will ever commit has committed
-        (the highest settled one; 0 for none): a tail from there misses nothing stored later."""
+        (the highest settled one; 0 for none): a tail from there misses nothing stored later;
+        and the tenant's retention generation read before it (as Page.generation)."""
         # A row stored before the horizon leaves no lower seq in flight (PAGING_GUARANTEE), so
         # the highest such row is an end; the backward scan of (tenant, seq) reads the few
         # rows stored since the horizon before it finds one.
@@ -407,9 +419,9 @@ class EventQueries:
             "SELECT e.seq FROM events e WHERE e.tenant = $1 AND e.store_time < $2::timestamptz"
             " ORDER BY e.seq DESC LIMIT 1"
         )
-        async with self._reading("query", PAGE_SETTINGS) as (conn, settings):
+        async with self._reading("query", PAGE_SETTINGS, tenant) as (conn, settings):
             found = await conn.fetchval(statement, tenant, settings[2])
-        return 0 if found is None else int(found)
+        return 0 if found is None else int(found), int(settings[3])
 
     def _too_many(self, what: str) -> ResourceExhausted:
         return ResourceExhausted(

@@ -30,6 +30,7 @@ from services.storage.rows import stored_event
 from services.storage.store import StoredRow
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
+from streammesh.mesh import paging
 from streammesh.mesh.errors import InvalidArgument
 from streammesh.mesh.paging import PageTokens, Principal, derive_page_token_key
 from streammesh.mesh.settings import read_secret_file
@@ -47,10 +48,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = paging.DEFAULT_PAGE_SIZE
 """Page size when the request leaves it 0."""
-MAX_PAGE_SIZE = 1000
-"""Largest page a client may ask for; larger is INVALID_ARGUMENT."""
+MAX_PAGE_SIZE = paging.MAX_PAGE_SIZE
+"""Largest page; a larger page_size is lowered to it (AIP-158), a negative one refused."""
 DEFAULT_MAX_GROUPS = 100
 """AggregateEvents groups when the request leaves max_groups 0."""
 MAX_GROUPS = 1000
@@ -119,15 +120,22 @@ class Cursor:
 
     after_seq: int
     """Events with a higher seq follow."""
+    generation: int | None
+    """The retention generation the token was issued under (services.storage.retention; 0
+    for a token from before it was carried); None without a token."""
     _tokens: PageTokens
     _scope: dict[str, object]
     _principal: Principal
     _clock: Callable[[], float]
 
-    def token(self, seq: int) -> str:
-        """The page (or resume) token that continues after `seq`."""
+    def token(self, seq: int, generation: int) -> str:
+        """The page (or resume) token that continues after `seq`, under the retention
+        `generation` read before the rows up to `seq` were."""
         return self._tokens.issue(
-            {"seq": seq}, scope=self._scope, principal=self._principal, now=self._clock()
+            {"seq": seq, "rg": generation},
+            scope=self._scope,
+            principal=self._principal,
+            now=self._clock(),
         )
 
 
@@ -214,12 +222,7 @@ class QueryApi:
     ) -> storage_pb2.QueryEventsResponse:
         """One page of matching events in seq order, up to the first one not settled yet
         (services.storage.queries.PAGING_GUARANTEE), and the token for the next page."""
-        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be 0..{MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})",
-                field_violations=[("page_size", f"{request.page_size} is out of range")],
-            )
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        page_size = paging.page_size(request.page_size)
         tenant = _tenant(request.tenant, context, self._trust_domain)
         principal = Principal(tenant, request.principal)
         selection, _ = await self._selection(tenant, request.filter, request.filter_expression)
@@ -227,13 +230,15 @@ class QueryApi:
             request.page_token, selection, request.filter_expression, principal
         )
         after_seq = position.after_seq
-        page = await self._queries.page(selection, after_seq=after_seq, limit=page_size)
+        page = await self._queries.page(
+            selection, after_seq=after_seq, limit=page_size, generation=position.generation
+        )
         response = storage_pb2.QueryEventsResponse()
         response.events.extend(self.render(page.rows))
         if page.more or len(page.rows) > len(response.events):
             # An empty page continues from where it started: its rows are not settled yet.
             last = response.events[-1].sequence if response.events else after_seq
-            response.next_page_token = position.token(last)
+            response.next_page_token = position.token(last, page.generation)
         return response
 
     async def resolve(
@@ -262,15 +267,15 @@ class QueryApi:
             end_time=selection.end_time,
         )
         opened = self._tokens.open(token, scope=scope, principal=principal, now=self._clock())
-        after_seq = 0
+        after_seq, generation = 0, None
         if opened is not None:
-            seq = opened.get("seq")
-            if type(seq) is not int or seq < 0:
+            seq, generation = opened.get("seq"), opened.get("rg", 0)
+            if type(seq) is not int or seq < 0 or type(generation) is not int or generation < 0:
                 raise InvalidArgument(
                     "invalid page_token", field_violations=[("page_token", "no position")]
                 )
             after_seq = seq
-        return Cursor(after_seq, self._tokens, scope, principal, self._clock)
+        return Cursor(after_seq, generation, self._tokens, scope, principal, self._clock)
 
     def render(self, rows: Sequence[StoredRow]) -> list[event_pb2.StoredEvent]:
         """The leading `rows` as messages, within the response budget (at least one row)."""

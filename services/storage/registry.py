@@ -24,6 +24,7 @@ from services.storage.schemas import (
 )
 from streammesh.api.common.v1 import schema_registry_pb2 as common
 from streammesh.envelope import EnvelopeLimits, text_problem
+from streammesh.mesh import paging
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = [
@@ -230,12 +231,8 @@ def changes_limit(value: int) -> int:
 
 
 def page_size(value: int) -> int:
-    if not 0 <= value <= _MAX_PAGE:
-        raise InvalidArgument(
-            f"page_size must be 0..{_MAX_PAGE} (0 means {_DEFAULT_PAGE})",
-            field_violations=[("page_size", f"{value} is out of range")],
-        )
-    return value or _DEFAULT_PAGE
+    """The page size of a registry or definitions listing (AIP-158, streammesh.mesh.paging)."""
+    return paging.page_size(value, default=_DEFAULT_PAGE, maximum=_MAX_PAGE)
 
 
 def _scope(*parts: str) -> str:

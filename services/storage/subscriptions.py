@@ -6,7 +6,9 @@ sends it with a resume token (a page token of the same query and principal, so a
 next_page_token resumes a subscription and the other way round), and, once nothing settled is
 left, sleeps `poll_seconds` before the next round. The guarantee that makes paging to the end
 return every committed event once makes the tail deliver every event once: a client that
-reconnects with the last resume token it received gets exactly the events after it.
+reconnects with the last resume token it received gets exactly the events after it, or
+OUT_OF_RANGE when the retention removed events after it (services.storage.retention; also in
+mid-tail, for a tail that fell that far behind).
 
 Why polling and not LISTEN/NOTIFY: storage may run as several replicas, so a wake-up must come
 from the database, and a NOTIFY on every insert (a trigger on `events`) takes a database-wide
@@ -191,15 +193,30 @@ class EventSubscriptions:
             raise resume_refusal(error) from None
         with self._admissions.admitted(principal):
             after = cursor.after_seq
+            # The retention generation of the position (services.storage.retention): the
+            # token's, then each round's; None until a position was handed out.
+            generation = cursor.generation
             if not request.resume_token and request.start_at_end:
-                after = await self._queries.settled_end(selection.tenant)
+                after, generation = await self._queries.settled_end(selection.tenant)
             batch = self._admissions.settings.batch_events
 
             async def read(after: int) -> Round[event_pb2.StoredEvent]:
-                page = await self._queries.page(selection, after_seq=after, limit=batch)
+                nonlocal generation
+                page = await self._queries.page(
+                    selection,
+                    after_seq=after,
+                    limit=batch,
+                    generation=generation,
+                    position_field="resume_token",
+                )
+                generation = page.generation
                 events = self._api.render(page.rows)
                 last = events[-1].sequence if events else after
                 return Round(events, last, page.more or len(events) < len(page.rows))
+
+            def token(seq: int) -> str:
+                # follow() asks for the token of a round right after reading it.
+                return cursor.token(seq, generation or 0)
 
             def message(
                 events: list[event_pb2.StoredEvent], token: str, current: bool
@@ -208,7 +225,5 @@ class EventSubscriptions:
                     events=events, resume_token=token, current=current
                 )
 
-            async for response in follow(
-                read, message, cursor.token, after, self._admissions.settings
-            ):
+            async for response in follow(read, message, token, after, self._admissions.settings):
                 yield response

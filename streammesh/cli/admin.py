@@ -20,6 +20,7 @@ from streammesh.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from streammesh.api.gateway.v1 import admin_pb2
 from streammesh.cli.accounts import read_password
 from streammesh.cli.output import print_reply
+from streammesh.cli.paging import page_size_option
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
@@ -97,7 +98,7 @@ COMMANDS: dict[str, AdminCommand] = {
         ),
         (
             (("--prefix",), {}),
-            (("--limit",), {"type": int, "default": 100}),
+            (("--limit",), {"type": page_size_option, "default": 100}),
             PAGE_TOKEN,
             TENANT_OPTION,
         ),
@@ -167,7 +168,7 @@ COMMANDS: dict[str, AdminCommand] = {
             (("--subject",), {}),
             (("--action",), {}),
             (("--outcome",), {"choices": ["success", "failure", "denied"]}),
-            (("--limit",), {"type": int, "default": 50}),
+            (("--limit",), {"type": page_size_option, "default": 50}),
             PAGE_TOKEN,
             (
                 ("--tenant",),
@@ -186,7 +187,7 @@ COMMANDS: dict[str, AdminCommand] = {
         (
             (("--partition",), {"type": int, "help": "only this partition"}),
             (("--pending",), {"action": "store_true", "help": "only those not yet replayed"}),
-            (("--limit",), {"type": int, "default": 50}),
+            (("--limit",), {"type": page_size_option, "default": 50}),
             PAGE_TOKEN,
         ),
     ),

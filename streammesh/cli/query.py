@@ -28,6 +28,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.output import print_reply
+from streammesh.cli.paging import page_size_option
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient, SettlingWait
@@ -163,7 +164,10 @@ def add_query_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     query = commands.add_parser("query", help="stored events of your tenant, filtered")
     add_selection_options(query)
     query.add_argument(
-        "--page-size", type=int, default=100, help="events a page, 1 to 1000 (default 100)"
+        "--page-size",
+        type=page_size_option,
+        default=100,
+        help="events a page (default 100); above 1000 is lowered to 1000",
     )
     query.add_argument(
         "--page-token", default="", help="continue after a page (its next_page_token)"

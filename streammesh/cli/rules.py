@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from streammesh.api.gateway.v1 import rules_pb2 as pb
 from streammesh.cli.output import print_reply
+from streammesh.cli.paging import page_size_option
 from streammesh.cli.schemas import SchemaFileError, read_schema
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
@@ -181,7 +182,12 @@ def _with_json(parser: argparse.ArgumentParser, handler: Handler) -> argparse.Ar
 
 
 def _paged(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=int, default=100, help="at most this many (up to 1000)")
+    parser.add_argument(
+        "--limit",
+        type=page_size_option,
+        default=100,
+        help="at most this many; above 1000 is lowered to 1000",
+    )
     parser.add_argument(
         "--page-token", default="", help="next_page_token of the previous page (see --json)"
     )

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from streammesh.api.common.v1 import schema_registry_pb2 as common
 from streammesh.api.gateway.v1 import schema_registry_pb2 as pb
 from streammesh.cli.output import print_reply
+from streammesh.cli.paging import page_size_option
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
@@ -182,7 +183,9 @@ def add_schema_commands(commands: argparse._SubParsersAction) -> None:  # type: 
 
     listing = command("list", "list event types, or the versions of one", cmd_list)
     listing.add_argument("type", nargs="?", help="list this type's versions")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument(
+        "--limit", type=page_size_option, default=100, help="a page; above 1000 is lowered to 1000"
+    )
     listing.add_argument(
         "--page-token", default="", help="next_page_token of the previous page (on stderr)"
     )

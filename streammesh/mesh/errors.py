@@ -22,6 +22,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "StreamMeshError",
@@ -94,6 +95,13 @@ class FailedPrecondition(StreamMeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OutOfRange(StreamMeshError):
+    """A position past what exists: a page or resume token whose events the retention removed
+    (the client starts again from a time instead)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class ResourceExhausted(StreamMeshError):
     """Back-pressure or a size limit; `retry_after_seconds` hints when to retry."""
 
@@ -138,6 +146,7 @@ _BY_CODE: dict[grpc.StatusCode, type[StreamMeshError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        OutOfRange,
         ResourceExhausted,
         OutOfRange,
         Aborted,

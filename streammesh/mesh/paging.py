@@ -46,7 +46,8 @@ __all__ = [
 DEFAULT_PAGE_SIZE = 100
 """page_size 0 (unset) means this."""
 MAX_PAGE_SIZE = 1000
-"""A larger page_size is lowered to this (AIP-158: coerce, do not refuse)."""
+"""A larger page_size is lowered to this (AIP-158: coerce, do not refuse); every listing
+of every service applies `page_size`, with its own default and maximum where it has them."""
 MAX_TOKEN_CHARS = 1024
 """Longer tokens are refused before decoding."""
 

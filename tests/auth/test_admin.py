@@ -269,8 +269,10 @@ async def test_list_users_pages_by_username(stub: Stub, deps: AuthDependencies) 
         "page_token"
     }
     assert violated_fields(
-        await failure(stub.ListUsers(auth_pb2.ListUsersRequest(page_size=501), metadata=ADMIN))
+        await failure(stub.ListUsers(auth_pb2.ListUsersRequest(page_size=-1), metadata=ADMIN))
     ) == {"page_size"}
+    # AIP-158: above the maximum (500) is lowered to it, not refused.
+    await stub.ListUsers(auth_pb2.ListUsersRequest(page_size=501), metadata=ADMIN)
     wildcard = auth_pb2.ListUsersRequest(username_prefix="%")
     assert violated_fields(await failure(stub.ListUsers(wildcard, metadata=ADMIN))) == {
         "username_prefix"

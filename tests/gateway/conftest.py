@@ -115,6 +115,8 @@ class Stack:
     """Ingest's schema cache (following storage's change log)."""
     jwks_http_port: int | None = None
     """The HTTPS JWKS listener's port, when the module's GATEWAY_SETTINGS turn it on."""
+    storage_schema: str = ""
+    """Storage's Postgres schema (for tests that run storage's maintenance on it)."""
 
     @property
     def admin_person(self) -> Person:
@@ -377,6 +379,7 @@ async def stack(
             storage_server=storage,
             schemas=schemas,
             jwks_http_port=gateway.jwks_http.port if gateway.jwks_http else None,
+            storage_schema=storage_schema,
         )
         logins = [
             enrol_and_login(built, f"gw-{name.replace('+', '-')}-{run[:6]}", roles)

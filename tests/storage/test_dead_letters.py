@@ -122,11 +122,14 @@ async def test_pages_are_newest_first_with_partition_and_replay_filters(
     for bad in (
         storage_pb2.ListDeadLettersRequest(page_token=first.next_page_token, partition=1),
         storage_pb2.ListDeadLettersRequest(page_token="not-a-token"),
-        storage_pb2.ListDeadLettersRequest(page_size=501),
+        storage_pb2.ListDeadLettersRequest(page_size=-1),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gateway.ListDeadLetters(bad, timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # AIP-158: above the maximum (500) is lowered to it, not refused.
+    every = await gateway.ListDeadLetters(storage_pb2.ListDeadLettersRequest(page_size=501))
+    assert len(every.dead_letters) == len(stored) and not every.next_page_token
 
 
 async def test_get_returns_events_or_raw_fields(processor: Stub, gateway: Stub) -> None:

@@ -152,6 +152,11 @@ async def _register_schema(
             ),
             {"t": tenant, "e": event_type, "s": json.dumps(schema), "f": uuid.uuid4().hex},
         )
+        # The change log entry, which storage's scope cache follows (as the registry writes it).
+        await conn.execute(
+            text("INSERT INTO schema_changes (tenant, event_type) VALUES (:t, :e)"),
+            {"t": tenant, "e": event_type},
+        )
 
 
 @pytest.mark.usefixtures("stored")
