@@ -17,6 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 __all__ = [
     "ERROR_DOMAIN",
     "STATUS_DETAILS_KEY",
+    "Aborted",
     "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -28,6 +29,7 @@ __all__ = [
     "StreamMeshError",
     "Unauthenticated",
     "Unavailable",
+    "UpstreamFailed",
     "from_rpc_error",
     "from_status",
     "from_status_proto",
@@ -114,12 +116,6 @@ class Unavailable(StreamMeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class OutOfRange(StreamMeshError):
-    """A position (page or resume token, offset) outside what is kept: start anew from a time."""
-
-    code = grpc.StatusCode.OUT_OF_RANGE
-
-
 class Aborted(StreamMeshError):
     """A concurrency conflict the caller resolves at a higher level (re-read, then retry)."""
 
@@ -148,7 +144,6 @@ _BY_CODE: dict[grpc.StatusCode, type[StreamMeshError]] = {
         FailedPrecondition,
         OutOfRange,
         ResourceExhausted,
-        OutOfRange,
         Aborted,
         Unavailable,
         DeadlineExceeded,
