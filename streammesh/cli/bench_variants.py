@@ -6,16 +6,17 @@ After the base phases, on the stack as it is (metrics on, tracing off):
   (bench_legacy): Postgres backend CPU per event and rows/s before and after tenants, day
   partitions and `event_ids`;
 - a reference closed loop with the base settings and payloads, --variant-duration long, which
-  every variant's rate is compared with (same length, so the same catch-up tail);
+  the validation loops are compared with (same length, so the same catch-up tail);
 - `validation`: a closed loop of ~100-byte JSON order payloads whose type has no schema
   (validation off), then the same payloads under a type a schema-admin user registered a
   5-property Draft 2020-12 schema for through the gateway (validation on): the difference in
   ingest's CPU per event is what validating costs;
-then each of these on the stack restarted with other settings (bench_setup's lifecycle, the
-run's data kept), warmed up again for --warmup seconds:
+then each of these with the event path's services (gateway, ingest, processor, storage)
+restarted (bench_setup's lifecycle, the run's data kept) and warmed up again for --warmup
+seconds, first with the base settings (the reference of the others), then with:
 - `metrics`: metrics off (`STREAMMESH_<SERVICE>_METRICS_ENABLED=false`: no gRPC metrics layer,
   no /metrics listener);
-- `tracing`: every service traced with the `file` exporter (JSON lines under the bench's state
+- `tracing`: each of them traced with the `file` exporter (JSON lines under the bench's state
   folder, deleted afterwards) at 1%, then at 100% sampling.
 The stack is left running with the last settings; the bench's teardown stops it.
 """
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,6 @@ from streammesh.cli.bench_setup import keep_fresh, login, stack_limits
 from streammesh.cli.bench_variants_report import variant_costs
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import (
-    START_ORDER,
     StackConfig,
     StartError,
     bring_up,
@@ -81,6 +82,10 @@ ORDER_SCHEMA: dict[str, Any] = {
 ORDER_PAYLOAD_BYTES = 100
 SCHEMA_ADMIN_ROLES = ("schema-admin",)
 TRACE_RATIOS = (0.01, 1.0)
+RESTARTED = MEASURED
+"""The services a variant restarts with its settings: the event path (gateway, ingest,
+processor, storage; auth keeps running). Their drain delay is 0 there: nothing watches their
+health, and each stop of the next restart is a second shorter per service."""
 SPAN_FLUSH_WAIT = 10.0
 """Seconds to wait for a traced stack's first spans (the SDK's batch exporter waits 5 s)."""
 
@@ -143,10 +148,10 @@ async def _register_schema(bench: StackConfig, user: str, event_type: str) -> in
 
 
 def _every_service(settings: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """`settings` (names without the STREAMMESH_<SERVICE>_ prefix) for every service."""
+    """`settings` (names without the STREAMMESH_<SERVICE>_ prefix) for every restarted service."""
     return {
         name: {f"STREAMMESH_{name.upper()}_{key}": value for key, value in settings.items()}
-        for name in START_ORDER
+        for name in RESTARTED
     }
 
 
@@ -162,10 +167,14 @@ def _tracing_env(spans: Path, ratio: float) -> dict[str, dict[str, str]]:
 async def _restart(
     bench: StackConfig, args: argparse.Namespace, env: Mapping[str, Mapping[str, str]]
 ) -> None:
-    """The bench stack stopped and brought up again with `env` over its limits (data kept)."""
-    shut_down(bench)
+    """The RESTARTED services stopped and brought up again with `env` over the bench's limits
+    (data kept; auth, off the event path, keeps running)."""
+    shut_down(bench, names=RESTARTED)
     limits = stack_limits(args)
-    merged = {name: {**limits.get(name, {}), **env.get(name, {})} for name in START_ORDER}
+    quick = _every_service({"DRAIN_DELAY_SECONDS": "0"})
+    merged = {
+        name: {**limits.get(name, {}), **quick[name], **env.get(name, {})} for name in RESTARTED
+    }
     await bring_up(bench, timeout=90, extra_env=merged)
 
 
@@ -181,7 +190,7 @@ async def _spans(spans: Path, ratio: float) -> dict[str, int]:
     spans too."""
 
     def counts() -> dict[str, int]:
-        files = {name: spans / f"{name}-{ratio:g}.jsonl" for name in START_ORDER}
+        files = {name: spans / f"{name}-{ratio:g}.jsonl" for name in RESTARTED}
         return {
             name: len(path.read_bytes().splitlines()) if path.exists() else 0
             for name, path in files.items()
@@ -228,6 +237,10 @@ async def run_variants(
                     s, "vvalid", "vv", _order_batches(s, "vvalid", "vv"), seconds
                 ))  # fmt: skip
         restarts: list[tuple[str, str, dict[str, dict[str, str]], float | None]] = []
+        if chosen & {"metrics", "tracing"}:
+            # A restarted stack is compared with a restarted stack: fresh processes, pools
+            # and Postgres backends, warmed up alike.
+            restarts.append(("base_restarted", "vr", {}, None))
         if "metrics" in chosen:
             off = _every_service({"METRICS_ENABLED": "false"})
             restarts.append(("metrics_off", "vm", off, None))
@@ -239,11 +252,15 @@ async def run_variants(
         for key, tag, env, ratio in restarts:
             print(f"restarting the bench stack for {key.replace('_', ' ')}", flush=True)
             spans.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
             await _restart(bench, args, env)
+            restarted = time.perf_counter() - started
+            print(f"  restarted in {restarted:.1f}s", flush=True)
             async with _session(bench, args, run, f"{run}-{tag}") as s:
                 if args.warmup > 0:
                     await warm_up(s, tag=f"w{tag}")
                 loops[key] = await closed_phase(s, key.replace("_", ""), tag, duration=seconds)
+            loops[key]["restart_s"] = restarted
             if ratio is not None:
                 loops[key]["spans_written"] = await _spans(spans, ratio)
     except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,

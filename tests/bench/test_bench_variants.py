@@ -20,7 +20,10 @@ from streammesh.cli.bench_variants import ORDER_SCHEMA, VARIANTS, order_payload
 from streammesh.cli.bench_variants_report import render_variants, variant_costs
 from tests.bench.configs import bench_test_config
 
-LOOPS = ("base", "json", "validation", "metrics_off", "tracing_1pct", "tracing_100pct")
+LOOPS = (
+    *("base", "json", "validation"),
+    *("base_restarted", "metrics_off", "tracing_1pct", "tracing_100pct"),
+)
 COSTS = (
     "validation_us_per_event",
     "metrics_cost",
@@ -93,6 +96,15 @@ def test_costs_are_shares_of_the_rate_and_cpu_differences() -> None:
     assert "validation: 2.00 us/event in ingest" in text
     assert "metrics cost: 2.0% of the stored rate" in text
     assert "tracing 1% (file) cost: 2.0% of the stored rate" in text
+
+    # With a reference run on the restarted stack, the restarted variants are compared with it.
+    loops["base_restarted"] = _loop(49_000, 5.0, 30.2)
+    costs = variant_costs(variants, raw)
+    assert costs["metrics_cost"] == pytest.approx(1 - 49 / 51)
+    assert costs["tracing_1pct_cost"] == pytest.approx(0.0)
+    assert costs["tracing_1pct_machine_us_per_event"] == pytest.approx(0.2)
+    assert loops["json"]["over_reference"] == pytest.approx(1.04)  # still the first stack's
+    assert loops["metrics_off"]["over_reference"] == pytest.approx(51 / 49)
     assert [
         line.split()[-3:]
         for line in text.splitlines()
