@@ -84,8 +84,7 @@ SCHEMA_ADMIN_ROLES = ("schema-admin",)
 TRACE_RATIOS = (0.01, 1.0)
 RESTARTED = MEASURED
 """The services a variant restarts with its settings: the event path (gateway, ingest,
-processor, storage; auth keeps running). Their drain delay is 0 there: nothing watches their
-health, and each stop of the next restart is a second shorter per service."""
+processor, storage); auth keeps running."""
 SPAN_FLUSH_WAIT = 10.0
 """Seconds to wait for a traced stack's first spans (the SDK's batch exporter waits 5 s)."""
 
@@ -156,6 +155,8 @@ def _every_service(settings: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 
 def _tracing_env(spans: Path, ratio: float) -> dict[str, dict[str, str]]:
+    """The file exporter at `ratio`, a file per service in `spans` (made here)."""
+    spans.mkdir(parents=True, exist_ok=True)
     env = _every_service({"TRACING_EXPORTER": "file", "TRACING_SAMPLE_RATIO": f"{ratio:g}"})
     for name, variables in env.items():
         variables[f"STREAMMESH_{name.upper()}_TRACING_FILE"] = str(
@@ -171,10 +172,7 @@ async def _restart(
     (data kept; auth, off the event path, keeps running)."""
     shut_down(bench, names=RESTARTED)
     limits = stack_limits(args)
-    quick = _every_service({"DRAIN_DELAY_SECONDS": "0"})
-    merged = {
-        name: {**limits.get(name, {}), **quick[name], **env.get(name, {})} for name in RESTARTED
-    }
+    merged = {name: {**limits.get(name, {}), **env.get(name, {})} for name in RESTARTED}
     await bring_up(bench, timeout=90, extra_env=merged)
 
 
@@ -204,65 +202,87 @@ async def _spans(spans: Path, ratio: float) -> dict[str, int]:
     return counts()
 
 
+def _restart_plan(
+    chosen: set[str], spans: Path
+) -> list[tuple[str, str, dict[str, dict[str, str]], float | None]]:
+    """(loop name, id tag, environment, trace ratio) of each restarted loop, in order."""
+    plan: list[tuple[str, str, dict[str, dict[str, str]], float | None]] = []
+    if chosen & {"metrics", "tracing"}:
+        # A restarted stack is compared with a restarted stack: fresh processes, pools and
+        # Postgres backends, warmed up alike.
+        plan.append(("base_restarted", "vr", {}, None))
+    if "metrics" in chosen:
+        plan.append(("metrics_off", "vm", _every_service({"METRICS_ENABLED": "false"}), None))
+    if "tracing" in chosen:
+        for share in TRACE_RATIOS:
+            percent = f"{share * 100:g}"
+            plan.append(
+                (f"tracing_{percent}pct", f"vt{percent}", _tracing_env(spans, share), share)
+            )
+    return plan
+
+
+async def _on_the_base_stack(
+    bench: StackConfig, args: argparse.Namespace, run: str, events: int, out: dict[str, Any]
+) -> None:
+    """The legacy raw path (`events` of them), the reference loop and the validation loops,
+    on the stack as the base phases left it."""
+    chosen, loops, seconds = set(args.variants), out["loops"], args.variant_duration
+    async with _session(bench, args, run, f"{run}-variants") as s:
+        if "legacy" in chosen:
+            legacy = await raw_phase(s, events, legacy_table(), phase="legacy", tag="l")
+            legacy["method"] = "the raw path's, into the pre-issue-9 table (bench_legacy)"
+            out["legacy"] = legacy
+        if chosen - {"legacy"}:
+            loops["base"] = await closed_phase(s, "vbase", "vb", duration=seconds)
+        if "validation" in chosen:
+            loops["json"] = _checked(await closed_phase(
+                s, "vjson", "vj", _order_batches(s, "vjson", "vj"), seconds
+            ))  # fmt: skip
+            validated = f"bench.{run}.vvalid"
+            out["schema_version"] = await _register_schema(bench, f"{run}-schemas", validated)
+            loops["validation"] = _checked(await closed_phase(
+                s, "vvalid", "vv", _order_batches(s, "vvalid", "vv"), seconds
+            ))  # fmt: skip
+
+
+async def _restarted(
+    bench: StackConfig, args: argparse.Namespace, run: str, spans: Path, out: dict[str, Any]
+) -> None:
+    """Each loop of `_restart_plan` on the event path restarted with its settings."""
+    for key, tag, env, ratio in _restart_plan(set(args.variants), spans):
+        print(f"restarting the bench stack for {key.replace('_', ' ')}", flush=True)
+        started = time.perf_counter()
+        await _restart(bench, args, env)
+        restarted = time.perf_counter() - started
+        print(f"  restarted in {restarted:.1f}s", flush=True)
+        async with _session(bench, args, run, f"{run}-{tag}") as s:
+            if args.warmup > 0:
+                await warm_up(s, tag=f"w{tag}")
+            loop = await closed_phase(s, key.replace("_", ""), tag, duration=args.variant_duration)
+        loop["restart_s"] = restarted
+        if ratio is not None:
+            loop["spans_written"] = await _spans(spans, ratio)
+        out["loops"][key] = loop
+
+
 async def run_variants(
     bench: StackConfig, args: argparse.Namespace, run: str, raw: Mapping[str, Any]
 ) -> dict[str, Any] | None:
     """The variants of --variants (None when none), after the base phases, on the running
     stack; `raw` is the base raw path's section (its event count is the legacy run's)."""
-    chosen = set(args.variants)
-    if not chosen:
+    if not args.variants:
         return None
-    seconds = args.variant_duration
-    loops: dict[str, dict[str, Any]] = {}
-    out: dict[str, Any] = {"duration_s": seconds, "variants": sorted(chosen), "loops": loops}
+    out: dict[str, Any] = {
+        "duration_s": args.variant_duration,
+        "variants": sorted(args.variants),
+        "loops": {},
+    }
     spans = bench.state_dir / "spans"
     shutil.rmtree(spans, ignore_errors=True)
     try:
-        async with _session(bench, args, run, f"{run}-variants") as s:
-            if "legacy" in chosen:
-                legacy = await raw_phase(s, raw["events"], legacy_table(), phase="legacy", tag="l")
-                legacy["method"] = "the raw path's, into the pre-issue-9 table (bench_legacy)"
-                out["legacy"] = legacy
-            if chosen - {"legacy"}:
-                loops["base"] = await closed_phase(s, "vbase", "vb", duration=seconds)
-            if "validation" in chosen:
-                loops["json"] = _checked(await closed_phase(
-                    s, "vjson", "vj", _order_batches(s, "vjson", "vj"), seconds
-                ))  # fmt: skip
-                checked_type = f"bench.{run}.vvalid"
-                out["schema_version"] = await _register_schema(
-                    bench, f"{run}-schemas", checked_type
-                )
-                loops["validation"] = _checked(await closed_phase(
-                    s, "vvalid", "vv", _order_batches(s, "vvalid", "vv"), seconds
-                ))  # fmt: skip
-        restarts: list[tuple[str, str, dict[str, dict[str, str]], float | None]] = []
-        if chosen & {"metrics", "tracing"}:
-            # A restarted stack is compared with a restarted stack: fresh processes, pools
-            # and Postgres backends, warmed up alike.
-            restarts.append(("base_restarted", "vr", {}, None))
-        if "metrics" in chosen:
-            off = _every_service({"METRICS_ENABLED": "false"})
-            restarts.append(("metrics_off", "vm", off, None))
-        if "tracing" in chosen:
-            for share in TRACE_RATIOS:
-                percent = f"{share * 100:g}"
-                restarts.append((f"tracing_{percent}pct", f"vt{percent}",
-                                 _tracing_env(spans, share), share))  # fmt: skip
-        for key, tag, env, ratio in restarts:
-            print(f"restarting the bench stack for {key.replace('_', ' ')}", flush=True)
-            spans.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            await _restart(bench, args, env)
-            restarted = time.perf_counter() - started
-            print(f"  restarted in {restarted:.1f}s", flush=True)
-            async with _session(bench, args, run, f"{run}-{tag}") as s:
-                if args.warmup > 0:
-                    await warm_up(s, tag=f"w{tag}")
-                loops[key] = await closed_phase(s, key.replace("_", ""), tag, duration=seconds)
-            loops[key]["restart_s"] = restarted
-            if ratio is not None:
-                loops[key]["spans_written"] = await _spans(spans, ratio)
+        await _on_the_base_stack(bench, args, run, raw["events"], out)
+        await _restarted(bench, args, run, spans, out)
     except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,
             asyncpg.PostgresError) as error:  # fmt: skip
         # The base figures still stand: report what the variants measured and why they stopped.

@@ -27,10 +27,12 @@ LOOPS = (
 COSTS = (
     "validation_us_per_event",
     "metrics_cost",
-    "metrics_machine_us_per_event",
+    "metrics_path_us_per_event",
+    "metrics_path_share",
     "tracing_1pct_cost",
     "tracing_100pct_cost",
-    "tracing_1pct_machine_us_per_event",
+    "tracing_1pct_path_us_per_event",
+    "tracing_100pct_path_share",
     "mesh_over_raw_validation",
     "mesh_over_legacy_raw_validation",
 )
@@ -61,8 +63,14 @@ def test_variants_flag_takes_names_all_or_none() -> None:
         parser.parse_args(["bench", "--variants", "tracing,speed"])
 
 
-def _loop(stored_eps: float, ingest: float, machine: float) -> dict[str, Any]:
-    return {"stored_eps": stored_eps, "cpu_us_per_event": {"ingest": ingest, "machine": machine}}
+def _loop(stored_eps: float, ingest: float, path: float) -> dict[str, Any]:
+    """A loop whose event path costs `path` us/event: ingest's, the rest in storage's backends."""
+    cpu = dict.fromkeys(("gateway", "processor", "storage", "redis"), 0.0)
+    return {
+        "stored_eps": stored_eps,
+        "cpu_us_per_event": cpu | {"ingest": ingest, "machine": path + 40.0},
+        "storage_backends_cpu_us_per_event": path - ingest,
+    }
 
 
 def test_costs_are_shares_of_the_rate_and_cpu_differences() -> None:
@@ -79,7 +87,8 @@ def test_costs_are_shares_of_the_rate_and_cpu_differences() -> None:
     costs = variant_costs(variants, raw)
     assert costs["validation_us_per_event"] == pytest.approx(2.0)
     assert costs["metrics_cost"] == pytest.approx(1 - 50 / 51)
-    assert costs["metrics_machine_us_per_event"] == pytest.approx(0.5)
+    assert costs["metrics_path_us_per_event"] == pytest.approx(0.5)
+    assert costs["metrics_path_share"] == pytest.approx(0.5 / 30)
     assert costs["tracing_1pct_cost"] == pytest.approx(0.02)
     assert costs["tracing_100pct_cost"] is None  # not run
     assert costs["mesh_over_raw_validation"] == pytest.approx(0.6)
@@ -102,7 +111,7 @@ def test_costs_are_shares_of_the_rate_and_cpu_differences() -> None:
     costs = variant_costs(variants, raw)
     assert costs["metrics_cost"] == pytest.approx(1 - 49 / 51)
     assert costs["tracing_1pct_cost"] == pytest.approx(0.0)
-    assert costs["tracing_1pct_machine_us_per_event"] == pytest.approx(0.2)
+    assert costs["tracing_1pct_path_us_per_event"] == pytest.approx(0.2)
     assert loops["json"]["over_reference"] == pytest.approx(1.04)  # still the first stack's
     assert loops["metrics_off"]["over_reference"] == pytest.approx(51 / 49)
     assert [
@@ -124,7 +133,7 @@ async def test_tiny_run_of_every_variant_reports_its_figures_and_stores_every_ev
     out = tmp_path / "bench.json"
     args = parser.parse_args(
         [
-            *("bench", "--rate", "500", "--warmup", "0.5", "--duration", "0.5"),
+            *("bench", "--rate", "500", "--warmup", "0", "--duration", "0.5"),
             *("--closed-duration", "1", "--variant-duration", "1"),
             *("--closed-batch-size", "200", "--raw-events", "2000", "--json", str(out)),
         ]
