@@ -66,6 +66,8 @@ from streammesh.cli.bench_soak import (
     soak_problems,
     soak_rate,
 )
+from streammesh.cli.bench_variants import add_variant_arguments, run_variants
+from streammesh.cli.bench_variants_report import render_variants, variant_problems
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import (
     START_ORDER,
@@ -185,6 +187,7 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
             await bring_up(bench, timeout=90, extra_env=stack_limits(args))
             baseline = await redis_baseline(bench)
             results = await _phases(bench, args, run)
+            results["variants"] = await run_variants(bench, args, run, results["raw"])
             results["redis_baseline_bytes"] = baseline
         except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,
                 asyncpg.PostgresError) as error:  # fmt: skip
@@ -251,10 +254,13 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(finite(report), indent=2) + "\n")
     print("\n".join(render(report)))
+    if report["variants"] is not None:
+        print("\n".join(render_variants(report["variants"], report["raw"])))
     if report["soak"] is not None:
         print("\n".join(render_soak(report["soak"], report["resources"]["soak"])))
     print(f"results: {path}")
     problems = [] if report["soak"] is None else soak_problems(report["soak"])
+    problems += variant_problems(report["variants"])
     return correctness(report, problems)
 
 
@@ -328,4 +334,5 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
                        "at most (default 100000, as ingest's default)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
+    add_variant_arguments(bench)
     bench.set_defaults(handler=cmd_bench)

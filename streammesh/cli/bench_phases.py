@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from streammesh.api.common.v1 import event_pb2
 from streammesh.cli import bench_load as load
 from streammesh.cli.bench_backends import backend_cpu_between, backend_pids_of, backends_cpu
-from streammesh.cli.bench_raw import MAX_GROUP_EVENTS, RawPath, raw_batches
+from streammesh.cli.bench_raw import MAX_GROUP_EVENTS, RawPath, RawTable, raw_batches
 from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
@@ -150,12 +150,13 @@ class Session:
         return int(await self.redis.xlen(f"{self.bench.stream_prefix}:dead"))
 
 
-async def warm_up(s: Session) -> None:
+async def warm_up(s: Session, tag: str = "w") -> None:
     """The open loop's load for --warmup seconds, not measured: pools grow, caches fill, the
-    processor takes its partitions, so the figures describe the steady state, not start-up."""
+    processor takes its partitions, so the figures describe the steady state, not start-up.
+    `tag`: the ids' own, one per warm-up of a run (a restarted stack warms up again)."""
     rate = s.args.rate[0]
     print(f"warm-up: {s.args.warmup:g}s at {rate:,.0f} events/s", flush=True)
-    templates = load.request_templates(s.events("warmup", "w", s.args.batch_size))
+    templates = load.request_templates(s.events("warmup", tag, s.args.batch_size))
     await load.open_loop(
         s.publish, s.metadata, templates, rate=rate, duration=s.args.warmup,
         drain_timeout=DRAIN_TIMEOUT,
@@ -201,19 +202,29 @@ async def open_phase(s: Session, rate: float, index: int) -> dict[str, Any]:
     }
 
 
-async def closed_phase(s: Session) -> dict[str, Any]:
+async def closed_phase(
+    s: Session,
+    phase: str = "closed",
+    tag: str = "c",
+    batches: list[list[event_pb2.Event]] | None = None,
+    duration: float | None = None,
+) -> dict[str, Any]:
+    """The closed loop over `batches` (default `s.events(phase, tag, ...)`: their type must be
+    `bench.<run>.<phase>`, their ids unique to the phase) for `duration` (--closed-duration)."""
     args = s.args
-    print(f"closed loop: {args.streams} streams x {args.window} batches of "
-          f"{args.closed_batch_size} in flight, {args.closed_duration:g}s", flush=True)  # fmt: skip
-    templates = load.request_templates(s.events("closed", "c", args.closed_batch_size))
+    seconds = args.closed_duration if duration is None else duration
+    print(f"closed loop{'' if phase == 'closed' else ' ' + phase}: {args.streams} streams x "
+          f"{args.window} batches of {args.closed_batch_size} in flight, {seconds:g}s",
+          flush=True)  # fmt: skip
+    templates = load.request_templates(batches or s.events(phase, tag, args.closed_batch_size))
     storage_pid = s.pids.get("storage")
     backends_before = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
     before = await load.sample_cpu(s.pids, s.redis)
     cl = await load.closed_loop(
         s.publish, s.metadata, templates, streams=args.streams, window=args.window,
-        duration=args.closed_duration, drain_timeout=DRAIN_TIMEOUT,
+        duration=seconds, drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
-    drained, stored, after = await s.caught_up("closed")
+    drained, stored, after = await s.caught_up(phase)
     backends_after = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
     backends_seconds = backend_cpu_between(backends_before, backends_after)
     print(f"  {cl.acked:,} acknowledged, {stored:,} stored", flush=True)
@@ -243,18 +254,24 @@ async def closed_phase(s: Session) -> dict[str, Any]:
     }
 
 
-async def raw_phase(s: Session, events: int) -> dict[str, Any]:
+async def raw_phase(
+    s: Session, events: int, table: RawTable | None = None, phase: str = "raw", tag: str = "r"
+) -> dict[str, Any]:
+    """The raw path into `table` (default storage's own), in the bench's `raw` schema (made
+    afresh each time) and streams."""
     size = s.args.closed_batch_size
     batches = math.ceil(max(events, size) / size)
     layout = StreamLayout(f"{s.bench.stream_prefix}:raw", s.bench.partitions)
-    print(f"raw path: {batches * size:,} events, packing every command first", flush=True)
-    made = raw_batches(s.events("raw", "r", size), batches, producer=str(uuid.uuid4()))
+    print(f"raw path{'' if phase == 'raw' else ' ' + phase}: {batches * size:,} events, "
+          "packing every command first", flush=True)  # fmt: skip
+    made = raw_batches(s.events(phase, tag, size), batches, producer=str(uuid.uuid4()))
     raw_path = await RawPath.prepare(
         redis_url=s.bench.redis_url,
         database_url=s.bench.database_url,
         schema=f"{s.bench.db_schema_prefix}raw",
         layout=layout,
         batches=made,
+        table=table,
     )
     try:
         before = await load.sample_cpu(s.pids, s.redis)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from services.storage.sql import (
+    INSERT_BATCH,
     INSERT_BATCH_JOINED,
     PG_EPOCH_SECONDS,
     RECORD_CONFLICTS,
@@ -48,7 +49,15 @@ from streammesh.mesh.postgres import checked_identifier
 from streammesh.mesh.tenancy import DEFAULT_TENANT
 from streammesh.streams import StreamLayout
 
-__all__ = ["MAX_GROUP_EVENTS", "RawPath", "RawResult", "RedisWire", "raw_batches"]
+__all__ = [
+    "MAX_GROUP_EVENTS",
+    "RawPath",
+    "RawResult",
+    "RawTable",
+    "RedisWire",
+    "raw_batches",
+    "storage_table",
+]
 
 _pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
 """hiredis.pack_command (its stub types the argument as a 1-tuple)."""
@@ -61,6 +70,30 @@ PIPELINE_BATCHES = 16
 """Publish batches per XADD round trip."""
 MAX_LEAD_EVENTS = 50_000
 """How far the producer may run ahead of the store (keeps Redis memory small)."""
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """The table the raw path writes into and the statements it writes with."""
+
+    ddl: Sequence[str]
+    """Run in order on a fresh schema (on the search_path); makes a table `events`."""
+    inserts: Mapping[bool, str]
+    """The batch insert, by whether its text columns are bound joined (`texts_joinable`):
+    parameters as storage's INSERT_BATCH, $12 (the tenants) only when `tenants`."""
+    conflicts: Mapping[bool, str] | None
+    """What runs after an insert that skipped rows (None: nothing)."""
+    tenants: bool
+
+
+def storage_table() -> RawTable:
+    """Storage's own table and statements, as storage runs them (what the raw path measures)."""
+    return RawTable(
+        ddl=event_store_ddl(),
+        inserts={True: INSERT_BATCH_JOINED, False: INSERT_BATCH},
+        conflicts={True: RECORD_CONFLICTS_JOINED, False: RECORD_CONFLICTS},
+        tenants=True,
+    )
 
 
 class RedisWire:
@@ -197,8 +230,9 @@ class RawPath:
     """A prepared raw run: table created, streams and group made, connections open, every XADD
     packed. `run()` is the measured window; `aclose()` drops nothing (the bench drops the schema)."""
 
-    def __init__(self, layout: StreamLayout) -> None:
+    def __init__(self, layout: StreamLayout, table: RawTable) -> None:
         self._layout = layout
+        self._table = table
         self._admin: RedisWire | None = None
         self._partitions: list[_Partition] = []
         self._chunks: list[tuple[bytes, int, int]] = []  # (packed XADDs, commands, events)
@@ -214,11 +248,13 @@ class RawPath:
         schema: str,
         layout: StreamLayout,
         batches: Iterable[Sequence[RawEvent]],
+        table: RawTable | None = None,
     ) -> RawPath:
+        """`table`: storage's own (default) or another to compare with."""
         started = time.perf_counter()
-        raw = cls(layout)
+        raw = cls(layout, table or storage_table())
         try:
-            await _create_table(database_url, checked_identifier(schema))
+            await _create_table(database_url, checked_identifier(schema), raw._table.ddl)
             raw._admin = await RedisWire.connect(redis_url)
             for stream in layout.streams():
                 await raw._admin.call(("DEL", stream))
@@ -270,6 +306,7 @@ class RawPath:
         loop = asyncio.get_running_loop()
         progress = asyncio.Event()
         stored = [0]
+        table = self._table
         backends_before = self._backend_cpu()
         started = loop.time()
 
@@ -298,12 +335,17 @@ class RawPath:
                 # when a round holds a few events per partition, as at the open loop's low rates.
                 for group in _groups(entries):
                     statement, columns, tenants = decode_group([fields for _, fields in group])
-                    status = await part.postgres.execute(statement, *columns, part.index, tenants)
+                    joined = statement == INSERT_BATCH_JOINED
+                    with_tenants = (tenants,) if table.tenants else ()
+                    status = await part.postgres.execute(
+                        table.inserts[joined], *columns, part.index, *with_tenants
+                    )
                     new = int(status.rsplit(" ", 1)[1])
-                    if new < len(columns[3]):  # skipped rows: storage checks them for conflicts
-                        joined = statement == INSERT_BATCH_JOINED
-                        conflicts = RECORD_CONFLICTS_JOINED if joined else RECORD_CONFLICTS
-                        await part.postgres.execute(conflicts, *columns, tenants)
+                    # skipped rows: storage checks them for conflicts
+                    if new < len(columns[3]) and table.conflicts is not None:
+                        await part.postgres.execute(
+                            table.conflicts[joined], *columns, *with_tenants
+                        )
                     part.stored += new
                     part.inserts += 1
                     stored[0] += new
@@ -371,14 +413,15 @@ def _groups(entries: Sequence[Any]) -> list[list[Any]]:
     return groups
 
 
-async def _create_table(database_url: str, schema: str) -> None:
-    """A fresh schema holding storage's own `events` table (its migrations, indexes included)."""
+async def _create_table(database_url: str, schema: str, ddl: Sequence[str]) -> None:
+    """A fresh schema holding the `events` table `ddl` makes (storage's: its migrations,
+    indexes included)."""
     conn = await connect_postgres(database_url)
     try:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.execute(f'CREATE SCHEMA "{schema}"')
         await conn.execute(f'SET search_path TO "{schema}"')
-        for statement in event_store_ddl():
+        for statement in ddl:
             await conn.execute(statement)
     finally:
         await conn.close()

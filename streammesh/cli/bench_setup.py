@@ -12,7 +12,7 @@ import fcntl
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +185,14 @@ def exclusive(path: Path) -> Iterator[bool]:
         yield True
 
 
-async def login(client: GatewayClient, bench: StackConfig, run: str) -> str:
-    """A producer+analyst user made through the operator path (sign-up grants no roles), then
-    TOTP enrolment and the two-step login through the gateway, as the demo does it."""
+async def login(
+    client: GatewayClient, bench: StackConfig, run: str, roles: Sequence[str] = BENCH_ROLES
+) -> str:
+    """A user `bench-<run>` with `roles` (default producer+analyst) made through the operator
+    path (sign-up grants no roles), then TOTP enrolment and the two-step login through the
+    gateway, as the demo does it."""
     username, password = f"bench-{run}", secrets.token_urlsafe(18)
-    await create_user_as_operator(bench, username, password, BENCH_ROLES)
+    await create_user_as_operator(bench, username, password, list(roles))
     totp = pyotp.TOTP((await client.begin_totp(username, password)).secret)
     await client.confirm_totp(username, password, totp.now())
     # Confirming spent this step's code; the next step's is within the allowed drift.

@@ -168,12 +168,12 @@ def standard_interceptors(
 ) -> list[grpc.aio.ServerInterceptor]:
     """The list every service runs, outermost first: tracing when it is on (its span is current
     in every layer inside it, so that their log lines carry the trace id, and it costs the
-    metrics' timing nothing), metrics (they see the status each call ended with), errors (the
-    one place exceptions become statuses), deadline, guard. The server factory appends the
-    decoding layer, which must come last."""
+    metrics' timing nothing), metrics unless metrics_enabled is false (they see the status each
+    call ended with), errors (the one place exceptions become statuses), deadline, guard. The
+    server factory appends the decoding layer, which must come last."""
     interceptors: list[grpc.aio.ServerInterceptor] = [
         *([ServerTracingInterceptor()] if tracing_enabled() else []),
-        ServerMetricsInterceptor(metrics.grpc_server),
+        *([ServerMetricsInterceptor(metrics.grpc_server)] if settings.metrics_enabled else []),
         ErrorInterceptor(throttle=throttle),
         DeadlineInterceptor(settings.default_deadline_seconds),
     ]
@@ -244,7 +244,7 @@ def create_mesh_server(
         raise StartupError(f"{problem} (settings {env}HOST, {env}PORT)") from error
     endpoint = (
         MetricsEndpoint(metrics.registry, settings.metrics_host, settings.metrics_port)
-        if settings.metrics_port
+        if settings.metrics_port and settings.metrics_enabled
         else None
     )
     return MeshServer(

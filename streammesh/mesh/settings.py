@@ -109,6 +109,12 @@ class ServiceSettings(BaseSettings):
         description="port of the /metrics HTTP listener; 0: no listener (`streammesh up` "
         "gives each service one, 9551-9555)",
     )
+    metrics_enabled: bool = Field(
+        True,
+        description="false: no gRPC metrics layer on the server and no /metrics listener (the "
+        "services' per-batch counters stay); to measure what metrics cost (`streammesh bench "
+        "--variants metrics`)",
+    )
     log_level: str = Field("INFO", description="root log level")
     log_json: bool = Field(True, description="one JSON object per log line")
     tracing_exporter: Literal["none", "otlp", "console", "file"] = Field(

@@ -86,6 +86,27 @@ def test_without_a_port_there_is_no_endpoint(pki_dir: Path) -> None:
     assert arity_server(pki_dir).metrics_endpoint is None
 
 
+async def test_metrics_disabled_means_no_layer_and_no_endpoint(pki_dir: Path) -> None:
+    # What `streammesh bench --variants metrics` runs the stack with: calls are not counted.
+    started = {}
+    for enabled in (True, False):
+        mesh = arity_server(pki_dir, metrics_port=free_port(), metrics_enabled=enabled)
+        assert (mesh.metrics_endpoint is not None) is enabled
+        await mesh.start()
+        try:
+            async with channel_to(mesh, pki_dir) as channel:
+                assert await call(channel, "UnaryUnary") == ["a"]
+        finally:
+            await mesh.stop(0)
+        started[enabled] = sum(
+            sample.value
+            for family in mesh.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == "grpc_server_started_total"
+        )
+    assert started == {True: 1, False: 0}
+
+
 def test_the_stack_gives_each_service_a_metrics_port_of_its_own() -> None:
     config = StackConfig()
     ports = [config.metrics_port(name) for name in START_ORDER]
