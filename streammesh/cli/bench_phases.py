@@ -201,11 +201,17 @@ async def open_phase(s: Session, rate: float, index: int) -> dict[str, Any]:
     }
 
 
-async def closed_phase(s: Session) -> dict[str, Any]:
+async def closed_phase(
+    s: Session, phase: str = "closed", batches: list[list[event_pb2.Event]] | None = None
+) -> dict[str, Any]:
+    """The closed loop over `batches` (default: the phase's `Session.events`), their type
+    `bench.<run>.<phase>`."""
     args = s.args
-    print(f"closed loop: {args.streams} streams x {args.window} batches of "
+    print(f"closed loop ({phase}): {args.streams} streams x {args.window} batches of "
           f"{args.closed_batch_size} in flight, {args.closed_duration:g}s", flush=True)  # fmt: skip
-    templates = load.request_templates(s.events("closed", "c", args.closed_batch_size))
+    if batches is None:
+        batches = s.events(phase, "c", args.closed_batch_size)
+    templates = load.request_templates(batches)
     storage_pid = s.pids.get("storage")
     backends_before = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
     before = await load.sample_cpu(s.pids, s.redis)
@@ -213,7 +219,7 @@ async def closed_phase(s: Session) -> dict[str, Any]:
         s.publish, s.metadata, templates, streams=args.streams, window=args.window,
         duration=args.closed_duration, drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
-    drained, stored, after = await s.caught_up("closed")
+    drained, stored, after = await s.caught_up(phase)
     backends_after = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
     backends_seconds = backend_cpu_between(backends_before, backends_after)
     print(f"  {cl.acked:,} acknowledged, {stored:,} stored", flush=True)

@@ -472,6 +472,7 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
             *("bench", "--rate", "500,1000", "--warmup", "1", "--duration", "2"),
             *("--closed-duration", "2"),
             *("--closed-batch-size", "500", "--raw-events", "3000", "--json", str(out)),
+            "--no-processing",  # test_bench_processing.py runs it
         ]
     )
     assert args.handler is cmd_bench

@@ -158,6 +158,7 @@ async def test_short_soak_reports_real_resources_and_loses_nothing(
             *("bench", "--rate", "500", "--warmup", "0", "--duration", "1"),
             *("--closed-duration", "2", "--closed-batch-size", "500", "--raw-events", "1000"),
             *("--soak", "30", "--soak-warmup", "2", "--json", str(out)),
+            "--no-processing",  # test_bench_processing.py runs it
         ]
     )
 
