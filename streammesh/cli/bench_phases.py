@@ -207,7 +207,8 @@ async def closed_phase(
     """The closed loop over `batches` (default: the phase's `Session.events`), their type
     `bench.<run>.<phase>`."""
     args = s.args
-    print(f"closed loop ({phase}): {args.streams} streams x {args.window} batches of "
+    named = "" if phase == "closed" else f" ({phase})"
+    print(f"closed loop{named}: {args.streams} streams x {args.window} batches of "
           f"{args.closed_batch_size} in flight, {args.closed_duration:g}s", flush=True)  # fmt: skip
     if batches is None:
         batches = s.events(phase, "c", args.closed_batch_size)

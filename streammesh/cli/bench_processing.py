@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 
 from streammesh.api.common.v1 import event_pb2
@@ -45,6 +46,7 @@ from streammesh.cli import bench_load as load
 from streammesh.cli import bench_workload as workload
 from streammesh.cli.bench_phases import CATCH_UP_TIMEOUT, DRAIN_TIMEOUT, Session, closed_phase
 from streammesh.cli.bench_stats import latency_summary
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.streams import jump_hash
 
 __all__ = [
@@ -152,6 +154,10 @@ async def _flush(s: Session, event_time_ns: int, tag: str) -> float:
     return time.time()
 
 
+RESUMES = 20
+"""Times a subscription cut with UNAVAILABLE is resumed from its last token, at most."""
+
+
 @dataclass
 class _Subscription:
     """Items of a live subscription with their arrival wall times."""
@@ -159,35 +165,53 @@ class _Subscription:
     items: list[tuple[Any, float]] = field(default_factory=list)
     current: asyncio.Event = field(default_factory=asyncio.Event)
     error: str = ""
+    resumed: list[str] = field(default_factory=list)
+    """Why each resume was needed (the status of the cut)."""
 
 
-async def _follow(call: Any, field_name: str, into: _Subscription) -> None:
-    try:
-        async for message in call:
-            now = time.time()
-            into.items.extend((item, now) for item in getattr(message, field_name))
-            if message.current:
+async def _follow(open_call: Callable[[str], Any], field_name: str, into: _Subscription) -> None:
+    """Read the stream into `into`; cut with UNAVAILABLE, resume from the last token as a client
+    would (the API promises no gap and no repeat: the counts check it)."""
+    token = ""
+    while True:
+        call = open_call(token)
+        try:
+            async for message in call:
+                now = time.time()
+                into.items.extend((item, now) for item in getattr(message, field_name))
+                token = message.resume_token
+                if message.current:
+                    into.current.set()
+            return
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or len(into.resumed) >= RESUMES:
+                into.error = describe_rpc_error(error)
                 into.current.set()
-    except asyncio.CancelledError:
-        raise
-    except Exception as error:  # a cut stream is reported, and fails the counts
-        into.error = f"{type(error).__name__}: {error}"
-        into.current.set()
-    finally:
-        call.cancel()
+                return
+            into.resumed.append(describe_rpc_error(error))
+            await asyncio.sleep(0.2)
+        finally:
+            call.cancel()
 
 
 @contextlib.asynccontextmanager
 async def _subscribed(s: Session) -> AsyncIterator[tuple[_Subscription, _Subscription]]:
     alerts, results = _Subscription(), _Subscription()
-    bearer = s.client.bearer()
+
+    def alert_call(token: str) -> Any:
+        request = rpb.SubscribeAlertsRequest(start_at_end=not token, resume_token=token)
+        return s.client.rules.SubscribeAlerts(request, metadata=s.client.bearer())
+
+    def result_call(token: str) -> Any:
+        request = rpb.SubscribeWindowResultsRequest(start_at_end=not token, resume_token=token)
+        return s.client.rules.SubscribeWindowResults(request, metadata=s.client.bearer())
+
     tasks = [
-        asyncio.create_task(_follow(s.client.rules.SubscribeAlerts(
-            rpb.SubscribeAlertsRequest(start_at_end=True), metadata=bearer), "alerts", alerts)),
-        asyncio.create_task(_follow(s.client.rules.SubscribeWindowResults(
-            rpb.SubscribeWindowResultsRequest(start_at_end=True), metadata=bearer),
-            "window_results", results)),
-    ]  # fmt: skip
+        asyncio.create_task(_follow(alert_call, "alerts", alerts)),
+        asyncio.create_task(_follow(result_call, "window_results", results)),
+    ]
     try:
         async with asyncio.timeout(30):
             await alerts.current.wait()
@@ -316,6 +340,7 @@ async def _open_phase(s: Session, offset_ns: int) -> dict[str, Any]:
             other=sum(1 for r, _ in got_results if r.revision or r.retracted),
         ),
         "subscription_errors": [e for e in (alerts.error, results.error) if e],
+        "subscription_resumes": {"alerts": alerts.resumed, "window_results": results.resumed},
         "alert_ms": _ms(alert_ms),
         "alert_after_watermark_ms": _ms(alert_wm_ms),
         "alerts_without_trigger": unmatched,
@@ -486,4 +511,9 @@ def render_processing(report: dict[str, Any] | None) -> list[str]:
         f"{sum(results['received'].values()):,} of {sum(results['expected'].values()):,} "
         f"expected, {results['total'] - results['distinct']} doubled, "
         f"{results['unexpected']} unexpected",
+        *(
+            f"  {name.replace('_', ' ')} subscription resumed {len(why)} times after: {why[0]}"
+            for name, why in ol["subscription_resumes"].items()
+            if why
+        ),
     ]

@@ -54,8 +54,8 @@ async def test_tiny_bench_run_prints_processing_figures_and_exact_counts(
     out = tmp_path / "bench.json"
     args = parser.parse_args(
         [
-            *("bench", "--rate", "500", "--warmup", "0", "--duration", "2"),
-            *("--closed-duration", "2", "--closed-batch-size", "500", "--raw-events", "1000"),
+            *("bench", "--rate", "500", "--warmup", "0", "--duration", "1"),
+            *("--closed-duration", "1", "--closed-batch-size", "500", "--raw-events", "1000"),
             *("--processing-rate", "1000", "--engine-events", "3000", "--json", str(out)),
         ]
     )
@@ -71,7 +71,7 @@ async def test_tiny_bench_run_prints_processing_figures_and_exact_counts(
     assert math.isfinite(report["stored_ratio"]) and report["stored_ratio"] > 0
     opened = report["open_loop"]
     batches = opened["acked_batches"]
-    assert batches == 2000 // 100 and opened["acked"] == opened["stored"] == 2000
+    assert batches == 1000 // 100 and opened["acked"] == opened["stored"] == 1000
     alerts, results = opened["alerts"], opened["window_results"]
     assert alerts["expected"] == {rule: batches for rule in workload.RULE_IDS}
     assert alerts["received"] == alerts["expected"] and alerts["distinct"] == alerts["total"]
