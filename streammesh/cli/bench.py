@@ -45,12 +45,8 @@ from streammesh.cli.bench_phases import (
     raw_phase,
     warm_up,
 )
-from streammesh.cli.bench_processing import (
-    add_processing_arguments,
-    processing_phases,
-    processing_problems,
-    render_processing,
-)
+from streammesh.cli.bench_processing import add_processing_arguments, processing_phases
+from streammesh.cli.bench_processing_report import processing_problems, render_processing
 from streammesh.cli.bench_report import TARGETS, correctness, finite, render, targets_met
 from streammesh.cli.bench_resources import ResourceSampler, resource_summary
 from streammesh.cli.bench_setup import (
