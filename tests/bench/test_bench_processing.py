@@ -10,11 +10,16 @@ import json
 import math
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from streammesh.api.common.v1 import event_pb2
+from streammesh.api.gateway.v1 import gateway_pb2
 from streammesh.cli import bench_workload as workload
 from streammesh.cli.bench import add_bench_command, cmd_bench
+from streammesh.cli.bench_processing import _TimedBatches, _Watermarks
+from streammesh.cli.bench_processing_report import processing_problems
 from tests.bench.configs import bench_test_config
 
 S = workload.SECOND
@@ -79,3 +84,42 @@ async def test_tiny_bench_run_prints_processing_figures_and_exact_counts(
     assert results["unexpected"] == 0 and min(results["expected"].values()) > 0
     assert opened["alert_ms"]["count"] == 5 * batches
     assert opened["window_result_stored_ms"]["count"] == results["total"]
+
+
+def _counts(expected: dict[str, int], received: dict[str, int], total: int) -> dict[str, Any]:
+    return {"expected": expected, "received": received, "distinct": sum(received.values()),
+            "total": total, "unexpected": 0}  # fmt: skip
+
+
+def test_a_count_off_the_reference_fails_the_run() -> None:
+    right = {"bench-threshold": 3}
+    opened = {
+        "acked": 300, "stored": 300, "subscription_errors": [],
+        "alerts": _counts(right, right, 3),
+        "window_results": _counts({"bench-session": 2}, {"bench-session": 2}, 2),
+    }  # fmt: skip
+    report = {"closed_loop": {"acked": 10, "stored": 10}, "open_loop": opened}
+    assert processing_problems(report) == [] and processing_problems(None) == []
+    opened["alerts"] = _counts(right, {"bench-threshold": 2}, 2)  # one missing
+    opened["window_results"] = _counts({"bench-session": 2}, {"bench-session": 2}, 3)  # doubled
+    problems = processing_problems(report)
+    assert len(problems) == 2 and "1 doubled" in problems[1], problems
+
+
+def test_the_watermark_is_reached_by_the_first_batch_past_time_plus_lag() -> None:
+    marks = _Watermarks(partitions=2, ooo_ns=2 * S)
+    marks.add({0, 1}, 10 * S, 100.0)
+    marks.add({0}, 12 * S, 101.0)
+    marks.add({0, 1}, 11 * S, 102.0)  # not a new maximum for partition 0
+    assert marks.reached(0, 10 * S) == 101.0 and marks.reached(1, 9 * S) == 102.0
+    assert marks.reached(0, 8 * S) == 100.0 and marks.reached(1, 10 * S) is None
+
+
+def test_a_resent_batch_keeps_its_event_time() -> None:
+    events = [event_pb2.Event(key="k", type="t", payload=b"{}") for _ in range(3)]
+    timed = _TimedBatches([events], "run1q", offset_ns=5 * S)
+    first = timed.stamp(7)
+    assert timed.stamp(8) != first and timed.stamp(7) == first
+    sent = gateway_pb2.PublishRequest.FromString(first)
+    assert [e.id for e in sent.events] == [f"run1q-{7:010d}-{i:04d}" for i in range(3)]
+    assert sent.events[0].event_time.ToNanoseconds() == timed.times[7]
