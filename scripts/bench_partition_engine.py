@@ -8,8 +8,8 @@ events), a hopping 5 s / 1 s window over readings (20 %) by payload.unit with co
 p50/p95/p99 of payload.celsius, and a 2 s session per key over page views. Events go to 4 partitions by key (as ingest does); each batch of --batch events is
 split by partition and each part goes to its partition's engine. With --snapshot-every N, each
 partition is also snapshotted every N batches (the checkpoint the worker stores with the
-outputs); its CPU is counted. The figure is CPU time of the engine calls only (the stream is
-built first). Not a test: the machine is shared, so compare figures of one run.
+outputs); its CPU is counted. The measuring is services/processor/engine_speed.py's (shared
+with `streammesh bench`). Not a test: the machine is shared, so compare figures of one run.
 
     .venv/bin/python scripts/bench_partition_engine.py [--events 300000] [--batch 500]
         [--snapshot-every 0] [--rounds 3]
@@ -18,19 +18,11 @@ built first). Not a test: the machine is shared, so compare figures of one run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import gc
-import time
 from typing import Any
 
 from bench_patterns import RULES, make_stream  # scripts/ is on the path when run as a script
 
-from services.processor.engine.clock import ClockConfig
-from services.processor.engine.events import EngineEvent
-from services.processor.engine.partition import PartitionEngine
-from services.processor.engine.patterns import parse_rules
-from services.processor.engine.window_defs import parse_window_defs
-from streammesh.streams import jump_hash
+from services.processor.engine_speed import measure
 
 PARTITIONS = 4
 WINDOWS: dict[str, Any] = {
@@ -70,31 +62,6 @@ WINDOWS: dict[str, Any] = {
         },
     ]
 }
-CLOCK = ClockConfig(out_of_orderness_nanos=100_000_000, idle_timeout_nanos=5_000_000_000)
-
-
-def partitioned(events: list[EngineEvent]) -> list[EngineEvent]:
-    return [dataclasses.replace(e, partition=jump_hash(e.key.encode(), PARTITIONS)) for e in events]
-
-
-def run_once(events: list[EngineEvent], batch: int, snapshot_every: int) -> tuple[float, Any]:
-    windows = parse_window_defs(WINDOWS)
-    rules = parse_rules(RULES)
-    engines = [PartitionEngine(p, CLOCK, windows, rules) for p in range(PARTITIONS)]
-    counts = {"results": 0, "alerts": 0, "late": 0, "snapshot_bytes": 0}
-    started = time.process_time()
-    for number, offset in enumerate(range(0, len(events), batch)):
-        parts: list[list[EngineEvent]] = [[] for _ in range(PARTITIONS)]
-        for event in events[offset : offset + batch]:
-            parts[event.partition].append(event)
-        for engine, part in zip(engines, parts, strict=True):
-            out = engine.process(part, offset, last_entry_id=f"{offset}-0")
-            counts["results"] += len(out.window_results)
-            counts["alerts"] += len(out.alerts)
-            counts["late"] += len(out.window_late) + len(out.rule_late)
-            if snapshot_every and number % snapshot_every == 0:
-                counts["snapshot_bytes"] = len(engine.snapshot())
-    return time.process_time() - started, counts
 
 
 def main() -> None:
@@ -105,12 +72,11 @@ def main() -> None:
     parser.add_argument("--snapshot-every", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    events = partitioned(make_stream(args.events, args.keys))
-    gc.freeze()  # the input list is not what a worker holds (see bench_engine.py)
-    best, counts = float("inf"), {}
-    for _ in range(args.rounds):
-        cpu, counts = run_once(events, args.batch, args.snapshot_every)
-        best = min(best, cpu)
+    counts = measure(
+        WINDOWS, RULES, make_stream(args.events, args.keys), partitions=PARTITIONS,
+        batch=args.batch, rounds=args.rounds, snapshot_every=args.snapshot_every,
+    )  # fmt: skip
+    best = counts["cpu_us_per_event"] * args.events / 1e6
     snapshots = (
         f", a snapshot per partition every {args.snapshot_every} batches"
         f" (last {counts['snapshot_bytes'] / 1024:.0f} KiB)"

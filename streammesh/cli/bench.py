@@ -45,6 +45,8 @@ from streammesh.cli.bench_phases import (
     raw_phase,
     warm_up,
 )
+from streammesh.cli.bench_processing import add_processing_arguments, processing_phases
+from streammesh.cli.bench_processing_report import processing_problems, render_processing
 from streammesh.cli.bench_report import TARGETS, correctness, finite, render, targets_met
 from streammesh.cli.bench_resources import ResourceSampler, resource_summary
 from streammesh.cli.bench_setup import (
@@ -140,8 +142,13 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
                 )
         async with sampler.phase("raw"):
             raw = await raw_phase(session, args.raw_events or min(closed["acked"], RAW_MAX_EVENTS))
+        processing = None
+        if not args.no_processing:  # last: its definitions make the engine read every event
+            async with sampler.phase("processing"):
+                processing = await processing_phases(session, closed)
         machine["loadavg_at_end"] = list(os.getloadavg())
-    phases = ["warmup", *(f"open{n}" for n in range(len(opened))), "closed", "soak", "raw"]
+    phases = ["warmup", *(f"open{n}" for n in range(len(opened))), "closed", "soak", "raw",
+              "processing"]  # fmt: skip
     resources = {
         name: resource_summary(sampler.of(name), interval=sampler.interval)
         for name in phases
@@ -158,6 +165,7 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
         "loadgen": {"stamp_us_per_event": closed.pop("stamp_us_per_event")},
         "raw": raw,
         "soak": soak,
+        "processing": processing,
         "resources": resources,
         "mesh_over_raw": closed["stored_eps"] / raw["stored_eps"],
         # Whole-machine CPU per event, closed loop over raw path: what the mesh costs over it.
@@ -258,9 +266,11 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
         print("\n".join(render_variants(report["variants"], report["raw"])))
     if report["soak"] is not None:
         print("\n".join(render_soak(report["soak"], report["resources"]["soak"])))
+    print("\n".join(render_processing(report["processing"])))
     print(f"results: {path}")
     problems = [] if report["soak"] is None else soak_problems(report["soak"])
     problems += variant_problems(report["variants"])
+    problems += processing_problems(report["processing"])
     return correctness(report, problems)
 
 
@@ -335,4 +345,5 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
     add_variant_arguments(bench)
+    add_processing_arguments(bench)
     bench.set_defaults(handler=cmd_bench)

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import grpc
@@ -46,6 +46,7 @@ __all__ = [
     "Metadata",
     "OpenLoopResult",
     "PublishCall",
+    "Stamped",
     "batch_number",
     "closed_loop",
     "connect_postgres",
@@ -77,6 +78,15 @@ class BenchError(RuntimeError):
 
     partial: OpenLoopResult | None = None
     """What an open loop saw until its stream failed (set by `open_loop`)."""
+
+
+class Stamped(Protocol):
+    """What the open loop sends: `events` per batch, batch `number` serialized by `stamp`."""
+
+    @property
+    def events(self) -> int: ...
+
+    def stamp(self, number: int) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -214,7 +224,7 @@ class OpenLoopResult:
 async def open_loop(
     publish: PublishCall,
     metadata: Metadata,
-    templates: Sequence[BatchTemplate],
+    templates: Sequence[Stamped],
     *,
     rate: float,
     duration: float,

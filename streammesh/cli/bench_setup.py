@@ -86,7 +86,12 @@ def stack_limits(args: argparse.Namespace) -> dict[str, dict[str, str]]:
         "STREAMMESH_INGEST_IDEMPOTENCY_WINDOW_SECONDS": str(args.idempotency_window),
         "STREAMMESH_INGEST_IDEMPOTENCY_MAX_IDS": str(args.idempotency_max_ids),
     }
-    return BACKLOG_LIMITS | {"ingest": BACKLOG_LIMITS["ingest"] | window}
+    # The watermark lag the processing phases' arithmetic assumes (bench_processing).
+    lag = {"STREAMMESH_PROCESSOR_ENGINE_OUT_OF_ORDERNESS_MS": str(args.out_of_orderness_ms)}
+    return BACKLOG_LIMITS | {
+        "ingest": BACKLOG_LIMITS["ingest"] | window,
+        "processor": BACKLOG_LIMITS["processor"] | lag,
+    }
 
 
 def backlog_bound(args: argparse.Namespace, partitions: int) -> dict[str, Any]:
@@ -125,8 +130,9 @@ async def redis_baseline(bench: StackConfig) -> int:
         await client.aclose()
 
 
-BENCH_ROLES = ["producer", "analyst"]
-"""Publish, and CountEvents/QueryEvents to check what was stored."""
+BENCH_ROLES = ["producer", "analyst", "rule-admin"]
+"""Publish, and CountEvents/QueryEvents to check what was stored; the processing phases' windows
+and rules, their alerts and results."""
 
 
 def bench_stack_config(config: StackConfig) -> StackConfig:

@@ -473,6 +473,7 @@ async def test_tiny_bench_run_reports_every_figure_and_cleans_up(
             *("--closed-duration", "2"),
             *("--closed-batch-size", "500", "--raw-events", "3000", "--json", str(out)),
             *("--variants", "none"),  # test_bench_variants runs them
+            "--no-processing",  # test_bench_processing.py runs it
         ]
     )
     assert args.handler is cmd_bench

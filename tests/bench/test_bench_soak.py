@@ -159,6 +159,7 @@ async def test_short_soak_reports_real_resources_and_loses_nothing(
             *("--closed-duration", "2", "--closed-batch-size", "500", "--raw-events", "1000"),
             *("--soak", "30", "--soak-warmup", "2", "--json", str(out)),
             *("--variants", "none"),
+            "--no-processing",  # test_bench_processing.py runs it
         ]
     )
 
