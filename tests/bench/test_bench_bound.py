@@ -16,6 +16,7 @@ def _args(window: int, max_ids: int = 100_000) -> argparse.Namespace:
         payload_bytes=128,
         idempotency_window=window,
         idempotency_max_ids=max_ids,
+        out_of_orderness_ms=2000,
     )
 
 
