@@ -11,6 +11,10 @@ balancers act on NOT_SERVING), so a stack that stops edge first does not wait it
 tier. (Clients' Watch streams do not hold the graceful stop: measured, a stop with a watching
 client and no call in flight returns at once.)
 Health also follows the service's dependencies (`watch_dependencies`, streammesh.mesh.health).
+
+TLS material is read from the service's files before each new handshake (gRPC's dynamic server
+credentials, streammesh.mesh.tls_reload): a rotated certificate or CA bundle is presented and
+trusted from the next connection on, without a restart.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Servers: `ServerCredentialsReloader` is the certificate-config fetcher of gRPC's
 `dynamic_ssl_server_credentials`, which gRPC core calls before each new TLS handshake (on one
 of its own threads), so a new connection gets the new certificate and CA bundle at once and
 connections already open keep theirs. Its cost per handshake is three stat calls.
+Plain `ssl` listeners (the gateway's JWKS over HTTPS): `ReloadingSslContext`, whose SNI callback
+(which OpenSSL runs at each ClientHello, with or without a server name) hands the handshake a
+context with the current files.
 Clients: gRPC Python cannot reload a channel's credentials (grpc/grpc#41779); the mesh client
 polls the same snapshot and swaps channels (streammesh.mesh.channel_reload).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +32,13 @@ from cryptography.hazmat.primitives import serialization
 
 from streammesh.mesh.pki import CA_FILE, TlsMaterial
 
-__all__ = ["MaterialSnapshot", "ServerCredentialsReloader", "file_stamp", "read_snapshot"]
+__all__ = [
+    "MaterialSnapshot",
+    "ReloadingSslContext",
+    "ServerCredentialsReloader",
+    "file_stamp",
+    "read_snapshot",
+]
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +174,43 @@ def _configuration(snapshot: MaterialSnapshot) -> grpc.ServerCertificateConfigur
     return grpc.ssl_server_certificate_configuration(
         [(snapshot.private_key, snapshot.certificate_chain)], root_certificates=snapshot.ca
     )
+
+
+class ReloadingSslContext:
+    """The `ssl.SSLContext` of a server whose certificate follows `certificate_file` and
+    `key_file`: pass `context` to the listener. `configure` sets up each context made (the
+    TLS versions, say)."""
+
+    def __init__(
+        self,
+        certificate_file: Path,
+        key_file: Path,
+        configure: Callable[[ssl.SSLContext], None] = lambda context: None,
+    ) -> None:
+        self._files = (certificate_file, key_file)
+        self._configure = configure
+        self._stamp = file_stamp(self._files)
+        self._current = self._build()
+        self.context = self._build()
+        """The listening context; each handshake is handed the current one."""
+        self.context.sni_callback = self._pick
+        self.reloads = 0
+
+    def _build(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._configure(context)
+        # OpenSSL refuses a key that is not the certificate's (a rotation between its renames).
+        context.load_cert_chain(*self._files)
+        return context
+
+    def _pick(self, connection: ssl.SSLObject | ssl.SSLSocket, *_: object) -> None:
+        try:
+            stamp = file_stamp(self._files)
+            if stamp != self._stamp:
+                self._current = self._build()
+                self._stamp = stamp
+                self.reloads += 1
+                log.info("new TLS certificate for new connections (%s)", self._files[0].name)
+        except (OSError, ssl.SSLError) as error:
+            log.warning("TLS certificate %s not reloaded: %s", self._files[0], error)
+        connection.context = self._current

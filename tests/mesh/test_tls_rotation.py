@@ -9,6 +9,7 @@ Every loop is bounded in calls and seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
 import time
@@ -28,7 +29,7 @@ from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles
 from streammesh.mesh.pki import CA_FILE, init_pki, issue_leaf
 from streammesh.mesh.pki_rotation import begin_ca_rotation, finish_ca_rotation, rotate_leaves
 from streammesh.mesh.server import create_mesh_server
-from streammesh.mesh.tls_reload import ServerCredentialsReloader
+from streammesh.mesh.tls_reload import ReloadingSslContext, ServerCredentialsReloader
 from tests.certificates import served_certificate
 from tests.conftest import TRUST_DOMAIN
 
@@ -255,3 +256,36 @@ async def test_a_rotation_between_its_two_renames_is_not_taken(pki: Path) -> Non
     assert reloader.fetch() is not None
     assert reloader.reloads == 1 and reloader.material.certificate_chain != before
     assert reloader.fetch() is None  # unchanged since: nothing to take
+
+
+async def test_a_plain_ssl_listener_takes_a_rotated_certificate_at_the_next_handshake(
+    pki: Path,
+) -> None:
+    """ReloadingSslContext, as the gateway's JWKS-over-HTTPS listener uses it."""
+    reloading = ReloadingSslContext(pki / "gateway.pem", pki / "gateway-key.pem")
+
+    async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hello, "127.0.0.1", 0, ssl=reloading.context)
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context(cafile=str(pki / CA_FILE))
+
+    async def served_serial() -> str:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="gateway"
+        )
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return f"{x509.load_der_x509_certificate(der).serial_number:x}"
+
+    try:
+        assert await served_serial() == serial_of(pki / "gateway.pem")
+        rotate_leaves(pki, lifetime=LIFETIME)
+        assert await served_serial() == serial_of(pki / "gateway.pem")
+        assert reloading.reloads == 1
+    finally:
+        server.close()
+        await server.wait_closed()
