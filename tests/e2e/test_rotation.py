@@ -1,6 +1,6 @@
 """Certificate rotation of the running stack (the `stack` fixture), under load through the gateway:
 steady unary calls (PublishBatch, CountEvents) and one Publish stream, while `streammesh pki
-rotate` re-issues every leaf, then `pki rotate --ca` and `--ca --finish` replace the CA with an
+rotate` (the CLI's entry point, run in this process) re-issues every leaf, then `pki rotate --ca` and `--ca --finish` replace the CA with an
 overlap. No call fails, every acknowledged event is stored once, every service presents its new
 certificate to a new connection, and a leaf that expired or chains to the dropped CA is refused.
 
@@ -23,13 +23,14 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from streammesh.api.common.v1 import event_pb2
+from streammesh.cli.main import main
 from streammesh.cli.stack import START_ORDER, StackConfig, log_file
 from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from streammesh.mesh.identity import operator_id
 from streammesh.mesh.pki import CA_FILE
 from tests.certificates import odd_leaf, served_certificate
-from tests.e2e.cli import run_cli, stack_env
+from tests.e2e.cli import stack_env
 from tests.e2e.session import login
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ class Load:
                 await asyncio.sleep(0.02)
 
         try:
-            async for ack in client.publish(batches(), timeout=60):
+            async for ack in client.publish(batches(), timeout=110):
                 self.acked.update(event.id for event in sent[ack.sequence - 1])
                 self.ok += 1
         except grpc.aio.AioRpcError as error:
@@ -123,8 +124,24 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, within: flo
         await asyncio.sleep(0.2)
 
 
-async def test_rotation_under_load_fails_no_call_and_loses_no_event(stack: StackConfig) -> None:
-    env = stack_env(stack)
+async def pki_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> str:
+    """`streammesh pki <args>` in this process (in a thread: it sleeps through its waits), as
+    the CLI's entry point runs it; its output. A subprocess would cost seconds to start."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["pki", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    return out
+
+
+async def test_rotation_under_load_fails_no_call_and_loses_no_event(
+    stack: StackConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for variable, value in stack_env(stack).items():
+        if variable.startswith("STREAMMESH_"):
+            monkeypatch.setenv(variable, value)
     old_material = TlsMaterial.load(stack.pki_dir, "admin")
     async with GatewayClient(stack.address("gateway"), stack.pki_dir / CA_FILE) as client:
         await login(client, stack)
@@ -155,8 +172,7 @@ async def test_rotation_under_load_fails_no_call_and_loses_no_event(stack: Stack
             assert load.ok > 0 and load.failed == []
             # 1. Every leaf, while the load runs.
             before = {name: serial_of(stack, name) for name in START_ORDER}
-            code, out, err = await run_cli(env, "pki", "rotate")
-            assert code == 0, err
+            out = await pki_command(monkeypatch, capsys, "rotate")
             assert {line.split(":")[0] for line in out.splitlines()} >= {
                 f"{name}.pem" for name in (*START_ORDER, "admin")
             }
@@ -169,15 +185,17 @@ async def test_rotation_under_load_fails_no_call_and_loses_no_event(stack: Stack
             await asyncio.sleep(1.5)  # every mesh client swaps within 0.5 s and a connect
             # 2. A new CA, trusted beside the old one; every leaf issued under it.
             old_ca = x509.load_pem_x509_certificates((stack.pki_dir / CA_FILE).read_bytes())
-            code, out, err = await run_cli(env, "pki", "rotate", "--ca", "--wait", "2")
-            assert code == 0 and "streammesh pki rotate --ca --finish" in out, out + err
+            out = await pki_command(monkeypatch, capsys, "rotate", "--ca", "--wait", "2")
+            assert "streammesh pki rotate --ca --finish" in out
             bundle = x509.load_pem_x509_certificates((stack.pki_dir / CA_FILE).read_bytes())
             assert len(bundle) == 2 and bundle[0] == old_ca[0]
             for name in START_ORDER:
                 (await presented(stack, name)).verify_directly_issued_by(bundle[1])
             # 3. The old CA dropped, once every service had its new leaf.
-            code, out, err = await run_cli(env, "pki", "rotate", "--ca", "--finish", "--wait", "2")
-            assert code == 0 and "now holds only the new CA" in out, out + err
+            out = await pki_command(
+                monkeypatch, capsys, "rotate", "--ca", "--finish", "--wait", "2"
+            )
+            assert "now holds only the new CA" in out
             assert x509.load_pem_x509_certificates((stack.pki_dir / CA_FILE).read_bytes()) == [
                 bundle[1]
             ]
