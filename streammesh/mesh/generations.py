@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
 
-__all__ = ["ChannelGeneration"]
+__all__ = ["ChannelGeneration", "RetiredGenerations"]
 
 MethodKey = tuple[str, str, Any, Any, Any]
 """(channel method kind, method path, request serializer, response deserializer, registered)."""
@@ -69,3 +70,28 @@ class ChannelGeneration:
     async def close(self, grace: float | None) -> None:
         """Close the channels; calls still running get `grace` seconds (None: cancelled)."""
         await asyncio.gather(*(channel.close(grace) for channel in self.channels))
+
+
+class RetiredGenerations:
+    """Old generations whose calls have not all ended yet; each closes once drained."""
+
+    def __init__(self) -> None:
+        self._draining: dict[asyncio.Task[None], ChannelGeneration] = {}
+
+    def add(self, generation: ChannelGeneration) -> None:
+        """No new call goes to `generation`; close its channels once its last call ended."""
+        generation.retire()
+        task = asyncio.ensure_future(generation.close_when_drained())
+        self._draining[task] = generation
+        task.add_done_callback(partial(self._draining.pop))
+
+    def __len__(self) -> int:
+        return len(self._draining)
+
+    async def close(self, grace: float | None) -> None:
+        """Close them all now; calls still running get `grace` seconds."""
+        draining = dict(self._draining)
+        for task in draining:
+            task.cancel()
+        await asyncio.gather(*draining, return_exceptions=True)
+        await asyncio.gather(*(generation.close(grace) for generation in draining.values()))

@@ -45,7 +45,7 @@ import grpc
 from streammesh.mesh.deadlines import outbound_timeout
 from streammesh.mesh.derived_config import RetryPolicy
 from streammesh.mesh.ejection import Ejector
-from streammesh.mesh.generations import ChannelGeneration, MethodKey
+from streammesh.mesh.generations import ChannelGeneration, MethodKey, RetiredGenerations
 from streammesh.mesh.limits import ConcurrencyLimit
 
 __all__ = ["ReplicaChannel", "RetryBudget"]
@@ -348,7 +348,7 @@ class ReplicaChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._calls = _Calls(ChannelGeneration(channels), ejector, limit, retry, budget)
         self._retried_codes = dict(retried_codes)
         self._timeouts = dict(timeouts)
-        self._draining: dict[asyncio.Task[None], ChannelGeneration] = {}
+        self._retired = RetiredGenerations()
         for channel in self.channels:
             channel.get_state(try_to_connect=True)  # connect now, not on the first call
 
@@ -371,16 +371,13 @@ class ReplicaChannel(grpc.aio.Channel):  # type: ignore[misc]
             raise ValueError(f"swap needs {len(old.channels)} channels, got {len(channels)}")
         new = ChannelGeneration(channels, old.number + 1)
         self._calls.generation = new
-        old.retire()
-        task = asyncio.ensure_future(old.close_when_drained())
-        self._draining[task] = old
-        task.add_done_callback(partial(self._draining.pop))
+        self._retired.add(old)
         return new
 
     @property
     def draining(self) -> int:
         """Old generations whose calls have not all ended yet."""
-        return len(self._draining)
+        return len(self._retired)
 
     @property
     def ejector(self) -> Ejector:
@@ -437,12 +434,8 @@ class ReplicaChannel(grpc.aio.Channel):  # type: ignore[misc]
     async def close(self, grace: float | None = None) -> None:
         """Close every replica's channel (old generations' too); calls still running get
         `grace` seconds."""
-        retired = dict(self._draining)
-        for task in retired:
-            task.cancel()
-        await asyncio.gather(*retired, return_exceptions=True)
-        generations = [*retired.values(), self._calls.generation]
-        await asyncio.gather(*(generation.close(grace) for generation in generations))
+        await self._retired.close(grace)
+        await self._calls.generation.close(grace)
 
     async def __aenter__(self) -> ReplicaChannel:
         return self

@@ -289,3 +289,24 @@ async def test_a_plain_ssl_listener_takes_a_rotated_certificate_at_the_next_hand
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_closing_the_client_closes_old_channels_a_stream_still_holds(
+    pki: Path, client: MeshClient
+) -> None:
+    watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest())
+    assert (
+        await asyncio.wait_for(watch.read(), 5)
+    ).status == health_pb2.HealthCheckResponse.SERVING
+    old_generation = client.channel.generation
+    rotate_leaves(pki, lifetime=LIFETIME)
+    assert await client.reload_tls() is True
+    assert client.channel.draining == 1  # the stream holds the old channels open
+    await client.close()
+    assert client.channel.draining == 0
+    shutdown = grpc.ChannelConnectivity.SHUTDOWN
+    assert all(channel.get_state() == shutdown for channel in old_generation.channels)
+    # Closed with grace None: the stream was cancelled (grpc.aio raises CancelledError for it).
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(watch.read(), 5)
+    assert watch.done() and await watch.code() == grpc.StatusCode.CANCELLED
