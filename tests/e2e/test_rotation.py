@@ -154,12 +154,12 @@ async def test_rotation_under_load_fails_no_call_and_loses_no_event(
             batch = load.events(1)
             try:
                 await client.publish_batch(batch)
+                load.acked.update(event.id for event in batch)
                 await client.count(event_filter)
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 return False
-            load.acked.update(event.id for event in batch)
             return True
 
         await until(answers, "the gateway to reach ingest and storage", within=30)
