@@ -4,7 +4,10 @@ identity no policy names."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import socket
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from streammesh.mesh.pki import CA_FILE, CA_KEY_FILE, TlsMaterial, ca_key_dir
 
-__all__ = ["odd_leaf"]
+__all__ = ["odd_leaf", "served_certificate"]
 
 
 def odd_leaf(
@@ -64,3 +67,29 @@ def odd_leaf(
             serialization.NoEncryption(),
         ),
     )
+
+
+def _handshake(
+    port: int, ca_file: Path, server_name: str, client: tuple[Path, Path] | None
+) -> bytes:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.set_alpn_protocols(["h2"])  # gRPC servers refuse a TLS client that does not offer it
+    if client is not None:
+        context.load_cert_chain(*client)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def served_certificate(
+    port: int, ca_file: Path, *, server_name: str, client: tuple[Path, Path] | None = None
+) -> x509.Certificate:
+    """The certificate a server on 127.0.0.1:`port` presents to a new connection, verified
+    against `ca_file` and `server_name` (with `client`'s certificate and key, for a listener
+    that requires one); ssl.SSLError when it does not verify."""
+    der = await asyncio.to_thread(_handshake, port, ca_file, server_name, client)
+    return x509.load_der_x509_certificate(der)

@@ -21,6 +21,7 @@ from google.protobuf.json_format import MessageToDict
 
 from services.gateway.tokens import JwksCache, public_keys
 from streammesh.mesh.errors import Unavailable
+from streammesh.mesh.tls_reload import ReloadingSslContext
 
 __all__ = ["JWKS_PATH", "JwksHttpListener"]
 
@@ -32,6 +33,10 @@ _READ_TIMEOUT_SECONDS = 5.0
 _MAX_CONNECTIONS = 64
 
 
+def _tls_versions(context: ssl.SSLContext) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+
+
 class JwksHttpListener:
     """An HTTPS listener serving the JWK Set of `keys` at JWKS_PATH."""
 
@@ -39,9 +44,10 @@ class JwksHttpListener:
         self._keys = keys
         self._host = host
         self._requested_port = port
-        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._tls.load_cert_chain(tls_dir / "gateway.pem", tls_dir / "gateway-key.pem")
+        # The gateway's certificate as its files are at each new connection (pki rotate).
+        self._tls = ReloadingSslContext(
+            tls_dir / "gateway.pem", tls_dir / "gateway-key.pem", _tls_versions
+        ).context
         self._slots = asyncio.Semaphore(_MAX_CONNECTIONS)
         self._server: asyncio.Server | None = None
         self.port = 0

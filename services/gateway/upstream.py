@@ -124,6 +124,7 @@ class Upstreams:
                     method_timeouts=method_timeouts or {},
                     max_message_bytes=settings.max_message_bytes,
                     max_in_flight=settings.upstream_max_in_flight,
+                    tls_reload_seconds=settings.tls_reload_seconds,
                 )
             )
 

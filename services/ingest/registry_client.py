@@ -14,7 +14,13 @@ import grpc
 from streammesh.api.common.v1 import schema_registry_pb2 as common
 from streammesh.api.storage.v1 import schema_registry_pb2 as pb
 from streammesh.api.storage.v1 import schema_registry_pb2_grpc as pb_grpc
-from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
+from streammesh.mesh.client import (
+    DEFAULT_TLS_RELOAD_SECONDS,
+    MeshClient,
+    MeshClientConfig,
+    TlsFiles,
+    parse_targets,
+)
 
 __all__ = ["REGISTRY", "Change", "RegistryClient", "RegistryUnavailable", "StoredSchema"]
 
@@ -46,7 +52,14 @@ class RegistryClient:
     `timeout_seconds`, retried as the protos declare (GetSchema, GetSchemaPolicy and
     ListSchemaChanges have no side effects)."""
 
-    def __init__(self, target: str, tls: TlsFiles, *, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        tls: TlsFiles,
+        *,
+        timeout_seconds: float,
+        tls_reload_seconds: float | None = DEFAULT_TLS_RELOAD_SECONDS,
+    ) -> None:
         self._client = MeshClient(
             MeshClientConfig(
                 server_name="storage",
@@ -54,6 +67,7 @@ class RegistryClient:
                 tls=tls,
                 services=(REGISTRY,),
                 timeout_seconds=timeout_seconds,
+                tls_reload_seconds=tls_reload_seconds,
             )
         )
         self._stub = self._client.stub(pb_grpc.SchemaRegistryServiceStub)

@@ -149,6 +149,7 @@ async def serve(settings: IngestSettings) -> None:
             settings.storage_target,
             TlsFiles.of(settings.tls_dir, "ingest"),
             timeout_seconds=settings.registry_timeout_seconds,
+            tls_reload_seconds=settings.tls_reload_seconds,
         )
         schemas = schema_cache(settings, registry)
         schemas.start()

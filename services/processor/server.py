@@ -125,7 +125,10 @@ async def serve(settings: ProcessorSettings) -> None:
     client = connect_redis(settings.redis_url, longest_block_ms=settings.block_ms)
     # One mesh client for every call to storage (events, dead letters, engine, definitions).
     storage = storage_client(
-        settings.storage_target, settings.tls_dir, timeout_seconds=settings.store_timeout_seconds
+        settings.storage_target,
+        settings.tls_dir,
+        timeout_seconds=settings.store_timeout_seconds,
+        tls_reload_seconds=settings.tls_reload_seconds,
     )
     writer = StorageWriter(storage)
     follower = DefinitionFollower(

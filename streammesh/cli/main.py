@@ -1,6 +1,7 @@
 """`streammesh`: the operator's command line.
 
 streammesh pki init [--force]   make the dev CA and certificates
+streammesh pki rotate [--ca]    re-issue them (or the CA) while the stack runs
 streammesh up [--replicas S=N]  start the stack as local processes, wait for SERVING
 streammesh status               every replica, with pid, port and health
 streammesh down                 drain and stop what `up` started
@@ -23,6 +24,7 @@ from streammesh.cli.admin import add_admin_commands, create_user_as_operator
 from streammesh.cli.bench import add_bench_command
 from streammesh.cli.demo import run_demo
 from streammesh.cli.errors import describe_rpc_error
+from streammesh.cli.pki import add_pki_commands
 from streammesh.cli.query import add_query_commands
 from streammesh.cli.report import add_report_command
 from streammesh.cli.rules import add_rule_commands
@@ -32,7 +34,6 @@ from streammesh.cli.stack import (
     StackConfig,
     StartError,
     bring_up,
-    prepare_state,
     shut_down,
     stack_status,
 )
@@ -42,15 +43,6 @@ from streammesh.cli.tenants import add_tenant_commands
 from streammesh.client import GatewayClient
 
 __all__ = ["main"]
-
-
-def cmd_pki_init(config: StackConfig, args: argparse.Namespace) -> int:
-    written = prepare_state(config, force_pki=args.force)
-    if written:
-        print(f"wrote {', '.join(written)} in {config.state_dir}")
-    else:
-        print(f"PKI already present in {config.pki_dir} (use --force to replace it)")
-    return 0
 
 
 async def _demo(config: StackConfig, args: argparse.Namespace) -> int:
@@ -90,13 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streammesh", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pki = commands.add_parser("pki", help="dev PKI").add_subparsers(
-        dest="pki_command", required=True
-    )
-    init = pki.add_parser("init", help="create the CA, service and admin certificates")
-    init.add_argument("--force", action="store_true", help="replace an existing PKI")
-    init.set_defaults(handler=cmd_pki_init)
-
+    add_pki_commands(commands)
     add_stack_commands(commands)
 
     demo = commands.add_parser("demo", help="push one real session through the stack")

@@ -19,6 +19,7 @@ signal it (`signal_service`, `stop_service`). `shut_down` stops extra instances 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -52,6 +53,7 @@ from streammesh.cli.replicas import (
 from streammesh.cli.stack_config import GRPC_SERVICE, START_ORDER, StackConfig
 from streammesh.mesh import init_pki
 from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
+from streammesh.mesh.pki_rotation import renew_due
 from streammesh.mesh.settings import write_secret_file
 
 __all__ = [
@@ -103,7 +105,11 @@ class ServiceState:
 def prepare_state(config: StackConfig, *, force_pki: bool = False) -> list[str]:
     """PKI and the auth secret key, created once and kept (`force_pki` makes a new PKI, which
     invalidates every certificate issued before); returns what was made."""
-    made = init_pki(config.pki_dir, trust_domain=config.trust_domain, force=force_pki)
+    lifetime = dt.timedelta(seconds=config.leaf_lifetime_seconds)
+    made = init_pki(
+        config.pki_dir, trust_domain=config.trust_domain, force=force_pki, leaf_lifetime=lifetime
+    )
+    made += [name for name in renew_due(config.pki_dir, lifetime=lifetime) if name not in made]
     if write_secret_file(config.secret_key_file):
         made.append(str(config.secret_key_file.relative_to(config.state_dir)))
     return made

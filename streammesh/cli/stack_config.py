@@ -65,6 +65,19 @@ class StackConfig(BaseSettings):
     trust_domain: str = Field(
         DEFAULT_TRUST_DOMAIN, description="the SPIFFE trust domain of the certificates"
     )
+    leaf_lifetime_seconds: float = Field(
+        86_400,
+        ge=60,
+        description="how long the certificates `pki init` and `pki rotate` issue are valid "
+        "(default 24 h); rotate well within it, `up` renews those past half of it",
+    )
+    tls_reload_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="every service's STREAMMESH_<SERVICE>_TLS_RELOAD_SECONDS; `pki rotate --ca` "
+        "waits for it between its steps",
+    )
     stream_prefix: str = Field(
         "streammesh:events",
         description="Redis keys of the event streams: <prefix>:p<n>, one per partition",
@@ -115,6 +128,7 @@ class StackConfig(BaseSettings):
             "PORT": str(self.port(name)),
             "TLS_DIR": str(self.pki_dir),
             "TRUST_DOMAIN": self.trust_domain,
+            "TLS_RELOAD_SECONDS": str(self.tls_reload_seconds),
             "LOG_LEVEL": self.log_level,
             # On the services' own host, as the gRPC port: loopback for a local stack. A port
             # another stack holds only costs this one its /metrics (a warning in its log).

@@ -16,13 +16,15 @@ replica when several are listed, so that it can eject a failing one: streammesh.
 and streammesh.mesh.ejection), the service config derived from the protos' idempotency options
 (streammesh.mesh.derived_config), per-method timeouts bounded by the deadline of the call being
 handled (streammesh.mesh.deadlines), a limit on calls in flight (streammesh.mesh.limits) and
-the client interceptors. Callers hold stubs, never channels or
+the client interceptors, and the reload of its TLS material (streammesh.mesh.channel_reload:
+new channels swapped in when the files change). Callers hold stubs, never channels or
 retry lists. A caller that sends pre-serialized bytes takes `client.channel` for its own
 multi-callable (the processor's StoreEvents does).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,16 +36,19 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from streammesh.mesh.channel import channel_options
+from streammesh.mesh.channel_reload import ChannelReloader, channel_credentials
 from streammesh.mesh.derived_config import RetryPolicy, derive_service_config, retryable_codes
 from streammesh.mesh.ejection import EjectionPolicy, Ejector
 from streammesh.mesh.limits import ConcurrencyLimit
 from streammesh.mesh.pki import CA_FILE
 from streammesh.mesh.replicas import ReplicaChannel
+from streammesh.mesh.tls_reload import MaterialSnapshot, read_snapshot
 from streammesh.mesh.tracing_client import default_tracing_interceptors
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TIMEOUT_SECONDS",
+    "DEFAULT_TLS_RELOAD_SECONDS",
     "MeshClient",
     "MeshClientConfig",
     "TlsFiles",
@@ -52,6 +57,7 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_TLS_RELOAD_SECONDS = 10.0
 
 _Stub = TypeVar("_Stub")
 
@@ -79,20 +85,33 @@ class TlsFiles:
         layout of streammesh.mesh.pki)."""
         return cls(tls_dir / CA_FILE, tls_dir / f"{identity}.pem", tls_dir / f"{identity}-key.pem")
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        """Channel credentials from the files as they are now; FileNotFoundError names a
-        missing file."""
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The files: the CA bundle, then the certificate and key when there are some."""
+        return tuple(
+            path
+            for path in (self.ca_file, self.certificate_file, self.key_file)
+            if path is not None
+        )
+
+    def snapshot(self) -> MaterialSnapshot:
+        """The files as they are now (read again if a rotation was between its renames);
+        FileNotFoundError names a missing file, ValueError a key that is not the
+        certificate's."""
         try:
-            ca = self.ca_file.read_bytes()
-            chain = None if self.certificate_file is None else self.certificate_file.read_bytes()
-            key = None if self.key_file is None else self.key_file.read_bytes()
+            for _ in range(3):
+                snapshot = read_snapshot(self.ca_file, self.certificate_file, self.key_file)
+                if snapshot is not None:
+                    return snapshot
         except FileNotFoundError as missing:
             raise FileNotFoundError(
                 f"TLS material missing ({missing.filename}); run `streammesh pki init`"
             ) from missing
-        return grpc.ssl_channel_credentials(
-            root_certificates=ca, private_key=key, certificate_chain=chain
-        )
+        raise ValueError(f"{self.key_file} is not the key of {self.certificate_file}")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials from the files as they are now (see `snapshot`)."""
+        return channel_credentials(self.snapshot())
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -174,6 +193,9 @@ class MeshClientConfig:
     max_in_flight: int | None = None
     """Unary calls in flight to this service at most; past it a call fails at once with
     UNAVAILABLE (streammesh.mesh.limits). None: no limit."""
+    tls_reload_seconds: float | None = DEFAULT_TLS_RELOAD_SECONDS
+    """How often the TLS files are checked for new material (new channels are swapped in
+    when they changed: streammesh.mesh.channel_reload). None: never."""
 
     def __post_init__(self) -> None:
         _grpc_target(self.targets)
@@ -189,6 +211,8 @@ class MeshClientConfig:
             raise ValueError("timeout_seconds must be positive")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1 (None: no limit)")
+        if self.tls_reload_seconds is not None and self.tls_reload_seconds <= 0:
+            raise ValueError("tls_reload_seconds must be positive (None: no reload)")
         # Frozen all the way down: the mapping cannot change under a running client.
         object.__setattr__(self, "method_timeouts", MappingProxyType(dict(self.method_timeouts)))
 
@@ -247,7 +271,7 @@ class MeshClient:
         self.config = config
         self.service_config = config.service_config()
         """The service config each channel was built with."""
-        credentials = config.tls.credentials()
+        snapshot = config.tls.snapshot()
         options = channel_options(
             config.server_name, self.service_config, max_message_bytes=config.max_message_bytes
         )
@@ -255,12 +279,16 @@ class MeshClient:
         # Tracing outermost (when on): its client span covers the attempt, the caller's
         # interceptors inside it. With several replicas each attempt is its own span.
         interceptors = [*default_tracing_interceptors(), *config.interceptors]
-        channels = [
-            grpc.aio.secure_channel(
-                target, credentials, options=options, interceptors=interceptors or None
-            )
-            for target in targets
-        ]
+
+        def build(credentials: grpc.ChannelCredentials) -> list[grpc.aio.Channel]:
+            return [
+                grpc.aio.secure_channel(
+                    target, credentials, options=options, interceptors=interceptors or None
+                )
+                for target in targets
+            ]
+
+        channels = build(channel_credentials(snapshot))
         self._channel = ReplicaChannel(
             channels,
             ejector=Ejector(len(channels), config.ejection),
@@ -270,6 +298,19 @@ class MeshClient:
             timeouts=config.timeouts(),
             retry_across_replicas=config.per_replica,
         )
+        self.reloader: ChannelReloader | None = None
+        """The watch over the TLS files (None: no reload configured, or no running loop
+        when the client was made)."""
+        if config.tls_reload_seconds is not None and _loop_running():
+            self.reloader = ChannelReloader(
+                config.server_name,
+                config.tls.paths,
+                self._channel,
+                build,
+                stamp=snapshot.stamp,
+                interval=config.tls_reload_seconds,
+            )
+            self.reloader.start()
 
     @property
     def channel(self) -> ReplicaChannel:
@@ -281,8 +322,16 @@ class MeshClient:
         """A generated stub (`XServiceStub`) over this client's channel."""
         return stub_type(self._channel)
 
+    async def reload_tls(self) -> bool:
+        """Check the TLS files now (as the poll does); whether new channels were swapped in."""
+        if self.reloader is None:
+            return False
+        return await self.reloader.check()
+
     async def close(self, grace: float | None = None) -> None:
         """Close the channel; calls still running get `grace` seconds (None: cancelled now)."""
+        if self.reloader is not None:
+            await self.reloader.close()
         await self._channel.close(grace)
 
     async def __aenter__(self) -> MeshClient:
@@ -295,3 +344,11 @@ class MeshClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -1,5 +1,11 @@
 """Development PKI: one CA, one certificate per service, one per operator.
 
+Leaf certificates are short-lived (`DEFAULT_LEAF_LIFETIME`, 24 h; `streammesh pki rotate`
+re-issues them while the stack runs: streammesh.mesh.pki_rotation). `ca.pem` is a bundle: one
+CA, or two during a CA rotation's overlap; leaves are signed by the one whose key is in the CA
+folder. Every file is written atomically (a new file, then a rename), so a process that reads
+the material while it is rotated reads either the old file or the new one, never half of one.
+
 Every leaf certificate has exactly one URI SAN, its SPIFFE id, plus DNS/IP SANs so that a channel
 can verify the server it reached: clients pin the expected service by overriding the TLS target
 name with the service's name, which must be a DNS SAN of that service's certificate only.
@@ -25,13 +31,24 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from streammesh.mesh.identity import operator_id, service_id
 
-__all__ = ["SERVICE_NAMES", "TlsMaterial", "init_pki", "issue_leaf"]
+__all__ = [
+    "DEFAULT_LEAF_LIFETIME",
+    "SERVICE_NAMES",
+    "TlsMaterial",
+    "init_pki",
+    "issue_leaf",
+    "signing_ca",
+    "write_atomically",
+]
 
 SERVICE_NAMES = ("gateway", "auth", "ingest", "processor", "storage")
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
 _CA_DAYS = 3650
-_LEAF_DAYS = 365
+DEFAULT_LEAF_LIFETIME = dt.timedelta(hours=24)
+"""How long a leaf certificate is valid unless the caller says otherwise."""
+_BACKDATE = dt.timedelta(minutes=5)
+"""Validity starts this long before issue, for clocks a little behind ours."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +79,25 @@ def ca_key_dir(directory: Path) -> Path:
     return directory.parent / f"{directory.name}-ca"
 
 
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write `data` to a new file beside `path`, flush it to disk, then rename it over `path`:
+    a reader sees the old content or the new, never a part (POSIX rename is atomic)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)  # O_CREAT's mode is masked by the umask
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
+    write_atomically(path, data, mode=0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -81,7 +112,8 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _create_ca(directory: Path, trust_domain: str) -> None:
+def new_ca(trust_domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new self-signed CA certificate and its key (not written anywhere)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
@@ -116,11 +148,50 @@ def _create_ca(directory: Path, trust_domain: str) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    (directory / CA_FILE).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def write_ca(
+    directory: Path, bundle: Iterable[x509.Certificate], key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Write the trust bundle `ca.pem` first, then the signing key: a leaf is never signed by a
+    CA that the bundle does not hold yet."""
+    pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in bundle)
+    write_atomically(directory / CA_FILE, pem)
     key_dir = ca_key_dir(directory)
     key_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(key_dir, 0o700)
     _write_private(key_dir / CA_KEY_FILE, _key_pem(key))
+
+
+def _create_ca(directory: Path, trust_domain: str) -> None:
+    cert, key = new_ca(trust_domain)
+    write_ca(directory, [cert], key)
+
+
+def ca_bundle(directory: Path) -> list[x509.Certificate]:
+    """The CA certificates `ca.pem` holds (two during a CA rotation's overlap)."""
+    return x509.load_pem_x509_certificates((directory / CA_FILE).read_bytes())
+
+
+def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) == key.public_key().public_bytes(serialization.Encoding.DER, spki)
+
+
+def signing_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA that issues leaves: the key in the CA folder and its certificate in the bundle."""
+    ca_key = serialization.load_pem_private_key(
+        (ca_key_dir(directory) / CA_KEY_FILE).read_bytes(), None
+    )
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError("the dev CA key must be an EC key")
+    for cert in ca_bundle(directory):
+        if _same_key(cert, ca_key):
+            return cert, ca_key
+    raise ValueError(f"no certificate in {directory / CA_FILE} matches the CA key")
 
 
 def issue_leaf(
@@ -130,14 +201,13 @@ def issue_leaf(
     spiffe_id: str,
     dns_names: Iterable[str] = (),
     server: bool = True,
-) -> None:
-    """Issue `<file_name>.pem` / `<file_name>-key.pem` signed by the CA in `directory`."""
-    ca_cert = x509.load_pem_x509_certificate((directory / CA_FILE).read_bytes())
-    ca_key = serialization.load_pem_private_key(
-        (ca_key_dir(directory) / CA_KEY_FILE).read_bytes(), None
-    )
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise TypeError("the dev CA key must be an EC key")
+    lifetime: dt.timedelta = DEFAULT_LEAF_LIFETIME,
+) -> x509.Certificate:
+    """Issue `<file_name>.pem` / `<file_name>-key.pem` signed by the CA in `directory`, valid
+    for `lifetime` from now; returns the certificate. The key is written first: a reader that
+    comes between the two renames sees a key and certificate that do not match, and keeps
+    what it had (streammesh.mesh.tls_reload)."""
+    ca_cert, ca_key = signing_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
     names += [x509.DNSName(dns) for dns in dns_names]
@@ -153,8 +223,8 @@ def issue_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=_LEAF_DAYS))
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
@@ -163,8 +233,9 @@ def issue_leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    (directory / f"{file_name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_private(directory / f"{file_name}-key.pem", _key_pem(key))
+    write_atomically(directory / f"{file_name}.pem", cert.public_bytes(serialization.Encoding.PEM))
+    return cert
 
 
 def init_pki(
@@ -174,8 +245,10 @@ def init_pki(
     services: Iterable[str] = SERVICE_NAMES,
     operators: Iterable[str] = ("admin",),
     force: bool = False,
+    leaf_lifetime: dt.timedelta = DEFAULT_LEAF_LIFETIME,
 ) -> list[str]:
-    """Create the CA (unless present) and every missing certificate; return what was written.
+    """Create the CA (unless present) and every missing certificate, valid for
+    `leaf_lifetime`; return what was written.
 
     With `force`, everything is made anew, which invalidates every certificate issued before.
     """
@@ -197,6 +270,7 @@ def init_pki(
                 file_name=name,
                 spiffe_id=service_id(trust_domain, name),
                 dns_names=(name, f"{name}.streammesh", "localhost"),
+                lifetime=leaf_lifetime,
             )
             written.append(f"{name}.pem")
     for name in operators:
@@ -206,6 +280,7 @@ def init_pki(
                 file_name=name,
                 spiffe_id=operator_id(trust_domain, name),
                 server=False,
+                lifetime=leaf_lifetime,
             )
             written.append(f"{name}.pem")
     return written

@@ -22,6 +22,9 @@ as they would any channel. Every call picks one replica's channel:
 - Every call's timeout is `deadlines.outbound_timeout` of its own (the caller's, else the
   method's default): never past the deadline of the call being handled.
 - Each unary attempt's status feeds the ejector (which counts outages only).
+- The channels can be swapped for new ones (`swap`, after a TLS rotation): each attempt and
+  each new stream takes the current generation of channels; calls already running finish on
+  theirs, whose channels close once drained (streammesh.mesh.generations).
 
 With a single replica (one host:port or dns:/// target, which gRPC itself balances over) the
 same object serves one channel whose service config keeps gRPC's own retries; the picker then
@@ -42,6 +45,7 @@ import grpc
 from streammesh.mesh.deadlines import outbound_timeout
 from streammesh.mesh.derived_config import RetryPolicy
 from streammesh.mesh.ejection import Ejector
+from streammesh.mesh.generations import ChannelGeneration, MethodKey, RetiredGenerations
 from streammesh.mesh.limits import ConcurrencyLimit
 
 __all__ = ["ReplicaChannel", "RetryBudget"]
@@ -83,28 +87,30 @@ class _Calls:
 
     def __init__(
         self,
-        channels: Sequence[grpc.aio.Channel],
+        generation: ChannelGeneration,
         ejector: Ejector,
         limit: ConcurrencyLimit,
         retry: RetryPolicy,
         budget: RetryBudget | None,
     ) -> None:
-        self.channels = channels
+        self.generation = generation
+        """The channels new calls and attempts go to."""
         self.ejector = ejector
         self.limit = limit
         self.retry = retry
         self.budget = budget
         """None: the picker never retries (gRPC retries inside the one channel)."""
-        self.in_flight = [0] * len(channels)
+        self.in_flight = [0] * len(generation.channels)
         """Unary attempts in flight on each replica."""
         self._turn = 0
         self._reading: set[asyncio.Future[grpc.StatusCode]] = set()
 
-    def pick(self, tried: set[int]) -> int:
+    def pick(self, tried: set[int], generation: ChannelGeneration) -> int:
         """The replica for the next attempt, avoiding those already `tried` if others are in."""
-        admitted = self.ejector.admitted() or list(range(len(self.channels)))
+        channels = generation.channels
+        admitted = self.ejector.admitted() or list(range(len(channels)))
         fresh = [index for index in admitted if index not in tried] or admitted
-        ranks = {i: _RANK[self.channels[i].get_state(try_to_connect=True)] for i in fresh}
+        ranks = {i: _RANK[channels[i].get_state(try_to_connect=True)] for i in fresh}
         best = min(ranks.values())
         pool = [index for index in fresh if ranks[index] == best]
         least = min(self.in_flight[index] for index in pool)
@@ -147,14 +153,14 @@ class _UnaryCall:
     def __init__(
         self,
         calls: _Calls,
-        callables: Sequence[grpc.aio.UnaryUnaryMultiCallable],
+        method: MethodKey,
         codes: frozenset[grpc.StatusCode],
         request: Any,
         timeout: float | None,
         options: dict[str, Any],
     ) -> None:
         self._calls = calls
-        self._callables = callables
+        self._method = method
         self._codes = codes
         self._request = request
         self._timeout = timeout
@@ -211,15 +217,18 @@ class _UnaryCall:
         finally:
             calls.limit.release()
 
-    async def _send(self, index: int, timeout: float | None) -> Any:
-        """One attempt on replica `index`, counted in flight while it runs."""
+    async def _send(self, generation: ChannelGeneration, index: int, timeout: float | None) -> Any:
+        """One attempt on replica `index` of `generation`, counted in flight while it runs."""
         in_flight = self._calls.in_flight
-        self._attempt = self._callables[index](self._request, timeout=timeout, **self._options)
+        send = generation.multi_callables(self._method)[index]
+        self._attempt = send(self._request, timeout=timeout, **self._options)
         in_flight[index] += 1
+        generation.enter()
         try:
             return await self._attempt
         finally:
             in_flight[index] -= 1
+            generation.leave()
 
     async def _attempts(self) -> Any:
         calls = self._calls
@@ -227,10 +236,11 @@ class _UnaryCall:
         tried: set[int] = set()
         attempt = 1
         while True:
-            index = calls.pick(tried)
+            generation = calls.generation
+            index = calls.pick(tried, generation)
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                response = await self._send(index, left)
+                response = await self._send(generation, index, left)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 calls.ejector.record(index, code, attempt_seconds=left)
@@ -261,12 +271,12 @@ class _UnaryUnary:
     def __init__(
         self,
         calls: _Calls,
-        callables: Sequence[grpc.aio.UnaryUnaryMultiCallable],
+        method: MethodKey,
         codes: frozenset[grpc.StatusCode],
         default_timeout: float | None,
     ) -> None:
         self._calls = calls
-        self._callables = callables
+        self._method = method
         self._codes = codes
         self._default_timeout = default_timeout
 
@@ -274,22 +284,27 @@ class _UnaryUnary:
         # The deadline is read here, in the caller's context, as gRPC starts a call at once.
         own = self._default_timeout if timeout is None else timeout
         return _UnaryCall(
-            self._calls, self._callables, self._codes, request, outbound_timeout(own), options
+            self._calls, self._method, self._codes, request, outbound_timeout(own), options
         )
 
 
 class _Streaming:
-    """The multi-callable of one streaming method: the call of the replica picked."""
+    """The multi-callable of one streaming method: the call of the replica picked, on the
+    current generation of channels, which it keeps until it ends."""
 
-    def __init__(self, calls: _Calls, callables: Sequence[Callable[..., Any]]) -> None:
+    def __init__(self, calls: _Calls, method: MethodKey) -> None:
         self._calls = calls
-        self._callables = callables
+        self._method = method
 
     def __call__(self, *args: Any, timeout: float | None = None, **options: Any) -> Any:
         calls = self._calls
-        index = calls.pick(set())
-        call = self._callables[index](*args, timeout=outbound_timeout(timeout), **options)
-        if len(calls.channels) > 1:
+        generation = calls.generation
+        index = calls.pick(set(), generation)
+        send = generation.multi_callables(self._method)[index]
+        call = send(*args, timeout=outbound_timeout(timeout), **options)
+        generation.enter()
+        call.add_done_callback(generation.leave)
+        if len(generation.channels) > 1:
             call.add_done_callback(partial(calls.stream_ended, index))
         return call
 
@@ -305,10 +320,8 @@ def _streaming_method(kind: str) -> Callable[..., _Streaming]:
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
     ) -> _Streaming:
-        arguments = (method, request_serializer, response_deserializer, _registered_method)
-        return _Streaming(
-            self._calls, [getattr(channel, kind)(*arguments) for channel in self.channels]
-        )
+        key = (kind, method, request_serializer, response_deserializer, _registered_method)
+        return _Streaming(self._calls, key)
 
     multi_callable.__name__ = kind
     return multi_callable
@@ -331,14 +344,40 @@ class ReplicaChannel(grpc.aio.Channel):  # type: ignore[misc]
     ) -> None:
         if not channels:
             raise ValueError("a ReplicaChannel needs at least one channel")
-        self.channels = tuple(channels)
-        """One channel per replica, in the order of the targets."""
         budget = RetryBudget(retry) if retry_across_replicas else None
-        self._calls = _Calls(self.channels, ejector, limit, retry, budget)
+        self._calls = _Calls(ChannelGeneration(channels), ejector, limit, retry, budget)
         self._retried_codes = dict(retried_codes)
         self._timeouts = dict(timeouts)
+        self._retired = RetiredGenerations()
         for channel in self.channels:
             channel.get_state(try_to_connect=True)  # connect now, not on the first call
+
+    @property
+    def channels(self) -> tuple[grpc.aio.Channel, ...]:
+        """The current channel of each replica, in the order of the targets."""
+        return self._calls.generation.channels
+
+    @property
+    def generation(self) -> ChannelGeneration:
+        """The generation of channels new calls go to."""
+        return self._calls.generation
+
+    def swap(self, channels: Sequence[grpc.aio.Channel]) -> ChannelGeneration:
+        """Send new calls and attempts to `channels` (one per replica, in the same order);
+        calls running on the old ones finish there, and the old channels close once the
+        last of them ended. Returns the new generation."""
+        old = self._calls.generation
+        if len(channels) != len(old.channels):
+            raise ValueError(f"swap needs {len(old.channels)} channels, got {len(channels)}")
+        new = ChannelGeneration(channels, old.number + 1)
+        self._calls.generation = new
+        self._retired.add(old)
+        return new
+
+    @property
+    def draining(self) -> int:
+        """Old generations whose calls have not all ended yet."""
+        return len(self._retired)
 
     @property
     def ejector(self) -> Ejector:
@@ -357,15 +396,10 @@ class ReplicaChannel(grpc.aio.Channel):  # type: ignore[misc]
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        callables = [
-            channel.unary_unary(
-                method, request_serializer, response_deserializer, _registered_method
-            )
-            for channel in self.channels
-        ]
+        key = ("unary_unary", method, request_serializer, response_deserializer, _registered_method)
         return _UnaryUnary(
             self._calls,
-            callables,
+            key,
             self._retried_codes.get(method, frozenset()),
             self._timeouts.get(method),
         )
@@ -398,8 +432,10 @@ class ReplicaChannel(grpc.aio.Channel):  # type: ignore[misc]
             await self.wait_for_state_change(state)
 
     async def close(self, grace: float | None = None) -> None:
-        """Close every replica's channel; calls still running get `grace` seconds."""
-        await asyncio.gather(*(channel.close(grace) for channel in self.channels))
+        """Close every replica's channel (old generations' too); calls still running get
+        `grace` seconds."""
+        await self._retired.close(grace)
+        await self._calls.generation.close(grace)
 
     async def __aenter__(self) -> ReplicaChannel:
         return self

@@ -11,6 +11,10 @@ balancers act on NOT_SERVING), so a stack that stops edge first does not wait it
 tier. (Clients' Watch streams do not hold the graceful stop: measured, a stop with a watching
 client and no call in flight returns at once.)
 Health also follows the service's dependencies (`watch_dependencies`, streammesh.mesh.health).
+
+TLS material is read from the service's files before each new handshake (gRPC's dynamic server
+credentials, streammesh.mesh.tls_reload): a rotated certificate or CA bundle is presented and
+trusted from the next connection on, without a restart.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from streammesh.mesh.pki import TlsMaterial
 from streammesh.mesh.policy import PeerPolicy
 from streammesh.mesh.settings import ServiceSettings
 from streammesh.mesh.startup import StartupError, listen_problem, load_tls
+from streammesh.mesh.tls_reload import ServerCredentialsReloader
 from streammesh.mesh.tracing import tracing_enabled
 
 __all__ = [
@@ -202,8 +207,10 @@ def create_mesh_server(
     and the decoding layer is appended to either: handlers are registered without their
     request deserializer and rely on it.
     """
-    material = tls or load_tls(settings.tls_dir, identity)
     metrics = metrics or ServiceMetrics(identity)
+    credentials, material = _server_credentials(
+        settings, identity, tls, require_client_cert=require_client_cert, metrics=metrics
+    )
     if isinstance(guard, PeerPolicy):
         metrics.registry.register(PolicyDenialCollector(guard.denials.counts))
     metrics.certificate(identity, material.certificate_chain)
@@ -231,11 +238,6 @@ def create_mesh_server(
         ),
         server,
     )
-    credentials = grpc.ssl_server_credentials(
-        [(material.private_key, material.certificate_chain)],
-        root_certificates=material.ca,
-        require_client_auth=require_client_cert,
-    )
     try:
         port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
     except RuntimeError as error:
@@ -258,6 +260,39 @@ def create_mesh_server(
         probe_interval=settings.health_interval_seconds,
         probe_timeout=settings.health_timeout_seconds,
     )
+
+
+def _server_credentials(
+    settings: ServiceSettings,
+    identity: str,
+    tls: TlsMaterial | None,
+    *,
+    require_client_cert: bool,
+    metrics: ServiceMetrics,
+) -> tuple[grpc.ServerCredentials, TlsMaterial]:
+    """Credentials that follow the files in tls_dir (a rotated certificate or CA bundle is
+    presented and trusted from the next new connection on: streammesh.mesh.tls_reload), or
+    fixed ones when the caller passes its own material."""
+    if tls is not None:
+        fixed = grpc.ssl_server_credentials(
+            [(tls.private_key, tls.certificate_chain)],
+            root_certificates=tls.ca,
+            require_client_auth=require_client_cert,
+        )
+        return fixed, tls
+    load_tls(settings.tls_dir, identity)  # a missing file is a StartupError naming it
+    try:
+        reloader = ServerCredentialsReloader(
+            settings.tls_dir,
+            identity,
+            require_client_cert=require_client_cert,
+            on_change=lambda new: metrics.certificate(identity, new.certificate_chain),
+        )
+    except ValueError as error:
+        raise StartupError(
+            f"TLS material of {identity!r} in {settings.tls_dir}: {error}"
+        ) from error
+    return reloader.credentials(), reloader.material
 
 
 async def run_until_signalled(

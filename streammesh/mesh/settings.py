@@ -49,6 +49,14 @@ class ServiceSettings(BaseSettings):
         "$STREAMMESH_STATE_DIR/pki",
     )
     trust_domain: str = Field(DEFAULT_TRUST_DOMAIN, description="SPIFFE trust domain")
+    tls_reload_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="how often the service's mesh clients check their TLS files for a rotated "
+        "certificate or CA bundle and swap in new channels (its listener takes new files at "
+        "each new connection)",
+    )
     policy_file: Path | None = Field(
         None,
         description="the peer policy (TOML: which mTLS identity may call which method) of the "

@@ -29,6 +29,8 @@ def stack_env(config: StackConfig) -> dict[str, str]:
         "STREAMMESH_STREAM_PREFIX": config.stream_prefix,
         "STREAMMESH_AUTH_REDIS_PREFIX": config.auth_redis_prefix,
         "STREAMMESH_TRUST_DOMAIN": config.trust_domain,
+        "STREAMMESH_LEAF_LIFETIME_SECONDS": str(config.leaf_lifetime_seconds),
+        "STREAMMESH_TLS_RELOAD_SECONDS": str(config.tls_reload_seconds),
         "STREAMMESH_PARTITIONS": str(config.partitions),
         "STREAMMESH_LOG_LEVEL": config.log_level,
     }

@@ -36,6 +36,9 @@ def new_stack_config(state_dir: Path) -> StackConfig:
         auth_redis_prefix=f"smtest:{run}:auth:",
         partitions=4,
         log_level="WARNING",
+        # Short-lived certificates, and services that take rotated ones up within half a second.
+        leaf_lifetime_seconds=3600,
+        tls_reload_seconds=0.5,
         storage_port=ports["storage"],
         auth_port=ports["auth"],
         ingest_port=ports["ingest"],

@@ -27,7 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
-from streammesh.cli.admin import create_user_as_operator
 from streammesh.cli.stack import (
     GRPC_SERVICE,
     START_ORDER,
@@ -40,30 +39,15 @@ from streammesh.cli.stack import (
 from streammesh.client import GatewayClient
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from tests.e2e.cli import Conversation, drop_test_data, run_cli, stack_env
+from tests.e2e.session import login
 from tests.environment import clean_environ
 
 pytestmark = pytest.mark.slow
 
 
-async def _login(client: GatewayClient, stack: StackConfig) -> None:
-    username, password = f"e2e-{uuid.uuid4().hex[:8]}", "correct horse battery staple"
-    # Self-registration grants no roles, so the user is made by an operator, as an admin would.
-    await create_user_as_operator(stack, username, password, ["producer", "analyst"])
-    enrolment = await client.begin_totp(username, password)
-    assert enrolment.otpauth_uri.startswith("otpauth://totp/")
-    totp = pyotp.TOTP(enrolment.secret)
-    recovery_codes = await client.confirm_totp(username, password, totp.now())
-    assert len(recovery_codes) >= 8
-    challenge = await client.start_login(username, password)
-    # The confirming code is spent; the next step's code is within the allowed drift.
-    tokens = await client.complete_login(challenge, totp_code=totp.at(time.time() + 30))
-    assert tokens.token_type == "Bearer" and tokens.refresh_token
-    assert {"producer", "analyst"} <= set(tokens.roles)
-
-
 async def test_published_event_is_stored_exactly_once_and_queryable(stack: StackConfig) -> None:
     async with GatewayClient(stack.address("gateway"), stack.pki_dir / "ca.pem") as client:
-        await _login(client, stack)
+        await login(client, stack)
         run_type = f"e2e.{uuid.uuid4().hex[:8]}"
         event = event_pb2.Event(
             id=str(uuid.uuid4()), key="order-1", type=run_type, payload=b'{"n": 1}'

@@ -14,7 +14,13 @@ from services.processor.delivery.dead_letters import DeadLetterRecord, StoreUnav
 from services.processor.delivery.store import PermanentStoreError, StoreResult
 from streammesh.api.storage.v1 import definitions_pb2, storage_pb2, storage_pb2_grpc
 from streammesh.entries import QueuedBody
-from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles, parse_targets
+from streammesh.mesh.client import (
+    DEFAULT_TLS_RELOAD_SECONDS,
+    MeshClient,
+    MeshClientConfig,
+    TlsFiles,
+    parse_targets,
+)
 from streammesh.wire import length_delimited_field
 
 __all__ = [
@@ -28,7 +34,13 @@ __all__ = [
 STORAGE_SERVICE = "streammesh.storage.v1.StorageService"
 
 
-def storage_client(target: str, tls_dir: Path, *, timeout_seconds: float) -> MeshClient:
+def storage_client(
+    target: str,
+    tls_dir: Path,
+    *,
+    timeout_seconds: float,
+    tls_reload_seconds: float | None = DEFAULT_TLS_RELOAD_SECONDS,
+) -> MeshClient:
     """The processor's one client to storage (every replica in `target`), for StoreEvents,
     StoreDeadLetter and the engine's and definition follower's DefinitionService calls; what
     is retried comes from the protos (all of these are idempotent)."""
@@ -42,6 +54,7 @@ def storage_client(target: str, tls_dir: Path, *, timeout_seconds: float) -> Mes
                 definitions_pb2.DESCRIPTOR.services_by_name["DefinitionService"],
             ),
             timeout_seconds=timeout_seconds,
+            tls_reload_seconds=tls_reload_seconds,
         )
     )
 
