@@ -62,6 +62,7 @@ async def test_tiny_bench_run_prints_processing_figures_and_exact_counts(
             *("bench", "--rate", "500", "--warmup", "0", "--duration", "1"),
             *("--closed-duration", "1", "--closed-batch-size", "500", "--raw-events", "1000"),
             *("--processing-rate", "1000", "--engine-events", "3000", "--json", str(out)),
+            *("--variants", "none"),  # test_bench_variants.py runs them
         ]
     )
 
