@@ -11,7 +11,7 @@ pending and retries instead of acknowledging or dead-lettering it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
+from services.storage.event_fences import Fence, raise_fences
 from services.storage.sql import (
     INSERT_BATCH,
     INSERT_BATCH_JOINED,
@@ -162,14 +163,21 @@ _RACES = 5
 """Runs of an insert that lost a race for a new (tenant, id) before the error is raised."""
 
 
-async def _insert_once_stored(conn: asyncpg.Connection, statement: str, *args: object) -> str:
-    """Run the insert; when a concurrent statement stored one of the batch's new ids first (the
-    insert fails as a whole on event_ids' key: services/storage/sql.py says why), run it again:
-    the committed ids are then skipped. Each run is its own transaction, and a race needs the
+async def _insert_once_stored(
+    conn: asyncpg.Connection, fences: Sequence[Fence], statement: str, *args: object
+) -> str:
+    """Run the insert (after raising `fences`, in one transaction with it, when there are
+    any); when a concurrent statement stored one of the batch's new ids first (the insert
+    fails as a whole on event_ids' key: services/storage/sql.py says why), run it again: the
+    committed ids are then skipped. Each run is its own transaction, and a race needs the
     same new id in two batches at the same moment, so a second run is rare and a third rarer."""
     for attempt in range(1, _RACES + 1):
         try:
-            return str(await conn.execute(statement, *args))
+            if not fences:
+                return str(await conn.execute(statement, *args))
+            async with conn.transaction():
+                await raise_fences(conn, fences)
+                return str(await conn.execute(statement, *args))
         except asyncpg.UniqueViolationError as error:
             if error.constraint_name != "event_ids_pkey" or attempt == _RACES:
                 raise
@@ -185,23 +193,35 @@ class EventStore:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
 
-    async def insert_batch(self, batch: BatchColumns, *, partition: int) -> int:
+    async def insert_batch(
+        self, batch: BatchColumns, *, partition: int, fences: Sequence[Fence] = ()
+    ) -> int:
         """Store the batch atomically; return how many were new (the rest were already stored
         under the same tenant and id, including repeats inside the batch). Of those, the ones
         whose content differs from the stored event are recorded in `event_conflicts` (and
         logged, without contents), in a second statement that runs only when rows were
-        skipped."""
-        return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED))
+        skipped. With `fences` (sorted, services/storage/event_fences.py), the lease fences
+        are raised in the insert's transaction, and a stale one raises FailedPrecondition
+        with nothing written."""
+        return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED), fences)
 
-    async def insert_partitions(self, batch: BatchColumns, *, partitions: list[int]) -> int:
+    async def insert_partitions(
+        self, batch: BatchColumns, *, partitions: list[int], fences: Sequence[Fence] = ()
+    ) -> int:
         """As insert_batch, with the partition of each row (`partitions`, one per event): the
         entries of several partitions in one statement, so one round trip and one commit."""
         if len(partitions) != len(batch):
             raise ValueError("one partition per row")
-        return await self._insert(batch, partitions, (INSERT_PARTITIONS, INSERT_PARTITIONS_JOINED))
+        return await self._insert(
+            batch, partitions, (INSERT_PARTITIONS, INSERT_PARTITIONS_JOINED), fences
+        )
 
     async def _insert(
-        self, batch: BatchColumns, partition: int | list[int], statements: tuple[str, str]
+        self,
+        batch: BatchColumns,
+        partition: int | list[int],
+        statements: tuple[str, str],
+        fences: Sequence[Fence],
     ) -> int:
         """Run the array statement or, when the texts can be joined, its joined twin."""
         if not batch:
@@ -237,7 +257,9 @@ class EventStore:
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
-            status = await _insert_once_stored(conn, statement, *columns, partition, tenants)
+            status = await _insert_once_stored(
+                conn, fences, statement, *columns, partition, tenants
+            )
             inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
             if inserted < len(batch):
                 # Some rows were skipped (their id is stored): the rare path checks them.
