@@ -1,11 +1,14 @@
 """The lease fence of StoreEvents (migrations/0016_event_fences.sql).
 
 A processor names its lease epoch on every partition it stores for (StoreEventsRequest.fences).
-In the insert's transaction, before the rows, each fence is upserted into `event_fences`: the
-row is raised to the request's epoch when that is at least the stored one, and locked until
-the commit either way (ON CONFLICT DO UPDATE locks the row even when its WHERE is false). A
-request with an epoch below the stored one is refused whole: FailedPrecondition, reason
-STALE_LEASE_EPOCH, message naming the stream, partition and both epochs, nothing written.
+The insert then runs as the fenced twin of its statement (services/storage/sql.py,
+FENCED_INSERTS), still one statement and one round trip: it upserts each fence into
+`event_fences`, raising the row to the request's epoch when that is at least the stored one and
+locking it to the commit either way (ON CONFLICT DO UPDATE locks the row even when its WHERE is
+false), and lets the rows in only when every fence was raised. Otherwise the statement fails
+with event_fence_refused's SQLSTATE and nothing of it is kept: the request is refused whole,
+FailedPrecondition, reason STALE_LEASE_EPOCH, message naming the stream, partition and both
+epochs.
 
 Why FAILED_PRECONDITION and not ABORTED: gRPC's status guide keeps ABORTED for a conflict the
 client resolves by retrying its read-modify-write at a higher level, FAILED_PRECONDITION for a
@@ -20,9 +23,9 @@ no-op by the idempotent insert); once the new owner's epoch is committed, the ol
 refused. Fences are upserted in (stream, partition) order, so two requests over the same
 partitions cannot deadlock on them.
 
-Cost: one statement more per fenced request, and BEGIN/COMMIT around it and the insert (a
-request without fences stays one autocommitted statement). Each store updates its partitions'
-rows in place (HOT, fillfactor 50), so the table stays one page per few hundred partitions.
+Cost: the upsert of one row per fenced partition in the insert's statement (no round trip
+more); the rows are updated in place (HOT, fillfactor 50). scripts/bench_event_fences.py
+measures it.
 """
 
 from __future__ import annotations
@@ -30,12 +33,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import asyncpg
-
+from services.storage.sql import STALE_LEASE_EPOCH_SQLSTATE
 from streammesh.api.storage.v1 import definitions_pb2
 from streammesh.mesh.errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["STALE_LEASE_EPOCH", "Fence", "check_fences", "raise_fences"]
+__all__ = ["STALE_LEASE_EPOCH", "Fence", "check_fences", "fence_arguments", "stale"]
 
 STALE_LEASE_EPOCH = "STALE_LEASE_EPOCH"
 """ErrorInfo reason of a store refused for a lease epoch below the partition's fence."""
@@ -53,18 +55,6 @@ class Fence:
 
 _MAX_PARTITION = 2**31 - 1  # the column is an integer
 _MAX_EPOCH = 2**63 - 1  # bigint
-
-_RAISE = """
-INSERT INTO event_fences AS f (stream, partition, lease_epoch)
-SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
-ON CONFLICT (stream, partition) DO UPDATE SET lease_epoch = EXCLUDED.lease_epoch
-    WHERE f.lease_epoch <= EXCLUDED.lease_epoch
-RETURNING stream, partition
-"""
-_STORED = """
-SELECT stream, partition, lease_epoch FROM event_fences
-WHERE (stream, partition) IN (SELECT * FROM unnest($1::text[], $2::int4[]))
-"""
 
 
 def check_fences(fences: Sequence[definitions_pb2.PartitionFence]) -> list[Fence]:
@@ -91,25 +81,19 @@ def check_fences(fences: Sequence[definitions_pb2.PartitionFence]) -> list[Fence
     return [checked[where] for where in sorted(checked)]
 
 
-async def raise_fences(conn: asyncpg.Connection, fences: Sequence[Fence]) -> None:
-    """Raise each partition's fence to the request's epoch (locking its row to the end of the
-    transaction `conn` is in); FailedPrecondition when a stored epoch is higher. `fences` come
-    sorted from check_fences."""
-    streams = [f.stream for f in fences]
-    partitions = [f.partition for f in fences]
-    raised = await conn.fetch(_RAISE, streams, partitions, [f.lease_epoch for f in fences])
-    if len(raised) == len(fences):
-        return
-    stored = {
-        (row["stream"], row["partition"]): row["lease_epoch"]
-        for row in await conn.fetch(_STORED, streams, partitions)
-    }
-    stale = [f for f in fences if stored.get((f.stream, f.partition), 0) > f.lease_epoch]
-    first = stale[0] if stale else fences[0]
-    raise FailedPrecondition(
-        f"events of {first.stream} partition {first.partition}: lease epoch {first.lease_epoch}"
-        f" is older than the stored epoch {stored.get((first.stream, first.partition), 0)}"
-        f"; the partition has a newer owner, nothing was written"
-        + (f" ({len(stale)} partitions fenced out)" if len(stale) > 1 else ""),
-        error_reason=STALE_LEASE_EPOCH,
+def fence_arguments(fences: Sequence[Fence]) -> tuple[list[str], list[int], list[int]]:
+    """The fenced insert's $13, $14 and $15 (services/storage/sql.py FENCED_INSERTS): the
+    streams, partitions and epochs of `fences` (sorted, from check_fences)."""
+    return (
+        [f.stream for f in fences],
+        [f.partition for f in fences],
+        [f.lease_epoch for f in fences],
     )
+
+
+def stale(error: BaseException) -> FailedPrecondition | None:
+    """The refusal to answer for a fenced insert that failed on a stale epoch (the SQLSTATE
+    of event_fence_refused, migration 0016); None for any other failure."""
+    if getattr(error, "sqlstate", None) != STALE_LEASE_EPOCH_SQLSTATE:
+        return None
+    return FailedPrecondition(str(error), error_reason=STALE_LEASE_EPOCH)

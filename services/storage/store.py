@@ -19,8 +19,9 @@ from typing import Any
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
-from services.storage.event_fences import Fence, raise_fences
+from services.storage.event_fences import Fence, fence_arguments, stale
 from services.storage.sql import (
+    FENCED_INSERTS,
     INSERT_BATCH,
     INSERT_BATCH_JOINED,
     INSERT_PARTITIONS,
@@ -163,25 +164,24 @@ _RACES = 5
 """Runs of an insert that lost a race for a new (tenant, id) before the error is raised."""
 
 
-async def _insert_once_stored(
-    conn: asyncpg.Connection, fences: Sequence[Fence], statement: str, *args: object
-) -> str:
-    """Run the insert (after raising `fences`, in one transaction with it, when there are
-    any); when a concurrent statement stored one of the batch's new ids first (the insert
-    fails as a whole on event_ids' key: services/storage/sql.py says why), run it again: the
-    committed ids are then skipped. Each run is its own transaction, and a race needs the
-    same new id in two batches at the same moment, so a second run is rare and a third rarer."""
+async def _insert_once_stored(conn: asyncpg.Connection, statement: str, *args: object) -> str:
+    """Run the insert; when a concurrent statement stored one of the batch's new ids first (the
+    insert fails as a whole on event_ids' key: services/storage/sql.py says why), run it again:
+    the committed ids are then skipped. Each run is its own transaction, and a race needs the
+    same new id in two batches at the same moment, so a second run is rare and a third rarer.
+    A fenced insert refused for a stale epoch raises FailedPrecondition."""
     for attempt in range(1, _RACES + 1):
         try:
-            if not fences:
-                return str(await conn.execute(statement, *args))
-            async with conn.transaction():
-                await raise_fences(conn, fences)
-                return str(await conn.execute(statement, *args))
+            return str(await conn.execute(statement, *args))
         except asyncpg.UniqueViolationError as error:
             if error.constraint_name != "event_ids_pkey" or attempt == _RACES:
                 raise
             log.info("an insert met a concurrent one storing the same id; run again")
+        except asyncpg.PostgresError as error:
+            refused = stale(error)
+            if refused is None:
+                raise
+            raise refused from None
     raise AssertionError("unreachable")
 
 
@@ -201,8 +201,8 @@ class EventStore:
         whose content differs from the stored event are recorded in `event_conflicts` (and
         logged, without contents), in a second statement that runs only when rows were
         skipped. With `fences` (sorted, services/storage/event_fences.py), the lease fences
-        are raised in the insert's transaction, and a stale one raises FailedPrecondition
-        with nothing written."""
+        are raised in the insert's statement, and a stale one raises FailedPrecondition with
+        nothing written."""
         return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED), fences)
 
     async def insert_partitions(
@@ -238,8 +238,13 @@ class EventStore:
         statement, joined_statement = statements
         conflicts = RECORD_CONFLICTS
         joined = [TEXT_SEPARATOR.join(values) for values in texts]
-        if texts_joinable(joined, len(batch)):
+        joinable = texts_joinable(joined, len(batch))
+        if joinable:
             statement, conflicts, texts = joined_statement, RECORD_CONFLICTS_JOINED, joined
+        fenced: tuple[Any, ...] = ()
+        if fences:
+            statement = FENCED_INSERTS[(joinable, isinstance(partition, list))]
+            fenced = fence_arguments(fences)
         ids, keys, types, content_types, attributes, producers, tenants = texts
         columns = (
             ids,
@@ -258,7 +263,7 @@ class EventStore:
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
             status = await _insert_once_stored(
-                conn, fences, statement, *columns, partition, tenants
+                conn, statement, *columns, partition, tenants, *fenced
             )
             inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
             if inserted < len(batch):
