@@ -2,7 +2,8 @@
 insert: `--rows` new rows through EventStore.insert_batch in batches of each `--batch` size,
 unfenced (one autocommitted statement, as before) and fenced by one partition's epoch (BEGIN,
 the fence upsert, the insert, COMMIT), into a fresh migrated schema, interleaved over
-`--rounds` rounds; prints the median wall time per batch and per event of each.
+`--rounds` rounds; prints the median wall time per batch, and the Postgres backend's CPU per
+event (from /proc: run it on the database's host), of each.
 
     .venv/bin/python -m scripts.bench_event_fences --dsn postgresql://postgres@127.0.0.1/test
 """
@@ -17,6 +18,7 @@ import uuid
 
 from sqlalchemy import text
 
+from scripts.bench_payload_json import _cpu_seconds
 from services.storage.event_fences import Fence
 from services.storage.store import BatchColumns, EventStore
 from services.storage.times import use_integer_timestamps
@@ -45,13 +47,18 @@ def _batch(size: int, offset: int) -> BatchColumns:
     return columns
 
 
-async def _round(store: EventStore, size: int, rows: int, fenced: bool) -> float:
+async def _round(
+    store: EventStore, backend: int, size: int, rows: int, fenced: bool
+) -> tuple[float, float]:
+    """Wall seconds per batch, backend CPU seconds per event."""
     batches = [_batch(size, i * size) for i in range(max(1, rows // size))]
     fences = [Fence("bench:events", 0, 1)] if fenced else []
+    cpu = _cpu_seconds(backend)
     started = time.perf_counter()
     for batch in batches:
         await store.insert_batch(batch, partition=0, fences=fences)
-    return (time.perf_counter() - started) / len(batches)
+    wall = time.perf_counter() - started
+    return wall / len(batches), (_cpu_seconds(backend) - cpu) / (len(batches) * size)
 
 
 async def main_async(dsn: str, rows: int, sizes: list[int], rounds: int) -> None:
@@ -59,20 +66,26 @@ async def main_async(dsn: str, rows: int, sizes: list[int], rounds: int) -> None
     engine = create_engine(dsn, schema=schema, application_name="bench-fences")
     await migrate(engine, schema=schema, migrations=load_migrations("services.storage.migrations"))
     pool = await create_pool(
-        dsn, schema=schema, application_name="bench-fences", size=2, init=use_integer_timestamps
+        dsn, schema=schema, application_name="bench-fences", size=1, init=use_integer_timestamps
     )
     try:
         store = EventStore(pool)
-        await _round(store, 100, 1000, True)  # warm-up (plans, the fence row)
-        print(f"{'batch':>6} {'unfenced us/batch':>18} {'fenced us/batch':>16} {'+us/event':>10}")
+        async with pool.acquire() as conn:
+            backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        await _round(store, backend, 100, 1000, True)  # warm-up (plans, the fence row)
+        print(
+            f"{'batch':>6} {'wall us/batch':>14} {'fenced':>8} "
+            f"{'backend CPU us/event':>21} {'fenced':>8}"
+        )
         for size in sizes:
-            plain: list[float] = []
-            fenced: list[float] = []
+            plain: list[tuple[float, float]] = []
+            fenced: list[tuple[float, float]] = []
             for _ in range(rounds):
-                plain.append(await _round(store, size, rows, False))
-                fenced.append(await _round(store, size, rows, True))
-            a, b = statistics.median(plain) * 1e6, statistics.median(fenced) * 1e6
-            print(f"{size:>6} {a:>18.0f} {b:>16.0f} {(b - a) / size:>10.2f}")
+                plain.append(await _round(store, backend, size, rows, False))
+                fenced.append(await _round(store, backend, size, rows, True))
+            wall = [statistics.median(r[0] for r in runs) * 1e6 for runs in (plain, fenced)]
+            cpu = [statistics.median(r[1] for r in runs) * 1e6 for runs in (plain, fenced)]
+            print(f"{size:>6} {wall[0]:>14.0f} {wall[1]:>8.0f} {cpu[0]:>21.1f} {cpu[1]:>8.1f}")
     finally:
         await pool.close()
         async with engine.begin() as conn:
