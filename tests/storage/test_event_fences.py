@@ -209,3 +209,29 @@ async def test_a_worker_paused_past_its_lease_loses_the_partition_without_ack_or
         await asyncio.wait({task}, timeout=5)
         task.cancel()
         await client.aclose()
+
+
+async def test_an_epoch_redis_lost_moves_past_storages_fence_on_the_next_acquire(
+    writers: list[StorageWriter], engine: AsyncEngine, redis_url: str, redis_prefix: str
+) -> None:
+    """Redis restarted without its data: the partition's epoch counter starts at 1 again while
+    storage's fence is at 7. The refused owner drops the partition, and its next acquire moves
+    the epoch past the fence (under its lease), so its stores go through again."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        layout = await make_layout(client, redis_prefix, 1)
+        writer, _ = writers
+        data = entry_columns(0, ["before"]).SerializeToString()
+        await writer.store(QueuedBody(COLUMNS_FIELD, data, ((layout.prefix, 0, 7),)))
+        owner = PartitionOwnership(client, layout, "a", lease_ttl_ms=60_000, heartbeat_ms=1_000)
+        assert await owner.acquire([0]) == [0] and owner.epoch(0) == 1
+        data = entry_columns(0, ["after"]).SerializeToString()
+        with pytest.raises(StaleLeaseEpoch) as refused:
+            await writer.store(QueuedBody(COLUMNS_FIELD, data, ((layout.prefix, 0, 1),)))
+        owner.fenced_out(0, refused.value.stored_epoch, str(refused.value))
+        assert not owner.holds(0)
+        assert await owner.acquire([0]) == [0] and owner.epoch(0) == 8
+        await writer.store(QueuedBody(COLUMNS_FIELD, data, ((layout.prefix, 0, 8),)))
+        assert await stored_ids(engine) == ["before", "after"]
+    finally:
+        await client.aclose()
