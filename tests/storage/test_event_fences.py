@@ -121,25 +121,23 @@ async def test_one_stale_partition_refuses_a_call_across_partitions_whole(
     assert await fences(engine) == {(STREAM, 1): 4}  # partition 0's raise was rolled back too
 
 
-@pytest.mark.parametrize(
-    ("fences_given", "problem"),
-    [
-        ([(STREAM, 0, 0)], "fences[0]: lease_epoch must be between 1 and"),
-        ([("", 0, 1)], "fences[0]: stream is empty"),
-        ([(STREAM, 2**31, 1)], "fences[0]: partition 2147483648 is above"),
-        ([(STREAM, 0, 1), (STREAM, 0, 2)], "fences[1]: partition 0 of smtest:events is fenced"),
-    ],
-)
-async def test_a_malformed_fence_is_invalid_argument(
-    processor: Stub, engine: AsyncEngine, fences_given: list[tuple[str, int, int]], problem: str
-) -> None:
-    request = storage_pb2.StoreEventsRequest(columns=entry_columns(0, ["z1"]))
-    for stream, partition, epoch in fences_given:
-        request.fences.add(stream=stream, partition=partition, lease_epoch=epoch)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await processor.StoreEvents(request, timeout=5)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert (refused.value.details() or "").startswith(problem)
+MALFORMED = [
+    ([(STREAM, 0, 0)], "fences[0]: lease_epoch must be between 1 and"),
+    ([("", 0, 1)], "fences[0]: stream is empty"),
+    ([(STREAM, 2**31, 1)], "fences[0]: partition 2147483648 is above"),
+    ([(STREAM, 0, 1), (STREAM, 0, 2)], "fences[1]: partition 0 of smtest:events is fenced"),
+]
+
+
+async def test_a_malformed_fence_is_invalid_argument(processor: Stub, engine: AsyncEngine) -> None:
+    for fences_given, problem in MALFORMED:
+        request = storage_pb2.StoreEventsRequest(columns=entry_columns(0, ["z1"]))
+        for stream, partition, epoch in fences_given:
+            request.fences.add(stream=stream, partition=partition, lease_epoch=epoch)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await processor.StoreEvents(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith(problem), problem
     assert await stored_ids(engine) == []
 
 
