@@ -70,6 +70,8 @@ async def test_the_old_owners_store_after_the_new_owners_is_refused_and_writes_n
     with pytest.raises(StaleLeaseEpoch) as refused:
         await old.store(body(3, ["a2", "a3"], (3, 1)))
     assert refused.value.stored_epoch == 2
+    with pytest.raises(StaleLeaseEpoch):  # refused as well when every event is stored already
+        await old.store(body(3, ["a1", "b1"], (3, 1)))
     assert "lease epoch 1 is older than the stored epoch 2" in str(refused.value)
     assert str(refused.value).startswith("FAILED_PRECONDITION: events of smtest:events partition 3")
     assert await stored_ids(engine) == ["a1", "b1"]
