@@ -57,7 +57,7 @@ async def _run(url: str, partitions: int, rounds: int) -> None:
         "bench",
         lease_ttl_ms=3_600_000,
         heartbeat_ms=1_000,
-        forget=lambda p: f"{prefix}:attempts:p{p}",
+        forget=lambda p: layout.partition_key("attempts", p),
     )
     await owner.acquire(range(partitions))
     try:

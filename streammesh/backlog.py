@@ -1,7 +1,7 @@
 """The backlog counters: per partition, the events and bytes appended and not yet acknowledged.
 
 Part of the queue contract (`streams.py`): ingest and the processor both keep them, ingest reads
-them for back-pressure. Key `<prefix>:unacked:p<n>` (StreamLayout.unacked_key) is a hash with
+them for back-pressure. Key `<prefix>:unacked:{<prefix>:p<n>}` (StreamLayout.unacked_key, the partition's hash tag) is a hash with
 two integer fields:
 
 - `events`: the sum of the `events` field of the partition's unacknowledged entries;

@@ -47,6 +47,10 @@ class QueuedBody:
     field: bytes
     """COLUMNS_FIELD (QueuedColumns) or BATCH_FIELD (QueuedBatch)."""
     data: bytes
+    fences: tuple[tuple[str, int, int], ...] = ()
+    """(stream, partition, lease epoch) of each partition the sender stores these events for,
+    sent with them so that storage refuses a stale owner's store (StoreEventsRequest.fences);
+    empty: unfenced."""
 
     @property
     def columnar(self) -> bool:

@@ -9,27 +9,46 @@ earlier release reads only `batch`: upgrade storage and the processor before ing
 (XADD ~27 us, XREADGROUP+XACK ~5-7 us on the reference machine) is then paid once per batch
 instead of once per event.
 
-Keys under the stream prefix `<prefix>` (default `streammesh:events`):
+Keys under the stream prefix `<prefix>` (default `streammesh:events`). Every key of partition n
+carries the hash tag `{<prefix>:p<n>}` (`StreamLayout.tag`), so all of them live in one Redis
+Cluster slot and every script or command on one partition touches one slot; the prefix leads
+every key, so a scan for `<prefix>:*` finds them all:
 
-- `<prefix>:p<n>`: partition n's stream; ingest appends, the processor group consumes;
-- `<prefix>:unacked:p<n>`: partition n's backlog counters (hash: `events`, `bytes` of the entries
-  not yet acknowledged), kept by ingest's append and the processor's ack
+- `<prefix>:stream:{<prefix>:p<n>}`: partition n's stream; ingest appends, the processor group
+  consumes;
+- `<prefix>:unacked:{<prefix>:p<n>}`: partition n's backlog counters (hash: `events`, `bytes` of
+  the entries not yet acknowledged), kept by ingest's append and the processor's ack
   (`streammesh/backlog.py`);
+- `<prefix>:idem:{<prefix>:p<n>}:now` and `...:before`: ingest's idempotency window
+  (`services/ingest/idempotency.py`), written by the append script with the XADD;
+- `<prefix>:lease:{<prefix>:p<n>}`: the processor that owns partition n (string, expires);
+- `<prefix>:epoch:{<prefix>:p<n>}`: partition n's lease epoch (integer, no expiry);
+- `<prefix>:attempts:{<prefix>:p<n>}`: counted failures of partition n's pending entries (hash,
+  entry id -> "<failures>:<first failure ms>"; removed with the entry's XACK);
 - `<prefix>:dead`: a capped notice stream of dead letters (the storage table is the record);
-- `<prefix>:members`: live processors (sorted set, score = expiry in Redis milliseconds);
-- `<prefix>:lease:p<n>`: the processor that owns partition n (string, expires);
-- `<prefix>:attempts:p<n>`: counted failures of partition n's pending entries (hash, entry id ->
-  "<failures>:<first failure ms>"; removed with the entry's XACK).
+- `<prefix>:members`: live processors (sorted set, score = expiry in Redis milliseconds).
+The last two belong to no partition; every command on them names only them.
 
-Members and leases belong to the processor's ownership protocol
+Members, leases and epochs belong to the processor's ownership protocol
 (`services/processor/source/ownership.py`), attempts to its dead-letter policy
-(`services/processor/delivery/dead_letters.py`).
+(`services/processor/delivery/dead_letters.py`). tests/test_key_slots.py checks that each
+script and command of a partition names keys of one slot, and runs them on a real Redis Cluster.
+
+What spans partitions is never one command: ingest's appends and the processor's acks of
+several partitions go in a non-transactional pipeline (redis-py's cluster client splits it by
+node). One exception remains: the processor reads all its partitions with one XREADGROUP over
+several streams, which a cluster refuses (CROSSSLOT) unless the streams share a slot; on a
+cluster the read must be split per partition (or per node), the one change left to make.
+
+Releases before the hash tags named the keys `<prefix>:p<n>` and `<prefix>:<kind>:p<n>`; ingest
+and the processor move them at start (`streammesh/legacy_keys.py`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -79,9 +98,13 @@ def _partition(key: str, partitions: int) -> int:
     return jump_hash(key.encode(), partitions)
 
 
+_TAGGED_PARTITION = re.compile(r":p(\d+)\}$")
+
+
 @dataclass(frozen=True)
 class StreamLayout:
-    """Where events live in Redis: `<prefix>:p<n>` for n in 0..partitions-1."""
+    """Where events live in Redis: `<prefix>:stream:{<prefix>:p<n>}` for n in
+    0..partitions-1, and every other key of partition n with the same hash tag."""
 
     prefix: str = "streammesh:events"
     partitions: int = 8
@@ -91,15 +114,25 @@ class StreamLayout:
         if not 1 <= self.partitions <= 1024:
             raise ValueError("partitions must be between 1 and 1024")
 
+    def tag(self, partition: int) -> str:
+        """Partition n's hash tag, `{<prefix>:p<n>}`: every key of the partition carries it,
+        so a Redis Cluster keeps them in one slot (the slot is the CRC16 of what the braces
+        hold)."""
+        return f"{{{self.prefix}:p{partition}}}"
+
+    def partition_key(self, kind: str, partition: int) -> str:
+        """The partition's key of a kind: `<prefix>:<kind>:{<prefix>:p<n>}`."""
+        return f"{self.prefix}:{kind}:{self.tag(partition)}"
+
     def stream(self, partition: int) -> str:
-        return f"{self.prefix}:p{partition}"
+        return self.partition_key("stream", partition)
 
     def streams(self) -> list[str]:
         return [self.stream(p) for p in range(self.partitions)]
 
     def unacked_key(self, partition: int) -> str:
         """Partition n's backlog counters (see streammesh.backlog)."""
-        return f"{self.prefix}:unacked:p{partition}"
+        return self.partition_key("unacked", partition)
 
     @property
     def dead_letter_stream(self) -> str:
@@ -110,11 +143,14 @@ class StreamLayout:
         return f"{self.prefix}:members"
 
     def lease_key(self, partition: int) -> str:
-        return f"{self.prefix}:lease:p{partition}"
+        return self.partition_key("lease", partition)
 
     def partition_of_stream(self, stream: str | bytes) -> int:
         name = stream.decode() if isinstance(stream, bytes) else stream
-        return int(name.rsplit(":p", 1)[1])
+        found = _TAGGED_PARTITION.search(name)
+        if found is None:
+            raise ValueError(f"{name!r} is no partition stream of this layout")
+        return int(found.group(1))
 
     def partition_for(self, key: str) -> int:
         """Events with the same key always land in the same partition, keeping their order."""

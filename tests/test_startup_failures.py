@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 
 from streammesh.cli.stack import free_ports
+from streammesh.legacy_keys import legacy_key
 from streammesh.mesh.postgres import create_engine, migrate
 from streammesh.mesh.settings import write_secret_file
 from streammesh.mesh.startup import (
@@ -24,6 +26,7 @@ from streammesh.mesh.startup import (
     reaching,
     redact_url,
 )
+from streammesh.streams import StreamLayout
 from tests.conftest import TRUST_DOMAIN
 from tests.service_process import run_until_exit
 
@@ -188,3 +191,33 @@ async def test_other_database_errors_keep_their_type(database_url: str, pg_schem
 )
 def test_urls_are_shown_without_their_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("service", ["ingest", "processor"])
+async def test_entries_under_both_stream_names_refuse_the_start(
+    service: str,
+    pki_dir: Path,
+    tmp_path: Path,
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """An earlier release wrote its stream after this one moved it (streammesh/legacy_keys.py):
+    the start refuses with the two keys named, a setting-class problem (78)."""
+    layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=2)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xadd(legacy_key(layout, "stream", 1), {"cols": b"", "events": 0})
+        await client.xadd(layout.stream(1), {"cols": b"", "events": 0})
+    finally:
+        await client.aclose()
+    prefix = f"STREAMMESH_{service.upper()}_"
+    env = base_env(service, pki_dir, tmp_path, database_url)
+    env |= {f"{prefix}STREAM_PREFIX": layout.prefix, f"{prefix}PARTITIONS": "2"}
+    exited = await run_until_exit(service, env)
+    assert exited.status == EXIT_CONFIG, exited.output
+    assert "Traceback" not in exited.output
+    [line] = exited.critical_lines()
+    assert line.startswith(
+        f"partition 1: both {legacy_key(layout, 'stream', 1)} (1 entries, written by a release"
+    ), line

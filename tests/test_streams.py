@@ -29,8 +29,9 @@ def test_growing_partitions_moves_few_keys() -> None:
 
 def test_keys_live_under_the_stream_prefix() -> None:
     layout = StreamLayout(prefix="sm:events", partitions=4)
-    assert layout.stream(3) == "sm:events:p3"
-    assert layout.partition_of_stream(b"sm:events:p3") == 3
-    assert layout.lease_key(3) == "sm:events:lease:p3"
+    assert layout.stream(3) == "sm:events:stream:{sm:events:p3}"
+    assert layout.partition_of_stream(b"sm:events:stream:{sm:events:p3}") == 3
+    assert layout.lease_key(3) == "sm:events:lease:{sm:events:p3}"
+    assert layout.unacked_key(3) == "sm:events:unacked:{sm:events:p3}"
     assert layout.members_key == "sm:events:members"
     assert layout.dead_letter_stream == "sm:events:dead"

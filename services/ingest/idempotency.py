@@ -14,9 +14,9 @@ event (which would turn the retry of a lost event into a "duplicate" that is nev
 Keys. Per partition stream, two hashes: `<prefix>:idem:{<prefix>:p<n>}:now` and `...:before`.
 Field: ID_FIELD_BYTES of blake2b over (tenant, event id), so one hash serves every tenant and
 its size does not grow with the number of tenants; value: DIGEST_BYTES of content digest. The
-hash tag is the stream's own name, so both hashes live in the Redis Cluster slot of their
-stream (the stream key, which has no braces, hashes by its whole name), and the keys start with
-the prefix like every other key of the stack (a scan for `<prefix>:*` finds them).
+hash tag is the partition's (`StreamLayout.tag`), which every key of the partition carries, so
+both hashes live in the Redis Cluster slot of their stream, and the keys start with the prefix
+like every other key of the stack (a scan for `<prefix>:*` finds them).
 
 How long an id is remembered. A lookup reads both hashes; new ids go into `now`. `now` is
 rotated (it becomes `before`, and the old `before` is dropped) when it began `seconds` ago, or
@@ -132,7 +132,7 @@ class IdempotencyWindow:
 
     def keys(self, layout: StreamLayout, partition: int) -> tuple[str, str]:
         """The current and previous digest hashes of the partition's stream."""
-        base = f"{layout.prefix}:idem:{{{layout.stream(partition)}}}:"
+        base = f"{layout.prefix}:idem:{layout.tag(partition)}:"
         return f"{base}now", f"{base}before"
 
 

@@ -18,6 +18,7 @@ from services.ingest.settings import IngestSettings
 from services.ingest.validation import BatchLimits
 from streammesh.api.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from streammesh.envelope import EnvelopeLimits
+from streammesh.legacy_keys import move_legacy_keys
 from streammesh.mesh import (
     MeshServer,
     PeerPolicy,
@@ -130,11 +131,14 @@ async def serve(settings: IngestSettings) -> None:
     try:
         with reaching("Redis", settings.redis_url):
             mode = await check_durability(client, require_aof=settings.require_aof)
+            moved = await move_legacy_keys(client, layout)
             await layout.ensure_group(client)
     except BaseException:
         await client.aclose()
         raise
     log.info("Redis persistence: %s", mode)
+    if moved:
+        log.warning("moved %d partition keys to the hash-tagged layout", moved)
     limits = pressure_limits(settings)
     log.info("back-pressure: %s", limits.describe())
     pressure = BackPressure(client, layout, limits)

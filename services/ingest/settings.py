@@ -38,7 +38,9 @@ class IngestSettings(ServiceSettings):
 
     port: int = 50053
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the streams")
-    stream_prefix: str = Field("streammesh:events", description="streams are <prefix>:p<n>")
+    stream_prefix: str = Field(
+        "streammesh:events", description="streams are <prefix>:stream:{<prefix>:p<n>}"
+    )
     partitions: int = Field(8, ge=1, le=1024, description="number of stream partitions")
     group: str = Field("processors", description="the processors' consumer group")
     max_batch_events: int = Field(10_000, ge=1, description="events per batch, at most")

@@ -11,6 +11,7 @@ import signal
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.processor.definition_follower import DefinitionFollower, DefinitionStub
 from services.processor.delivery.engine_storage import EngineStorage
@@ -138,6 +139,13 @@ async def serve(settings: ProcessorSettings) -> None:
     following.add_done_callback(_exit_if_worker_died)
     engine = EngineSetup(EngineStorage(storage.channel), follower, engine_config(settings))
     worker = build_worker(settings, client, writer, engine)
+    try:
+        # A conflict (LegacyKeysConflict, a StartupError) stops the start with its message.
+        await worker.move_legacy_keys()
+    except (RedisError, OSError) as error:
+        log.warning(
+            "Redis unreachable at start (%s): the worker checks the key layout later", error
+        )
     task = asyncio.create_task(worker.run(), name="stream-worker")
     task.add_done_callback(_exit_if_worker_died)
     lag = PartitionLagSampler(client, stream_layout(settings), worker.ownership)

@@ -20,7 +20,9 @@ class ProcessorSettings(ServiceSettings):
 
     port: int = 50054
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the streams")
-    stream_prefix: str = Field("streammesh:events", description="streams are <prefix>:p<n>")
+    stream_prefix: str = Field(
+        "streammesh:events", description="streams are <prefix>:stream:{<prefix>:p<n>}"
+    )
     partitions: int = Field(8, ge=1, le=1024, description="must match ingest")
     group: str = Field("processors", description="consumer group shared by all processors")
     consumer: str = Field(

@@ -154,6 +154,11 @@ class StreamWorker:
     def dead_letter_stream(self) -> str:
         return self._delivery.dead_letter_stream
 
+    async def move_legacy_keys(self) -> int:
+        """Move the queue's keys from the layout before the hash tags (the source's); before
+        run(), which does it too when this was not done."""
+        return await self._source.move_legacy_keys()
+
     def stop(self) -> None:
         """Finish the entries in hand, then release every lease and leave (graceful stop)."""
         self._stopping.set()

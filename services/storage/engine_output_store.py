@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from services.storage.event_fences import Fence
 from services.storage.store import outage_is_unavailable
 from streammesh.mesh.errors import FailedPrecondition
 
@@ -99,15 +100,6 @@ class Checkpoint:
     entry: tuple[int, int]
     snapshot: bytes
     saved_at: dt.datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Fence:
-    """The partition and lease epoch an outputs-only write is fenced by."""
-
-    stream: str
-    partition: int
-    lease_epoch: int
 
 
 def _stale(stream: str, partition: int, epoch: int, stored: int) -> FailedPrecondition:

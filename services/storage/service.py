@@ -16,6 +16,7 @@ import grpc
 from services.storage import dead_letters
 from services.storage.batch import Limits, batch_columns, queued_columns, row_partitions
 from services.storage.dead_letter_store import DeadLetterStore
+from services.storage.event_fences import check_fences
 from services.storage.paging import dead_letter_scope, decode_position, encode_position
 from services.storage.query_api import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, QueryApi
 from services.storage.store import EventStore
@@ -64,7 +65,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     async def StoreEvents(
         self, request: storage_pb2.StoreEventsRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.StoreEventsResponse:
-        """Store the batch in one transaction; ids already stored count as duplicates."""
+        """Store the batch in one transaction; ids already stored count as duplicates. With
+        fences, FAILED_PRECONDITION (nothing written) for a stale lease epoch (event_fences)."""
+        fences = check_fences(request.fences)
         if request.HasField("columns"):
             if request.HasField("batch"):
                 raise InvalidArgument(
@@ -74,13 +77,15 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             columns = queued_columns(request.columns, self._limits)
             partitions = row_partitions(request.columns)
             if partitions is not None:  # the entries of several partitions (a processor's round)
-                inserted = await self._store.insert_partitions(columns, partitions=partitions)
+                inserted = await self._store.insert_partitions(
+                    columns, partitions=partitions, fences=fences
+                )
                 return self._stored(len(columns), inserted)
             partition = request.columns.partition
         else:
             columns = batch_columns(request.batch, self._limits)
             partition = request.batch.partition
-        inserted = await self._store.insert_batch(columns, partition=partition)
+        inserted = await self._store.insert_batch(columns, partition=partition, fences=fences)
         return self._stored(len(columns), inserted)
 
     async def QueryEvents(

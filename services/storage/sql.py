@@ -22,6 +22,7 @@ from services.storage.times import PG_EPOCH_SECONDS, use_integer_timestamps
 from streammesh.mesh.postgres import load_migrations
 
 __all__ = [
+    "FENCED_INSERTS",
     "INSERT_BATCH",
     "INSERT_BATCH_JOINED",
     "INSERT_PARTITIONS",
@@ -30,6 +31,7 @@ __all__ = [
     "PG_EPOCH_SECONDS",
     "RECORD_CONFLICTS",
     "RECORD_CONFLICTS_JOINED",
+    "STALE_LEASE_EPOCH_SQLSTATE",
     "TEXT_SEPARATOR",
     "event_store_ddl",
     "texts_joinable",
@@ -40,7 +42,7 @@ MIGRATIONS_PACKAGE = "services.storage.migrations"
 """The package holding storage's versioned SQL (streammesh.mesh.postgres.migrate applies it)."""
 
 _INSERT = """
-WITH b AS (
+WITH {fence_cte}b AS (
     SELECT *, row_number() OVER (PARTITION BY tenant, id ORDER BY ordinality) AS nth
     FROM unnest({p1}, {p2}, {p3}, $4::timestamptz[], $5::int2[], $6::bytea[],
                 {p7}, {p8}, $9::timestamptz[], {p10}, {p12}{p11})
@@ -54,7 +56,7 @@ WITH b AS (
            b.content_type, b.attributes::jsonb, {partition}, b.ingest_time, b.producer
     FROM b
     WHERE b.nth = 1
-      AND NOT EXISTS (SELECT FROM event_ids AS i WHERE i.tenant = b.tenant AND i.id = b.id)
+      AND NOT EXISTS (SELECT FROM event_ids AS i WHERE i.tenant = b.tenant AND i.id = b.id){fence_gate}
     ORDER BY b.ordinality
     RETURNING tenant, id, ingest_time, seq
 )
@@ -64,6 +66,30 @@ SELECT tenant, id, ingest_time, seq FROM stored
 _TEXT_PARAMETERS = (1, 2, 3, 7, 8, 10, 12)
 _ARRAY_TEXTS = {f"p{n}": f"${n}::text[]" for n in _TEXT_PARAMETERS}
 _JOINED_TEXTS = {f"p{n}": f"string_to_array(${n}::text, E'\\x1f')" for n in _TEXT_PARAMETERS}
+_UNFENCED = {"fence_cte": "", "fence_gate": ""}
+# The lease fences ($13 streams, $14 partitions, $15 epochs: services/storage/event_fences.py)
+# in the same statement as the insert, so a fenced store stays one round trip: the upsert raises
+# each fence to the request's epoch when that is at least the stored one (and locks its row to
+# the commit either way); the insert's pseudo-constant gate, which Postgres evaluates once
+# before the first row, lets rows through only when every fence was raised, and otherwise
+# calls event_fence_refused (migration 0016), which raises STALE_LEASE_EPOCH_SQLSTATE naming the
+# stale partition: the statement, the fences' raise with it, is undone.
+_FENCED = {
+    "fence_cte": """fenced AS (
+    INSERT INTO event_fences AS f (stream, partition, lease_epoch)
+    SELECT * FROM unnest($13::text[], $14::int4[], $15::int8[])
+    ON CONFLICT (stream, partition) DO UPDATE SET lease_epoch = EXCLUDED.lease_epoch
+        WHERE f.lease_epoch <= EXCLUDED.lease_epoch
+    RETURNING 1
+), """,
+    "fence_gate": """
+      AND (SELECT CASE WHEN count(*) = cardinality($13::text[]) THEN true
+                       ELSE event_fence_refused($13::text[], $14::int4[], $15::int8[]) END
+           FROM fenced)""",
+}
+STALE_LEASE_EPOCH_SQLSTATE = "SMF01"
+"""The SQLSTATE event_fence_refused raises: a fence below the partition's stored epoch."""
+
 # $11 is one value for the whole batch, or (the PARTITIONS statements) one per row.
 _ONE_PARTITION = {"partition": "$11", "p11": "", "partition_column": ""}
 _ROW_PARTITIONS = {
@@ -85,7 +111,7 @@ _ROW_PARTITIONS = {
 # writers' locks on `events` (queries.py, PAGING_GUARANTEE). attributes travel as text
 # and are cast per row: asyncpg has no jsonb[] encoder for Python values. Timestamps are bound
 # as microsecond counts, so the connection needs `use_integer_timestamps`.
-INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION)
+INSERT_BATCH = _INSERT.format(**_ARRAY_TEXTS, **_ONE_PARTITION, **_UNFENCED)
 """Parameters: $1 ids, $2 keys, $3 types, $4 event times (Postgres microseconds), $5 the
 nanoseconds below them (0..999), $6 payloads, $7 content types, $8 attributes (JSON object text),
 $9 ingest times (Postgres microseconds), $10 producers, $11 the partition, $12 tenants (one per
@@ -101,7 +127,7 @@ TEXT_SEPARATOR = "\x1f"
 # parameter against collections.abc ABCs (two Python-level isinstance calls per string); a text
 # is one value. On 2,000-row batches that took storage's client side from 2.5 to 1.3 us per
 # event, with no measurable change in the backend.
-INSERT_BATCH_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ONE_PARTITION)
+INSERT_BATCH_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ONE_PARTITION, **_UNFENCED)
 """Parameters as INSERT_BATCH's, with $1, $2, $3, $7, $8, $10 and $12 joined texts; only for
 batches `texts_joinable` accepts."""
 
@@ -109,11 +135,27 @@ batches `texts_joinable` accepts."""
 # the entries of several partitions in one statement (one round trip, one commit), as a
 # processor hands over a round's small groups at a low rate. Built from the same text, so they
 # stay alike in everything else (order by ordinality, ON CONFLICT, the casts).
-INSERT_PARTITIONS = _INSERT.format(**_ARRAY_TEXTS, **_ROW_PARTITIONS)
+INSERT_PARTITIONS = _INSERT.format(**_ARRAY_TEXTS, **_ROW_PARTITIONS, **_UNFENCED)
 """Parameters as INSERT_BATCH's, but $11 is the partition of each row (int4[])."""
 
-INSERT_PARTITIONS_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ROW_PARTITIONS)
+INSERT_PARTITIONS_JOINED = _INSERT.format(**_JOINED_TEXTS, **_ROW_PARTITIONS, **_UNFENCED)
 """Parameters as INSERT_BATCH_JOINED's, but $11 is the partition of each row (int4[])."""
+
+# The four with the lease fences (see _FENCED): what storage runs for a request with fences.
+FENCED_INSERTS = {
+    (joined, by_row): _INSERT.format(
+        **(_JOINED_TEXTS if joined else _ARRAY_TEXTS),
+        **(_ROW_PARTITIONS if by_row else _ONE_PARTITION),
+        **_FENCED,
+    )
+    for joined in (False, True)
+    for by_row in (False, True)
+}
+"""(joined texts, partition per row) -> the fenced twin of INSERT_BATCH, INSERT_BATCH_JOINED,
+INSERT_PARTITIONS or INSERT_PARTITIONS_JOINED: their parameters, then $13 the fences' streams,
+$14 their partitions, $15 their lease epochs (sorted by stream and partition, each partition
+once). Raises STALE_LEASE_EPOCH_SQLSTATE, having written nothing, when a stored epoch is
+higher."""
 
 
 _CONFLICTS = """

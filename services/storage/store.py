@@ -11,7 +11,7 @@ pending and retries instead of acknowledging or dead-lettering it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,9 @@ from typing import Any
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
+from services.storage.event_fences import Fence, fence_arguments, stale
 from services.storage.sql import (
+    FENCED_INSERTS,
     INSERT_BATCH,
     INSERT_BATCH_JOINED,
     INSERT_PARTITIONS,
@@ -166,7 +168,8 @@ async def _insert_once_stored(conn: asyncpg.Connection, statement: str, *args: o
     """Run the insert; when a concurrent statement stored one of the batch's new ids first (the
     insert fails as a whole on event_ids' key: services/storage/sql.py says why), run it again:
     the committed ids are then skipped. Each run is its own transaction, and a race needs the
-    same new id in two batches at the same moment, so a second run is rare and a third rarer."""
+    same new id in two batches at the same moment, so a second run is rare and a third rarer.
+    A fenced insert refused for a stale epoch raises FailedPrecondition."""
     for attempt in range(1, _RACES + 1):
         try:
             return str(await conn.execute(statement, *args))
@@ -174,6 +177,11 @@ async def _insert_once_stored(conn: asyncpg.Connection, statement: str, *args: o
             if error.constraint_name != "event_ids_pkey" or attempt == _RACES:
                 raise
             log.info("an insert met a concurrent one storing the same id; run again")
+        except asyncpg.PostgresError as error:
+            refused = stale(error)
+            if refused is None:
+                raise
+            raise refused from None
     raise AssertionError("unreachable")
 
 
@@ -185,23 +193,35 @@ class EventStore:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
 
-    async def insert_batch(self, batch: BatchColumns, *, partition: int) -> int:
+    async def insert_batch(
+        self, batch: BatchColumns, *, partition: int, fences: Sequence[Fence] = ()
+    ) -> int:
         """Store the batch atomically; return how many were new (the rest were already stored
         under the same tenant and id, including repeats inside the batch). Of those, the ones
         whose content differs from the stored event are recorded in `event_conflicts` (and
         logged, without contents), in a second statement that runs only when rows were
-        skipped."""
-        return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED))
+        skipped. With `fences` (sorted, services/storage/event_fences.py), the lease fences
+        are raised in the insert's statement, and a stale one raises FailedPrecondition with
+        nothing written."""
+        return await self._insert(batch, partition, (INSERT_BATCH, INSERT_BATCH_JOINED), fences)
 
-    async def insert_partitions(self, batch: BatchColumns, *, partitions: list[int]) -> int:
+    async def insert_partitions(
+        self, batch: BatchColumns, *, partitions: list[int], fences: Sequence[Fence] = ()
+    ) -> int:
         """As insert_batch, with the partition of each row (`partitions`, one per event): the
         entries of several partitions in one statement, so one round trip and one commit."""
         if len(partitions) != len(batch):
             raise ValueError("one partition per row")
-        return await self._insert(batch, partitions, (INSERT_PARTITIONS, INSERT_PARTITIONS_JOINED))
+        return await self._insert(
+            batch, partitions, (INSERT_PARTITIONS, INSERT_PARTITIONS_JOINED), fences
+        )
 
     async def _insert(
-        self, batch: BatchColumns, partition: int | list[int], statements: tuple[str, str]
+        self,
+        batch: BatchColumns,
+        partition: int | list[int],
+        statements: tuple[str, str],
+        fences: Sequence[Fence],
     ) -> int:
         """Run the array statement or, when the texts can be joined, its joined twin."""
         if not batch:
@@ -218,8 +238,13 @@ class EventStore:
         statement, joined_statement = statements
         conflicts = RECORD_CONFLICTS
         joined = [TEXT_SEPARATOR.join(values) for values in texts]
-        if texts_joinable(joined, len(batch)):
+        joinable = texts_joinable(joined, len(batch))
+        if joinable:
             statement, conflicts, texts = joined_statement, RECORD_CONFLICTS_JOINED, joined
+        fenced: tuple[Any, ...] = ()
+        if fences:
+            statement = FENCED_INSERTS[(joinable, isinstance(partition, list))]
+            fenced = fence_arguments(fences)
         ids, keys, types, content_types, attributes, producers, tenants = texts
         columns = (
             ids,
@@ -237,7 +262,9 @@ class EventStore:
             outage_is_unavailable("insert"),
             self._pool.acquire(timeout=self._acquire_timeout) as conn,
         ):
-            status = await _insert_once_stored(conn, statement, *columns, partition, tenants)
+            status = await _insert_once_stored(
+                conn, statement, *columns, partition, tenants, *fenced
+            )
             inserted = int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
             if inserted < len(batch):
                 # Some rows were skipped (their id is stored): the rare path checks them.

@@ -80,7 +80,7 @@ class StackConfig(BaseSettings):
     )
     stream_prefix: str = Field(
         "streammesh:events",
-        description="Redis keys of the event streams: <prefix>:p<n>, one per partition",
+        description="Redis keys of the event streams: <prefix>:stream:{<prefix>:p<n>}, one per partition",
     )
     auth_redis_prefix: str = Field(
         "streammesh:auth:",

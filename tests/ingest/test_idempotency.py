@@ -171,8 +171,8 @@ async def test_digest_hashes_share_the_stream_slot_and_cost_what_the_bound_says(
     layout = StreamLayout(prefix=f"{redis_prefix}events", partitions=2)
     window = IdempotencyWindow(60, max_ids=20_000)
     current, previous = window.keys(layout, 1)
-    assert current.startswith(f"{layout.prefix}:idem:{{{layout.stream(1)}}}:")
-    # The hash tag is the stream's name: Redis Cluster puts both in one slot.
+    assert current == f"{layout.prefix}:idem:{layout.tag(1)}:now"
+    # The partition's hash tag, which its stream carries too: Redis Cluster puts all in one slot.
     assert key_slot(current.encode()) == key_slot(layout.stream(1).encode())
     assert key_slot(previous.encode()) == key_slot(layout.stream(1).encode())
     assert key_slot(current.encode()) != key_slot(layout.stream(0).encode())

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.processor.definition_follower import DefinitionFollower, DefinitionStub
+from services.processor.delivery.dead_letters import attempts_key
 from services.processor.delivery.engine_outputs import outputs_request
 from services.processor.delivery.engine_storage import EngineStorage
 from services.processor.delivery.storage_client import StorageWriter, storage_client
@@ -478,7 +479,7 @@ async def test_processed_entries_waiting_for_a_checkpoint_are_not_reclaimed_as_s
     assert worker.stats.entries_claimed == 0
     assert worker.stats.batches_stored == stored_before  # not read and stored again
     assert await pending(redis_client, layout, 0) == 3  # still waiting for the checkpoint
-    assert await redis_client.hlen(f"{layout.prefix}:attempts:p0") == 0
+    assert await redis_client.hlen(attempts_key(layout, 0)) == 0
     await running.stop("w1")
     assert await pending(redis_client, layout, 0) == 0
 

@@ -14,7 +14,7 @@ raises it, and so does every retry of an older entry for the entries queued behi
 were never attempted. Counting on it would dead-letter healthy entries after an outage. So the
 processor keeps its own count of failed attempts in Redis:
 
-- `<prefix>:attempts:p<n>`: hash, entry id -> "<failures>:<first failure, Unix ms>".
+- `<prefix>:attempts:{<prefix>:p<n>}`: hash, entry id -> "<failures>:<first failure, Unix ms>".
 
 FAIL increments it atomically; the fenced ACK script (ownership.py) deletes the entry's field in
 the same step as the XACK, so the hash only holds entries that failed and are still pending. The
@@ -105,7 +105,7 @@ def describe(error: BaseException) -> str:
 
 def attempts_key(layout: StreamLayout, partition: int) -> str:
     """The hash of failed-attempt counts of a partition's pending entries."""
-    return f"{layout.prefix}:attempts:p{partition}"
+    return layout.partition_key("attempts", partition)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,18 @@
 - Poison: a failed store that is not an outage counts toward the entry's limit
   (`max_deliveries`); at the limit the entry is recorded as a dead letter in storage and then
   acknowledged, so the entries behind it flow. Outages never count (`dead_letters.py`).
+- Fencing: every store carries our lease epoch of each partition in it (QueuedBody.fences).
+  Storage refuses a store whose epoch is below the partition's fence (StaleLeaseEpoch: a newer
+  owner stored already); that partition is lost at once: nothing acknowledged, nothing
+  counted or dead-lettered, its pending entries left to the new owner. A refused call across
+  partitions (which wrote nothing) is redone partition by partition, so that only the
+  fenced-out ones are lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -34,7 +41,12 @@ from services.processor.delivery.dead_letters import (
     is_outage,
 )
 from services.processor.delivery.grouping import group_at, joined_body
-from services.processor.delivery.store import PermanentStoreError, StoreBatch, StoreResult
+from services.processor.delivery.store import (
+    PermanentStoreError,
+    StaleLeaseEpoch,
+    StoreBatch,
+    StoreResult,
+)
 from services.processor.delivery.traced import process_span
 from services.processor.failpoints import Failpoint
 from streammesh.api.common.v1 import event_pb2
@@ -59,6 +71,15 @@ class Fence(Protocol):
 
     def holds(self, partition: int) -> bool:
         """Whether work on the partition may start now (checked before each store)."""
+        ...
+
+    def epoch(self, partition: int) -> int:
+        """Our lease epoch on the partition, sent with each store (0: none known, unfenced)."""
+        ...
+
+    def fenced_out(self, partition: int, stored_epoch: int, reason: str) -> None:
+        """Storage refused a store of the partition for a stale epoch (its fence is
+        `stored_epoch`): stop working on it at once."""
         ...
 
     async def ack(self, partition: int, entries: Sequence[Entry]) -> bool:
@@ -210,10 +231,12 @@ class Deliverer:
         if not all(self._fence.holds(partition) for partition, _ in chunk):
             return [None] * len(chunk)  # _drain finds out which are lost
         result = await self._store_several(
-            lambda: across_body(chunk), (group for _, group in chunk)
+            lambda: self._fenced(across_body(chunk), [p for p, _ in chunk]),
+            (group for _, group in chunk),
         )
         if not isinstance(result, StoreResult):
-            return [result] * len(chunk)  # an outage waits; anything else goes per partition
+            # An outage waits; anything else (a fence refusal too) goes per partition.
+            return [result if result is Outcome.RETRY else None] * len(chunk)
         self._count_stored(sum(len(group) for _, group in chunk), result)
         try:
             acked = await self._fence.ack_all(chunk)
@@ -255,9 +278,11 @@ class Deliverer:
         by entry (a failure other than an outage)."""
         if not self._fence.holds(partition):
             return Outcome.LOST
-        result = await self._store_several(lambda: joined_body(group), (group,))
+        result = await self._store_several(
+            lambda: self._fenced(joined_body(group), [partition]), (group,)
+        )
         if not isinstance(result, StoreResult):
-            return result  # an outage waits; anything else is sorted out per entry
+            return result  # an outage waits, a fenced-out partition is lost; else per entry
         self._count_stored(len(group), result)
         return await self._ack(partition, group)
 
@@ -265,14 +290,21 @@ class Deliverer:
         self, body: Callable[[], QueuedBody], groups: Iterable[list[Entry]]
     ) -> StoreResult | Outcome | None:
         """Store the entries of `body` (those of `groups`) in one call: its result, or after a
-        failure RETRY (an outage) or None (anything else: the caller stores them a smaller
-        group at a time)."""
+        failure RETRY (an outage), LOST (storage fenced out the one partition of the call) or
+        None (anything else: the caller stores them a smaller group at a time)."""
+        raw: QueuedBody | None = None
         try:
             raw = body()
             self._failpoint.reached("before-store")
             with process_span(groups):
                 result = await self._store(raw)
             self._failpoint.reached("after-store")
+        except StaleLeaseEpoch as error:
+            fences = raw.fences if raw is not None else ()
+            if len(fences) != 1:
+                return None  # which partitions are stale: found out one by one
+            self._fenced_out(fences[0][1], error)
+            return Outcome.LOST
         except Exception as error:  # classified here, acted on by the caller
             self.stats.store_failures += 1
             self.stats.last_error = describe(error)
@@ -290,11 +322,14 @@ class Deliverer:
         try:
             # The entry's bytes go to storage as they are: storage parses them anyway, and
             # decoding here too cost the processor more than all its Redis work.
-            raw = entry_body(fields)
+            raw = self._fenced(entry_body(fields), [partition])
             self._failpoint.reached("before-store")
             with process_span(([(entry_id, fields)],)):
                 result = await self._store(raw)
             self._failpoint.reached("after-store")
+        except StaleLeaseEpoch as stale:
+            self._fenced_out(partition, stale)
+            return Outcome.LOST
         except Exception as failure:  # classified below: nothing is dropped unrecorded
             error: Exception = failure
             self.stats.store_failures += 1
@@ -329,6 +364,21 @@ class Deliverer:
             return Outcome.DONE
         self._count_stored(1, result)
         return await self._ack(partition, [(entry_id, fields)])
+
+    def _fenced(self, body: QueuedBody, partitions: Iterable[int]) -> QueuedBody:
+        """The body with our lease epoch of each of `partitions` (those we know one of)."""
+        stream = self._layout.prefix
+        fences = []
+        for partition in partitions:
+            epoch = self._fence.epoch(partition)
+            if epoch:
+                fences.append((stream, partition, epoch))
+        return dataclasses.replace(body, fences=tuple(fences))
+
+    def _fenced_out(self, partition: int, error: StaleLeaseEpoch) -> None:
+        self.stats.store_failures += 1
+        self.stats.last_error = describe(error)
+        self._fence.fenced_out(partition, error.stored_epoch, describe(error))
 
     async def _ack(self, partition: int, entries: list[Entry]) -> Outcome:
         """The fence's acknowledgement of stored entries, as an outcome."""

@@ -6,12 +6,13 @@ rest (counted retries)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grpc
 
 from services.processor.delivery.dead_letters import DeadLetterRecord, StoreUnavailable, is_outage
-from services.processor.delivery.store import PermanentStoreError, StoreResult
+from services.processor.delivery.store import PermanentStoreError, StaleLeaseEpoch, StoreResult
 from streammesh.api.storage.v1 import definitions_pb2, storage_pb2, storage_pb2_grpc
 from streammesh.entries import QueuedBody
 from streammesh.mesh.client import (
@@ -21,6 +22,8 @@ from streammesh.mesh.client import (
     TlsFiles,
     parse_targets,
 )
+from streammesh.mesh.errors import STATUS_DETAILS_KEY
+from streammesh.refusals import error_reasons
 from streammesh.wire import length_delimited_field
 
 __all__ = [
@@ -67,12 +70,29 @@ _PERMANENT = {
 }
 
 
+STALE_LEASE_EPOCH = "STALE_LEASE_EPOCH"
+"""ErrorInfo reason of a store storage refused for a stale lease epoch (services/storage/
+event_fences.py; the processor may not import storage, so the name is repeated here)."""
+_STORED_EPOCH = re.compile(r"stored epoch (\d+)")
+
+
+def _reasons(error: grpc.aio.AioRpcError) -> set[str]:
+    reasons: set[str] = set()
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            reasons |= error_reasons(value)
+    return reasons
+
+
 def classify(error: grpc.aio.AioRpcError) -> Exception | None:
     """The exception the worker acts on for a failed StoreEvents call; None when the error
     itself is it (INTERNAL, RESOURCE_EXHAUSTED, UNKNOWN, ...: it counts toward the limit)."""
     text = f"{error.code().name}: {error.details()}"
     if is_outage(error):
         return StoreUnavailable(text)
+    if error.code() == grpc.StatusCode.FAILED_PRECONDITION and STALE_LEASE_EPOCH in _reasons(error):
+        found = _STORED_EPOCH.search(error.details() or "")
+        return StaleLeaseEpoch(text, int(found.group(1)) if found else 0)
     if error.code() in _PERMANENT:
         return PermanentStoreError(text)
     return None
@@ -80,13 +100,20 @@ def classify(error: grpc.aio.AioRpcError) -> Exception | None:
 
 _COLUMNS_FIELD_NUMBER = storage_pb2.StoreEventsRequest.COLUMNS_FIELD_NUMBER
 _BATCH_FIELD_NUMBER = storage_pb2.StoreEventsRequest.BATCH_FIELD_NUMBER
+_FENCES_FIELD_NUMBER = storage_pb2.StoreEventsRequest.FENCES_FIELD_NUMBER
 
 
 def store_events_request(body: QueuedBody) -> bytes:
     """A serialized StoreEventsRequest around an entry's serialized events: `columns` or `batch`
-    as the entry holds them, framed around the bytes as they are."""
+    as the entry holds them, framed around the bytes as they are, then the body's fences."""
     number = _COLUMNS_FIELD_NUMBER if body.columnar else _BATCH_FIELD_NUMBER
-    return length_delimited_field(number, body.data)
+    framed = length_delimited_field(number, body.data)
+    for stream, partition, epoch in body.fences:
+        fence = definitions_pb2.PartitionFence(
+            stream=stream, partition=partition, lease_epoch=epoch
+        ).SerializeToString()
+        framed += length_delimited_field(_FENCES_FIELD_NUMBER, fence)
+    return framed
 
 
 def dead_letter_request(record: DeadLetterRecord) -> storage_pb2.StoreDeadLetterRequest:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from streammesh.entries import QueuedBody
 
-__all__ = ["PermanentStoreError", "StoreBatch", "StoreResult"]
+__all__ = ["PermanentStoreError", "StaleLeaseEpoch", "StoreBatch", "StoreResult"]
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,19 @@ class PermanentStoreError(Exception):
     """Storage refused the batch for a reason a retry cannot fix (the batch goes to dead letters)."""
 
 
+class StaleLeaseEpoch(Exception):
+    """Storage refused the store for a lease epoch below its fence (nothing was written): the
+    partition has a newer owner. Never counted, never dead-lettered: the partition is lost."""
+
+    def __init__(self, message: str, stored_epoch: int) -> None:
+        super().__init__(message)
+        self.stored_epoch = stored_epoch
+        """The fence storage holds (0 when its message did not say)."""
+
+
 StoreBatch = Callable[[QueuedBody], Awaitable[StoreResult]]
 """Stores an entry's events (its serialized QueuedColumns or QueuedBatch, passed on undecoded,
 or those of consecutive entries of one form concatenated); raises
-PermanentStoreError to dead-letter it at once, an outage (`dead_letters.is_outage`) to wait,
+PermanentStoreError to dead-letter it at once, StaleLeaseEpoch when storage fenced the sender
+out (the body's `fences`), an outage (`dead_letters.is_outage`) to wait,
 anything else to retry it up to `max_deliveries` times."""

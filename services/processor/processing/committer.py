@@ -160,6 +160,15 @@ class EngineCommitter:
         """Whether work on the partition may start now (the source's lease)."""
         return self._source.holds(partition)
 
+    def epoch(self, partition: int) -> int:
+        """Our lease epoch on the partition (the source's), sent with each store."""
+        return self._source.epoch(partition)
+
+    def fenced_out(self, partition: int, stored_epoch: int, reason: str) -> None:
+        """Storage fenced a store of the partition out: the source drops it, and the next
+        rebalance forgets its engine."""
+        self._source.fenced_out(partition, stored_epoch, reason)
+
     async def ack(self, partition: int, entries: Sequence[Entry]) -> bool:
         """Process what was just stored and acknowledge what a checkpoint covers; False once
         the partition is not ours. CommitDeferred when storage could not take the outputs."""

@@ -6,8 +6,9 @@ scale-out and failover. With this protocol a processor reads, stores, acknowledg
 trims only the partitions it holds a lease on. Keys (see `streammesh.streams`):
 
 - `<prefix>:members`: sorted set, consumer name -> expiry (Redis clock, ms);
-- `<prefix>:lease:p<n>`: string, the owner's consumer name, with a PX expiry of `lease_ttl`;
-- `<prefix>:epoch:p<n>`: integer, the partition's lease epoch (no expiry): ACQUIRE increments
+- `<prefix>:lease:{<prefix>:p<n>}`: string, the owner's consumer name, with a PX expiry of
+  `lease_ttl`;
+- `<prefix>:epoch:{<prefix>:p<n>}`: integer, the partition's lease epoch (no expiry): ACQUIRE increments
   it whenever a consumer newly takes the partition, and the engine's outputs and checkpoints are
   fenced in storage by it (docs/processor-checkpoints.md).
 
@@ -20,7 +21,7 @@ see the same members therefore compute the same owner for every partition. Loads
 most one, and each partition prefers its rendezvous-hash winner, so few partitions move when a
 member joins or leaves.
 
-Leases. Four Lua scripts run against `<prefix>:lease:p<n>`:
+Leases. Lua scripts run against the lease of partition n (and only keys of n's hash tag):
 - ACQUIRE sets the lease if it is absent, or extends it if it already names us. A live lease is
   never taken from its owner: a partition moves only after the owner releases it or the lease expires.
   It returns the partition's lease epoch, incremented when the lease was absent (or named us
@@ -60,10 +61,14 @@ Invariants:
    pending, and the new owner stores it again before anything newer. The idempotent store turns
    the repeat into a no-op.
 
-Limits. A StoreEvents call that is already in flight when the lease is lost still completes,
-because no fencing token reaches StoreEvents (the engine's outputs are fenced by the epoch). By (4) this can only repeat an entry that the new owner also
-stores, in order. A process paused between `holds()` and the store it guards for longer than the
-margin could start one stale store. A fencing token checked by storage would close that gap.
+Fencing at storage. Every StoreEvents call carries our epoch of each partition in it, and
+storage refuses one below the highest it has committed for that partition (services/storage/
+event_fences.py), as it refuses the engine's outputs. So a process paused between `holds()` and
+its store for longer than the margin, or a call still in flight when the lease is lost, cannot
+store after the new owner did: storage answers FAILED_PRECONDITION (STALE_LEASE_EPOCH) with
+nothing written, and the worker drops the partition (`fenced_out`) without acknowledging,
+counting or dead-lettering anything. Such a call committed *before* the new owner's first store
+is harmless by (4): it repeats an entry that the new owner stores again, in order.
 """
 
 from __future__ import annotations
@@ -73,9 +78,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPipeline
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from streammesh.backlog import entry_weight
@@ -185,9 +192,19 @@ consumer (nothing changed), else how many entries XACK took out of the pending l
 
 
 def epoch_key(layout: StreamLayout, partition: int) -> str:
-    """Partition n's lease epoch counter, `<prefix>:epoch:p<n>` (the lease key's naming; no
-    hash tag, as none of the partition's keys has one yet: the ACQUIRE script touches both)."""
-    return f"{layout.prefix}:epoch:p{partition}"
+    """Partition n's lease epoch counter, `<prefix>:epoch:{<prefix>:p<n>}`: the partition's
+    hash tag, as the ACQUIRE script touches it with the lease."""
+    return layout.partition_key("epoch", partition)
+
+
+async def _queue(pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
+    """Queue a script call in a pipeline. redis-py's cluster pipeline refuses EVALSHA (and so
+    Script objects), so on a Redis Cluster the script's text goes with EVAL, which Redis
+    caches by its SHA as well."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.eval(cast(str, script.script), len(keys), *keys, *args)
+    else:
+        await script(keys=keys, args=args, client=pipe)
 
 
 def _rank(member: str, partition: int) -> bytes:
@@ -255,6 +272,9 @@ class PartitionOwnership:
         # apart from a release + re-acquire that happened while it was on the wire.
         self._leases: dict[int, tuple[float, int]] = {}
         self._epochs: dict[int, int] = {}
+        # partition -> the fence storage refused us with (fenced_out): a later acquire moves
+        # the epoch past it (Redis lost its counter) instead of being refused again.
+        self._floors: dict[int, int] = {}
         self._generation = 0
         self._members: tuple[str, ...] = ()
         self._desired: frozenset[int] = frozenset()
@@ -285,6 +305,15 @@ class PartitionOwnership:
         if self._leases.pop(partition, None) is not None:
             log.warning("lost partition %d: %s", partition, reason)
 
+    def fenced_out(self, partition: int, stored_epoch: int, reason: str) -> None:
+        """Storage refused our store of the partition: its fence (`stored_epoch`) is above our
+        epoch. Drop the partition now. If we acquire it again and get an epoch not above that
+        fence (Redis lost its epoch counter: a restart without its data), the epoch is moved
+        past it then, under our lease (`acquire`)."""
+        self._floors[partition] = max(self._floors.get(partition, 0), stored_epoch)
+        self._leases.pop(partition, None)
+        log.warning("lost partition %d: fenced out by storage: %s", partition, reason)
+
     async def wait_first_heartbeat(self, timeout: float) -> None:
         await wait_event(self._beaten, timeout)
 
@@ -293,14 +322,15 @@ class PartitionOwnership:
         renewing = sorted(self._leases.items())
         started = time.monotonic()
         async with self._client.pipeline(transaction=False) as pipe:
-            await self._heartbeat(
-                keys=[self._layout.members_key], args=[self._consumer, self._ttl_ms], client=pipe
+            await _queue(
+                pipe, self._heartbeat, [self._layout.members_key], [self._consumer, self._ttl_ms]
             )
             for partition, _ in renewing:
-                await self._renew(
-                    keys=[self._layout.lease_key(partition)],
-                    args=[self._consumer, self._ttl_ms],
-                    client=pipe,
+                await _queue(
+                    pipe,
+                    self._renew,
+                    [self._layout.lease_key(partition)],
+                    [self._consumer, self._ttl_ms],
                 )
             replies: list[Any] = await pipe.execute()
         for (partition, (_, generation)), renewed in zip(renewing, replies[1:], strict=True):
@@ -339,13 +369,35 @@ class PartitionOwnership:
         started = time.monotonic()
         async with self._client.pipeline(transaction=False) as pipe:
             for partition in wanted:
-                await self._acquire(
-                    keys=[self._layout.lease_key(partition), epoch_key(self._layout, partition)],
-                    args=[self._consumer, self._ttl_ms, int(partition in self._leases)],
-                    client=pipe,
+                await _queue(
+                    pipe,
+                    self._acquire,
+                    [self._layout.lease_key(partition), epoch_key(self._layout, partition)],
+                    [self._consumer, self._ttl_ms, int(partition in self._leases)],
                 )
             replies: list[Any] = await pipe.execute()
         acquired = [(p, int(epoch)) for p, epoch in zip(wanted, replies, strict=True) if epoch]
+        for index, (partition, epoch) in enumerate(acquired):
+            floor = self._floors.pop(partition, 0)
+            if epoch <= floor:
+                # Only under the lease just taken (raise_epoch is a compare-and-set on it).
+                raised = int(
+                    await self._raise_epoch(
+                        keys=[
+                            self._layout.lease_key(partition),
+                            epoch_key(self._layout, partition),
+                        ],
+                        args=[self._consumer, floor + 1],
+                    )
+                )
+                log.warning(
+                    "partition %d: lease epoch moved from %d to %d (storage's fence)",
+                    partition,
+                    epoch,
+                    raised,
+                )
+                acquired[index] = (partition, raised)
+        acquired = [(p, epoch) for p, epoch in acquired if epoch]
         for partition, epoch in acquired:
             self._generation += 1
             self._leases[partition] = (started + self._trusted_s, self._generation)
@@ -358,6 +410,12 @@ class PartitionOwnership:
         """The lease epoch of a partition we hold (0 for one we do not): it grows with every
         new owner, and storage fences the engine outputs of older ones with it."""
         return self._epochs.get(partition, 0) if partition in self._leases else 0
+
+    def last_epoch(self, partition: int) -> int:
+        """The lease epoch we last held the partition under, held still or not (0: never):
+        what our stores are fenced by, so that one started just as the lease was lost is
+        fenced too."""
+        return self._epochs.get(partition, 0)
 
     async def raise_epoch(self, partition: int, at_least: int) -> int:
         """Move the partition's epoch up to `at_least` while we hold its lease (Redis lost its
@@ -381,8 +439,8 @@ class PartitionOwnership:
             self._leases.pop(partition, None)
         async with self._client.pipeline(transaction=False) as pipe:
             for partition in freed:
-                await self._release(
-                    keys=[self._layout.lease_key(partition)], args=[self._consumer], client=pipe
+                await _queue(
+                    pipe, self._release, [self._layout.lease_key(partition)], [self._consumer]
                 )
             await pipe.execute()
         log.info("released partitions %s", freed)
@@ -409,9 +467,12 @@ class PartitionOwnership:
         requests = [self._ack_call(partition, acks[index][1]) for index, partition in calls]
         async with self._client.pipeline(transaction=False) as pipe:
             for keys, args in requests:
-                # EVALSHA itself, not the Script: a pipeline holding Scripts first asks SCRIPT
-                # EXISTS, one round trip more.
-                pipe.evalsha(self._ack.sha, len(keys), *keys, *args)
+                if isinstance(pipe, ClusterPipeline):
+                    pipe.eval(ACK_SCRIPT, len(keys), *keys, *args)  # see _queue
+                else:
+                    # EVALSHA itself, not the Script: a pipeline holding Scripts first asks
+                    # SCRIPT EXISTS, one round trip more.
+                    pipe.evalsha(self._ack.sha, len(keys), *keys, *args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         failure: BaseException | None = None
         for (index, partition), (keys, args), reply in zip(calls, requests, replies, strict=True):

@@ -18,6 +18,7 @@ the partition's state, and a release waits for its final checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,10 +28,11 @@ from typing import Any, Protocol, cast
 import redis.asyncio as aioredis
 
 from services.processor.source.backlog import BacklogKeeper
-from services.processor.source.ownership import PartitionOwnership
+from services.processor.source.ownership import PartitionOwnership, epoch_key
 from services.processor.source.trimming import trim_partition
 from streammesh.api.processor.v1 import processor_pb2
 from streammesh.entries import Entry
+from streammesh.legacy_keys import move_legacy_keys
 from streammesh.streams import StreamLayout, body_bytes
 
 __all__ = [
@@ -135,6 +137,13 @@ class PartitionSource:
         self._consumer = consumer
         self._consumer_bytes = consumer.encode()
         self._config = config
+        # The processor's own partition keys, moved from their old names with the others.
+        self._own_keys: dict[str, Callable[[int], str]] = {
+            "epoch": functools.partial(epoch_key, layout)
+        }
+        if forget is not None:
+            self._own_keys["attempts"] = forget
+        self._keys_moved = False
         self._top_up = top_up
         self._processing = processing
         self.stats = stats
@@ -163,6 +172,23 @@ class PartitionSource:
         """Whether work on `partition` may start now (checked before each store)."""
         return self.ownership.holds(partition)
 
+    def epoch(self, partition: int) -> int:
+        """The lease epoch we last held the partition under, sent with each store."""
+        return self.ownership.last_epoch(partition)
+
+    def fenced_out(self, partition: int, stored_epoch: int, reason: str) -> None:
+        """Storage's fence is above our epoch: drop the partition (ownership.fenced_out)."""
+        self.ownership.fenced_out(partition, stored_epoch, reason)
+
+    async def move_legacy_keys(self) -> int:
+        """Move the partitions' keys of the layout before the hash tags, ours included
+        (streammesh/legacy_keys.py); how many moved. Once per life."""
+        moved = await move_legacy_keys(self._client, self._layout, self._own_keys)
+        if moved:
+            log.warning("moved %d partition keys to the hash-tagged layout", moved)
+        self._keys_moved = True
+        return moved
+
     def set_processing(self, processing: Processing) -> None:
         """Follow the engine's positions and save its state before releases (see Processing)."""
         self._processing = processing
@@ -178,6 +204,10 @@ class PartitionSource:
         """Between rounds: the consumer group (again after Redis lost it), the rebalance, and
         the reclaim and trims that are due."""
         if not self._group_ready:
+            if not self._keys_moved:
+                # Moved at start already, unless Redis was unreachable then; a conflict
+                # (LegacyKeysConflict) here ends the worker, and with it the process.
+                await self.move_legacy_keys()
             await self._layout.ensure_group(self._client)
             self._group_ready = True
         await self._rebalance()

@@ -736,7 +736,9 @@ class DeadLetter(_message.Message):
     HAS_BATCH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     stream: _builtins.str
-    """The Redis stream of the entry, for example "streammesh:events:p3"."""
+    """The Redis stream of the entry, for example "streammesh:events:stream:{streammesh:events:p3}"
+    (before the hash-tagged key layout: "streammesh:events:p3").
+    """
     partition: _builtins.int
     entry_id: _builtins.str
     """The entry's Redis stream id."""

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from streammesh.api.common.v1 import event_pb2 as streammesh_dot_common_dot_v1_dot_event__pb2
+from streammesh.api.storage.v1 import definitions_pb2 as streammesh_dot_storage_dot_v1_dot_definitions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#streammesh/storage/v1/storage.proto\x12\x15streammesh.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a streammesh/common/v1/event.proto\"|\n\x12StoreEventsRequest\x12\x30\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.QueuedBatch\x12\x34\n\x07\x63olumns\x18\x02 \x01(\x0b\x32#.streammesh.common.v1.QueuedColumns\";\n\x13StoreEventsResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xac\x01\n\x12QueryEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x19\n\x11\x66ilter_expression\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x11\n\tprincipal\x18\x10 \x01(\t\"a\n\x13QueryEventsResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.streammesh.common.v1.StoredEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb5\x01\n\x16SubscribeEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x19\n\x11\x66ilter_expression\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x14\n\x0cstart_at_end\x18\x04 \x01(\x08\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x11\n\tprincipal\x18\x10 \x01(\t\"s\n\x17SubscribeEventsResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.streammesh.common.v1.StoredEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x03 \x01(\x08\"r\n\x12\x43ountEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x19\n\x11\x66ilter_expression\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"\xd3\x01\n\x16\x41ggregateEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x19\n\x11\x66ilter_expression\x18\x02 \x01(\t\x12\x38\n\x08group_by\x18\x03 \x01(\x0e\x32&.streammesh.common.v1.AggregateGroupBy\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x12\n\nmax_groups\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"O\n\x17\x41ggregateEventsResponse\x12\x34\n\x06groups\x18\x01 \x03(\x0b\x32$.streammesh.common.v1.AggregateGroup\"$\n\x13\x43ountEventsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"\x8f\x03\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12\x11\n\tevent_ids\x18\x05 \x03(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x07 \x01(\r\x12\x33\n\x0f\x66irst_failed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_failed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breplayed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0creplay_count\x18\x0c \x01(\r\x12\x13\n\x0breplayed_by\x18\r \x01(\t\x12\x11\n\thas_batch\x18\x0e \x01(\x08\"\'\n\x08RawField\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xb4\x02\n\x16StoreDeadLetterRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x0c\x12\x33\n\nraw_fields\x18\x05 \x03(\x0b\x32\x1f.streammesh.storage.v1.RawField\x12\x11\n\tevent_ids\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x08 \x01(\r\x12\x33\n\x0f\x66irst_failed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_failed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x17StoreDeadLetterResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.streammesh.storage.v1.DeadLetter\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x89\x01\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\tpartition\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08replayed\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_partitionB\x0b\n\t_replayed\"k\n\x17ListDeadLettersResponse\x12\x37\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32!.streammesh.storage.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14GetDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"\xb7\x01\n\x15GetDeadLetterResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.streammesh.storage.v1.DeadLetter\x12\x31\n\x06\x65vents\x18\x02 \x03(\x0b\x32!.streammesh.common.v1.QueuedEvent\x12\x33\n\nraw_fields\x18\x03 \x03(\x0b\x32\x1f.streammesh.storage.v1.RawField\"@\n\x1dMarkDeadLetterReplayedRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0breplayed_by\x18\x02 \x01(\t\"X\n\x1eMarkDeadLetterReplayedResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.streammesh.storage.v1.DeadLetter2\xa8\x08\n\x0eStorageService\x12i\n\x0bStoreEvents\x12).streammesh.storage.v1.StoreEventsRequest\x1a*.streammesh.storage.v1.StoreEventsResponse\"\x03\x90\x02\x02\x12i\n\x0bQueryEvents\x12).streammesh.storage.v1.QueryEventsRequest\x1a*.streammesh.storage.v1.QueryEventsResponse\"\x03\x90\x02\x01\x12i\n\x0b\x43ountEvents\x12).streammesh.storage.v1.CountEventsRequest\x1a*.streammesh.storage.v1.CountEventsResponse\"\x03\x90\x02\x01\x12u\n\x0f\x41ggregateEvents\x12-.streammesh.storage.v1.AggregateEventsRequest\x1a..streammesh.storage.v1.AggregateEventsResponse\"\x03\x90\x02\x01\x12w\n\x0fSubscribeEvents\x12-.streammesh.storage.v1.SubscribeEventsRequest\x1a..streammesh.storage.v1.SubscribeEventsResponse\"\x03\x90\x02\x01\x30\x01\x12u\n\x0fStoreDeadLetter\x12-.streammesh.storage.v1.StoreDeadLetterRequest\x1a..streammesh.storage.v1.StoreDeadLetterResponse\"\x03\x90\x02\x02\x12u\n\x0fListDeadLetters\x12-.streammesh.storage.v1.ListDeadLettersRequest\x1a..streammesh.storage.v1.ListDeadLettersResponse\"\x03\x90\x02\x01\x12o\n\rGetDeadLetter\x12+.streammesh.storage.v1.GetDeadLetterRequest\x1a,.streammesh.storage.v1.GetDeadLetterResponse\"\x03\x90\x02\x01\x12\x85\x01\n\x16MarkDeadLetterReplayed\x12\x34.streammesh.storage.v1.MarkDeadLetterReplayedRequest\x1a\x35.streammesh.storage.v1.MarkDeadLetterReplayedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#streammesh/storage/v1/storage.proto\x12\x15streammesh.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a streammesh/common/v1/event.proto\x1a\'streammesh/storage/v1/definitions.proto\"\xb3\x01\n\x12StoreEventsRequest\x12\x30\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.QueuedBatch\x12\x34\n\x07\x63olumns\x18\x02 \x01(\x0b\x32#.streammesh.common.v1.QueuedColumns\x12\x35\n\x06\x66\x65nces\x18\x03 \x03(\x0b\x32%.streammesh.storage.v1.PartitionFence\";\n\x13StoreEventsResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xac\x01\n\x12QueryEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x19\n\x11\x66ilter_expression\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x11\n\tprincipal\x18\x10 \x01(\t\"a\n\x13QueryEventsResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.streammesh.common.v1.StoredEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb5\x01\n\x16SubscribeEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x19\n\x11\x66ilter_expression\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x14\n\x0cstart_at_end\x18\x04 \x01(\x08\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x11\n\tprincipal\x18\x10 \x01(\t\"s\n\x17SubscribeEventsResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.streammesh.common.v1.StoredEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x03 \x01(\x08\"r\n\x12\x43ountEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x19\n\x11\x66ilter_expression\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"\xd3\x01\n\x16\x41ggregateEventsRequest\x12\x31\n\x06\x66ilter\x18\x01 \x01(\x0b\x32!.streammesh.common.v1.EventFilter\x12\x19\n\x11\x66ilter_expression\x18\x02 \x01(\t\x12\x38\n\x08group_by\x18\x03 \x01(\x0e\x32&.streammesh.common.v1.AggregateGroupBy\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\x12\n\nmax_groups\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"O\n\x17\x41ggregateEventsResponse\x12\x34\n\x06groups\x18\x01 \x03(\x0b\x32$.streammesh.common.v1.AggregateGroup\"$\n\x13\x43ountEventsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"\x8f\x03\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\x12\x11\n\tevent_ids\x18\x05 \x03(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x07 \x01(\r\x12\x33\n\x0f\x66irst_failed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_failed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breplayed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0creplay_count\x18\x0c \x01(\r\x12\x13\n\x0breplayed_by\x18\r \x01(\t\x12\x11\n\thas_batch\x18\x0e \x01(\x08\"\'\n\x08RawField\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xb4\x02\n\x16StoreDeadLetterRequest\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x0c\x12\x33\n\nraw_fields\x18\x05 \x03(\x0b\x32\x1f.streammesh.storage.v1.RawField\x12\x11\n\tevent_ids\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65livery_count\x18\x08 \x01(\r\x12\x33\n\x0f\x66irst_failed_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_failed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x17StoreDeadLetterResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.streammesh.storage.v1.DeadLetter\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x89\x01\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\tpartition\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08replayed\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_partitionB\x0b\n\t_replayed\"k\n\x17ListDeadLettersResponse\x12\x37\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32!.streammesh.storage.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14GetDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"\xb7\x01\n\x15GetDeadLetterResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.streammesh.storage.v1.DeadLetter\x12\x31\n\x06\x65vents\x18\x02 \x03(\x0b\x32!.streammesh.common.v1.QueuedEvent\x12\x33\n\nraw_fields\x18\x03 \x03(\x0b\x32\x1f.streammesh.storage.v1.RawField\"@\n\x1dMarkDeadLetterReplayedRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0breplayed_by\x18\x02 \x01(\t\"X\n\x1eMarkDeadLetterReplayedResponse\x12\x36\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32!.streammesh.storage.v1.DeadLetter2\xa8\x08\n\x0eStorageService\x12i\n\x0bStoreEvents\x12).streammesh.storage.v1.StoreEventsRequest\x1a*.streammesh.storage.v1.StoreEventsResponse\"\x03\x90\x02\x02\x12i\n\x0bQueryEvents\x12).streammesh.storage.v1.QueryEventsRequest\x1a*.streammesh.storage.v1.QueryEventsResponse\"\x03\x90\x02\x01\x12i\n\x0b\x43ountEvents\x12).streammesh.storage.v1.CountEventsRequest\x1a*.streammesh.storage.v1.CountEventsResponse\"\x03\x90\x02\x01\x12u\n\x0f\x41ggregateEvents\x12-.streammesh.storage.v1.AggregateEventsRequest\x1a..streammesh.storage.v1.AggregateEventsResponse\"\x03\x90\x02\x01\x12w\n\x0fSubscribeEvents\x12-.streammesh.storage.v1.SubscribeEventsRequest\x1a..streammesh.storage.v1.SubscribeEventsResponse\"\x03\x90\x02\x01\x30\x01\x12u\n\x0fStoreDeadLetter\x12-.streammesh.storage.v1.StoreDeadLetterRequest\x1a..streammesh.storage.v1.StoreDeadLetterResponse\"\x03\x90\x02\x02\x12u\n\x0fListDeadLetters\x12-.streammesh.storage.v1.ListDeadLettersRequest\x1a..streammesh.storage.v1.ListDeadLettersResponse\"\x03\x90\x02\x01\x12o\n\rGetDeadLetter\x12+.streammesh.storage.v1.GetDeadLetterRequest\x1a,.streammesh.storage.v1.GetDeadLetterResponse\"\x03\x90\x02\x01\x12\x85\x01\n\x16MarkDeadLetterReplayed\x12\x34.streammesh.storage.v1.MarkDeadLetterReplayedRequest\x1a\x35.streammesh.storage.v1.MarkDeadLetterReplayedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,46 +50,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STORAGESERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\220\002\001'
   _globals['_STORAGESERVICE'].methods_by_name['GetDeadLetter']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['GetDeadLetter']._serialized_options = b'\220\002\001'
-  _globals['_STOREEVENTSREQUEST']._serialized_start=129
-  _globals['_STOREEVENTSREQUEST']._serialized_end=253
-  _globals['_STOREEVENTSRESPONSE']._serialized_start=255
-  _globals['_STOREEVENTSRESPONSE']._serialized_end=314
-  _globals['_QUERYEVENTSREQUEST']._serialized_start=317
-  _globals['_QUERYEVENTSREQUEST']._serialized_end=489
-  _globals['_QUERYEVENTSRESPONSE']._serialized_start=491
-  _globals['_QUERYEVENTSRESPONSE']._serialized_end=588
-  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=591
-  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=772
-  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_start=774
-  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_end=889
-  _globals['_COUNTEVENTSREQUEST']._serialized_start=891
-  _globals['_COUNTEVENTSREQUEST']._serialized_end=1005
-  _globals['_AGGREGATEEVENTSREQUEST']._serialized_start=1008
-  _globals['_AGGREGATEEVENTSREQUEST']._serialized_end=1219
-  _globals['_AGGREGATEEVENTSRESPONSE']._serialized_start=1221
-  _globals['_AGGREGATEEVENTSRESPONSE']._serialized_end=1300
-  _globals['_COUNTEVENTSRESPONSE']._serialized_start=1302
-  _globals['_COUNTEVENTSRESPONSE']._serialized_end=1338
-  _globals['_DEADLETTER']._serialized_start=1341
-  _globals['_DEADLETTER']._serialized_end=1740
-  _globals['_RAWFIELD']._serialized_start=1742
-  _globals['_RAWFIELD']._serialized_end=1781
-  _globals['_STOREDEADLETTERREQUEST']._serialized_start=1784
-  _globals['_STOREDEADLETTERREQUEST']._serialized_end=2092
-  _globals['_STOREDEADLETTERRESPONSE']._serialized_start=2094
-  _globals['_STOREDEADLETTERRESPONSE']._serialized_end=2192
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2195
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2332
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2334
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2441
-  _globals['_GETDEADLETTERREQUEST']._serialized_start=2443
-  _globals['_GETDEADLETTERREQUEST']._serialized_end=2477
-  _globals['_GETDEADLETTERRESPONSE']._serialized_start=2480
-  _globals['_GETDEADLETTERRESPONSE']._serialized_end=2663
-  _globals['_MARKDEADLETTERREPLAYEDREQUEST']._serialized_start=2665
-  _globals['_MARKDEADLETTERREPLAYEDREQUEST']._serialized_end=2729
-  _globals['_MARKDEADLETTERREPLAYEDRESPONSE']._serialized_start=2731
-  _globals['_MARKDEADLETTERREPLAYEDRESPONSE']._serialized_end=2819
-  _globals['_STORAGESERVICE']._serialized_start=2822
-  _globals['_STORAGESERVICE']._serialized_end=3886
+  _globals['_STOREEVENTSREQUEST']._serialized_start=171
+  _globals['_STOREEVENTSREQUEST']._serialized_end=350
+  _globals['_STOREEVENTSRESPONSE']._serialized_start=352
+  _globals['_STOREEVENTSRESPONSE']._serialized_end=411
+  _globals['_QUERYEVENTSREQUEST']._serialized_start=414
+  _globals['_QUERYEVENTSREQUEST']._serialized_end=586
+  _globals['_QUERYEVENTSRESPONSE']._serialized_start=588
+  _globals['_QUERYEVENTSRESPONSE']._serialized_end=685
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_start=688
+  _globals['_SUBSCRIBEEVENTSREQUEST']._serialized_end=869
+  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_start=871
+  _globals['_SUBSCRIBEEVENTSRESPONSE']._serialized_end=986
+  _globals['_COUNTEVENTSREQUEST']._serialized_start=988
+  _globals['_COUNTEVENTSREQUEST']._serialized_end=1102
+  _globals['_AGGREGATEEVENTSREQUEST']._serialized_start=1105
+  _globals['_AGGREGATEEVENTSREQUEST']._serialized_end=1316
+  _globals['_AGGREGATEEVENTSRESPONSE']._serialized_start=1318
+  _globals['_AGGREGATEEVENTSRESPONSE']._serialized_end=1397
+  _globals['_COUNTEVENTSRESPONSE']._serialized_start=1399
+  _globals['_COUNTEVENTSRESPONSE']._serialized_end=1435
+  _globals['_DEADLETTER']._serialized_start=1438
+  _globals['_DEADLETTER']._serialized_end=1837
+  _globals['_RAWFIELD']._serialized_start=1839
+  _globals['_RAWFIELD']._serialized_end=1878
+  _globals['_STOREDEADLETTERREQUEST']._serialized_start=1881
+  _globals['_STOREDEADLETTERREQUEST']._serialized_end=2189
+  _globals['_STOREDEADLETTERRESPONSE']._serialized_start=2191
+  _globals['_STOREDEADLETTERRESPONSE']._serialized_end=2289
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=2292
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=2429
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=2431
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=2538
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=2540
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=2574
+  _globals['_GETDEADLETTERRESPONSE']._serialized_start=2577
+  _globals['_GETDEADLETTERRESPONSE']._serialized_end=2760
+  _globals['_MARKDEADLETTERREPLAYEDREQUEST']._serialized_start=2762
+  _globals['_MARKDEADLETTERREPLAYEDREQUEST']._serialized_end=2826
+  _globals['_MARKDEADLETTERREPLAYEDRESPONSE']._serialized_start=2828
+  _globals['_MARKDEADLETTERREPLAYEDRESPONSE']._serialized_end=2916
+  _globals['_STORAGESERVICE']._serialized_start=2919
+  _globals['_STORAGESERVICE']._serialized_end=3983
 # @@protoc_insertion_point(module_scope)

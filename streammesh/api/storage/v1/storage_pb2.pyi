@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from streammesh.api.common.v1 import event_pb2 as _event_pb2
+from streammesh.api.storage.v1 import definitions_pb2 as _definitions_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -26,6 +27,7 @@ class StoreEventsRequest(_message.Message):
 
     BATCH_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
+    FENCES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def batch(self) -> _event_pb2.QueuedBatch:
         """The events, in one of the queue's two forms: `columns` (what ingest writes) or `batch`
@@ -37,15 +39,26 @@ class StoreEventsRequest(_message.Message):
 
     @_builtins.property
     def columns(self) -> _event_pb2.QueuedColumns: ...
+    @_builtins.property
+    def fences(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.PartitionFence]:
+        """The sender's lease epoch on each partition it stores for (the processor's, see
+        services/processor/source/ownership.py), at most one per (stream, partition). Storage
+        keeps the highest epoch it has seen per partition (table event_fences), raised in the
+        insert's transaction; a fence below it refuses the whole request with FAILED_PRECONDITION
+        (ErrorInfo reason STALE_LEASE_EPOCH) and nothing is written: the partition has a newer
+        owner. A request without fences is stored unfenced, as before this field existed.
+        """
+
     def __init__(
         self,
         *,
         batch: _event_pb2.QueuedBatch | None = ...,
         columns: _event_pb2.QueuedColumns | None = ...,
+        fences: _abc.Iterable[_definitions_pb2.PartitionFence] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "columns", b"columns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "columns", b"columns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "columns", b"columns", "fences", b"fences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,7 +380,9 @@ class DeadLetter(_message.Message):
     id: _builtins.int
     """Assigned by storage; increases with the time of recording."""
     stream: _builtins.str
-    """The Redis stream of the entry, for example "streammesh:events:p3"."""
+    """The Redis stream of the entry, for example "streammesh:events:stream:{streammesh:events:p3}"
+    (before the hash-tagged key layout: "streammesh:events:p3").
+    """
     partition: _builtins.int
     entry_id: _builtins.str
     """The entry's Redis stream id, for example "1714564800000-0"."""
