@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,9 +50,10 @@ from streammesh.cli.demo_payments import (
     window_document,
     window_problems,
 )
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.client import GatewayClient
 
-__all__ = ["ProcessingReport", "run_processing_demo"]
+__all__ = ["ProcessingCheckFailed", "ProcessingReport", "run_processing_demo"]
 
 _HEARTBEAT_SECONDS = 0.25
 _PROBE_EVERY_SECONDS = 0.5
@@ -64,11 +66,10 @@ class ProcessingCheckFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class ProcessingReport:
-    window_id: str
-    rule_id: str
     windows: int
     payments: int
-    alerts: int
+    alerts: dict[str, int]
+    """Account -> alerts of the rule (the accounts with any)."""
     ready_seconds: float
     results_seconds: float
     """From the last payment's acknowledgement until the last expected result or alert."""
@@ -78,8 +79,9 @@ class ProcessingReport:
             f"window results  {self.windows} windows of {WINDOW_SECONDS}s ({self.payments} "
             f"payments) closed live: counts and sums exact, p95 within "
             f"{QUANTILE_RELATIVE_ACCURACY:.0%}",
-            f"alerts          {self.alerts} of rule {self.rule_id} live, each on its "
-            f"{LARGE_IN_A_ROW} payments over {LARGE_OVER}",
+            f"alerts          {sum(self.alerts.values())} live ("
+            + ", ".join(f"{account} {n}" for account, n in sorted(self.alerts.items()))
+            + f"), each on its {LARGE_IN_A_ROW} payments over {LARGE_OVER}",
             f"processing      definitions running after {self.ready_seconds:.1f}s; results "
             f"within {self.results_seconds:.1f}s of the last ack",
         ]
@@ -137,7 +139,9 @@ async def _subscribed(client: GatewayClient, window_id: str) -> AsyncIterator[_L
         ),
     ]
     try:
-        await _until(live, lambda: live.current == 2, 30, "the subscriptions did not start")
+        await _until(
+            live, lambda: live.current == 2, 30, lambda: "the live subscriptions did not start"
+        )
         yield live
     finally:
         for task in tasks:
@@ -149,16 +153,17 @@ async def _until(
     live: _Live,
     done: Callable[[], bool],
     timeout: float,
-    failure: str,
+    failure: Callable[[], str],
     every: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Wait until `done()`, awaiting `every()` at each heartbeat."""
+    """Wait until `done()`, awaiting `every()` at each heartbeat; past `timeout`, fail with
+    the message `failure()` gives then."""
     deadline = time.monotonic() + timeout
     while not done():
         if live.failure is not None:
             raise live.failure
         if time.monotonic() > deadline:
-            raise ProcessingCheckFailed(f"{failure} within {timeout:.0f}s")
+            raise ProcessingCheckFailed(f"{failure()} within {timeout:.0f}s")
         if every is not None:
             await every()
         live.changed.clear()
@@ -248,8 +253,10 @@ async def _wait_until_running(
         live,
         settled,
         timeout,
-        f"the processors did not run the new window and rules (no probe alert for "
-        f"{', '.join(sorted(waiting))})",
+        lambda: (
+            "the processors did not take up the new window and rules (no alert on a "
+            f"probe event of {', '.join(sorted(waiting))})"
+        ),
         probe,
     )
 
@@ -278,8 +285,12 @@ async def run_processing_demo(
     try:
         return await _run(client, event_type, window_id, rule_id, ready_id, say, timeout)
     finally:
-        await _disable(client, window_id, [rule_id, ready_id])
-        say(f"window {window_id} and rules {rule_id}, {ready_id} disabled")
+        try:
+            await _disable(client, window_id, [rule_id, ready_id])
+        except grpc.aio.AioRpcError as error:  # reported, without hiding why the demo ended
+            say(f"could not disable the demo's definitions: {describe_rpc_error(error)}")
+        else:
+            say(f"window {window_id} and rules {rule_id}, {ready_id} disabled")
 
 
 async def _run(
@@ -327,7 +338,11 @@ async def _run(
             live,
             arrived,
             timeout,
-            f"not every window result ({len(windows)}) and alert ({len(alerts)}) arrived",
+            lambda: (
+                f"not all {len(windows)} window results and {len(alerts)} alerts arrived "
+                f"(results of {', '.join(sorted({r.group for r in live.results})) or 'none'}, "
+                f"{sum(a.rule_id == rule_id for a in live.alerts)} alerts)"
+            ),
             publisher.heartbeat,
         )
         results_seconds = time.perf_counter() - acked
@@ -344,7 +359,11 @@ async def _run(
     if problems:
         raise ProcessingCheckFailed("; ".join(problems))
     return ProcessingReport(
-        window_id, rule_id, len(windows), len(payments), len(mine), ready_seconds, results_seconds
+        len(windows),
+        len(payments),
+        dict(Counter(a.key for a in mine)),
+        ready_seconds,
+        results_seconds,
     )
 
 
