@@ -203,24 +203,28 @@ class _Publisher:
         )
 
 
-async def _define(client: GatewayClient, kind: str, document: dict[str, object]) -> None:
-    method = getattr(client.rules, f"Create{kind.capitalize()}")
-    request = getattr(rules_pb2, f"Create{kind.capitalize()}Request")
-    await method(
-        request(definition_json=json.dumps(document)),
+async def _define(
+    client: GatewayClient, kind: str, document: dict[str, object], created: list[tuple[str, str]]
+) -> None:
+    """Create version 1 of a rule or window; `created` keeps (kind, id) for `_disable`."""
+    noun = kind.capitalize()
+    await getattr(client.rules, f"Create{noun}")(
+        getattr(rules_pb2, f"Create{noun}Request")(definition_json=json.dumps(document)),
         metadata=client.bearer(),
         timeout=_CALL_TIMEOUT,
     )
+    created.append((kind, str(document["id"])))
 
 
-async def _disable(client: GatewayClient, window_id: str, rule_ids: list[str]) -> None:
-    auth = {"metadata": client.bearer(), "timeout": _CALL_TIMEOUT}
-    await client.rules.SetWindowEnabled(
-        rules_pb2.SetWindowEnabledRequest(window_id=window_id, enabled=False), **auth
-    )
-    for rule_id in rule_ids:
-        await client.rules.SetRuleEnabled(
-            rules_pb2.SetRuleEnabledRequest(rule_id=rule_id, enabled=False), **auth
+async def _disable(client: GatewayClient, created: list[tuple[str, str]]) -> None:
+    for kind, definition_id in created:
+        noun = kind.capitalize()
+        await getattr(client.rules, f"Set{noun}Enabled")(
+            getattr(rules_pb2, f"Set{noun}EnabledRequest")(
+                **{f"{kind}_id": definition_id, "enabled": False}
+            ),
+            metadata=client.bearer(),
+            timeout=_CALL_TIMEOUT,
         )
 
 
@@ -271,26 +275,28 @@ async def run_processing_demo(
     """The stream-processing part (module docstring); `timeout` bounds each wait."""
     event_type = f"demo.{run_id}.payment"
     window_id, rule_id, ready_id = (f"demo-{run_id}-{n}" for n in ("amounts", "large", "ready"))
-    await _define(client, "window", window_document(window_id, event_type))
-    say(
-        f"window {window_id}: tumbling {WINDOW_SECONDS}s per account, count, sum and p95 "
-        "of payload.amount"
-    )
-    await _define(client, "rule", rule_document(rule_id, event_type))
-    say(
-        f"rule {rule_id}: {LARGE_IN_A_ROW} payments over {LARGE_OVER} of one account within "
-        f"{WINDOW_SECONDS}s"
-    )
-    await _define(client, "rule", ready_rule_document(ready_id, f"{event_type}.probe"))
+    created: list[tuple[str, str]] = []
     try:
+        await _define(client, "window", window_document(window_id, event_type), created)
+        say(
+            f"window {window_id}: tumbling {WINDOW_SECONDS}s per account, count, sum and p95 "
+            "of payload.amount"
+        )
+        await _define(client, "rule", rule_document(rule_id, event_type), created)
+        say(
+            f"rule {rule_id}: {LARGE_IN_A_ROW} payments over {LARGE_OVER} of one account "
+            f"within {WINDOW_SECONDS}s"
+        )
+        await _define(client, "rule", ready_rule_document(ready_id, f"{event_type}.probe"), created)
         return await _run(client, event_type, window_id, rule_id, ready_id, say, timeout)
     finally:
         try:
-            await _disable(client, window_id, [rule_id, ready_id])
+            await _disable(client, created)
         except grpc.aio.AioRpcError as error:  # reported, without hiding why the demo ended
             say(f"could not disable the demo's definitions: {describe_rpc_error(error)}")
         else:
-            say(f"window {window_id} and rules {rule_id}, {ready_id} disabled")
+            if created:
+                say(f"disabled {', '.join(f'{kind} {name}' for kind, name in created)}")
 
 
 async def _run(
