@@ -298,6 +298,14 @@ class GatewayClient:
         async for message in _messages(self.rules.SubscribeAlerts(request, metadata=self._auth())):
             yield message
 
+    async def subscribe_window_results(
+        self, request: rules_pb2.SubscribeWindowResultsRequest
+    ) -> AsyncIterator[rules_pb2.SubscribeWindowResultsResponse]:
+        """The messages of a live window-result subscription, as `subscribe` for events."""
+        call = self.rules.SubscribeWindowResults(request, metadata=self._auth())
+        async for message in _messages(call):
+            yield message
+
     async def aggregate(
         self, request: gateway_pb2.AggregateEventsRequest
     ) -> gateway_pb2.AggregateEventsResponse:

@@ -2,7 +2,8 @@
 
 Registers a user, enrols TOTP, logs in with a computed code, publishes events through the gateway,
 waits until storage holds all of them, and reads them back checking count, uniqueness and
-per-key order.
+per-key order. Then stream processing: a window and a rule, watched live
+(demo_processing.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import pyotp
 
 from streammesh.api.common.v1 import event_pb2
+from streammesh.cli.demo_processing import ProcessingReport, run_processing_demo
 from streammesh.client import GatewayClient
 
 __all__ = ["DemoReport", "run_demo"]
@@ -33,6 +35,7 @@ class DemoReport:
     query_seconds: float
     keys: int
     order_kept: bool
+    processing: ProcessingReport
 
     def lines(self) -> list[str]:
         rate = self.events / self.publish_seconds if self.publish_seconds else 0.0
@@ -43,6 +46,7 @@ class DemoReport:
             f"stored          all {self.events} within {self.stored_after_seconds:.2f}s of the last ack",
             f"queried back    {self.events} events in {self.query_seconds:.2f}s, each exactly once",
             f"per-key order   {'kept' if self.order_kept else 'BROKEN'} across {self.keys} keys",
+            *self.processing.lines(),
         ]
 
 
@@ -90,8 +94,8 @@ async def run_demo(
     username = f"demo-{run_id}"
     password = secrets.token_urlsafe(18)
 
-    say(f"creating {username} with roles producer and analyst (operator certificate)")
-    await create_user(username, password, ["producer", "analyst"])
+    say(f"creating {username} with roles producer, analyst, rule-admin (operator certificate)")
+    await create_user(username, password, ["producer", "analyst", "rule-admin"])
     enrolment = await client.begin_totp(username, password)
     totp = pyotp.TOTP(enrolment.secret)
     recovery_codes = await client.confirm_totp(username, password, totp.now())
@@ -142,6 +146,7 @@ async def run_demo(
     if ids != expected_ids:
         raise RuntimeError(f"query returned {len(ids)} distinct events, expected {events}")
     order_kept = all(seqs == sorted(seqs) for seqs in seen.values())
+    processing = await run_processing_demo(client, run_id, say=say)
     return DemoReport(
         username=username,
         events=events,
@@ -151,4 +156,5 @@ async def run_demo(
         query_seconds=query_seconds,
         keys=len(seen),
         order_kept=order_kept,
+        processing=processing,
     )

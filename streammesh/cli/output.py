@@ -175,6 +175,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("id", lambda a: a.alert_id),
     ),
     "streammesh.common.v1.WindowResult": (
+        Column("window", lambda r: _text(r.window_id, 30)),
         Column("start", lambda r: _nanos_time(r.start_unix_nanos)),
         Column("end", lambda r: _nanos_time(r.end_unix_nanos)),
         Column("group", lambda r: _text(r.group, 30)),

@@ -1,8 +1,8 @@
 """`streammesh rule ...`, `streammesh window ...` and `streammesh alerts`: the RuleService
 through the gateway, with the saved session.
 
-    streammesh rule create hot.json          # role rule-admin; the file's "id" names the rule
-    streammesh rule update hot-sensor hot.json
+    streammesh rule create hot.yaml          # role rule-admin; the file's "id" names the rule
+    streammesh rule update hot-sensor hot.yaml
     streammesh rule disable hot-sensor       # (enable) a new version; the processors stop it
     streammesh rule list                     # latest version of each rule
     streammesh rule show hot-sensor [--version 2]
@@ -10,10 +10,21 @@ through the gateway, with the saved session.
     streammesh window results orders-per-minute
     streammesh alerts [--rule hot-sensor]    # newest first
 
-Definition files are JSON (PyYAML is not a dependency of the CLI; a YAML rule converts with any
-YAML-to-JSON tool); "-" reads stdin. The file is checked to be a JSON object here, so a typo is
-named with its line; the service names a part the engine cannot run (INVALID_ARGUMENT with the
-path, e.g. definition.steps[1].within). Every command takes `--json` (the whole reply).
+Definition files are YAML, as the docs show them, or JSON (definition_files.py); "-" reads
+stdin. A file is checked to be one object here, so a typo is named with its line; the service
+names a part the engine cannot run (INVALID_ARGUMENT with the path, e.g.
+definition.steps[1].within). Every command takes `--json` (the whole reply).
+
+    # hot.yaml: three readings over 80 within a minute, per sensor
+    id: hot-sensor
+    kind: threshold
+    match: {type: reading}
+    field: payload.celsius
+    op: gt
+    value: 80
+    mode: level
+    count: 3
+    within: 1m
 """
 
 from __future__ import annotations
@@ -27,9 +38,10 @@ from typing import Any
 from google.protobuf.message import Message
 
 from streammesh.api.gateway.v1 import rules_pb2 as pb
+from streammesh.cli.definition_files import read_definition
 from streammesh.cli.output import print_reply
 from streammesh.cli.paging import page_size_option
-from streammesh.cli.schemas import SchemaFileError, read_schema
+from streammesh.cli.schemas import SchemaFileError
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
@@ -38,14 +50,6 @@ __all__ = ["add_rule_commands"]
 
 _TIMEOUT = 30
 Handler = Callable[[StackConfig, argparse.Namespace], Awaitable[int]]
-
-
-def read_definition(path: str) -> str:
-    """The file's text, checked here to be one JSON object (a typo is named with its line)."""
-    text = read_schema(path)
-    if not isinstance(json.loads(text), dict):
-        raise SchemaFileError(f"{path} must hold one JSON object (a rule or a window)")
-    return text
 
 
 async def _call(config: StackConfig, method: str, request: Message) -> Message:
@@ -206,13 +210,15 @@ def add_rule_commands(commands: argparse._SubParsersAction) -> None:  # type: ig
             sub.add_parser("create", help=f"store version 1 of a new {kind} (role rule-admin)"),
             handlers["create"],
         )
-        create.add_argument("file", help=f"the {kind} as a JSON file, with its id; - for stdin")
+        create.add_argument(
+            "file", help=f"the {kind} as a YAML or JSON file, with its id; - for stdin"
+        )
         update = _with_json(
             sub.add_parser("update", help=f"store the next version of a {kind}"),
             handlers["update"],
         )
         update.add_argument("id")
-        update.add_argument("file", help="the new document (JSON); - for stdin")
+        update.add_argument("file", help="the new document (YAML or JSON); - for stdin")
         for name, what in (
             ("disable", f"stop running a {kind}"),
             ("enable", f"run a {kind} again"),

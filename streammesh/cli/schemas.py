@@ -28,7 +28,7 @@ from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
 
-__all__ = ["SchemaFileError", "add_schema_commands", "read_schema"]
+__all__ = ["SchemaFileError", "add_schema_commands", "read_schema", "read_text"]
 
 MODES = [
     name.removeprefix("COMPATIBILITY_MODE_")
@@ -43,12 +43,17 @@ class SchemaFileError(Exception):
     sent)."""
 
 
-def read_schema(path: str) -> str:
-    """The document, checked to be JSON here so that a typo is named with its line."""
+def read_text(path: str) -> str:
+    """The file's text (UTF-8), or stdin's for "-"."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise SchemaFileError(f"cannot read {path}: {error}") from error
+
+
+def read_schema(path: str) -> str:
+    """The document, checked to be JSON here so that a typo is named with its line."""
+    text = read_text(path)
     try:
         json.loads(text)
     except json.JSONDecodeError as error:

@@ -5,6 +5,7 @@ SubscribeEvents (role analyst), with the saved session.
     streammesh tail --from-now --json > events.jsonl
     streammesh tail --resume <resume_token> 'payload.amount > 10'
     streammesh tail --alerts [--rule hot-sensor]          # alerts, in record order
+    streammesh tail --windows [--window orders-per-minute]  # window results, in record order
 
 
 First the matching events already stored (none with --from-now), a line when the tail is
@@ -37,8 +38,12 @@ from streammesh.client import GatewayClient
 
 __all__ = ["add_tail_command"]
 
-Subscribed = gateway_pb2.SubscribeEventsResponse | rules_pb2.SubscribeAlertsResponse
-"""A message of either subscription (they share resume_token and current)."""
+Subscribed = (
+    gateway_pb2.SubscribeEventsResponse
+    | rules_pb2.SubscribeAlertsResponse
+    | rules_pb2.SubscribeWindowResultsResponse
+)
+"""A message of any of the subscriptions (they share resume_token and current)."""
 _RESUMES_IN_A_ROW = 5
 """UNAVAILABLE endings resumed without a message received in between, at most."""
 
@@ -48,12 +53,14 @@ class _Follower:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.what = "alerts" if args.alerts else "window_results" if args.windows else "events"
+        """The field of the messages that holds the items followed."""
         self.token: str = args.resume
         self.events = 0
         self._rate_count, self._rate_since = 0, time.monotonic()
 
     def show(self, message: Subscribed) -> None:
-        items: Any = getattr(message, "alerts" if self.args.alerts else "events")
+        items: Any = getattr(message, self.what)
         self.token = message.resume_token or self.token
         self.events += len(items)
         self._rate_count += len(items)
@@ -62,6 +69,9 @@ class _Follower:
         else:
             if items and self.args.alerts:
                 print_reply(rules_pb2.ListAlertsResponse(alerts=items), as_json=False)
+            elif items and self.args.windows:
+                reply = rules_pb2.ListWindowResultsResponse(window_results=items)
+                print_reply(reply, as_json=False)
             elif items:
                 print_reply(gateway_pb2.QueryEventsResponse(events=items), as_json=False)
             if message.current:
@@ -69,20 +79,23 @@ class _Follower:
         elapsed = time.monotonic() - self._rate_since
         if not self.args.json and elapsed >= self.args.rate_every:
             rate = self._rate_count / elapsed
-            what = "alerts" if self.args.alerts else "events"
+            what = self.what.replace("_", " ")
             print(f"-- {rate:.1f} {what}/s, {self.events} in all --", file=sys.stderr, flush=True)
             self._rate_count, self._rate_since = 0, time.monotonic()
 
     def messages(self, client: GatewayClient) -> AsyncIterator[Subscribed]:
         """The subscription's messages from the last token on."""
-        if self.args.alerts:
-            return client.subscribe_alerts(
-                rules_pb2.SubscribeAlertsRequest(
-                    rule_id=self.args.rule,
-                    resume_token=self.token,
-                    start_at_end=self.args.from_now and not self.token,
-                )
+        token, at_end = self.token, bool(self.args.from_now and not self.token)
+        if self.args.windows:
+            request = rules_pb2.SubscribeWindowResultsRequest(
+                window_id=self.args.window, resume_token=token, start_at_end=at_end
             )
+            return client.subscribe_window_results(request)
+        if self.args.alerts:
+            alerts = rules_pb2.SubscribeAlertsRequest(
+                rule_id=self.args.rule, resume_token=token, start_at_end=at_end
+            )
+            return client.subscribe_alerts(alerts)
         return client.subscribe(self.request())
 
     def request(self) -> gateway_pb2.SubscribeEventsRequest:
@@ -133,10 +146,17 @@ def add_tail_command(commands: argparse._SubParsersAction) -> None:  # type: ign
     tail = commands.add_parser("tail", help="follow your tenant's matching events live")
     add_selection_options(tail)
     tail.add_argument("--resume", default="", help="continue after this resume token")
-    tail.add_argument(
+    kind = tail.add_mutually_exclusive_group()
+    kind.add_argument(
         "--alerts", action="store_true", help="follow your tenant's alerts instead of events"
     )
+    kind.add_argument(
+        "--windows",
+        action="store_true",
+        help="follow your tenant's window results (finals, revisions) instead of events",
+    )
     tail.add_argument("--rule", default="", help="with --alerts: only this rule's alerts")
+    tail.add_argument("--window", default="", help="with --windows: only this window's results")
     tail.add_argument(
         "--from-now", action="store_true", help="skip the events stored before (no --resume)"
     )

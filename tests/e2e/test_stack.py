@@ -193,8 +193,16 @@ def test_demo_command_runs_against_the_stack(stack: StackConfig) -> None:
         env=env,
     )
     assert result.returncode == 0, result.stderr + result.stdout
-    assert "published       2000 events in 8 batches" in result.stdout
-    assert "per-key order   kept" in result.stdout
+    out = result.stdout
+    assert "published       2000 events in 8 batches" in out
+    assert "per-key order   kept" in out
+    # The processing part: every account's window closed live and the three expected alerts
+    # fired (the demo checks values and event ids against its payments and fails otherwise).
+    assert "window results  4 windows of 2s (115 payments) closed live" in out
+    assert "alerts          3 live (acct-1 2, acct-3 1), each on its 3 payments over 900" in out
+    live = [line for line in out.splitlines() if line.startswith(("  window [", "  alert  "))]
+    assert sorted(line.split()[0] for line in live) == ["alert"] * 3 + ["window"] * 4
+    assert "disabled" in out
 
 
 async def test_up_then_down_leaves_no_process(stack_config: StackConfig, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -18,6 +19,7 @@ from streammesh.api.gateway.v1 import admin_pb2
 from streammesh.api.gateway.v1 import rules_pb2 as pb
 from streammesh.api.gateway.v1 import rules_pb2_grpc as pb_grpc
 from tests.gateway.conftest import PASSWORD, Person, Stack
+from tests.gateway.test_query_api import _cli, _cli_config
 from tests.gateway.test_schema_registry import violations_of
 from tests.gateway.test_tenants import login
 from tests.storage.test_definitions import HOT, PER_MINUTE
@@ -187,3 +189,74 @@ async def test_tenants_are_isolated(rules: Rules, people: People) -> None:
         pb.CreateRuleRequest(definition_json=json.dumps(mine)), **other
     )
     assert created.rule.version == 1
+
+
+WINDOW_YAML = """\
+# per account, every 10 seconds
+id: cli-amounts
+event_type: payment
+kind: tumbling
+size: 10s
+aggregates:
+  - {name: payments, fn: count}
+  - {name: p95, fn: p95, field: payload.amount}
+"""
+RULE_YAML = """\
+id: cli-large
+kind: threshold
+activation: 2026-12-01T12:00:00Z
+match: {type: payment}
+field: payload.amount
+op: gt
+value: 900
+mode: level
+count: 3
+within: 10s
+"""
+
+
+async def test_the_cli_creates_lists_and_disables_from_yaml_files(
+    stack: Stack, people: People, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`streammesh window|rule create` from the YAML form the docs show, `list` and `disable`
+    (tenant b: the tests above list tenant a's rules and windows exactly)."""
+    (tmp_path / "state").mkdir()
+    config = _cli_config(stack, people.by_name["b-rules"], tmp_path / "state")
+    files = {}
+    for name, text in (("window", WINDOW_YAML), ("rule", RULE_YAML)):
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(text, encoding="utf-8")
+        assert await _cli(config, name, "create", str(files[name])) == 0
+    out = capsys.readouterr().out
+    assert "created window cli-amounts version 1" in out
+    assert "created rule cli-large version 1" in out
+
+    def row(listing: str, definition_id: str) -> list[str]:
+        return next(line.split() for line in listing.splitlines() if line.startswith(definition_id))
+
+    for kind, definition_id, shape in (
+        ("rule", "cli-large", "threshold"),
+        ("window", "cli-amounts", "tumbling"),
+    ):
+        assert await _cli(config, kind, "list") == 0
+        assert row(capsys.readouterr().out, definition_id)[1:4] == ["1", "yes", shape]
+        assert await _cli(config, kind, "disable", definition_id) == 0
+        assert f"disabled {kind} {definition_id}: version 2" in capsys.readouterr().out
+        assert await _cli(config, kind, "list") == 0
+        assert row(capsys.readouterr().out, definition_id)[1:3] == ["2", "no"]
+    assert await _cli(config, "rule", "show", "cli-large", "--version", "1") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["activation"], shown["within"], shown["count"]) == (
+        "2026-12-01T12:00:00Z",
+        "10s",
+        3,
+    )
+
+    # A YAML typo is named with its line before anything is sent (the service's refusals of
+    # what the engine cannot run: tests/e2e/test_cli.py).
+    files["rule"].write_text(
+        RULE_YAML.replace("{type: payment}", "{type: payment"), encoding="utf-8"
+    )
+    assert await _cli(config, "rule", "update", "cli-large", str(files["rule"])) == 2
+    err = capsys.readouterr().err
+    assert "is neither JSON nor YAML" in err and "at line 5 column 6" in err

@@ -229,6 +229,14 @@ async def test_alerts_live_through_the_rule_service_by_tenant_and_role(
     assert await _cli(config, "tail", "--alerts", "--json", "--max-events", "1") == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [a["tenant"] for line in lines for a in line["alerts"]] == [f"ra-{run}"]
+    argv = ("tail", "--windows", "--window", "per-minute", "--max-events", "1")
+    assert await _cli(config, *argv, "--json") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    found = [(r["tenant"], r["partition"]) for line in lines for r in line["window_results"]]
+    assert found == [(f"ra-{run}", 4)]
+    assert await _cli(config, *argv) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "per-minute" in line]
+    assert row.split()[0] == "per-minute" and " eu " in row and '"orders"' in row
 
 
 async def test_a_subscription_ends_when_its_session_is_revoked(stack: Stack) -> None:

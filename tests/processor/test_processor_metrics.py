@@ -1,7 +1,8 @@
 """The processor's metrics on its real server's /metrics, after driving a real worker over real
 Redis (and, with the engine on, a real storage over mTLS): partitions owned and takeovers,
 events stored, store failures, dead letters, the engine's outputs and checkpoints as storage
-holds them, and the lag and pending count per owned partition as the sampler read them."""
+holds them, repeated events the engine dropped per partition, and the lag and pending count per
+owned partition as the sampler read them."""
 
 from __future__ import annotations
 
@@ -169,3 +170,38 @@ async def test_engine_outputs_and_checkpoints_on_metrics_match_what_storage_hold
 
 def stored_counts(found: dict[str, set[Any]]) -> dict[str, int]:
     return {kind: len(rows) for kind, rows in found.items()}
+
+
+async def test_events_the_engine_drops_as_repeats_are_counted_per_partition_on_metrics(
+    pki_dir: Path,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
+    storage: Storage,
+    make_worker: Callable[..., StreamWorker],
+    running: Running,
+) -> None:
+    """Four events of partition 0 queued again in a later entry (a publish retried past
+    ingest's idempotency window): the engine drops them before its windows, and /metrics
+    counts them for partition 0 only."""
+    await define(storage, WINDOWS, RULES)
+    layout: StreamLayout = await make_layout(redis_client, redis_prefix, 2)
+    events = Events()
+    worker = make_worker(layout, "w1", checkpoint_batches=1)
+    committer = worker.committer
+    assert committer is not None
+    first = readings("d", 0, 10, "k", 10**9)
+    async with processor_server(pki_dir, worker) as port:
+        running.start(worker)
+        await events.append(redis_client, layout, 0, first)
+        await events.append(redis_client, layout, 1, readings("e", 0, 5, "k2", 10**9))
+        await events.append(redis_client, layout, 0, first[:4])  # the same ids again
+        await wait_for(lambda: committer.events_processed == 19, what="processed")
+
+        async def acknowledged() -> bool:
+            return await pending(redis_client, layout) == 0
+
+        await wait_for(acknowledged, what="acknowledged")
+        samples = await scrape(port)
+    await running.stop("w1")
+    assert value(samples, "streammesh_processor_engine_duplicates_total", partition="0") == 4
+    assert ("streammesh_processor_engine_duplicates_total", (("partition", "1"),)) not in samples

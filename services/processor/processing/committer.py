@@ -153,6 +153,9 @@ class EngineCommitter:
         self.events_processed = 0
         # Outputs stored, by kind (read by the metrics at scrape time).
         self.window_results_stored = self.late_events_stored = self.alerts_stored = 0
+        self.duplicates_dropped: dict[int, int] = {}
+        """Per partition: events its engine dropped as a repeat of a (tenant, type, id) it had
+        taken (PartitionOutputs.duplicates), read by the metrics at scrape time."""
 
     # --- the Fence delivery calls -------------------------------------------------------------
 
@@ -314,10 +317,11 @@ class EngineCommitter:
                 [e for e in fresh if not active.isdisjoint(entry_tenants(e[1]))], partition
             )
             self.events_processed += len(events)
-            self._merge(
-                state,
-                state.engine.process(events, time.time_ns(), last_entry_id=fresh[-1][0].decode()),
-            )
+            out = state.engine.process(events, time.time_ns(), last_entry_id=fresh[-1][0].decode())
+            if out.duplicates:
+                dropped = self.duplicates_dropped
+                dropped[partition] = dropped.get(partition, 0) + out.duplicates
+            self._merge(state, out)
             for entry in fresh:
                 state.uncovered[entry[0]] = entry
             state.batches += 1

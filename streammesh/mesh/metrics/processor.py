@@ -14,6 +14,7 @@ pending counts from one XINFO GROUPS round trip per owned partition, sampled at 
     streammesh_processor_late_events_total
     streammesh_processor_alerts_total
     streammesh_processor_checkpoints_total              engine checkpoints saved
+    streammesh_processor_engine_duplicates_total{partition}  repeated events the engine dropped
     streammesh_processor_partition_lag{partition}       entries not yet delivered to the group
     streammesh_processor_partition_pending{partition}   entries delivered, not yet acknowledged
 """
@@ -148,6 +149,17 @@ class ProcessorCollector(Collector):
         for name, attribute, doc in _ENGINE:
             value = 0 if committer is None else getattr(committer, attribute)
             yield CounterMetricFamily(f"streammesh_processor_{name}", doc, value=value)
+        duplicates = CounterMetricFamily(
+            "streammesh_processor_engine_duplicates",
+            "Events the engine dropped before its windows and rules as a repeat of a (tenant, "
+            "type, event id) it had taken (a publish retried past ingest's idempotency window, "
+            "an id reused), per queue partition.",
+            labels=("partition",),
+        )
+        dropped: dict[int, int] = getattr(committer, "duplicates_dropped", {})
+        for partition, count in sorted(dropped.items()):
+            duplicates.add_metric((str(partition),), count)
+        yield duplicates
         lag = GaugeMetricFamily(
             "streammesh_processor_partition_lag",
             "Entries of an owned partition not yet delivered to the group (last sample).",
