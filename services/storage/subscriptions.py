@@ -1,27 +1,27 @@
 """SubscribeEvents: a live tail of one tenant's matching events, in seq order, resumable.
 
-A tail is QueryEvents paging that never ends: each round reads the next page after the cursor
-(EventQueries.page, so up to the paging horizon: services.storage.queries.PAGING_GUARANTEE),
-sends it with a resume token (a page token of the same query and principal, so a QueryEvents
-next_page_token resumes a subscription and the other way round), and, once nothing settled is
-left, sleeps `poll_seconds` before the next round. The guarantee that makes paging to the end
-return every committed event once makes the tail deliver every event once: a client that
-reconnects with the last resume token it received gets exactly the events after it.
-
-Why polling and not LISTEN/NOTIFY: storage may run as several replicas, so a wake-up must come
-from the database, and a NOTIFY on every insert (a trigger on `events`) takes a database-wide
-lock at each commit, serialising all writers' commits for a latency gain of one poll interval.
-An idle poll costs two short statements on a pooled connection (the horizon and an empty index
-range); the README gives the measured figure. The horizon also has to be polled anyway: a row
-waits for an older writer to end, of which no notification tells.
+A tail is QueryEvents paging that never ends. It first pages what is stored (EventQueries.page,
+so up to the paging horizon: services.storage.queries.PAGING_GUARANTEE), sending each page with
+a resume token (a page token of the same query and principal, so a QueryEvents next_page_token
+resumes a subscription and the other way round). Once nothing settled is left it sends the
+`current` marker and joins the replica's shared feed of the tenant's events
+(services.storage.live_feed, woken by storage's writes and NOTIFY: services.storage.table_watch),
+which reads new settled rows once for every subscription of the tenant and offers each the ones
+that match. The guarantee that makes paging to the end return every committed event once makes
+the tail deliver every event once: a client that reconnects with the last resume token it
+received gets exactly the events after it.
 
 Bounds: a principal has at most `max_per_principal` tails on a replica, a replica at most
-`max_per_replica` (RESOURCE_EXHAUSTED past either). A subscriber that stops reading is not
-buffered for: a handler's `yield` waits until grpc.aio has written the message, which waits on
-HTTP/2 flow control, so a stalled reader stops its tail's polling (tested). A deadline or a
-cancel cancels the handler, which ends the tail where it waits; a gauge counts the tails.
+`max_per_replica` (RESOURCE_EXHAUSTED past either). A subscriber that stops reading holds its
+handler at a `yield` (grpc.aio writes under HTTP/2 flow control) while the feed goes on: what
+the feed offers it is buffered up to `buffer` (items and bytes), past which the stream ends
+RESOURCE_EXHAUSTED, naming the resume token as the way on. A deadline or a cancel cancels the
+handler, which leaves the feed; a gauge counts the tails.
 
-`follow` is the loop both tails share (SubscribeAlerts: services.storage.alert_subscriptions).
+`follow` is the loop every tail shares (SubscribeAlerts, SubscribeWindowResults:
+services.storage.output_subscriptions). With `shared_feeds` off each tail polls its own query
+every `poll_seconds` instead, as storage did before the feeds (kept for the comparison in
+scripts/bench_subscribe_poll.py).
 """
 
 from __future__ import annotations
@@ -30,13 +30,18 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Gauge
 
+from services.storage.live_feed import BufferLimits, BufferMetrics, Entry, Feed, Span, Subscriber
+from services.storage.queries import Selection
 from services.storage.query_api import QueryApi
+from services.storage.rows import stored_event
+from services.storage.store import StoredRow
+from services.storage.table_watch import TableWatch
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
 from streammesh.mesh.errors import InvalidArgument, ResourceExhausted
@@ -44,6 +49,7 @@ from streammesh.mesh.paging import Principal
 
 __all__ = [
     "EventSubscriptions",
+    "Live",
     "Round",
     "TailAdmissions",
     "TailSettings",
@@ -53,22 +59,30 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
+M = TypeVar("M")
 
 
 @dataclass(frozen=True, slots=True)
 class TailSettings:
-    """How tails poll and how many may run."""
+    """How tails read and how many may run."""
 
-    poll_seconds: float = 0.2
-    """Pause between rounds once nothing settled is left (the added latency, at most)."""
+    poll_seconds: float = 0.5
+    """A shared feed reads this often without a wake-up (with shared_feeds off: each tail's
+    pause between rounds once nothing settled is left)."""
     heartbeat_seconds: float = 15.0
     """An idle stream sends a message without events this often (proxies close silent ones)."""
     batch_events: int = 500
     """Events read per round, at most (a message may hold fewer: the message size budget)."""
+    message_bytes: int = 3_600_000
+    """Encoded items in one message, at most (one item always goes)."""
     max_per_principal: int = 8
     """Concurrent tails of one principal on one replica."""
     max_per_replica: int = 256
     """Concurrent tails on one replica."""
+    buffer: BufferLimits = field(default_factory=BufferLimits)
+    """What a live tail may hold for a subscriber that does not read."""
+    shared_feeds: bool = True
+    """Live tails take new rows from the replica's shared feeds (else each polls on its own)."""
 
 
 class TailAdmissions:
@@ -118,25 +132,37 @@ class TailAdmissions:
 
 @dataclass(frozen=True, slots=True)
 class Round(Generic[T]):
-    """What one read of a tail found: the items to send (in seq order), the cursor after them,
-    and whether more may be read at once (settled rows left, or the message budget was hit)."""
+    """What one read of a tail found: the items to send with their seqs (in seq order), the
+    cursor after them, and whether more may be read at once (settled rows left, or the message
+    budget was hit)."""
 
-    items: list[T]
+    items: list[tuple[int, T]]
     after: int
     more: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Live(Generic[R, T]):
+    """How a tail joins its shared feed: the feed of its table and tenant, and which of the
+    feed's rows it takes (None: it reads the feed's spans with its own statement)."""
+
+    feed: Callable[[], Feed]
+    match: Callable[[R], bool] | None
+    metrics: BufferMetrics
+
+
 async def follow(
     read: Callable[[int], Awaitable[Round[T]]],
-    message: Callable[[list[T], str, bool], R],
+    message: Callable[[list[T], str, bool], M],
     token: Callable[[int], str],
     after: int,
     settings: TailSettings,
-) -> AsyncIterator[R]:
+    live: Live[Any, T] | None,
+) -> AsyncIterator[M]:
     """The rounds of a tail from `after`: each round's items as `message(items, token,
-    current=False)`; once a round finds nothing more settled, one `current` message, and after
-    that a heartbeat (no items) every heartbeat_seconds; a pause of poll_seconds between rounds
-    that leave nothing to read at once."""
+    current=False)`; once a round finds nothing more settled, one `current` message; then the
+    live tail from the shared feed (`live`; None: rounds every poll_seconds), with a heartbeat
+    (no items) every heartbeat_seconds of silence."""
     loop = asyncio.get_running_loop()
     current = False
     sent = loop.time()
@@ -144,18 +170,72 @@ async def follow(
         found = await read(after)
         after = found.after
         if found.items:
-            yield message(found.items, token(after), False)
+            yield message([item for _, item in found.items], token(after), False)
             sent = loop.time()
             if found.more:
                 continue  # read on at once: more rows may be settled already
         if not current and not found.more:
             current = True
             yield message([], token(after), True)
+            if live is not None:
+                break
             sent = loop.time()
         elif loop.time() - sent >= settings.heartbeat_seconds:
             yield message([], token(after), False)
             sent = loop.time()
         await asyncio.sleep(settings.poll_seconds)
+    assert live is not None
+    async for response in _live_tail(read, message, token, after, settings, live):
+        yield response
+
+
+async def _live_tail(
+    read: Callable[[int], Awaitable[Round[T]]],
+    message: Callable[[list[T], str, bool], M],
+    token: Callable[[int], str],
+    after: int,
+    settings: TailSettings,
+    live: Live[Any, T],
+) -> AsyncIterator[M]:
+    loop = asyncio.get_running_loop()
+    subscriber: Subscriber[Any, T] = Subscriber(live.match, settings.buffer, live.metrics, after)
+    feed = live.feed()
+    sent = loop.time()
+    try:
+        await feed.join(subscriber)
+        while True:
+            wait = max(0.0, settings.heartbeat_seconds - (loop.time() - sent))
+            got = await subscriber.take(settings.batch_events, settings.message_bytes, wait)
+            if got is None:
+                yield message([], token(subscriber.position), False)
+            elif isinstance(got, Span):
+                async for items, position in _span(read, got):
+                    subscriber.sent = position
+                    yield message(items, token(position), False)
+                subscriber.sent = max(subscriber.sent, got.through)
+                continue  # the span's end rides on the next message
+            else:
+                subscriber.sent = got[-1].seq
+                yield message([e.item for e in got], token(subscriber.position), False)
+            sent = loop.time()
+    finally:
+        feed.leave(subscriber)
+
+
+async def _span(
+    read: Callable[[int], Awaitable[Round[T]]], span: Span
+) -> AsyncIterator[tuple[list[T], int]]:
+    """The tail's own rounds over (span.after, span.through] (all settled), and the cursor
+    after each."""
+    after = span.after
+    while True:
+        found = await read(after)
+        items = [(seq, item) for seq, item in found.items if seq <= span.through]
+        if items:
+            after = items[-1][0]
+            yield [item for _, item in items], after
+        if len(items) < len(found.items) or not (items and found.more):
+            return
 
 
 def resume_refusal(error: InvalidArgument) -> InvalidArgument:
@@ -166,13 +246,56 @@ def resume_refusal(error: InvalidArgument) -> InvalidArgument:
     )
 
 
+def event_match(selection: Selection) -> Callable[[StoredRow], bool] | None:
+    """Whether a row of the selection's tenant matches its keys, types and time range (None
+    for a selection with a filter expression: only its SQL decides)."""
+    if selection.predicate is not None:
+        return None
+    keys, types = frozenset(selection.keys), frozenset(selection.types)
+    start, end = selection.start_time, selection.end_time
+
+    def match(row: StoredRow) -> bool:
+        at = (row.event_time, row.event_time_nanos)
+        return (
+            (not keys or row.key in keys)
+            and (not types or row.type in types)
+            and (start is None or at >= start)
+            and (end is None or at < end)
+        )
+
+    return match
+
+
 class EventSubscriptions:
     """The SubscribeEvents handler's logic over the query API and its queries."""
 
-    def __init__(self, api: QueryApi, admissions: TailAdmissions) -> None:
+    def __init__(
+        self,
+        api: QueryApi,
+        admissions: TailAdmissions,
+        watch: TableWatch,
+        metrics: BufferMetrics,
+    ) -> None:
         self._api = api
         self._queries = api.queries
         self._admissions = admissions
+        self._watch = watch
+        self._metrics = metrics
+
+    async def _feed_round(
+        self, tenant: str, after: int
+    ) -> tuple[list[Entry[StoredRow, event_pb2.StoredEvent]], int, bool]:
+        page = await self._queries.page(
+            Selection(tenant=tenant), after_seq=after, limit=self._admissions.settings.batch_events
+        )
+        entries = []
+        for row in page.rows:
+            event = stored_event(row)[0]
+            entries.append(Entry(row.seq, row, event, event.ByteSize()))
+        return entries, (page.rows[-1].seq if page.rows else after), page.more
+
+    def _feed(self, tenant: str) -> Feed:
+        return self._watch.feed("events", tenant, self._feed_round, self._queries.settled_end)
 
     async def subscribe(
         self, request: storage_pb2.SubscribeEventsRequest, context: grpc.aio.ServicerContext
@@ -189,17 +312,20 @@ class EventSubscriptions:
             )
         except InvalidArgument as error:
             raise resume_refusal(error) from None
+        settings = self._admissions.settings
         with self._admissions.admitted(principal):
             after = cursor.after_seq
             if not request.resume_token and request.start_at_end:
                 after = await self._queries.settled_end(selection.tenant)
-            batch = self._admissions.settings.batch_events
 
             async def read(after: int) -> Round[event_pb2.StoredEvent]:
-                page = await self._queries.page(selection, after_seq=after, limit=batch)
+                page = await self._queries.page(
+                    selection, after_seq=after, limit=settings.batch_events
+                )
                 events = self._api.render(page.rows)
                 last = events[-1].sequence if events else after
-                return Round(events, last, page.more or len(events) < len(page.rows))
+                items = [(event.sequence, event) for event in events]
+                return Round(items, last, page.more or len(events) < len(page.rows))
 
             def message(
                 events: list[event_pb2.StoredEvent], token: str, current: bool
@@ -208,7 +334,10 @@ class EventSubscriptions:
                     events=events, resume_token=token, current=current
                 )
 
-            async for response in follow(
-                read, message, cursor.token, after, self._admissions.settings
-            ):
+            live: Live[StoredRow, event_pb2.StoredEvent] | None = None
+            if settings.shared_feeds:
+                live = Live(
+                    lambda: self._feed(selection.tenant), event_match(selection), self._metrics
+                )
+            async for response in follow(read, message, cursor.token, after, settings, live):
                 yield response
