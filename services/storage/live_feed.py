@@ -9,12 +9,13 @@ position W, having sent everything up to its own cursor C, first reads (C, W] it
 then takes what the feed offers after W: nothing is missed, and the seqs it already sent are
 skipped, so nothing is sent twice.
 
-A subscriber whose rows the feed can match in Python (tenant, keys, types, time range) is
-offered the rows themselves; one with an AIP-160 filter expression (compiled to SQL only) is
-offered Spans instead, ranges of seqs it reads with its own statement, merged while it is busy,
-so its buffer is one entry whatever the rate. Items are buffered up to BufferLimits (items and
-their encoded bytes): past either, the buffer is dropped, the subscriber leaves the feed and its
-stream ends RESOURCE_EXHAUSTED at the next message it takes; the client resumes from the last
+A feed's round also asks, in the same statement, whether each row matches each distinct filter
+expression of its subscribers (those compile to SQL only), so one read serves them all; the
+rest of a selection (keys, types, time range) is matched in Python. A subscriber that joined
+after a round's statement was built, so whose expression it lacks, is offered that round as a
+Span. Items are buffered up to BufferLimits (items and their encoded bytes): past either, the
+buffer is dropped, the subscriber leaves the feed and its stream ends RESOURCE_EXHAUSTED at the
+next message it takes; the client resumes from the last
 resume token it received (every message carries one), so nothing is lost.
 """
 
@@ -24,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -92,16 +93,20 @@ class Span:
 
 
 class Subscriber(Generic[R, T]):
-    """One live subscription's buffer. `match` None: offered Spans, not rows."""
+    """One live subscription's buffer: `match` tells whether a feed's row is for it (None:
+    the round cannot tell, as it lacks the subscriber's `filter`)."""
 
     def __init__(
         self,
-        match: Callable[[R], bool] | None,
+        match: Callable[[R], bool | None],
         limits: BufferLimits,
         metrics: BufferMetrics,
         sent: int,
+        filter: Hashable | None = None,
     ) -> None:
         self._match = match
+        self.filter = filter
+        """What the feed's statement must evaluate for this subscriber (None: nothing)."""
         self._limits = limits
         self._metrics = metrics
         self._queue: deque[Entry[R, T] | Span] = deque()
@@ -140,12 +145,12 @@ class Subscriber(Generic[R, T]):
     def offer(self, entries: list[Entry[R, T]], after: int, through: int) -> bool:
         """A round's rows in (after, through]; False when the buffer overflowed (the
         subscriber is cut and must leave the feed)."""
-        if self._match is None:
-            if entries:
-                self.offer_span(after, through)
+        verdicts = [(entry, self._match(entry.row)) for entry in entries]
+        if any(verdict is None for _, verdict in verdicts):
+            self.offer_span(after, through)
             return True
-        for entry in entries:
-            if entry.seq <= self.through or not self._match(entry.row):
+        for entry, verdict in verdicts:
+            if entry.seq <= self.through or not verdict:
                 continue
             # One item always fits an empty buffer, however large (a message carries it).
             if self._items and (
@@ -217,9 +222,9 @@ class Subscriber(Generic[R, T]):
         return taken
 
 
-Read = Callable[[str, int], Awaitable[tuple[list[Entry[Any, Any]], int, bool]]]
-"""A feed's round: (tenant, after) -> the settled rows after it in seq order, the position
-after them, and whether more settled rows may be read at once."""
+Read = Callable[[str, int, tuple[Any, ...]], Awaitable[tuple[list[Entry[Any, Any]], int, bool]]]
+"""A feed's round: (tenant, after, its subscribers' filters) -> the settled rows after it in seq
+order, the position after them, and whether more settled rows may be read at once."""
 
 
 class Feed:
@@ -299,7 +304,8 @@ class Feed:
         while True:
             assert self._position is not None
             after = self._position
-            entries, through, more = await self._read(self.tenant, after)
+            filters = {s.filter for s in self._subscribers if s.filter is not None}
+            entries, through, more = await self._read(self.tenant, after, tuple(filters))
             self.rounds += 1
             for subscriber in list(self._subscribers):
                 if not subscriber.offer(entries, after, through):

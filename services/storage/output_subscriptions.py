@@ -144,8 +144,10 @@ class OutputSubscriptions:
         return entries, (settled[-1].seq if settled else after), more
 
     def _feed(self, table: _Table, tenant: str) -> Feed:
-        async def read(tenant: str, after: int) -> tuple[list[Entry[Any, Any]], int, bool]:
-            return await self._feed_round(table, tenant, after)
+        async def read(
+            tenant: str, after: int, filters: tuple[Any, ...]
+        ) -> tuple[list[Entry[Any, Any]], int, bool]:
+            return await self._feed_round(table, tenant, after)  # rule or window: in Python
 
         async def end(tenant: str) -> int:
             return await self._end(table, tenant)
@@ -184,7 +186,7 @@ class OutputSubscriptions:
             async def read(after: int) -> Round[Any]:
                 return await self._round(table, tenant, only, after)
 
-            def match(row: Row[Any]) -> bool:
+            def match(row: Row[Any]) -> bool | None:
                 return not only or getattr(row, table.filtered) == only
 
             live: Live[Row[Any], Any] | None = None

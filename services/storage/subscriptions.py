@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -143,12 +143,13 @@ class Round(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class Live(Generic[R, T]):
-    """How a tail joins its shared feed: the feed of its table and tenant, and which of the
-    feed's rows it takes (None: it reads the feed's spans with its own statement)."""
+    """How a tail joins its shared feed: the feed of its table and tenant, which of the feed's
+    rows it takes, and what the feed's statement must evaluate for it (None: nothing)."""
 
     feed: Callable[[], Feed]
-    match: Callable[[R], bool] | None
+    match: Callable[[R], bool | None]
     metrics: BufferMetrics
+    filter: Hashable | None = None
 
 
 async def follow(
@@ -198,7 +199,9 @@ async def _live_tail(
     live: Live[Any, T],
 ) -> AsyncIterator[M]:
     loop = asyncio.get_running_loop()
-    subscriber: Subscriber[Any, T] = Subscriber(live.match, settings.buffer, live.metrics, after)
+    subscriber: Subscriber[Any, T] = Subscriber(
+        live.match, settings.buffer, live.metrics, after, live.filter
+    )
     feed = live.feed()
     sent = loop.time()
     try:
@@ -228,14 +231,23 @@ async def _span(
     """The tail's own rounds over (span.after, span.through] (all settled), and the cursor
     after each."""
     after = span.after
-    while True:
+    while after < span.through:
         found = await read(after)
         items = [(seq, item) for seq, item in found.items if seq <= span.through]
         if items:
             after = items[-1][0]
             yield [item for _, item in items], after
-        if len(items) < len(found.items) or not (items and found.more):
-            return
+        if len(items) < len(found.items) or not found.more:
+            return  # past the span's end, or no row left in it
+        if not items:
+            # The horizon is conservative: a transaction that began before these rows were
+            # stored, and took its lock on the table only after the feed read them, holds them
+            # back now although it cannot write below them. It ends soon: ask again.
+            await asyncio.sleep(_UNSETTLED_PAUSE)
+
+
+_UNSETTLED_PAUSE = 0.01
+"""Seconds between reads of a span whose settled rows an older writer holds back."""
 
 
 def resume_refusal(error: InvalidArgument) -> InvalidArgument:
@@ -246,22 +258,35 @@ def resume_refusal(error: InvalidArgument) -> InvalidArgument:
     )
 
 
-def event_match(selection: Selection) -> Callable[[StoredRow], bool] | None:
-    """Whether a row of the selection's tenant matches its keys, types and time range (None
-    for a selection with a filter expression: only its SQL decides)."""
-    if selection.predicate is not None:
-        return None
+EventRow = tuple[StoredRow, dict[Hashable, bool]]
+"""A feed's event row, and whether it matches each filter expression of the feed's round."""
+
+
+def event_filter(selection: Selection) -> Hashable | None:
+    """What a feed's statement evaluates for the selection: its filter expression (keyed by
+    its repr as well, so that literals Python counts equal, 1 and true, stay apart)."""
+    predicate = selection.predicate
+    return None if predicate is None else (repr(predicate), predicate)
+
+
+def event_match(selection: Selection) -> Callable[[EventRow], bool | None]:
+    """Whether a feed's row matches the selection (its keys, types and time range here, its
+    filter expression by the round's verdict; None when the round lacks it)."""
     keys, types = frozenset(selection.keys), frozenset(selection.types)
     start, end = selection.start_time, selection.end_time
+    expression = event_filter(selection)
 
-    def match(row: StoredRow) -> bool:
-        at = (row.event_time, row.event_time_nanos)
-        return (
-            (not keys or row.key in keys)
-            and (not types or row.type in types)
-            and (start is None or at >= start)
-            and (end is None or at < end)
-        )
+    def match(row: EventRow) -> bool | None:
+        stored, verdicts = row
+        at = (stored.event_time, stored.event_time_nanos)
+        if (
+            (keys and stored.key not in keys)
+            or (types and stored.type not in types)
+            or (start is not None and at < start)
+            or (end is not None and at >= end)
+        ):
+            return False
+        return True if expression is None else verdicts.get(expression)
 
     return match
 
@@ -283,15 +308,19 @@ class EventSubscriptions:
         self._metrics = metrics
 
     async def _feed_round(
-        self, tenant: str, after: int
-    ) -> tuple[list[Entry[StoredRow, event_pb2.StoredEvent]], int, bool]:
-        page = await self._queries.page(
-            Selection(tenant=tenant), after_seq=after, limit=self._admissions.settings.batch_events
+        self, tenant: str, after: int, filters: tuple[Any, ...]
+    ) -> tuple[list[Entry[EventRow, event_pb2.StoredEvent]], int, bool]:
+        page, verdicts = await self._queries.feed_page(
+            tenant,
+            [predicate for _, predicate in filters],
+            after_seq=after,
+            limit=self._admissions.settings.batch_events,
         )
         entries = []
-        for row in page.rows:
+        for row, matched in zip(page.rows, verdicts, strict=True):
             event = stored_event(row)[0]
-            entries.append(Entry(row.seq, row, event, event.ByteSize()))
+            row_verdicts: dict[Hashable, bool] = dict(zip(filters, matched, strict=True))
+            entries.append(Entry(row.seq, (row, row_verdicts), event, event.ByteSize()))
         return entries, (page.rows[-1].seq if page.rows else after), page.more
 
     def _feed(self, tenant: str) -> Feed:
@@ -334,10 +363,13 @@ class EventSubscriptions:
                     events=events, resume_token=token, current=current
                 )
 
-            live: Live[StoredRow, event_pb2.StoredEvent] | None = None
+            live: Live[EventRow, event_pb2.StoredEvent] | None = None
             if settings.shared_feeds:
                 live = Live(
-                    lambda: self._feed(selection.tenant), event_match(selection), self._metrics
+                    lambda: self._feed(selection.tenant),
+                    event_match(selection),
+                    self._metrics,
+                    event_filter(selection),
                 )
             async for response in follow(read, message, cursor.token, after, settings, live):
                 yield response
