@@ -175,7 +175,7 @@ class OutputSubscriptions:
         except InvalidArgument as error:
             raise resume_refusal(error) from None
         settings = self._admissions.settings
-        with self._admissions.admitted(Principal(tenant, request.principal)):
+        async with self._admissions.admitted(Principal(tenant, request.principal)):
             after = 0 if opened is None else max(0, int(opened[0]))
             if opened is None and request.start_at_end:
                 after = await self._end(table, tenant)

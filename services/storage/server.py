@@ -24,6 +24,7 @@ from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
+from services.storage.subscription_leases import SubscriptionLeases
 from services.storage.subscriptions import EventSubscriptions, TailAdmissions, TailSettings
 from services.storage.table_watch import TableWatch
 from streammesh.api.storage.v1 import (
@@ -121,7 +122,11 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         shared_feeds=settings.subscribe_shared_feeds,
     )
     # One count for both kinds of tail: the limits are on subscriptions, whatever they follow.
-    admissions = TailAdmissions(tails, metrics.registry)
+    admissions = TailAdmissions(
+        tails,
+        metrics.registry,
+        SubscriptionLeases(deps.pool, ttl_seconds=settings.subscribe_lease_seconds),
+    )
     watch = TableWatch(deps.pool, schema=settings.db_schema, poll_seconds=tails.poll_seconds)
     buffers = BufferMetrics(metrics.registry)
     binding = ServiceBinding(

@@ -81,7 +81,16 @@ class StorageSettings(ServiceSettings):
         15, gt=0, le=3600, description="an idle SubscribeEvents stream sends a heartbeat this often"
     )
     subscribe_max_per_principal: int = Field(
-        8, ge=1, description="concurrent SubscribeEvents streams of one user on a replica"
+        8,
+        ge=1,
+        description="concurrent live subscriptions of one user, over all storage replicas",
+    )
+    subscribe_lease_seconds: float = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="a replica that died without ending its subscriptions holds their users' "
+        "places for at most this long",
     )
     subscribe_max_per_replica: int = Field(
         256, ge=1, description="concurrent SubscribeEvents streams on a replica"

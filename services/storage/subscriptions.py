@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +41,7 @@ from services.storage.queries import Selection
 from services.storage.query_api import QueryApi
 from services.storage.rows import stored_event
 from services.storage.store import StoredRow
+from services.storage.subscription_leases import SubscriptionLeases
 from services.storage.table_watch import TableWatch
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2
@@ -86,11 +87,19 @@ class TailSettings:
 
 
 class TailAdmissions:
-    """The tails running on this replica, by principal, within TailSettings' limits (events and
-    alerts count against the same ones), and their gauge."""
+    """The tails running on this replica within TailSettings' limits (events, alerts and
+    window results count against the same ones): per principal over every replica with
+    `leases` (services.storage.subscription_leases), else per principal on this replica; and
+    their gauge."""
 
-    def __init__(self, settings: TailSettings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: TailSettings,
+        registry: CollectorRegistry | None = None,
+        leases: SubscriptionLeases | None = None,
+    ) -> None:
         self.settings = settings
+        self._leases = leases
         self._by_principal: Counter[tuple[str, str]] = Counter()
         self._gauge = Gauge(
             "streammesh_storage_tails",
@@ -103,26 +112,31 @@ class TailAdmissions:
         """Tails running now."""
         return sum(self._by_principal.values())
 
-    @contextlib.contextmanager
-    def admitted(self, principal: Principal) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def admitted(self, principal: Principal) -> AsyncIterator[None]:
         """Count one tail of `principal` while inside; RESOURCE_EXHAUSTED past a limit."""
         key = (principal.tenant, principal.subject)
         limits = self.settings
-        if self._by_principal[key] >= limits.max_per_principal:
-            raise ResourceExhausted(
-                f"at most {limits.max_per_principal} concurrent subscriptions per user;"
-                " close one first",
-                retry_after_seconds=1.0,
-            )
         if self.active >= limits.max_per_replica:
             raise ResourceExhausted(
                 "this storage replica serves its maximum of subscriptions; retry shortly",
                 retry_after_seconds=1.0,
             )
-        self._by_principal[key] += 1
+        if self._leases is None and self._by_principal[key] >= limits.max_per_principal:
+            raise ResourceExhausted(
+                f"at most {limits.max_per_principal} concurrent subscriptions per user;"
+                " close one first",
+                retry_after_seconds=1.0,
+            )
+        self._by_principal[key] += 1  # before the lease's await: the replica limit holds
         self._gauge.inc()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                if self._leases is not None:
+                    await stack.enter_async_context(
+                        self._leases.held(principal, limits.max_per_principal)
+                    )
+                yield
         finally:
             self._by_principal[key] -= 1
             if not self._by_principal[key]:
@@ -342,7 +356,7 @@ class EventSubscriptions:
         except InvalidArgument as error:
             raise resume_refusal(error) from None
         settings = self._admissions.settings
-        with self._admissions.admitted(principal):
+        async with self._admissions.admitted(principal):
             after = cursor.after_seq
             if not request.resume_token and request.start_at_end:
                 after = await self._queries.settled_end(selection.tenant)
