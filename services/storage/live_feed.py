@@ -279,12 +279,13 @@ class Feed:
     async def _run(self) -> None:
         try:
             self._position = await self._end(self.tenant)
-        except BaseException as error:
+        except asyncio.CancelledError:
+            self._started.cancel()
+            raise
+        except Exception as error:  # an outage: the joiners get it, a later one a new feed
             self._started.set_exception(error)
             self._on_empty(self)
-            if isinstance(error, Exception):
-                return
-            raise
+            return
         self._started.set_result(self._position)
         failing = False
         while True:

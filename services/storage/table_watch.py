@@ -6,7 +6,7 @@ write path says when it committed rows of a table for a tenant (`changed`). That
 replica's feeds at once, and is passed to the other replicas with a NOTIFY on the table's
 channel (payload: the tenant), which this replica's feeds LISTEN to on one pooled connection
 while any feed runs. The NOTIFY is sent after the writer's commit, in a transaction of its own,
-and coalesced (one statement for every tenant changed while the previous one was in flight),
+and coalesced (one statement, at most every 20 ms, for every tenant changed since the last),
 because a NOTIFY inside the writing transaction takes Postgres' notification queue lock at
 commit and so serialises every writer's commit. A feed also polls every `poll_seconds`: for
 rows written outside storage, a notification lost while the listening connection was down, and
@@ -32,6 +32,10 @@ Table = Literal["events", "alerts", "window_results"]
 TABLES: tuple[Table, ...] = ("events", "alerts", "window_results")
 
 log = logging.getLogger(__name__)
+
+_NOTIFY_SPACING = 0.02
+"""Seconds between two NOTIFY statements of a replica, at least: at most 50 a second whatever
+the write rate, for at most that much more latency on the other replicas."""
 
 
 class TableWatch:
@@ -99,6 +103,7 @@ class TableWatch:
                         channels,
                         tenants,
                     )
+                await asyncio.sleep(_NOTIFY_SPACING)  # gather what commits meanwhile
         except Exception as error:  # the other replicas' feeds poll; no write fails for it
             log.warning("could not notify other storage replicas of new rows: %s", error)
             self._pending.clear()
