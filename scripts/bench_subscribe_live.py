@@ -3,11 +3,12 @@ subscription reads Postgres on its own every 0.2 s, as storage did) against the 
 (one read per table and tenant, woken by storage's commits), in one run: p50/p99 from a batch's
 StoreEvents acknowledgement to each subscriber's receipt of its events, and the CPU of the
 storage's Postgres backends (from /proc, so Postgres must run on this machine), beside a phase
-that only writes. An in-process storage server over mTLS, two writers (commits out of order),
+that only writes. An in-process storage server over mTLS, four writers (commits out of order),
 subscribers by tenant, by key and by filter expression; every event checked delivered once.
-Uses a schema of its own in the local `test` database, dropped after.
+Uses a database of its own on the local Postgres (its statistics are the run's alone: the
+transactions and rows read per second are printed), dropped after.
 
-    .venv/bin/python scripts/bench_subscribe_live.py [--seconds 10] [--rate 5000]
+    .venv/bin/python scripts/bench_subscribe_live.py [--seconds 10] [--rate 5000] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
 
 from services.storage.server import SERVICE, StorageDeps, create_event_pool, create_server
 from services.storage.settings import StorageSettings
+from services.storage.sql import MIGRATIONS_PACKAGE
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import TlsMaterial, create_channel, service_config
 from streammesh.mesh.pki import init_pki
-from streammesh.mesh.postgres import create_engine, load_migrations, migrate
+from streammesh.mesh.postgres import create_engine, ensure_database, load_migrations, migrate
 
-URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432"
 DOMAIN = "bench.streammesh"
 SUBSCRIBERS = 20
-BATCH = 50
 KEYS = 10
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -93,6 +93,53 @@ async def _subscribe(port: int, pki: Path, subscribers: int, control: Connection
     control.send((received, repeats, time.process_time()))
 
 
+async def _write(
+    port: int, pki: Path, name: str, rate: float, seconds: float, size: int, writers: int
+) -> tuple[dict[str, float], float]:
+    """The writers' side (a process of its own, as the processor is): `writers` concurrent
+    StoreEvents callers at `rate` events/s together; each event's acknowledgement time, and
+    how long the writing took."""
+    channel = create_channel(
+        f"127.0.0.1:{port}",
+        TlsMaterial.load(pki, "processor"),
+        server_name="storage",
+        config=service_config(SERVICE, health_checked=False),
+    )
+    stub = storage_pb2_grpc.StorageServiceStub(channel)
+    acked: dict[str, float] = {}
+
+    async def write(w: int) -> None:
+        interval = size * writers / rate
+        start = time.perf_counter()
+        for b in range(int(seconds / interval)):
+            await asyncio.sleep(max(0.0, start + b * interval - time.perf_counter()))
+            ids = [f"{name}-{w}-{b}-{i}" for i in range(size)]
+            events = [
+                event_pb2.QueuedEvent(
+                    event=event_pb2.Event(
+                        id=i, key=f"k{(b + j) % KEYS}", type="t", payload=b'{"n": 1}'
+                    ),
+                    producer="bench",
+                )
+                for j, i in enumerate(ids)
+            ]
+            for event in events:
+                event.ingest_time.GetCurrentTime()
+            batch = event_pb2.QueuedBatch(events=events, partition=w, tenant="acme")
+            await stub.StoreEvents(storage_pb2.StoreEventsRequest(batch=batch), timeout=30)
+            acked.update(dict.fromkeys(ids, time.perf_counter()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    took = time.perf_counter() - start
+    await channel.close()
+    return acked, took
+
+
+def _writer_process(*args: Any, control: Connection) -> None:
+    control.send(asyncio.run(_write(*args)))
+
+
 def _subscriber_process(port: int, pki: Path, subscribers: int, control: Connection) -> None:
     asyncio.run(_subscribe(port, pki, subscribers, control))
 
@@ -118,35 +165,42 @@ async def _backend_cpu(conn: asyncpg.Connection, application: str) -> dict[int, 
     return found
 
 
+async def _database_load(conn: asyncpg.Connection, database: str) -> tuple[int, int]:
+    """Transactions and rows read (returned by scans) so far in `database`."""
+    row = await conn.fetchrow(
+        "SELECT xact_commit + xact_rollback, tup_returned + tup_fetched FROM pg_stat_database"
+        " WHERE datname = $1",
+        database,
+    )
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 async def _phase(
-    name: str, subscribers: int, shared: bool, schema: str, pki: Path, args: argparse.Namespace
+    name: str, subscribers: int, shared: bool, database: str, pki: Path, args: argparse.Namespace
 ) -> None:
+    url = f"{SERVER}/{database}"
+    schema = "storage"
     application = f"bench-live-{uuid.uuid4().hex[:6]}"
     settings = StorageSettings(
         tls_dir=pki,
         trust_domain=DOMAIN,
         port=0,
         db_schema=schema,
-        database_url=URL,
+        database_url=url,
         subscribe_shared_feeds=shared,
         subscribe_poll_seconds=0.5 if shared else 0.2,
     )
-    engine = create_engine(URL, schema=schema, application_name=application)
-    pool = await create_event_pool(URL, schema=schema, application_name=application)
+    engine = create_engine(url, schema=schema, application_name=application)
+    pool = await create_event_pool(url, schema=schema, application_name=application)
     server = create_server(settings, StorageDeps(engine=engine, pool=pool))
     await server.start()
-    channel = create_channel(
-        f"127.0.0.1:{server.port}",
-        TlsMaterial.load(pki, "processor"),
-        server_name="storage",
-        config=service_config(SERVICE, health_checked=False),
-    )
-    writer = storage_pb2_grpc.StorageServiceStub(channel)
-    acked: dict[str, float] = {}
-    monitor = await asyncpg.connect(URL.replace("+asyncpg", ""))
+    context = multiprocessing.get_context("spawn")
+    monitor = await asyncpg.connect(f"{SERVER.replace('+asyncpg', '')}/postgres")
+    load = await _database_load(monitor, database)
     loop = asyncio.get_running_loop()
-    control, child_end = multiprocessing.get_context("spawn").Pipe()
-    child = multiprocessing.get_context("spawn").Process(
+    control, child_end = context.Pipe()
+    child = context.Process(
         target=_subscriber_process, args=(server.port, pki, subscribers, child_end), daemon=True
     )
     try:
@@ -156,31 +210,18 @@ async def _phase(
         before = await _backend_cpu(monitor, application)
         storage_cpu = time.process_time()
 
-        async def write(w: int, writers: int) -> None:
-            interval = BATCH * writers / args.rate
-            start = time.perf_counter()
-            for b in range(int(args.seconds / interval)):
-                await asyncio.sleep(max(0.0, start + b * interval - time.perf_counter()))
-                ids = [f"{name}-{w}-{b}-{i}" for i in range(BATCH)]
-                events = [
-                    event_pb2.QueuedEvent(
-                        event=event_pb2.Event(
-                            id=i, key=f"k{(b + j) % KEYS}", type="t", payload=b'{"n": 1}'
-                        ),
-                        producer="bench",
-                    )
-                    for j, i in enumerate(ids)
-                ]
-                for event in events:
-                    event.ingest_time.GetCurrentTime()
-                batch = event_pb2.QueuedBatch(events=events, partition=w, tenant="acme")
-                await writer.StoreEvents(storage_pb2.StoreEventsRequest(batch=batch), timeout=30)
-                now = time.perf_counter()
-                acked.update(dict.fromkeys(ids, now))
-
         wall = time.perf_counter()
-        await asyncio.gather(write(0, 2), write(1, 2))
-        await asyncio.sleep(1.5)  # the last ones arrive
+        writer_end, writer_child = context.Pipe()
+        writer = context.Process(
+            target=_writer_process,
+            args=(server.port, pki, name, args.rate, args.seconds, args.batch, args.writers),
+            kwargs={"control": writer_child},
+            daemon=True,
+        )
+        writer.start()
+        acked, writing = await loop.run_in_executor(None, writer_end.recv)
+        writer.join(10)
+        await asyncio.sleep(3)  # the last ones arrive (later ones count as missed)
         wall = time.perf_counter() - wall
         storage_cpu = time.process_time() - storage_cpu
         after = await _backend_cpu(monitor, application)
@@ -192,15 +233,19 @@ async def _phase(
     finally:
         if child.is_alive():
             child.join(10)
-        await monitor.close()
-        await channel.close()
         await server.stop(0)
         await pool.close()
-        await engine.dispose()
+        await engine.dispose()  # the backends exit: their statistics are flushed
+        await asyncio.sleep(0.5)  # the backends' last statistics
+        ended = await _database_load(monitor, database)
+        await monitor.close()
     cpu = sum(after.values()) - sum(before.get(pid, 0.0) for pid in after)
+    per_thousand = 1000 / max(1, len(acked))
+    transactions, rows = ((e - b) * per_thousand for e, b in zip(ended, load, strict=True))
     line = (
-        f"{name:<13} {len(acked) / args.seconds:5.0f} ev/s  CPU: Postgres {cpu / wall:4.2f},"
-        f" storage+writer {storage_cpu / wall:4.2f} core"
+        f"{name:<13} stored {len(acked) / writing:5.0f} ev/s; Postgres per 1000 events:"
+        f" {transactions:4.0f} xact, {rows / 1000:5.1f}k rows read, CPU {cpu * per_thousand * 1e3:4.0f}"
+        f" ms; CPU storage {storage_cpu / wall:4.2f} core"
     )
     if subscribers:
         latencies = sorted(
@@ -217,7 +262,8 @@ async def _phase(
                 print(f"  subscriber {n} missed {len(missing)}, as {missing[:3]}")
         line += (
             f", subscribers {client_cpu / wall:4.2f}"
-            f"  delivery p50 {statistics.median(latencies):5.1f} ms p99 {p99:6.1f} ms"
+            f"  delivery p50 {statistics.median(latencies or [float('nan')]):5.1f} ms"
+            f" p99 {p99:6.1f} ms"
             f" ({len(latencies)}/{expected} once, {repeats} twice)"
         )
     print(line, flush=True)
@@ -232,25 +278,29 @@ def _wanted(subscriber: int, event_id: str) -> bool:
 
 
 async def main(args: argparse.Namespace) -> None:
-    schema = f"bench_live_{uuid.uuid4().hex[:6]}"
-    engine = create_engine(URL, schema=schema, application_name="bench-live")
-    await migrate(engine, schema=schema, migrations=load_migrations("services.storage.migrations"))
+    database = f"bench_live_{uuid.uuid4().hex[:6]}"
+    await ensure_database(f"{SERVER}/{database}")
+    engine = create_engine(f"{SERVER}/{database}", schema="storage", application_name="bench")
+    await migrate(engine, schema="storage", migrations=load_migrations(MIGRATIONS_PACKAGE))
+    await engine.dispose()
     print(
-        f"{args.rate} events/s offered for {args.seconds:g} s per phase, {SUBSCRIBERS} subscribers"
-        " (shared machine figures)"
+        f"{args.rate:g} events/s offered for {args.seconds:g} s per phase, {SUBSCRIBERS}"
+        " subscribers (shared machine figures)"
     )
     try:
         with tempfile.TemporaryDirectory() as directory:
             pki = Path(directory)
             init_pki(pki, trust_domain=DOMAIN)
-            await _phase("writes only", 0, True, schema, pki, args)
             for _ in range(args.repeat):
-                await _phase("polling", SUBSCRIBERS, False, schema, pki, args)
-                await _phase("shared feeds", SUBSCRIBERS, True, schema, pki, args)
+                await _phase("polling", SUBSCRIBERS, False, database, pki, args)
+                await _phase("shared feeds", SUBSCRIBERS, True, database, pki, args)
+            await _phase("writes only", 0, True, database, pki, args)
     finally:
-        async with engine.begin() as conn:
-            await conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        await engine.dispose()
+        conn = await asyncpg.connect(f"{SERVER.replace('+asyncpg', '')}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
 
 if __name__ == "__main__":
@@ -258,4 +308,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rate", type=float, default=5000)
     parser.add_argument("--repeat", type=int, default=1, help="polling/feeds pairs")
+    parser.add_argument("--writers", type=int, default=4, help="concurrent StoreEvents callers")
+    parser.add_argument("--batch", type=int, default=100, help="events per StoreEvents")
     asyncio.run(main(parser.parse_args()))

@@ -40,6 +40,9 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+_ROUND_SPACING = 0.02
+"""Seconds from the end of a feed's rounds to the next start, at least."""
+
 
 @dataclass(frozen=True, slots=True)
 class BufferLimits:
@@ -296,6 +299,9 @@ class Feed:
             try:
                 await self._rounds()
                 failing = False
+                # Commits of the next 20 ms make one round: fewer, larger messages per
+                # subscriber (a message costs more than its events) for at most that latency.
+                await asyncio.sleep(_ROUND_SPACING)
             except Exception as error:  # an outage: subscribers keep waiting, the poll retries
                 if not failing:
                     log.warning("a live feed of tenant %s failed to read: %s", self.tenant, error)
