@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streammesh.mesh.errors import ResourceExhausted
@@ -78,13 +79,34 @@ class BufferMetrics:
 
 @dataclass(frozen=True, slots=True)
 class Entry(Generic[R, T]):
-    """One settled row as a feed read it: its seq, the row (for matching), its message and the
-    message's encoded size."""
+    """One settled row as a feed read it: its seq, the row (for matching), its message, and
+    that message encoded once as field 1 of a subscription response (every Subscribe*Response
+    carries its items there), so that each subscriber's response is parsed from the joined
+    encodings instead of copying every message into it."""
 
     seq: int
     row: R
     item: T
-    size: int
+    framed: bytes
+
+    @classmethod
+    def of(cls, seq: int, row: R, item: T) -> Entry[R, T]:
+        assert isinstance(item, Message)
+        return cls(seq, row, item, _field_one(item.SerializeToString()))
+
+    @property
+    def size(self) -> int:
+        return len(self.framed)
+
+
+def _field_one(encoded: bytes) -> bytes:
+    """`encoded` as a length-delimited field 1: its tag, its length as a varint, itself."""
+    length, prefix = len(encoded), bytearray(b"\x0a")
+    while length > 0x7F:
+        prefix.append(length & 0x7F | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + encoded
 
 
 @dataclass(slots=True)

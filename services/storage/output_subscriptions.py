@@ -140,7 +140,7 @@ class OutputSubscriptions:
         entries = []
         for row in settled:
             item = table.message(row)
-            entries.append(Entry(row.seq, row, item, item.ByteSize()))
+            entries.append(Entry.of(row.seq, row, item))
         return entries, (settled[-1].seq if settled else after), more
 
     def _feed(self, table: _Table, tenant: str) -> Feed:

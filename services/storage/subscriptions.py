@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge
 
 from services.storage.live_feed import BufferLimits, BufferMetrics, Entry, Feed, Span, Subscriber
@@ -60,7 +61,7 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
-M = TypeVar("M")
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +234,9 @@ async def _live_tail(
                 continue  # the span's end rides on the next message
             else:
                 subscriber.sent = got[-1].seq
-                yield message([e.item for e in got], token(subscriber.position), False)
+                response = message([], token(subscriber.position), False)
+                response.MergeFromString(b"".join(entry.framed for entry in got))
+                yield response
             sent = loop.time()
     finally:
         feed.leave(subscriber)
@@ -334,7 +337,7 @@ class EventSubscriptions:
         for row, matched in zip(page.rows, verdicts, strict=True):
             event = stored_event(row)[0]
             row_verdicts: dict[Hashable, bool] = dict(zip(filters, matched, strict=True))
-            entries.append(Entry(row.seq, (row, row_verdicts), event, event.ByteSize()))
+            entries.append(Entry.of(row.seq, (row, row_verdicts), event))
         return entries, (page.rows[-1].seq if page.rows else after), page.more
 
     def _feed(self, tenant: str) -> Feed:
