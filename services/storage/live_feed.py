@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-_ROUND_SPACING = 0.02
+_ROUND_SPACING = 0.05
 """Seconds from the end of a feed's rounds to the next start, at least."""
 
 
@@ -321,8 +321,10 @@ class Feed:
             try:
                 await self._rounds()
                 failing = False
-                # Commits of the next 20 ms make one round: fewer, larger messages per
-                # subscriber (a message costs more than its events) for at most that latency.
+                # Commits of the next 50 ms make one round: fewer, larger messages per
+                # subscriber (a message costs more than its events) for at most that latency
+                # (20 ms gave p99 592 ms, 50 ms 507 ms in scripts/bench_subscribe_live.py on
+                # the shared machine, where storage is short of CPU).
                 await asyncio.sleep(_ROUND_SPACING)
             except Exception as error:  # an outage: subscribers keep waiting, the poll retries
                 if not failing:
