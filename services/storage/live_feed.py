@@ -15,8 +15,8 @@ rest of a selection (keys, types, time range) is matched in Python. A subscriber
 after a round's statement was built, so whose expression it lacks, is offered that round as a
 Span. Items are buffered up to BufferLimits (items and their encoded bytes): past either, the
 buffer is dropped, the subscriber leaves the feed and its stream ends RESOURCE_EXHAUSTED at the
-next message it takes; the client resumes from the last
-resume token it received (every message carries one), so nothing is lost.
+next message it takes; the client resumes from the last resume token it received (every message
+carries one), so nothing is lost.
 """
 
 from __future__ import annotations
