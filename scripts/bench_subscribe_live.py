@@ -214,7 +214,8 @@ async def _phase(
         writer_end, writer_child = context.Pipe()
         writer = context.Process(
             target=_writer_process,
-            args=(server.port, pki, name, args.rate, args.seconds, args.batch, args.writers),
+            # Ids unique to the phase: a repeated id is stored once, so it would not be sent.
+            args=(server.port, pki, application, args.rate, args.seconds, args.batch, args.writers),
             kwargs={"control": writer_child},
             daemon=True,
         )
