@@ -285,7 +285,7 @@ async def main(args: argparse.Namespace) -> None:
     await migrate(engine, schema="storage", migrations=load_migrations(MIGRATIONS_PACKAGE))
     await engine.dispose()
     print(
-        f"{args.rate:g} events/s offered for {args.seconds:g} s per phase, {SUBSCRIBERS}"
+        f"{args.rate:g} events/s offered for {args.seconds:g} s per phase, {args.subscribers}"
         " subscribers (shared machine figures)"
     )
     try:
@@ -293,8 +293,8 @@ async def main(args: argparse.Namespace) -> None:
             pki = Path(directory)
             init_pki(pki, trust_domain=DOMAIN)
             for _ in range(args.repeat):
-                await _phase("polling", SUBSCRIBERS, False, database, pki, args)
-                await _phase("shared feeds", SUBSCRIBERS, True, database, pki, args)
+                await _phase("polling", args.subscribers, False, database, pki, args)
+                await _phase("shared feeds", args.subscribers, True, database, pki, args)
             await _phase("writes only", 0, True, database, pki, args)
     finally:
         conn = await asyncpg.connect(f"{SERVER.replace('+asyncpg', '')}/postgres")
@@ -309,6 +309,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rate", type=float, default=5000)
     parser.add_argument("--repeat", type=int, default=1, help="polling/feeds pairs")
+    parser.add_argument("--subscribers", type=int, default=SUBSCRIBERS, help="at most 20")
     parser.add_argument("--writers", type=int, default=4, help="concurrent StoreEvents callers")
     parser.add_argument("--batch", type=int, default=100, help="events per StoreEvents")
     asyncio.run(main(parser.parse_args()))
