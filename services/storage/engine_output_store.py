@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -149,9 +149,14 @@ class WindowResultRow:
     emitted_at: dt.datetime
 
 
+Committed = Callable[[Literal["alerts", "window_results"], Iterable[str]], None]
+"""Told, after a commit, the tailed table that got rows and their tenants (live feeds)."""
+
+
 class EngineOutputStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, committed: Committed | None = None) -> None:
         self._engine = engine
+        self._committed = committed
 
     async def store(
         self, outputs: Outputs, checkpoint: Checkpoint | None = None, fence: Fence | None = None
@@ -185,6 +190,11 @@ class EngineOutputStore:
                     {"rows": json.dumps(rows, ensure_ascii=False)},
                 )
                 written.append(result.rowcount)
+        if self._committed is not None:
+            if written[0]:
+                self._committed("alerts", (row["tenant"] for row in outputs.alerts))
+            if written[1]:
+                self._committed("window_results", (row["tenant"] for row in outputs.window_results))
         return written[0], written[1], written[2], saved
 
     async def _save(self, conn: AsyncConnection, checkpoint: Checkpoint) -> bool:

@@ -9,8 +9,9 @@ nothing twice). Migration 0013 gives both tables what events have: seq from an i
 (services.storage.queries.PAGING_GUARANTEE, with the horizon taken over writers of the table):
 a row is sent only once its store_time is before the start of every transaction still writing
 the table, so no row with a lower seq can commit after the cursor passed it. A row whose insert
-conflicts (a replay) draws a seq and writes nothing: a gap, never a repeat. The rounds, limits
-and heartbeats are SubscribeEvents' (services.storage.subscriptions).
+conflicts (a replay) draws a seq and writes nothing: a gap, never a repeat. The rounds, limits,
+heartbeats, shared feeds (one per table and tenant, which hands each tail the rows of its rule
+or window) and buffers are SubscribeEvents' (services.storage.subscriptions).
 
 Resume tokens are the listings' unsigned position tokens, bound to the tail, the tenant and the
 rule or window filter: forging one only moves the caller's own cursor over its own tenant's
@@ -29,9 +30,11 @@ from sqlalchemy.sql.elements import TextClause
 
 from services.storage import engine_outputs, registry
 from services.storage.engine_output_store import AlertRow, WindowResultRow
+from services.storage.live_feed import BufferMetrics, Entry, Feed
 from services.storage.queries import horizon_sql
 from services.storage.store import outage_is_unavailable
-from services.storage.subscriptions import Round, TailAdmissions, follow, resume_refusal
+from services.storage.subscriptions import Live, Round, TailAdmissions, follow, resume_refusal
+from services.storage.table_watch import TableWatch
 from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.mesh.errors import InvalidArgument
@@ -46,6 +49,7 @@ class _Table:
     a row (past its first two columns, seq and store_time)."""
 
     name: Literal["alerts", "window_results"]
+    filtered: str
     horizon: TextClause
     rows: TextClause
     end: TextClause
@@ -60,6 +64,7 @@ def _table(
 ) -> _Table:
     return _Table(
         name,
+        filtered,
         text(f"SELECT {horizon_sql(name)}"),
         text(
             f"SELECT seq, store_time, {columns} FROM {name}"  # noqa: S608 (fixed terms)
@@ -94,11 +99,21 @@ _RESULTS = _table(
 class OutputSubscriptions:
     """The SubscribeAlerts and SubscribeWindowResults handlers' logic over storage's engine."""
 
-    def __init__(self, engine: AsyncEngine, admissions: TailAdmissions) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        admissions: TailAdmissions,
+        watch: TableWatch,
+        metrics: BufferMetrics,
+    ) -> None:
         self._engine = engine
         self._admissions = admissions
+        self._watch = watch
+        self._metrics = metrics
 
-    async def _round(self, table: _Table, tenant: str, only: str, after: int) -> Round[Any]:
+    async def _settled(self, table: _Table, tenant: str, only: str, after: int) -> Any:
+        """The settled rows after `after` (of `only` unless empty), at most a batch, and
+        whether more may follow."""
         limit = self._admissions.settings.batch_events
         arguments = {"tenant": tenant, "after": after, "only": only, "limit": limit + 1}
         async with outage_is_unavailable(f"{table.name} tail"), self._engine.connect() as conn:
@@ -111,8 +126,33 @@ class OutputSubscriptions:
             if row.store_time >= horizon:
                 break  # stop, not skip: store_time does not grow with seq across transactions
             settled.append(row)
+        return settled, len(rows) > len(settled)
+
+    async def _round(self, table: _Table, tenant: str, only: str, after: int) -> Round[Any]:
+        settled, more = await self._settled(table, tenant, only, after)
         last = settled[-1].seq if settled else after
-        return Round([table.message(row) for row in settled], last, len(rows) > len(settled))
+        return Round([(row.seq, table.message(row)) for row in settled], last, more)
+
+    async def _feed_round(
+        self, table: _Table, tenant: str, after: int
+    ) -> tuple[list[Entry[Any, Any]], int, bool]:
+        settled, more = await self._settled(table, tenant, "", after)
+        entries = []
+        for row in settled:
+            item = table.message(row)
+            entries.append(Entry.of(row.seq, row, item))
+        return entries, (settled[-1].seq if settled else after), more
+
+    def _feed(self, table: _Table, tenant: str) -> Feed:
+        async def read(
+            tenant: str, after: int, filters: tuple[Any, ...]
+        ) -> tuple[list[Entry[Any, Any]], int, bool]:
+            return await self._feed_round(table, tenant, after)  # rule or window: in Python
+
+        async def end(tenant: str) -> int:
+            return await self._end(table, tenant)
+
+        return self._watch.feed(table.name, tenant, read, end)
 
     async def _end(self, table: _Table, tenant: str) -> int:
         async with outage_is_unavailable(f"{table.name} tail"), self._engine.connect() as conn:
@@ -134,7 +174,8 @@ class OutputSubscriptions:
             opened = engine_outputs.open_position(request.resume_token, (int,), *scope)
         except InvalidArgument as error:
             raise resume_refusal(error) from None
-        with self._admissions.admitted(Principal(tenant, request.principal)):
+        settings = self._admissions.settings
+        async with self._admissions.admitted(Principal(tenant, request.principal)):
             after = 0 if opened is None else max(0, int(opened[0]))
             if opened is None and request.start_at_end:
                 after = await self._end(table, tenant)
@@ -145,7 +186,13 @@ class OutputSubscriptions:
             async def read(after: int) -> Round[Any]:
                 return await self._round(table, tenant, only, after)
 
-            async for response in follow(read, message, token, after, self._admissions.settings):
+            def match(row: Row[Any]) -> bool | None:
+                return not only or getattr(row, table.filtered) == only
+
+            live: Live[Row[Any], Any] | None = None
+            if settings.shared_feeds:
+                live = Live(lambda: self._feed(table, tenant), match, self._metrics)
+            async for response in follow(read, message, token, after, settings, live):
                 yield response
 
     async def alerts(self, request: pb.SubscribeAlertsRequest) -> AsyncIterator[Any]:

@@ -55,6 +55,7 @@ __all__ = [
     "Selection",
     "aggregate_sql",
     "count_sql",
+    "feed_sql",
     "horizon_sql",
     "page_sql",
     "reads_payload",
@@ -295,6 +296,30 @@ def page_sql(selection: Selection, *, after_seq: int, limit: int) -> tuple[str, 
     return sql, statement.args
 
 
+def feed_sql(
+    tenant: str, predicates: Sequence[Predicate], *, after_seq: int, limit: int
+) -> tuple[str, list[object]]:
+    """The statement of a live feed's round: up to `limit` of the tenant's events with seq >
+    `after_seq`, in seq order, each with one boolean column per predicate (whether it matches),
+    so one read serves every subscription's filter expression."""
+    statement = _Statement()
+    where = f"e.tenant = {statement.arg(tenant, 'text')}"
+    verdicts = []
+    for predicate in predicates:
+        compiled = render_sql(predicate, COLUMNS, first_param=len(statement.args) + 1)
+        statement.args.extend(compiled.params)
+        verdicts.append(f", coalesce(({compiled.sql}), false)")
+    joined = any(reads_payload(predicate) for predicate in predicates)
+    after = statement.arg(after_seq, "int8")
+    size = statement.arg(limit, "int8")
+    sql = (
+        f"SELECT {_SELECTED}{''.join(verdicts)}"  # noqa: S608 (fixed terms and placeholders)
+        f" FROM events e{_PAYLOAD_JOIN if joined else ''} WHERE {where}"
+        f" AND e.seq > {after} ORDER BY e.seq LIMIT {size}"
+    )
+    return sql, statement.args
+
+
 def count_sql(selection: Selection, *, max_rows: int) -> tuple[str, list[object]]:
     """The statement of a count that stops one event past `max_rows`."""
     statement = _Statement()
@@ -407,6 +432,20 @@ class EventQueries:
                     raise refusal
         page = settled_prefix([StoredRow(*record) for record in records], settings[2], limit)
         return Page(page.rows, page.more, int(settings[3]))
+
+    async def feed_page(
+        self, tenant: str, predicates: Sequence[Predicate], *, after_seq: int, limit: int
+    ) -> tuple[Page, list[tuple[bool, ...]]]:
+        """A live feed's round: up to `limit` settled events of `tenant` after `after_seq`
+        (as `page`), and for each whether it matches each of `predicates`."""
+        sql, args = feed_sql(tenant, predicates, after_seq=after_seq, limit=limit + 1)
+        async with self._reading("query", PAGE_SETTINGS, tenant) as (conn, settings):
+            records = await conn.fetch(sql, *args)
+        width = len(StoredRow.__slots__)
+        page = settled_prefix(
+            [StoredRow(*record[:width]) for record in records], settings[2], limit
+        )
+        return page, [tuple(record[width:]) for record in records[: len(page.rows)]]
 
     async def settled_end(self, tenant: str) -> tuple[int, int]:
         """A seq at or below which every event of `tenant` that will ever commit has committed

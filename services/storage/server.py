@@ -13,6 +13,7 @@ from services.storage.dead_letter_store import DeadLetterStore
 from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.live_feed import BufferLimits, BufferMetrics
 from services.storage.output_subscriptions import OutputSubscriptions
 from services.storage.partitions import run_maintenance
 from services.storage.queries import EventQueries, QueryBounds
@@ -23,7 +24,9 @@ from services.storage.service import Limits, StorageServicer
 from services.storage.settings import StorageSettings
 from services.storage.sql import MIGRATIONS_PACKAGE, use_integer_timestamps
 from services.storage.store import EventStore
+from services.storage.subscription_leases import SubscriptionLeases
 from services.storage.subscriptions import EventSubscriptions, TailAdmissions, TailSettings
+from services.storage.table_watch import TableWatch
 from streammesh.api.storage.v1 import (
     definitions_pb2,
     definitions_pb2_grpc,
@@ -110,22 +113,33 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
     tails = TailSettings(
         poll_seconds=settings.subscribe_poll_seconds,
         heartbeat_seconds=settings.subscribe_heartbeat_seconds,
+        message_bytes=limits.max_response_bytes,
         max_per_principal=settings.subscribe_max_per_principal,
         max_per_replica=settings.subscribe_max_per_replica,
+        buffer=BufferLimits(
+            items=settings.subscribe_buffer_items, bytes=settings.subscribe_buffer_bytes
+        ),
+        shared_feeds=settings.subscribe_shared_feeds,
     )
     # One count for both kinds of tail: the limits are on subscriptions, whatever they follow.
-    admissions = TailAdmissions(tails, metrics.registry)
+    admissions = TailAdmissions(
+        tails,
+        metrics.registry,
+        SubscriptionLeases(deps.pool, ttl_seconds=settings.subscribe_lease_seconds),
+    )
+    watch = TableWatch(deps.pool, schema=settings.db_schema, poll_seconds=tails.poll_seconds)
+    buffers = BufferMetrics(metrics.registry)
     binding = ServiceBinding(
         storage_pb2.DESCRIPTOR.services_by_name["StorageService"],
         storage_pb2_grpc.add_StorageServiceServicer_to_server,
         StorageServicer(
-            EventStore(deps.pool),
+            EventStore(deps.pool, committed=lambda tenants: watch.changed("events", tenants)),
             limits,
             DeadLetterStore(deps.engine),
             query_api,
             trust_domain=settings.trust_domain,
             metrics=StorageMetrics(metrics.registry),
-            subscriptions=EventSubscriptions(query_api, admissions),
+            subscriptions=EventSubscriptions(query_api, admissions, watch, buffers),
         ),
     )
     registry = ServiceBinding(
@@ -138,8 +152,8 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
         definitions_pb2_grpc.add_DefinitionServiceServicer_to_server,
         DefinitionServicer(
             DefinitionStore(deps.engine),
-            EngineOutputStore(deps.engine),
-            OutputSubscriptions(deps.engine, admissions),
+            EngineOutputStore(deps.engine, committed=watch.changed),
+            OutputSubscriptions(deps.engine, admissions, watch, buffers),
         ),
     )
     return create_mesh_server(

@@ -71,16 +71,45 @@ class StorageSettings(ServiceSettings):
     )
 
     subscribe_poll_seconds: float = Field(
-        0.2, gt=0, le=10, description="a SubscribeEvents tail with nothing new polls this often"
+        0.5,
+        gt=0,
+        le=10,
+        description="a live feed (one per table and tenant on a replica) reads this often "
+        "without a wake-up (rows written outside storage, a lost notification)",
     )
     subscribe_heartbeat_seconds: float = Field(
         15, gt=0, le=3600, description="an idle SubscribeEvents stream sends a heartbeat this often"
     )
     subscribe_max_per_principal: int = Field(
-        8, ge=1, description="concurrent SubscribeEvents streams of one user on a replica"
+        8,
+        ge=1,
+        description="concurrent live subscriptions of one user, over all storage replicas",
+    )
+    subscribe_lease_seconds: float = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="a replica that died without ending its subscriptions holds their users' "
+        "places for at most this long",
     )
     subscribe_max_per_replica: int = Field(
         256, ge=1, description="concurrent SubscribeEvents streams on a replica"
+    )
+    subscribe_buffer_items: int = Field(
+        10_000,
+        ge=1,
+        description="items a live subscription that does not read may have waiting; past it "
+        "the stream ends RESOURCE_EXHAUSTED (resume from the last resume token)",
+    )
+    subscribe_buffer_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="encoded bytes a live subscription may have waiting, as subscribe_buffer_items",
+    )
+    subscribe_shared_feeds: bool = Field(
+        True,
+        description="live subscriptions share one feed per table and tenant on a replica "
+        "(false: each polls Postgres on its own every subscribe_poll_seconds)",
     )
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ pending and retries instead of acknowledging or dead-lettering it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -189,9 +189,17 @@ class EventStore:
     """The `events` table of one schema: the search_path of the pool, whose connections
     exchange timestamps as integers (`use_integer_timestamps` as its init)."""
 
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        acquire_timeout: float = 5.0,
+        committed: Callable[[Iterable[str]], None] | None = None,
+    ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        self._committed = committed
+        """Told the tenants of each batch that stored rows, after its commit (live feeds)."""
 
     async def insert_batch(
         self, batch: BatchColumns, *, partition: int, fences: Sequence[Fence] = ()
@@ -270,4 +278,6 @@ class EventStore:
                 # Some rows were skipped (their id is stored): the rare path checks them.
                 status = await conn.execute(conflicts, *columns, tenants)
                 _log_conflicts(batch, int(status.rsplit(" ", 1)[1]))
+        if inserted and self._committed is not None:
+            self._committed(batch.tenants)
         return inserted

@@ -253,8 +253,8 @@ async def stack(
     redis_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
-    """The stack of this module; a module may set GATEWAY_SETTINGS and INGEST_SETTINGS (dicts)
-    to override the gateway's and ingest's settings (the revocation staleness bound is 30 s
+    """The stack of this module; a module may set GATEWAY_SETTINGS, INGEST_SETTINGS and
+    STORAGE_SETTINGS (dicts) to override the gateway's, ingest's and storage's settings (the revocation staleness bound is 30 s
     here unless GATEWAY_SETTINGS sets it)."""
     run = uuid.uuid4().hex[:12]
     auth_schema, storage_schema = f"t_{run}_auth", f"t_{run}_storage"
@@ -297,7 +297,11 @@ async def stack(
         storage = await _started(
             create_storage_server(
                 StorageSettings(
-                    port=0, tls_dir=pki_dir, trust_domain=TRUST_DOMAIN, db_schema=storage_schema
+                    port=0,
+                    tls_dir=pki_dir,
+                    trust_domain=TRUST_DOMAIN,
+                    db_schema=storage_schema,
+                    **getattr(request.module, "STORAGE_SETTINGS", {}),
                 ),
                 StorageDeps(engine=engine, pool=pool),
             ),
