@@ -8,11 +8,13 @@ events), a hopping 5 s / 1 s window over readings (20 %) by payload.unit with co
 p50/p95/p99 of payload.celsius, and a 2 s session per key over page views. Events go to 4 partitions by key (as ingest does); each batch of --batch events is
 split by partition and each part goes to its partition's engine. With --snapshot-every N, each
 partition is also snapshotted every N batches (the checkpoint the worker stores with the
-outputs); its CPU is counted. The figure is CPU time of the engine calls only (the stream is
-built first). Not a test: the machine is shared, so compare figures of one run.
+outputs); its CPU is counted. With --split, the same stream also goes through engines with
+the 3 windows and no rule, and with the 5 rules and no window (the parts' shares). The figure is
+CPU time of the engine calls only (the stream is built first). Not a test: the machine is
+shared, so compare figures of one run.
 
     .venv/bin/python scripts/bench_partition_engine.py [--events 300000] [--batch 500]
-        [--snapshot-every 0] [--rounds 3]
+        [--snapshot-every 0] [--rounds 3] [--split]
 """
 
 from __future__ import annotations
@@ -77,9 +79,16 @@ def partitioned(events: list[EngineEvent]) -> list[EngineEvent]:
     return [dataclasses.replace(e, partition=jump_hash(e.key.encode(), PARTITIONS)) for e in events]
 
 
-def run_once(events: list[EngineEvent], batch: int, snapshot_every: int) -> tuple[float, Any]:
-    windows = parse_window_defs(WINDOWS)
-    rules = parse_rules(RULES)
+def run_once(
+    events: list[EngineEvent],
+    batch: int,
+    snapshot_every: int,
+    *,
+    with_windows: bool = True,
+    with_rules: bool = True,
+) -> tuple[float, Any]:
+    windows = parse_window_defs(WINDOWS) if with_windows else []
+    rules = parse_rules(RULES) if with_rules else []
     engines = [PartitionEngine(p, CLOCK, windows, rules) for p in range(PARTITIONS)]
     counts = {"results": 0, "alerts": 0, "late": 0, "snapshot_bytes": 0}
     started = time.process_time()
@@ -104,9 +113,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--snapshot-every", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--split", action="store_true", help="also windows alone, rules alone")
     args = parser.parse_args()
     events = partitioned(make_stream(args.events, args.keys))
     gc.freeze()  # the input list is not what a worker holds (see bench_engine.py)
+    if args.split:
+        for label, parts in (("3 windows alone", (True, False)), ("5 rules alone", (False, True))):
+            cpu = min(
+                run_once(
+                    events,
+                    args.batch,
+                    args.snapshot_every,
+                    with_windows=parts[0],
+                    with_rules=parts[1],
+                )[0]
+                for _ in range(args.rounds)
+            )
+            print(
+                f"  {label}: {args.events / cpu:,.0f} events/s on one core "
+                f"({cpu * 1e6 / args.events:.2f} CPU us/event, best of {args.rounds})"
+            )
     best, counts = float("inf"), {}
     for _ in range(args.rounds):
         cpu, counts = run_once(events, args.batch, args.snapshot_every)
