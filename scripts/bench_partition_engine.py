@@ -133,7 +133,7 @@ def main() -> None:
                 f"  {label}: {args.events / cpu:,.0f} events/s on one core "
                 f"({cpu * 1e6 / args.events:.2f} CPU us/event, best of {args.rounds})"
             )
-    best, counts = float("inf"), {}
+    best, counts = float("inf"), dict[str, int]()
     for _ in range(args.rounds):
         cpu, counts = run_once(events, args.batch, args.snapshot_every)
         best = min(best, cpu)

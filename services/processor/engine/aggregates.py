@@ -112,7 +112,7 @@ class AggregateLayout:
     """The compiled shape of one definition's aggregates: which fields are read, which need
     a sketch, and how a finished accumulator becomes named values."""
 
-    __slots__ = ("_outputs", "distinct_accessors", "numeric_accessors", "sketched")
+    __slots__ = ("_outputs", "count_only", "distinct_accessors", "numeric_accessors", "sketched")
 
     def __init__(self, aggregates: Sequence[AggregateDef]) -> None:
         numeric: list[str] = []
@@ -134,6 +134,8 @@ class AggregateLayout:
         self.distinct_accessors: tuple[Callable[[EngineEvent], Any], ...] = tuple(
             compile_field_path(field) for field in distinct
         )
+        self.count_only = not numeric and not distinct
+        """Nothing but the count: the operators then add an event with `count += 1`."""
         self._outputs = tuple(
             (
                 aggregate.name,
@@ -207,13 +209,23 @@ class Accumulator:
     def __init__(self, layout: AggregateLayout) -> None:
         self.layout = layout
         self.count = 0
-        self.numeric = tuple(
-            _Numeric(read, _new_sketch() if sketched else None)
-            for read, sketched in zip(layout.numeric_accessors, layout.sketched, strict=True)
+        # A count-only layout (the common window) builds no generator: an accumulator is made
+        # per window and group, often for a single event.
+        self.numeric = (
+            tuple(
+                _Numeric(read, _new_sketch() if sketched else None)
+                for read, sketched in zip(layout.numeric_accessors, layout.sketched, strict=True)
+            )
+            if layout.numeric_accessors
+            else ()
         )
-        self.distinct = tuple(
-            _Distinct(read, datasketches.hll_sketch(DISTINCT_LG_K, datasketches.HLL_8))
-            for read in layout.distinct_accessors
+        self.distinct = (
+            tuple(
+                _Distinct(read, datasketches.hll_sketch(DISTINCT_LG_K, datasketches.HLL_8))
+                for read in layout.distinct_accessors
+            )
+            if layout.distinct_accessors
+            else ()
         )
 
     def add(self, event: EngineEvent) -> None:

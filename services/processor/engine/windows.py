@@ -195,10 +195,21 @@ class WindowEngine:
     def snapshot(self, partition: int) -> bytes:
         """The partition's state (clock, open windows, timers) as bytes for a checkpoint."""
         state = self._partition(partition)
+        operators = state.operators
+        timers: list[Timer] = []
+        for timer in state.heap:
+            operator = operators.get(timer[2])
+            if isinstance(operator, FixedWindows):
+                timers.extend(operator.timers_for(timer))
+            else:
+                timers.append(timer)
+        # Sorted: a valid heap (what a reader heapifies), and the same bytes for the same
+        # timers whatever the heap's layout.
+        timers.sort()
         document: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "clock": list(state.clock.snapshot()),
-            "timers": state.heap,
+            "timers": timers,
             "operators": {identity: op.snapshot() for identity, op in state.operators.items()},
         }
         return orjson.dumps(document)
@@ -222,12 +233,18 @@ class WindowEngine:
                 operator = state.operators.get(identity)
                 if operator is not None:
                     operator.restore(op_state)
-            # The saved list is a valid heap already; keeping its order keeps replay identical.
-            state.heap.extend(
-                (time, kind, identity, group, ref)
-                for time, kind, identity, group, ref in document["timers"]
-                if identity in state.operators
-            )
+            # Timers are totally ordered, so the order they pop in does not depend on the
+            # saved list's layout. A fixed window's per-group timers become its start's one.
+            timers: set[Timer] = set()
+            session_timers: list[Timer] = []
+            for time, kind, identity, group, ref in document["timers"]:
+                operator = state.operators.get(identity)
+                if isinstance(operator, FixedWindows):
+                    timers.add((time, kind, identity, "", ref))
+                elif operator is not None:
+                    session_timers.append((time, kind, identity, group, ref))
+            state.heap.extend(sorted(timers))
+            state.heap.extend(session_timers)
             heapq.heapify(state.heap)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             if isinstance(error, SnapshotError):
