@@ -112,7 +112,14 @@ class AggregateLayout:
     """The compiled shape of one definition's aggregates: which fields are read, which need
     a sketch, and how a finished accumulator becomes named values."""
 
-    __slots__ = ("_outputs", "count_only", "distinct_accessors", "numeric_accessors", "sketched")
+    __slots__ = (
+        "_names",
+        "_outputs",
+        "count_only",
+        "distinct_accessors",
+        "numeric_accessors",
+        "sketched",
+    )
 
     def __init__(self, aggregates: Sequence[AggregateDef]) -> None:
         numeric: list[str] = []
@@ -135,6 +142,7 @@ class AggregateLayout:
             compile_field_path(field) for field in distinct
         )
         self.count_only = not numeric and not distinct
+        self._names = tuple(aggregate.name for aggregate in aggregates)
         """Nothing but the count: the operators then add an event with `count += 1`."""
         self._outputs = tuple(
             (
@@ -154,6 +162,8 @@ class AggregateLayout:
 
     def values(self, accumulator: Accumulator) -> dict[str, float | int | None]:
         """The named results; None where no event had a numeric value for the field."""
+        if self.count_only:
+            return dict.fromkeys(self._names, accumulator.count)
         out: dict[str, float | int | None] = {}
         for name, fn, index in self._outputs:
             if fn == "count":

@@ -68,18 +68,19 @@ class _Operator:
         retracted: bool = False,
     ) -> WindowResult:
         definition = self.definition
+        # Positional: a result is built for nearly every window, and keywords cost more.
         return WindowResult(
-            tenant=definition.tenant,
-            window_id=definition.id,
-            window_version=definition.version,
-            partition=self.partition,
-            group=group,
-            start_nanos=start,
-            end_nanos=end,
-            revision=revision,
-            values={} if accumulator is None else self.layout.values(accumulator),
-            watermark_nanos=watermark,
-            retracted=retracted,
+            definition.tenant,
+            definition.id,
+            definition.version,
+            self.partition,
+            group,
+            start,
+            end,
+            revision,
+            {} if accumulator is None else self.layout.values(accumulator),
+            watermark,
+            retracted,
         )
 
     def _late(
@@ -322,10 +323,11 @@ class SessionWindows(_Operator):
     """Session windows of one definition in one partition: a session of a group is its events
     with gaps shorter than `gap` between them, and covers [first event, last event + gap)."""
 
-    __slots__ = ("gap", "groups", "lateness", "next_sid")
+    __slots__ = ("count_only", "gap", "groups", "lateness", "next_sid")
 
     def __init__(self, definition: WindowDef, partition: int, heap: list[Timer]) -> None:
         super().__init__(definition, partition, heap)
+        self.count_only = self.layout.count_only
         self.gap = definition.gap_nanos
         self.lateness = definition.allowed_lateness_nanos
         self.groups: dict[str, list[_Session]] = {}
@@ -342,14 +344,21 @@ class SessionWindows(_Operator):
             out.late.append(self._late(event, group, time, time + gap, watermark))
             return
         sessions = self.groups.get(group)
-        if sessions is None:
-            sessions = self.groups[group] = []
-        latest = sessions[-1] if sessions else None
-        if latest is not None and latest.revision < 0 and latest.start <= time:
+        if not sessions:
+            # The commonest case: a group with nothing in state opens a session.
+            if sessions is None:
+                sessions = self.groups[group] = []
+            self._open(sessions, group, event, time, watermark, out)
+            return
+        latest = sessions[-1]
+        if latest.revision < 0 and latest.start <= time:
             # The common case: the event falls in or extends the latest session, which is
             # open. Sessions are at least `gap` apart, so no earlier one can touch it.
             if time < latest.last + gap:
-                latest.accumulator.add(event)
+                if self.count_only:
+                    latest.accumulator.count += 1
+                else:
+                    latest.accumulator.add(event)
                 if time > latest.last:
                     latest.last = time
                 return
@@ -397,16 +406,21 @@ class SessionWindows(_Operator):
         watermark: int,
         out: WindowOutputs,
     ) -> None:
-        session = _Session(self.next_sid, time, time, self.layout.new())
-        self.next_sid += 1
-        session.accumulator.add(event)
+        sid = self.next_sid
+        self.next_sid = sid + 1
+        session = _Session(sid, time, time, self.layout.new())
+        if self.count_only:
+            session.accumulator.count = 1
+        else:
+            session.accumulator.add(event)
         sessions.append(session)
         if len(sessions) > 1 and sessions[-2].start > time:
             sessions.sort(key=lambda s: s.start)
-        if time + self.gap <= watermark:
+        end = time + self.gap
+        if end <= watermark:
             self._final(session, group, watermark, out)
         else:
-            heapq.heappush(self.heap, (time + self.gap, CLOSE, self.identity, group, session.sid))
+            heapq.heappush(self.heap, (end, CLOSE, self.identity, group, sid))
 
     def _retract(self, session: _Session, group: str, watermark: int, out: WindowOutputs) -> None:
         """The session was emitted under bounds it no longer has: withdraw that result."""
@@ -444,9 +458,13 @@ class SessionWindows(_Operator):
         )
 
     def on_timer(self, kind: int, group: str, sid: int, watermark: int, out: WindowOutputs) -> None:
-        sessions = self.groups.get(group, [])
-        session = next((s for s in sessions if s.sid == sid), None)
-        if session is None:
+        sessions = self.groups.get(group)
+        if sessions is None:
+            return
+        for session in sessions:
+            if session.sid == sid:
+                break
+        else:
             return
         end = session.last + self.gap
         if kind == CLOSE:
