@@ -133,20 +133,34 @@ class WindowEngine:
         call = self._calls
         touched: list[_Partition] = []
         partitions = self._partitions
+        number: int | None = None
+        tenant: str | None = None
+        partition: _Partition | None = None
+        by_type: dict[str, list[Callable[..., None]]] | None = None
         for event in events:
-            partition = partitions.get(event.partition)
-            if partition is None:
-                partition = self._partition(event.partition)
-            if partition.call != call:
-                partition.call = call
-                touched.append(partition)
-            clock = partition.clock
-            time = event.event_time_nanos
-            if time > clock.max_event_time and clock.observe(time):
+            if event.partition != number or partition is None:
+                # A batch is mostly of one partition (and tenant): look them up on a change.
+                number = event.partition
+                partition = partitions.get(number)
+                if partition is None:
+                    partition = self._partition(number)
+                if partition.call != call:
+                    partition.call = call
+                    touched.append(partition)
+                clock = partition.clock
                 heap = partition.heap
-                if heap and heap[0][0] <= clock.watermark:
-                    partition.fire(out)
-            by_type = partition.dispatch.get(event.tenant)
+                tenant = None
+            time = event.event_time_nanos
+            if (
+                time > clock.max_event_time
+                and clock.observe(time)
+                and heap
+                and heap[0][0] <= clock.watermark
+            ):
+                partition.fire(out)
+            if event.tenant != tenant:
+                tenant = event.tenant
+                by_type = partition.dispatch.get(tenant)
             if by_type is None:
                 continue
             adders = by_type.get(event.type)
