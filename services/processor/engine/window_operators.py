@@ -3,7 +3,8 @@ session windows. An operator is built for one partition with that partition's ti
 engine calls `add` per event (with the partition's watermark after that event) and `on_timer`
 when the watermark passes a timer's time. Timers are `(time, kind, definition, group, ref)`
 tuples in one heap per partition, so windows close in one deterministic order (by time, then
-definition, group and start) however the events were batched.
+definition, group and start) however the events were batched. Fixed windows keep one timer per
+window start for all its groups (group ""), and emit the groups sorted: the same order.
 
 Hopping windows are kept as panes of gcd(size, step): each event updates one pane, and a
 window's result merges its size/gcd panes when it is emitted (the sketches merge exactly).
