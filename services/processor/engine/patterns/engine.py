@@ -111,19 +111,34 @@ class PatternEngine:
         output = PatternOutput()
         watermark = self._watermark
         buffer, buffered_ids, recent_ids = self._buffer, self._buffered_ids, self._recent_ids
-        taken: list[str] = []
-        for event in events:
-            event_id = event.id
-            if event_id in buffered_ids or event_id in recent_ids:
-                output.duplicate_ids.append(event_id)
-            elif event.event_time_nanos <= watermark:
-                output.late.append(LateEvent(event, watermark))
-            else:
-                # Held as (time, id, event): sorting compares tuples in C, with no key function
-                # and no tie on id (ids are unique here), so the order never reaches the event.
-                buffer.append((event.event_time_nanos, event_id, event))
-                buffered_ids.add(event_id)
-                taken.append(event_id)
+        events = events if isinstance(events, list | tuple) else list(events)
+        taken = [event.id for event in events]
+        if (
+            taken
+            and min(event.event_time_nanos for event in events) > watermark
+            and len(set(taken)) == len(taken)
+            and buffered_ids.isdisjoint(taken)
+            and recent_ids.isdisjoint(taken)
+        ):
+            # The common batch, none late and none a repeat: held in bulk (what the loop
+            # below does for each event).
+            buffer.extend([(event.event_time_nanos, event.id, event) for event in events])
+            buffered_ids.update(taken)
+        else:
+            taken = []
+            for event in events:
+                event_id = event.id
+                if event_id in buffered_ids or event_id in recent_ids:
+                    output.duplicate_ids.append(event_id)
+                elif event.event_time_nanos <= watermark:
+                    output.late.append(LateEvent(event, watermark))
+                else:
+                    # Held as (time, id, event): sorting compares tuples in C, with no key
+                    # function and no tie on id (ids are unique here), so the order never
+                    # reaches the event.
+                    buffer.append((event.event_time_nanos, event_id, event))
+                    buffered_ids.add(event_id)
+                    taken.append(event_id)
         self._remember(taken)
         if watermark_nanos > watermark:
             watermark = self._watermark = watermark_nanos
