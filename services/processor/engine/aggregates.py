@@ -112,7 +112,14 @@ class AggregateLayout:
     """The compiled shape of one definition's aggregates: which fields are read, which need
     a sketch, and how a finished accumulator becomes named values."""
 
-    __slots__ = ("_outputs", "distinct_accessors", "numeric_accessors", "sketched")
+    __slots__ = (
+        "_names",
+        "_outputs",
+        "count_only",
+        "distinct_accessors",
+        "numeric_accessors",
+        "sketched",
+    )
 
     def __init__(self, aggregates: Sequence[AggregateDef]) -> None:
         numeric: list[str] = []
@@ -134,6 +141,9 @@ class AggregateLayout:
         self.distinct_accessors: tuple[Callable[[EngineEvent], Any], ...] = tuple(
             compile_field_path(field) for field in distinct
         )
+        self.count_only = not numeric and not distinct
+        self._names = tuple(aggregate.name for aggregate in aggregates)
+        """Nothing but the count: the operators then add an event with `count += 1`."""
         self._outputs = tuple(
             (
                 aggregate.name,
@@ -152,6 +162,8 @@ class AggregateLayout:
 
     def values(self, accumulator: Accumulator) -> dict[str, float | int | None]:
         """The named results; None where no event had a numeric value for the field."""
+        if self.count_only:
+            return dict.fromkeys(self._names, accumulator.count)
         out: dict[str, float | int | None] = {}
         for name, fn, index in self._outputs:
             if fn == "count":
@@ -207,13 +219,23 @@ class Accumulator:
     def __init__(self, layout: AggregateLayout) -> None:
         self.layout = layout
         self.count = 0
-        self.numeric = tuple(
-            _Numeric(read, _new_sketch() if sketched else None)
-            for read, sketched in zip(layout.numeric_accessors, layout.sketched, strict=True)
+        # A count-only layout (the common window) builds no generator: an accumulator is made
+        # per window and group, often for a single event.
+        self.numeric = (
+            tuple(
+                _Numeric(read, _new_sketch() if sketched else None)
+                for read, sketched in zip(layout.numeric_accessors, layout.sketched, strict=True)
+            )
+            if layout.numeric_accessors
+            else ()
         )
-        self.distinct = tuple(
-            _Distinct(read, datasketches.hll_sketch(DISTINCT_LG_K, datasketches.HLL_8))
-            for read in layout.distinct_accessors
+        self.distinct = (
+            tuple(
+                _Distinct(read, datasketches.hll_sketch(DISTINCT_LG_K, datasketches.HLL_8))
+                for read in layout.distinct_accessors
+            )
+            if layout.distinct_accessors
+            else ()
         )
 
     def add(self, event: EngineEvent) -> None:

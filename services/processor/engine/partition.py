@@ -188,9 +188,9 @@ class PartitionEngine:
         late_at: list[tuple[int, int]] = []
         repeat = self._dedupe.seen
         duplicates: list[str] = []
-        kept: list[EngineEvent] = []
+        dropped: list[int] = []
         # The watermark each event meets on arrival, as the clock will move it (clock.observe).
-        for event in events:
+        for index, event in enumerate(events):
             if event.partition != partition:
                 raise ValueError(
                     f"event {event.id!r} is of partition {event.partition}, not {partition}"
@@ -204,12 +204,14 @@ class PartitionEngine:
             # A repeat leaves the watermark as it was: it never is a new maximum.
             if repeat(event.tenant, event.type, event.id, t, watermark):
                 duplicates.append(event.id)
+                dropped.append(index)
                 continue
             if late:
-                late_at.append((len(kept), watermark))
-            kept.append(event)
-        if duplicates:
-            events = kept
+                # Its index among the kept events (those before it, less the dropped ones).
+                late_at.append((index - len(dropped), watermark))
+        if dropped:
+            gone = set(dropped)
+            events = [event for index, event in enumerate(events) if index not in gone]
         window_out = self._windows.process(events, now_nanos)
         out = PartitionOutputs(
             window_results=window_out.results,

@@ -3,7 +3,8 @@ session windows. An operator is built for one partition with that partition's ti
 engine calls `add` per event (with the partition's watermark after that event) and `on_timer`
 when the watermark passes a timer's time. Timers are `(time, kind, definition, group, ref)`
 tuples in one heap per partition, so windows close in one deterministic order (by time, then
-definition, group and start) however the events were batched.
+definition, group and start) however the events were batched. Fixed windows keep one timer per
+window start for all its groups (group ""), and emit the groups sorted: the same order.
 
 Hopping windows are kept as panes of gcd(size, step): each event updates one pane, and a
 window's result merges its size/gcd panes when it is emitted (the sketches merge exactly).
@@ -68,18 +69,19 @@ class _Operator:
         retracted: bool = False,
     ) -> WindowResult:
         definition = self.definition
+        # Positional: a result is built for nearly every window, and keywords cost more.
         return WindowResult(
-            tenant=definition.tenant,
-            window_id=definition.id,
-            window_version=definition.version,
-            partition=self.partition,
-            group=group,
-            start_nanos=start,
-            end_nanos=end,
-            revision=revision,
-            values={} if accumulator is None else self.layout.values(accumulator),
-            watermark_nanos=watermark,
-            retracted=retracted,
+            definition.tenant,
+            definition.id,
+            definition.version,
+            self.partition,
+            group,
+            start,
+            end,
+            revision,
+            {} if accumulator is None else self.layout.values(accumulator),
+            watermark,
+            retracted,
         )
 
     def _late(
@@ -102,14 +104,22 @@ class _Operator:
 
 
 class FixedWindows(_Operator):
-    """Tumbling (step == size) and hopping windows of one definition in one partition."""
+    """Tumbling (step == size) and hopping windows of one definition in one partition.
+
+    State is kept by window start, not by group: every group's window [start, start + size)
+    closes at the same watermark, so one CLOSE and one PURGE timer per start serve all its
+    groups (`(time, kind, identity, "", start)`), and the close emits the groups in sorted
+    order, the order per-group timers `(time, kind, identity, group, start)` would pop in. A
+    snapshot writes the per-group timers (`timers_for`), so its format is unchanged."""
 
     __slots__ = (
         "cached_first_end",
         "cached_pane",
-        "groups",
+        "cached_starts",
+        "count_only",
         "lateness",
         "pane",
+        "panes",
         "size",
         "step",
         "windows",
@@ -121,130 +131,179 @@ class FixedWindows(_Operator):
         self.step = definition.step_nanos
         self.pane = math.gcd(self.size, self.step)
         self.lateness = definition.allowed_lateness_nanos
-        self.groups: dict[str, dict[int, Accumulator]] = {}
-        """group -> pane start -> accumulator."""
-        self.windows: dict[tuple[str, int], int] = {}
-        """(group, window start) -> last emitted revision (-1 before the final)."""
+        self.count_only = self.layout.count_only
+        self.panes: dict[int, dict[str, Accumulator]] = {}
+        """pane start -> group -> accumulator."""
+        self.windows: dict[int, dict[str, int]] = {}
+        """window start -> group -> last emitted revision (-1 before the final). A start is
+        here from its first window until its PURGE; it has a CLOSE timer pending while it
+        holds an open window (-1), else a PURGE timer (a closed start takes no new open one:
+        the watermark passed its end)."""
         self.cached_pane: int | None = None
         self.cached_first_end = 0
+        self.cached_starts: range = range(0)
 
     def add(self, event: EngineEvent, time: int, watermark: int, out: WindowOutputs) -> None:
         group = self.group_of(event)
         if group is None:
             out.ungrouped += 1
             return
-        size = self.size
-        panes = self.groups.get(group)
-        if panes is None:
-            panes = self.groups[group] = {}
         pane_start = time - time % self.pane
-        accumulator = panes.get(pane_start)
         # Every event of a pane has the same windows (their bounds are multiples of the pane),
-        # so the last pane's earliest window end serves the next events too.
+        # so the last pane's window starts serve the next events too.
         if pane_start != self.cached_pane:
             self.cached_pane = pane_start
-            self.cached_first_end = window_starts(pane_start, size, self.step)[0] + size
+            self.cached_starts = window_starts(pane_start, self.size, self.step)
+            self.cached_first_end = self.cached_starts[0] + self.size
         if self.cached_first_end > watermark:
             # Every window of this event is still open: the common case.
+            panes = self.panes.get(pane_start)
+            if panes is None:
+                panes = self.panes[pane_start] = {}
+            accumulator = panes.get(group)
             if accumulator is None:
-                accumulator = panes[pane_start] = self.layout.new()
-                for start in window_starts(pane_start, size, self.step):
-                    if (group, start) not in self.windows:
-                        self.windows[group, start] = -1
+                accumulator = panes[group] = self.layout.new()
+                windows = self.windows
+                for start in self.cached_starts:
+                    groups = windows.get(start)
+                    if groups is None:
+                        windows[start] = {group: -1}
                         heapq.heappush(
-                            self.heap, (start + size, CLOSE, self.identity, group, start)
+                            self.heap, (start + self.size, CLOSE, self.identity, "", start)
                         )
-            accumulator.add(event)
+                    elif group not in groups:
+                        groups[group] = -1
+            if self.count_only:
+                accumulator.count += 1
+            else:
+                accumulator.add(event)
             return
-        starts = window_starts(time, size, self.step)
+        self._add_late(event, group, time, pane_start, watermark, out)
+
+    def _add_late(
+        self,
+        event: EngineEvent,
+        group: str,
+        time: int,
+        pane_start: int,
+        watermark: int,
+        out: WindowOutputs,
+    ) -> None:
+        """An event some of whose windows have closed: late events, revisions, late finals."""
+        size = self.size
         accepted = []
-        for start in starts:
+        for start in window_starts(time, size, self.step):
             if start + size + self.lateness <= watermark:
                 out.late.append(self._late(event, group, start, start + size, watermark))
             else:
                 accepted.append(start)
         if not accepted:
-            if not panes:
-                del self.groups[group]
             return
+        panes = self.panes.get(pane_start)
+        if panes is None:
+            panes = self.panes[pane_start] = {}
+        accumulator = panes.get(group)
         if accumulator is None:
-            accumulator = panes[pane_start] = self.layout.new()
+            accumulator = panes[group] = self.layout.new()
         accumulator.add(event)
         for start in accepted:
             end = start + size
-            revision = self.windows.get((group, start))
+            groups = self.windows.get(start)
+            if groups is None:
+                groups = self.windows[start] = {}
+                # The start's first window: its timer (see `windows`).
+                timer = (end, CLOSE) if end > watermark else (end + self.lateness, PURGE)
+                heapq.heappush(self.heap, (*timer, self.identity, "", start))
+            revision = groups.get(group)
             if end > watermark:
                 if revision is None:
-                    self.windows[group, start] = -1
-                    heapq.heappush(self.heap, (end, CLOSE, self.identity, group, start))
+                    groups[group] = -1
                 continue
             # Closed but within the allowed lateness: a new revision (or a late final when the
             # window had no event before).
-            if revision is None:
-                heapq.heappush(self.heap, (end + self.lateness, PURGE, self.identity, group, start))
             revision = 0 if revision is None else revision + 1
-            self.windows[group, start] = revision
+            groups[group] = revision
             out.results.append(self._emit(group, start, revision, watermark))
 
     def _emit(self, group: str, start: int, revision: int, watermark: int) -> WindowResult:
-        panes = self.groups[group]
         if self.pane == self.size:
-            accumulator = panes.get(start)
+            panes = self.panes.get(start)
+            accumulator = None if panes is None else panes.get(group)
         else:
             accumulator = self.layout.new()
             for pane_start in range(start, start + self.size, self.pane):
-                pane = panes.get(pane_start)
+                panes = self.panes.get(pane_start)
+                pane = None if panes is None else panes.get(group)
                 if pane is not None:
                     accumulator.merge_from(pane)
         return self._result(group, start, start + self.size, revision, accumulator, watermark)
 
-    def on_timer(
-        self, kind: int, group: str, start: int, watermark: int, out: WindowOutputs
-    ) -> None:
+    def on_timer(self, kind: int, _: str, start: int, watermark: int, out: WindowOutputs) -> None:
         if kind == CLOSE:
-            if self.windows.get((group, start)) != -1:
+            groups = self.windows.get(start)
+            if groups is None:
                 return
-            self.windows[group, start] = 0
-            out.results.append(self._emit(group, start, 0, watermark))
+            results = out.results
+            for group in sorted(groups):
+                if groups[group] == -1:
+                    groups[group] = 0
+                    results.append(self._emit(group, start, 0, watermark))
             end = start + self.size
-            heapq.heappush(self.heap, (end + self.lateness, PURGE, self.identity, group, start))
+            heapq.heappush(self.heap, (end + self.lateness, PURGE, self.identity, "", start))
             return
-        self.windows.pop((group, start), None)
-        panes = self.groups.get(group)
-        if panes is None:
-            return
+        self.windows.pop(start, None)
         # A pane's last window is the one starting at or just before it: drop the panes whose
-        # last window this was.
+        # last window this was (each such pane's group has a window at this start).
         for pane_start in range(start, start + self.step, self.pane):
-            panes.pop(pane_start, None)
-        if not panes:
-            del self.groups[group]
+            self.panes.pop(pane_start, None)
+
+    def timers_for(self, timer: Timer) -> list[Timer]:
+        """One start's timer as the per-group timers of snapshot format 1."""
+        time, kind, identity, _, start = timer
+        groups = self.windows.get(start, {})
+        return [
+            (time, kind, identity, group, start)
+            for group in sorted(groups)
+            if (groups[group] == -1) == (kind == CLOSE)
+        ]
 
     def current(self, watermark: int) -> list[WindowResult]:
         """Live views of the windows that are still open (revision -1, not for storage)."""
         return [
             self._emit(group, start, -1, watermark)
-            for (group, start), revision in sorted(self.windows.items())
-            if revision == -1
+            for group, start in sorted(
+                (group, start)
+                for start, groups in self.windows.items()
+                for group, revision in groups.items()
+                if revision == -1
+            )
         ]
 
     def snapshot(self) -> dict[str, Any]:
+        # By group, sorted: the layout of snapshot format 1, and the same bytes for the same
+        # state whatever order it was built in.
+        by_group: dict[str, list[list[Any]]] = {}
+        for start in sorted(self.panes):
+            for group, pane in self.panes[start].items():
+                by_group.setdefault(group, []).append([start, pane.snapshot()])
         return {
-            "panes": [
-                [group, [[start, pane.snapshot()] for start, pane in panes.items()]]
-                for group, panes in self.groups.items()
-            ],
-            "windows": [
-                [group, start, revision] for (group, start), revision in self.windows.items()
-            ],
+            "panes": [[group, by_group[group]] for group in sorted(by_group)],
+            "windows": sorted(
+                [group, start, revision]
+                for start, groups in self.windows.items()
+                for group, revision in groups.items()
+            ),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.groups = {
-            group: {start: Accumulator.restore(self.layout, pane) for start, pane in panes}
-            for group, panes in state["panes"]
-        }
-        self.windows = {(group, start): revision for group, start, revision in state["windows"]}
+        self.panes = {}
+        for group, panes in state["panes"]:
+            for start, pane in panes:
+                self.panes.setdefault(start, {})[group] = Accumulator.restore(self.layout, pane)
+        self.windows = {}
+        for group, start, revision in state["windows"]:
+            self.windows.setdefault(start, {})[group] = revision
+        self.cached_pane = None
 
 
 class _Session:
@@ -265,10 +324,11 @@ class SessionWindows(_Operator):
     """Session windows of one definition in one partition: a session of a group is its events
     with gaps shorter than `gap` between them, and covers [first event, last event + gap)."""
 
-    __slots__ = ("gap", "groups", "lateness", "next_sid")
+    __slots__ = ("count_only", "gap", "groups", "lateness", "next_sid")
 
     def __init__(self, definition: WindowDef, partition: int, heap: list[Timer]) -> None:
         super().__init__(definition, partition, heap)
+        self.count_only = self.layout.count_only
         self.gap = definition.gap_nanos
         self.lateness = definition.allowed_lateness_nanos
         self.groups: dict[str, list[_Session]] = {}
@@ -285,14 +345,21 @@ class SessionWindows(_Operator):
             out.late.append(self._late(event, group, time, time + gap, watermark))
             return
         sessions = self.groups.get(group)
-        if sessions is None:
-            sessions = self.groups[group] = []
-        latest = sessions[-1] if sessions else None
-        if latest is not None and latest.revision < 0 and latest.start <= time:
+        if not sessions:
+            # The commonest case: a group with nothing in state opens a session.
+            if sessions is None:
+                sessions = self.groups[group] = []
+            self._open(sessions, group, event, time, watermark, out)
+            return
+        latest = sessions[-1]
+        if latest.revision < 0 and latest.start <= time:
             # The common case: the event falls in or extends the latest session, which is
             # open. Sessions are at least `gap` apart, so no earlier one can touch it.
             if time < latest.last + gap:
-                latest.accumulator.add(event)
+                if self.count_only:
+                    latest.accumulator.count += 1
+                else:
+                    latest.accumulator.add(event)
                 if time > latest.last:
                     latest.last = time
                 return
@@ -340,16 +407,21 @@ class SessionWindows(_Operator):
         watermark: int,
         out: WindowOutputs,
     ) -> None:
-        session = _Session(self.next_sid, time, time, self.layout.new())
-        self.next_sid += 1
-        session.accumulator.add(event)
+        sid = self.next_sid
+        self.next_sid = sid + 1
+        session = _Session(sid, time, time, self.layout.new())
+        if self.count_only:
+            session.accumulator.count = 1
+        else:
+            session.accumulator.add(event)
         sessions.append(session)
         if len(sessions) > 1 and sessions[-2].start > time:
             sessions.sort(key=lambda s: s.start)
-        if time + self.gap <= watermark:
+        end = time + self.gap
+        if end <= watermark:
             self._final(session, group, watermark, out)
         else:
-            heapq.heappush(self.heap, (time + self.gap, CLOSE, self.identity, group, session.sid))
+            heapq.heappush(self.heap, (end, CLOSE, self.identity, group, sid))
 
     def _retract(self, session: _Session, group: str, watermark: int, out: WindowOutputs) -> None:
         """The session was emitted under bounds it no longer has: withdraw that result."""
@@ -387,9 +459,13 @@ class SessionWindows(_Operator):
         )
 
     def on_timer(self, kind: int, group: str, sid: int, watermark: int, out: WindowOutputs) -> None:
-        sessions = self.groups.get(group, [])
-        session = next((s for s in sessions if s.sid == sid), None)
-        if session is None:
+        sessions = self.groups.get(group)
+        if sessions is None:
+            return
+        for session in sessions:
+            if session.sid == sid:
+                break
+        else:
             return
         end = session.last + self.gap
         if kind == CLOSE:

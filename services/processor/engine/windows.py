@@ -133,20 +133,34 @@ class WindowEngine:
         call = self._calls
         touched: list[_Partition] = []
         partitions = self._partitions
+        number: int | None = None
+        tenant: str | None = None
+        partition: _Partition | None = None
+        by_type: dict[str, list[Callable[..., None]]] | None = None
         for event in events:
-            partition = partitions.get(event.partition)
-            if partition is None:
-                partition = self._partition(event.partition)
-            if partition.call != call:
-                partition.call = call
-                touched.append(partition)
-            clock = partition.clock
-            time = event.event_time_nanos
-            if time > clock.max_event_time and clock.observe(time):
+            if event.partition != number or partition is None:
+                # A batch is mostly of one partition (and tenant): look them up on a change.
+                number = event.partition
+                partition = partitions.get(number)
+                if partition is None:
+                    partition = self._partition(number)
+                if partition.call != call:
+                    partition.call = call
+                    touched.append(partition)
+                clock = partition.clock
                 heap = partition.heap
-                if heap and heap[0][0] <= clock.watermark:
-                    partition.fire(out)
-            by_type = partition.dispatch.get(event.tenant)
+                tenant = None
+            time = event.event_time_nanos
+            if (
+                time > clock.max_event_time
+                and clock.observe(time)
+                and heap
+                and heap[0][0] <= clock.watermark
+            ):
+                partition.fire(out)
+            if event.tenant != tenant:
+                tenant = event.tenant
+                by_type = partition.dispatch.get(tenant)
             if by_type is None:
                 continue
             adders = by_type.get(event.type)
@@ -195,10 +209,21 @@ class WindowEngine:
     def snapshot(self, partition: int) -> bytes:
         """The partition's state (clock, open windows, timers) as bytes for a checkpoint."""
         state = self._partition(partition)
+        operators = state.operators
+        timers: list[Timer] = []
+        for timer in state.heap:
+            operator = operators.get(timer[2])
+            if isinstance(operator, FixedWindows):
+                timers.extend(operator.timers_for(timer))
+            else:
+                timers.append(timer)
+        # Sorted: a valid heap (what a reader heapifies), and the same bytes for the same
+        # timers whatever the heap's layout.
+        timers.sort()
         document: dict[str, Any] = {
             "format": SNAPSHOT_FORMAT,
             "clock": list(state.clock.snapshot()),
-            "timers": state.heap,
+            "timers": timers,
             "operators": {identity: op.snapshot() for identity, op in state.operators.items()},
         }
         return orjson.dumps(document)
@@ -222,12 +247,18 @@ class WindowEngine:
                 operator = state.operators.get(identity)
                 if operator is not None:
                     operator.restore(op_state)
-            # The saved list is a valid heap already; keeping its order keeps replay identical.
-            state.heap.extend(
-                (time, kind, identity, group, ref)
-                for time, kind, identity, group, ref in document["timers"]
-                if identity in state.operators
-            )
+            # Timers are totally ordered, so the order they pop in does not depend on the
+            # saved list's layout. A fixed window's per-group timers become its start's one.
+            timers: set[Timer] = set()
+            session_timers: list[Timer] = []
+            for time, kind, identity, group, ref in document["timers"]:
+                operator = state.operators.get(identity)
+                if isinstance(operator, FixedWindows):
+                    timers.add((time, kind, identity, "", ref))
+                elif operator is not None:
+                    session_timers.append((time, kind, identity, group, ref))
+            state.heap.extend(sorted(timers))
+            state.heap.extend(session_timers)
             heapq.heapify(state.heap)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             if isinstance(error, SnapshotError):

@@ -59,7 +59,7 @@ def _events(draw: Any, ordered: bool) -> list[EngineEvent]:
         events.append(
             EngineEvent(
                 id=f"e{index}",
-                key=draw(st.sampled_from(["a", "b"])),
+                key=draw(st.sampled_from(["a", "b", "c", "d", "e"])),
                 type="t",
                 event_time_nanos=draw(st.integers(0, 300)),
                 partition=draw(st.integers(0, 1)),

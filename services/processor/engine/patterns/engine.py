@@ -36,7 +36,7 @@ import orjson
 
 from services.processor.engine.events import EngineEvent
 from services.processor.engine.patterns.alerts import Alert, LateEvent, PatternOutput
-from services.processor.engine.patterns.matcher_base import NEVER
+from services.processor.engine.patterns.matcher_base import NEVER, Matcher
 from services.processor.engine.patterns.ruleset import RuleSet
 from streammesh.definitions.rules import Rule, parse_rule
 
@@ -111,19 +111,34 @@ class PatternEngine:
         output = PatternOutput()
         watermark = self._watermark
         buffer, buffered_ids, recent_ids = self._buffer, self._buffered_ids, self._recent_ids
-        taken: list[str] = []
-        for event in events:
-            event_id = event.id
-            if event_id in buffered_ids or event_id in recent_ids:
-                output.duplicate_ids.append(event_id)
-            elif event.event_time_nanos <= watermark:
-                output.late.append(LateEvent(event, watermark))
-            else:
-                # Held as (time, id, event): sorting compares tuples in C, with no key function
-                # and no tie on id (ids are unique here), so the order never reaches the event.
-                buffer.append((event.event_time_nanos, event_id, event))
-                buffered_ids.add(event_id)
-                taken.append(event_id)
+        events = events if isinstance(events, list | tuple) else list(events)
+        taken = [event.id for event in events]
+        if (
+            taken
+            and min(event.event_time_nanos for event in events) > watermark
+            and len(set(taken)) == len(taken)
+            and buffered_ids.isdisjoint(taken)
+            and recent_ids.isdisjoint(taken)
+        ):
+            # The common batch, none late and none a repeat: held in bulk (what the loop
+            # below does for each event).
+            buffer.extend([(event.event_time_nanos, event.id, event) for event in events])
+            buffered_ids.update(taken)
+        else:
+            taken = []
+            for event in events:
+                event_id = event.id
+                if event_id in buffered_ids or event_id in recent_ids:
+                    output.duplicate_ids.append(event_id)
+                elif event.event_time_nanos <= watermark:
+                    output.late.append(LateEvent(event, watermark))
+                else:
+                    # Held as (time, id, event): sorting compares tuples in C, with no key
+                    # function and no tie on id (ids are unique here), so the order never
+                    # reaches the event.
+                    buffer.append((event.event_time_nanos, event_id, event))
+                    buffered_ids.add(event_id)
+                    taken.append(event_id)
         self._remember(taken)
         if watermark_nanos > watermark:
             watermark = self._watermark = watermark_nanos
@@ -132,9 +147,11 @@ class PatternEngine:
             buffer.sort()
         cut = bisect_left(buffer, (watermark + 1,))
         if cut:
-            ready = [item[2] for item in buffer[:cut]]
+            taken_now = buffer[:cut]
             del buffer[:cut]
-            self._match(ready, output.alerts)
+            # In bulk (C loops): the events leave the buffer before any is matched.
+            buffered_ids.difference_update([item[1] for item in taken_now])
+            self._match([item[2] for item in taken_now], output.alerts)
         self._on_watermark(watermark, output.alerts)
         return output
 
@@ -148,19 +165,21 @@ class PatternEngine:
             recent_ids.difference_update(recent.popleft())
 
     def _match(self, ready: list[EngineEvent], alerts: list[Alert]) -> None:
-        buffered_ids = self._buffered_ids
         index = self._rules.index
         first, last = ready[0].event_time_nanos, ready[-1].event_time_nanos
         # Usually no version boundary falls inside the batch: then skip the per-event checks.
         bounded = any(
             not (m.activation <= first and last < m.stop_at) for m in self._rules.matchers
         )
+        tenant: str | None = None
+        typed: dict[str, tuple[Matcher, ...]] = {}
+        anything: tuple[Matcher, ...] = ()
         for event in ready:
-            buffered_ids.discard(event.id)
-            by_type = index.get(event.tenant)
-            if by_type is None:
-                continue
-            typed, anything = by_type
+            if event.tenant != tenant:
+                # A partition's events are mostly of one tenant: look it up when it changes.
+                tenant = event.tenant
+                by_type = index.get(tenant)
+                typed, anything = by_type if by_type is not None else ({}, ())
             if bounded:
                 t = event.event_time_nanos
                 for matcher in typed.get(event.type, anything):

@@ -52,6 +52,9 @@ class SequenceMatcher(Matcher):
         self.spec = spec
         self._steps = [compile_pattern(step) for step in spec.steps]
         self._first = self._steps[0]
+        # Step 1's type, tested inline: most events of a key with nothing under way are not
+        # of it (the strict rule sees every event in its scope).
+        self._first_types = spec.steps[0].types
         self._last_step = len(self._steps)
         self._strict = spec.contiguity == "strict"
         scope = spec.scope
@@ -79,7 +82,12 @@ class SequenceMatcher(Matcher):
         runs: list[_Run] | None = self.states.get(key)
         if runs is None:
             # The common case: nothing under way for this key.
-            if t < self.start_until and self._first(event):
+            first_types = self._first_types
+            if (
+                t < self.start_until
+                and (first_types is None or event.type in first_types)
+                and self._first(event)
+            ):
                 self.states[key] = [_Run(t, 1, [event.id])]
             return
         if runs:

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.processor.engine.events import EngineEvent
-from services.processor.engine.patterns import PatternEngine, alert_id, parse_rule
+from services.processor.engine.patterns import (
+    PatternEngine,
+    PatternEngineConfig,
+    alert_id,
+    parse_rule,
+)
 from services.processor.engine.patterns.alerts import Alert
 from tests.processor.engine.patterns.reference import RefAlert, matched_events, reference_alerts
 
@@ -268,3 +274,52 @@ def test_a_new_version_takes_over_at_its_activation_and_the_old_one_drains(
     assert sorted(_as_ref(a) for a in alerts) == sorted(expected)
     restored, _ = _run(docs, calls, cut % (len(calls) + 1))
     assert restored == alerts
+
+
+@SETTINGS
+@given(
+    threshold_rules(),
+    rate_rules(),
+    sequence_rules(),
+    absence_rules(),
+    deliveries(),
+    st.integers(0, 3),
+)
+def test_a_batch_is_taken_as_its_events_one_by_one(
+    threshold: dict[str, Any],
+    rate: dict[str, Any],
+    sequence: dict[str, Any],
+    absence: dict[str, Any],
+    calls: list[tuple[list[EngineEvent], int]],
+    repeat_every: int,
+) -> None:
+    """A batch with nothing late and no repeat is held in bulk; any other one event by event.
+    Either way the outputs are those of the events given one at a time (batches with repeats
+    in them and redelivered ones included)."""
+    if repeat_every:
+        calls = [(batch + batch[::repeat_every], mark) for batch, mark in calls]
+    docs = [
+        {"id": f"r{n}", "version": 1, **doc}
+        for n, doc in enumerate((threshold, rate, sequence, absence))
+    ]
+    config = PatternEngineConfig(dedupe_batches=10**6)  # counted per call: many more singly
+    batched, single = PatternEngine(config), PatternEngine(config)
+    for engine in (batched, single):
+        engine.apply_rules([parse_rule(doc) for doc in docs])
+    previous = batched.watermark_nanos
+    for batch, mark in calls:
+        whole = batched.process(batch, mark)
+        parts = [single.process([event], previous) for event in batch[:-1]]
+        parts.append(single.process(batch[-1:], mark))
+        assert whole.alerts == [a for p in parts for a in p.alerts]
+        assert whole.late == [x for p in parts for x in p.late]
+        assert whole.duplicate_ids == [i for p in parts for i in p.duplicate_ids]
+        previous = batched.watermark_nanos
+        # The held ids (which tell a redelivery beyond the recent batches) are the held events'.
+        assert batched._buffered_ids == {item[1] for item in batched._buffer}
+    # The same state, but for the recent ids' cut into calls.
+    whole_state, single_state = orjson.loads(batched.snapshot()), orjson.loads(single.snapshot())
+    assert [i for ids in whole_state.pop("recent") for i in ids] == [
+        i for ids in single_state.pop("recent") for i in ids
+    ]
+    assert whole_state == single_state
