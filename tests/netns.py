@@ -226,14 +226,19 @@ class NetNamespace:
             self._stop(self._delayer)  # it lets what it holds go first
             self._delayer = None
 
-    def remove(self) -> None:
-        """Stop every process started here (by PID), then remove the namespace and the pair."""
+    def stop_processes(self) -> None:
+        """Stop every process started in the namespace (by PID: SIGTERM, SIGKILL after 10 s)."""
         for process in [*self._processes, *([self._delayer] if self._delayer else [])]:
             self._stop(process)
         self._processes.clear()
         self._delayer = None
         for log in self._logs:
             log.close()
+        self._logs.clear()
+
+    def remove(self) -> None:
+        """Stop every process started here, then remove the namespace and the veth pair."""
+        self.stop_processes()
         _run("ip", "netns", "del", self.name, check=False)
         if _run("ip", "link", "show", self.host_device, check=False).returncode == 0:
             _run("ip", "link", "del", self.host_device, check=False)
