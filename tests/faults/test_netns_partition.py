@@ -10,8 +10,8 @@ silently (the cut processor's sockets see no error, only silence); the forwarder
 
 Proves: the cut processor's leases expire and the other processor takes every partition within
 the lease time (printed: the takeover time); once the link is back the cut processor rejoins;
-every acknowledged event is stored exactly once and in per-key order (the stale owner's held
-writes, delivered after the link is back, do not break it).
+every acknowledged event is stored exactly once and in per-key order, whatever the cut
+processor had in flight when the link went (held by TCP, delivered once it is back).
 """
 
 from __future__ import annotations

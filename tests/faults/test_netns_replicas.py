@@ -9,11 +9,11 @@ What the mesh client does, as found in streammesh/mesh (replicas.py, ejection.py
 - DEADLINE_EXCEEDED counts as an outage: a replica that misses callers' deadlines is ejected
   after `consecutive_outages` in a row, probed back after `base_ejection_seconds` (doubling
   while it still fails) and readmitted once it answers in time.
-- DEADLINE_EXCEEDED is not retried (it is the call's own deadline, spent), so the calls that
-  meet a replica cut off silently fail: nothing tells gRPC the connection is dead before
-  keepalive (30 s + 10 s) does. They are bounded by the ejection: `consecutive_outages`
-  calls, then one per probe while the link is down. A retry within the deadline would need a
-  per-attempt timeout, which the mesh client does not have.
+- DEADLINE_EXCEEDED is not retried (it is the call's own deadline, spent), so by default the
+  calls that meet a replica cut off silently fail: nothing tells gRPC the connection is dead
+  before keepalive (30 s + 10 s) does. They are bounded by the ejection: `consecutive_outages`
+  calls, then one per probe while the link is down. With `RetryPolicy.attempt_timeout_seconds`
+  such an attempt is cut short and retried on the other replica: no call fails.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import pytest
 from streammesh.api.storage.v1 import storage_pb2, storage_pb2_grpc
 from streammesh.mesh import MeshServer
 from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles
+from streammesh.mesh.derived_config import RetryPolicy
 from streammesh.mesh.ejection import EjectionPolicy
 from tests.conftest import TRUST_DOMAIN
 from tests.faults.replica_server import RECEIVED_KEY, REPLICA_KEY, SERVICE, start_replica
@@ -76,7 +77,9 @@ async def replicas(
 
 
 @asynccontextmanager
-async def _warm_client(pki_dir: Path, replicas: Replicas) -> AsyncIterator[MeshClient]:
+async def _warm_client(
+    pki_dir: Path, replicas: Replicas, retry: RetryPolicy | None = None
+) -> AsyncIterator[MeshClient]:
     """A client over both replicas, once both answered calls (the far one's process may still
     be starting); afterwards the link is healed and the client closed."""
     client = MeshClient(
@@ -87,6 +90,7 @@ async def _warm_client(pki_dir: Path, replicas: Replicas) -> AsyncIterator[MeshC
             services=(SERVICE,),
             timeout_seconds=5,
             ejection=POLICY,
+            retry=retry or RetryPolicy(),
         )
     )
     try:
@@ -207,20 +211,26 @@ async def test_a_slow_replica_gets_few_calls_and_is_ejected_when_it_misses_deadl
     )
 
 
+@pytest.mark.parametrize("attempt_timeout", [None, 0.15], ids=["whole-deadline", "attempt-150ms"])
 async def test_a_cut_off_replica_is_ejected_and_readmitted_when_the_link_is_back(
-    pki_dir: Path, replicas: Replicas
+    pki_dir: Path, replicas: Replicas, attempt_timeout: float | None
 ) -> None:
-    async with _warm_client(pki_dir, replicas) as client:
+    retry = RetryPolicy(attempt_timeout_seconds=attempt_timeout)
+    async with _warm_client(pki_dir, replicas, retry) as client:
         replicas.namespace.cut()
         cut = await _steady(client, seconds=5, timeout=0.5)
         ejections = client.channel.ejector.ejections(1)
         assert ejections >= 1
         assert cut.answered[FAR] == 0 and cut.answered[NEAR] > 0, cut
-        # The calls that met the silent replica waited out their deadline (not retried): the
-        # run that ejected it and one per failed probe; every other call went to the near one.
-        assert set(cut.failed) <= {grpc.StatusCode.DEADLINE_EXCEEDED}, cut
         lost = cut.failed[grpc.StatusCode.DEADLINE_EXCEEDED]
-        assert POLICY.consecutive_outages <= lost <= POLICY.consecutive_outages + ejections, cut
+        if attempt_timeout is None:
+            # The calls that met the silent replica waited out their deadline (not retried):
+            # the run that ejected it and one per failed probe; the rest went to the near one.
+            assert set(cut.failed) <= {grpc.StatusCode.DEADLINE_EXCEEDED}, cut
+            assert POLICY.consecutive_outages <= lost <= POLICY.consecutive_outages + ejections
+        else:
+            # Each attempt that met it was cut short and retried on the near replica.
+            assert not cut.failed, cut
 
         replicas.namespace.heal()
         healed = time.monotonic()
@@ -228,8 +238,9 @@ async def test_a_cut_off_replica_is_ejected_and_readmitted_when_the_link_is_back
         readmitted_after = time.monotonic() - healed
         assert client.channel.ejector.ejected() == []
     print(
-        f"\n[netns cut replica; shared machine] deadline 500 ms, 1 caller, 5 s cut: "
-        f"{cut.answered[NEAR]} answered by the near replica, {lost} DEADLINE_EXCEEDED "
-        f"(the far replica's, not retried), {ejections} ejections; readmitted "
-        f"{readmitted_after:.2f}s after the link was back"
+        f"\n[netns cut replica, attempt timeout {attempt_timeout}; shared machine] deadline "
+        f"500 ms, 1 caller, 5 s cut: {cut.answered[NEAR]} answered by the near replica, "
+        f"{sum(cut.failed.values())} failed ({ {c.name: n for c, n in cut.failed.items()} }), "
+        f"{ejections} ejections; "
+        f"readmitted {readmitted_after:.2f}s after the link was back"
     )
