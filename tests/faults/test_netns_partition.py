@@ -93,7 +93,7 @@ async def test_a_processor_cut_off_by_a_partition_loses_its_partitions_within_th
             await _wait_serving(stack, address, 30)
             await _wait_leases(redis_client, stack, {first, second}, 15)
 
-            running = asyncio.create_task(load.run(duration=8.0))
+            running = asyncio.create_task(load.run(duration=7.0))
             await asyncio.wait_for(load.acked_batches.wait(), 10)
             await asyncio.sleep(1.5)
             namespace.cut()

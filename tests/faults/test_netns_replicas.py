@@ -173,7 +173,7 @@ async def test_a_slow_replica_gets_few_calls_and_is_ejected_when_it_misses_deadl
         replicas.namespace.delay(DELAY_MS)
         # Slow but correct (answers well within the callers' 5 s): never ejected, yet the
         # least-in-flight picker keeps most calls off it under concurrent load.
-        slow = await _steady(client, seconds=3, timeout=5, workers=4)
+        slow = await _steady(client, seconds=2, timeout=5, workers=4)
         assert not slow.failed, slow
         assert client.channel.ejector.ejections(1) == 0
         far_share = slow.answered[FAR] / sum(slow.answered.values())
@@ -182,7 +182,7 @@ async def test_a_slow_replica_gets_few_calls_and_is_ejected_when_it_misses_deadl
 
         # Callers whose deadline (150 ms) the slow replica cannot meet: its misses eject it.
         received_before = slow.far_received
-        missed = await _steady(client, seconds=4, timeout=0.15)
+        missed = await _steady(client, seconds=3, timeout=0.15)
         assert set(missed.failed) <= {grpc.StatusCode.DEADLINE_EXCEEDED}, missed
         assert missed.answered[FAR] == 0, missed
         ejections = client.channel.ejector.ejections(1)
@@ -200,10 +200,10 @@ async def test_a_slow_replica_gets_few_calls_and_is_ejected_when_it_misses_deadl
         assert sent_far_while_slow == POLICY.consecutive_outages + ejections - 1
         assert missed.failed[grpc.StatusCode.DEADLINE_EXCEEDED] >= sent_far_while_slow
     print(
-        f"\n[netns slow replica, {DELAY_MS} ms one way; shared machine] deadline 5 s, 4 callers: "
+        f"\n[netns slow replica, {DELAY_MS} ms one way; shared machine] deadline 5 s, 4 callers, 2 s: "
         f"far got {slow.answered[FAR]} of {sum(slow.answered.values())} calls "
         f"({100 * far_share:.1f}%), mean {slow.mean_ms(FAR):.0f} ms vs near "
-        f"{slow.mean_ms(NEAR):.1f} ms, never ejected; deadline 150 ms, 1 caller, 4 s: "
+        f"{slow.mean_ms(NEAR):.1f} ms, never ejected; deadline 150 ms, 1 caller, 3 s: "
         f"{sum(missed.answered.values())} answered, "
         f"{missed.failed[grpc.StatusCode.DEADLINE_EXCEEDED]} DEADLINE_EXCEEDED "
         f"({sent_far_while_slow} of them sent to the far replica), {ejections} ejections; "
@@ -218,7 +218,7 @@ async def test_a_cut_off_replica_is_ejected_and_readmitted_when_the_link_is_back
     retry = RetryPolicy(attempt_timeout_seconds=attempt_timeout)
     async with _warm_client(pki_dir, replicas, retry) as client:
         replicas.namespace.cut()
-        cut = await _steady(client, seconds=5, timeout=0.5)
+        cut = await _steady(client, seconds=3, timeout=0.5)
         ejections = client.channel.ejector.ejections(1)
         assert ejections >= 1
         assert cut.answered[FAR] == 0 and cut.answered[NEAR] > 0, cut
@@ -239,7 +239,7 @@ async def test_a_cut_off_replica_is_ejected_and_readmitted_when_the_link_is_back
         assert client.channel.ejector.ejected() == []
     print(
         f"\n[netns cut replica, attempt timeout {attempt_timeout}; shared machine] deadline "
-        f"500 ms, 1 caller, 5 s cut: {cut.answered[NEAR]} answered by the near replica, "
+        f"500 ms, 1 caller, 3 s cut: {cut.answered[NEAR]} answered by the near replica, "
         f"{sum(cut.failed.values())} failed ({ {c.name: n for c, n in cut.failed.items()} }), "
         f"{ejections} ejections; "
         f"readmitted {readmitted_after:.2f}s after the link was back"
