@@ -12,10 +12,12 @@ __all__ = ["TcpProxy"]
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to `upstream_host:upstream_port` while not cut."""
+    """Forwards <host>:<port> to `upstream_host:upstream_port` while not cut (`host`: where
+    it listens, loopback unless a test gives the address of a link of its own)."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1") -> None:
         self._upstream = (upstream_host, upstream_port)
+        self.host = host
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
@@ -23,7 +25,7 @@ class TcpProxy:
 
     async def start(self) -> None:
         """Listen (on a free port the first time, on the same one after a cut)."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:

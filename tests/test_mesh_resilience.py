@@ -24,6 +24,7 @@ from streammesh.mesh import (
 )
 from streammesh.mesh.client import MeshClient, MeshClientConfig, TlsFiles
 from streammesh.mesh.deadlines import deadline_scope
+from streammesh.mesh.derived_config import RetryPolicy
 from streammesh.mesh.ejection import EjectionPolicy
 from streammesh.mesh.errors import STATUS_DETAILS_KEY, InvalidArgument, Unavailable
 from streammesh.mesh.limits import CONCURRENCY_LIMIT_REASON
@@ -247,6 +248,28 @@ async def test_a_slow_replica_is_ejected_by_its_deadlines(pki_dir: Path) -> None
     assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 2  # DEADLINE_EXCEEDED is not retried
     assert slow.attempts["StoreEvents"] == 2
     assert elapsed < 1.5  # no call waited on the slow one
+
+
+async def test_an_attempt_timeout_retries_a_slow_replica_s_calls_elsewhere(
+    pki_dir: Path,
+) -> None:
+    """An attempt timeout below the slow replica's answer time: each attempt that meets it is
+    cut short and retried on the other one within the call's deadline, so no call fails."""
+    fast, slow = flaky_storage(0), flaky_storage(0, delay=0.5)
+    async with replicas(pki_dir, fast, slow) as meshes:
+        policy = EjectionPolicy(consecutive_outages=2, base_ejection_seconds=30)
+        async with client_for(
+            pki_dir,
+            *ports(meshes),
+            ejection=policy,
+            retry=RetryPolicy(attempt_timeout_seconds=0.1),
+            method_timeouts={STORE: 2.0},
+        ) as client:
+            codes = await store(client, 10)
+            assert client.channel.ejector.ejected() == [1]
+    assert set(codes) == {grpc.StatusCode.OK}
+    assert slow.attempts["StoreEvents"] == 2  # then ejected
+    assert fast.attempts["StoreEvents"] == 10
 
 
 async def test_a_slow_replica_within_its_deadlines_gets_fewer_calls(pki_dir: Path) -> None:

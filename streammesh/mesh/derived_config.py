@@ -76,6 +76,13 @@ class RetryPolicy:
     """retryThrottling bucket size: retries stop below half of it."""
     throttle_token_ratio: float = 0.1
     """Tokens a success gives back (a failure costs one)."""
+    attempt_timeout_seconds: float | None = None
+    """Longest one attempt of a retried method may take when the mesh client retries across
+    replicas (several listed); an attempt cut short by it is retried on another replica like
+    an UNAVAILABLE one, within the call's deadline. Without it a replica that went silent (a
+    partition: no reset, nothing until keepalive gives up) costs each call sent to it its
+    whole deadline. gRPC's own retries have no such timeout: one channel ignores it. None: an
+    attempt may use the call's whole deadline."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= _MAX_ATTEMPTS_CAP:
@@ -86,6 +93,8 @@ class RetryPolicy:
             raise ValueError("backoff_multiplier must be positive")
         if not 0 < self.throttle_max_tokens <= 1000 or not self.throttle_token_ratio > 0:
             raise ValueError("throttle_max_tokens must be 1..1000, throttle_token_ratio > 0")
+        if self.attempt_timeout_seconds is not None and not self.attempt_timeout_seconds > 0:
+            raise ValueError("attempt_timeout_seconds must be positive (None: no limit)")
 
     def policy(self, codes: Sequence[str]) -> dict[str, Any]:
         """The `retryPolicy` object of a method config retrying `codes`."""

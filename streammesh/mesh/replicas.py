@@ -20,7 +20,9 @@ as they would any channel. Every call picks one replica's channel:
   a stream ends feeds the ejector too (OK and UNAVAILABLE only).
 - Every unary call takes a slot of the client's ConcurrencyLimit for all its attempts.
 - Every call's timeout is `deadlines.outbound_timeout` of its own (the caller's, else the
-  method's default): never past the deadline of the call being handled.
+  method's default): never past the deadline of the call being handled. With
+  `RetryPolicy.attempt_timeout_seconds` an attempt of a retried method gets at most that long,
+  and one cut short by it is retried on another replica (a silent replica costs no call).
 - Each unary attempt's status feeds the ejector (which counts outages only).
 - The channels can be swapped for new ones (`swap`, after a TLS rotation): each attempt and
   each new stream takes the current generation of channels; calls already running finish on
@@ -230,6 +232,14 @@ class _UnaryCall:
             in_flight[index] -= 1
             generation.leave()
 
+    def _attempt_time(self, left: float | None) -> float | None:
+        """The time the next attempt gets: what is left of the deadline, or less when the
+        retry policy bounds attempts of a method retried across replicas."""
+        bound = self._calls.retry.attempt_timeout_seconds
+        if bound is None or self._calls.budget is None or not self._codes:
+            return left
+        return bound if left is None or bound < left else left
+
     async def _attempts(self) -> Any:
         calls = self._calls
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -239,13 +249,17 @@ class _UnaryCall:
             generation = calls.generation
             index = calls.pick(tried, generation)
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            given = self._attempt_time(left)
             try:
-                response = await self._send(generation, index, left)
+                response = await self._send(generation, index, given)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
-                calls.ejector.record(index, code, attempt_seconds=left)
+                calls.ejector.record(index, code, attempt_seconds=given)
                 budget = calls.budget
-                if budget is None or code not in self._codes:
+                # An attempt cut short by the attempt timeout (not the call's deadline) is
+                # retried as an UNAVAILABLE one would be, on the same methods only.
+                cut_short = code == grpc.StatusCode.DEADLINE_EXCEEDED and given != left
+                if budget is None or not (code in self._codes or (cut_short and self._codes)):
                     raise
                 budget.failed()
                 if attempt >= calls.retry.max_attempts:
