@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Literal
@@ -50,6 +51,7 @@ __all__ = [
     "Compare",
     "Contains",
     "EventTime",
+    "Field",
     "Glob",
     "Negation",
     "Order",
@@ -59,6 +61,7 @@ __all__ = [
     "Scalar",
     "Target",
     "check_filter",
+    "walk",
 ]
 
 COLUMN_FIELDS = ("id", "key", "type")
@@ -98,7 +101,16 @@ class Payload:
     kind: JsonType
 
 
-Target = Column | EventTime | Attribute | Payload
+@dataclass(frozen=True, slots=True)
+class Field:
+    """A NOT NULL column of another resource's table (services.storage.filters.resources)."""
+
+    column: str
+    kind: Literal["string", "integer", "nanos", "timestamp", "boolean"]
+    """nanos: a bigint of nanoseconds since the Unix epoch; timestamp: a timestamptz."""
+
+
+Target = Column | EventTime | Attribute | Payload | Field
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +277,10 @@ def _number(value: Value) -> Decimal | None:
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)", re.ASCII)
 
 
-def _instant(value: Value) -> TimeBound:
+def _instant(value: Value, label: str = "event_time") -> TimeBound:
     example = 'an RFC 3339 timestamp in quotes, such as "2026-01-31T12:00:00Z"'
     if value.kind != "string":
-        raise _fail(f"event_time takes {example}", value.column, value.source)
+        raise _fail(f"{label} takes {example}", value.column, value.source)
     text = value.text.upper()
     stamp = Timestamp()
     try:
@@ -402,12 +414,14 @@ def _payload(
     return Compare(target, op, _scalar(label, kind, value))
 
 
-def _check(node: Node, scope: FieldScope) -> Predicate:
+def walk(node: Node, restriction: Callable[[Restriction], Predicate]) -> Predicate:
+    """The predicate of a parsed filter, each restriction typed by `restriction` (which
+    raises FilterError for one that does not fit)."""
     if isinstance(node, Restriction):
-        return _restriction(node, scope)
+        return restriction(node)
     if isinstance(node, Not):
-        return Negation(_check(node.item, scope))
-    items = tuple(_check(item, scope) for item in node.items)
+        return Negation(walk(node.item, restriction))
+    items = tuple(walk(item, restriction) for item in node.items)
     if isinstance(node, Or):
         return AnyOf(items)
     assert isinstance(node, And)
@@ -417,4 +431,4 @@ def _check(node: Node, scope: FieldScope) -> Predicate:
 def check_filter(node: Node, scope: FieldScope) -> Predicate:
     """The typed predicate of a parsed filter; FilterError naming the first field, operator or
     literal that does not fit."""
-    return _check(node, scope)
+    return walk(node, lambda restriction: _restriction(restriction, scope))

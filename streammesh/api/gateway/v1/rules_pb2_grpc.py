@@ -128,6 +128,11 @@ class RuleServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsResponse.FromString,
                 _registered_method=True)
+        self.ListLateEvents = channel.unary_unary(
+                '/streammesh.gateway.v1.RuleService/ListLateEvents',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsResponse.FromString,
+                _registered_method=True)
 
 
 class RuleServiceServicer:
@@ -270,7 +275,18 @@ class RuleServiceServicer:
 
     def ListWindowResults(self, request, context):
         """ListWindowResults pages through one window's results (every version and stream
-        partition), by window start. Role: analyst or rule-admin.
+        partition), by window start, or every window's (by window id first). Role: analyst or
+        rule-admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLateEvents(self, request, context):
+        """ListLateEvents pages through the tenant's late events: events a window counted no more
+        (later than its allowed lateness) or a rule's partition had passed (at or before its
+        watermark), each with its reason and, for a window, the window it missed. Newest event
+        time first. Role: analyst or rule-admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -348,6 +364,11 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     servicer.ListWindowResults,
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsResponse.SerializeToString,
+            ),
+            'ListLateEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLateEvents,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -752,6 +773,33 @@ class RuleService:
             '/streammesh.gateway.v1.RuleService/ListWindowResults',
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLateEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.RuleService/ListLateEvents',
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,7 +117,14 @@ class RuleServiceStub:
     """
     ListWindowResults: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]
     """ListWindowResults pages through one window's results (every version and stream
-    partition), by window start. Role: analyst or rule-admin.
+    partition), by window start, or every window's (by window id first). Role: analyst or
+    rule-admin.
+    """
+    ListLateEvents: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListLateEventsRequest, _rules_pb2.ListLateEventsResponse]
+    """ListLateEvents pages through the tenant's late events: events a window counted no more
+    (later than its allowed lateness) or a rule's partition had passed (at or before its
+    watermark), each with its reason and, for a window, the window it missed. Newest event
+    time first. Role: analyst or rule-admin.
     """
 
 @_typing.type_check_only
@@ -209,7 +216,14 @@ class RuleServiceAsyncStub(RuleServiceStub):
     """
     ListWindowResults: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]  # type: ignore[assignment]
     """ListWindowResults pages through one window's results (every version and stream
-    partition), by window start. Role: analyst or rule-admin.
+    partition), by window start, or every window's (by window id first). Role: analyst or
+    rule-admin.
+    """
+    ListLateEvents: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListLateEventsRequest, _rules_pb2.ListLateEventsResponse]  # type: ignore[assignment]
+    """ListLateEvents pages through the tenant's late events: events a window counted no more
+    (later than its allowed lateness) or a rule's partition had passed (at or before its
+    watermark), each with its reason and, for a window, the window it missed. Newest event
+    time first. Role: analyst or rule-admin.
     """
 
 class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -382,7 +396,20 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rules_pb2.ListWindowResultsResponse, _abc.Awaitable[_rules_pb2.ListWindowResultsResponse]]:
         """ListWindowResults pages through one window's results (every version and stream
-        partition), by window start. Role: analyst or rule-admin.
+        partition), by window start, or every window's (by window id first). Role: analyst or
+        rule-admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLateEvents(
+        self,
+        request: _rules_pb2.ListLateEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.ListLateEventsResponse, _abc.Awaitable[_rules_pb2.ListLateEventsResponse]]:
+        """ListLateEvents pages through the tenant's late events: events a window counted no more
+        (later than its allowed lateness) or a rule's partition had passed (at or before its
+        watermark), each with its reason and, for a window, the window it missed. Newest event
+        time first. Role: analyst or rule-admin.
         """
 
 def add_RuleServiceServicer_to_server(servicer: RuleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
