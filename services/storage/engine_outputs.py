@@ -1,6 +1,7 @@
 """The request rules of StoreEngineOutputs and the output listings: checking what a processor
 sends (each item names its tenant and identity; JSON fields are JSON objects), the protobuf forms
-of stored rows, and the listings' keyset page tokens."""
+of stored rows, and the output tails' keyset resume tokens (the listings sign theirs:
+services/storage/output_listings.py)."""
 
 from __future__ import annotations
 

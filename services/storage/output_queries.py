@@ -4,9 +4,11 @@ tenant's rows in a fixed keyset order, narrowed by the request's id fields and a
 API's session settings (statement timeout, no sequential scan: services.storage.queries).
 
 Each listing walks one tenant-led btree index in its order (tests/storage/test_output_plans.py
-checks the plans): alerts `alerts_by_time` backwards (newest first), window results
-`window_results_by_start`, late events `late_events_by_time` (migration 0017) backwards. The
-filter narrows what that range scan reads; it never picks another order.
+checks the plans): alerts `alerts_by_time` backwards (newest first; `alerts_by_rule` for one
+rule_id, migration 0017), window results `window_results_by_start` (one window_id or all),
+late events `late_events_by_time` (migration 0017) backwards. The filter narrows what that
+range scan reads; for a selective one the planner may prefer a bitmap of the tenant's range
+and a sort of what matched (never a sequential scan: SESSION_SETTINGS).
 """
 
 from __future__ import annotations

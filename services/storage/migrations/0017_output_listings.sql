@@ -5,3 +5,7 @@
 CREATE INDEX late_events_by_time ON late_events
     (tenant, event_time_nanos, source, definition_id, definition_version, event_id,
      window_start_nanos);
+
+-- ListAlerts of one rule (the request's rule_id): newest first within the rule, instead of a
+-- backward walk over every alert of the tenant that skips the other rules' ones.
+CREATE INDEX alerts_by_rule ON alerts (tenant, rule_id, last_event_nanos, alert_id);
