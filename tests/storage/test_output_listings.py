@@ -236,3 +236,43 @@ async def test_bad_filters_point_at_the_token(
     assert f"at column {column}" in (error.details() or "")
     assert words in (error.details() or "")
     assert field_violations(error)[0][0] == "filter_expression"
+
+
+@pytest.mark.usefixtures("stored")
+async def test_alert_and_result_pages_follow_their_index_order(
+    gateway: Definitions,  # noqa: F811
+) -> None:
+    def alerts(token: str, rule_id: str = "") -> pb.ListAlertsRequest:
+        return pb.ListAlertsRequest(
+            tenant="t1",
+            principal="ann",
+            rule_id=rule_id,
+            filter_expression="rule_version >= 1",
+            page_size=5,
+            page_token=token,
+        )
+
+    seen: list[str] = []
+    page = await gateway.ListAlerts(alerts(""))
+    first_token = page.next_page_token
+    while True:
+        seen += [alert.alert_id for alert in page.alerts]
+        if not page.next_page_token:
+            break
+        page = await gateway.ListAlerts(alerts(page.next_page_token))
+    assert seen == [f"{n:032x}" for n in range(11, -1, -1)]
+    # The token is bound to the request's rule_id as well as to the filter.
+    error = await refused(gateway.ListAlerts(alerts(first_token, rule_id="hot")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    starts: list[tuple[str, int]] = []
+    token = ""
+    while True:
+        results = await gateway.ListWindowResults(
+            pb.ListWindowResultsRequest(tenant="t1", principal="ann", page_size=4, page_token=token)
+        )
+        starts += [(r.window_id, r.start_unix_nanos) for r in results.window_results]
+        token = results.next_page_token
+        if not token:
+            break
+    assert starts == sorted(starts) and len(starts) == 12

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class RuleServiceStub:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
+    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
     within the tenant of that token: another tenant's rules, windows, alerts and results are never
     visible, and its ids answer NOT_FOUND.
 
@@ -41,8 +41,8 @@ class RuleServiceStub:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -137,7 +137,7 @@ class RuleServiceStub:
 
 class RuleServiceServicer:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
+    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
     within the tenant of that token: another tenant's rules, windows, alerts and results are never
     visible, and its ids answer NOT_FOUND.
 
@@ -151,8 +151,8 @@ class RuleServiceServicer:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -380,7 +380,7 @@ def add_RuleServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RuleService:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
+    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
     within the tenant of that token: another tenant's rules, windows, alerts and results are never
     visible, and its ids answer NOT_FOUND.
 
@@ -394,8 +394,8 @@ class RuleService:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class RuleServiceStub:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
+    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
     within the tenant of that token: another tenant's rules, windows, alerts and results are never
     visible, and its ids answer NOT_FOUND.
 
@@ -42,8 +42,8 @@ class RuleServiceStub:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -130,7 +130,7 @@ class RuleServiceStub:
 @_typing.type_check_only
 class RuleServiceAsyncStub(RuleServiceStub):
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
+    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
     within the tenant of that token: another tenant's rules, windows, alerts and results are never
     visible, and its ids answer NOT_FOUND.
 
@@ -144,8 +144,8 @@ class RuleServiceAsyncStub(RuleServiceStub):
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -228,7 +228,7 @@ class RuleServiceAsyncStub(RuleServiceStub):
 
 class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
+    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
     within the tenant of that token: another tenant's rules, windows, alerts and results are never
     visible, and its ids answer NOT_FOUND.
 
@@ -242,8 +242,8 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
