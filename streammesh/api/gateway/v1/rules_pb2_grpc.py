@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class RuleServiceStub:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -137,9 +138,10 @@ class RuleServiceStub:
 
 class RuleServiceServicer:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -380,9 +382,10 @@ def add_RuleServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RuleService:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,

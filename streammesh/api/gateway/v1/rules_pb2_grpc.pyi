@@ -28,9 +28,10 @@ GRPC_VERSION: str
 
 class RuleServiceStub:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -130,9 +131,10 @@ class RuleServiceStub:
 @_typing.type_check_only
 class RuleServiceAsyncStub(RuleServiceStub):
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -228,9 +230,10 @@ class RuleServiceAsyncStub(RuleServiceStub):
 
 class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts, window results, and the late events they did not count. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
