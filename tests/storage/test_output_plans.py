@@ -160,3 +160,20 @@ async def test_every_listing_shape_walks_its_index(conn: Any) -> None:
             bad.append(f"{label}: not in the order of {index} ({scans})")
     assert shapes == 2 * sum(len(shape[3]) for shape in SHAPES.values())
     assert bad == [], "\n".join(bad)
+
+
+async def test_listing_page_costs_are_printed(conn: Any) -> None:
+    """The database time of each first page (EXPLAIN ANALYZE, on this shared machine): figures
+    to read, not limits (`pytest tests/storage/test_output_plans.py -s`)."""
+    figures: list[tuple[float, str]] = []
+    for label, _, _, sql, args in _statements():
+        if "later page" in label:
+            continue
+        async with conn.transaction(readonly=True):
+            await conn.execute(SESSION_SETTINGS, "30000")
+            explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+        figures.append((json.loads(explained)[0]["Execution Time"], label))
+    figures.sort()
+    for milliseconds, label in figures:
+        print(f"[output listings] {milliseconds:8.2f} ms  {label}")
+    assert len(figures) == sum(len(shape[3]) for shape in SHAPES.values())
