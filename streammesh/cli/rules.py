@@ -12,13 +12,13 @@ through the gateway, with the saved session.
     streammesh window results - 'values.orders > 100'   # every window's
     streammesh alerts [--rule hot-sensor] ['rule_version >= 2 AND key = "sensor-1"']
     streammesh late-events ['source = "window" AND reason:"*lateness*"']
+    # The listings' FILTER is AIP-160 as for `streammesh query`; a refused one is printed again
+    # with a caret under the column the service names.
 
 Definition files are JSON (PyYAML is not a dependency of the CLI; a YAML rule converts with any
 YAML-to-JSON tool); "-" reads stdin. The file is checked to be a JSON object here, so a typo is
 named with its line; the service names a part the engine cannot run (INVALID_ARGUMENT with the
-path, e.g. definition.steps[1].within). The listings take an AIP-160 filter as `streammesh
-query` does, and print a refused one again with a caret under the column the service names.
-Every command takes `--json` (the whole reply).
+path, e.g. definition.steps[1].within). Every command takes `--json` (the whole reply).
 """
 
 from __future__ import annotations
