@@ -30,10 +30,10 @@ from services.storage.filters.check import (
     Payload,
     Predicate,
     Present,
-    _fail,
-    _instant,
-    _scalar,
-    _string_restriction,
+    instant,
+    refusal,
+    string_restriction,
+    typed_literal,
     walk,
 )
 from services.storage.filters.sql import CompiledFilter, EventColumns, render_sql
@@ -131,7 +131,7 @@ def _values(node: Restriction, table: ResourceFields) -> Predicate:
     assert op is not None and value is not None
     if len(member.names) != 2:
         at = member.columns[2] if len(member.names) > 2 else member.column
-        raise _fail(
+        raise refusal(
             "values holds numbers by aggregate name: write values.<name> (quote a name with dots)",
             at,
             member.source,
@@ -139,17 +139,17 @@ def _values(node: Restriction, table: ResourceFields) -> Predicate:
     target = Payload(member.names[1:], "number")
     if op == ":":
         if value.kind != "any":
-            raise _fail(f"{member.source} is a number; test presence with :*", value.column, ":")
+            raise refusal(f"{member.source} is a number; test presence with :*", value.column, ":")
         return Present(target)
-    return Compare(target, op, _scalar(member.source, "number", value))
+    return Compare(target, op, typed_literal(member.source, "number", value))
 
 
 def _choice(spec: ResourceField, label: str, op: str, value: str, column: int) -> str:
     lowered = value.lower()
     if lowered not in spec.choices:
-        raise _fail(f"{label} is one of {', '.join(spec.choices)}; not {value!r}", column, value)
+        raise refusal(f"{label} is one of {', '.join(spec.choices)}; not {value!r}", column, value)
     if op not in ("=", "!=", ":"):
-        raise _fail(f"{label} is compared with = or !=", column, value)
+        raise refusal(f"{label} is compared with = or !=", column, value)
     return lowered
 
 
@@ -157,16 +157,20 @@ def _restriction(node: Restriction, table: ResourceFields) -> Predicate:
     member, op, value = node.member, node.comparator, node.value
     label, head = member.source, member.names[0]
     if op is None or value is None:
-        raise _fail(f"{label} needs a comparison (such as {label} = value)", member.column, label)
+        raise refusal(f"{label} needs a comparison (such as {label} = value)", member.column, label)
     if head == "values" and table.values_column:
         return _values(node, table)
     spec = table.fields.get(head)
     if spec is None:
         guess = difflib.get_close_matches(head, list(table.fields), n=1)
         hint = f'did you mean "{guess[0]}"? ' if guess else ""
-        raise _fail(f'unknown field "{label}"', member.column, head, f"{hint}fields: {table.hint}")
+        raise refusal(
+            f'unknown field "{label}"', member.column, head, f"{hint}fields: {table.hint}"
+        )
     if len(member.names) > 1:
-        raise _fail(f'{head} has no field "{member.names[1]}"', member.columns[1], member.names[1])
+        raise refusal(
+            f'{head} has no field "{member.names[1]}"', member.columns[1], member.names[1]
+        )
     target = Field(spec.column, spec.kind)
     if op == ":" and value.kind == "any":
         return Present(target)
@@ -174,22 +178,22 @@ def _restriction(node: Restriction, table: ResourceFields) -> Predicate:
         if spec.choices and value.kind != "any":
             chosen = _choice(spec, label, op, value.text, value.column)
             value = Value("string", chosen, value.column, value.source)
-        return _string_restriction(target, label, op, value)
+        return string_restriction(target, label, op, value)
     if op == ":":
-        raise _fail(
+        raise refusal(
             f"{label} is always set; compare it with = < > ...", node.comparator_column, ":"
         )
     if spec.kind in ("nanos", "timestamp"):
-        bound = _instant(value, label)
+        bound = instant(value, label)
         if spec.kind == "timestamp":
             return Compare(target, op, bound)
         nanos = unix_micros(bound[0]) * 1000 + bound[1]
         return Compare(target, op, Decimal(nanos))
     if spec.kind == "boolean" and op not in ("=", "!="):
-        raise _fail(f"{label} is a boolean; compare it with = or !=", node.comparator_column, op)
-    scalar = _scalar(label, "boolean" if spec.kind == "boolean" else "integer", value)
+        raise refusal(f"{label} is a boolean; compare it with = or !=", node.comparator_column, op)
+    scalar = typed_literal(label, "boolean" if spec.kind == "boolean" else "integer", value)
     if isinstance(scalar, Decimal) and not _MIN_BIGINT <= scalar <= _MAX_BIGINT:
-        raise _fail(f"{value.source} is out of range for {label}", value.column, value.source)
+        raise refusal(f"{value.source} is out of range for {label}", value.column, value.source)
     return Compare(target, op, scalar)
 
 
