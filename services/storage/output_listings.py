@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
+from google.protobuf.message import Message
 
 from services.storage import registry
 from services.storage.filters.resources import compile_resource_filter
@@ -23,8 +24,10 @@ from streammesh.mesh.paging import PageTokens, Principal
 
 __all__ = ["OutputListings", "Page"]
 
-M = TypeVar("M")
+M = TypeVar("M", bound=Message)
 _MAX_INT = 2**63
+_ELEMENT_OVERHEAD = 8
+"""Framing of one repeated element (tag and length), counted against the reply budget."""
 
 
 class ListingRequest(Protocol):
@@ -67,10 +70,16 @@ def _opened_position(opened: Mapping[str, Any], listing: Listing) -> list[Any]:
 
 class OutputListings:
     def __init__(
-        self, queries: OutputQueries, tokens: PageTokens, *, clock: Callable[[], float] = time.time
+        self,
+        queries: OutputQueries,
+        tokens: PageTokens,
+        *,
+        max_response_bytes: int,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._queries = queries
         self._tokens = tokens
+        self._max_bytes = max_response_bytes
         self._clock = clock
 
     async def page(
@@ -102,12 +111,22 @@ class OutputListings:
             filter_expression=request.filter_expression,
             limit=size + 1,
         )
+        # Within the reply budget (an alert may name thousands of events): a page ends early,
+        # with a token, rather than exceed the message limit; it holds at least one item.
+        items: list[M] = []
+        budget = self._max_bytes
+        for row in rows[:size]:
+            item = render(row)
+            budget -= item.ByteSize() + _ELEMENT_OVERHEAD
+            if budget < 0 and items:
+                break
+            items.append(item)
         token = ""
-        if len(rows) > size:
+        if len(rows) > len(items):
             token = self._tokens.issue(
-                {"k": position(listing, rows[size - 1])},
+                {"k": position(listing, rows[len(items) - 1])},
                 scope=scope,
                 principal=principal,
                 now=now,
             )
-        return Page([render(row) for row in rows[:size]], token)
+        return Page(items, token)

@@ -138,7 +138,9 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             DefinitionStore(deps.engine),
             EngineOutputStore(deps.engine),
             OutputSubscriptions(deps.engine, admissions),
-            OutputListings(OutputQueries(queries), tokens),
+            OutputListings(
+                OutputQueries(queries), tokens, max_response_bytes=limits.max_response_bytes
+            ),
         ),
     )
     return create_mesh_server(

@@ -6,12 +6,19 @@ tenant's listing never holds another tenant's rows."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.storage.server import DEFINITION_SERVICE
 from streammesh.api.common.v1 import definitions_pb2 as common
 from streammesh.api.storage.v1 import definitions_pb2 as pb
+from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
+from streammesh.mesh import TlsMaterial, create_channel, service_config
+from tests.storage.conftest import StartServer
 from tests.storage.test_definitions import (  # noqa: F401 (fixtures)
     Definitions,
     gateway,
@@ -276,3 +283,59 @@ async def test_alert_and_result_pages_follow_their_index_order(
         if not token:
             break
     assert starts == sorted(starts) and len(starts) == 12
+
+
+async def test_a_page_ends_early_within_the_reply_budget(
+    start_server: StartServer, engine: AsyncEngine, pki_dir: Path
+) -> None:
+    """Alerts that name many events: a page stops before the message limit (64 KiB here),
+    with a token, and paging on yields every alert once."""
+    small = await start_server(engine, max_message_bytes=64 * 1024)
+    channels = []
+
+    def stub(who: str) -> Definitions:
+        channel = create_channel(
+            f"127.0.0.1:{small.port}",
+            TlsMaterial.load(pki_dir, who),
+            server_name="storage",
+            config=service_config(DEFINITION_SERVICE, health_checked=False),
+        )
+        channels.append(channel)
+        return cast(Definitions, pb_grpc.DefinitionServiceStub(channel))
+
+    try:
+        processor, reader = stub("processor"), stub("gateway")
+        for first in range(0, 10, 4):
+            alerts = [
+                common.Alert(
+                    alert_id=f"{n:032x}",
+                    tenant="big",
+                    rule_id="rate",
+                    rule_version=1,
+                    rule_kind="rate",
+                    key="k",
+                    last_event_time_unix_nanos=n,
+                    event_ids=[f"event-{n}-{i:04d}-{'x' * 28}" for i in range(200)],
+                    detail_json="{}",
+                )
+                for n in range(first, min(first + 4, 10))
+            ]
+            await processor.StoreEngineOutputs(pb.StoreEngineOutputsRequest(alerts=alerts))
+        seen: list[str] = []
+        sizes: list[int] = []
+        token = ""
+        while True:
+            page = await reader.ListAlerts(
+                pb.ListAlertsRequest(tenant="big", principal="p", page_size=100, page_token=token)
+            )
+            assert page.ByteSize() < 64 * 1024
+            sizes.append(len(page.alerts))
+            seen += [alert.alert_id for alert in page.alerts]
+            token = page.next_page_token
+            if not token:
+                break
+        assert len(sizes) > 1 and all(sizes)
+        assert seen == [f"{n:032x}" for n in range(9, -1, -1)]
+    finally:
+        for channel in channels:
+            await channel.close()
