@@ -189,11 +189,12 @@ RELAYED = [
         for method in public_registry.DESCRIPTOR.services_by_name["SchemaRegistryService"].methods
         for kind in ("Request", "Response")
     ),
-    # Rules: alerts and window results are relayed as they are (storage adds `tenant`); the
-    # rule and window calls are re-built by the gateway with the kind (services/gateway/rules.py).
+    # Rules: alerts, window results and late events are relayed as they are (storage adds
+    # `tenant` and `principal`); the rule and window calls are re-built by the gateway with the
+    # kind (services/gateway/rules.py).
     *(
         (getattr(public_rules, f"{name}{kind}"), getattr(storage_definitions, f"{name}{kind}"))
-        for name in ("ListAlerts", "ListWindowResults")
+        for name in ("ListAlerts", "ListWindowResults", "ListLateEvents")
         for kind in ("Request", "Response")
     ),
 ]

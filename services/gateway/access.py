@@ -121,6 +121,7 @@ METHOD_ACCESS: Mapping[str, Access] = {
     f"{RULES}/SubscribeAlerts": roles("analyst", "rule-admin"),
     f"{RULES}/SubscribeWindowResults": roles("analyst", "rule-admin"),
     f"{RULES}/ListWindowResults": roles("analyst", "rule-admin"),
+    f"{RULES}/ListLateEvents": roles("analyst", "rule-admin"),
     # Each admin method is named on its own: a new one stays refused until declared here.
     f"{ADMIN}/ListUsers": TENANT_ADMINS,
     f"{ADMIN}/CreateUser": TENANT_ADMINS,

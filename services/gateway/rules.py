@@ -1,6 +1,6 @@
 """streammesh.gateway.v1.RuleService: rules and windows relayed to storage's DefinitionService
 with the kind, the caller's tenant and the author (the token's user) filled in; alerts and
-window results relayed as they are (those messages are wire-identical to storage's minus
+window results and late events relayed as they are (those messages are wire-identical to storage's minus
 `tenant`, which tests/test_api_contract.py checks). AccessGuard checked the role before any
 handler runs. Storage validates the documents with the engine's own parser."""
 
@@ -171,10 +171,15 @@ class RuleServicer(public_grpc.RuleServiceServicer):
             windows=reply.definitions, next_page_token=reply.next_page_token
         )
 
+    async def _listing(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Storage's listing `name` for the caller: page tokens are bound to the principal."""
+        request.principal = current_principal().subject
+        return await self._call(name, request, context)
+
     async def ListAlerts(
         self, request: public.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> public.ListAlertsResponse:
-        reply = await self._call(
+        reply = await self._listing(
             "ListAlerts", convert(request, internal.ListAlertsRequest), context
         )
         return convert(reply, public.ListAlertsResponse)
@@ -214,7 +219,15 @@ class RuleServicer(public_grpc.RuleServiceServicer):
     async def ListWindowResults(
         self, request: public.ListWindowResultsRequest, context: grpc.aio.ServicerContext
     ) -> public.ListWindowResultsResponse:
-        reply = await self._call(
+        reply = await self._listing(
             "ListWindowResults", convert(request, internal.ListWindowResultsRequest), context
         )
         return convert(reply, public.ListWindowResultsResponse)
+
+    async def ListLateEvents(
+        self, request: public.ListLateEventsRequest, context: grpc.aio.ServicerContext
+    ) -> public.ListLateEventsResponse:
+        reply = await self._listing(
+            "ListLateEvents", convert(request, internal.ListLateEventsRequest), context
+        )
+        return convert(reply, public.ListLateEventsResponse)

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.storage import definitions, engine_outputs, registry
+from services.storage import definitions, engine_outputs, output_queries, registry
 from services.storage.definition_store import DefinitionRow, DefinitionStore, NewVersion
 from services.storage.engine_output_store import EngineOutputStore
+from services.storage.output_listings import OutputListings
 from services.storage.output_subscriptions import OutputSubscriptions
 from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.api.storage.v1 import definitions_pb2_grpc as pb_grpc
@@ -34,10 +35,12 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
         store: DefinitionStore,
         outputs: EngineOutputStore,
         tails: OutputSubscriptions,
+        listings: OutputListings,
     ) -> None:
         self._store = store
         self._outputs = outputs
         self._tails = tails
+        self._listings = listings
 
     async def CreateDefinition(
         self, request: pb.CreateDefinitionRequest, context: grpc.aio.ServicerContext
@@ -200,24 +203,11 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
     async def ListAlerts(
         self, request: pb.ListAlertsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAlertsResponse:
-        tenant = registry.checked_tenant(request.tenant)
-        size = registry.page_size(request.page_size)
-        scope = ("alerts", tenant, request.rule_id)
-        before = engine_outputs.open_position(
-            request.page_token, engine_outputs.ALERT_POSITION, *scope
+        equal = {"rule_id": request.rule_id} if request.rule_id else {}
+        page = await self._listings.page(
+            output_queries.ALERTS, request, equal, output_queries.alert_message
         )
-        rows = await self._outputs.page_alerts(
-            tenant, rule_id=request.rule_id, before=before, limit=size + 1
-        )
-        response = pb.ListAlertsResponse(
-            alerts=[engine_outputs.alert_message(row) for row in rows[:size]]
-        )
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = engine_outputs.position_token(
-                [last.last_event_nanos, last.alert_id], *scope
-            )
-        return response
+        return pb.ListAlertsResponse(alerts=page.items, next_page_token=page.next_page_token)
 
     async def SubscribeAlerts(
         self, request: pb.SubscribeAlertsRequest, context: grpc.aio.ServicerContext
@@ -236,30 +226,22 @@ class DefinitionServicer(pb_grpc.DefinitionServiceServicer):
     async def ListWindowResults(
         self, request: pb.ListWindowResultsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListWindowResultsResponse:
-        tenant = registry.checked_tenant(request.tenant)
-        window_id = definitions.checked_id(request.window_id, "window_id")
-        size = registry.page_size(request.page_size)
-        scope = ("window_results", tenant, window_id)
-        after = engine_outputs.open_position(
-            request.page_token, engine_outputs.RESULT_POSITION, *scope
+        equal = {}
+        if request.window_id:
+            equal["window_id"] = definitions.checked_id(request.window_id, "window_id")
+        page = await self._listings.page(
+            output_queries.WINDOW_RESULTS, request, equal, output_queries.result_message
         )
-        rows = await self._outputs.page_window_results(
-            tenant, window_id, after=after, limit=size + 1
+        return pb.ListWindowResultsResponse(
+            window_results=page.items, next_page_token=page.next_page_token
         )
-        response = pb.ListWindowResultsResponse(
-            window_results=[engine_outputs.result_message(row) for row in rows[:size]]
+
+    async def ListLateEvents(
+        self, request: pb.ListLateEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLateEventsResponse:
+        page = await self._listings.page(
+            output_queries.LATE_EVENTS, request, {}, output_queries.late_event_message
         )
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = engine_outputs.position_token(
-                [
-                    last.start_nanos,
-                    last.window_version,
-                    last.partition,
-                    last.group_key,
-                    last.end_nanos,
-                    last.revision,
-                ],
-                *scope,
-            )
-        return response
+        return pb.ListLateEventsResponse(
+            late_events=page.items, next_page_token=page.next_page_token
+        )

@@ -1,7 +1,7 @@
 """The SQL of what the processors' engines emit (migrations/0006_rules_and_windows.sql): alerts,
 window results and late events, written in one transaction and each once (ON CONFLICT DO
-NOTHING on its identity, so a batch replayed after a crash adds nothing), and the tenant's
-listings of alerts and window results; and the partitions' engine checkpoints
+NOTHING on its identity, so a batch replayed after a crash adds nothing; the listings are
+services/storage/output_queries.py); and the partitions' engine checkpoints
 (migrations/0010_engine_checkpoints.sql), saved in the outputs' transaction and fenced by the
 lease epoch.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -252,44 +252,3 @@ class EngineOutputStore:
             bytes(row.snapshot),
             row.saved_at,
         )
-
-    async def page_alerts(
-        self, tenant: str, *, rule_id: str, before: Sequence[Any] | None, limit: int
-    ) -> list[AlertRow]:
-        """Up to `limit` alerts, newest first, older than `before` (last event time, alert id)."""
-        where = ["tenant = :tenant"]
-        arguments: dict[str, Any] = {"tenant": tenant, "limit": limit}
-        if rule_id:
-            where.append("rule_id = :rule_id")
-            arguments["rule_id"] = rule_id
-        if before is not None:
-            where.append("(last_event_nanos, alert_id) < (:time, :alert_id)")
-            arguments.update(time=before[0], alert_id=before[1])
-        statement = text(
-            "SELECT alert_id, tenant, rule_id, rule_version, rule_kind, key, first_event_nanos,"  # noqa: S608 (fixed terms)
-            " last_event_nanos, event_ids, detail::text AS detail, created_at FROM alerts"
-            f" WHERE {' AND '.join(where)}"
-            " ORDER BY last_event_nanos DESC, alert_id DESC LIMIT :limit"
-        )
-        async with outage_is_unavailable("alerts list"), self._engine.connect() as conn:
-            result = await conn.execute(statement, arguments)
-            return [AlertRow(**dict(row)) for row in result.mappings()]
-
-    async def page_window_results(
-        self, tenant: str, window_id: str, *, after: Sequence[Any] | None, limit: int
-    ) -> list[WindowResultRow]:
-        """Up to `limit` results of one window after `after` (the listing's order columns)."""
-        order = "start_nanos, window_version, partition, group_key, end_nanos, revision"
-        where = "tenant = :tenant AND window_id = :window_id"
-        arguments: dict[str, Any] = {"tenant": tenant, "window_id": window_id, "limit": limit}
-        if after is not None:
-            where += f" AND ({order}) > (:a0, :a1, :a2, :a3, :a4, :a5)"
-            arguments.update({f"a{i}": value for i, value in enumerate(after)})
-        statement = text(
-            "SELECT tenant, window_id, window_version, partition, group_key, start_nanos,"  # noqa: S608 (fixed terms)
-            ' end_nanos, revision, "values"::text AS values, watermark_nanos, retracted,'
-            f" emitted_at FROM window_results WHERE {where} ORDER BY {order} LIMIT :limit"
-        )
-        async with outage_is_unavailable("window results list"), self._engine.connect() as conn:
-            result = await conn.execute(statement, arguments)
-            return [WindowResultRow(**dict(row)) for row in result.mappings()]

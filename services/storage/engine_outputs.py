@@ -1,6 +1,7 @@
 """The request rules of StoreEngineOutputs and the output listings: checking what a processor
 sends (each item names its tenant and identity; JSON fields are JSON objects), the protobuf forms
-of stored rows, and the listings' keyset page tokens."""
+of stored rows, and the output tails' keyset resume tokens (the listings sign theirs:
+services/storage/output_listings.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ from streammesh.api.storage.v1 import definitions_pb2 as pb
 from streammesh.mesh.errors import InvalidArgument
 
 __all__ = [
-    "ALERT_POSITION",
     "MAX_EPOCH",
     "MAX_OUTPUTS",
-    "RESULT_POSITION",
     "alert_message",
     "checkpoint",
     "checkpoint_message",
@@ -226,12 +225,6 @@ def result_message(row: WindowResultRow) -> common.WindowResult:
 def position_token(position: Sequence[Any], *scope: str) -> str:
     """A page token continuing after a keyset position (a list of column values)."""
     return registry.encode_page_token(json.dumps(list(position)), *scope)
-
-
-ALERT_POSITION = (int, str)
-"""An alert listing's position: last event time, alert id."""
-RESULT_POSITION = (int, int, int, str, int, int)
-"""A window results listing's position: start, version, partition, group, end, revision."""
 
 
 def open_position(token: str, types: Sequence[type], *scope: str) -> list[Any] | None:

@@ -399,6 +399,12 @@ class EventQueries:
                     f"the {operation} took longer than {seconds:g} s; {NARROW_HINT}"
                 ) from error
 
+    @asynccontextmanager
+    async def reading(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for another table's listing, under the same bounds and settings."""
+        async with self._reading(operation) as (conn, _):
+            yield conn
+
     async def scope(self, tenant: str, types: Sequence[str]) -> FieldScope:
         """The payload fields a filter may name (SchemaScopes.scope: cached on this replica,
         fresh as of the registry's change log)."""

@@ -14,6 +14,8 @@ from services.storage.definition_service import DefinitionServicer
 from services.storage.definition_store import DefinitionStore
 from services.storage.engine_output_store import EngineOutputStore
 from services.storage.live_feed import BufferLimits, BufferMetrics
+from services.storage.output_listings import OutputListings
+from services.storage.output_queries import OutputQueries
 from services.storage.output_subscriptions import OutputSubscriptions
 from services.storage.partitions import run_maintenance
 from services.storage.queries import EventQueries, QueryBounds
@@ -102,14 +104,10 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             statement_timeout_ms=settings.query_timeout_ms, max_rows=settings.query_max_rows
         ),
     )
-    query_api = QueryApi(
-        queries,
-        page_tokens(
-            settings.page_token_secret_file, max_age_seconds=settings.page_token_max_age_seconds
-        ),
-        limits,
-        trust_domain=settings.trust_domain,
+    tokens = page_tokens(
+        settings.page_token_secret_file, max_age_seconds=settings.page_token_max_age_seconds
     )
+    query_api = QueryApi(queries, tokens, limits, trust_domain=settings.trust_domain)
     tails = TailSettings(
         poll_seconds=settings.subscribe_poll_seconds,
         heartbeat_seconds=settings.subscribe_heartbeat_seconds,
@@ -154,6 +152,9 @@ def create_server(settings: StorageSettings, deps: StorageDeps) -> MeshServer:
             DefinitionStore(deps.engine),
             EngineOutputStore(deps.engine, committed=watch.changed),
             OutputSubscriptions(deps.engine, admissions, watch, buffers),
+            OutputListings(
+                OutputQueries(queries), tokens, max_response_bytes=limits.max_response_bytes
+            ),
         ),
     )
     return create_mesh_server(

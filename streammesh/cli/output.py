@@ -24,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from tabulate import tabulate
 
+from streammesh.api.common.v1 import definitions_pb2 as common_definitions
 from streammesh.api.common.v1 import schema_registry_pb2 as common_schemas
 
 __all__ = ["print_reply", "reply_to_dict"]
@@ -54,6 +55,17 @@ def _set_time(record: Message, field: str) -> str:
 def _nanos_time(nanos: int) -> str:
     """An event time in nanoseconds since the epoch, as UTC to the second (nanos kept in --json)."""
     return datetime.fromtimestamp(nanos / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _missed(event: Any) -> str:
+    """What a late event missed: `window <id> v<n> [start, end)` or `rule <id> v<n>`."""
+    window = event.source == common_definitions.DEFINITION_KIND_WINDOW
+    missed = f"{'window' if window else 'rule'} {_text(event.definition_id, 30)}"
+    missed += f" v{event.definition_version}"
+    if window:
+        start, end = event.window_start_unix_nanos, event.window_end_unix_nanos
+        missed += f" [{_nanos_time(start)[11:]}, {_nanos_time(end)[11:]})"
+    return missed
 
 
 def _payload_text(payload: bytes) -> str:
@@ -183,6 +195,14 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("version", lambda r: str(r.window_version)),
         Column("revision", lambda r: str(r.revision) + (" retracted" if r.retracted else "")),
         Column("values", lambda r: _text(r.values_json, 60)),
+    ),
+    "streammesh.common.v1.LateEvent": (
+        Column("event time", lambda e: _nanos_time(e.event_time_unix_nanos)),
+        Column("missed", lambda e: _missed(e)),
+        Column("key", lambda e: _text(e.event_key, 30)),
+        Column("watermark", lambda e: _nanos_time(e.watermark_unix_nanos)),
+        Column("reason", lambda e: _text(e.reason, 60)),
+        Column("event", lambda e: e.event_id),
     ),
     "streammesh.common.v1.EventRefusal": (
         Column("index", lambda r: str(r.index)),

@@ -1,4 +1,5 @@
-"""`streammesh rule ...`, `streammesh window ...` and `streammesh alerts`: the RuleService
+"""`streammesh rule ...`, `streammesh window ...`, `streammesh alerts` and `streammesh
+late-events`: the RuleService
 through the gateway, with the saved session.
 
     streammesh rule create hot.yaml          # role rule-admin; the file's "id" names the rule
@@ -7,8 +8,12 @@ through the gateway, with the saved session.
     streammesh rule list                     # latest version of each rule
     streammesh rule show hot-sensor [--version 2]
     streammesh window create|update|disable|enable|list|show ...   # the same for windows
-    streammesh window results orders-per-minute
-    streammesh alerts [--rule hot-sensor]    # newest first
+    streammesh window results orders-per-minute ['group = "eu" AND revision = 0']
+    streammesh window results - 'values.orders > 100'   # every window's
+    streammesh alerts [--rule hot-sensor] ['rule_version >= 2 AND key = "sensor-1"']
+    streammesh late-events ['source = "window" AND reason:"*lateness*"']
+    # The listings' FILTER is AIP-160 as for `streammesh query`; a refused one is printed again
+    # with a caret under the column the service names.
 
 Definition files are YAML, as the docs show them, or JSON (definition_files.py); "-" reads
 stdin. A file is checked to be one object here, so a typo is named with its line; the service
@@ -35,12 +40,15 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 
 from streammesh.api.gateway.v1 import rules_pb2 as pb
 from streammesh.cli.definition_files import read_definition
+from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.output import print_reply
 from streammesh.cli.paging import page_size_option
+from streammesh.cli.query import filter_pointer
 from streammesh.cli.schemas import SchemaFileError
 from streammesh.cli.session import with_session
 from streammesh.cli.stack import StackConfig
@@ -148,20 +156,33 @@ def _commands(kind: str) -> dict[str, Handler]:
     }
 
 
-async def cmd_alerts(config: StackConfig, args: argparse.Namespace) -> int:
-    request = pb.ListAlertsRequest(
-        rule_id=args.rule, page_size=args.limit, page_token=args.page_token
+async def _listed(config: StackConfig, args: argparse.Namespace, rpc: str, **fields: Any) -> int:
+    """One page of a filtered listing; a refused filter is printed again with a caret."""
+    request = getattr(pb, f"{rpc}Request")(
+        filter_expression=args.filter, page_size=args.limit, page_token=args.page_token, **fields
     )
-    print_reply(await _call(config, "ListAlerts", request), as_json=args.json)
+    try:
+        reply = await _call(config, rpc, request)
+    except grpc.RpcError as error:
+        print(describe_rpc_error(error), file=sys.stderr)
+        for line in filter_pointer(args.filter, error.details() or ""):
+            print(line, file=sys.stderr)
+        return 1
+    print_reply(reply, as_json=args.json)
     return 0
+
+
+async def cmd_alerts(config: StackConfig, args: argparse.Namespace) -> int:
+    return await _listed(config, args, "ListAlerts", rule_id=args.rule)
 
 
 async def cmd_results(config: StackConfig, args: argparse.Namespace) -> int:
-    request = pb.ListWindowResultsRequest(
-        window_id=args.id, page_size=args.limit, page_token=args.page_token
-    )
-    print_reply(await _call(config, "ListWindowResults", request), as_json=args.json)
-    return 0
+    window_id = "" if args.id == "-" else args.id
+    return await _listed(config, args, "ListWindowResults", window_id=window_id)
+
+
+async def cmd_late_events(config: StackConfig, args: argparse.Namespace) -> int:
+    return await _listed(config, args, "ListLateEvents")
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -194,6 +215,15 @@ def _paged(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--page-token", default="", help="next_page_token of the previous page (see --json)"
+    )
+
+
+def _filter_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "filter",
+        nargs="?",
+        default="",
+        help=f"an AIP-160 filter (README \"Alerts, window results and late events\"), e.g. '{example}'",
     )
 
 
@@ -240,10 +270,21 @@ def add_rule_commands(commands: argparse._SubParsersAction) -> None:  # type: ig
     results = _with_json(
         sub.add_parser("results", help="a window's results, by window start"), cmd_results
     )
-    results.add_argument("id", help="the window id")
+    results.add_argument("id", help="the window id; - for every window's")
+    _filter_argument(results, 'group = "eu" AND revision = 0 AND values.orders > 10')
     _paged(results)
     alerts = _with_json(
         commands.add_parser("alerts", help="your tenant's alerts, newest first"), cmd_alerts
     )
+    _filter_argument(alerts, 'rule_version >= 2 AND key = "sensor-1"')
     alerts.add_argument("--rule", default="", help="only this rule's alerts")
     _paged(alerts)
+    late = _with_json(
+        commands.add_parser(
+            "late-events",
+            help="events a window or rule did not count (too late), newest first",
+        ),
+        cmd_late_events,
+    )
+    _filter_argument(late, 'source = "window" AND definition_id = "orders-per-minute"')
+    _paged(late)

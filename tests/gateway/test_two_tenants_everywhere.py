@@ -32,6 +32,7 @@ from services.processor.delivery.storage_client import StorageWriter, storage_cl
 from services.processor.delivery.store import StoreResult
 from services.processor.worker import StreamWorker
 from services.storage.server import DEFINITION_SERVICE
+from streammesh.api.common.v1 import definitions_pb2 as common_definitions
 from streammesh.api.common.v1 import event_pb2
 from streammesh.api.common.v1 import schema_registry_pb2 as common_schemas
 from streammesh.api.gateway.v1 import admin_pb2, gateway_pb2, rules_pb2, schema_registry_pb2
@@ -214,12 +215,29 @@ async def world(stack: Stack) -> AsyncIterator[World]:
             definitions_pb2.StoreEngineOutputsRequest(
                 alerts=[alert(int(run, 16), tenant=a, rule=n("rule"))],
                 window_results=[result(0, tenant=a, window=n("window"))],
+                late_events=[late_event(i, tenant=a, window=n("window")) for i in range(2)],
             ),
             timeout=10,
         )
     finally:
         await channel.close()
     yield built
+
+
+def late_event(n: int, *, tenant: str, window: str) -> common_definitions.LateEvent:
+    return common_definitions.LateEvent(
+        tenant=tenant,
+        source=common_definitions.DEFINITION_KIND_WINDOW,
+        definition_id=window,
+        definition_version=1,
+        event_id=f"{window}-late-{n}",
+        event_key="k",
+        event_time_unix_nanos=n + 1,
+        watermark_unix_nanos=120_000_000_000,
+        window_start_unix_nanos=0,
+        window_end_unix_nanos=60_000_000_000,
+        reason="beyond allowed lateness",
+    )
 
 
 # What a caller learns from one call ------------------------------------------------------
@@ -776,6 +794,45 @@ async def _list_outputs(w: World) -> None:
         rules_pb2.ListWindowResultsRequest(window_id=w.name("window")), **w.as_("a-user")
     )
     assert [r.tenant for r in results.window_results] == [w.a]
+
+
+@case("RuleService/ListLateEvents")
+async def _list_late_events(w: World) -> None:
+    rules, analyst = w.rules, w.as_("b-user")
+    everything = await rules.ListLateEvents(
+        rules_pb2.ListLateEventsRequest(page_size=1000), **analyst
+    )
+    assert {e.tenant for e in everything.late_events} <= {w.b}
+
+    def late(text: str, **who: Any) -> Any:
+        request = rules_pb2.ListLateEventsRequest(filter_expression=text, page_size=1)
+        return rules.ListLateEvents(request, **(who or analyst))
+
+    # Naming A's window or event in a filter answers as for names nobody has.
+    await same_as_missing(lambda i: late(f'definition_id = "{i}"'), w.name("window"))
+    await same_as_missing(lambda i: late(f'event_id:"{i}*"'), w.name("window"))
+    # A's analyst sees them, and B cannot continue A's paging (a page token of A's answers
+    # as a made-up one does).
+    mine = await late(f'definition_id = "{w.name("window")}"', **w.as_("a-user"))
+    assert [e.tenant for e in mine.late_events] == [w.a] and mine.next_page_token
+    text = f'definition_id = "{w.name("window")}"'
+    stolen = await answer(
+        rules.ListLateEvents(
+            rules_pb2.ListLateEventsRequest(
+                filter_expression=text, page_token=mine.next_page_token
+            ),
+            **analyst,
+        )
+    )
+    made_up = await answer(
+        rules.ListLateEvents(
+            rules_pb2.ListLateEventsRequest(
+                filter_expression=text, page_token=mine.next_page_token[:-4] + "AAAA"
+            ),
+            **analyst,
+        )
+    )
+    assert stolen == made_up and stolen[1] == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @case("RuleService/SubscribeAlerts", "RuleService/SubscribeWindowResults")

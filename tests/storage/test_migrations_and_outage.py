@@ -26,7 +26,7 @@ async def test_migrations_apply_once(database_url: str, pg_schema: str) -> None:
         assert (
             await migrate(engine, schema=pg_schema, migrations=MIGRATIONS)
             == VERSIONS
-            == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+            == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
         )
         assert await migrate(engine, schema=pg_schema, migrations=MIGRATIONS) == []
         async with engine.connect() as conn:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Literal
@@ -50,6 +51,7 @@ __all__ = [
     "Compare",
     "Contains",
     "EventTime",
+    "Field",
     "Glob",
     "Negation",
     "Order",
@@ -59,6 +61,11 @@ __all__ = [
     "Scalar",
     "Target",
     "check_filter",
+    "instant",
+    "refusal",
+    "string_restriction",
+    "typed_literal",
+    "walk",
 ]
 
 COLUMN_FIELDS = ("id", "key", "type")
@@ -98,7 +105,16 @@ class Payload:
     kind: JsonType
 
 
-Target = Column | EventTime | Attribute | Payload
+@dataclass(frozen=True, slots=True)
+class Field:
+    """A NOT NULL column of another resource's table (services.storage.filters.resources)."""
+
+    column: str
+    kind: Literal["string", "integer", "nanos", "timestamp", "boolean"]
+    """nanos: a bigint of nanoseconds since the Unix epoch; timestamp: a timestamptz."""
+
+
+Target = Column | EventTime | Attribute | Payload | Field
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +163,7 @@ class Negation:
 Predicate = Compare | Glob | Present | Contains | AllOf | AnyOf | Negation
 
 
-def _fail(reason: str, column: int, token: str, detail: str = "") -> FilterError:
+def refusal(reason: str, column: int, token: str, detail: str = "") -> FilterError:
     return FilterError(reason, column=column, token=token, detail=detail)
 
 
@@ -172,7 +188,7 @@ def _unknown_payload_field(member: Member, index: int, scope: FieldScope) -> Fil
     else:
         quoted = ", ".join(f'"{name}"' for name in names[:_MAX_LISTED])
         where = f"schemas of {quoted} declare: {_listing(declared) or 'nothing'}"
-    return _fail(
+    return refusal(
         f'unknown field "payload.{path}"', member.columns[index], member.names[index], hint + where
     )
 
@@ -185,7 +201,7 @@ def _payload_kind(member: Member, scope: FieldScope) -> JsonType | None:
     unified = {"number" if kind == "integer" else kind for kind in kinds.values()}
     if len(unified) > 1:
         conflict = ", ".join(f'"{name}": {kind}' for name, kind in sorted(kinds.items()))
-        raise _fail(
+        raise refusal(
             f'field "payload.{path}" has different types in the schemas in scope ({conflict}); '
             "narrow the query to types that agree",
             member.column,
@@ -212,13 +228,13 @@ def _literal_kind(value: Value) -> JsonType:
     return "string"
 
 
-def _scalar(label: str, kind: JsonType, value: Value) -> Scalar:
+def typed_literal(label: str, kind: JsonType, value: Value) -> Scalar:
     """`value` as a `kind` literal, or why not."""
     if value.kind == "any":
-        raise _fail(f"{label}: * stands only after `:` (presence)", value.column, value.source)
+        raise refusal(f"{label}: * stands only after `:` (presence)", value.column, value.source)
     if kind == "string":
         if value.kind == "number":
-            raise _fail(
+            raise refusal(
                 f'{label} is a string; quote the value ("{value.text}")',
                 value.column,
                 value.source,
@@ -227,22 +243,24 @@ def _scalar(label: str, kind: JsonType, value: Value) -> Scalar:
     if kind in ("number", "integer"):
         number = _number(value)
         if number is None:
-            raise _fail(
+            raise refusal(
                 f"{label} is {_a(kind)}; {value.source} is not a number (write 10, -2.5, 1e3 "
                 "without quotes)",
                 value.column,
                 value.source,
             )
         if kind == "integer" and number != number.to_integral_value():
-            raise _fail(f"{label} is an integer; {value.source} is not", value.column, value.source)
+            raise refusal(
+                f"{label} is an integer; {value.source} is not", value.column, value.source
+            )
         return number
     if kind == "boolean":
         if value.kind != "text" or value.text not in ("true", "false"):
-            raise _fail(
+            raise refusal(
                 f"{label} is a boolean; write true or false (unquoted)", value.column, value.source
             )
         return value.text == "true"
-    raise _fail(f"{label} is {_a(kind)} and has no value to compare", value.column, value.source)
+    raise refusal(f"{label} is {_a(kind)} and has no value to compare", value.column, value.source)
 
 
 def _a(kind: str) -> str:
@@ -265,10 +283,10 @@ def _number(value: Value) -> Decimal | None:
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)", re.ASCII)
 
 
-def _instant(value: Value) -> TimeBound:
+def instant(value: Value, label: str = "event_time") -> TimeBound:
     example = 'an RFC 3339 timestamp in quotes, such as "2026-01-31T12:00:00Z"'
     if value.kind != "string":
-        raise _fail(f"event_time takes {example}", value.column, value.source)
+        raise refusal(f"{label} takes {example}", value.column, value.source)
     text = value.text.upper()
     stamp = Timestamp()
     try:
@@ -276,20 +294,20 @@ def _instant(value: Value) -> TimeBound:
             raise ValueError(text)
         stamp.FromJsonString(text)
     except ValueError:
-        raise _fail(f"{value.source} is not {example}", value.column, value.source) from None
+        raise refusal(f"{value.source} is not {example}", value.column, value.source) from None
     if not MIN_SECONDS <= stamp.seconds <= MAX_SECONDS:
-        raise _fail(f"{value.source} is outside years 1 to 9999", value.column, value.source)
+        raise refusal(f"{value.source} is outside years 1 to 9999", value.column, value.source)
     return time_bound(stamp)
 
 
-def _string_restriction(target: Target, label: str, op: Comparator, value: Value) -> Predicate:
+def string_restriction(target: Target, label: str, op: Comparator, value: Value) -> Predicate:
     if op == ":":
         if value.kind == "any":
             return Present(target)
-        pattern = _scalar(label, "string", value)
+        pattern = typed_literal(label, "string", value)
         assert isinstance(pattern, str)
         return Glob(target, pattern) if "*" in pattern else Compare(target, "=", pattern)
-    return Compare(target, op, _scalar(label, "string", value))
+    return Compare(target, op, typed_literal(label, "string", value))
 
 
 def _restriction(node: Restriction, scope: FieldScope) -> Predicate:
@@ -297,7 +315,7 @@ def _restriction(node: Restriction, scope: FieldScope) -> Predicate:
     at_op = node.comparator_column
     label = member.source
     if op is None or value is None:
-        raise _fail(
+        raise refusal(
             f"{label} needs a comparison (such as {label} = value, or {label}:* for presence)",
             member.column,
             label,
@@ -305,30 +323,30 @@ def _restriction(node: Restriction, scope: FieldScope) -> Predicate:
     head, rest = member.names[0], member.names[1:]
     if head in COLUMN_FIELDS or head == "event_time":
         if rest:
-            raise _fail(f'{head} has no field "{rest[0]}"', member.columns[1], rest[0])
+            raise refusal(f'{head} has no field "{rest[0]}"', member.columns[1], rest[0])
         if head == "event_time":
             if op == ":":
-                raise _fail("event_time is always set; compare it with = < > ...", at_op, ":")
-            return Compare(EventTime(), op, _instant(value))
-        return _string_restriction(Column(head), label, op, value)
+                raise refusal("event_time is always set; compare it with = < > ...", at_op, ":")
+            return Compare(EventTime(), op, instant(value))
+        return string_restriction(Column(head), label, op, value)
     if head == "attributes":
         return _attribute(member, op, value)
     if head == "payload":
         return _payload(member, op, value, scope, at_op)
-    raise _fail(f'unknown field "{label}"', member.column, head, f"fields: {_FIELDS_HINT}")
+    raise refusal(f'unknown field "{label}"', member.column, head, f"fields: {_FIELDS_HINT}")
 
 
 def _attribute(member: Member, op: Comparator, value: Value) -> Predicate:
     names = member.names[1:]
     if len(names) > 1:
-        raise _fail(
+        raise refusal(
             "attributes are flat: name one as attributes.<name> (quote a name with dots)",
             member.columns[2],
             names[1],
         )
     if not names:
         if op != ":":
-            raise _fail(
+            raise refusal(
                 "attributes is a map; compare one attribute (attributes.<name> = value)",
                 member.column,
                 member.source,
@@ -336,9 +354,9 @@ def _attribute(member: Member, op: Comparator, value: Value) -> Predicate:
         if value.kind == "any":
             return Present(Attribute(None))
         if value.kind == "number":
-            raise _fail("attribute names are strings; quote it", value.column, value.source)
+            raise refusal("attribute names are strings; quote it", value.column, value.source)
         return Present(Attribute(value.text))
-    return _string_restriction(Attribute(names[0]), member.source, op, value)
+    return string_restriction(Attribute(names[0]), member.source, op, value)
 
 
 def _has_field(member: Member, value: Value, scope: FieldScope) -> Predicate:
@@ -364,7 +382,7 @@ def _payload(
     label = member.source
     if not path:
         if op != ":":
-            raise _fail(
+            raise refusal(
                 "payload is an object; compare one of its fields (payload.<field> = value)",
                 member.column,
                 label,
@@ -379,7 +397,7 @@ def _payload(
         return Present(target)
     if kind == "object":
         if op != ":":
-            raise _fail(
+            raise refusal(
                 f"{label} is an object; compare one of its fields ({label}.<field>)",
                 member.column,
                 label,
@@ -387,27 +405,31 @@ def _payload(
         return _has_field(member, value, scope)
     if kind == "array":
         if op != ":":
-            raise _fail(
+            raise refusal(
                 f"{label} is an array; test an element with {label}:<value>", member.column, label
             )
         items = set(scope.declarations(".".join(path) + ITEMS_SUFFIX).values())
         item_kind = items.pop() if len(items) == 1 else _literal_kind(value)
-        return Contains(target, _scalar(f"an element of {label}", item_kind, value))
+        return Contains(target, typed_literal(f"an element of {label}", item_kind, value))
     if kind == "string":
-        return _string_restriction(target, label, op, value)
+        return string_restriction(target, label, op, value)
     if op == ":":
-        raise _fail(f"{label} is {_a(kind)}; `:` takes only * here (use = to compare)", at_op, ":")
+        raise refusal(
+            f"{label} is {_a(kind)}; `:` takes only * here (use = to compare)", at_op, ":"
+        )
     if kind == "boolean" and op not in ("=", "!="):
-        raise _fail(f"{label} is a boolean; compare it with = or !=", at_op, op)
-    return Compare(target, op, _scalar(label, kind, value))
+        raise refusal(f"{label} is a boolean; compare it with = or !=", at_op, op)
+    return Compare(target, op, typed_literal(label, kind, value))
 
 
-def _check(node: Node, scope: FieldScope) -> Predicate:
+def walk(node: Node, restriction: Callable[[Restriction], Predicate]) -> Predicate:
+    """The predicate of a parsed filter, each restriction typed by `restriction` (which
+    raises FilterError for one that does not fit)."""
     if isinstance(node, Restriction):
-        return _restriction(node, scope)
+        return restriction(node)
     if isinstance(node, Not):
-        return Negation(_check(node.item, scope))
-    items = tuple(_check(item, scope) for item in node.items)
+        return Negation(walk(node.item, restriction))
+    items = tuple(walk(item, restriction) for item in node.items)
     if isinstance(node, Or):
         return AnyOf(items)
     assert isinstance(node, And)
@@ -417,4 +439,4 @@ def _check(node: Node, scope: FieldScope) -> Predicate:
 def check_filter(node: Node, scope: FieldScope) -> Predicate:
     """The typed predicate of a parsed filter; FilterError naming the first field, operator or
     literal that does not fit."""
-    return _check(node, scope)
+    return walk(node, lambda restriction: _restriction(restriction, scope))

@@ -36,6 +36,7 @@ from services.storage.filters.check import (
     Compare,
     Contains,
     EventTime,
+    Field,
     Glob,
     Negation,
     Payload,
@@ -136,7 +137,7 @@ class _Renderer:
 
     def _present(self, target: Target) -> str:
         cols = self._columns
-        if isinstance(target, Column | EventTime):
+        if isinstance(target, Column | EventTime | Field):
             return "TRUE"  # NOT NULL columns
         if isinstance(target, Attribute):
             if target.name is None:
@@ -152,6 +153,8 @@ class _Renderer:
         cols = self._columns
         if isinstance(target, Column):
             return getattr(cols, target.name), None
+        if isinstance(target, Field):
+            return target.column, None
         if isinstance(target, Attribute):
             return f"({cols.attributes} ->> {self.bind(target.name, 'text')})", None
         assert isinstance(target, Payload)
@@ -178,6 +181,8 @@ class _Renderer:
             if op == "=":
                 return f"({cols.event_time} = {micros} AND {cols.event_time_nanos} = {nanos})"
             return f"({cols.event_time}, {cols.event_time_nanos}) {op} ({micros}, {nanos})"
+        if isinstance(target, Field) and target.kind != "string":
+            return self._field(target, op, value)
         assert not isinstance(value, tuple)
         if op == "=" and isinstance(target, Attribute | Payload):
             # Containment: the one equality form a GIN index on the jsonb column answers.
@@ -205,6 +210,20 @@ class _Renderer:
         collated = f'{text} COLLATE "C"' if ordering else text
         test = f"{collated} {op} {self.bind(value, 'text')}"
         return f"CASE WHEN {guard} THEN {test} END" if guard else test
+
+    def _field(self, target: Field, op: str, value: Scalar | tuple[int, int]) -> str:
+        """A typed column of a resource table; its btree indexes answer these forms."""
+        if target.kind == "timestamp":
+            # A timestamptz holds microseconds: compare as (column, 0 ns) with the bound.
+            assert isinstance(value, tuple)
+            micros, nanos = self.bind(value[0], "timestamptz"), self.bind(value[1], "int2")
+            if op == "=":
+                return f"({target.column} = {micros} AND {nanos} = 0)"
+            return f"({target.column}, 0::int2) {op} ({micros}, {nanos})"
+        if target.kind == "boolean":
+            return f"{target.column} {op} {self.bind(value, 'boolean')}"
+        assert isinstance(value, Decimal | int) and not isinstance(value, bool)
+        return f"{target.column} {op} {self.bind(int(value), 'bigint')}"
 
 
 def render_sql(

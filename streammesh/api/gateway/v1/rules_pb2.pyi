@@ -484,22 +484,34 @@ class ListAlertsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     RULE_ID_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """0 to 1000 alerts a page; 100 when 0."""
+    """0 to 1000 alerts a page; 100 when 0; more is lowered to 1000."""
     page_token: _builtins.str
-    """next_page_token of the previous page, for the same rule_id; empty for the first page."""
+    """next_page_token of the previous page, for the same rule_id and filter_expression (by the
+    same user); empty for the first page.
+    """
     rule_id: _builtins.str
     """Only this rule's alerts (every version) when set."""
+    filter_expression: _builtins.str
+    """An AIP-160 filter (the subset QueryEvents takes: = != < <= > >= and `:` globs, AND, OR,
+    NOT, parentheses, `field:*`) over: alert_id, rule_id, key, rule_kind (threshold, rate,
+    sequence, absence) as strings; rule_version as a number; first_event_time,
+    last_event_time and create_time (when it was recorded) as RFC 3339 timestamps in quotes.
+    Example: `rule_id = "big-order" AND rule_version >= 2 AND last_event_time >
+    "2026-01-31T12:00:00Z"`. INVALID_ARGUMENT names the offending token and its column.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         rule_id: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,22 +670,33 @@ class ListWindowResultsRequest(_message.Message):
     WINDOW_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
     window_id: _builtins.str
-    """The window; required."""
+    """Only this window's results when set; every window's when empty."""
     page_size: _builtins.int
-    """0 to 1000 results a page; 100 when 0."""
+    """0 to 1000 results a page; 100 when 0; more is lowered to 1000."""
     page_token: _builtins.str
-    """next_page_token of the previous page, for the same window; empty for the first page."""
+    """next_page_token of the previous page, for the same window_id and filter_expression (by
+    the same user); empty for the first page.
+    """
+    filter_expression: _builtins.str
+    """An AIP-160 filter (as ListAlertsRequest.filter_expression) over: window_id, group (or
+    key) as strings; window_version, partition, revision as numbers; retracted (true,
+    false); start_time, end_time, watermark_time, emit_time as RFC 3339 timestamps; and
+    values.<aggregate> as a number (`values.<aggregate>:*`: not null). Example: `group = "k1"
+    AND revision = 0 AND values.total > 100`.
+    """
     def __init__(
         self,
         *,
         window_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "window_id", b"window_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token", "window_id", b"window_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,7 +712,7 @@ class ListWindowResultsResponse(_message.Message):
     """Empty on the last page."""
     @_builtins.property
     def window_results(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.WindowResult]:
-        """By start, then version, partition, group, end and revision. A group computed in several
+        """By window id, start, then version, partition, group, end and revision. A group computed in several
         partitions has one result per partition: merge them (sum counts and sums, min of mins...).
         """
 
@@ -706,3 +729,65 @@ class ListWindowResultsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWindowResultsResponse: _TypeAlias = ListWindowResultsResponse  # noqa: Y015
+
+@_typing.final
+class ListLateEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """0 to 1000 late events a page; 100 when 0; more is lowered to 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, for the same filter_expression (by the same user);
+    empty for the first page.
+    """
+    filter_expression: _builtins.str
+    """An AIP-160 filter (as ListAlertsRequest.filter_expression) over: source (rule or window),
+    definition_id, event_id, event_key (or key), reason as strings; definition_version as a
+    number; event_time, watermark_time, window_start_time, window_end_time, record_time as
+    RFC 3339 timestamps. Example: `source = "window" AND definition_id = "revenue"`.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLateEventsRequest: _TypeAlias = ListLateEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListLateEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATE_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def late_events(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.LateEvent]:
+        """Newest first: by event time, then source, definition id and version, event id and window
+        start, all descending.
+        """
+
+    def __init__(
+        self,
+        *,
+        late_events: _abc.Iterable[_definitions_pb2.LateEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["late_events", b"late_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLateEventsResponse: _TypeAlias = ListLateEventsResponse  # noqa: Y015

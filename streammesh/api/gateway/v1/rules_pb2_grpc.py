@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class RuleServiceStub:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -41,8 +42,8 @@ class RuleServiceStub:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -128,13 +129,19 @@ class RuleServiceStub:
                 request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsResponse.FromString,
                 _registered_method=True)
+        self.ListLateEvents = channel.unary_unary(
+                '/streammesh.gateway.v1.RuleService/ListLateEvents',
+                request_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsResponse.FromString,
+                _registered_method=True)
 
 
 class RuleServiceServicer:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -146,8 +153,8 @@ class RuleServiceServicer:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -270,7 +277,18 @@ class RuleServiceServicer:
 
     def ListWindowResults(self, request, context):
         """ListWindowResults pages through one window's results (every version and stream
-        partition), by window start. Role: analyst or rule-admin.
+        partition), by window start, or every window's (by window id first). Role: analyst or
+        rule-admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLateEvents(self, request, context):
+        """ListLateEvents pages through the tenant's late events: events a window counted no more
+        (later than its allowed lateness) or a rule's partition had passed (at or before its
+        watermark), each with its reason and, for a window, the window it missed. Newest event
+        time first. Role: analyst or rule-admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -349,6 +367,11 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.FromString,
                     response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsResponse.SerializeToString,
             ),
+            'ListLateEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLateEvents,
+                    request_deserializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsRequest.FromString,
+                    response_serializer=streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'streammesh.gateway.v1.RuleService', rpc_method_handlers)
@@ -359,9 +382,10 @@ def add_RuleServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RuleService:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -373,8 +397,8 @@ class RuleService:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -752,6 +776,33 @@ class RuleService:
             '/streammesh.gateway.v1.RuleService/ListWindowResults',
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsRequest.SerializeToString,
             streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListWindowResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLateEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.gateway.v1.RuleService/ListLateEvents',
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsRequest.SerializeToString,
+            streammesh_dot_gateway_dot_v1_dot_rules__pb2.ListLateEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

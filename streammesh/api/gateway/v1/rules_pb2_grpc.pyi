@@ -28,9 +28,10 @@ GRPC_VERSION: str
 
 class RuleServiceStub:
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -42,8 +43,8 @@ class RuleServiceStub:
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -117,15 +118,23 @@ class RuleServiceStub:
     """
     ListWindowResults: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]
     """ListWindowResults pages through one window's results (every version and stream
-    partition), by window start. Role: analyst or rule-admin.
+    partition), by window start, or every window's (by window id first). Role: analyst or
+    rule-admin.
+    """
+    ListLateEvents: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListLateEventsRequest, _rules_pb2.ListLateEventsResponse]
+    """ListLateEvents pages through the tenant's late events: events a window counted no more
+    (later than its allowed lateness) or a rule's partition had passed (at or before its
+    watermark), each with its reason and, for a window, the window it missed. Newest event
+    time first. Role: analyst or rule-admin.
     """
 
 @_typing.type_check_only
 class RuleServiceAsyncStub(RuleServiceStub):
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -137,8 +146,8 @@ class RuleServiceAsyncStub(RuleServiceStub):
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -209,14 +218,22 @@ class RuleServiceAsyncStub(RuleServiceStub):
     """
     ListWindowResults: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListWindowResultsRequest, _rules_pb2.ListWindowResultsResponse]  # type: ignore[assignment]
     """ListWindowResults pages through one window's results (every version and stream
-    partition), by window start. Role: analyst or rule-admin.
+    partition), by window start, or every window's (by window id first). Role: analyst or
+    rule-admin.
+    """
+    ListLateEvents: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListLateEventsRequest, _rules_pb2.ListLateEventsResponse]  # type: ignore[assignment]
+    """ListLateEvents pages through the tenant's late events: events a window counted no more
+    (later than its allowed lateness) or a rule's partition had passed (at or before its
+    watermark), each with its reason and, for a window, the window it missed. Newest event
+    time first. Role: analyst or rule-admin.
     """
 
 class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     """RuleService manages your tenant's pattern rules and windows, and reads what they produced:
-    alerts and window results. Every call needs "authorization: Bearer <access token>" and works
-    within the tenant of that token: another tenant's rules, windows, alerts and results are never
-    visible, and its ids answer NOT_FOUND.
+    alerts, window results, and the late events they did not count. Every call needs
+    "authorization: Bearer <access token>" and works within the tenant of that token: another
+    tenant's rules, windows, alerts, results and late events are never visible, and its ids
+    answer NOT_FOUND.
 
     Rules and windows are JSON documents (docs/pattern-rules.md, docs/processor-windows.md),
     stored as immutable, numbered versions (1, 2, 3, ...). An update, and enabling or disabling,
@@ -228,8 +245,8 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     version's.
 
     Roles: changing rules or windows (Create*, Update*, Set*Enabled) needs rule-admin; reading
-    them, and reading alerts and window results, needs analyst or rule-admin. The admin role may
-    call everything.
+    them, and reading alerts, window results and late events, needs analyst or rule-admin. The
+    admin role may call everything.
 
     Errors: INVALID_ARGUMENT with a google.rpc.BadRequest (in the grpc-status-details-bin
     trailer) whose field violation names the bad part: "definition_json" for a document that is
@@ -382,7 +399,20 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rules_pb2.ListWindowResultsResponse, _abc.Awaitable[_rules_pb2.ListWindowResultsResponse]]:
         """ListWindowResults pages through one window's results (every version and stream
-        partition), by window start. Role: analyst or rule-admin.
+        partition), by window start, or every window's (by window id first). Role: analyst or
+        rule-admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLateEvents(
+        self,
+        request: _rules_pb2.ListLateEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.ListLateEventsResponse, _abc.Awaitable[_rules_pb2.ListLateEventsResponse]]:
+        """ListLateEvents pages through the tenant's late events: events a window counted no more
+        (later than its allowed lateness) or a rule's partition had passed (at or before its
+        watermark), each with its reason and, for a window, the window it missed. Newest event
+        time first. Role: analyst or rule-admin.
         """
 
 def add_RuleServiceServicer_to_server(servicer: RuleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

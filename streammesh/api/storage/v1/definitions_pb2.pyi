@@ -594,24 +594,32 @@ class ListAlertsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     RULE_ID_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """0 to 1000; 100 when 0."""
     page_token: _builtins.str
     rule_id: _builtins.str
     """Only this rule's alerts when set."""
+    filter_expression: _builtins.str
+    """An AIP-160 filter over the alert's fields (the gateway's twin lists them); empty for all."""
     tenant: _builtins.str
+    """The caller's tenant and principal (page tokens are bound to both); the gateway fills both."""
+    principal: _builtins.str
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         rule_id: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "rule_id", b"rule_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "rule_id", b"rule_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -783,24 +791,32 @@ class ListWindowResultsRequest(_message.Message):
     WINDOW_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     window_id: _builtins.str
-    """The window id; required."""
+    """Only this window's results when set; every window's (by window id first) when empty."""
     page_size: _builtins.int
     """0 to 1000; 100 when 0."""
     page_token: _builtins.str
+    filter_expression: _builtins.str
+    """An AIP-160 filter over the result's fields; empty for all."""
     tenant: _builtins.str
+    """The caller's tenant and principal; the gateway fills both."""
+    principal: _builtins.str
     def __init__(
         self,
         *,
         window_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant", "window_id", b"window_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "tenant", b"tenant", "window_id", b"window_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -828,3 +844,64 @@ class ListWindowResultsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWindowResultsResponse: _TypeAlias = ListWindowResultsResponse  # noqa: Y015
+
+@_typing.final
+class ListLateEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_EXPRESSION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """0 to 1000; 100 when 0."""
+    page_token: _builtins.str
+    filter_expression: _builtins.str
+    """An AIP-160 filter over the late event's fields; empty for all."""
+    tenant: _builtins.str
+    """The caller's tenant and principal; the gateway fills both."""
+    principal: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter_expression: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        principal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_expression", b"filter_expression", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLateEventsRequest: _TypeAlias = ListLateEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListLateEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATE_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def late_events(self) -> _containers.RepeatedCompositeFieldContainer[_definitions_pb2.LateEvent]:
+        """Newest first: by event time, then source, definition id and version, event id and window
+        start, all descending.
+        """
+
+    def __init__(
+        self,
+        *,
+        late_events: _abc.Iterable[_definitions_pb2.LateEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["late_events", b"late_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLateEventsResponse: _TypeAlias = ListLateEventsResponse  # noqa: Y015

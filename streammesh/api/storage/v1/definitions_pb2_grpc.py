@@ -102,6 +102,11 @@ class DefinitionServiceStub:
                 request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsRequest.SerializeToString,
                 response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsResponse.FromString,
                 _registered_method=True)
+        self.ListLateEvents = channel.unary_unary(
+                '/streammesh.storage.v1.DefinitionService/ListLateEvents',
+                request_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListLateEventsRequest.SerializeToString,
+                response_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListLateEventsResponse.FromString,
+                _registered_method=True)
 
 
 class DefinitionServiceServicer:
@@ -214,6 +219,14 @@ class DefinitionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLateEvents(self, request, context):
+        """ListLateEvents pages through a tenant's late events (those a window or rule did not count),
+        newest event time first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DefinitionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +289,11 @@ def add_DefinitionServiceServicer_to_server(servicer, server):
                     servicer.ListWindowResults,
                     request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsRequest.FromString,
                     response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsResponse.SerializeToString,
+            ),
+            'ListLateEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLateEvents,
+                    request_deserializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListLateEventsRequest.FromString,
+                    response_serializer=streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListLateEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +628,33 @@ class DefinitionService:
             '/streammesh.storage.v1.DefinitionService/ListWindowResults',
             streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsRequest.SerializeToString,
             streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListWindowResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLateEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streammesh.storage.v1.DefinitionService/ListLateEvents',
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListLateEventsRequest.SerializeToString,
+            streammesh_dot_storage_dot_v1_dot_definitions__pb2.ListLateEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,10 @@ class DefinitionServiceStub:
     """ListWindowResults pages through one window's results (every version and partition) by
     window start, then version, partition, group, end and revision.
     """
+    ListLateEvents: _grpc.UnaryUnaryMultiCallable[_definitions_pb2.ListLateEventsRequest, _definitions_pb2.ListLateEventsResponse]
+    """ListLateEvents pages through a tenant's late events (those a window or rule did not count),
+    newest event time first.
+    """
 
 @_typing.type_check_only
 class DefinitionServiceAsyncStub(DefinitionServiceStub):
@@ -146,6 +150,10 @@ class DefinitionServiceAsyncStub(DefinitionServiceStub):
     ListWindowResults: _aio.UnaryUnaryMultiCallable[_definitions_pb2.ListWindowResultsRequest, _definitions_pb2.ListWindowResultsResponse]  # type: ignore[assignment]
     """ListWindowResults pages through one window's results (every version and partition) by
     window start, then version, partition, group, end and revision.
+    """
+    ListLateEvents: _aio.UnaryUnaryMultiCallable[_definitions_pb2.ListLateEventsRequest, _definitions_pb2.ListLateEventsResponse]  # type: ignore[assignment]
+    """ListLateEvents pages through a tenant's late events (those a window or rule did not count),
+    newest event time first.
     """
 
 class DefinitionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -275,6 +283,16 @@ class DefinitionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_definitions_pb2.ListWindowResultsResponse, _abc.Awaitable[_definitions_pb2.ListWindowResultsResponse]]:
         """ListWindowResults pages through one window's results (every version and partition) by
         window start, then version, partition, group, end and revision.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLateEvents(
+        self,
+        request: _definitions_pb2.ListLateEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_definitions_pb2.ListLateEventsResponse, _abc.Awaitable[_definitions_pb2.ListLateEventsResponse]]:
+        """ListLateEvents pages through a tenant's late events (those a window or rule did not count),
+        newest event time first.
         """
 
 def add_DefinitionServiceServicer_to_server(servicer: DefinitionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
