@@ -26,6 +26,7 @@ from streammesh.cli import bench_load as load
 from streammesh.cli.bench_phases import MEASURED, closed_phase, warm_up
 from streammesh.cli.bench_report import num
 from streammesh.cli.bench_variants import restart_stack, stack_session
+from streammesh.cli.bench_variants_report import loop_cpu
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.replicas import format_counts
 from streammesh.cli.stack import START_ORDER, StackConfig, StartError, recorded_replicas
@@ -40,18 +41,20 @@ def _ratio(top: float | None, bottom: float | None) -> float | None:
 
 
 def mesh_costs(loops: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """Replicated over single: stored rate and whole-machine CPU per event (None when a loop
-    is missing), and the CPU per event the replicas add."""
-    if not all(name in loops for name in LOOPS):
-        return {"stored_eps_ratio": None, "machine_cpu_ratio": None, "machine_cpu_added_us": None}
-    single, many = loops["single"], loops["replicated"]
-    cpu_one = single["cpu_us_per_event"]["machine"]
-    cpu_many = many["cpu_us_per_event"]["machine"]
-    return {
-        "stored_eps_ratio": _ratio(many["stored_eps"], single["stored_eps"]),
-        "machine_cpu_ratio": _ratio(cpu_many, cpu_one),
-        "machine_cpu_added_us": None if cpu_one is None or cpu_many is None else cpu_many - cpu_one,
+    """Replicated over single: the stored rate, and the CPU per event of the whole machine and
+    of the event path's own processes (bench_variants_report.PATH; other work on a shared
+    machine left out), with what the replicas add to each (None when a loop is missing)."""
+    single, many = loops.get("single"), loops.get("replicated")
+    costs: dict[str, float | None] = {
+        "stored_eps_ratio": None
+        if single is None or many is None
+        else _ratio(many["stored_eps"], single["stored_eps"])
     }
+    for row in ("machine", "path"):
+        one, more = loop_cpu(single, row), loop_cpu(many, row)
+        costs[f"{row}_cpu_ratio"] = _ratio(more, one)
+        costs[f"{row}_cpu_added_us"] = None if one is None or more is None else more - one
+    return costs
 
 
 async def run_mesh_cost(
@@ -108,24 +111,30 @@ def render_mesh_cost(mesh: Mapping[str, Any] | None) -> list[str]:
         "",
         f"mesh cost: closed loop of {mesh['duration_s']:g}s on a restarted, warmed-up stack "
         "with one process per service, then with the replicas below",
-        f"  {'replicas':<52}{'stored/s':>10}{'machine us/ev':>15}"
-        + "".join(f"{name:>10}" for name in MEASURED),
+        f"  {'replicas':<50}{'stored/s':>9}{'machine':>9}{'path':>7}"
+        + "".join(f"{name:>10}" for name in (*MEASURED, "redis", "pg own"))
+        + "  (CPU us/event)",
     ]
     for key in LOOPS:
         if key not in loops:
             continue
-        loop, cpu = loops[key], loops[key]["cpu_us_per_event"]
+        loop = loops[key]
         lines.append(
-            f"  {format_counts(loop['replicas']):<52}{num(loop['stored_eps']):>10}"
-            f"{num(cpu['machine'], '.1f'):>15}"
-            + "".join(f"{num(cpu.get(name), '.1f'):>10}" for name in MEASURED)
+            f"  {format_counts(loop['replicas']):<50}{num(loop['stored_eps']):>9}"
+            f"{num(loop_cpu(loop, 'machine'), '.1f'):>9}{num(loop_cpu(loop, 'path'), '.1f'):>7}"
+            + "".join(
+                f"{num(loop_cpu(loop, name), '.1f'):>10}" for name in (*MEASURED, "redis", "pg_own")
+            )
         )
         if cells := _replica_cells(loop):
             lines.append(f"    per replica (us/event): {cells}")
     lines.append(
         f"  replicated/single: stored rate {num(costs['stored_eps_ratio'], '.2f', 'x')}, "
-        f"whole-machine CPU per event {num(costs['machine_cpu_ratio'], '.2f', 'x')} "
-        f"({num(costs['machine_cpu_added_us'], '+.1f')} us/event)"
+        f"CPU per event: whole machine {num(costs['machine_cpu_ratio'], '.2f', 'x')} "
+        f"({num(costs['machine_cpu_added_us'], '+.1f')} us), event path "
+        f"{num(costs['path_cpu_ratio'], '.2f', 'x')} ({num(costs['path_cpu_added_us'], '+.1f')} "
+        "us; its processes, Redis and storage's own Postgres backends: other work on the "
+        "machine left out)"
     )
     if "error" in mesh:
         lines.append(f"  stopped early: {mesh['error']}")

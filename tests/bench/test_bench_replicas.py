@@ -62,24 +62,29 @@ def test_replica_flags_take_the_syntax_of_up_and_default_to_none() -> None:
             parser.parse_args(["bench", "--compare-replicas", bad])
 
 
-def _loop(stored_eps: float, machine: float, replicas: dict[str, int]) -> dict[str, Any]:
-    cpu = dict.fromkeys(("gateway", "ingest", "processor", "storage"), 1.0)
+def _loop(
+    stored_eps: float, machine: float, path: float, replicas: dict[str, int]
+) -> dict[str, Any]:
+    """A loop whose event path costs `path` us/event: 1 per service and Redis, the rest in
+    storage's own Postgres backends."""
+    cpu = dict.fromkeys(("gateway", "ingest", "processor", "storage", "redis"), 1.0)
     return {
         "stored_eps": stored_eps,
         "acked": 1000,
         "stored": 1000,
         "replicas": replicas,
         "cpu_us_per_event": cpu | {"machine": machine},
+        "storage_backends_cpu_us_per_event": path - 5.0,
     }
 
 
 def test_mesh_cost_is_replicated_over_single() -> None:
     one = dict.fromkeys(("gateway", "ingest", "processor", "storage", "auth"), 1)
     two = one | {"gateway": 2}
-    replicated_loop = _loop(30_000, 60.0, two) | {
+    replicated_loop = _loop(30_000, 60.0, 24.0, two) | {
         "cpu_us_per_replica": {"gateway@1": 2.5, "gateway@2": 2.0}
     }
-    mesh: dict[str, Any] = {"duration_s": 10, "loops": {"single": _loop(40_000, 50.0, one)}}
+    mesh: dict[str, Any] = {"duration_s": 10, "loops": {"single": _loop(40_000, 50.0, 20.0, one)}}
     assert mesh_costs(mesh["loops"])["stored_eps_ratio"] is None  # the second loop is missing
     mesh["loops"]["replicated"] = replicated_loop
     costs = mesh_costs(mesh["loops"])
@@ -87,11 +92,16 @@ def test_mesh_cost_is_replicated_over_single() -> None:
         "stored_eps_ratio": pytest.approx(0.75),
         "machine_cpu_ratio": pytest.approx(1.2),
         "machine_cpu_added_us": pytest.approx(10.0),
+        "path_cpu_ratio": pytest.approx(1.2),
+        "path_cpu_added_us": pytest.approx(4.0),
     }
     text = "\n".join(render_mesh_cost(mesh | {"costs": costs}))
     assert "storage=1,auth=1,ingest=1,processor=1,gateway=2" in text
     assert "per replica (us/event): gateway @1 2.5, @2 2.0" in text
-    assert "stored rate 0.75x, whole-machine CPU per event 1.20x (+10.0 us/event)" in text
+    assert (
+        "stored rate 0.75x, CPU per event: whole machine 1.20x (+10.0 us), event path 1.20x (+4.0 us;"
+        in text
+    )
     assert mesh_cost_problems(mesh) == []
     replicated_loop["stored"] = 999
     assert mesh_cost_problems(mesh) == [
