@@ -124,7 +124,8 @@ async def test_tiny_run_on_two_storage_replicas_then_two_gateways(
     out = tmp_path / "bench.json"
     args = _parser().parse_args(
         [
-            *("bench", "--rate", "500", "--warmup", "0", "--duration", "0.5"),
+            # 2,500 events: the open loop's read-back takes 3 pages over the 2 storage replicas.
+            *("bench", "--rate", "2500", "--warmup", "0", "--duration", "1"),
             *("--closed-duration", "1", "--closed-batch-size", "200", "--raw-events", "1000"),
             *("--replicas", "storage=2", "--compare-replicas", "gateway=2"),
             *("--variants", "none", "--no-processing", "--json", str(out)),
