@@ -32,14 +32,12 @@ from typing import Any
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from streammesh.cli import bench_load as load
+from streammesh.cli.bench_mesh_cost import mesh_cost_problems, render_mesh_cost, run_mesh_cost
 from streammesh.cli.bench_phases import (
-    MEASURED,
     TEMPLATES,
-    Session,
     closed_phase,
     open_phase,
     raw_phase,
@@ -47,6 +45,7 @@ from streammesh.cli.bench_phases import (
 )
 from streammesh.cli.bench_processing import add_processing_arguments, processing_phases
 from streammesh.cli.bench_processing_report import processing_problems, render_processing
+from streammesh.cli.bench_replicas import replica_pids
 from streammesh.cli.bench_report import TARGETS, correctness, finite, render, targets_met
 from streammesh.cli.bench_resources import ResourceSampler, resource_summary
 from streammesh.cli.bench_setup import (
@@ -56,8 +55,6 @@ from streammesh.cli.bench_setup import (
     cancel_on_sigterm,
     drop_bench_data,
     exclusive,
-    keep_fresh,
-    login,
     redis_baseline,
     stack_limits,
 )
@@ -68,7 +65,7 @@ from streammesh.cli.bench_soak import (
     soak_problems,
     soak_rate,
 )
-from streammesh.cli.bench_variants import add_variant_arguments, run_variants
+from streammesh.cli.bench_variants import add_variant_arguments, run_variants, stack_session
 from streammesh.cli.bench_variants_report import render_variants, variant_problems
 from streammesh.cli.errors import describe_rpc_error
 from streammesh.cli.stack import (
@@ -77,11 +74,10 @@ from streammesh.cli.stack import (
     StartError,
     bring_up,
     process_alive,
-    recorded_pid,
+    recorded_replicas,
     shut_down,
 )
-from streammesh.client import GatewayClient, gateway_config
-from streammesh.mesh.client import MeshClient
+from streammesh.cli.stack_commands import replicas_type
 
 __all__ = ["add_bench_command", "cmd_bench"]
 
@@ -91,29 +87,10 @@ RAW_MAX_EVENTS = 2_000_000
 
 async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(
-            GatewayClient(bench.address("gateway"), bench.pki_dir / "ca.pem")
-        )
-        redis = aioredis.Redis.from_url(bench.redis_url)
-        stack.push_async_callback(redis.aclose)
-        # The load's own connection, as GatewayClient makes it, to send pre-serialized requests.
-        load_client = MeshClient(gateway_config(bench.address("gateway"), bench.pki_dir / "ca.pem"))
-        stack.push_async_callback(load_client.close)
-        machine = await load.machine_facts(bench.database_url, redis)
-        user = await login(client, bench, run)
-        await stack.enter_async_context(keep_fresh(client))
-        session = Session(
-            bench=bench,
-            args=args,
-            run=run,
-            client=client,
-            redis=redis,
-            publish=load.publish_call(load_client.channel),
-            metadata=client.bearer,  # the token keep_fresh renews
-            pids={name: recorded_pid(bench, name) for name in MEASURED},
-        )
+        session = await stack.enter_async_context(stack_session(bench, args, run, run))
+        machine = await load.machine_facts(bench.database_url, session.redis)
         sampler = await stack.enter_async_context(
-            ResourceSampler({name: recorded_pid(bench, name) for name in START_ORDER}, redis)
+            ResourceSampler(replica_pids(bench, START_ORDER), session.redis)
         )
         if args.warmup > 0:
             async with sampler.phase("warmup"):
@@ -159,7 +136,7 @@ async def _phases(bench: StackConfig, args: argparse.Namespace, run: str) -> dic
     raw_cpu = raw["cpu_us_per_event"]["machine"]
     return {
         "machine": machine,
-        "user": user,
+        "user": f"bench-{run}",
         "open_loops": opened,
         "closed_loop": closed,
         "loadgen": {"stamp_us_per_event": closed.pop("stamp_us_per_event")},
@@ -192,10 +169,12 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
             shut_down(bench)  # a previous bench killed hard may have left its services behind
             await drop_bench_data(bench)
             print(f"starting the bench stack in {bench.state_dir} (mTLS, auth on)", flush=True)
-            await bring_up(bench, timeout=90, extra_env=stack_limits(args))
+            await bring_up(bench, replicas=args.replicas, timeout=90, extra_env=stack_limits(args))
+            replicas = recorded_replicas(bench)
             baseline = await redis_baseline(bench)
             results = await _phases(bench, args, run)
             results["variants"] = await run_variants(bench, args, run, results["raw"])
+            results["mesh_cost"] = await run_mesh_cost(bench, args, run)
             results["redis_baseline_bytes"] = baseline
         except (StartError, load.BenchError, grpc.aio.AioRpcError, OSError, RedisError,
                 asyncpg.PostgresError) as error:  # fmt: skip
@@ -207,7 +186,7 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
                 task.uncancel()
             failure = "bench interrupted"
         finally:
-            pids = {name: recorded_pid(bench, name) for name in START_ORDER}
+            pids = replica_pids(bench, START_ORDER)
             stopped = shut_down(bench)
             try:
                 await asyncio.wait_for(drop_bench_data(bench), timeout=30)
@@ -244,6 +223,7 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
         }
         | {
             "partitions": bench.partitions,
+            "replicas": replicas,
             "templates": TEMPLATES,
             "backpressure": backlog_bound(args, bench.partitions),
         },
@@ -267,10 +247,12 @@ async def _bench(config: StackConfig, bench: StackConfig, args: argparse.Namespa
     if report["soak"] is not None:
         print("\n".join(render_soak(report["soak"], report["resources"]["soak"])))
     print("\n".join(render_processing(report["processing"])))
+    print("\n".join(render_mesh_cost(report["mesh_cost"])))
     print(f"results: {path}")
     problems = [] if report["soak"] is None else soak_problems(report["soak"])
     problems += variant_problems(report["variants"])
     problems += processing_problems(report["processing"])
+    problems += mesh_cost_problems(report["mesh_cost"])
     return correctness(report, problems)
 
 
@@ -344,6 +326,15 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:  # type: ig
                        "at most (default 100000, as ingest's default)")  # fmt: skip
     bench.add_argument("--json", type=Path, default=None,
                        help="results file (default <state>/bench/results-<timestamp>.json)")  # fmt: skip
+    bench.add_argument("--replicas", type=replicas_type, default=None, metavar="SERVICE=N,...",
+                       help="processes per service of the bench stack, as `streammesh up "
+                       "--replicas` takes them (default one each), e.g. "
+                       "gateway=2,ingest=2,processor=2,storage=2")  # fmt: skip
+    bench.add_argument("--compare-replicas", type=replicas_type, default=None,
+                       metavar="SERVICE=N,...", help="after the other phases, a closed loop "
+                       "(--closed-duration) on the stack restarted with one process per "
+                       "service, then on it restarted with these replicas: what the mesh's "
+                       "replicas cost (default: not run)")  # fmt: skip
     add_variant_arguments(bench)
     add_processing_arguments(bench)
     bench.set_defaults(handler=cmd_bench)

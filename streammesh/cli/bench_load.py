@@ -51,6 +51,7 @@ __all__ = [
     "closed_loop",
     "connect_postgres",
     "cpu_per_event",
+    "cpu_seconds_between",
     "machine_facts",
     "make_events",
     "open_loop",
@@ -572,16 +573,28 @@ async def sample_cpu(pids: Mapping[str, int | None], client: aioredis.Redis) -> 
     )
 
 
+def cpu_seconds_between(before: CpuSample, after: CpuSample) -> dict[str, float | None]:
+    """CPU seconds each sampled process (a replica's label) used between two samples."""
+    out: dict[str, float | None] = {}
+    for name, start in before.services.items():
+        end = after.services.get(name)
+        out[name] = None if start is None or end is None else end - start
+    return out
+
+
 def cpu_per_event(before: CpuSample, after: CpuSample, events: int) -> dict[str, float | None]:
-    """CPU microseconds per event between two samples, per process (None when unknown)."""
+    """CPU microseconds per event between two samples, per service (None when unknown): the
+    sum of its replicas when the samples name several (`storage`, `storage@2`, ...)."""
 
     def per_event(seconds: float | None) -> float | None:
         return None if seconds is None or events <= 0 else seconds * 1e6 / events
 
-    out: dict[str, float | None] = {}
-    for name, start in before.services.items():
-        end = after.services.get(name)
-        out[name] = per_event(None if start is None or end is None else end - start)
+    spent: dict[str, float | None] = {}
+    for name, seconds in cpu_seconds_between(before, after).items():
+        service = name.split("@", 1)[0]
+        so_far = spent.get(service, 0.0)
+        spent[service] = None if so_far is None or seconds is None else so_far + seconds
+    out = {service: per_event(seconds) for service, seconds in spent.items()}
     out["loadgen"] = per_event(after.loadgen - before.loadgen)
     redis_delta = (
         None if before.redis is None or after.redis is None else after.redis - before.redis

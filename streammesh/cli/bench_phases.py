@@ -18,6 +18,7 @@ from streammesh.api.common.v1 import event_pb2
 from streammesh.cli import bench_load as load
 from streammesh.cli.bench_backends import backend_cpu_between, backend_pids_of, backends_cpu
 from streammesh.cli.bench_raw import MAX_GROUP_EVENTS, RawPath, RawTable, raw_batches
+from streammesh.cli.bench_replicas import per_replica_cpu, service_of
 from streammesh.cli.bench_stats import latency_summary
 from streammesh.cli.stack import StackConfig
 from streammesh.client import GatewayClient
@@ -117,6 +118,7 @@ class Session:
     publish: load.PublishCall
     metadata: load.Metadata
     pids: dict[str, int | None]
+    """Every replica of the MEASURED services by label (bench_replicas.replica_pids)."""
 
     @property
     def layout(self) -> StreamLayout:
@@ -197,9 +199,26 @@ async def open_phase(s: Session, rate: float, index: int) -> dict[str, Any]:
         "dead_letters": await s.dead_letters(),
         "ack_to_stored_ms": _ms(back.latencies_ms),
         "query_back_s": time.perf_counter() - started,
-        "cpu_us_per_event": load.cpu_per_event(before, after, ol.acked),
+        **_cpu(before, after, ol.acked),
         "timeline": _timeline(ol, back),
     }
+
+
+async def _storage_backends(s: Session) -> list[int] | None:
+    """The Postgres backends of every storage replica (None when none is known)."""
+    found: list[int] = []
+    for name, pid in s.pids.items():
+        if service_of(name) == "storage":
+            found += await backend_pids_of(s.bench.database_url, pid) or []
+    return found or None
+
+
+def _cpu(before: load.CpuSample, after: load.CpuSample, events: int) -> dict[str, Any]:
+    """The phase's CPU figures: per service, and per replica when a service has several."""
+    by_replica = per_replica_cpu(before, after, events)
+    return {"cpu_us_per_event": load.cpu_per_event(before, after, events)} | (
+        {} if by_replica is None else {"cpu_us_per_replica": by_replica}
+    )
 
 
 async def closed_phase(
@@ -217,15 +236,14 @@ async def closed_phase(
           f"{args.window} batches of {args.closed_batch_size} in flight, {seconds:g}s",
           flush=True)  # fmt: skip
     templates = load.request_templates(batches or s.events(phase, tag, args.closed_batch_size))
-    storage_pid = s.pids.get("storage")
-    backends_before = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
+    backends_before = backends_cpu(await _storage_backends(s))
     before = await load.sample_cpu(s.pids, s.redis)
     cl = await load.closed_loop(
         s.publish, s.metadata, templates, streams=args.streams, window=args.window,
         duration=seconds, drain_timeout=DRAIN_TIMEOUT,
     )  # fmt: skip
     drained, stored, after = await s.caught_up(phase)
-    backends_after = backends_cpu(await backend_pids_of(s.bench.database_url, storage_pid))
+    backends_after = backends_cpu(await _storage_backends(s))
     backends_seconds = backend_cpu_between(backends_before, backends_after)
     print(f"  {cl.acked:,} acknowledged, {stored:,} stored", flush=True)
     end = drained if drained is not None else asyncio.get_running_loop().time()
@@ -245,7 +263,7 @@ async def closed_phase(
         "caught_up_after_last_ack_s": None if drained is None else drained - cl.last_ack,
         "dead_letters": await s.dead_letters(),
         "refused": cl.refused,
-        "cpu_us_per_event": load.cpu_per_event(before, after, cl.acked),
+        **_cpu(before, after, cl.acked),
         # Storage's own backends, per stored event like the raw path's (None when unknown).
         "storage_backends_cpu_us_per_event": (
             None if backends_seconds is None else backends_seconds * 1e6 / max(stored, 1)
@@ -298,7 +316,7 @@ async def raw_phase(
             "as joined texts) or INSERT_BATCH, chosen as storage does, into storage's table; "
             "integer timestamps; XACK + XTRIM; every command packed before the window"
         ),
-        "cpu_us_per_event": load.cpu_per_event(before, after, raw.stored),
+        **_cpu(before, after, raw.stored),
         "own_backends_cpu_us_per_event": (
             None
             if raw.backend_cpu_seconds is None

@@ -12,6 +12,7 @@ from typing import Any
 from streammesh.cli.bench_phases import CATCH_UP_TIMEOUT, MEASURED
 from streammesh.cli.bench_resources import mib, redis_memory_line
 from streammesh.cli.bench_setup import MiB
+from streammesh.cli.replicas import format_counts
 
 __all__ = ["TARGETS", "TARGET_RATE", "correctness", "finite", "num", "render", "targets_met"]
 
@@ -81,6 +82,23 @@ def _latency_row(label: str, figures: dict[str, float], target: str = "") -> str
     return f"  {label:<30}{cells}  {target}".rstrip()
 
 
+def _replica_rows(
+    service: str, phases: Sequence[dict[str, Any]], widths: Sequence[int]
+) -> list[str]:
+    """Under a replicated service's CPU row, one row per replica (`@1`, `@2`, ...)."""
+    names = [
+        name for name in phases[0].get("cpu_us_per_replica", {}) if name.startswith(f"{service}@")
+    ]
+    return [
+        f"      {name.removeprefix(service):<11}"
+        + "".join(
+            f"{num(phase.get('cpu_us_per_replica', {}).get(name), '.1f'):>{width}}"
+            for phase, width in zip(phases, widths, strict=True)
+        )
+        for name in names
+    ]
+
+
 def render(report: dict[str, Any]) -> list[str]:
     """The human summary: rates side by side, latencies, CPU per event per process, targets."""
     m, p = report["machine"], report["parameters"]
@@ -105,6 +123,11 @@ def render(report: dict[str, Any]) -> list[str]:
         f"{cl['streams']} streams x {cl['window']} in flight, batches of {cl['batch_size']}, "
         f"{cl['duration_s']:g}s; {p['partitions']} partitions",
         *([backpressure_line(p["backpressure"], cl)] if "backpressure" in p else []),
+        *(
+            [f"replicas: {format_counts(p['replicas'])} (a service's CPU sums its replicas)"]
+            if any(count > 1 for count in p.get("replicas", {}).values())
+            else []
+        ),
         "",
         f"  {'events/s':<22}{'offered':>9}{'acknowledged':>14}{'stored':>10}{'events':>12}"
         f"{'redis MiB max':>15}  caught up after the last ack",
@@ -181,6 +204,7 @@ def render(report: dict[str, Any]) -> list[str]:
                 f"{met['closed_machine_cpu_us_max']}"
             )
         lines.append(f"    {labels.get(row, row):<13}{cells}{target}")
+        lines += _replica_rows(row, phases, widths)
     lines.append(
         f"  own Postgres backends: storage's in the closed loop "
         f"{num(cl.get('storage_backends_cpu_us_per_event'), '.1f')}, the raw path's "

@@ -29,7 +29,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from streammesh.api.gateway.v1 import schema_registry_pb2
 from streammesh.cli import bench_load as load
 from streammesh.cli.bench_legacy import legacy_table
 from streammesh.cli.bench_phases import MEASURED, Session, closed_phase, raw_phase, warm_up
+from streammesh.cli.bench_replicas import gateway_target, replica_pids
 from streammesh.cli.bench_setup import keep_fresh, login, stack_limits
 from streammesh.cli.bench_variants_report import variant_costs
 from streammesh.cli.errors import describe_rpc_error
@@ -50,7 +51,6 @@ from streammesh.cli.stack import (
     StackConfig,
     StartError,
     bring_up,
-    recorded_pid,
     shut_down,
 )
 from streammesh.client import GatewayClient, gateway_config
@@ -61,7 +61,9 @@ __all__ = [
     "VARIANTS",
     "add_variant_arguments",
     "order_payload",
+    "restart_stack",
     "run_variants",
+    "stack_session",
 ]
 
 VARIANTS = ("validation", "tracing", "metrics", "legacy")
@@ -110,24 +112,24 @@ def _order_batches(s: Session, phase: str, tag: str) -> list[list[event_pb2.Even
 
 
 @contextlib.asynccontextmanager
-async def _session(
+async def stack_session(
     bench: StackConfig, args: argparse.Namespace, run: str, user: str
 ) -> AsyncIterator[Session]:
-    """A logged-in session on the running stack (its current pids), user `bench-<user>`."""
+    """A logged-in session on the running stack (every replica's current pid, the load on
+    every gateway replica), user `bench-<user>`."""
     async with contextlib.AsyncExitStack() as stack:
-        client = await stack.enter_async_context(
-            GatewayClient(bench.address("gateway"), bench.pki_dir / "ca.pem")
-        )
+        target = gateway_target(bench)
+        client = await stack.enter_async_context(GatewayClient(target, bench.pki_dir / "ca.pem"))
         redis = aioredis.Redis.from_url(bench.redis_url)
         stack.push_async_callback(redis.aclose)
-        load_client = MeshClient(gateway_config(bench.address("gateway"), bench.pki_dir / "ca.pem"))
+        load_client = MeshClient(gateway_config(target, bench.pki_dir / "ca.pem"))
         stack.push_async_callback(load_client.close)
         await login(client, bench, user)
         await stack.enter_async_context(keep_fresh(client))
         yield Session(
             bench=bench, args=args, run=run, client=client, redis=redis,
             publish=load.publish_call(load_client.channel), metadata=client.bearer,
-            pids={name: recorded_pid(bench, name) for name in MEASURED},
+            pids=replica_pids(bench, MEASURED),
         )  # fmt: skip
 
 
@@ -165,18 +167,25 @@ def _tracing_env(spans: Path, ratio: float) -> dict[str, dict[str, str]]:
     return env
 
 
-async def _restart(
-    bench: StackConfig, args: argparse.Namespace, env: Mapping[str, Mapping[str, str]]
+async def restart_stack(
+    bench: StackConfig,
+    args: argparse.Namespace,
+    env: Mapping[str, Mapping[str, str]],
+    *,
+    names: Sequence[str] = RESTARTED,
+    replicas: Mapping[str, int] | None = None,
 ) -> None:
-    """The RESTARTED services stopped and brought up again with `env` over the bench's limits
-    (data kept; auth, off the event path, keeps running). They stop side by side, not edge
-    first as `streammesh down` stops them: the queue is drained and no client is connected
-    (each loop's session is closed), so no service has work another one would still need, and
-    four stops of about 2 s each take the time of one."""
-    await asyncio.gather(*(asyncio.to_thread(shut_down, bench, names=[n]) for n in RESTARTED))
+    """The services `names` (default RESTARTED) stopped and brought up again with `env` over
+    the bench's limits, `replicas` processes each (default --replicas, else one each; data
+    kept; auth, off the event path, keeps running unless named). They stop side by side, not
+    edge first as `streammesh down` stops them: the queue is drained and no client is
+    connected (each loop's session is closed), so no service has work another one would still
+    need, and four stops of about 2 s each take the time of one."""
+    await asyncio.gather(*(asyncio.to_thread(shut_down, bench, names=[n]) for n in names))
     limits = stack_limits(args)
-    merged = {name: {**limits.get(name, {}), **env.get(name, {})} for name in RESTARTED}
-    await bring_up(bench, timeout=90, extra_env=merged)
+    merged = {name: {**limits.get(name, {}), **env.get(name, {})} for name in names}
+    counts = args.replicas if replicas is None else replicas
+    await bring_up(bench, replicas=counts, timeout=90, extra_env=merged)
 
 
 def _checked(loop: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +240,7 @@ async def _on_the_base_stack(
     """The legacy raw path (`events` of them), the reference loop and the validation loops,
     on the stack as the base phases left it."""
     chosen, loops, seconds = set(args.variants), out["loops"], args.variant_duration
-    async with _session(bench, args, run, f"{run}-variants") as s:
+    async with stack_session(bench, args, run, f"{run}-variants") as s:
         if "legacy" in chosen:
             legacy = await raw_phase(s, events, legacy_table(), phase="legacy", tag="l")
             legacy["method"] = "the raw path's, into the pre-issue-9 table (bench_legacy)"
@@ -256,10 +265,10 @@ async def _restarted(
     for key, tag, env, ratio in _restart_plan(set(args.variants), spans):
         print(f"restarting the bench stack for {key.replace('_', ' ')}", flush=True)
         started = time.perf_counter()
-        await _restart(bench, args, env)
+        await restart_stack(bench, args, env)
         restarted = time.perf_counter() - started
         print(f"  restarted in {restarted:.1f}s", flush=True)
-        async with _session(bench, args, run, f"{run}-{tag}") as s:
+        async with stack_session(bench, args, run, f"{run}-{tag}") as s:
             if args.warmup > 0:
                 await warm_up(s, tag=f"w{tag}")
             loop = await closed_phase(s, key.replace("_", ""), tag, duration=args.variant_duration)

@@ -13,7 +13,14 @@ from typing import Any
 
 from streammesh.cli.bench_phases import MEASURED
 
-__all__ = ["VARIANT_TARGETS", "render_variants", "variant_costs", "variant_problems"]
+__all__ = [
+    "PATH",
+    "VARIANT_TARGETS",
+    "loop_cpu",
+    "render_variants",
+    "variant_costs",
+    "variant_problems",
+]
 
 SPEED_ISSUE_MESH_OVER_RAW = (0.61, 0.68)
 """mesh/raw of the speed issue's two runs (README), before validation was measured."""
@@ -49,13 +56,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or not b or math.isnan(a) or math.isnan(b) else a / b
 
 
-def _cpu(loop: Mapping[str, Any] | None, row: str) -> float | None:
+def loop_cpu(loop: Mapping[str, Any] | None, row: str) -> float | None:
     """CPU us/event of one row: a process, `pg_own` (storage's own Postgres backends) or
     `path` (the sum of PATH, None when one is unknown)."""
     if loop is None:
         return None
     if row == "path":
-        parts = [_cpu(loop, name) for name in PATH]
+        parts = [loop_cpu(loop, name) for name in PATH]
         return None if None in parts else sum(part for part in parts if part is not None)
     if row == "pg_own":
         value = loop.get("storage_backends_cpu_us_per_event")
@@ -93,13 +100,15 @@ def variant_costs(variants: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[s
     reference = "base_restarted" if "base_restarted" in loops else "base"
     costs: dict[str, Any] = {
         "validation_us_per_event": _less(
-            _cpu(loops.get("validation"), "ingest"), _cpu(loops.get("json"), "ingest")
+            loop_cpu(loops.get("validation"), "ingest"), loop_cpu(loops.get("json"), "ingest")
         ),
         "metrics_cost": rate_cost(reference, "metrics_off"),
         "metrics_path_us_per_event": _less(
-            _cpu(ref, "path"), _cpu(loops.get("metrics_off"), "path")
+            loop_cpu(ref, "path"), loop_cpu(loops.get("metrics_off"), "path")
         ),
-        "metrics_path_share": _share(_cpu(ref, "path"), _cpu(loops.get("metrics_off"), "path")),
+        "metrics_path_share": _share(
+            loop_cpu(ref, "path"), loop_cpu(loops.get("metrics_off"), "path")
+        ),
         "mesh_over_raw_validation": _ratio(rate("validation"), raw["stored_eps"]),
         "mesh_over_legacy_raw_validation": _ratio(
             rate("validation"), None if legacy is None else legacy["stored_eps"]
@@ -107,7 +116,7 @@ def variant_costs(variants: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[s
     }
     for key in ("tracing_1pct", "tracing_100pct"):
         costs[f"{key}_cost"] = rate_cost(key, reference)
-        on, off = _cpu(loops.get(key), "path"), _cpu(ref, "path")
+        on, off = loop_cpu(loops.get(key), "path"), loop_cpu(ref, "path")
         costs[f"{key}_path_us_per_event"] = _less(on, off)
         costs[f"{key}_path_share"] = _share(on, off)
     for name, loop in loops.items():
@@ -154,7 +163,7 @@ def render_variants(variants: Mapping[str, Any], raw: Mapping[str, Any]) -> list
         lines.append(
             f"  {LABELS.get(name, name):<27}{_num(loop['stored_eps'], ',.0f'):>9}"
             f"{_num(loop['over_reference'], '.3f'):>7}{_num(loop['mesh_over_raw'], '.2f'):>9}"
-            f"  {'':12} " + " ".join(f"{_num(_cpu(loop, row), '.1f'):>9}" for row in ROWS)
+            f"  {'':12} " + " ".join(f"{_num(loop_cpu(loop, row), '.1f'):>9}" for row in ROWS)
         )
     if "validation" in loops:
         lines.append(

@@ -103,15 +103,17 @@ class ServiceState:
 
 
 def prepare_state(config: StackConfig, *, force_pki: bool = False) -> list[str]:
-    """PKI and the auth secret key, created once and kept (`force_pki` makes a new PKI, which
-    invalidates every certificate issued before); returns what was made."""
+    """PKI, the auth secret key and storage's page-token secret, created once and kept
+    (`force_pki` makes a new PKI, which invalidates every certificate issued before); returns
+    what was made."""
     lifetime = dt.timedelta(seconds=config.leaf_lifetime_seconds)
     made = init_pki(
         config.pki_dir, trust_domain=config.trust_domain, force=force_pki, leaf_lifetime=lifetime
     )
     made += [name for name in renew_due(config.pki_dir, lifetime=lifetime) if name not in made]
-    if write_secret_file(config.secret_key_file):
-        made.append(str(config.secret_key_file.relative_to(config.state_dir)))
+    for secret in (config.secret_key_file, config.page_token_secret_file):
+        if write_secret_file(secret):
+            made.append(str(secret.relative_to(config.state_dir)))
     return made
 
 

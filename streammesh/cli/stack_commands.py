@@ -24,7 +24,7 @@ from streammesh.cli.stack import (
 )
 from streammesh.cli.status_view import run_status
 
-__all__ = ["add_stack_commands", "print_states"]
+__all__ = ["add_stack_commands", "print_states", "replicas_type"]
 
 
 def print_states(config: StackConfig, states: list[ServiceState]) -> None:
@@ -38,7 +38,7 @@ def print_states(config: StackConfig, states: list[ServiceState]) -> None:
     print(f"state folder: {config.state_dir}  (logs in {config.state_dir / 'logs'})")
 
 
-def _replicas(spec: str) -> dict[str, int]:
+def replicas_type(spec: str) -> dict[str, int]:
     """argparse type of --replicas: a clear usage error for a bad spec."""
     try:
         return parse_replicas(spec)
@@ -91,7 +91,7 @@ def add_stack_commands(commands: Any) -> None:
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for SERVING")
     up.add_argument(
         "--replicas",
-        type=_replicas,
+        type=replicas_type,
         default=None,
         metavar="SERVICE=N,...",
         help=f"processes per service (1 to {MAX_REPLICAS}; 1 for a service not named; default: "

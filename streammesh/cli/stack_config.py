@@ -99,6 +99,12 @@ class StackConfig(BaseSettings):
     def secret_key_file(self) -> Path:
         return self.state_dir / "secrets" / "auth-secret-key"
 
+    @property
+    def page_token_secret_file(self) -> Path:
+        """Storage's page-token secret, one for every replica: a QueryEvents page token one
+        replica issued is honoured by the next one round_robin sends the next page to."""
+        return self.state_dir / "secrets" / "storage-page-token-secret"
+
     def port(self, name: str) -> int:
         return int(getattr(self, f"{name}_port"))
 
@@ -138,6 +144,8 @@ class StackConfig(BaseSettings):
         if name in ("storage", "auth"):
             env["DATABASE_URL"] = self.database_url
             env["DB_SCHEMA"] = f"{self.db_schema_prefix}{name}"
+        if name == "storage":
+            env["PAGE_TOKEN_SECRET_FILE"] = str(self.page_token_secret_file)
         if name == "auth":
             env |= {
                 "SECRET_KEY_FILE": str(self.secret_key_file),
