@@ -59,7 +59,7 @@ docs: install ## Regenerate docs/configuration.md from the settings classes
 up: install backends ## Start the five services as local processes
 	$(BIN)/streammesh up
 
-bench: install backends ## Benchmark a stack of its own (open loop, closed loop, raw baseline; ~8 min)
+bench: install backends ## Benchmark a stack of its own (open and closed loops, raw baseline, variants, processing; see README)
 	$(BIN)/streammesh bench
 
 demo: install backends ## Start the stack and run the end-to-end demo
