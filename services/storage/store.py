@@ -127,6 +127,8 @@ _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57", "40"})
 
 def _is_outage(error: BaseException) -> bool:
     # refused, DNS, timeouts, pool exhausted, a connection closed under us
+    if isinstance(error, asyncpg.DataError):
+        return False  # a value asyncpg could not encode: deterministic, not an outage
     if isinstance(error, OSError | TimeoutError | sa_exc.TimeoutError | asyncpg.InterfaceError):
         return True
     if isinstance(error, sa_exc.DBAPIError):

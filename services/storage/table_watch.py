@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
@@ -44,14 +46,19 @@ class TableWatch:
 
     def __init__(self, pool: asyncpg.Pool, *, schema: str, poll_seconds: float) -> None:
         self._pool = pool
-        self._channels = {table: f"streammesh.{schema}.{table}" for table in TABLES}
+        # Postgres truncates channel names at 63 bytes, and a schema name alone may be 63: a
+        # short digest of the schema keeps every replica of one store on the same channels.
+        digest = hashlib.sha256(schema.encode()).hexdigest()[:16]
+        self._channels = {table: f"sm_{digest}_{table}" for table in TABLES}
         self._tables = {channel: table for table, channel in self._channels.items()}
         self._poll_seconds = poll_seconds
         self._feeds: dict[tuple[Table, str], Feed] = {}
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[tuple[Table, str]] = set()
         self._sender: asyncio.Task[None] | None = None
-        self._sender_pids: set[int] = set()
+        # Our own notifications carry this replica's id (backend pids are reused by the pool's
+        # other replicas' connections, so a pid cannot tell a notification's sender).
+        self._replica = uuid.uuid4().hex[:12]
         self.notifications = 0
         """Notifications received from other connections (for the tests)."""
 
@@ -95,9 +102,8 @@ class TableWatch:
             while self._pending:
                 batch, self._pending = self._pending, set()
                 channels = [self._channels[table] for table, _ in batch]
-                tenants = [tenant for _, tenant in batch]
+                tenants = [f"{self._replica}/{tenant}" for _, tenant in batch]
                 async with self._pool.acquire(timeout=5) as conn:
-                    self._sender_pids.add(conn.get_server_pid())
                     await conn.execute(
                         "SELECT pg_notify(c, t) FROM unnest($1::text[], $2::text[]) AS n(c, t)",
                         channels,
@@ -110,9 +116,10 @@ class TableWatch:
         finally:
             self._sender = None
 
-    def _notified(self, conn: Any, pid: int, channel: str, tenant: str) -> None:
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         table = self._tables.get(channel)
-        if table is None or pid in self._sender_pids:
+        sender, _, tenant = payload.partition("/")
+        if table is None or not tenant or sender == self._replica:
             return  # our own notification: the feed was woken when the rows were committed
         self.notifications += 1
         self._wake(table, tenant)

@@ -87,6 +87,10 @@ class ChannelReloader:
                 await self.check()
             except (OSError, ValueError) as error:
                 log.warning("%s: TLS material not reloaded: %s", self._name, error)
+            except Exception:
+                # Whatever the files hold (an encrypted key, an unsupported algorithm), the
+                # poll goes on: a dead poll would end rotation without a word.
+                log.exception("%s: TLS material not reloaded", self._name)
 
     async def check(self) -> bool:
         """Swap the channels now if the files changed (and the new channels connect);
@@ -98,7 +102,13 @@ class ChannelReloader:
             if snapshot is None:  # between a rotation's renames: the next poll reads again
                 return False
             channels = self._build(channel_credentials(snapshot))
-            if not await self._connected(channels):
+            try:
+                connected = await self._connected(channels)
+            except BaseException:
+                # Closed (cancelled) while waiting: the new channels are nobody's.
+                await asyncio.gather(*(channel.close(None) for channel in channels))
+                raise
+            if not connected:
                 await asyncio.gather(*(channel.close(None) for channel in channels))
                 log.warning(
                     "%s: channels with the new TLS material did not connect (refused, or not "
@@ -143,6 +153,6 @@ class ChannelReloader:
         """Stop polling."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,10 @@ def ca_key_dir(directory: Path) -> Path:
 def write_atomically(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write `data` to a new file beside `path`, flush it to disk, then rename it over `path`:
     a reader sees the old content or the new, never a part (POSIX rename is atomic)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # mkstemp: a new file (O_EXCL, 0600 until the chmod below), never one that exists or a
+    # symlink someone placed under a predictable name.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -188,6 +188,13 @@ def _restriction(node: Restriction, table: ResourceFields) -> Predicate:
         if spec.kind == "timestamp":
             return Compare(target, op, bound)
         nanos = unix_micros(bound[0]) * 1000 + bound[1]
+        if not _MIN_BIGINT <= nanos <= _MAX_BIGINT:
+            # Nanoseconds since the epoch in a bigint span the years 1677 to 2262 only.
+            raise refusal(
+                f"{value.source} is out of range for {label} (years 1678 to 2261)",
+                value.column,
+                value.source,
+            )
         return Compare(target, op, Decimal(nanos))
     if spec.kind == "boolean" and op not in ("=", "!="):
         raise refusal(f"{label} is a boolean; compare it with = or !=", node.comparator_column, op)
