@@ -294,7 +294,7 @@ def test_make_test_runs_pytest_with_the_given_arguments() -> None:
     result = run("make", "--dry-run", "test", "PYTEST_ARGS=-x -k smoke")
     assert result.returncode == 0, result.stderr
     assert "scripts/ensure-backends.sh" in result.stdout
-    assert "-m pytest -x -k smoke" in result.stdout
+    assert "-m pytest --durations=25 -x -k smoke" in result.stdout
 
 
 def _closed_port() -> int:
